@@ -1,0 +1,32 @@
+"""align-pro: tri-modal (sequence, structure, text) protein pretraining at cluster scale."""
+
+from setuptools import find_packages, setup
+
+# torch is pinned and must be installed first (see Makefile): an unpinned torch pulls a
+# multi-GB CUDA build, and 2.13.0 is the release this code is tested against.
+INSTALL_REQUIRES = [
+    "torch==2.13.0",
+    "deepspeed==0.19.8",
+    "ray[train,data]==2.60.0",
+    "webdataset==1.0.2",
+    "fair-esm==2.0.0",
+    "transformers==5.23.0",
+    "tokenizers>=0.22",
+    "torch-geometric==2.8.1",
+    "triton==3.9.0",
+    "safetensors>=0.4",
+    "numpy>=1.26",
+    "pyyaml>=6.0",
+    "tqdm>=4.66",
+]
+
+setup(
+    name="align-pro",
+    version="0.1.0",
+    description="Distributed tri-modal (sequence/structure/text) protein contrastive pretraining",
+    packages=find_packages(include=["pretrain", "pretrain.*", "kernels", "kernels.*", "data_shards", "data_shards.*"]),
+    package_data={"pretrain": ["assets/*.txt"]},
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"]},
+)
