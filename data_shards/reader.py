@@ -1,0 +1,216 @@
+"""ShardReader: random access to the samples of one shard tar.
+
+The tar is indexed once with the stdlib ``tarfile`` (member offsets grouped by WebDataset key, in
+file order); reading sample ``i`` then seeks to its members and decodes them with the schema's
+decoders, never re-reading the whole file and never unpickling. A shard that cannot be indexed
+(truncated, garbled, no end-of-archive marker, compressed: random access needs a plain tar)
+raises :class:`BadShardError`; a sample with any bad member raises :class:`BadSampleError` and
+leaves the other samples readable.
+
+Readers are cheap to pickle (the index travels, the file handle is reopened lazily), so they can
+be handed to Ray actors or DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data_shards.schema import MEMBER_EXTS, ProteinRecord, SchemaError, decode_sample
+
+MAX_MEMBER_BYTES = 256 << 20
+# WebDataset's split of a member name into (__key__, extension): the key ends at the first dot of
+# the last path component.
+_KEY_EXT_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+_BLOCK = tarfile.BLOCKSIZE
+
+
+class BadSampleError(Exception):
+    """One sample of a shard is bad; ``shard``, ``key`` and ``reason`` say which and why."""
+
+    def __init__(self, shard: str, key: str, reason: str):
+        super().__init__(shard, key, reason)
+        self.shard, self.key, self.reason = shard, key, reason
+
+    def __str__(self) -> str:
+        return f"{self.shard}: bad sample {self.key!r}: {self.reason}"
+
+
+class BadShardError(Exception):
+    """A whole shard is unreadable; the message names the file."""
+
+    def __init__(self, shard: str, reason: str):
+        super().__init__(shard, reason)
+        self.shard, self.reason = shard, reason
+
+    def __str__(self) -> str:
+        return f"{self.shard}: unreadable shard: {self.reason}"
+
+
+@dataclass
+class _Sample:
+    key: str
+    members: dict[str, tuple[int, int]] = field(default_factory=dict)  # ext -> (offset_data, size)
+    problem: str | None = None
+
+
+def _index(path: Path) -> list[_Sample]:
+    samples: list[_Sample] = []
+    seen: set[str] = set()
+    try:
+        with open(path, "rb") as handle:
+            file_size = os.fstat(handle.fileno()).st_size
+            with tarfile.open(fileobj=handle, mode="r:") as tar:
+                for info in tar:
+                    key, ext = _split_name(info.name)
+                    if not samples or samples[-1].key != key:
+                        samples.append(_Sample(key))
+                        if key in seen:
+                            samples[-1].problem = "key repeated in non-contiguous members"
+                        seen.add(key)
+                    sample = samples[-1]
+                    if info.offset_data + info.size > file_size:
+                        raise BadShardError(str(path), f"member {info.name!r} runs past the end of the file")
+                    if sample.problem:
+                        continue
+                    if not info.isreg():
+                        sample.problem = f"member {info.name!r} is not a regular file"
+                    elif ext not in MEMBER_EXTS:
+                        sample.problem = (
+                            f"unexpected member {info.name!r} (allowed: {', '.join(MEMBER_EXTS)})"
+                        )
+                    elif ext in sample.members:
+                        sample.problem = f"member {info.name!r} appears twice"
+                    elif info.size > MAX_MEMBER_BYTES:
+                        sample.problem = (
+                            f"member {info.name!r} has {info.size} bytes (limit {MAX_MEMBER_BYTES})"
+                        )
+                    else:
+                        sample.members[ext] = (info.offset_data, info.size)
+                end = tar.offset  # where the end-of-archive marker must start
+            handle.seek(end)
+            marker = handle.read(_BLOCK)
+    except FileNotFoundError:
+        raise BadShardError(str(path), "file not found") from None
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise BadShardError(str(path), f"{type(exc).__name__}: {exc}") from None
+    # tarfile silently stops at a truncated or garbled header; a complete tar ends in zero blocks
+    if len(marker) < _BLOCK:
+        raise BadShardError(str(path), f"truncated: no end-of-archive marker at byte {end}")
+    if marker.count(0) != _BLOCK:
+        raise BadShardError(str(path), f"garbled tar header at byte {end}")
+    return samples
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    match = _KEY_EXT_RE.match(name)
+    if match is None:
+        return name, ""
+    return match.group(1), match.group(2)
+
+
+class ShardReader:
+    """Random access to the samples of one shard.
+
+    Args:
+        path: the shard tar.
+
+    Raises:
+        BadShardError: the tar cannot be indexed (missing, truncated, garbled).
+
+    Example::
+
+        reader = ShardReader("data/demo/train/shard-000000.tar")
+        record = reader.read(3)  # ProteinRecord
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._samples = _index(self.path)
+        self._handle = None
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def __enter__(self) -> ShardReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "_samples": self._samples, "_handle": None}
+
+    def keys(self) -> list[str]:
+        """Sample keys in file order."""
+        return [sample.key for sample in self._samples]
+
+    def read_members(self, i: int) -> dict[str, bytes]:
+        """Raw member bytes of sample ``i`` as {extension: bytes}; BadSampleError if it is bad."""
+        if not 0 <= i < len(self._samples):  # e.g. a manifest that promises more than the tar holds
+            raise BadSampleError(
+                str(self.path), f"#{i}", f"index out of range: the shard holds {len(self)} samples"
+            )
+        sample = self._samples[i]
+        if sample.problem:
+            raise BadSampleError(str(self.path), sample.key, sample.problem)
+        if not sample.members:
+            raise BadSampleError(str(self.path), sample.key, "sample has no members")
+        # members of one key are contiguous: one read covers them all
+        start = min(offset for offset, _ in sample.members.values())
+        stop = max(offset + size for offset, size in sample.members.values())
+        if self._handle is None:
+            try:
+                self._handle = open(self.path, "rb")
+            except OSError as exc:
+                raise BadShardError(str(self.path), f"{type(exc).__name__}: {exc}") from None
+        if hasattr(os, "pread"):  # positional read: safe when threads share the reader
+            span = os.pread(self._handle.fileno(), stop - start, start)
+        else:
+            self._handle.seek(start)
+            span = self._handle.read(stop - start)
+        if len(span) != stop - start:
+            raise BadSampleError(str(self.path), sample.key, "short read (file changed since indexing?)")
+        return {
+            ext: span[offset - start : offset - start + size]
+            for ext, (offset, size) in sample.members.items()
+        }
+
+    def read(self, i: int) -> ProteinRecord:
+        """Decode and validate sample ``i`` (position in file order).
+
+        Raises:
+            BadSampleError: ``i`` is out of range, or a member is missing, unexpected, undecodable
+                or off-schema.
+        """
+        members = self.read_members(i)
+        try:
+            return decode_sample(members)
+        except SchemaError as exc:
+            raise BadSampleError(str(self.path), self._samples[i].key, str(exc)) from None
+
+    def close(self) -> None:
+        """Close the file handle (reads after close reopen it)."""
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+def iter_records(path: str | Path, skip_bad: bool = False) -> Iterator[ProteinRecord]:
+    """Yield the records of one shard in file order.
+
+    Args:
+        path: the shard tar.
+        skip_bad: skip bad samples instead of raising BadSampleError.
+    """
+    with ShardReader(path) as reader:
+        for i in range(len(reader)):
+            try:
+                yield reader.read(i)
+            except BadSampleError:
+                if not skip_bad:
+                    raise

@@ -1,0 +1,317 @@
+"""Typed configuration: one dataclass per section, a YAML recipe, dotted overrides.
+
+A recipe is a YAML file whose top-level keys are the sections of :class:`Config`
+(``model``, ``data``, ``loss``, ``optim``, ``train``, ``eval``). Every key is checked
+against the dataclasses: an unknown key or a value of the wrong type is an error that
+names the field, so a typo never silently falls back to a default.
+
+Overrides use dotted paths, e.g. ``--set train.max_steps=50 --set model.text.num_layers=2``;
+the value is parsed as YAML (``true``, ``3``, ``1e-4``, ``[1, 5]``, ``null``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pretrain.models.sequence_encoder import SequenceEncoderConfig
+from pretrain.models.structure_encoder import StructureEncoderConfig
+from pretrain.models.text_encoder import TextEncoderConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIGS_DIR = REPO_ROOT / "configs"
+DEFAULT_RECIPE = CONFIGS_DIR / "recipes" / "demo.yaml"
+
+
+class ConfigError(ValueError):
+    """A recipe, override or DeepSpeed config is invalid; the message names the field or file."""
+
+
+@dataclass
+class ModelConfig:
+    sequence: SequenceEncoderConfig = field(default_factory=SequenceEncoderConfig)
+    structure: StructureEncoderConfig = field(default_factory=StructureEncoderConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    embed_dim: int = 256  # shared embedding dimension of the three projection heads
+    head_hidden_dim: int | None = None  # hidden width of each 2-layer head (None: the encoder width)
+    head_dropout: float = 0.0  # dropout between the two head layers
+    init_temperature: float = 0.07  # CLIP's initial softmax temperature; logit scale = 1 / T
+    max_logit_scale: float = 100.0  # clamp of the learned logit scale (CLIP)
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = "data/demo/train"  # directory with WebDataset shards + manifest.json
+    eval_shards: str = "data/demo/heldout"  # held-out shard directory used by evaluation
+    batch_size: int = 32  # per-rank micro batch; the global batch is batch_size x world size
+    loader: str = "ray"  # "ray" (reader actors) or "local" (same code, in-process; tests, eval)
+    readers_per_rank: int = 2  # Ray reader actors owned by each training rank
+    prefetch_batches: int = 4  # batches kept in flight per rank
+    text_augment: bool = True  # rewrite annotations into varied descriptions (train only)
+    seq_mask_prob: float = 0.15  # token masking of the second sequence view (intra-modal loss)
+    coord_noise: float = 0.5  # Gaussian noise (angstrom) on the second structure view
+    residue_drop_prob: float = 0.1  # residues dropped from the second structure view
+    max_bad_sample_ratio: float = 0.05  # stop the run when more samples than this were unreadable
+    ray_timeout_s: float = 300.0  # hard timeout on any wait for a reader actor
+
+
+@dataclass
+class LossConfig:
+    alpha: float = 1.0  # weight of L(seq, struct)
+    beta: float = 1.0  # weight of L(seq, text)
+    gamma: float = 1.0  # weight of L(struct, text)
+    intra_seq: float = 0.1  # intra-modal auxiliary contrastive weight, sequence views
+    intra_struct: float = 0.1  # ... structure views
+    intra_text: float = 0.1  # ... text views
+    backend: str = "auto"  # kernels.infonce backend: "auto", "torch" or "triton"
+    strategy: str = "allgather"  # negatives across ranks: "allgather" or "ring"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # peak learning rate of the projection heads and logit scale
+    encoder_lr: float = 3e-4  # peak learning rate of the encoders in stage 2
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    warmup_steps: int = 10  # linear warm-up from 0, then cosine decay to min_lr_ratio x peak
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # global gradient norm clip (DeepSpeed gradient_clipping)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 200  # optimizer steps in total (both stages)
+    stage1_steps: int = 40  # steps with encoders frozen (heads + temperature only); 0 skips stage 1
+    log_every: int = 10  # steps between metrics.jsonl lines
+    checkpoint_every: int = 100  # steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 2  # complete checkpoints kept on disk
+    seed: int = 0  # model init, data order and augmentation
+    eval_at_end: bool = True  # run retrieval on data.eval_shards after the last step
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 64  # embedding batch size of evaluation
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10])  # recall@k cut-offs
+    max_samples: int | None = None  # cap of held-out proteins (None: all)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self, keys: tuple[str, ...] = ("model",)) -> str:
+        """sha256 of the sections that must match for a checkpoint to be resumable."""
+        payload = {k: dataclasses.asdict(getattr(self, k)) for k in keys}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    """Validate (and lightly coerce int -> float) ``value`` against annotation ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list of {len(typing.get_args(tp))}, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
+        return tuple(_check_type(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is Any:
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    raise ConfigError(f"{where}: unsupported annotation {tp!r}")
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'recipe'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}' (valid keys of '{where or 'recipe'}': {sorted(names)})"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _check_type(value, hints[name], f"{where}.{name}" if where else name)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, key_path: str, value: Any) -> None:
+    keys = key_path.split(".")
+    node = base
+    for k in keys[:-1]:
+        nxt = node.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override '{key_path}': '{k}' is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``a.b.c=value`` and parse the value as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has no key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({e})") from None
+    return key, value
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a recipe YAML (default: the demo recipe), apply dotted overrides, validate.
+
+    Raises:
+        ConfigError: the file is missing or not YAML, a key is unknown, a value has the wrong type,
+            or the values are inconsistent (see :func:`validate`).
+    """
+    path = Path(recipe) if recipe else DEFAULT_RECIPE
+    if not path.is_file():
+        raise ConfigError(f"recipe file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe {path}: top level must be a mapping of sections")
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _merge(raw, key, value)
+    try:
+        cfg = _build(Config, raw, "")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a :class:`Config` from :meth:`Config.to_dict` output (e.g. a run's config.yaml)."""
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that need no process group and no data."""
+    d, t, lo = cfg.data, cfg.train, cfg.loss
+    if d.batch_size < 2:
+        raise ConfigError(f"data.batch_size={d.batch_size}: contrastive training needs at least 2 per rank")
+    if d.loader not in ("ray", "local"):
+        raise ConfigError(f"data.loader={d.loader!r}: expected 'ray' or 'local'")
+    if d.readers_per_rank < 1 or d.prefetch_batches < 1:
+        raise ConfigError("data.readers_per_rank and data.prefetch_batches must be >= 1")
+    if not 0.0 <= d.max_bad_sample_ratio <= 1.0:
+        raise ConfigError(f"data.max_bad_sample_ratio={d.max_bad_sample_ratio}: expected a value in [0, 1]")
+    if lo.backend not in ("auto", "torch", "triton"):
+        raise ConfigError(f"loss.backend={lo.backend!r}: expected 'auto', 'torch' or 'triton'")
+    if lo.strategy not in ("allgather", "ring"):
+        raise ConfigError(f"loss.strategy={lo.strategy!r}: expected 'allgather' or 'ring'")
+    weights = [lo.alpha, lo.beta, lo.gamma, lo.intra_seq, lo.intra_struct, lo.intra_text]
+    if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
+        raise ConfigError("loss weights must be >= 0 and at least one must be > 0")
+    if t.max_steps < 1:
+        raise ConfigError(f"train.max_steps={t.max_steps}: must be >= 1")
+    if not 0 <= t.stage1_steps <= t.max_steps:
+        raise ConfigError(f"train.stage1_steps={t.stage1_steps}: must be in [0, train.max_steps]")
+    if t.log_every < 1 or t.checkpoint_every < 1 or t.keep_checkpoints < 1:
+        raise ConfigError("train.log_every, train.checkpoint_every and train.keep_checkpoints must be >= 1")
+    if cfg.model.embed_dim < 1:
+        raise ConfigError(f"model.embed_dim={cfg.model.embed_dim}: must be >= 1")
+    if not cfg.eval.ks or any(k < 1 for k in cfg.eval.ks):
+        raise ConfigError(f"eval.ks={cfg.eval.ks}: expected positive integers")
+
+
+def save_config(cfg: Config, path: Path, deepspeed_config: dict | None = None) -> None:
+    """Write the resolved recipe (and the DeepSpeed config used) as YAML."""
+    payload = cfg.to_dict()
+    if deepspeed_config is not None:
+        payload = {**payload, "deepspeed": deepspeed_config}
+    path.write_text(yaml.safe_dump(_plain(payload), sort_keys=False))
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def load_run_config(run_dir: Path) -> tuple[Config, dict | None]:
+    """Read ``RUN/config.yaml`` back into a :class:`Config` and the DeepSpeed dict."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"no config.yaml in run directory {run_dir}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    ds = raw.pop("deepspeed", None)
+    try:
+        return config_from_dict(raw), ds
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

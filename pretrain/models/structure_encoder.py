@@ -1,0 +1,279 @@
+"""GVP-GNN structure encoder (Jing et al., ICLR 2021, with vector gating from Jing et al., 2021).
+
+Every hidden state is a pair ``(s, v)`` of scalar channels ``s`` (N, S) and vector channels
+``v`` (N, V, 3). Scalars only ever see vectors through their norms and vectors are only mixed
+linearly across channels and scaled by per-channel gates, so ``s`` is invariant and ``v``
+equivariant under rotations of the input coordinates; the pooled scalar embedding is therefore
+invariant to rotation and translation of the structure.
+
+Message passing runs on ``torch_geometric.nn.MessagePassing`` with mean aggregation; the graphs
+come from :func:`pretrain.data.featurize.collate_graphs`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch_geometric.nn import MessagePassing
+
+from pretrain.data.featurize import EDGE_V_DIM, NODE_S_DIM, NODE_V_DIM, edge_s_dim
+
+Dims = tuple[int, int]  # (scalar channels, vector channels)
+ScalarVector = tuple[Tensor, Tensor]  # (s (N, S), v (N, V, 3))
+
+_EPS = 1e-8
+
+
+@dataclass
+class StructureEncoderConfig:
+    node_hidden: tuple[int, int] = (100, 16)  # hidden node channels (scalar, vector)
+    edge_hidden: tuple[int, int] = (32, 1)  # hidden edge channels (scalar, vector)
+    num_layers: int = 3  # GVPConv layers
+    k_neighbors: int = 16  # k-NN graph degree used by the featuriser
+    num_rbf: int = 16  # radial basis functions of edge distances (featuriser)
+    num_positional: int = 16  # sinusoidal channels of sequence offsets (featuriser)
+    drop_rate: float = 0.1  # dropout inside GVPConv layers (vector dropout drops whole channels)
+    vector_gate: bool = True  # gate vector channels with learned scalar gates (Jing et al. 2021)
+
+
+def _norm_no_nan(x: Tensor, dim: int = -1, keepdim: bool = False, sqrt: bool = True) -> Tensor:
+    """L2 norm clamped away from zero so that its gradient stays finite."""
+    out = torch.clamp(torch.sum(x * x, dim=dim, keepdim=keepdim), min=_EPS)
+    return torch.sqrt(out) if sqrt else out
+
+
+class GVP(nn.Module):
+    """Geometric vector perceptron: (s, v) -> (s', v') with invariant s', equivariant v'.
+
+    Args:
+        in_dims: input (scalar, vector) channels.
+        out_dims: output (scalar, vector) channels; vector channels may be 0.
+        activations: (scalar, vector) nonlinearities, ``None`` for identity.
+        vector_gate: gate output vectors with a sigmoid of a linear map of the output scalars
+            instead of a nonlinearity of their own norms.
+
+    Shapes:
+        s (N, Si), v (N, Vi, 3) -> s (N, So), v (N, Vo, 3); with Vi == 0 pass ``v`` as (N, 0, 3).
+    """
+
+    def __init__(
+        self,
+        in_dims: Dims,
+        out_dims: Dims,
+        activations: tuple[Callable | None, Callable | None] = (F.relu, torch.sigmoid),
+        vector_gate: bool = True,
+    ):
+        super().__init__()
+        (self.si, self.vi), (self.so, self.vo) = in_dims, out_dims
+        self.scalar_act, self.vector_act = activations
+        self.vector_gate = vector_gate
+        h_dim = max(self.vi, self.vo)
+        self.wh = nn.Linear(self.vi, h_dim, bias=False) if self.vi else None
+        self.ws = nn.Linear(self.si + (h_dim if self.vi else 0), self.so)
+        self.wv = nn.Linear(h_dim, self.vo, bias=False) if self.vi and self.vo else None
+        self.wsv = nn.Linear(self.so, self.vo) if self.vo and vector_gate else None
+
+    def forward(self, x: ScalarVector) -> ScalarVector:
+        s, v = x
+        if self.wh is not None:
+            vh = self.wh(v.transpose(-1, -2))  # (N, 3, H) linear across channels only
+            s = self.ws(torch.cat([s, _norm_no_nan(vh, dim=-2)], dim=-1))  # (N, So)
+            if self.wv is not None:
+                v = self.wv(vh).transpose(-1, -2)  # (N, Vo, 3)
+        else:
+            s = self.ws(s)
+        if self.vo and self.wv is None:
+            v = s.new_zeros(s.shape[0], self.vo, 3)
+        if self.vo:
+            if self.wsv is not None:
+                gate = self.wsv(self.vector_act(s) if self.vector_act else s)  # (N, Vo)
+                v = v * torch.sigmoid(gate).unsqueeze(-1)
+            elif self.vector_act is not None:
+                v = v * self.vector_act(_norm_no_nan(v, dim=-1, keepdim=True))
+        else:
+            v = s.new_zeros(s.shape[0], 0, 3)
+        if self.scalar_act is not None:
+            s = self.scalar_act(s)
+        return s, v
+
+
+class _TupleLayerNorm(nn.Module):
+    """LayerNorm on scalars; vectors divided by the RMS of their channel norms."""
+
+    def __init__(self, dims: Dims):
+        super().__init__()
+        self.vector_channels = dims[1]
+        self.scalar_norm = nn.LayerNorm(dims[0])
+
+    def forward(self, x: ScalarVector) -> ScalarVector:
+        s, v = x
+        if not self.vector_channels:
+            return self.scalar_norm(s), v
+        rms = torch.sqrt(torch.mean(_norm_no_nan(v, dim=-1, keepdim=True, sqrt=False), dim=-2, keepdim=True))
+        return self.scalar_norm(s), v / rms  # rms (N, 1, 1)
+
+
+class _TupleDropout(nn.Module):
+    """Dropout on scalars; whole vector channels are dropped (an equivariant operation)."""
+
+    def __init__(self, drop_rate: float):
+        super().__init__()
+        self.drop_rate = drop_rate
+        self.scalar_dropout = nn.Dropout(drop_rate)
+
+    def forward(self, x: ScalarVector) -> ScalarVector:
+        s, v = x
+        if not self.training or self.drop_rate == 0.0:
+            return s, v
+        keep = torch.bernoulli(torch.full(v.shape[:-1], 1.0 - self.drop_rate, device=v.device))
+        return self.scalar_dropout(s), v * keep.unsqueeze(-1).to(v.dtype) / (1.0 - self.drop_rate)
+
+
+def _merge(s: Tensor, v: Tensor) -> Tensor:
+    """(N, S), (N, V, 3) -> (N, S + 3V): one tensor for ``MessagePassing.propagate``."""
+    return torch.cat([s, v.reshape(v.shape[0], 3 * v.shape[1])], dim=-1)
+
+
+def _split(x: Tensor, vector_channels: int) -> ScalarVector:
+    """Inverse of :func:`_merge`."""
+    num_s = x.shape[-1] - 3 * vector_channels
+    return x[:, :num_s], x[:, num_s:].reshape(x.shape[0], vector_channels, 3)
+
+
+class GVPConv(MessagePassing):
+    """Graph convolution whose messages are a 3-GVP stack of (s_j, edge, s_i) and (v_j, edge, v_i).
+
+    Args:
+        node_dims: node (scalar, vector) channels, same in and out.
+        edge_dims: edge (scalar, vector) channels.
+        vector_gate: see :class:`GVP`.
+
+    Shapes:
+        x: (s (N, S), v (N, V, 3)); edge_index (2, E); edge_attr: (s (E, Se), v (E, Ve, 3))
+        -> mean of incoming messages, (s (N, S), v (N, V, 3)); zeros for nodes without edges.
+    """
+
+    def __init__(self, node_dims: Dims, edge_dims: Dims, vector_gate: bool = True):
+        super().__init__(aggr="mean")
+        self.node_dims, self.edge_dims = node_dims, edge_dims
+        (ns, nv), (es, ev) = node_dims, edge_dims
+        in_dims = (2 * ns + es, 2 * nv + ev)
+        self.message_gvps = nn.Sequential(
+            GVP(in_dims, node_dims, vector_gate=vector_gate),
+            GVP(node_dims, node_dims, vector_gate=vector_gate),
+            GVP(node_dims, node_dims, activations=(None, None), vector_gate=vector_gate),
+        )
+
+    def forward(self, x: ScalarVector, edge_index: Tensor, edge_attr: ScalarVector) -> ScalarVector:
+        s, v = x
+        edge_s, edge_v = edge_attr
+        out = self.propagate(
+            edge_index,
+            x=_merge(s, v),
+            edge_s=edge_s,
+            edge_v=edge_v.reshape(edge_v.shape[0], 3 * edge_v.shape[1]),
+            size=(s.shape[0], s.shape[0]),
+        )  # (N, S + 3V)
+        return _split(out, self.node_dims[1])
+
+    def message(self, x_i: Tensor, x_j: Tensor, edge_s: Tensor, edge_v: Tensor) -> Tensor:
+        nv = self.node_dims[1]
+        s_i, v_i = _split(x_i, nv)
+        s_j, v_j = _split(x_j, nv)
+        edge_v = edge_v.reshape(edge_v.shape[0], self.edge_dims[1], 3)  # (E, Ve, 3)
+        s = torch.cat([s_j, edge_s, s_i], dim=-1)  # (E, 2S + Se)
+        v = torch.cat([v_j, edge_v, v_i], dim=-2)  # (E, 2V + Ve, 3)
+        return _merge(*self.message_gvps((s, v)))
+
+
+class GVPConvLayer(nn.Module):
+    """Residual GVPConv + residual 2-GVP feed-forward, each followed by tuple LayerNorm.
+
+    Shapes:
+        same as :class:`GVPConv`: node (s, v) in and out.
+    """
+
+    def __init__(self, node_dims: Dims, edge_dims: Dims, drop_rate: float = 0.1, vector_gate: bool = True):
+        super().__init__()
+        self.conv = GVPConv(node_dims, edge_dims, vector_gate=vector_gate)
+        hidden = (4 * node_dims[0], 2 * node_dims[1])
+        self.feed_forward = nn.Sequential(
+            GVP(node_dims, hidden, vector_gate=vector_gate),
+            GVP(hidden, node_dims, activations=(None, None), vector_gate=vector_gate),
+        )
+        self.norms = nn.ModuleList([_TupleLayerNorm(node_dims) for _ in range(2)])
+        self.dropouts = nn.ModuleList([_TupleDropout(drop_rate) for _ in range(2)])
+
+    def forward(self, x: ScalarVector, edge_index: Tensor, edge_attr: ScalarVector) -> ScalarVector:
+        x = self._residual(x, self.conv(x, edge_index, edge_attr), 0)
+        return self._residual(x, self.feed_forward(x), 1)
+
+    def _residual(self, x: ScalarVector, dx: ScalarVector, idx: int) -> ScalarVector:
+        ds, dv = self.dropouts[idx](dx)
+        return self.norms[idx]((x[0] + ds, x[1] + dv))
+
+
+class StructureEncoder(nn.Module):
+    """GVP-GNN over backbone graphs, mean-pooled to one invariant vector per protein.
+
+    Args:
+        cfg: architecture; ``num_rbf`` / ``num_positional`` must match the featuriser's.
+
+    Shapes:
+        graph (from ``collate_graphs``) -> (B, D) with D = ``cfg.node_hidden[0]``.
+    """
+
+    def __init__(self, cfg: StructureEncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        node_h, edge_h = tuple(cfg.node_hidden), tuple(cfg.edge_hidden)
+        node_in = (NODE_S_DIM, NODE_V_DIM)
+        edge_in = (edge_s_dim(cfg.num_rbf, cfg.num_positional), EDGE_V_DIM)
+        gate = cfg.vector_gate
+        self.embed_nodes = nn.Sequential(
+            _TupleLayerNorm(node_in), GVP(node_in, node_h, activations=(None, None), vector_gate=gate)
+        )
+        self.embed_edges = nn.Sequential(
+            _TupleLayerNorm(edge_in), GVP(edge_in, edge_h, activations=(None, None), vector_gate=gate)
+        )
+        self.layers = nn.ModuleList(
+            [GVPConvLayer(node_h, edge_h, cfg.drop_rate, vector_gate=gate) for _ in range(cfg.num_layers)]
+        )
+        # Linear invariant read-out (scalars + vector norms); the projection head adds the
+        # nonlinearity.
+        self.readout = nn.Sequential(
+            _TupleLayerNorm(node_h), GVP(node_h, (node_h[0], 0), activations=(None, None), vector_gate=gate)
+        )
+        self.output_dim = node_h[0]
+
+    def node_representations(self, graph: dict[str, Tensor]) -> Tensor:
+        """Per-residue invariant features.
+
+        Shapes:
+            graph["node_s"] (N, 6), ... -> (N, D)
+        """
+        dtype = self.readout[1].ws.weight.dtype  # follow the parameters (bf16 / fp16 engines)
+        nodes = (graph["node_s"].to(dtype), graph["node_v"].to(dtype))
+        edges = (graph["edge_s"].to(dtype), graph["edge_v"].to(dtype))
+        x = self.embed_nodes(nodes)  # (N, S), (N, V, 3)
+        e = self.embed_edges(edges)  # (E, Se), (E, Ve, 3)
+        for layer in self.layers:
+            x = layer(x, graph["edge_index"], e)
+        return self.readout(x)[0]  # (N, D)
+
+    def forward(self, graph: dict[str, Tensor]) -> Tensor:
+        """Mean of each graph's node features; graphs without nodes give zeros.
+
+        Shapes:
+            graph with ``batch`` (N,) and ``num_graphs`` () -> (B, D)
+        """
+        h = self.node_representations(graph)  # (N, D)
+        num_graphs = int(graph["num_graphs"])
+        batch = graph["batch"]
+        sums = h.new_zeros(num_graphs, h.shape[-1]).index_add_(0, batch, h)  # (B, D)
+        counts = torch.bincount(batch, minlength=num_graphs).clamp_min(1).to(h.dtype)  # (B,)
+        return sums / counts.unsqueeze(-1)

@@ -1,0 +1,57 @@
+"""``python -m pretrain.summary --run-dir DIR``: a short human summary of a run.
+
+Steps, first and final loss, retrieval R@1/5/10 per direction next to chance level, and
+where the checkpoint and the export are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pretrain.checkpoint import latest_tag
+
+
+def summarize(run_dir: Path) -> str:
+    run_dir = Path(run_dir)
+    lines = [f"run: {run_dir}"]
+    metrics_path = run_dir / "metrics.jsonl"
+    rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x] if metrics_path.is_file() else []
+    train_rows = [r for r in rows if "loss" in r]
+    if train_rows:
+        first, last = train_rows[0], train_rows[-1]
+        lines.append(
+            f"steps: {last['step']}  loss: {first['loss']:.3f} (step {first['step']}) -> {last['loss']:.3f} "
+            f"(step {last['step']})  throughput: {last['samples_per_s']:.1f} samples/s"
+        )
+    eval_path = run_dir / "eval.json"
+    if eval_path.is_file():
+        ev = json.loads(eval_path.read_text())
+        lines.append(f"retrieval on {ev['shards']} ({ev['num_proteins']} proteins): R@k (chance)")
+        for name, d in ev["retrieval"]["directions"].items():
+            if not d.get("n"):
+                continue
+            cells = [f"R@{k}={d[f'R@{k}']:.3f} ({d[f'chance_R@{k}']:.3f})" for k in (1, 5, 10) if f"R@{k}" in d]
+            lines.append(f"  {name:<14} " + "  ".join(cells) + f"  median rank {d['median_rank']:.0f}")
+    tag = latest_tag(run_dir / "checkpoints")
+    lines.append(f"checkpoint: {run_dir / 'checkpoints' / tag if tag else 'none'}")
+    if (run_dir / "export").is_dir():
+        lines.append(f"export: {run_dir / 'export'} (python -m pretrain.eval --model {run_dir / 'export'})")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pretrain.summary", description=__doc__)
+    p.add_argument("--run-dir", required=True)
+    args = p.parse_args(argv)
+    if not Path(args.run_dir).is_dir():
+        print(f"align-pro summary: error: no run directory {args.run_dir}", file=sys.stderr)
+        return 2
+    print(summarize(Path(args.run_dir)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

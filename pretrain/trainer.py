@@ -1,0 +1,297 @@
+"""The training loop on a DeepSpeed engine: two-stage schedule, logging, checkpoints.
+
+Two-stage freezing follows the verified recipe in DESIGN.md: every parameter is given to
+``deepspeed.initialize`` in named groups; during stage 1 the encoder groups get lr = 0 and
+weight_decay = 0 (so AdamW cannot move them) and ``requires_grad`` False (so their
+backward is skipped); stage 2 restores both. The per-group factor is applied after the
+learning-rate schedule each step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from data_shards.manifest import load_manifest
+from pretrain import checkpoint
+from pretrain.config import Config
+from pretrain.data.stream import Cursor, EpochPlan, local_stream
+from pretrain.export import export_engine
+from pretrain.losses.align_pro import AlignProLoss, detach_terms
+from pretrain.models.trimodal import TriModalModel
+
+log = logging.getLogger(__name__)
+
+
+def lr_factor(step: int, cfg: Config) -> float:
+    """Linear warm-up then cosine decay to ``min_lr_ratio``; ``step`` counts from 0."""
+    o, total = cfg.optim, cfg.train.max_steps
+    if step < o.warmup_steps:
+        return (step + 1) / max(1, o.warmup_steps)
+    progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
+    return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _to_device(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+class Trainer:
+    """One rank's view of a run: ``setup``, then ``train`` until ``train.max_steps``, ``close``."""
+
+    def __init__(self, cfg: Config, ds_config: dict, run_dir: Path):
+        self.cfg, self.ds_config, self.run_dir = cfg, ds_config, Path(run_dir)
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.device = (
+            torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            if torch.cuda.is_available()
+            else (torch.device("cpu"))
+        )
+        self.step = 0
+        self.stage = 1 if cfg.train.stage1_steps > 0 else 2
+        self.cursor = Cursor()
+        self.bad_samples = 0
+        self.samples_seen = 0
+        self.stream = None
+        self._ray_started = False
+        self.loss_fn = AlignProLoss(cfg.loss)
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        import deepspeed
+
+        seed_everything(self.cfg.train.seed)
+        model = TriModalModel(self.cfg.model)
+        groups = model.parameter_groups()
+        self._group_names = list(groups)
+        param_groups = [{"params": ps, "name": name} for name, ps in groups.items()]
+        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=self.ds_config)
+        self.model = model
+        resumed = checkpoint.load(self.engine, self.ckpt_dir)
+        if resumed is not None:
+            client, rank_state = resumed
+            self.step, self.stage = int(client["step"]), int(client["stage"])
+            self.samples_seen, self.bad_samples = int(client["samples_seen"]), int(client["bad_samples"])
+            self.cursor = Cursor.from_dict(rank_state["cursor"])
+            checkpoint.set_rng_state(rank_state["rng"])
+            self._truncate_metrics(self.step)
+            self._print(f"resumed from step {self.step} (stage {self.stage}, epoch {self.cursor.epoch})")
+        self._apply_stage()
+        self._open_stream()
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def _open_stream(self) -> None:
+        manifest = load_manifest(Path(self.cfg.data.train_shards))
+        plan = EpochPlan(manifest, self.world_size, self.rank, self.cfg.data.batch_size, self.cfg.train.seed)
+        views = self.loss_fn.needs_views()
+        if self.cfg.data.loader == "ray":
+            from pretrain.data.ray_stream import RayBatchStream, connect_ray
+
+            self._ray_started = connect_ray()
+            self.stream = RayBatchStream(self.cfg, plan, self.cursor, views)
+        else:
+            self.stream = local_stream(self.cfg, plan, self.cursor, views)
+
+    # ------------------------------------------------------------------ stages
+    def _encoder_groups(self):
+        return [g for g in self.engine.optimizer.param_groups if str(g.get("name", "")).startswith("encoder")]
+
+    def _apply_stage(self) -> None:
+        frozen = self.stage == 1
+        for enc in self.model.encoders():
+            for p in enc.parameters():
+                p.requires_grad_(not frozen)
+
+    def _set_lr(self) -> float:
+        base = lr_factor(self.step, self.cfg)
+        o = self.cfg.optim
+        for g in self.engine.optimizer.param_groups:
+            is_encoder = str(g.get("name", "")).startswith("encoder")
+            if is_encoder:
+                factor = 0.0 if self.stage == 1 else 1.0
+                g["lr"] = o.encoder_lr * base * factor
+                g["weight_decay"] = o.weight_decay * factor
+            else:
+                g["lr"] = o.lr * base
+                g["weight_decay"] = o.weight_decay
+        return o.lr * base
+
+    # ------------------------------------------------------------------ steps
+    def train_step(self, batch: dict) -> dict[str, float]:
+        """Forward, loss, backward and optimizer step on one rank's batch; returns logged terms."""
+        batch = _to_device(batch, self.device)
+        emb = self.engine(batch)
+        terms = self.loss_fn(emb, batch["present"], emb["logit_scale"])
+        self.engine.backward(terms["loss"])
+        self.engine.step()
+        values = detach_terms(terms)
+        values["logit_scale"] = float(emb["logit_scale"].detach().reshape(-1)[0])
+        return values
+
+    def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        if self.world_size == 1:
+            return values
+        keys = sorted(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(t)
+        return {k: float(v) / self.world_size for k, v in zip(keys, t.tolist())}
+
+    def _sum_over_ranks(self, value: int) -> int:
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.long)
+        dist.all_reduce(t)
+        return int(t.item())
+
+    def train(self) -> dict:
+        """Run until ``train.max_steps``; returns the last logged metrics."""
+        t_cfg = self.cfg.train
+        if self.step >= t_cfg.max_steps:
+            self._print(f"run already finished at step {self.step}; nothing to train")
+            return {}
+        global_batch = self.cfg.data.batch_size * self.world_size
+        last: dict = {}
+        t_log, steps_since_log = time.perf_counter(), 0
+        t_start, start_step = time.perf_counter(), self.step
+        for batch, bad, cursor in self.stream:
+            if self.stage == 1 and self.step >= t_cfg.stage1_steps:
+                self.stage = 2
+                self._apply_stage()
+                self._print(f"step {self.step}: stage 2, encoders unfrozen")
+            lr = self._set_lr()
+            for b in bad:
+                log.warning("skipped bad sample: shard %s key %s: %s", b["shard"], b["key"], b["reason"])
+            values = self.train_step(batch)
+            self.step += 1
+            steps_since_log += 1
+            self.cursor = cursor
+            self.samples_seen += global_batch
+            self.bad_samples += self._sum_over_ranks(len(bad))
+            self._check_bad_ratio()
+            if self.step % t_cfg.log_every == 0 or self.step == t_cfg.max_steps:
+                values = self._mean_over_ranks(values)
+                elapsed = time.perf_counter() - t_log
+                rate = steps_since_log * global_batch / max(elapsed, 1e-9)
+                last = {
+                    "step": self.step,
+                    **values,
+                    "lr": lr,
+                    "samples_per_s": rate,
+                    "stage": self.stage,
+                    "epoch": cursor.epoch,
+                    "samples_seen": self.samples_seen,
+                    "bad_samples": self.bad_samples,
+                }
+                self._log_metrics(last)
+                done = self.step - start_step
+                eta = (time.perf_counter() - t_start) / done * (t_cfg.max_steps - self.step)
+                self._print(
+                    f"step {self.step}/{t_cfg.max_steps} | stage {self.stage} | loss {values['loss']:.4f} | "
+                    f"{rate:.1f} samples/s | ETA {_fmt_seconds(eta)}"
+                )
+                t_log, steps_since_log = time.perf_counter(), 0
+            if self.step % t_cfg.checkpoint_every == 0 or self.step == t_cfg.max_steps:
+                self.save()
+            if self.step >= t_cfg.max_steps:
+                break
+        self.export()
+        return last
+
+    def _check_bad_ratio(self) -> None:
+        ratio = self.bad_samples / max(1, self.samples_seen)
+        if ratio > self.cfg.data.max_bad_sample_ratio and self.bad_samples > 0:
+            raise RuntimeError(
+                f"{self.bad_samples} of {self.samples_seen} samples were unreadable ({ratio:.1%}), above "
+                f"data.max_bad_sample_ratio={self.cfg.data.max_bad_sample_ratio}; check the shards in "
+                f"{self.cfg.data.train_shards} (python -m data_shards validate)"
+            )
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """Client state saved beside DeepSpeed's files (identical on every rank)."""
+        return {
+            "step": self.step,
+            "stage": self.stage,
+            "samples_seen": self.samples_seen,
+            "bad_samples": self.bad_samples,
+            "config_fingerprint": self.cfg.fingerprint(),
+            "world_size": self.world_size,
+        }
+
+    def save(self) -> None:
+        rank_state = {"cursor": self.cursor.to_dict(), "rng": checkpoint.rng_state()}
+        tag = checkpoint.save(
+            self.engine,
+            self.ckpt_dir,
+            self.step,
+            self.state_dict(),
+            rank_state,
+            self.cfg.train.keep_checkpoints,
+        )
+        self._print(f"checkpoint {self.ckpt_dir / tag}")
+
+    def export(self) -> None:
+        export_engine(self.engine, self.cfg, self.run_dir / "export")
+
+    def close(self) -> None:
+        if self.stream is not None and hasattr(self.stream, "close"):
+            self.stream.close()
+        if self.cfg.data.loader == "ray":
+            import ray
+
+            # The ranks that joined let go of Ray first; the rank that started it stops it last.
+            if ray.is_initialized() and not self._ray_started:
+                ray.shutdown()
+            if dist.is_initialized():
+                dist.barrier()
+            if ray.is_initialized():
+                ray.shutdown()
+
+    # ------------------------------------------------------------------ output
+    def _log_metrics(self, record: dict) -> None:
+        if self.rank == 0:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metrics lines logged after the checkpoint we resume from (they will be redone)."""
+        path = self.run_dir / "metrics.jsonl"
+        if self.rank != 0 or not path.is_file():
+            return
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+
+    def _print(self, msg: str) -> None:
+        if self.rank == 0:
+            print(msg, file=sys.stdout, flush=True)
+
+
+def _fmt_seconds(s: float) -> str:
+    s = int(max(0, s))
+    return f"{s // 60}m{s % 60:02d}s"

@@ -1,0 +1,87 @@
+"""Shared fixtures: a small demo shard set, the real DeepSpeed launcher on CPU."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def small_demo(tmp_path_factory) -> Path:
+    """A small linked demo corpus: 8 train shards of 48 and 2 held-out shards of 48."""
+    from data_shards.demo_corpus import build_demo_corpus
+
+    out = tmp_path_factory.mktemp("demo")
+    build_demo_corpus(out, num_train=384, num_heldout=96, samples_per_shard=48, seed=0)
+    return out
+
+
+TINY_OVERRIDES = [
+    "model.sequence.num_layers=1",
+    "model.structure.num_layers=1",
+    "model.text.num_layers=1",
+    "data.batch_size=8",
+    "data.readers_per_rank=1",
+    "data.prefetch_batches=2",
+    "train.log_every=1",
+    "optim.warmup_steps=1",
+    "eval.batch_size=48",
+]
+
+
+def cpu_env() -> dict:
+    env = dict(os.environ)
+    env.update(
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        RAY_USAGE_STATS_ENABLED="0",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def run_launcher(
+    run_dir: Path,
+    shards: Path,
+    overrides: list[str],
+    *,
+    ranks: int = 2,
+    config: str = "zero3.json",
+    timeout=420,
+) -> subprocess.CompletedProcess:
+    """Run ``deepspeed --num_gpus N launch/pretrain.py`` as a user would; returns the process."""
+    deepspeed = Path(sys.executable).with_name("deepspeed")
+    cmd = [
+        str(deepspeed),
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        str(free_port()),
+        str(REPO / "launch" / "pretrain.py"),
+        "--config",
+        config,
+        "--run-dir",
+        str(run_dir),
+        "--set",
+        f"data.train_shards={shards / 'train'}",
+        "--set",
+        f"data.eval_shards={shards / 'heldout'}",
+    ]
+    for o in TINY_OVERRIDES + overrides:
+        cmd += ["--set", o]
+    return subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=timeout)

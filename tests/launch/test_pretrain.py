@@ -1,0 +1,106 @@
+"""End-to-end: the real DeepSpeed launcher, 2 gloo ranks on CPU, Ray readers, ZeRO stages."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO, TINY_OVERRIDES, cpu_env, run_launcher
+
+pytestmark = pytest.mark.slow
+
+TERMS = [
+    "loss_seq_struct",
+    "loss_seq_text",
+    "loss_struct_text",
+    "loss_intra_seq",
+    "loss_intra_struct",
+    "loss_intra_text",
+]
+
+
+def _metrics(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+
+
+def test_two_rank_zero3_ray_smoke_resume_and_eval(tmp_path, small_demo):
+    run = tmp_path / "run"
+    over = ["train.max_steps=4", "train.stage1_steps=2", "train.checkpoint_every=2", "data.loader=ray"]
+    p = run_launcher(run, small_demo, over)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = _metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        for key in ["loss", "lr", "samples_per_s", "stage", *TERMS]:
+            assert key in r and r[key] == r[key], key  # present and not NaN
+    assert [r["stage"] for r in rows] == [1, 1, 2, 2]
+    assert (run / "checkpoints" / "latest").read_text() == "step00000004"
+    assert (run / "export" / "model.safetensors").is_file()
+    ev = json.loads((run / "eval.json").read_text())
+    assert len(ev["retrieval"]["directions"]) == 6
+    assert "step 4/4" in p.stdout
+
+    # The same command again reports the finished run instead of retraining.
+    again = run_launcher(run, small_demo, over)
+    assert again.returncode == 0 and "already finished at step 4" in again.stdout
+
+    # A longer run in the same directory resumes from step 4.
+    longer = run_launcher(run, small_demo, ["train.max_steps=6", *over[1:]])
+    assert longer.returncode == 0, longer.stdout[-3000:] + longer.stderr[-3000:]
+    assert "resumed from step 4" in longer.stdout
+    assert [r["step"] for r in _metrics(run)] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("zero", ["zero1.json", "zero2.json", "zero3.json"])
+def test_stage1_keeps_encoders_bit_identical(tmp_path, small_demo, zero):
+    from pretrain.config import load_config
+    from pretrain.models.trimodal import TriModalModel
+    from pretrain.trainer import seed_everything
+
+    run = tmp_path / "run"
+    over = ["train.max_steps=2", "train.stage1_steps=2", "train.eval_at_end=false", "data.loader=local"]
+    p = run_launcher(run, small_demo, over, config=zero)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    cfg = load_config(overrides=TINY_OVERRIDES + over)
+    seed_everything(cfg.train.seed)
+    init = TriModalModel(cfg.model).state_dict()
+    trained = load_file(str(run / "export" / "model.safetensors"))
+    encoders = [k for k in init if k.split(".")[0].endswith("_encoder")]
+    heads = [k for k in init if k.startswith("heads.")]
+    assert encoders and heads
+    for k in encoders:
+        assert torch.equal(init[k], trained[k]), f"{k} changed during stage 1"
+    assert any(not torch.equal(init[k], trained[k]) for k in heads), "heads did not train"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.bogus=1", "unknown config key 'train.bogus'"),
+        ("data.train_shards=/nonexistent/shards", "/nonexistent/shards"),
+        ("data.batch_size=100000", "data.batch_size=100000 is impossible"),
+    ],
+)
+def test_bad_configuration_fails_before_any_process_group(tmp_path, small_demo, override, message):
+    cmd = [
+        sys.executable,
+        str(REPO / "launch" / "pretrain.py"),
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--set",
+        f"data.train_shards={small_demo / 'train'}",
+        "--set",
+        f"data.eval_shards={small_demo / 'heldout'}",
+        "--set",
+        override,
+    ]
+    p = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert message in p.stderr
+    assert p.stderr.count("align-pro: error") == 1
+    assert not (tmp_path / "run").exists()

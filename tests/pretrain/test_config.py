@@ -1,0 +1,62 @@
+import pytest
+
+from pretrain.config import Config, ConfigError, config_from_dict, load_config, parse_override
+
+
+def test_demo_recipe_loads_and_round_trips():
+    cfg = load_config()
+    assert cfg.model.sequence.num_layers == 2
+    again = config_from_dict(cfg.to_dict())
+    assert again == cfg
+    assert again.fingerprint() == cfg.fingerprint()
+
+
+def test_override_applies_and_parses_yaml_values():
+    cfg = load_config(overrides=["train.max_steps=7", "optim.lr=1e-4", "model.structure.node_hidden=[16, 4]"])
+    assert cfg.train.max_steps == 7
+    assert cfg.optim.lr == pytest.approx(1e-4)
+    assert cfg.model.structure.node_hidden == (16, 4)
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.max_stepz=3", "train.max_stepz"),
+        ("model.text.hidden=3", "model.text.hidden"),
+        ("train.max_steps=lots", "train.max_steps"),
+        ("data.batch_size=1", "data.batch_size"),
+        ("loss.backend=cuda", "loss.backend"),
+        ("train.stage1_steps=999", "train.stage1_steps"),
+        ("nonsense", "section.key=value"),
+    ],
+)
+def test_bad_overrides_name_the_field(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        load_config(overrides=[override])
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(ConfigError, match="recipe file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_unknown_top_level_section(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("trainer:\n  steps: 3\n")
+    with pytest.raises(ConfigError, match="unknown config key 'trainer'"):
+        load_config(p)
+
+
+def test_parse_override_types():
+    assert parse_override("a.b=true") == ("a.b", True)
+    assert parse_override("a.b=null") == ("a.b", None)
+    assert parse_override("a.b=[1, 5]") == ("a.b", [1, 5])
+
+
+def test_fingerprint_changes_with_model_only():
+    a = Config()
+    b = Config()
+    b.train.max_steps += 1
+    assert a.fingerprint() == b.fingerprint()
+    b.model.embed_dim += 1
+    assert a.fingerprint() != b.fingerprint()
