@@ -1,0 +1,260 @@
+"""Time and peak memory of the symmetric InfoNCE forward + backward: Triton kernel vs torch paths.
+
+Paths (each computes 0.5 · (infonce(a, b) + infonce(b, a)) over a batch of b pairs of dimension d):
+  triton   kernels.infonce_triton.infonce_triton    (GPU only: the CPU interpreter is not a speed)
+  chunked  kernels.infonce_reference.infonce_torch  (bounded memory, chunked torch)
+  eager    kernels.infonce_reference.infonce_eager  (materialised logits + F.cross_entropy)
+
+TFLOP/s counts 8·b²·d per fwd+bwd of the symmetric loss (four b×b×d matmuls: logits, logits again in
+the backward, dA, dB), whatever a path really computes. Peak memory is what the step allocates on top
+of its inputs (CUDA: max_memory_allocated; CPU: peak bytes of live tensor storages created during the
+step, tracked by a TorchDispatchMode). Rows are appended to BENCHMARKS.md as one markdown table, with
+each row's time and memory relative to eager at the same size. Points predicted to overrun
+--max-seconds, and eager points whose b×b buffers would not fit, are listed as skipped.
+
+  python benchmarks/infonce.py                                   # GPU: every path, b 1k..128k
+  python benchmarks/infonce.py --sizes 1024,2048 --dims 256 --max-seconds 150   # CPU smoke figures
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import sys
+import time
+import weakref
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PATHS = ("triton", "chunked", "eager")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        platform.processor() or "unknown CPU",
+    )
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def _loss_fn(path: str):
+    if path == "triton":
+        from kernels.infonce_triton import infonce_triton as fn
+    else:
+        from kernels.infonce_reference import infonce_eager, infonce_torch
+
+        fn = infonce_torch if path == "chunked" else infonce_eager
+    return lambda a, b, s: 0.5 * (fn(a, b, s) + fn(b, a, s))
+
+
+class _LiveTensorBytes(TorchDispatchMode):
+    """CPU peak: bytes of tensor storages created by ops inside the block and alive at the same time.
+
+    Every aten op (forward and the autograd backward, which runs in this thread on CPU) passes through
+    the mode; a storage is counted once when it first appears and released when its last tensor dies.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.refs = {}  # data_ptr -> [tensors alive, bytes]
+
+    def _release(self, ptr):
+        entry = self.refs[ptr]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.live -= entry[1]
+            del self.refs[ptr]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.untyped_storage().nbytes():
+                ptr = t.untyped_storage().data_ptr()
+                if ptr not in self.refs:
+                    self.refs[ptr] = [0, t.untyped_storage().nbytes()]
+                    self.live += self.refs[ptr][1]
+                    self.peak = max(self.peak, self.live)
+                self.refs[ptr][0] += 1
+                weakref.finalize(t, self._release, ptr)
+        return out
+
+
+class _PeakMemory:
+    """Extra bytes allocated at peak during the block (CUDA caching allocator, or live CPU tensors)."""
+
+    def __init__(self, device):
+        self.device, self.peak = device, None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            self.mode = _LiveTensorBytes().__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+        else:
+            self.mode.__exit__(*exc)
+            self.peak = self.mode.peak
+
+
+def _inputs(b, d, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.nn.functional.normalize(torch.randn(b, d, generator=g), dim=1).to(device, dtype)
+    bb = torch.nn.functional.normalize(torch.randn(b, d, generator=g), dim=1).to(device, dtype)
+    s = torch.tensor(14.285, device=device)
+    return [t.requires_grad_() for t in (a, bb, s)]
+
+
+def _step(fn, leaves):
+    for t in leaves:
+        t.grad = None
+    fn(*leaves).backward()
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(path, b, d, dtype, device, repeats):
+    """(median seconds per fwd+bwd, peak extra bytes) of one path at one size."""
+    fn, leaves = _loss_fn(path), _inputs(b, d, dtype, device)
+    _step(fn, leaves)  # warm-up (autotune / allocator)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        _step(fn, leaves)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    with _PeakMemory(device) as mem:
+        _step(fn, leaves)
+    return statistics.median(times), mem.peak
+
+
+def _eager_fits(b, device):
+    """Eager holds ~3 b×b fp32 tensors per direction (logits, its fp32 copy, softmax grad)."""
+    need = 6 * b * b * 4
+    if device.type == "cuda":
+        return need < torch.cuda.mem_get_info(device)[0] * 0.9
+    avail_kib = next(
+        int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemAvailable:")
+    )
+    return need < avail_kib * 1024 * 0.5
+
+
+def run(args):
+    device = torch.device(args.device)
+    paths = [p for p in args.paths if p != "triton" or device.type == "cuda"]
+    deadline = time.monotonic() + args.max_seconds
+    rows, last = [], {}  # last[(path, dtype, d)] = (b, seconds) for budget extrapolation
+    for dtype_name in args.dtypes:
+        for d in args.dims:
+            for b in args.sizes:
+                eager = None
+                for path in sorted(paths, key=lambda p: p != "eager"):  # eager first: the ratio base
+                    status, secs, peak = "ok", None, None
+                    prev = last.get((path, dtype_name, d))
+                    guess = prev[1] * (b / prev[0]) ** 2 * (args.repeats + 2) if prev else 0.0
+                    if time.monotonic() + guess > deadline:
+                        status = "skipped (time budget)"
+                    elif path == "eager" and not _eager_fits(b, device):
+                        status = "skipped (memory)"
+                    else:
+                        try:
+                            secs, peak = measure(path, b, d, DTYPES[dtype_name], device, args.repeats)
+                            last[(path, dtype_name, d)] = (b, secs)
+                        except torch.OutOfMemoryError:
+                            status = "OOM"
+                        finally:
+                            if device.type == "cuda":
+                                torch.cuda.empty_cache()
+                    if path == "eager" and secs is not None:
+                        eager = (secs, peak)
+                    rows.append((path, dtype_name, b, d, status, secs, peak, eager))
+                    print(_format_row(rows[-1]), flush=True)
+    return rows
+
+
+def _format_row(row):
+    path, dtype_name, b, d, status, secs, peak, eager = row
+    if secs is None:
+        return f"| {path} | {dtype_name} | {b} | {d} | {status} | | | | |"
+    tflops = 8 * b * b * d / secs / 1e12
+    t_ratio = f"{secs / eager[0]:.2f}×" if eager else "n/a"
+    m_ratio = f"{peak / eager[1]:.3f}×" if eager and peak is not None and eager[1] else "n/a"
+    mib = f"{peak / 2**20:.1f}" if peak is not None else "n/a"
+    cells = [path, dtype_name, b, d, f"{secs * 1e3:.1f}", f"{tflops:.3f}", mib, t_ratio, m_ratio]
+    return "| " + " | ".join(map(str, cells)) + " |"
+
+
+def append_markdown(rows, args, out: Path):
+    device = torch.device(args.device)
+    head = [
+        "",
+        f"## Fused InfoNCE, symmetric loss fwd+bwd ({datetime.date.today().isoformat()})",
+        "",
+        f"Device: **{device_name(device)}**; torch {torch.__version__}; "
+        f"command: `python benchmarks/infonce.py {' '.join(sys.argv[1:])}`. "
+        "TFLOP/s counts 8·b²·d; peak MiB is allocated on top of the inputs"
+        + (" (CPU: peak of live tensor storages)" if device.type == "cpu" else "")
+        + "; ratios are time and peak memory relative to eager at the same size."
+        + (" Triton is not timed on CPU (interpreter)." if device.type == "cpu" else ""),
+        "",
+        "| path | dtype | b | d | fwd+bwd ms | TFLOP/s | peak MiB | time vs eager | memory vs eager |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    if not out.exists():
+        out.write_text("# Benchmarks\n\nMeasured figures; each section names its device and command.\n")
+    with out.open("a") as fh:
+        fh.write("\n".join(head + [_format_row(r) for r in rows]) + "\n")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ints = lambda s: [int(x) for x in s.split(",")]
+    parser.add_argument("--sizes", type=ints, default=[1 << i for i in range(10, 18)], help="batch sizes b")
+    parser.add_argument("--dims", type=ints, default=[256, 512, 1024])
+    parser.add_argument("--dtypes", type=lambda s: s.split(","), default=list(DTYPES))
+    parser.add_argument("--paths", type=lambda s: s.split(","), default=list(PATHS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per point (median reported)")
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=1800.0,
+        help="total budget: points predicted to overrun it are skipped",
+    )
+    parser.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
+    parser.add_argument("--no-write", action="store_true", help="print the table only")
+    args = parser.parse_args(argv)
+    if torch.device(args.device).type == "cpu" and "triton" in args.paths:
+        print("CPU: the Triton path only runs under the interpreter and is not timed", file=sys.stderr)
+    rows = run(args)
+    if not args.no_write:
+        append_markdown(rows, args, args.out)
+
+
+if __name__ == "__main__":
+    main()

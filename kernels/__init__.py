@@ -1,0 +1,17 @@
+"""Fused and reference contrastive-loss kernels (no ``nn.Module`` here; modules live in ``pretrain/``).
+
+Public API:
+
+- :func:`infonce`: InfoNCE of queries against keys, backend ``"auto" | "torch" | "triton"``.
+- :func:`symmetric_infonce`: the CLIP loss ``0.5 · (infonce(a, b) + infonce(b, a))`` for paired rows.
+- :func:`gather_with_grad`: all-gather along dim 0 whose backward sums gradients across ranks.
+- :func:`gathered_symmetric_infonce`: this rank's share of the symmetric loss over all ranks' rows.
+
+The Triton kernel (``kernels.infonce_triton``) and the ring strategy (``kernels.ring``) are imported lazily,
+so this package imports on machines without Triton or a GPU.
+"""
+
+from kernels.distributed import gather_with_grad, gathered_symmetric_infonce
+from kernels.functional import infonce, symmetric_infonce
+
+__all__ = ["infonce", "symmetric_infonce", "gather_with_grad", "gathered_symmetric_infonce"]

@@ -1,0 +1,191 @@
+"""Contrastive loss over negatives from every data-parallel rank.
+
+Why the gradients come out right
+--------------------------------
+Take ``W`` ranks, each holding ``b`` paired rows (``a_r``, ``b_r``); the global batch is their
+concatenation ``A``, ``B`` (``W·b`` rows, rank order). The single-process loss is
+
+    L = 0.5 · (infonce(A, B) + infonce(B, A))       (mean over the global rows)
+
+Rank ``r`` computes only its own rows as queries, against every rank's rows as keys:
+
+    L_r = 0.5 · (infonce(a_r, B, t_r) + infonce(b_r, A, t_r)),   t_r = r·b + arange(b)
+
+Each term is a mean over ``b`` rows, so ``mean_r L_r = L`` (the row sum splits by rank), i.e.
+``sum_r L_r = W · L``.
+
+The keys ``A``, ``B`` come from :func:`gather_with_grad`, whose backward *sums* the gradient that every
+rank sends to the gathered tensor and hands each rank its own slice. So the gradient reaching ``a_r``
+is the direct term ``dL_r/da_r`` plus ``sum_r' dL_r'/dA[slice r]``, which is
+``d(sum_r' L_r')/da_r = W · dL/da_r``. Replicated parameters then see, on rank ``r``, the gradient
+of ``L_r`` with the encoder's local contribution scaled by ``W``; summed over ranks this is
+``W · dL/dθ``, and DeepSpeed's data-parallel *averaging* (divide by ``W``) yields exactly ``dL/dθ``,
+the single-process gradient. ``logit_scale`` is not gathered: ``sum_r dL_r/ds = W · dL/ds`` directly,
+and averaging again gives ``dL/ds``. (Do not all-reduce the loss itself for backward; average it only
+for logging.)
+
+Masking (``valid_local``): invalid pairs are neither queries nor keys anywhere (key masks are
+gathered). Then ``L`` is a mean over the ``N`` valid global rows while rank ``r`` holds ``N_r`` of
+them, so the local mean is rescaled: ``L_r = (W · N_r / N) · (local masked mean)``, which keeps
+``mean_r L_r = L`` and every statement above. ``N`` comes from the gathered mask: no extra
+collective and no host sync.
+
+All ranks must hold the same number of rows ``b`` (checked with one tiny collective); ragged global
+batches are out of scope.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from kernels.functional import infonce, symmetric_infonce
+
+__all__ = ["gather_with_grad", "gathered_symmetric_infonce"]
+
+_STRATEGIES = ("allgather", "ring")
+
+
+def _world(group) -> tuple[int, int]:
+    """``(world_size, rank)`` in ``group``; ``(1, 0)`` when torch.distributed is not initialised."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0; backward all-reduces (SUM) the gradient and keeps this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        world, rank = _world(group)
+        ctx.group, ctx.rank, ctx.rows = group, rank, x.shape[0]
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x, group=group)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()  # all_reduce is in place; autograd may reuse ``grad``
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        start = ctx.rank * ctx.rows
+        return grad[start : start + ctx.rows], None
+
+
+def gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
+    """All-gather ``x`` along dim 0 with gradients flowing back to every rank's input.
+
+    The backward all-reduces (SUM) the incoming gradient and returns this rank's slice (open_clip's
+    ``gather_features(..., gather_with_grad=True)``), so the gradient of ``x`` on rank ``r`` is
+    ``sum_r' d(loss_r')/d(x_r)``. Works on gloo and NCCL. Every rank must pass the same shape.
+
+    Args:
+        x: this rank's rows.
+        group: process group (default: the world).
+
+    Shapes:
+        x ``(b, ...)`` → ``(world_size · b, ...)``, ranks in group-rank order.
+
+    Returns:
+        The concatenation over ranks; ``x`` itself when torch.distributed is not initialised or the
+        world size is 1.
+    """
+    if _world(group)[0] == 1:
+        return x
+    return _GatherWithGrad.apply(x, group)
+
+
+def _gather_no_grad(x: torch.Tensor, group) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=0)
+
+
+def _check_equal_rows(rows: int, device: torch.device, group) -> None:
+    """Fails clearly (instead of hanging or mis-slicing) when ranks hold different batch sizes."""
+    sizes = _gather_no_grad(torch.tensor([rows], dtype=torch.int64, device=device), group).tolist()
+    if len(set(sizes)) != 1:
+        raise ValueError(f"gathered InfoNCE needs the same local batch on every rank; got sizes {sizes}")
+
+
+def _ring_loss(a_local, b_local, logit_scale, group, backend):
+    try:
+        from kernels.ring import ring_symmetric_infonce
+    except ImportError as err:
+        raise NotImplementedError(
+            "strategy='ring' needs kernels.ring.ring_symmetric_infonce, which could not be imported "
+            f"({err}); use strategy='allgather'"
+        ) from err
+    return ring_symmetric_infonce(a_local, b_local, logit_scale, group=group, backend=backend)
+
+
+def gathered_symmetric_infonce(
+    a_local: torch.Tensor,
+    b_local: torch.Tensor,
+    logit_scale: torch.Tensor,
+    *,
+    group=None,
+    strategy: str = "allgather",
+    backend: str = "auto",
+    valid_local: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """This rank's share ``L_r`` of the symmetric InfoNCE over the global (all-rank) batch.
+
+    Local rows are the queries; every rank's rows are the keys. ``mean_r L_r`` equals the
+    single-process symmetric loss on the concatenated batch, and ``L_r.backward()`` on every rank
+    gives local embeddings ``world_size ×`` the single-process gradient, which DeepSpeed's gradient
+    averaging turns into the exact single-process parameter gradient (see the module docstring).
+
+    Args:
+        a_local: this rank's embeddings of one modality; row ``i`` pairs with row ``i`` of ``b_local``.
+        b_local: this rank's embeddings of the other modality.
+        logit_scale: the multiplier ``s`` (already ``exp()``'d), shape ``[]`` or ``[1]``.
+        group: process group (default: the world).
+        strategy: ``"allgather"`` (gather keys with :func:`gather_with_grad`) or ``"ring"``
+            (``kernels.ring.ring_symmetric_infonce``; no masking support).
+        backend: InfoNCE backend, as for :func:`kernels.infonce`.
+        valid_local: optional mask of usable local pairs; invalid pairs are neither queries nor
+            negatives on any rank.
+
+    Shapes:
+        a_local ``(b, d)``, b_local ``(b, d)``, valid_local ``(b,)`` bool; ``b`` equal on all ranks.
+
+    Returns:
+        Scalar ``L_r``. Log ``mean_r L_r`` (an all-reduce AVG of the detached value) as the loss.
+    """
+    if strategy not in _STRATEGIES:
+        raise ValueError(f"strategy must be one of {_STRATEGIES}; got {strategy!r}")
+    if a_local.shape != b_local.shape:
+        raise ValueError(
+            f"paired embeddings must have equal shapes; got {tuple(a_local.shape)}, {tuple(b_local.shape)}"
+        )
+    if valid_local is not None and (valid_local.shape != a_local.shape[:1] or valid_local.dtype != torch.bool):
+        raise ValueError(f"valid_local must be a bool tensor of shape ({a_local.shape[0]},)")
+    world, rank = _world(group)
+    if world == 1:
+        return symmetric_infonce(a_local, b_local, logit_scale, valid=valid_local, backend=backend)
+    if strategy == "ring":
+        if valid_local is not None:
+            raise NotImplementedError("strategy='ring' does not support valid_local; use strategy='allgather'")
+        return _ring_loss(a_local, b_local, logit_scale, group, backend)
+
+    rows = a_local.shape[0]
+    _check_equal_rows(rows, a_local.device, group)
+    a_all = gather_with_grad(a_local, group)  # (W·b, d)
+    b_all = gather_with_grad(b_local, group)  # (W·b, d)
+    targets = rank * rows + torch.arange(rows, device=a_local.device)  # (b,) global column of each positive
+    if valid_local is None:
+        loss_ab = infonce(a_local, b_all, logit_scale, targets, backend=backend)
+        loss_ba = infonce(b_local, a_all, logit_scale, targets, backend=backend)
+        return 0.5 * (loss_ab + loss_ba)
+
+    key_valid = _gather_no_grad(valid_local.to(torch.uint8), group).bool()  # (W·b,)
+    targets = torch.where(valid_local, targets, -1)
+    loss_ab = infonce(a_local, b_all, logit_scale, targets, key_valid=key_valid, backend=backend)
+    loss_ba = infonce(b_local, a_all, logit_scale, targets, key_valid=key_valid, backend=backend)
+    loss = 0.5 * (loss_ab + loss_ba)
+    # Local means are over N_r rows; rescale so that mean_r L_r is the mean over all N valid rows.
+    n_local = valid_local.sum().to(loss.dtype)
+    n_global = key_valid.sum().clamp(min=1).to(loss.dtype)
+    return loss * (world * n_local / n_global)

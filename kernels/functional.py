@@ -1,0 +1,120 @@
+"""Functional entry points: backend dispatch for InfoNCE and the paired (symmetric) loss.
+
+``infonce`` is the contract in DESIGN.md ("Fused InfoNCE"). Backends:
+
+- ``"torch"``: :func:`kernels.infonce_reference.infonce_torch` (chunked, bounded memory, any device).
+- ``"triton"``: :func:`kernels.infonce_triton.infonce_triton` (never allocates ``m × n``), imported
+  lazily so this package imports without Triton.
+- ``"auto"``: Triton when ``q`` is on CUDA and the kernel imports, else torch.
+
+Both backends implement ignored rows (``targets == -1``) and ``key_valid`` natively, with the same
+semantics, and neither syncs with the host.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from kernels.infonce_reference import infonce_torch
+
+__all__ = ["infonce", "symmetric_infonce"]
+
+_BACKENDS = ("auto", "torch", "triton")
+
+
+def _load_triton():
+    """Returns ``infonce_triton`` (raises ImportError when unavailable)."""
+    from kernels.infonce_triton import infonce_triton
+
+    return infonce_triton
+
+
+@functools.cache
+def _triton_available() -> bool:
+    try:
+        _load_triton()
+    except ImportError:
+        return False
+    return True
+
+
+def _resolve_backend(backend: str, q: torch.Tensor) -> str:
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}; got {backend!r}")
+    if backend == "auto":
+        return "triton" if q.is_cuda and _triton_available() else "torch"
+    return backend
+
+
+def infonce(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    logit_scale: torch.Tensor,
+    targets: torch.Tensor | None = None,
+    *,
+    key_valid: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Mean InfoNCE of queries ``q`` against keys ``k`` (DESIGN.md "Fused InfoNCE", contract).
+
+    ``loss = mean_i [logsumexp_j(s · q_i·k_j) − s · q_i·k_{t_i}]`` over valid rows ``i``.
+
+    Args:
+        q: queries (usually L2-normalised embeddings).
+        k: keys; every valid row that is not a query's positive acts as its negative.
+        logit_scale: the multiplier ``s`` (already ``exp()``'d), a tensor of shape ``[]`` or ``[1]``.
+        targets: column of each row's positive; ``-1`` ignores the row (excluded from the mean).
+            Default ``arange(m)``, which needs ``m <= n``.
+        key_valid: optional mask of usable key columns; masked columns are excluded from every
+            log-sum-exp and rows whose positive is masked are ignored.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see module docstring).
+            A float ``logit_scale`` is accepted too (no gradient then).
+
+    Shapes:
+        q ``(m, d)``, k ``(n, d)``, targets ``(m,)`` int64 in ``[-1, n)``, key_valid ``(n,)`` bool.
+
+    Returns:
+        Scalar loss, differentiable w.r.t. ``q``, ``k`` and ``logit_scale``; 0 (with zero gradients)
+        when no row is valid.
+    """
+    if not isinstance(logit_scale, torch.Tensor):
+        logit_scale = torch.tensor(float(logit_scale), dtype=torch.float32, device=q.device)
+    if _resolve_backend(backend, q) == "torch":
+        return infonce_torch(q, k, logit_scale, targets, key_valid=key_valid)
+    return _load_triton()(q, k, logit_scale, targets, key_valid=key_valid)
+
+
+def symmetric_infonce(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    logit_scale: torch.Tensor,
+    *,
+    valid: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """CLIP loss for paired rows: ``0.5 · (infonce(a, b) + infonce(b, a))``.
+
+    Args:
+        a: embeddings of one modality; row ``i`` pairs with row ``i`` of ``b``.
+        b: embeddings of the other modality.
+        logit_scale: the multiplier ``s``, shape ``[]`` or ``[1]``.
+        valid: optional mask of usable pairs (e.g. both modalities present); an invalid pair is
+            neither a query nor a negative in either direction.
+        backend: as for :func:`infonce`.
+
+    Shapes:
+        a ``(b, d)``, b ``(b, d)``, valid ``(b,)`` bool.
+
+    Returns:
+        Scalar loss (mean over valid pairs of both directions).
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"paired embeddings must have equal shapes; got {tuple(a.shape)} and {tuple(b.shape)}")
+    if valid is None:
+        return 0.5 * (infonce(a, b, logit_scale, backend=backend) + infonce(b, a, logit_scale, backend=backend))
+    targets = torch.where(valid, torch.arange(a.shape[0], device=a.device), -1)
+    loss_ab = infonce(a, b, logit_scale, targets, key_valid=valid, backend=backend)
+    loss_ba = infonce(b, a, logit_scale, targets, key_valid=valid, backend=backend)
+    return 0.5 * (loss_ab + loss_ba)

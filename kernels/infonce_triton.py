@@ -1,0 +1,418 @@
+"""Fused similarity + InfoNCE in Triton: O((m + n)·d) memory, never an m×n tensor.
+
+loss = mean_{i valid} [ logsumexp_j(s·q_i·k_j) − s·q_i·k_{t_i} ]      (t_i = −1: row ignored)
+
+Layering (Liger-Kernel style):
+  ``_infonce_fwd_kernel`` / ``_infonce_bwd_dq_kernel`` / ``_infonce_bwd_dk_kernel`` (Triton)
+  → block primitives ``infonce_block_lse`` / ``infonce_block_backward`` (launchers that know nothing
+    about the mean or the ignored rows; the ring strategy in ``kernels/ring.py`` uses them directly)
+  → ``infonce_forward`` / ``infonce_backward`` → ``InfoNCEFunction`` → ``infonce_triton``.
+
+Forward: each program owns BLOCK_M rows, walks over key tiles computing s·Q·Kᵀ on chip (d in BLOCK_D
+chunks, fp32 accumulation) with an online log-sum-exp; it writes the row LSE and the positive logit
+(picked out of the tile that holds column t_i), i.e. 2·m floats. The column LSE the symmetric loss needs
+is the row LSE of the swapped call ``infonce_block_lse(k, q, ...)``: a column reduction inside the row
+kernel would need either atomics on (max, sum) pairs or an (m / BLOCK_M)×n buffer, which is O(B²).
+
+Backward, with G_ij = w_i·(p_ij − [j = t_i]), p_ij = exp(s·q_i·k_j − lse_i), w_i = g·valid_i / #valid:
+dq = s·G·K, dk = s·Gᵀ·Q, ds = Σ_ij G_ij·(q_i·k_j). Tiles are recomputed from the saved LSE. The dq
+kernel owns its rows and accumulates dq in an fp32 (m, d) buffer chunk by chunk (read-modify-write by
+one program only, so no atomics; a barrier per tile orders the CTA's threads). dk comes either from
+``tl.atomic_add`` in the same kernel (fast, order-dependent) or, with ``deterministic=True``, from a
+second kernel whose programs own key tiles and iterate over row tiles. ds is written per row and summed
+by torch, so it is deterministic in both modes.
+
+CPU: kernels run under the Triton interpreter, which Triton only enables when TRITON_INTERPRET=1 is set
+before triton is imported (its own ``tl.max`` / ``tl.sum`` are decorated at import). This module sets it
+when it is the first to import triton on a machine without CUDA; if triton came first without it, CPU
+launches raise a clear error. The interpreter gets one fixed config and upcasts dot operands to fp32
+(its bf16 ``tl.dot`` is wrong). On CUDA the kernels are autotuned over a few Hopper-friendly configs
+(the GPU path has not been measured in this repository yet).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import torch
+
+# Triton reads TRITON_INTERPRET when functions are decorated (its own tl.* helpers at import), so it
+# must be set before triton is first imported. Without CUDA the interpreter is the only way to run.
+if "triton" not in sys.modules and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+__all__ = [
+    "InfoNCEFunction",
+    "infonce_backward",
+    "infonce_block_backward",
+    "infonce_block_lse",
+    "infonce_forward",
+    "infonce_triton",
+    "interpreter_ready",
+]
+
+_INTERPRET_META = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_D": 32}
+
+
+def _gpu_configs(shapes):
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=st)
+        for bm, bn, bd, w, st in shapes
+    ]
+
+
+# fmt: off
+# (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages); Hopper/Ampere-sized, unmeasured so far.
+_FWD_CONFIGS = _gpu_configs([(128, 64, 64, 8, 3), (128, 128, 32, 8, 3), (64, 64, 64, 4, 4),
+                             (64, 128, 64, 4, 3)])
+_BWD_CONFIGS = _gpu_configs([(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 128, 32, 8, 3),
+                             (128, 128, 32, 8, 2)])
+
+
+@triton.jit
+def _load_chunk(ptr, idx, ok, dd, d_ok, stride_row, stride_col, UPCAST: tl.constexpr):
+    """Rows ``idx`` × columns ``dd`` of a row-major-ish matrix; zeros outside; fp32 when UPCAST."""
+    x = tl.load(ptr + idx[:, None] * stride_row + dd[None, :] * stride_col,
+                mask=ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:  # the interpreter's bf16 tl.dot is wrong
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _dot_tile(a_ptr, b_ptr, a_idx, b_idx, a_ok, b_ok, d, sa_row, sa_col, sb_row, sb_col,
+              UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+              BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(BLOCK_A, BLOCK_B) fp32 tile of A[a_idx] · B[b_idx]ᵀ, the d axis in BLOCK_D chunks."""
+    acc = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
+    for start_d in range(0, d, BLOCK_D):
+        dd = start_d + tl.arange(0, BLOCK_D)
+        a = _load_chunk(a_ptr, a_idx, a_ok, dd, dd < d, sa_row, sa_col, UPCAST)
+        b = _load_chunk(b_ptr, b_idx, b_ok, dd, dd < d, sb_row, sb_col, UPCAST)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _add_tile_product(out_ptr, out_idx, out_ok, g, src_ptr, src_idx, src_ok, d, s_row, s_col,
+                      ATOMIC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
+    """OUT[out_idx] += g · SRC[src_idx] for an fp32 (rows, d) OUT, chunk by chunk along d.
+
+    Without ATOMIC the calling program must be the only writer of those OUT rows (read-modify-write).
+    """
+    for start_d in range(0, d, BLOCK_D):
+        dd = start_d + tl.arange(0, BLOCK_D)
+        src = _load_chunk(src_ptr, src_idx, src_ok, dd, dd < d, s_row, s_col, UPCAST)
+        ptrs = out_ptr + out_idx[:, None] * d + dd[None, :]
+        mask = out_ok[:, None] & (dd < d)[None, :]
+        if ATOMIC:
+            tl.atomic_add(ptrs, tl.dot(g.to(src.dtype), src, input_precision=PRECISION), mask=mask)
+        else:
+            acc = tl.load(ptrs, mask=mask, other=0.0)
+            tl.store(ptrs, tl.dot(g.to(src.dtype), src, acc, input_precision=PRECISION), mask=mask)
+
+
+@triton.jit
+def _live_columns(kv_ptr, cols, col_ok, HAS_KEY_VALID: tl.constexpr):
+    if HAS_KEY_VALID:
+        col_ok = col_ok & (tl.load(kv_ptr + cols, mask=col_ok, other=0) != 0)
+    return col_ok
+
+
+@triton.jit
+def _infonce_fwd_kernel(q_ptr, k_ptr, scale_ptr, tgt_ptr, kv_ptr, lse_ptr, pos_ptr,
+                        m, n, d, stride_qm, stride_qd, stride_kn, stride_kd,
+                        HAS_KEY_VALID: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < m
+    s = tl.load(scale_ptr).to(tl.float32)
+    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    pos = tl.zeros([BLOCK_M], tl.float32)
+    for start_n in range(0, n, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        col_ok = cols < n
+        z = s * _dot_tile(q_ptr, k_ptr, rows, cols, row_ok, col_ok, d, stride_qm, stride_qd, stride_kn,
+                          stride_kd, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)  # (BM, BN)
+        pos += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
+        z = tl.where(_live_columns(kv_ptr, cols, col_ok, HAS_KEY_VALID)[None, :], z, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(z, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a fully masked tile must not give nan
+        l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
+        m_i = m_new
+    tl.store(lse_ptr + rows, m_i + tl.log(l_i), mask=row_ok)  # -inf when no column is valid
+    tl.store(pos_ptr + rows, pos, mask=row_ok)
+
+
+@triton.jit
+def _infonce_bwd_dq_kernel(q_ptr, k_ptr, scale_ptr, tgt_ptr, kv_ptr, lse_ptr, w_ptr, dq_ptr, dk_ptr, ds_ptr,
+                           m, n, d, stride_qm, stride_qd, stride_kn, stride_kd,
+                           HAS_KEY_VALID: tl.constexpr, ATOMIC_DK: tl.constexpr, UPCAST: tl.constexpr,
+                           PRECISION: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Programs own row tiles: dq by read-modify-write, dk by atomics when ATOMIC_DK (else another kernel).
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < m
+    s = tl.load(scale_ptr).to(tl.float32)
+    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf"))  # +inf: dead row, p = 0
+    w = tl.load(w_ptr + rows, mask=row_ok, other=0.0)
+    ds_acc = tl.zeros([BLOCK_M], tl.float32)
+    for start_n in range(0, n, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        col_ok = cols < n
+        dots = _dot_tile(q_ptr, k_ptr, rows, cols, row_ok, col_ok, d, stride_qm, stride_qd, stride_kn,
+                         stride_kd, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)  # (BM, BN)
+        live = _live_columns(kv_ptr, cols, col_ok, HAS_KEY_VALID)
+        p = tl.where(live[None, :], tl.exp(dots * s - lse[:, None]), 0.0)
+        g = w[:, None] * (p - tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0))  # dL/dz
+        ds_acc += tl.sum(g * dots, axis=1)
+        _add_tile_product(dq_ptr, rows, row_ok, g * s, k_ptr, cols, col_ok, d, stride_kn, stride_kd,
+                          False, UPCAST, PRECISION, BLOCK_D)
+        if ATOMIC_DK:
+            _add_tile_product(dk_ptr, cols, col_ok, tl.trans(g * s), q_ptr, rows, row_ok, d, stride_qm,
+                              stride_qd, True, UPCAST, PRECISION, BLOCK_D)
+        tl.debug_barrier()  # the next tile reads dq chunks that other threads of this program wrote
+    tl.store(ds_ptr + rows, ds_acc, mask=row_ok)
+
+
+@triton.jit
+def _infonce_bwd_dk_kernel(q_ptr, k_ptr, scale_ptr, tgt_ptr, kv_ptr, lse_ptr, w_ptr, dk_ptr,
+                           m, n, d, stride_qm, stride_qd, stride_kn, stride_kd,
+                           HAS_KEY_VALID: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Programs own key tiles and walk over row tiles: each dk row has one writer, in a fixed order.
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < n
+    s = tl.load(scale_ptr).to(tl.float32)
+    live = _live_columns(kv_ptr, cols, col_ok, HAS_KEY_VALID)
+    for start_m in range(0, m, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M)
+        row_ok = rows < m
+        tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf"))
+        w = tl.load(w_ptr + rows, mask=row_ok, other=0.0)
+        dots_t = _dot_tile(k_ptr, q_ptr, cols, rows, col_ok, row_ok, d, stride_kn, stride_kd, stride_qm,
+                           stride_qd, UPCAST, PRECISION, BLOCK_N, BLOCK_M, BLOCK_D)  # (BN, BM)
+        p_t = tl.where(live[:, None], tl.exp(dots_t * s - lse[None, :]), 0.0)
+        g_t = w[None, :] * (p_t - tl.where(cols[:, None] == tgt[None, :], 1.0, 0.0))
+        _add_tile_product(dk_ptr, cols, col_ok, g_t * s, q_ptr, rows, row_ok, d, stride_qm, stride_qd,
+                          False, UPCAST, PRECISION, BLOCK_D)
+        tl.debug_barrier()
+# fmt: on
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launch plumbing: interpreter on CPU, autotuned compiled kernels on CUDA.
+
+
+def interpreter_ready() -> bool:
+    """Whether kernels can run on CPU: Triton was imported with TRITON_INTERPRET=1 (tl.* interpreted)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.max, InterpretedFunction) and isinstance(_infonce_fwd_kernel, InterpretedFunction)
+
+
+def _interpreting(t: torch.Tensor) -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return t.device.type != "cuda" or isinstance(_infonce_fwd_kernel, InterpretedFunction)
+
+
+def _interpreted(kernel):
+    if not interpreter_ready():
+        raise RuntimeError(
+            "infonce_triton got non-CUDA tensors but Triton was imported without TRITON_INTERPRET=1; "
+            "set TRITON_INTERPRET=1 before anything imports triton (or use backend='torch')"
+        )
+    return kernel
+
+
+@functools.cache
+def _autotuned(kernel, configs, reset_to_zero):
+    return triton.autotune(configs=list(configs), key=["m", "n", "d"], reset_to_zero=list(reset_to_zero))(kernel)
+
+
+def _launch(kernel, n_items, block, ref, args, meta, configs=(), reset_to_zero=()):
+    """One program per ``block`` (BLOCK_M or BLOCK_N) of ``n_items``; interpreter unless on CUDA."""
+    if _interpreting(ref):
+        meta = {**meta, **_INTERPRET_META, "UPCAST": True}
+        _interpreted(kernel)[(triton.cdiv(n_items, meta[block]),)](*args, **meta)
+    else:
+        tuned = _autotuned(kernel, tuple(configs), tuple(reset_to_zero))
+        tuned[lambda cfg: (triton.cdiv(n_items, cfg[block]),)](*args, **meta, UPCAST=False)
+
+
+def _precision(x: torch.Tensor) -> str:
+    if x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"  # Triton's default; only affects fp32 operands
+
+
+def _check(q, k, logit_scale, targets, key_valid):
+    if q.dim() != 2 or k.dim() != 2 or q.shape[1] != k.shape[1]:
+        raise ValueError(f"q (m, d) and k (n, d) must share d; got {tuple(q.shape)} and {tuple(k.shape)}")
+    if q.dtype != k.dtype or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"q and k must share a dtype in fp32/fp16/bf16; got {q.dtype}, {k.dtype}")
+    if logit_scale.numel() != 1:
+        raise ValueError(f"logit_scale must have one element; got shape {tuple(logit_scale.shape)}")
+    if targets is not None and targets.shape != (q.shape[0],):
+        raise ValueError(f"targets must have shape ({q.shape[0]},); got {tuple(targets.shape)}")
+    if key_valid is not None and key_valid.shape != (k.shape[0],):
+        raise ValueError(f"key_valid must have shape ({k.shape[0]},); got {tuple(key_valid.shape)}")
+
+
+def _args_common(q, k, logit_scale, targets, key_valid):
+    m = q.shape[0]
+    if targets is None:
+        targets = torch.full((m,), -1, dtype=torch.int64, device=q.device)
+    kv = key_valid.to(torch.int8) if key_valid is not None else targets  # dummy pointer when absent
+    scale = logit_scale.detach().reshape(1).to(torch.float32)
+    return scale, targets.to(torch.int64), kv
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Block primitives (no mean, no ignored rows: the caller owns the reduction).
+
+
+def infonce_block_lse(q, k, logit_scale, targets=None, *, key_valid=None):
+    """Row log-sum-exp of s·q·kᵀ and the positive logit, without materialising the tile matrix.
+
+    Args:
+        q, k: (m, d), (n, d) fp32/fp16/bf16, same dtype. logit_scale: multiplier s, 1 element.
+        targets: (m,) int column of each row's positive, −1 for none (positive logit 0).
+        key_valid: optional (n,) bool; False columns are left out of the LSE (not out of the positive).
+    Returns:
+        lse (m,) fp32 (−inf for a row without any valid column), pos (m,) fp32 = s·q_i·k_{t_i}.
+    """
+    _check(q, k, logit_scale, targets, key_valid)
+    m, n, d = q.shape[0], k.shape[0], q.shape[1]
+    lse = torch.empty(m, dtype=torch.float32, device=q.device)
+    pos = torch.empty(m, dtype=torch.float32, device=q.device)
+    if m == 0:
+        return lse, pos
+    scale, tgt, kv = _args_common(q, k, logit_scale, targets, key_valid)
+    args = (q, k, scale, tgt, kv, lse, pos, m, n, d, q.stride(0), q.stride(1), k.stride(0), k.stride(1))
+    meta = {"HAS_KEY_VALID": key_valid is not None, "PRECISION": _precision(q)}
+    _launch(_infonce_fwd_kernel, m, "BLOCK_M", q, args, meta, _FWD_CONFIGS)
+    return lse, pos
+
+
+def infonce_block_backward(q, k, logit_scale, lse, row_weight, targets=None, *, key_valid=None, deterministic=False):
+    """Gradients of Σ_i w_i·(lse_i − z_{i,t_i}), z = s·q·kᵀ, given the rows' full LSE.
+
+    ``lse`` may come from more keys than ``k`` (a ring step passes the LSE merged over every block):
+    p_ij = exp(z_ij − lse_i) is then the softmax restricted to this block, which is what the gradient
+    of the global loss needs. Rows with w_i = 0 contribute nothing (not even nan).
+
+    Args:
+        q, k, logit_scale, targets, key_valid: as ``infonce_block_lse``.
+        lse: (m,) fp32 row LSE. row_weight: (m,) fp32 w_i (upstream grad / #valid rows, 0 if ignored).
+        deterministic: no atomics (dk from a second kernel); bitwise repeatable.
+    Returns:
+        dq (m, d) fp32, dk (n, d) fp32, ds (0-dim fp32: dL/ds).
+    """
+    _check(q, k, logit_scale, targets, key_valid)
+    m, n, d = q.shape[0], k.shape[0], q.shape[1]
+    dq = torch.zeros(m, d, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(n, d, dtype=torch.float32, device=q.device)
+    ds_rows = torch.zeros(m, dtype=torch.float32, device=q.device)
+    if m == 0 or n == 0:
+        return dq, dk, ds_rows.sum()
+    scale, tgt, kv = _args_common(q, k, logit_scale, targets, key_valid)
+    w = row_weight.to(torch.float32)
+    lse = torch.where((w != 0) & (lse != float("-inf")), lse.to(torch.float32), float("inf"))
+    common = (m, n, d, q.stride(0), q.stride(1), k.stride(0), k.stride(1))
+    meta = {"HAS_KEY_VALID": key_valid is not None, "PRECISION": _precision(q)}
+    dq_args = (q, k, scale, tgt, kv, lse, w, dq, dk, ds_rows, *common)
+    _launch(
+        _infonce_bwd_dq_kernel,
+        m,
+        "BLOCK_M",
+        q,
+        dq_args,
+        {**meta, "ATOMIC_DK": not deterministic},
+        _BWD_CONFIGS,
+        ("dq_ptr", "dk_ptr"),
+    )
+    if deterministic:
+        dk_args = (q, k, scale, tgt, kv, lse, w, dk, *common)
+        _launch(_infonce_bwd_dk_kernel, n, "BLOCK_N", q, dk_args, meta, _BWD_CONFIGS, ("dk_ptr",))
+    return dq, dk, ds_rows.sum()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loss-level launchers, autograd, functional wrapper.
+
+
+def _valid_rows(q, targets, key_valid):
+    """(targets, valid): targets default to the diagonal; valid rows have t >= 0 and a valid positive."""
+    if targets is None:
+        targets = torch.arange(q.shape[0], device=q.device)
+    valid = targets >= 0
+    if key_valid is not None:
+        valid = valid & key_valid.bool()[targets.clamp_min(0)]
+    return targets, valid
+
+
+def infonce_forward(q, k, logit_scale, targets=None, *, key_valid=None):
+    """Mean InfoNCE over valid rows. Returns (loss 0-dim fp32, lse (m,) fp32) for the backward."""
+    _check(q, k, logit_scale, targets, key_valid)
+    targets, valid = _valid_rows(q, targets, key_valid)
+    lse, pos = infonce_block_lse(q, k, logit_scale, targets, key_valid=key_valid)
+    per_row = torch.where(valid, lse - pos, 0.0)
+    return per_row.sum() / valid.sum().clamp_min(1), lse
+
+
+def infonce_backward(grad_output, q, k, logit_scale, lse, targets=None, *, key_valid=None, deterministic=False):
+    """Gradients of ``grad_output · infonce_forward(...)[0]``: (dq, dk, d logit_scale) in input dtypes."""
+    targets, valid = _valid_rows(q, targets, key_valid)
+    row_weight = valid.to(torch.float32) * (grad_output.to(torch.float32) / valid.sum().clamp_min(1))
+    dq, dk, ds = infonce_block_backward(
+        q, k, logit_scale, lse, row_weight, targets, key_valid=key_valid, deterministic=deterministic
+    )
+    return dq.to(q.dtype), dk.to(k.dtype), ds.reshape(logit_scale.shape).to(logit_scale.dtype)
+
+
+class InfoNCEFunction(torch.autograd.Function):
+    """Autograd wrapper: forward/backward only call the launchers; saves q, k and the (m,) LSE."""
+
+    @staticmethod
+    def forward(ctx, q, k, logit_scale, targets, key_valid, deterministic):
+        loss, lse = infonce_forward(q, k, logit_scale, targets, key_valid=key_valid)
+        ctx.save_for_backward(q, k, logit_scale, lse, targets, key_valid)
+        ctx.deterministic = deterministic
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        q, k, logit_scale, lse, targets, key_valid = ctx.saved_tensors
+        dq, dk, ds = infonce_backward(
+            grad_output, q, k, logit_scale, lse, targets, key_valid=key_valid, deterministic=ctx.deterministic
+        )
+        return dq, dk, ds, None, None, None
+
+
+def infonce_triton(q, k, logit_scale, targets=None, *, key_valid=None, deterministic=False):
+    """Fused InfoNCE (Triton): mean_i [logsumexp_j(s·q_i·k_j) − s·q_i·k_{t_i}] over rows with t_i ≥ 0.
+
+    Args:
+        q: (m, d) queries; k: (n, d) keys; fp32, fp16 or bf16 (same dtype), any d, any m and n.
+        logit_scale: s, the multiplier (already exponentiated), shape [] or [1]; gets a gradient.
+        targets: (m,) int64 positive column per row, default arange(m); −1 ignores the row
+            (mean over valid rows, 0 when none is valid). Targets ≥ n are not checked (positive = 0).
+        key_valid: optional (n,) bool, False columns are excluded from every row's LSE, and a row whose
+            positive is such a column is ignored (same semantics as ``infonce_torch``).
+        deterministic: dk without atomics (a second backward kernel); bitwise repeatable.
+    Returns:
+        0-dim fp32 loss. Memory: O((m + n)·d); nothing m×n is allocated, forward or backward.
+    """
+    return InfoNCEFunction.apply(q, k, logit_scale, targets, key_valid, deterministic)

@@ -1,0 +1,180 @@
+"""kernels/ring.py: ring symmetric InfoNCE vs a single-process float64 oracle over the global batch."""
+
+import multiprocessing
+import os
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from kernels.ring import ring_symmetric_infonce
+
+B_LOCAL, DIM, LOGIT_SCALE = 11, 16, 10.0
+GRAD_OUT = (0.7, 1.3, 0.9)  # a different upstream gradient per rank
+TIMEOUT_S = 150
+
+
+def _triton_runnable():
+    try:
+        from kernels.infonce_triton import interpreter_ready
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or interpreter_ready()
+
+
+needs_triton_runtime = pytest.mark.skipif(
+    not _triton_runnable(), reason="triton missing, or no GPU and Triton imported without TRITON_INTERPRET=1"
+)
+
+
+def _global_inputs(world):
+    g = torch.Generator().manual_seed(1234)
+    a = torch.nn.functional.normalize(torch.randn(world * B_LOCAL, DIM, generator=g, dtype=torch.float64), dim=1)
+    b = torch.nn.functional.normalize(torch.randn(world * B_LOCAL, DIM, generator=g, dtype=torch.float64), dim=1)
+    return a, b, torch.tensor([LOGIT_SCALE], dtype=torch.float64)
+
+
+def _infonce64(q, k, s, targets):
+    z = s * q @ k.T
+    return (torch.logsumexp(z, dim=1) - z.gather(1, targets[:, None])[:, 0]).mean()
+
+
+def _oracle(world):
+    """Per rank: L_r, d(Σ_r' g_r' L_r')/d(rank r's rows of a, b), g_r · dL_r/ds; all float64, one process."""
+    a, b, s = (t.clone().requires_grad_() for t in _global_inputs(world))
+    losses = []
+    for r in range(world):
+        rows = slice(r * B_LOCAL, (r + 1) * B_LOCAL)
+        t = torch.arange(r * B_LOCAL, (r + 1) * B_LOCAL)
+        losses.append(0.5 * (_infonce64(a[rows], b, s, t) + _infonce64(b[rows], a, s, t)))
+    global_loss = 0.5 * (
+        _infonce64(a, b, s, torch.arange(world * B_LOCAL)) + _infonce64(b, a, s, torch.arange(world * B_LOCAL))
+    )
+    assert torch.allclose(sum(losses) / world, global_loss)  # L_r average to the single-process loss
+    ds = [GRAD_OUT[r] * torch.autograd.grad(losses[r], s, retain_graph=True)[0] for r in range(world)]
+    sum(GRAD_OUT[r] * losses[r] for r in range(world)).backward()
+    return [
+        {
+            "loss": losses[r].detach(),
+            "da": a.grad[r * B_LOCAL : (r + 1) * B_LOCAL],
+            "db": b.grad[r * B_LOCAL : (r + 1) * B_LOCAL],
+            "ds": ds[r],
+        }
+        for r in range(world)
+    ]
+
+
+def _ring_loss(a, b, s, backend):
+    return ring_symmetric_infonce(a, b, s, backend=backend)
+
+
+def _allgather_loss(a, b, s, backend):
+    from kernels.distributed import gathered_symmetric_infonce
+
+    return gathered_symmetric_infonce(a, b, s, strategy="allgather", backend=backend)
+
+
+def _worker(rank, world, init_file, backend, out_dir, strategy="ring"):
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=90)
+    )
+    try:
+        a, b, s = _global_inputs(world)
+        rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
+        leaves = [
+            a[rows].float().requires_grad_(),
+            b[rows].float().requires_grad_(),
+            s.float().requires_grad_(),
+        ]
+        loss = (_allgather_loss if strategy == "allgather" else _ring_loss)(*leaves, backend)
+        loss.backward(torch.tensor(GRAD_OUT[rank]))
+        result = {"loss": loss.detach(), "da": leaves[0].grad, "db": leaves[1].grad, "ds": leaves[2].grad}
+        torch.save(result, os.path.join(out_dir, f"{strategy}{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_ranks(world, backend, tmp_path, strategy="ring"):
+    """Spawns ``world`` gloo ranks (file:// rendezvous), kills them past TIMEOUT_S; per-rank results."""
+    ctx = multiprocessing.get_context("spawn")
+    rendezvous = str(tmp_path / f"rendezvous_{strategy}")
+    procs = [
+        ctx.Process(target=_worker, args=(r, world, rendezvous, backend, str(tmp_path), strategy)) for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+    finally:
+        alive = [p for p in procs if p.is_alive()]
+        for p in alive:
+            p.kill()
+            p.join()
+    assert not alive, f"ring ranks hung past {TIMEOUT_S}s and were killed"
+    assert [p.exitcode for p in procs] == [0] * world
+    return [torch.load(tmp_path / f"{strategy}{r}.pt") for r in range(world)]
+
+
+def _assert_close(got, want, tol):
+    for key in ("loss", "da", "db", "ds"):
+        g, w = got[key].double().reshape(want[key].shape), want[key]
+        err = ((g - w).abs().max() / w.abs().max()).item()
+        assert err <= tol, (key, err)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "backend,world",
+    [("torch", 3), pytest.param("triton", 2, marks=needs_triton_runtime)],
+)
+def test_ring_matches_single_process_oracle(backend, world, tmp_path):
+    results = _run_ranks(world, backend, tmp_path)
+    for got, want in zip(results, _oracle(world)):
+        _assert_close(got, want, tol=1e-5)
+
+
+@pytest.mark.slow
+def test_ring_matches_allgather_strategy(tmp_path):
+    """Same per-rank loss and gradients as kernels.distributed's all-gather strategy (if present)."""
+    pytest.importorskip("kernels.distributed")
+    ring = _run_ranks(2, "torch", tmp_path, "ring")
+    allgather = _run_ranks(2, "torch", tmp_path, "allgather")
+    for got, want in zip(ring, allgather):
+        _assert_close(got, {key: value.double() for key, value in want.items()}, tol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton_runtime)])
+@pytest.mark.parametrize("scale_shape", [(), (1,)], ids=["scalar", "shape1"])
+def test_world_of_one_is_the_symmetric_loss(backend, scale_shape):
+    a, b, s = _global_inputs(1)
+    leaves = [
+        a.float().requires_grad_(),
+        b.float().requires_grad_(),
+        s.float().reshape(scale_shape).requires_grad_(),
+    ]
+    loss = ring_symmetric_infonce(*leaves, backend=backend)
+    loss.backward(torch.tensor(GRAD_OUT[0]))
+    assert leaves[2].grad.shape == scale_shape
+    got = {"loss": loss.detach(), "da": leaves[0].grad, "db": leaves[1].grad, "ds": leaves[2].grad}
+    _assert_close(got, _oracle(1)[0], tol=1e-5)
+
+
+def test_bf16_inputs_keep_their_dtype_and_stay_close():
+    a, b, s = _global_inputs(1)
+    leaves = [a.bfloat16().requires_grad_(), b.bfloat16().requires_grad_(), s.float().requires_grad_()]
+    loss = ring_symmetric_infonce(*leaves, backend="torch")
+    loss.backward(torch.tensor(GRAD_OUT[0]))
+    assert leaves[0].grad.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    got = {"loss": loss.detach(), "da": leaves[0].grad, "db": leaves[1].grad, "ds": leaves[2].grad}
+    _assert_close(got, _oracle(1)[0], tol=2e-2)
+
+
+def test_rejects_mismatched_inputs():
+    with pytest.raises(ValueError, match="b_local, d"):
+        ring_symmetric_infonce(torch.ones(3, 4), torch.ones(2, 4), torch.ones(()))
+    with pytest.raises(ValueError, match="backend"):
+        ring_symmetric_infonce(torch.ones(3, 4), torch.ones(3, 4), torch.ones(()), backend="cuda")
