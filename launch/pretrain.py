@@ -81,6 +81,11 @@ def main(argv=None) -> int:
 
     from pretrain.trainer import Trainer
 
+    if not torch.cuda.is_available():
+        # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce op at start-up
+        # (a minute of C++ on 2 cores, repeated whenever its build flags flip). Gloo is all
+        # we need on CPU: mark the op unavailable so it is never built.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     trainer = Trainer(cfg, ds, run_dir)
     try:
@@ -90,6 +95,8 @@ def main(argv=None) -> int:
         trainer.close()
     if dist.is_initialized():
         dist.barrier()
+    if trainer.preempted:
+        return 0
     if rank == 0 and cfg.train.eval_at_end:
         from pretrain.eval.__main__ import evaluate_run
 

@@ -76,6 +76,29 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return tags[-1] if tags else None
 
 
+def _safe_globals() -> list:
+    """The only non-tensor classes DeepSpeed puts in its checkpoint files."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    return [LossScaler, ZeroStageEnum]
+
+
+def verify_safe(tag_dir: Path) -> None:
+    """Refuse a checkpoint whose files need arbitrary unpickling.
+
+    DeepSpeed's own loader calls ``torch.load(weights_only=False)``; every file is first read
+    with ``weights_only=True`` and an allowlist of DeepSpeed's two state classes, so a crafted
+    file carrying a pickle payload is rejected before DeepSpeed touches it.
+    """
+    with torch.serialization.safe_globals(_safe_globals()):
+        for path in sorted(Path(tag_dir).glob("*.pt")):
+            try:
+                torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - any failure means we must not unpickle it
+                raise RuntimeError(f"refusing checkpoint file {path}: not loadable safely ({e})") from None
+
+
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank_state: dict, keep: int) -> str:
     """Write checkpoint ``step<N>`` on every rank, then publish it; returns the tag.
 
@@ -116,6 +139,7 @@ def load(engine, ckpt_dir: Path) -> tuple[dict, dict] | None:
             f"checkpoint {ckpt_dir / tag} was written by {meta['world_size']} ranks, this run has {world}; "
             "resume with the same number of ranks"
         )
+    verify_safe(ckpt_dir / tag)
     _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_lr_scheduler_states=False)
     if client_state is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")

@@ -43,7 +43,12 @@ def export_engine(engine, cfg: Config, out_dir: Path) -> Path | None:
 
 
 def write_export(state: dict[str, torch.Tensor], cfg: Config, out_dir: Path) -> Path:
-    """Write ``state`` and ``cfg`` to ``out_dir`` atomically (temp dir, then rename)."""
+    """Write ``state`` (as fp32 copies) and ``cfg`` to ``out_dir`` atomically (temp dir, then rename).
+
+    Copies also untie shared tensors (ESM-2's lm_head shares the token embedding), which
+    safetensors refuses to store twice; loading re-ties them through the module.
+    """
+    state = {k: v.detach().to("cpu", torch.float32).clone().contiguous() for k, v in state.items()}
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -74,3 +79,48 @@ def load_exported(export_dir: Path, device: str = "cpu") -> tuple[TriModalModel,
     if missing or unexpected:
         raise RuntimeError(f"{weights}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
     return model.to(device).eval(), cfg
+
+
+def export_checkpoint(run_dir: Path, tag: str | None = None, out_dir: Path | None = None) -> Path:
+    """Consolidate a (ZeRO-sharded) checkpoint of ``run_dir`` into an export, without a process group.
+
+    The checkpoint's files are verified loadable without arbitrary unpickling first
+    (:func:`pretrain.checkpoint.verify_safe`).
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from pretrain.checkpoint import latest_tag, verify_safe
+
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    tag = tag or latest_tag(ckpt_dir)
+    if tag is None or not (ckpt_dir / tag).is_dir():
+        raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir}")
+    verify_safe(ckpt_dir / tag)
+    cfg, _ = load_run_config(run_dir)
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    return write_export(state, cfg, Path(out_dir) if out_dir else run_dir / "export")
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(
+        prog="python -m pretrain.export", description="Consolidate a run's checkpoint into safetensors."
+    )
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--tag", default=None, help="checkpoint tag (default: the latest complete one)")
+    p.add_argument("--out", default=None, help="output directory (default: RUN/export)")
+    args = p.parse_args(argv)
+    try:
+        out = export_checkpoint(Path(args.run_dir), args.tag, args.out)
+    except (FileNotFoundError, RuntimeError, ValueError) as e:
+        print(f"align-pro export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

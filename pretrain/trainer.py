@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -75,6 +76,8 @@ class Trainer:
         self.samples_seen = 0
         self.stream = None
         self._ray_started = False
+        self._stop_requested = False
+        self.preempted = False
         self.loss_fn = AlignProLoss(cfg.loss)
 
     # ------------------------------------------------------------------ setup
@@ -99,6 +102,7 @@ class Trainer:
             self._print(f"resumed from step {self.step} (stage {self.stage}, epoch {self.cursor.epoch})")
         self._apply_stage()
         self._open_stream()
+        signal.signal(signal.SIGTERM, self._on_sigterm)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -160,12 +164,16 @@ class Trainer:
         dist.all_reduce(t)
         return {k: float(v) / self.world_size for k, v in zip(keys, t.tolist())}
 
-    def _sum_over_ranks(self, value: int) -> int:
+    def _sum_over_ranks(self, values: list[int]) -> list[int]:
         if self.world_size == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.long)
+            return list(values)
+        t = torch.tensor(values, dtype=torch.long)
         dist.all_reduce(t)
-        return int(t.item())
+        return t.tolist()
+
+    def _on_sigterm(self, signum, frame) -> None:
+        # Only a flag: the loop saves a checkpoint after the current step, on every rank together.
+        self._stop_requested = True
 
     def train(self) -> dict:
         """Run until ``train.max_steps``; returns the last logged metrics."""
@@ -190,7 +198,9 @@ class Trainer:
             steps_since_log += 1
             self.cursor = cursor
             self.samples_seen += global_batch
-            self.bad_samples += self._sum_over_ranks(len(bad))
+            # One collective per step: bad samples of every rank, and whether any rank got SIGTERM.
+            bad_total, stop_votes = self._sum_over_ranks([len(bad), int(self._stop_requested)])
+            self.bad_samples += bad_total
             self._check_bad_ratio()
             if self.step % t_cfg.log_every == 0 or self.step == t_cfg.max_steps:
                 values = self._mean_over_ranks(values)
@@ -216,6 +226,13 @@ class Trainer:
                 t_log, steps_since_log = time.perf_counter(), 0
             if self.step % t_cfg.checkpoint_every == 0 or self.step == t_cfg.max_steps:
                 self.save()
+            elif stop_votes:
+                self.save()
+            if stop_votes and self.step < t_cfg.max_steps:
+                self.preempted = True
+                self._print(f"SIGTERM: checkpoint saved at step {self.step}; exiting (relaunch to resume)")
+                return last
+            _maybe_inject_fault(self.step, self.rank)
             if self.step >= t_cfg.max_steps:
                 break
         self.export()
@@ -290,6 +307,20 @@ class Trainer:
     def _print(self, msg: str) -> None:
         if self.rank == 0:
             print(msg, file=sys.stdout, flush=True)
+
+
+FAULT_ENV = "ALIGN_PRO_KILL_AT_STEP"
+
+
+def _maybe_inject_fault(step: int, rank: int) -> None:
+    """TESTING AID: with ALIGN_PRO_KILL_AT_STEP=N, rank 0 SIGKILLs itself right after step N.
+
+    Used by the crash/resume tests to simulate a node dying at a known moment; never set it in
+    real runs.
+    """
+    target = os.environ.get(FAULT_ENV)
+    if target and rank == 0 and step == int(target):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fmt_seconds(s: float) -> str:

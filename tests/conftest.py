@@ -69,8 +69,13 @@ def run_launcher(
     ranks: int = 2,
     config: str = "zero3.json",
     timeout=420,
-) -> subprocess.CompletedProcess:
-    """Run ``deepspeed --num_gpus N launch/pretrain.py`` as a user would; returns the process."""
+    env: dict | None = None,
+    background: bool = False,
+):
+    """Run ``deepspeed --num_gpus N launch/pretrain.py`` as a user would.
+
+    Returns the finished ``CompletedProcess``, or with ``background`` the running ``Popen``.
+    """
     deepspeed = Path(sys.executable).with_name("deepspeed")
     cmd = [
         str(deepspeed),
@@ -90,4 +95,7 @@ def run_launcher(
     ]
     for o in TINY_OVERRIDES + overrides:
         cmd += ["--set", o]
-    return subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=timeout)
+    full_env = {**cpu_env(), **(env or {})}
+    if background:
+        return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)

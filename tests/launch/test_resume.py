@@ -1,0 +1,75 @@
+"""Crash-proof training: SIGKILL at a known step, SIGTERM (preemption), exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import psutil
+import pytest
+
+from tests.conftest import run_launcher
+
+pytestmark = pytest.mark.slow
+
+COMMON = ["train.checkpoint_every=2", "train.stage1_steps=1", "train.eval_at_end=false", "data.loader=local"]
+TERMS = ["loss", "loss_seq_struct", "loss_seq_text", "loss_struct_text", "loss_intra_seq", "loss_intra_text"]
+
+
+def _losses(run_dir):
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+    return {r["step"]: r for r in rows}
+
+
+def test_sigkill_then_relaunch_gives_the_uninterrupted_losses(tmp_path, small_demo):
+    over = ["train.max_steps=5", *COMMON]
+    ref = run_launcher(tmp_path / "ref", small_demo, over)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    run = tmp_path / "crash"
+    crashed = run_launcher(run, small_demo, over, env={"ALIGN_PRO_KILL_AT_STEP": "3"})
+    assert crashed.returncode != 0
+    assert (run / "checkpoints" / "latest").read_text() == "step00000002"
+    resumed = run_launcher(run, small_demo, over)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step 2" in resumed.stdout
+
+    want, got = _losses(tmp_path / "ref"), _losses(run)
+    assert sorted(got) == [1, 2, 3, 4, 5]
+    for step in range(1, 6):
+        for term in TERMS:
+            assert got[step][term] == pytest.approx(want[step][term], rel=1e-6, abs=1e-6), (step, term)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path, small_demo):
+    run = tmp_path / "run"
+    proc = run_launcher(run, small_demo, ["train.max_steps=500", *COMMON], background=True)
+    try:
+        deadline = time.time() + 300
+        metrics = run / "metrics.jsonl"
+        while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.5)
+        ranks = [
+            p
+            for p in psutil.Process(proc.pid).children(recursive=True)
+            if any("launch/pretrain.py" in part for part in p.cmdline())
+        ]
+        assert len(ranks) == 2
+        for p in ranks:  # a preemption notice reaches every process of the job
+            os.kill(p.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "SIGTERM: checkpoint saved at step" in out
+    tag = (run / "checkpoints" / "latest").read_text()
+    step = int(tag.removeprefix("step"))
+    assert 3 <= step < 500
+    assert (run / "checkpoints" / tag / "COMPLETE").is_file()
+    again = run_launcher(run, small_demo, [f"train.max_steps={step + 1}", *COMMON])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from step {step}" in again.stdout
