@@ -1,15 +1,14 @@
 """DeepSpeed entry point: ``deepspeed [--num_gpus N] launch/pretrain.py --config zero3.json``.
 
 Wiring only: parse, validate everything that can be validated before a process group
-exists, start the group, hand over to :class:`pretrain.trainer.Trainer`, evaluate.
-Running the same command again in the same ``--run-dir`` resumes from its latest
-complete checkpoint (or reports that the run is finished).
+exists, start the group, train, evaluate (see :mod:`pretrain.run`). Running the same
+command again in the same ``--run-dir`` resumes from its latest complete checkpoint (or
+reports that the run is finished).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -19,7 +18,12 @@ from pathlib import Path
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
 
-from pretrain.config import ConfigError, load_config, load_run_config, save_config  # noqa: E402
+# Ray reads its auth mode at import. Local Ray clusters use token auth (Ray >= 2.59); ranks that
+# join rank 0's instance by address must be in token mode too or they are refused.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+from pretrain.config import ConfigError  # noqa: E402
+from pretrain.run import init_process_group, prepare, train_and_evaluate, write_run_config  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -32,76 +36,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _fail(msg: str) -> None:
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(f"align-pro: error: {msg}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    run_dir = Path(args.run_dir)
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
-    # ---- everything checkable before any process group starts
     try:
-        import torch
-
-        from pretrain.checkpoint import finished_step
-        from pretrain.data.stream import check_plan
-        from pretrain.ds_config import load_deepspeed_config, resolve_deepspeed_config
-
-        cfg = load_config(args.recipe, args.overrides)
-        ds = resolve_deepspeed_config(
-            load_deepspeed_config(args.config), cfg, world_size, use_cuda=torch.cuda.is_available()
-        )
-        check_plan(cfg, world_size)
-        if cfg.train.eval_at_end and not Path(cfg.data.eval_shards).is_dir():
-            raise ConfigError(f"data.eval_shards: directory not found: {cfg.data.eval_shards}")
-        if (run_dir / "config.yaml").is_file():
-            previous, _ = load_run_config(run_dir)
-            if previous.fingerprint() != cfg.fingerprint():
-                raise ConfigError(
-                    f"{run_dir} holds a run of a different model (model section differs); use a new --run-dir"
-                )
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        _fail(str(e))
-    done = finished_step(run_dir / "checkpoints")
-    if done is not None and done >= cfg.train.max_steps and (run_dir / "export").is_dir():
+        plan = prepare(args.recipe, args.overrides, args.config, args.run_dir, int(os.environ.get("WORLD_SIZE", 1)))
+    except ConfigError as e:
         if rank == 0:
-            print(f"run in {run_dir} already finished at step {done}; export in {run_dir / 'export'}")
+            print(f"align-pro: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    if plan.finished_step is not None:
+        if rank == 0:
+            print(
+                f"run in {plan.run_dir} already finished at step {plan.finished_step}; export in {plan.run_dir}/export"
+            )
         return 0
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml", deepspeed_config=ds)
-
-    # ---- distributed training
-    import deepspeed
-    import torch.distributed as dist
-
-    from pretrain.trainer import Trainer
-
-    if not torch.cuda.is_available():
-        # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce op at start-up
-        # (a minute of C++ on 2 cores, repeated whenever its build flags flip). Gloo is all
-        # we need on CPU: mark the op unavailable so it is never built.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    trainer = Trainer(cfg, ds, run_dir)
-    try:
-        trainer.setup()
-        trainer.train()
-    finally:
-        trainer.close()
-    if dist.is_initialized():
-        dist.barrier()
-    if trainer.preempted:
-        return 0
-    if rank == 0 and cfg.train.eval_at_end:
-        from pretrain.eval.__main__ import evaluate_run
-
-        result = evaluate_run(run_dir)
-        print(json.dumps({"eval": result["retrieval"]["summary"]}))
+        write_run_config(plan)
+    init_process_group()
+    train_and_evaluate(plan, rank)
     return 0
 
 

@@ -221,6 +221,11 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override '{text}': value is not valid YAML ({e})") from None
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-4" (no dot) as a string; users mean the number
+            value = float(value) if any(c in value.lower() for c in ".e") and "inf" not in value.lower() else value
+        except ValueError:
+            pass
     return key, value
 
 

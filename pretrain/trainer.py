@@ -16,6 +16,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -75,7 +76,7 @@ class Trainer:
         self.bad_samples = 0
         self.samples_seen = 0
         self.stream = None
-        self._ray_started = False
+        self._ray_role = "none"  # "started" / "joined" / "external" (see connect_ray)
         self._stop_requested = False
         self.preempted = False
         self.loss_fn = AlignProLoss(cfg.loss)
@@ -102,7 +103,9 @@ class Trainer:
             self._print(f"resumed from step {self.step} (stage {self.stage}, epoch {self.cursor.epoch})")
         self._apply_stage()
         self._open_stream()
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        if threading.current_thread() is threading.main_thread():
+            # (Ray Train runs the loop in a worker thread; Ray handles preemption there.)
+            signal.signal(signal.SIGTERM, self._on_sigterm)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -115,7 +118,7 @@ class Trainer:
         if self.cfg.data.loader == "ray":
             from pretrain.data.ray_stream import RayBatchStream, connect_ray
 
-            self._ray_started = connect_ray()
+            self._ray_role = connect_ray()
             self.stream = RayBatchStream(self.cfg, plan, self.cursor, views)
         else:
             self.stream = local_stream(self.cfg, plan, self.cursor, views)
@@ -232,7 +235,7 @@ class Trainer:
                 self.preempted = True
                 self._print(f"SIGTERM: checkpoint saved at step {self.step}; exiting (relaunch to resume)")
                 return last
-            _maybe_inject_fault(self.step, self.rank)
+            _maybe_inject_fault(self.step, self.rank, self.run_dir)
             if self.step >= t_cfg.max_steps:
                 break
         self.export()
@@ -277,15 +280,15 @@ class Trainer:
     def close(self) -> None:
         if self.stream is not None and hasattr(self.stream, "close"):
             self.stream.close()
-        if self.cfg.data.loader == "ray":
+        if self._ray_role in ("started", "joined"):
             import ray
 
             # The ranks that joined let go of Ray first; the rank that started it stops it last.
-            if ray.is_initialized() and not self._ray_started:
+            if self._ray_role == "joined":
                 ray.shutdown()
             if dist.is_initialized():
                 dist.barrier()
-            if ray.is_initialized():
+            if self._ray_role == "started":
                 ray.shutdown()
 
     # ------------------------------------------------------------------ output
@@ -312,14 +315,17 @@ class Trainer:
 FAULT_ENV = "ALIGN_PRO_KILL_AT_STEP"
 
 
-def _maybe_inject_fault(step: int, rank: int) -> None:
+def _maybe_inject_fault(step: int, rank: int, run_dir: Path) -> None:
     """TESTING AID: with ALIGN_PRO_KILL_AT_STEP=N, rank 0 SIGKILLs itself right after step N.
 
-    Used by the crash/resume tests to simulate a node dying at a known moment; never set it in
-    real runs.
+    Used by the crash/resume tests to simulate a worker dying at a known moment; it fires once
+    per run directory (a marker file remembers it), so an automatic restart that replays step N
+    survives. Never set it in real runs.
     """
     target = os.environ.get(FAULT_ENV)
-    if target and rank == 0 and step == int(target):
+    marker = run_dir / ".fault_injected"
+    if target and rank == 0 and step == int(target) and not marker.exists():
+        marker.write_text(str(step))
         os.kill(os.getpid(), signal.SIGKILL)
 
 

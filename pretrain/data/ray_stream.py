@@ -89,22 +89,28 @@ class RayBatchStream(BatchStream):
         self.pool.close()
 
 
-def connect_ray() -> bool:
-    """Start or join the Ray instance shared by this job's ranks; returns True if we started it.
+def connect_ray() -> str:
+    """Start or join the Ray instance shared by this job's ranks.
+
+    Returns ``"external"`` when Ray was already initialised (a Ray Train worker: leave it alone),
+    ``"started"`` on the rank that started it, ``"joined"`` on the ranks that joined it.
 
     ``RAY_ADDRESS`` set: every rank joins that cluster. Otherwise rank 0 starts a local Ray (more
-    logical CPUs than cores, small object store) and the other ranks join it with
-    ``address="auto"`` (an explicit ``ip:port`` is refused with InvalidAuthToken on Ray 2.60);
-    they then check that they joined the instance rank 0 started, not another one on the node.
+    logical CPUs than cores, small object store) and broadcasts its GCS address; the other ranks
+    join that exact address. Ray >= 2.59 enables token authentication for local clusters and a
+    process joining by address must be in token mode (``RAY_AUTH_MODE=token`` before Ray is
+    imported, as ``launch/pretrain.py`` sets it; token read from ``~/.ray/auth_token``) or it is
+    refused with InvalidAuthToken.
+    (``address="auto"`` would also work but can pick another Ray instance on a shared node.)
     """
     if ray.is_initialized():
-        return False
+        return "external"
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
-        return False
+        return "joined"
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank = dist.get_rank() if distributed else 0
-    address: list[str | None] = [None]
+    info: list[dict] = [{}]
     if rank == 0:
         ctx = ray.init(
             num_cpus=max(4, (os.cpu_count() or 1) * 2),
@@ -112,12 +118,9 @@ def connect_ray() -> bool:
             object_store_memory=256 * 1024**2,
             log_to_driver=False,
         )
-        address = [ctx.address_info["gcs_address"]]
+        info = [{"address": ctx.address_info["gcs_address"]}]
     if distributed:
-        dist.broadcast_object_list(address, src=0)
+        dist.broadcast_object_list(info, src=0)
     if rank != 0:
-        ray.init(address="auto", log_to_driver=False)
-        joined = ray.get_runtime_context().gcs_address
-        if joined != address[0]:
-            raise RuntimeError(f"rank {rank} joined Ray at {joined}, not rank 0's instance at {address[0]}")
-    return rank == 0
+        ray.init(address=info[0]["address"], log_to_driver=False)
+    return "started" if rank == 0 else "joined"

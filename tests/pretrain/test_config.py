@@ -12,8 +12,8 @@ def test_demo_recipe_loads_and_round_trips():
 
 
 def test_override_applies_and_parses_yaml_values():
-    cfg = load_config(overrides=["train.max_steps=7", "optim.lr=1e-4", "model.structure.node_hidden=[16, 4]"])
-    assert cfg.train.max_steps == 7
+    cfg = load_config(overrides=["train.max_steps=70", "optim.lr=1e-4", "model.structure.node_hidden=[16, 4]"])
+    assert cfg.train.max_steps == 70
     assert cfg.optim.lr == pytest.approx(1e-4)
     assert cfg.model.structure.node_hidden == (16, 4)
 

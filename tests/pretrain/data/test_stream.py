@@ -69,7 +69,10 @@ def test_batch_layout(small_demo):
     assert bad == [] and batch["num_bad"] == 0 and cursor == Cursor(0, 1)
     assert batch["seq_tokens"].shape[0] == batch["text_ids"].shape[0] == 8
     assert int(batch["graph"]["num_graphs"]) == 8
-    assert all(v.all() for v in batch["present"].values())
+    assert set(batch["present"]) == {"sequence", "structure", "text"}
+    for v in batch["present"].values():
+        assert v.dtype == torch.bool and v.shape == (8,)
+    assert batch["present"]["sequence"].all()  # the demo corpus drops some structures / texts, never sequences
 
 
 @pytest.mark.slow

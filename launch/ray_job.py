@@ -1,0 +1,111 @@
+"""Ray Train entry point: the same training as ``launch/pretrain.py``, one DeepSpeed rank per worker.
+
+    python launch/ray_job.py --num-workers 2 [--address ray://head:10001 | auto] \
+        [--use-gpu] [--max-failures 3] --config zero3.json --run-dir runs/ray_demo [--set ...]
+
+Without ``--address`` a local Ray is started. Workers run :func:`pretrain.run.train_and_evaluate`
+in a process group that Ray Train sets up (gloo on CPU, NCCL on GPU); each worker's Ray shard
+readers live in the same cluster. On a worker failure Ray Train restarts the group
+(``FailureConfig(max_failures)``) and the trainer resumes from the run directory's latest
+complete checkpoint, so the run dir, metrics and checkpoints are the same as with DeepSpeed's
+launcher. The run directory must be on storage every worker can reach.
+
+Testing aid: ``ALIGN_PRO_KILL_AT_STEP=N`` in the environment makes rank 0 SIGKILL itself once
+after step N (see ``pretrain.trainer``), to exercise the restart path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+
+from pretrain.config import ConfigError  # noqa: E402
+from pretrain.run import prepare, train_and_evaluate, write_run_config  # noqa: E402
+
+_WORKER_ENV = ("DS_ACCELERATOR", "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM", "ALIGN_PRO_KILL_AT_STEP", "PYTHONPATH")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="zero3.json", help="DeepSpeed JSON (bare names resolve against configs/)")
+    p.add_argument("--recipe", default=None, help="recipe YAML (default: configs/recipes/demo.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--run-dir", default="runs/ray_demo")
+    p.add_argument("--num-workers", type=int, default=2, help="training ranks (Ray Train workers)")
+    p.add_argument("--address", default=None, help="existing cluster (ray://host:10001 or auto); default: local")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
+    p.add_argument("--max-failures", type=int, default=3, help="worker-group restarts before giving up")
+    p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray (default: 2 x cores, >= 4)")
+    return p.parse_args(argv)
+
+
+def _worker(config: dict) -> None:
+    """One training rank inside a Ray Train worker (process group already up)."""
+    import torch.distributed as dist
+
+    plan = prepare(config["recipe"], config["overrides"], config["ds"], config["run_dir"], dist.get_world_size())
+    train_and_evaluate(plan, dist.get_rank())
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        plan = prepare(args.recipe, args.overrides, args.config, args.run_dir, args.num_workers)
+    except ConfigError as e:
+        print(f"align-pro: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    if plan.finished_step is not None:
+        print(f"run in {plan.run_dir} already finished at step {plan.finished_step}")
+        return 0
+    write_run_config(plan)
+
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    env = {k: os.environ[k] for k in _WORKER_ENV if k in os.environ}
+    if not args.use_gpu:
+        env.setdefault("DS_ACCELERATOR", "cpu")
+        env.setdefault("OMP_NUM_THREADS", "1")
+    if args.address:
+        ray.init(address=args.address, runtime_env={"env_vars": env}, log_to_driver=True)
+    else:
+        ray.init(
+            num_cpus=args.num_cpus or max(4, 2 * (os.cpu_count() or 1)),
+            include_dashboard=False,
+            object_store_memory=256 * 1024**2,
+            runtime_env={"env_vars": env},
+        )
+    run_dir = plan.run_dir.resolve()
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={
+            "recipe": args.recipe,
+            "overrides": args.overrides,
+            "ds": str(Path(args.config).resolve()) if Path(args.config).is_file() else args.config,
+            "run_dir": str(run_dir),
+        },
+        torch_config=TorchConfig(backend="nccl" if args.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=args.num_workers, use_gpu=args.use_gpu, resources_per_worker={"CPU": 1}
+        ),
+        run_config=RunConfig(
+            name="align-pro",
+            storage_path=str(run_dir / "ray_results"),
+            failure_config=FailureConfig(max_failures=args.max_failures),
+        ),
+    )
+    try:
+        trainer.fit()
+    finally:
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""What both entry points do: validate a run before any process group, then train and evaluate.
+
+``launch/pretrain.py`` (DeepSpeed launcher) and ``launch/ray_job.py`` (Ray Train workers) are
+thin wrappers around :func:`prepare` and :func:`train_and_evaluate`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pretrain.config import Config, ConfigError, load_config, load_run_config, save_config
+
+
+@dataclass
+class RunPlan:
+    cfg: Config
+    deepspeed_config: dict
+    run_dir: Path
+    finished_step: int | None  # step of a finished run in run_dir (nothing left to train), else None
+
+
+def prepare(recipe: str | None, overrides: list[str], ds_config: str, run_dir: str | Path, world_size: int) -> RunPlan:
+    """Resolve and check everything that needs no process group.
+
+    Raises:
+        ConfigError: unknown keys, wrong types, missing shard directories, an impossible batch
+            size for this world size, a DeepSpeed JSON contradicting the recipe, or a run
+            directory holding a different model.
+    """
+    from pretrain.checkpoint import finished_step
+    from pretrain.data.stream import check_plan
+    from pretrain.ds_config import load_deepspeed_config, resolve_deepspeed_config
+
+    run_dir = Path(run_dir)
+    try:
+        cfg = load_config(recipe, overrides)
+        ds = resolve_deepspeed_config(
+            load_deepspeed_config(ds_config), cfg, world_size, use_cuda=torch.cuda.is_available()
+        )
+        check_plan(cfg, world_size)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    if cfg.train.eval_at_end and not Path(cfg.data.eval_shards).is_dir():
+        raise ConfigError(f"data.eval_shards: directory not found: {cfg.data.eval_shards}")
+    if (run_dir / "config.yaml").is_file():
+        previous, _ = load_run_config(run_dir)
+        if previous.fingerprint() != cfg.fingerprint():
+            raise ConfigError(
+                f"{run_dir} holds a run of a different model (model section differs); use a new --run-dir"
+            )
+    done = finished_step(run_dir / "checkpoints")
+    finished = done if done is not None and done >= cfg.train.max_steps and (run_dir / "export").is_dir() else None
+    return RunPlan(cfg, ds, run_dir, finished)
+
+
+def write_run_config(plan: RunPlan) -> None:
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(plan.cfg, plan.run_dir / "config.yaml", deepspeed_config=plan.deepspeed_config)
+
+
+def init_process_group() -> None:
+    """Start (or adopt) the process group DeepSpeed uses: gloo on CPU, NCCL on GPU."""
+    import deepspeed
+
+    if not torch.cuda.is_available():
+        # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce op at start-up
+        # (a minute of C++ on 2 cores, repeated whenever its build flags flip). Gloo is all
+        # we need on CPU: mark the op unavailable so it is never built.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def train_and_evaluate(plan: RunPlan, rank: int) -> bool:
+    """Train on this rank (collective), then evaluate the export on rank 0.
+
+    Returns False when the run stopped early on SIGTERM (a checkpoint was saved), True otherwise.
+    """
+    import torch.distributed as dist
+
+    from pretrain.trainer import Trainer
+
+    trainer = Trainer(plan.cfg, plan.deepspeed_config, plan.run_dir)
+    try:
+        trainer.setup()
+        trainer.train()
+    finally:
+        trainer.close()
+    if dist.is_initialized():
+        dist.barrier()
+    if trainer.preempted:
+        return False
+    if rank == 0 and plan.cfg.train.eval_at_end:
+        from pretrain.eval.__main__ import evaluate_run
+
+        result = evaluate_run(plan.run_dir)
+        print(json.dumps({"eval": result["retrieval"]["summary"]}), flush=True)
+    return True
