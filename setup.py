@@ -18,6 +18,9 @@ INSTALL_REQUIRES = [
     "numpy>=1.26",
     "pyyaml>=6.0",
     "tqdm>=4.66",
+    "matplotlib==3.11.2",
+    "tensorboardX>=2.6",
+    "pyarrow>=14",
 ]
 
 setup(

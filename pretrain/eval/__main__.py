@@ -1,8 +1,20 @@
-"""``python -m pretrain.eval --run-dir DIR | --model EXPORT_DIR [--shards DIR]``: prints JSON.
+"""``python -m pretrain.eval --run-dir DIR | --model EXPORT_DIR [--shards DIR] [--tasks ...]``: prints JSON.
 
-Evaluates cross-modal retrieval (R@1/5/10 and median rank, six directions) of an exported
-model on a held-out shard set; with ``--run-dir`` the result is also written to
-``RUN/eval.json``.
+Tasks (``--tasks``, comma-separated, default ``all``):
+
+* ``retrieval``: R@1/5/10 and median rank in the six directions between sequence, structure and
+  text, exact-pair and multi-positive (identical canonical text), with chance levels;
+* ``go``, ``ec``, ``fold``: probes on frozen embeddings (sequence, structure, concat) trained on
+  ``--train-shards`` and scored on ``--shards``: CAFA Fmax + micro AUPR for GO-MF/BP/CC (labels
+  propagated with ``--go-obo``) and EC (prefix-propagated), accuracy for the class in
+  ``meta[--fold-key]``;
+* ``zeroshot``: text-prompt scores per GO term / EC class (ProtST style), same Fmax;
+* ``baseline``: nearest training protein by 3-mer similarity donates its labels.
+
+``zeroshot`` / ``baseline`` add their method to the label tasks named; alone they apply to all of
+go, ec (and fold for the baseline) without training probes. Tasks whose labels are missing from
+the shards report ``skipped``. With ``--run-dir`` the full result goes to ``RUN/eval.json`` and
+the probes to ``RUN/probes/<task>/`` (``labels.json`` + ``<features>.safetensors``).
 """
 
 from __future__ import annotations
@@ -10,55 +22,204 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from pretrain.eval.embed import embed_shards
-from pretrain.eval.retrieval import retrieval_metrics
+from pretrain.eval.embed import Annotations, embed_shards, embed_texts, read_annotations, resolve_device
+from pretrain.eval.function import FunctionSettings, evaluate_function
+from pretrain.eval.probes import ProbeConfig
+from pretrain.eval.retrieval import retrieval_metrics, text_groups
 from pretrain.export import load_exported
 
+ALL_TASKS = ("retrieval", "go", "ec", "fold", "zeroshot", "baseline")
+LABEL_TASKS = ("go", "ec", "fold")
 
-def evaluate_export(export_dir: Path, shards: str | None = None, max_samples: int | None = None) -> dict:
-    """Load an export and evaluate retrieval on ``shards`` (default: the recipe's eval shards)."""
+
+def parse_tasks(text: str | list[str] | tuple[str, ...]) -> set[str]:
+    """``"retrieval,go"`` / ``"all"`` -> the task set; unknown names raise ValueError."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    tasks = {t.strip() for t in items if t.strip()}
+    if "all" in tasks:
+        return set(ALL_TASKS)
+    unknown = sorted(tasks - set(ALL_TASKS))
+    if unknown or not tasks:
+        raise ValueError(f"unknown eval task(s) {unknown or [text]}; choose from {', '.join(ALL_TASKS)} or all")
+    return tasks
+
+
+def evaluate_export(
+    export_dir: Path,
+    shards: str | None = None,
+    max_samples: int | None = None,
+    *,
+    tasks=("retrieval",),
+    train_shards: str | None = None,
+    max_train_samples: int | None = None,
+    go_obo: str | None = None,
+    ec_names: str | None = None,
+    probe: str = "linear",
+    probe_steps: int = 300,
+    fold_key: str = "family",
+    baseline_metric: str = "jaccard",
+    probes_dir: Path | None = None,
+    batch_size: int | None = None,
+    progress: bool = False,
+    device: str = "auto",
+) -> dict:
+    """Load an export and evaluate ``tasks`` on ``shards`` (default: the recipe's eval shards).
+
+    Returns the result dict (see the module docstring); ``retrieval`` keeps the keys
+    ``directions`` and ``summary`` that the trainer and ``pretrain.summary`` read.
+    """
+    tasks = parse_tasks(tasks)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    model, cfg = load_exported(export_dir)
+    model, cfg = load_exported(export_dir, device=resolve_device(device))
     shard_dir = shards or cfg.data.eval_shards
-    emb = embed_shards(model, cfg, shard_dir, cfg.eval.batch_size, max_samples or cfg.eval.max_samples)
-    return {
-        "shards": str(shard_dir),
-        "num_proteins": len(emb["ids"]),
-        "retrieval": retrieval_metrics(emb, cfg.eval.ks),
-    }
+    bs = batch_size or cfg.eval.batch_size
+    timing: dict[str, float] = {}
+    t0 = time.perf_counter()
+    emb = embed_shards(model, cfg, shard_dir, bs, max_samples or cfg.eval.max_samples, progress=progress)
+    timing["embed_eval_s"] = time.perf_counter() - t0
+    ann = emb["annotations"]
+    result: dict = {"shards": str(shard_dir), "num_proteins": len(emb["ids"]), "tasks": sorted(tasks)}
+    if "retrieval" in tasks:
+        t0 = time.perf_counter()
+        result["retrieval"] = retrieval_metrics(emb, cfg.eval.ks, groups=text_groups(ann.texts))
+        timing["retrieval_s"] = time.perf_counter() - t0
+
+    label_tasks = tasks & set(LABEL_TASKS)
+    methods = tasks & {"zeroshot", "baseline"}
+    if label_tasks:
+        methods |= {"probe"}
+    elif methods:
+        label_tasks = {"go", "ec", "fold"} if "baseline" in methods else {"go", "ec"}
+    if label_tasks:
+        train_dir = train_shards or cfg.data.train_shards
+        t0 = time.perf_counter()
+        if "probe" in methods:
+            train = embed_shards(model, cfg, train_dir, bs, max_train_samples, progress=progress)
+        elif "baseline" in methods:  # the baseline needs the training sequences and labels only
+            train = {"annotations": read_annotations(train_dir, max_train_samples)}
+        else:  # zero-shot alone needs no training set
+            train = {"annotations": Annotations()}
+        timing["embed_train_s"] = time.perf_counter() - t0
+        ontology = None
+        if go_obo and "go" in label_tasks:
+            from data_shards.readers.obo import load_obo
+
+            ontology = load_obo(go_obo)
+        names = None
+        if ec_names and "ec" in label_tasks:
+            from pretrain.eval.zeroshot import load_ec_names
+
+            names = load_ec_names(ec_names)
+        settings = FunctionSettings(
+            methods=frozenset(methods),
+            probe=ProbeConfig(kind=probe, steps=probe_steps, seed=cfg.train.seed),
+            fold_key=fold_key,
+            baseline_metric=baseline_metric,
+            probes_dir=probes_dir,
+        )
+        embed_text = (lambda texts: embed_texts(model, cfg, texts, bs)) if "zeroshot" in methods else None
+        t0 = time.perf_counter()
+        scores = evaluate_function(
+            train, emb, label_tasks, settings, ontology=ontology, embed_text=embed_text, ec_names=names
+        )
+        timing["function_s"] = time.perf_counter() - t0
+        if "fold" in scores:
+            result["fold"] = scores.pop("fold")
+        if scores:
+            result["function"] = scores
+        result["settings"] = {
+            "train_shards": str(train_dir),
+            "num_train_proteins": len(train["annotations"]),
+            "methods": sorted(methods),
+            "probe": asdict(settings.probe),
+            "go_obo": str(go_obo) if go_obo else None,
+            "fold_key": fold_key,
+            "baseline_metric": baseline_metric,
+        }
+    result["timing"] = {k: round(v, 2) for k, v in timing.items()}
+    return result
 
 
-def evaluate_run(run_dir: Path, shards: str | None = None) -> dict:
-    """Evaluate ``RUN/export`` and write ``RUN/eval.json``."""
+def evaluate_run(run_dir: Path, shards: str | None = None, **kwargs) -> dict:
+    """Evaluate ``RUN/export``, save probes under ``RUN/probes`` and write ``RUN/eval.json``."""
     run_dir = Path(run_dir)
-    result = evaluate_export(run_dir / "export", shards)
+    kwargs.setdefault("probes_dir", run_dir / "probes")
+    result = evaluate_export(run_dir / "export", shards, **kwargs)
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
     return result
 
 
+def strip_curves(obj):
+    """The result without the ``curve`` entries (for printing)."""
+    if isinstance(obj, dict):
+        return {k: strip_curves(v) for k, v in obj.items() if k != "curve"}
+    if isinstance(obj, list):
+        return [strip_curves(v) for v in obj]
+    return obj
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pretrain.eval", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="python -m pretrain.eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run-dir", help="a training run directory (uses RUN/export)")
     src.add_argument("--model", help="an export directory (model.safetensors + config.yaml)")
     p.add_argument("--shards", help="held-out shard directory (default: the recipe's data.eval_shards)")
-    p.add_argument("--max-samples", type=int, default=None)
+    p.add_argument("--train-shards", help="probe training shards (default: the recipe's data.train_shards)")
+    p.add_argument("--tasks", default="all", help=f"comma-separated subset of {','.join(ALL_TASKS)}, or all")
+    p.add_argument("--go-obo", help="GO ontology (.obo / .obo.gz) used to propagate GO labels")
+    p.add_argument("--ec-names", help="EC descriptions TSV (EC_number, name, hier1..3) for zero-shot prompts")
+    p.add_argument("--probe", choices=("linear", "mlp"), default="linear")
+    p.add_argument("--probe-steps", type=int, default=300, help="full-batch optimizer steps per probe")
+    p.add_argument("--fold-key", default="family", help="meta key of the fold / family class")
+    p.add_argument("--baseline-metric", choices=("jaccard", "cosine"), default="jaccard")
+    p.add_argument("--max-samples", type=int, default=None, help="cap of held-out proteins")
+    p.add_argument("--max-train-samples", type=int, default=None, help="cap of training proteins")
+    p.add_argument("--batch-size", type=int, default=None, help="embedding batch (default: eval.batch_size)")
+    p.add_argument("--probes-dir", help="save probes here (default with --run-dir: RUN/probes)")
+    p.add_argument("--out", help="also write the full JSON (with curves) to this file")
+    p.add_argument("--curves", action="store_true", help="print the recall@k / precision-recall curves too")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    p.add_argument("--device", default="auto", help="torch device for the encoders (auto: cuda if available)")
     args = p.parse_args(argv)
+    kwargs = dict(
+        max_samples=args.max_samples,
+        tasks=args.tasks,
+        train_shards=args.train_shards,
+        max_train_samples=args.max_train_samples,
+        go_obo=args.go_obo,
+        ec_names=args.ec_names,
+        probe=args.probe,
+        probe_steps=args.probe_steps,
+        fold_key=args.fold_key,
+        baseline_metric=args.baseline_metric,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+        device=args.device,
+    )
+    if args.probes_dir:
+        kwargs["probes_dir"] = Path(args.probes_dir)
     try:
+        parse_tasks(args.tasks)
         if args.run_dir:
             if not (Path(args.run_dir) / "export").is_dir():
                 raise FileNotFoundError(f"no export in {args.run_dir}: train first (or the run did not finish)")
-            result = evaluate_run(Path(args.run_dir), args.shards)
+            result = evaluate_run(Path(args.run_dir), args.shards, **kwargs)
         else:
-            result = evaluate_export(Path(args.model), args.shards, args.max_samples)
+            result = evaluate_export(Path(args.model), args.shards, **kwargs)
     except (FileNotFoundError, ValueError) as e:
         print(f"align-pro eval: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result if args.curves else strip_curves(result), indent=2))
     return 0
 
 

@@ -1,0 +1,22 @@
+import pytest
+
+from pretrain.eval.validation import validate_model
+from pretrain.export import load_exported
+
+
+def test_validate_model_keys_mode_and_cache(tiny_export, tiny_corpus):
+    model, cfg = load_exported(tiny_export)
+    model.train()
+    out = validate_model(model, cfg, tiny_corpus / "heldout", max_samples=32, batch_size=16)
+    assert model.training  # mode restored
+    assert out["val/num_proteins"] == 32
+    for k in (1, 5, 10):
+        assert 0.0 <= out[f"val/mean_R@{k}"] <= 1.0
+    assert {f"val/{d}/R@10" for d in ("seq->struct", "text->seq")} <= set(out)
+    assert all(isinstance(v, (int, float)) for v in out.values())
+    again = validate_model(model, cfg, tiny_corpus / "heldout", max_samples=32, batch_size=16)
+    # cached batches, eval mode (no dropout): identical numbers
+    assert {k: v for k, v in again.items() if k != "val/time_s"} == {k: v for k, v in out.items() if k != "val/time_s"}
+    model.eval()
+    other = validate_model(model, cfg, tiny_corpus / "heldout", max_samples=32, batch_size=16, prefix="v_")
+    assert not model.training and other["v_mean_R@1"] == pytest.approx(out["val/mean_R@1"])
