@@ -96,6 +96,10 @@ class TrainConfig:
     keep_checkpoints: int = 2  # complete checkpoints kept on disk
     seed: int = 0  # model init, data order and augmentation
     eval_at_end: bool = True  # run retrieval on data.eval_shards after the last step
+    validate_every: int = 0  # steps between validation retrievals on data.eval_shards (0: off)
+    tensorboard: bool = True  # mirror metrics to RUN/tensorboard (when a writer library is installed)
+    wandb: bool = False  # mirror metrics to Weights & Biases (when wandb is installed)
+    wandb_project: str = "align-pro"  # W&B project name
 
 
 @dataclass
@@ -103,6 +107,7 @@ class EvalConfig:
     batch_size: int = 64  # embedding batch size of evaluation
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])  # recall@k cut-offs
     max_samples: int | None = None  # cap of held-out proteins (None: all)
+    validation_samples: int = 256  # proteins used by validation during training (train.validate_every)
 
 
 @dataclass
@@ -285,6 +290,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.max_steps={t.max_steps}: must be >= 1")
     if not 0 <= t.stage1_steps <= t.max_steps:
         raise ConfigError(f"train.stage1_steps={t.stage1_steps}: must be in [0, train.max_steps]")
+    if t.validate_every < 0:
+        raise ConfigError(f"train.validate_every={t.validate_every}: must be >= 0 (0 turns validation off)")
     if t.log_every < 1 or t.checkpoint_every < 1 or t.keep_checkpoints < 1:
         raise ConfigError("train.log_every, train.checkpoint_every and train.keep_checkpoints must be >= 1")
     if cfg.model.embed_dim < 1:

@@ -28,7 +28,9 @@ from data_shards.manifest import load_manifest
 from pretrain import checkpoint
 from pretrain.config import Config
 from pretrain.data.stream import Cursor, EpochPlan, local_stream
+from pretrain.eval.validation import validate_model
 from pretrain.export import export_engine
+from pretrain.logging_backends import MetricsLogger
 from pretrain.losses.align_pro import AlignProLoss, detach_terms
 from pretrain.models.trimodal import TriModalModel
 
@@ -103,6 +105,16 @@ class Trainer:
             self._print(f"resumed from step {self.step} (stage {self.stage}, epoch {self.cursor.epoch})")
         self._apply_stage()
         self._open_stream()
+        t = self.cfg.train
+        self.logger = MetricsLogger(
+            self.run_dir,
+            rank=self.rank,
+            tensorboard=t.tensorboard,
+            wandb=t.wandb,
+            wandb_project=t.wandb_project,
+            config=self.cfg.to_dict(),
+            resume_step=self.step if resumed is not None else None,
+        )
         if threading.current_thread() is threading.main_thread():
             # (Ray Train runs the loop in a worker thread; Ray handles preemption there.)
             signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -227,6 +239,8 @@ class Trainer:
                     f"{rate:.1f} samples/s | ETA {_fmt_seconds(eta)}"
                 )
                 t_log, steps_since_log = time.perf_counter(), 0
+            if t_cfg.validate_every and (self.step % t_cfg.validate_every == 0 or self.step == t_cfg.max_steps):
+                self._validate()
             if self.step % t_cfg.checkpoint_every == 0 or self.step == t_cfg.max_steps:
                 self.save()
             elif stop_votes:
@@ -240,6 +254,21 @@ class Trainer:
                 break
         self.export()
         return last
+
+    def _validate(self) -> None:
+        """Retrieval on the first ``eval.validation_samples`` held-out proteins (every rank: the
+        forward gathers ZeRO-3 partitions); the best mean R@10 is remembered in RUN/best.json."""
+        with torch.no_grad():
+            val = validate_model(
+                self.engine, self.cfg, self.cfg.data.eval_shards, max_samples=self.cfg.eval.validation_samples
+            )
+        self.logger.log({"step": self.step, **val})
+        score = val.get("val/mean_R@10", val.get(f"val/mean_R@{self.cfg.eval.ks[-1]}", 0.0))
+        best_path = self.run_dir / "best.json"
+        best = json.loads(best_path.read_text()) if best_path.is_file() else None
+        if self.rank == 0 and (best is None or score > best["score"]):
+            best_path.write_text(json.dumps({"step": self.step, "score": score, "metric": "val/mean_R@10"}))
+        self._print(f"step {self.step}: validation mean R@10 {score:.3f}")
 
     def _check_bad_ratio(self) -> None:
         ratio = self.bad_samples / max(1, self.samples_seen)
@@ -278,6 +307,8 @@ class Trainer:
         export_engine(self.engine, self.cfg, self.run_dir / "export")
 
     def close(self) -> None:
+        if getattr(self, "logger", None) is not None:
+            self.logger.close()
         if self.stream is not None and hasattr(self.stream, "close"):
             self.stream.close()
         if self._ray_role in ("started", "joined"):
@@ -293,9 +324,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ output
     def _log_metrics(self, record: dict) -> None:
-        if self.rank == 0:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+        self.logger.log(record)  # rank 0 only: metrics.jsonl, TensorBoard, W&B
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metrics lines logged after the checkpoint we resume from (they will be redone)."""

@@ -24,13 +24,21 @@ TERMS = [
 ]
 
 
-def _metrics(run_dir):
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+def _metrics(run_dir, kind="loss"):
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+    return [r for r in rows if kind in r]
 
 
 def test_two_rank_zero3_ray_smoke_resume_and_eval(tmp_path, small_demo):
     run = tmp_path / "run"
-    over = ["train.max_steps=4", "train.stage1_steps=2", "train.checkpoint_every=2", "data.loader=ray"]
+    over = [
+        "train.max_steps=4",
+        "train.stage1_steps=2",
+        "train.checkpoint_every=2",
+        "data.loader=ray",
+        "train.validate_every=2",
+        "eval.validation_samples=48",
+    ]
     p = run_launcher(run, small_demo, over)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rows = _metrics(run)
@@ -39,6 +47,10 @@ def test_two_rank_zero3_ray_smoke_resume_and_eval(tmp_path, small_demo):
         for key in ["loss", "lr", "samples_per_s", "stage", *TERMS]:
             assert key in r and r[key] == r[key], key  # present and not NaN
     assert [r["stage"] for r in rows] == [1, 1, 2, 2]
+    val = _metrics(run, "val/mean_R@10")
+    assert [r["step"] for r in val] == [2, 4]
+    assert json.loads((run / "best.json").read_text())["step"] in (2, 4)
+    assert (run / "tensorboard").is_dir()
     assert (run / "checkpoints" / "latest").read_text() == "step00000004"
     assert (run / "export" / "model.safetensors").is_file()
     ev = json.loads((run / "eval.json").read_text())
