@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "matplotlib==3.11.2",
     "tensorboardX>=2.6",
     "pyarrow>=14",
+    "gemmi==0.7.5",
 ]
 
 setup(

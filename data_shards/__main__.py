@@ -1,15 +1,19 @@
-"""Command line: ``python -m data_shards {demo,inspect,validate} ...``; every command prints JSON.
+"""Command line: ``python -m data_shards {demo,build,inspect,validate} ...``; every command prints JSON.
 
     python -m data_shards demo --out data/demo [--num-train 3200 --num-heldout 800
                                                 --samples-per-shard 400 --seed 0]
+    python -m data_shards build --out DIR [--structures DIR_OR_GLOB ...] [--annotations FILE ...]
+                                [--uniprot FILE ...] [--fasta FILE ...] [--go-obo FILE] [--sifts FILE ...]
+                                [--samples-per-shard N] [--workers N]
+                                [--split-heldout FRACTION --split-seed S]
     python -m data_shards inspect data/demo/train [--samples 3] [--limit N]
     python -m data_shards validate data/demo/train     # exit 0 only when everything is sound
 
-Exit codes: 0 success, 1 validation found problems, 2 the input could not be read at all.
+Exit codes: 0 success, 1 validation found problems (build: nothing usable was written), 2 the
+input could not be read at all.
 
-Adding a command (e.g. ``build`` for PDB/mmCIF, UniProt, AFDB sources, one builder module per
-format that produces ProteinRecords and writes them with ``ShardWriter``): write a
-``_cmd_<name>(args) -> (dict, exit_code)`` function and register its parser in ``_parser``.
+Adding a command: write a ``_cmd_<name>(args) -> (dict, exit_code)`` function and register its
+parser in ``_parser``.
 """
 
 from __future__ import annotations
@@ -37,6 +41,35 @@ def _cmd_demo(args) -> tuple[dict, int]:
     )
     summary["seconds"] = round(time.perf_counter() - start, 2)
     return summary, 0
+
+
+def _cmd_build(args) -> tuple[dict, int]:
+    from data_shards.build import BuildConfig, BuildInputError, build_shards
+
+    config = BuildConfig(
+        out=args.out,
+        structures=args.structures,
+        annotations=args.annotations,
+        annotations_format=args.annotations_format,
+        uniprot=args.uniprot,
+        fasta=args.fasta,
+        go_obo=args.go_obo,
+        sifts=args.sifts,
+        data_roots=args.data_root,
+        samples_per_shard=args.samples_per_shard,
+        workers=args.workers,
+        split_heldout=args.split_heldout,
+        split_seed=args.split_seed,
+        prefix=args.prefix,
+        plddt=args.plddt,
+        standalone_sequences=not args.no_standalone_sequences,
+        overwrite=args.overwrite,
+    )
+    try:
+        summary = build_shards(config)
+    except BuildInputError as exc:
+        return {"ok": False, "error": str(exc)}, 2
+    return summary, 0 if summary["ok"] else 1
 
 
 def _cmd_inspect(args) -> tuple[dict, int]:
@@ -72,6 +105,46 @@ def _parser() -> argparse.ArgumentParser:
         "--missing-rate", type=float, default=0.05, help="train samples lacking structure or text"
     )
     demo.set_defaults(run=_cmd_demo)
+
+    build = sub.add_parser("build", help="build shards from structures, UniProt, GAF, OBO and tables")
+    build.add_argument("--out", required=True, help="output dir (OUT/train + OUT/heldout with --split-heldout)")
+    build.add_argument("--structures", nargs="+", default=[], metavar="DIR_OR_GLOB", help="PDB/mmCIF files")
+    build.add_argument(
+        "--annotations",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="chain table, UniProt TSV, GAF, DeepFRI or SIFTS file (format auto-detected)",
+    )
+    build.add_argument(
+        "--annotations-format",
+        choices=["chains", "uniprot_tsv", "deepfri", "gaf", "sifts_uniprot", "sifts_enzyme"],
+        help="force the format of every --annotations file",
+    )
+    build.add_argument("--uniprot", nargs="+", default=[], metavar="FILE", help="UniProt flat (.dat/.txt) or XML")
+    build.add_argument("--fasta", nargs="+", default=[], metavar="FILE")
+    build.add_argument("--go-obo", metavar="FILE", help="GO ontology (.obo or .obo.gz)")
+    build.add_argument("--sifts", nargs="+", default=[], metavar="FILE", help="SIFTS pdb_chain_uniprot/enzyme")
+    build.add_argument(
+        "--data-root",
+        nargs="+",
+        default=[],
+        metavar="DIR",
+        help="extra folders that chain-table paths may point into",
+    )
+    build.add_argument("--samples-per-shard", type=int, default=1000)
+    build.add_argument("--workers", type=int, default=1, help="structure-parsing processes")
+    build.add_argument("--split-heldout", type=float, default=None, metavar="FRACTION")
+    build.add_argument("--split-seed", type=int, default=0)
+    build.add_argument("--prefix", default="shard", help="shard file prefix")
+    build.add_argument("--plddt", choices=["auto", "always", "never"], default="auto")
+    build.add_argument(
+        "--no-standalone-sequences",
+        action="store_true",
+        help="do not write UniProt/FASTA entries that no structure used",
+    )
+    build.add_argument("--overwrite", action="store_true", help="replace existing shards")
+    build.set_defaults(run=_cmd_build)
 
     inspect = sub.add_parser("inspect", help="summarise a shard directory")
     inspect.add_argument("dir")

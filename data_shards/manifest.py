@@ -5,8 +5,13 @@ Layout::
     {"schema_version": 1, "created_by": "align-pro data_shards.writer", "num_samples": N,
      "shards": [{"name": "shard-000000.tar", "num_samples": n, "sha256": "...", "bytes": b,
                  "modalities": {"sequence": n_s, "structure": n_st, "text": n_t},
-                 "keys_sha256": "..."}],
+                 "keys_sha256": "...",
+                 "sample_props": {"existence": [1, null, ...], "coverage": [4, 2, ...]}}],
      "modalities": {... totals ...}, "extra": {... free: split, seed, generator ...}}
+
+``sample_props`` is optional: per-sample values in file order (null when unknown) that samplers
+can use without opening the shard (the build writes ProtCLIP's existence level and property
+coverage there, see :mod:`data_shards.sampling`).
 
 The manifest holds no timestamps so that a deterministic build gives a byte-identical manifest.
 Shard names are plain file names inside the manifest's directory; anything that could resolve
@@ -46,6 +51,7 @@ class ShardInfo:
     bytes: int
     modalities: dict[str, int]
     keys_sha256: str | None = None
+    sample_props: dict[str, list] | None = None  # {prop: [value per sample in file order]}
 
     def to_json(self) -> dict:
         out = {
@@ -57,6 +63,8 @@ class ShardInfo:
         }
         if self.keys_sha256 is not None:
             out["keys_sha256"] = self.keys_sha256
+        if self.sample_props is not None:
+            out["sample_props"] = {k: list(v) for k, v in self.sample_props.items()}
         return out
 
 
@@ -111,7 +119,7 @@ def write_manifest(dir: str | Path, shard_infos: list[ShardInfo | dict], extra: 
     Args:
         dir: the shard directory.
         shard_infos: ShardInfo objects or their JSON dicts (name, num_samples, sha256, bytes,
-            modalities[, keys_sha256]); written in the given order.
+            modalities[, keys_sha256][, sample_props]); written in the given order.
         extra: free JSON-able dict (split, seed, generator, ...).
 
     Returns:
@@ -192,15 +200,22 @@ def load_manifest(dir: str | Path) -> Manifest:
         seen.add(name)
         modalities = _field(entry, "modalities", dict, spot)
         keys_sha = entry.get("keys_sha256")
+        num = _field(entry, "num_samples", int, spot)
+        props = entry.get("sample_props")
+        if props is not None and (
+            not isinstance(props, dict) or not all(isinstance(v, list) and len(v) == num for v in props.values())
+        ):
+            raise ManifestError(f"{spot}: 'sample_props' must map names to lists of {num} values")
         shards.append(
             ShardInfo(
                 name=name,
                 path=root / name,
-                num_samples=_field(entry, "num_samples", int, spot),
+                num_samples=num,
                 sha256=_field(entry, "sha256", str, spot),
                 bytes=_field(entry, "bytes", int, spot),
                 modalities={m: int(modalities.get(m, 0)) for m in MODALITIES},
                 keys_sha256=keys_sha if isinstance(keys_sha, str) else None,
+                sample_props=props,
             )
         )
     num_samples = _field(raw, "num_samples", int, where)

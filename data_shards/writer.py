@@ -125,8 +125,14 @@ class ShardWriter:
         """The shards completed so far."""
         return list(self._infos)
 
-    def write(self, record: ProteinRecord) -> str:
+    def write(self, record: ProteinRecord, props: dict | None = None) -> str:
         """Validate, encode and append one record; returns the key it was stored under.
+
+        Args:
+            record: the record.
+            props: optional JSON-able per-sample values (e.g. {"existence": 1, "coverage": 4});
+                when any sample of a shard has them, the shard's manifest entry gets
+                ``"sample_props": {name: [value per sample, null where absent]}``.
 
         Raises:
             SchemaError: the record does not follow the schema (nothing is written).
@@ -140,6 +146,7 @@ class ShardWriter:
         sample = {"__key__": key, **members}
         self._tar.write(sample)
         self._shard_keys.append(key)
+        self._shard_props.append(dict(props) if props else None)
         counts = self._shard_modalities
         for modality in record.modalities():
             counts[modality] += 1
@@ -207,6 +214,7 @@ class ShardWriter:
             mtime=TAR_MTIME,
         )
         self._shard_keys: list[str] = []
+        self._shard_props: list[dict | None] = []
         self._shard_modalities = {m: 0 for m in MODALITIES}
 
     def _finish_shard(self) -> None:
@@ -225,8 +233,16 @@ class ShardWriter:
                 bytes=self._hashing.bytes,
                 modalities=dict(self._shard_modalities),
                 keys_sha256=keys_digest(self._shard_keys),
+                sample_props=_collect_props(self._shard_props),
             )
         )
+
+
+def _collect_props(per_sample: list[dict | None]) -> dict[str, list] | None:
+    names = sorted({name for props in per_sample if props for name in props})
+    if not names:
+        return None
+    return {name: [props.get(name) if props else None for props in per_sample] for name in names}
 
 
 def _glob_escape(text: str) -> str:

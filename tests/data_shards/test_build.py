@@ -1,0 +1,295 @@
+"""``python -m data_shards build`` (data_shards/build.py): real data end to end, bad input, determinism."""
+
+import csv
+import gzip
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from data_shards.__main__ import main
+from data_shards.build import BuildConfig, BuildInputError, build_shards
+from data_shards.manifest import load_manifest
+from data_shards.reader import iter_records
+from data_shards.readers.obo import load_obo
+from data_shards.validate import validate_dir
+
+SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+ANN = SHARED / "annotations"
+OBO = ANN / "go-basic_2021-12-15.obo.gz"
+needs_data = pytest.mark.skipif(not (ANN / "pdb_chains.tsv").exists(), reason="shared data not present")
+
+TINY_OBO = """format-version: 1.2
+
+[Term]
+id: GO:0003674
+name: molecular_function
+namespace: molecular_function
+def: "A molecular process." [GOC:x]
+
+[Term]
+id: GO:0004672
+name: protein kinase activity
+namespace: molecular_function
+alt_id: GO:0004673
+def: "Catalysis of the phosphorylation of an amino acid residue in a protein." [GOC:x]
+is_a: GO:0003674
+
+[Term]
+id: GO:0005575
+name: cellular_component
+namespace: cellular_component
+
+[Term]
+id: GO:0005737
+name: cytoplasm
+namespace: cellular_component
+is_a: GO:0005575
+"""
+
+
+def pdb_text(chains: dict[str, str], water_chain: str | None = None) -> str:
+    """A small PDB file: one straight backbone per chain with the given one-letter sequence."""
+    three = {"A": "ALA", "G": "GLY", "K": "LYS", "M": "MET", "V": "VAL", "L": "LEU", "S": "SER"}
+    lines, serial = [], 1
+    for chain, sequence in chains.items():
+        for i, letter in enumerate(sequence, 1):
+            for name, dx in (("N", 0.0), ("CA", 1.46), ("C", 2.0), ("O", 2.6)):
+                x = 3.8 * i + dx
+                lines.append(
+                    f"ATOM  {serial:>5}  {name:<3} {three[letter]} {chain}{i:>4}    {x:8.3f}{0.0:8.3f}{0.0:8.3f}"
+                    f"  1.00 20.00           {name[0]}"
+                )
+                serial += 1
+    if water_chain:
+        lines.append(
+            f"HETATM{serial:>5}  O   HOH {water_chain}   1       0.000   9.000   0.000  1.00 20.00           O"
+        )
+    return "\n".join(lines) + "\nEND\n"
+
+
+def shard_hashes(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and (p.suffix == ".tar" or p.name == "manifest.json")
+    }
+
+
+def all_records(root: Path):
+    manifest = load_manifest(root)
+    return [r for shard in manifest.shards for r in iter_records(shard.path)]
+
+
+# ----------------------------------------------------------------------------- crafted inputs
+
+
+@pytest.fixture
+def crafted(tmp_path) -> dict:
+    data = tmp_path / "data"
+    (data / "structures").mkdir(parents=True)
+    (data / "structures" / "good.pdb").write_text(pdb_text({"A": "MKVLA", "B": "GGSGG"}, water_chain="W"))
+    (data / "structures" / "good2.pdb.gz").write_bytes(gzip.compress(pdb_text({"A": "MKVLA"}).encode()))
+    full = gzip.compress(pdb_text({"A": "MKVLAGGSKL" * 20}).encode())
+    (data / "structures" / "truncated.pdb.gz").write_bytes(full[: len(full) // 2])
+    (data / "structures" / "garbage.cif").write_text("data_x\nloop_\n_atom_site.id\n'oops\n")
+    (tmp_path / "outside.pdb").write_text(pdb_text({"A": "MKV"}))
+    table = data / "chains.tsv"
+    rows = [
+        ("structures/good.pdb", "A", "1ABC", "P12345", "GO:0004673;GO:9999999", "GO:0005737", "2.7.11.1", "MKVLA"),
+        ("structures/good.pdb", "B", "1ABC", "", "", "", "", "GGSGG"),
+        ("structures/good.pdb", "W", "1ABC", "", "", "", "", ""),  # water only
+        ("structures/good.pdb", "Z", "1ABC", "", "", "", "", ""),  # not in the file
+        ("structures/good.pdb", "A", "1ABC", "P12345", "", "", "", ""),  # duplicate row
+        ("structures/good2.pdb.gz", "A", "2XYZ", "P12345", "", "", "", "MKVLA"),
+        ("structures/truncated.pdb.gz", "A", "3TRN", "", "", "", "", ""),
+        ("structures/garbage.cif", "A", "4GRB", "", "", "", "", ""),
+        ("structures/absent.pdb", "A", "5ABS", "", "", "", "", ""),
+        ("../outside.pdb", "A", "6OUT", "", "", "", "", ""),
+    ]
+    header = ["structure_file", "chain", "pdb_id", "uniprot", "go_mf", "go_cc", "ec", "sequence"]
+    table.write_text("\t".join(header) + "\n" + "".join("\t".join(r) + "\n" for r in rows))
+    fasta = data / "extra.fasta"
+    fasta.write_text(
+        ">sp|Q99999|TEST_HUMAN Test protein OS=Homo sapiens OX=9606 PE=2 SV=1\nMSTNPKPQRKTKRNTNRRPQDVKFPGG\n"
+        ">empty_one\n\n>dna_one\nACGTACGTACGTACGTACGT\n>weird_one\nMKV1LA\n"
+    )
+    obo = data / "tiny.obo"
+    obo.write_text(TINY_OBO)
+    return {"root": tmp_path, "table": table, "fasta": fasta, "obo": obo}
+
+
+def test_bad_input_is_skipped_with_reasons(crafted):
+    out = crafted["root"] / "out"
+    summary = build_shards(
+        BuildConfig(
+            out=out, annotations=[str(crafted["table"])], fasta=[str(crafted["fasta"])], go_obo=str(crafted["obo"])
+        )
+    )
+    assert summary["ok"] and summary["num_samples"] == 4  # good A, good B, good2 A, Q99999
+    skipped = {reason: entry["count"] for reason, entry in summary["skipped"].items()}
+    assert skipped == {
+        "chain has no amino-acid residues": 1,
+        "chain missing from structure file": 1,
+        "duplicate table row": 1,
+        "unreadable structure file": 2,
+        "structure file missing": 1,
+        "structure path escapes the allowed folders": 1,
+        "empty sequence": 1,
+        "non-amino-acid sequence (nucleotides)": 1,
+        "non-amino-acid sequence (characters outside A-Z)": 1,
+    }
+    assert summary["skipped_terms"] == {"unknown GO id": {"count": 1, "examples": ["good_A:GO:9999999"]}}
+    manifest = load_manifest(out)
+    assert manifest.extra["skipped"] == summary["skipped"] and manifest.extra["coverage"]["samples"] == 4
+    assert validate_dir(out)["ok"]
+    records = {r.id: r for r in all_records(out)}
+    assert set(records) == {"good_A", "good_B", "good2_A", "Q99999"}
+    good = records["good_A"]
+    assert good.sequence == "MKVLA" and good.meta["accession"] == "P12345" and good.meta["pdb_id"] == "1ABC"
+    assert [(t["id"], t["aspect"], t["name"]) for t in good.text["go"]] == [
+        ("GO:0004672", "F", "protein kinase activity"),  # alt id canonicalised
+        ("GO:0005737", "C", "cytoplasm"),
+    ]
+    assert good.text["function"].startswith("Catalysis of the phosphorylation")  # from the GO definition
+    assert good.text["location"] == "Located in cytoplasm." and good.meta["text_derived"] == ["function", "location"]
+    assert good.text["ec"] == ["2.7.11.1"] and good.meta["property_coverage"] == 0
+    assert records["good_B"].text is None and records["good_B"].backbone is not None
+    fasta = records["Q99999"]
+    assert fasta.backbone is None and fasta.meta["evidence"] == 2 and fasta.meta["source"] == "fasta"
+    assert fasta.text["name"] == "Test protein" and fasta.meta["property_coverage"] == 1
+    props = manifest.shards[0].sample_props
+    assert props["existence"] == [None, None, None, 2] and props["coverage"] == [0, 0, 0, 1]
+
+
+def test_cli_exit_codes(crafted, capsys):
+    root = crafted["root"]
+    bad_table = root / "data" / "bad.tsv"
+    bad_table.write_text("structure_file\tchain\nstructures/absent.pdb\tA\nstructures/truncated.pdb.gz\tA\n")
+    assert main(["build", "--out", str(root / "none"), "--annotations", str(bad_table)]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is False and report["num_samples"] == 0 and report["stats"]["skipped_samples"] == 2
+    assert main(["build", "--out", str(root / "x"), "--uniprot", str(root / "nope.dat")]) == 2
+    assert "nope.dat" in json.loads(capsys.readouterr().out)["error"]
+    args = ["build", "--out", str(root / "ok"), "--annotations", str(crafted["table"]), "--samples-per-shard", "2"]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["splits"]["all"]["num_shards"] == 2
+    assert main(args) == 2  # shards exist: refuse without --overwrite
+    capsys.readouterr()
+    assert main(args + ["--overwrite"]) == 0
+    with pytest.raises(BuildInputError):
+        build_shards(BuildConfig(out=root / "y", structures=[str(root / "no" / "*.pdb")]))
+
+
+def test_structures_without_table_and_split(crafted):
+    root = crafted["root"]
+    structures = root / "data" / "structures"
+    summary = build_shards(
+        BuildConfig(out=root / "split", structures=[str(structures)], split_heldout=0.5, split_seed=3)
+    )
+    assert summary["skipped"]["unreadable structure file"]["count"] == 2
+    ids = {split: {r.id for r in all_records(root / "split" / split)} for split in ("train", "heldout")}
+    assert ids["train"] | ids["heldout"] == {"good_A", "good_B", "good2_A"}
+    # good_A and good2_A share a sequence: one cluster, one side
+    assert ({"good_A", "good2_A"} <= ids["train"]) or ({"good_A", "good2_A"} <= ids["heldout"])
+    for split in ("train", "heldout"):
+        assert load_manifest(root / "split" / split).extra["split"] == split
+
+
+# ----------------------------------------------------------------------------- real data
+
+
+def subset_rows() -> list[dict]:
+    with open(ANN / "pdb_chains.tsv") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    picked = rows[::50]  # 37 rows across every source
+    for wanted in ("foldseek/d3g46a_.gz", "biopython/1A8O.cif.gz", "emboss/2hhb.ent.gz"):
+        picked.append(next(r for r in rows if r["structure_file"].endswith(wanted)))
+    return picked
+
+
+@pytest.fixture(scope="module")
+def real_build(tmp_path_factory):
+    if not (ANN / "pdb_chains.tsv").exists() or not OBO.exists():
+        pytest.skip("shared data not present")
+    tmp = tmp_path_factory.mktemp("real")
+    rows = subset_rows()
+    table = tmp / "subset.tsv"
+    with open(table, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]), delimiter="\t", lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            target = (ANN / row["structure_file"]).resolve()
+            writer.writerow({**row, "structure_file": os.path.relpath(target, tmp)})
+    config = dict(
+        annotations=[str(table)],
+        go_obo=str(OBO),
+        data_roots=[str(SHARED / "structures")],
+        samples_per_shard=16,
+        split_heldout=0.25,
+        split_seed=7,
+    )
+    summary = build_shards(BuildConfig(out=tmp / "a", workers=2, **config))
+    again = build_shards(BuildConfig(out=tmp / "b", workers=1, **config))
+    return {"rows": rows, "out": tmp / "a", "again": tmp / "b", "summary": summary, "summary_again": again}
+
+
+@needs_data
+def test_real_subset_matches_the_table(real_build):
+    rows, out, summary = real_build["rows"], real_build["out"], real_build["summary"]
+    assert summary["ok"] and summary["skipped"] == {}  # every chain of the subset is readable
+    records = all_records(out / "train") + all_records(out / "heldout")
+    assert len(records) == len(rows) == summary["num_samples"]
+    by_file = {(Path(r["structure_file"]).name, r["chain"]): r for r in rows}
+    matched = 0
+    onto = load_obo(OBO)
+    for record in records:
+        row = by_file[(Path(record.meta["structure_file"]).name, record.meta["chain"])]
+        matched += record.sequence == row["sequence"]
+        assert record.backbone is not None and len(record.backbone) == len(record.sequence)
+        assert record.meta.get("accession", "") == row["uniprot"]
+        for term in (record.text or {}).get("go", []):
+            assert onto.canonical(term["id"]) == term["id"] and onto.aspect(term["id"]) == term["aspect"]
+        table_go = {g for col in ("go_mf", "go_bp", "go_cc") for g in row[col].split(";") if g}
+        written = {t["id"] for t in (record.text or {}).get("go", [])}
+        dropped = {g for g in table_go if onto.canonical(g) is None}
+        assert written == {onto.canonical(g) for g in table_go} - {None} and not (dropped & written)
+    assert matched >= 0.95 * len(records)
+    for split in ("train", "heldout"):
+        report = validate_dir(out / split)
+        assert report["ok"], report
+        for shard in load_manifest(out / split).shards:
+            assert len(shard.sample_props["coverage"]) == shard.num_samples
+    train = {r.sequence for r in all_records(out / "train")}
+    heldout = {r.sequence for r in all_records(out / "heldout")}
+    assert train and heldout and not train & heldout  # identical sequences never straddle the split
+
+
+@needs_data
+def test_real_build_is_deterministic_across_worker_counts(real_build):
+    assert shard_hashes(real_build["out"]) == shard_hashes(real_build["again"])
+    assert len(shard_hashes(real_build["out"])) >= 4
+
+
+@needs_data
+def test_alphafold_models_with_gaf(tmp_path):
+    models = sorted((SHARED / "alphafold").glob("AF-*.pdb.gz"))[:3]
+    accession = models[0].name.split("-")[1]
+    gaf = tmp_path / "mini.gaf"
+    gaf.write_text(
+        "!gaf-version: 2.1\n"
+        + "\t".join(["MGI", accession, "Olfr1", "", "GO:0004984", "GO_REF:1", "IEA", "", "F"])
+        + "\tOlfactory receptor\t\tprotein\ttaxon:10090\t20190101\tMGI\t\t\n"
+    )
+    summary = build_shards(
+        BuildConfig(out=tmp_path / "af", structures=[str(m) for m in models], annotations=[str(gaf)])
+    )
+    records = {r.id: r for r in all_records(tmp_path / "af")}
+    assert summary["splits"]["all"]["coverage"]["plddt"] == 3 and len(records) == 3
+    record = records[f"AF-{accession}-F1"]
+    assert record.meta["source"] == "alphafold" and record.meta["accession"] == accession
+    assert record.backbone.plddt is not None and record.meta["go_evidence"] == ["IEA"]
+    assert record.text["name"] == "Olfactory receptor" and record.text["go"][0]["id"] == "GO:0004984"
+    assert record.meta["taxon"] == "10090"

@@ -1,0 +1,109 @@
+"""GO OBO reader (data_shards/readers/obo.py): fixed public API, alt ids, obsolete terms, ancestors."""
+
+import gzip
+from pathlib import Path
+
+import pytest
+
+from data_shards.readers.obo import GoTerm, Ontology, load_obo
+
+SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+GO_OBO = SHARED / "annotations" / "go-basic_2021-12-15.obo.gz"
+
+TINY = """format-version: 1.2
+ontology: go
+
+[Term]
+id: GO:0000001
+name: root function
+namespace: molecular_function
+def: "The \\"root\\" of it all." [GOC:x]
+
+[Term]
+id: GO:0000002
+name: child
+namespace: molecular_function
+alt_id: GO:0000099
+is_a: GO:0000001 ! root function
+
+[Term]
+id: GO:0000003
+name: part of child
+namespace: biological_process
+relationship: part_of GO:0000002 ! child
+relationship: regulates GO:0000005 ! other
+
+[Term]
+id: GO:0000004
+name: obsolete thing
+namespace: cellular_component
+is_obsolete: true
+
+[Term]
+id: GO:0000005
+name: other
+namespace: biological_process
+
+[Typedef]
+id: part_of
+name: part of
+"""
+
+
+@pytest.fixture
+def tiny(tmp_path) -> Ontology:
+    path = tmp_path / "tiny.obo.gz"
+    with gzip.open(path, "wt") as handle:
+        handle.write(TINY)
+    return load_obo(path)
+
+
+def test_tiny_ontology_api(tiny):
+    assert set(tiny.terms) == {"GO:0000001", "GO:0000002", "GO:0000003", "GO:0000004", "GO:0000005"}
+    term = tiny.terms["GO:0000002"]
+    assert isinstance(term, GoTerm) and term.alt_ids == ("GO:0000099",) and term.parents == frozenset({"GO:0000001"})
+    assert tiny.terms["GO:0000001"].definition == 'The "root" of it all.'
+    assert tiny.canonical("GO:0000099") == "GO:0000002"  # alt id
+    assert tiny.canonical("GO:0000004") is None  # obsolete
+    assert tiny.canonical("GO:1234567") is None  # unknown
+    # part_of is followed, regulates is not; self is excluded
+    assert tiny.ancestors("GO:0000003") == frozenset({"GO:0000002", "GO:0000001"})
+    assert tiny.ancestors("GO:0000001") == frozenset()
+    assert tiny.propagate(["GO:0000099", "GO:0000004", "GO:7777777"]) == {"GO:0000002", "GO:0000001"}
+    assert [tiny.aspect(t) for t in ("GO:0000001", "GO:0000003", "GO:0000004", "GO:0000008")] == ["F", "P", "C", None]
+    assert tiny.name("GO:0000099") == "child" and tiny.name("GO:0000008") == ""
+
+
+def test_bad_obo_files_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.obo"):
+        load_obo(tmp_path / "missing.obo")
+    not_obo = tmp_path / "notes.obo"
+    not_obo.write_text("just some text\nwithout terms\n")
+    with pytest.raises(ValueError, match="notes.obo"):
+        load_obo(not_obo)
+    truncated = tmp_path / "cut.obo.gz"
+    truncated.write_bytes(gzip.compress(TINY.encode())[:60])
+    with pytest.raises(ValueError, match="cut.obo.gz"):
+        load_obo(truncated)
+
+
+@pytest.mark.skipif(not GO_OBO.exists(), reason="shared data not present")
+def test_real_go_basic():
+    onto = load_obo(GO_OBO)
+    assert len(onto.terms) > 40000
+    assert onto.canonical("GO:0019952") == "GO:0000003"  # alt id of reproduction
+    assert onto.canonical("GO:0000005") is None  # obsolete ribosomal chaperone activity
+    kinase = onto.ancestors("GO:0004672")  # protein kinase activity
+    assert {"GO:0016301", "GO:0003824", "GO:0003674"} <= kinase and "GO:0004672" not in kinase
+    # mitochondrion: part_of cytoplasm
+    assert "GO:0005737" in onto.ancestors("GO:0005739")
+    assert onto.aspect("GO:0005739") == "C" and onto.name("GO:0005739") == "mitochondrion"
+    # the cached result is stable and matches a plain breadth-first search
+    for go_id in ("GO:0006915", "GO:0005739", "GO:0004672"):
+        seen, todo = set(), list(onto.terms[go_id].parents)
+        while todo:
+            parent = todo.pop()
+            if parent not in seen:
+                seen.add(parent)
+                todo.extend(onto.terms[parent].parents)
+        assert onto.ancestors(go_id) == seen

@@ -1,0 +1,195 @@
+"""Structure reader (data_shards/readers/structures.py) on real PDB / mmCIF / AlphaFold files."""
+
+import csv
+import gzip
+from pathlib import Path
+
+import gemmi
+import numpy as np
+import pytest
+
+from data_shards.readers.structures import StructureError, looks_like_structure_file, read_structure
+from data_shards.schema import Backbone, validate_backbone
+
+SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+STRUCTURES = SHARED / "structures"
+needs_data = pytest.mark.skipif(not STRUCTURES.exists(), reason="shared data not present")
+
+
+def table_sequences() -> dict[tuple[str, str], str]:
+    with open(SHARED / "annotations" / "pdb_chains.tsv") as handle:
+        return {
+            (Path(row["structure_file"]).name, row["chain"]): row["sequence"]
+            for row in csv.DictReader(handle, delimiter="\t")
+        }
+
+
+def atom_lines(path: Path, atom: str = "CA") -> list[str]:
+    with gzip.open(path, "rt") as handle:
+        return [line for line in handle if line.startswith(("ATOM", "HETATM")) and line[12:16].strip() == atom]
+
+
+@needs_data
+def test_plain_pdb_matches_the_table_and_schema():
+    parsed = read_structure(STRUCTURES / "plip" / "1acj.pdb.gz")
+    assert parsed.format == "pdb" and parsed.pdb_id == "1ACJ" and not parsed.predicted
+    chain = parsed.chain("A")
+    assert chain.sequence == table_sequences()[("1acj.pdb.gz", "A")]
+    validate_backbone(chain.backbone)
+    assert chain.backbone.plddt is None and len(chain.backbone) == len(chain.sequence)
+    first_ca = atom_lines(STRUCTURES / "plip" / "1acj.pdb.gz")[0]
+    expected = [float(first_ca[30:38]), float(first_ca[38:46]), float(first_ca[46:54])]
+    np.testing.assert_allclose(chain.backbone.coords[0, 1], expected, atol=1e-3)
+
+
+@needs_data
+def test_gzipped_mmcif_with_mse_read_as_met():
+    parsed = read_structure(STRUCTURES / "biopython" / "1A8O.cif.gz")
+    assert parsed.format == "mmcif" and parsed.pdb_id == "1A8O"
+    chain = parsed.chain("A")
+    assert chain.num_modified >= 1 and chain.sequence.startswith("MDIRQGPKEPFRDYVDRFYKTLRAEQASQEVKNWMTETLL")
+    assert set(chain.sequence) <= set("ACDEFGHIKLMNPQRSTVWYX")
+
+
+@needs_data
+def test_mse_in_pdb_file():
+    chain = read_structure(STRUCTURES / "plip" / "1xdn.pdb.gz").chain("A")
+    assert chain.num_modified == 3 and "X" not in chain.sequence
+    assert chain.sequence == table_sequences()[("1xdn.pdb.gz", "A")]
+
+
+@needs_data
+def test_first_altloc_is_kept():
+    path = STRUCTURES / "plip" / "2pvb.pdb.gz"
+    chain = read_structure(path).chain("A")
+    altloc_a = next(line for line in atom_lines(path) if line[16] == "A" and line[22:26].strip() == "1")
+    expected = [float(altloc_a[30:38]), float(altloc_a[38:46]), float(altloc_a[46:54])]
+    np.testing.assert_allclose(chain.backbone.coords[0, 1], expected, atol=1e-3)  # A has the lower occupancy
+    assert len(chain.sequence) == len(table_sequences()[("2pvb.pdb.gz", "A")])
+
+
+@needs_data
+def test_model_one_of_an_nmr_ensemble():
+    path = STRUCTURES / "plip" / "2ndo.pdb.gz"
+    chain = read_structure(path).chain("A")
+    first_ca = atom_lines(path)[0]  # the first CA line belongs to MODEL 1
+    np.testing.assert_allclose(
+        chain.backbone.coords[0, 1], [float(first_ca[30:38]), float(first_ca[38:46]), float(first_ca[46:54])], atol=1e-3
+    )
+    assert len(chain.sequence) == len(table_sequences()[("2ndo.pdb.gz", "A")])
+
+
+@needs_data
+def test_missing_atoms_are_masked():
+    chain = read_structure(STRUCTURES / "db5.5" / "1E6J_l_b.pdb.gz").chain("P")
+    mask = chain.backbone.atom_mask
+    assert mask[:, 1].all()  # observed residues always have CA
+    assert not mask.all() and mask[209].tolist() == [True, True, True, False]
+    assert (chain.backbone.coords[~mask] == 0).all()
+
+
+@needs_data
+def test_junk_charge_columns_are_repaired_not_dropped():
+    path = STRUCTURES / "db5.5" / "1ACB_r_b.pdb.gz"
+    with pytest.raises(RuntimeError, match="charge"):
+        gemmi.read_structure(str(path))  # what a strict parser does
+    parsed = read_structure(path)
+    assert parsed.repaired and "charge" in parsed.repaired[0]
+    assert parsed.chain("E").sequence == table_sequences()[("1ACB_r_b.pdb.gz", "E")]
+
+
+@needs_data
+def test_foldseek_gz_without_extension(tmp_path):
+    path = STRUCTURES / "foldseek" / "d3g46a_.gz"
+    assert looks_like_structure_file(path)
+    parsed = read_structure(path)
+    chain = parsed.chains[0]
+    assert chain.sequence == table_sequences()[("d3g46a_.gz", chain.chain)]
+    plain = tmp_path / "d3g46a_"  # the same file, not gzipped and without any extension
+    plain.write_bytes(gzip.decompress(path.read_bytes()))
+    assert read_structure(plain).chains[0].sequence == chain.sequence
+
+
+@needs_data
+def test_alphafold_plddt_from_b_factors():
+    path = sorted((SHARED / "alphafold").glob("AF-*.pdb.gz"))[0]
+    parsed = read_structure(path)
+    assert parsed.predicted and len(parsed.chains) == 1
+    backbone = parsed.chains[0].backbone
+    expected = np.array([float(line[60:66]) for line in atom_lines(path)], dtype=np.float32)
+    np.testing.assert_allclose(backbone.plddt, expected, atol=1e-2)
+    assert backbone.plddt.dtype == np.float32 and 0 < backbone.plddt.min() <= backbone.plddt.max() <= 100
+    assert read_structure(path, plddt="never").chains[0].backbone.plddt is None
+
+
+@needs_data
+def test_mmcif_written_by_gemmi_from_a_real_pdb(tmp_path):
+    source = STRUCTURES / "plip" / "1acj.pdb.gz"
+    structure = gemmi.read_structure(str(source))
+    structure.setup_entities()
+    cif = tmp_path / "1acj.cif"
+    structure.make_mmcif_document().write_file(str(cif))
+    (tmp_path / "1acj.cif.gz").write_bytes(gzip.compress(cif.read_bytes()))
+    pdb_chain = read_structure(source).chain("A")
+    for path in (cif, tmp_path / "1acj.cif.gz"):
+        cif_chain = read_structure(path).chain("A")
+        assert cif_chain.sequence == pdb_chain.sequence
+        np.testing.assert_allclose(cif_chain.backbone.coords, pdb_chain.backbone.coords, atol=1e-3)
+
+
+def test_bad_structure_files_raise_structure_error(tmp_path):
+    empty = tmp_path / "empty.pdb"
+    empty.write_text("")
+    garbage = tmp_path / "garbage.cif"
+    garbage.write_text("data_x\nloop_\n_atom_site.id\n'unterminated\n")
+    truncated = tmp_path / "cut.pdb.gz"
+    truncated.write_bytes(
+        gzip.compress(b"ATOM      1  CA  GLY A   1       0.000   0.000   0.000  1.00  0.00           C\n" * 200)[:100]
+    )
+    for path in (empty, garbage, truncated, tmp_path / "absent.pdb"):
+        with pytest.raises(StructureError, match=path.name):
+            read_structure(path)
+
+
+def test_unknown_residues_ligands_and_non_protein_chains(tmp_path):
+    def atom(serial, record, name, res, seq, x):
+        coords = f"{x:8.3f}{0.0:8.3f}{0.0:8.3f}"
+        return f"{record:<6}{serial:>5} {name:<4} {res:>3} A{seq:>4}    {coords}  1.00  0.00           C"
+
+    lines = [
+        atom(1, "ATOM", " N", "ALA", 1, 0.0),
+        atom(2, "ATOM", " CA", "ALA", 1, 1.4),
+        atom(3, "ATOM", " C", "ALA", 1, 2.0),
+    ]
+    lines += [
+        atom(4, "HETATM", " N", "ZZZ", 2, 3.3),
+        atom(5, "HETATM", " CA", "ZZZ", 2, 3.9),
+        atom(6, "HETATM", " C", "ZZZ", 2, 5.4),
+    ]
+    lines += [
+        atom(7, "ATOM", " N", "GLY", 3, 6.6),
+        atom(8, "ATOM", " CA", "GLY", 3, 7.9),
+        atom(9, "ATOM", " C", "GLY", 3, 9.0),
+    ]
+    lines += [atom(10, "ATOM", " O", "GLY", 3, 9.5)]
+    # a ligand with amino-acid-like atoms after the chain, and a water-only chain B
+    lines += [atom(11, "HETATM", " N", "SAH", 9, 20.0), atom(12, "HETATM", " CA", "SAH", 9, 21.0)]
+    lines += [
+        atom(13, "HETATM", " C", "SAH", 9, 22.0),
+        "HETATM   14  O   HOH B   1       9.000   9.000   9.000  1.00  0.00           O",
+    ]
+    path = tmp_path / "tiny.pdb"
+    path.write_text("\n".join(lines) + "\nEND\n")
+    parsed = read_structure(path)
+    assert [c.chain for c in parsed.chains] == ["A"] and parsed.other_chains == ["B"]
+    chain = parsed.chain("A")
+    assert chain.sequence == "AXG" and chain.num_unknown == 1
+    assert chain.backbone.atom_mask.tolist() == [[True, True, True, False]] * 2 + [[True] * 4]
+    assert isinstance(chain.backbone, Backbone)
+
+
+def test_structure_suffixes():
+    assert looks_like_structure_file("x/1abc.pdb.gz") and looks_like_structure_file("d1asha_.gz")
+    assert looks_like_structure_file("1ABC.cif") and looks_like_structure_file("2hhb.ent.gz")
+    assert not looks_like_structure_file("README.md") and not looks_like_structure_file("table.tsv.gz")
+    assert not looks_like_structure_file("LICENSE") and not looks_like_structure_file(".hidden.pdb")
