@@ -56,6 +56,7 @@ class DataConfig:
     readers_per_rank: int = 2  # Ray reader actors owned by each training rank
     prefetch_batches: int = 4  # batches kept in flight per rank
     text_augment: bool = True  # rewrite annotations into varied descriptions (train only)
+    property_sampling: bool = False  # ProtCLIP property-driven sampling from the shards' sample_props
     seq_mask_prob: float = 0.15  # token masking of the second sequence view (intra-modal loss)
     coord_noise: float = 0.5  # Gaussian noise (angstrom) on the second structure view
     residue_drop_prob: float = 0.1  # residues dropped from the second structure view

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from data_shards.manifest import load_manifest
 from pretrain import checkpoint
 from pretrain.config import Config
-from pretrain.data.stream import Cursor, EpochPlan, local_stream
+from pretrain.data.stream import Cursor, local_stream, plan_for
 from pretrain.eval.validation import validate_model
 from pretrain.export import export_engine
 from pretrain.logging_backends import MetricsLogger
@@ -125,7 +125,7 @@ class Trainer:
 
     def _open_stream(self) -> None:
         manifest = load_manifest(Path(self.cfg.data.train_shards))
-        plan = EpochPlan(manifest, self.world_size, self.rank, self.cfg.data.batch_size, self.cfg.train.seed)
+        plan = plan_for(self.cfg, manifest, self.world_size, self.rank)
         views = self.loss_fn.needs_views()
         if self.cfg.data.loader == "ray":
             from pretrain.data.ray_stream import RayBatchStream, connect_ray

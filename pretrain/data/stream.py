@@ -27,6 +27,7 @@ import numpy as np
 
 from data_shards.manifest import Manifest, load_manifest
 from data_shards.reader import BadSampleError, BadShardError, ShardReader
+from data_shards.sampling import keep_probability
 from pretrain.config import Config, ConfigError
 from pretrain.data.collate import BatchBuilder
 
@@ -53,7 +54,15 @@ class Cursor:
 class EpochPlan:
     """Which samples form batch i of epoch e on rank r (see the module docstring)."""
 
-    def __init__(self, manifest: Manifest, world_size: int, rank: int, batch_size: int, seed: int):
+    def __init__(
+        self,
+        manifest: Manifest,
+        world_size: int,
+        rank: int,
+        batch_size: int,
+        seed: int,
+        property_sampling: bool = False,
+    ):
         if len(manifest.shards) < world_size:
             raise ConfigError(
                 f"shard set {manifest.root} has {len(manifest.shards)} shards, fewer than the "
@@ -61,6 +70,7 @@ class EpochPlan:
             )
         self.manifest, self.world_size, self.rank = manifest, world_size, rank
         self.batch_size, self.seed = batch_size, seed
+        self._keep_prob = [_keep_probabilities(s) for s in manifest.shards] if property_sampling else None
         self._cache: dict[int, tuple[list[np.ndarray], int]] = {}
 
     def _epoch(self, epoch: int) -> tuple[list[np.ndarray], int]:
@@ -77,7 +87,11 @@ class EpochPlan:
                     ]
                 )
                 perm = np.random.default_rng([self.seed, epoch, r]).permutation(len(refs))
-                per_rank.append(refs[perm])
+                refs = refs[perm]
+                if self._keep_prob is not None:  # ProtCLIP property-driven sampling, redrawn per epoch
+                    p = np.array([self._keep_prob[s][i] for s, i in refs])
+                    refs = refs[np.random.default_rng([self.seed, epoch, r, 1]).random(len(refs)) < p]
+                per_rank.append(refs)
             nb = min(len(p) for p in per_rank) // self.batch_size
             if nb == 0:
                 smallest = min(len(p) for p in per_rank)
@@ -100,11 +114,36 @@ class EpochPlan:
         return [self.seed, epoch, index, self.rank]
 
 
+def _keep_probabilities(shard) -> np.ndarray:
+    """Per-sample keep probability of one shard (ProtCLIP: p = sqrt(o/4)/e^3 with drop rules).
+
+    Samples without recorded properties (e.g. the demo corpus) are always kept.
+    """
+    props = shard.sample_props or {}
+    n = shard.num_samples
+    existence = props.get("existence") or [None] * n
+    coverage = props.get("coverage") or [None] * n
+    reviewed = props.get("reviewed") or [False] * n
+    return np.array(
+        [
+            1.0 if o is None else keep_probability(e, o, reviewed=bool(rv))
+            for e, o, rv in zip(existence, coverage, reviewed)
+        ]
+    )
+
+
 def check_plan(cfg: Config, world_size: int) -> None:
     """Fail early (before any process group starts) on a missing shard set or impossible batch."""
     manifest = load_manifest(Path(cfg.data.train_shards))
     for r in range(world_size):
-        EpochPlan(manifest, world_size, r, cfg.data.batch_size, cfg.train.seed).batches_per_epoch(0)
+        plan_for(cfg, manifest, world_size, r).batches_per_epoch(0)
+
+
+def plan_for(cfg: Config, manifest: Manifest, world_size: int, rank: int) -> EpochPlan:
+    """The :class:`EpochPlan` a recipe asks for."""
+    return EpochPlan(
+        manifest, world_size, rank, cfg.data.batch_size, cfg.train.seed, property_sampling=cfg.data.property_sampling
+    )
 
 
 class BatchSource:

@@ -99,3 +99,27 @@ def test_ray_stream_equals_local_stream(small_demo):
     expected = list(itertools.islice(local_stream(cfg, plan, remote[-1][2], VIEWS), 2))
     for (a, _, _), (b, _, _) in zip(expected, more):
         _same_batch(a, b)
+
+
+def test_property_sampling_drops_low_confidence_samples(tmp_path):
+    """ProtCLIP sampling: existence 5 or coverage < 3 never trains; reviewed entries always do."""
+    from data_shards.manifest import load_manifest as _load
+    from data_shards.schema import ProteinRecord
+    from data_shards.writer import ShardWriter
+
+    with ShardWriter(tmp_path / "train", samples_per_shard=20) as w:
+        for i in range(40):
+            rec = ProteinRecord(
+                id=f"P{i:03d}", sequence="MKV" * 10, backbone=None, text={"name": "x"}, meta={"source": "test"}
+            )
+            existence, coverage = (5, 4) if i % 2 else (1, 4)
+            w.write(rec, props={"existence": existence, "coverage": coverage, "reviewed": i % 4 == 3})
+    m = _load(tmp_path / "train")
+    plan = EpochPlan(m, 1, 0, 2, seed=0, property_sampling=True)
+    kept = {ref for b in range(plan.batches_per_epoch(0)) for ref in plan.batch_refs(0, b)}
+    index = {(str(s.path), j): k * 20 + j for k, s in enumerate(m.shards) for j in range(s.num_samples)}
+    ids = {index[r] for r in kept}
+    assert ids and all(i % 2 == 0 or i % 4 == 3 for i in ids)  # existence 5 only when reviewed
+    assert any(i % 4 == 3 for i in ids)
+    plain = EpochPlan(m, 1, 0, 2, seed=0)
+    assert plain.batches_per_epoch(0) == 20
