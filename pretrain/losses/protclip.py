@@ -1,0 +1,216 @@
+"""ProtCLIP objective: global contrast + MLM + biotext-guided span reconstruction + segment alignment.
+
+    L = w_gc · GC + w_mlm · MLM + w_bsr · BSR + w_pda · (segment InfoNCE + w_vq · VQ)
+
+with ProtCLIP's weights 1 / 0.3 / 0.7 / 1 (Zhou et al., AAAI 2025, arXiv 2412.20014; the public
+code adds ``0.3 · MLM`` and ``0.7 · BSR`` to the contrastive loss). Terms:
+
+- ``loss_gc``: symmetric sequence <-> text InfoNCE over every rank's rows
+  (``kernels.gathered_symmetric_infonce``), or its deduplicated variant
+  (:mod:`pretrain.losses.false_negatives`) when ``false_negatives`` is set.
+- ``loss_mlm``: cross-entropy of ESM-2's LM head at BERT-masked residues.
+- ``loss_bsr``: cross-entropy of :class:`~pretrain.models.protclip_modules.BSRDecoder` at the
+  masked spans, for proteins that have a text.
+- ``loss_pda``: segment-level InfoNCE inside each protein (:func:`segment_infonce`) plus the
+  prototype VQ loss; ``loss_pda_nce`` and ``loss_pda_vq`` are logged too.
+
+Token-level terms are means over this rank's labelled positions; with DeepSpeed's gradient
+averaging they become the mean of per-rank means (ranks with unequal label counts are weighted
+equally), the usual data-parallel convention for MLM. Only GC uses cross-rank negatives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kernels import gathered_symmetric_infonce
+from pretrain.losses.false_negatives import GROUP_MODES, grouped_symmetric_infonce
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ProtCLIPLossConfig:
+    gc: float = 1.0  # weight of the global sequence <-> text contrastive loss (GC)
+    mlm: float = 0.3  # weight of masked language modelling on the sequence encoder (ProtCLIP: 0.3)
+    bsr: float = 0.7  # weight of biotext-guided static segment reconstruction (ProtCLIP: 0.7)
+    pda: float = 1.0  # weight of property-grouped dynamic segment alignment (ProtCLIP: 1.0)
+    pda_vq: float = 1.0  # weight of the prototype VQ loss inside the PDA term
+    pda_symmetric: bool = False  # also contrast each pooled protein segment against the text segments
+    mlm_prob: float = 0.15  # BERT selection probability per residue (80% <mask>, 10% random, 10% kept)
+    bsr_min_span: int = 5  # shortest masked residue span of BSR
+    bsr_max_span: int = 10  # longest masked residue span of BSR
+    bsr_ratio: float = 0.15  # spans are added until at least this fraction of each protein is masked
+    bsr_hidden: int = 512  # width of the BSR cross-attention decoder
+    bsr_layers: int = 1  # cross-attention blocks of the BSR decoder
+    bsr_heads: int = 8  # attention heads of the BSR decoder (must divide bsr_hidden)
+    bsr_dropout: float = 0.1  # dropout inside the BSR decoder
+    pda_proj_dim: int = 512  # width of segment vectors and memory prototypes
+    pda_prototypes: int = 512  # memory prototypes in the bank (ProtCLIP's public config: 512)
+    pda_quantize: str = "soft"  # "soft" (softmax mix of prototypes) or "ste" (nearest, straight-through)
+    pda_assign_temperature: float = 0.1  # softmax temperature of the soft prototype assignment
+    pda_pool_temperature: float = 0.1  # softmax temperature of residue pooling per segment
+    pda_commitment: float = 0.25  # VQ-VAE commitment weight (beta)
+    pda_init_temperature: float = 0.1  # initial temperature of the segment InfoNCE (learned scale)
+    shuffle_segments: bool = True  # random order of the text segments after the name (training)
+    false_negatives: str = "none"  # GC deduplication by group: "none", "text" (same text) or "go" (same GO set)
+
+
+def validate_protclip_config(cfg: ProtCLIPLossConfig, strategy: str = "allgather") -> None:
+    """Cross-field checks; raises ValueError naming the field (wrap it in the caller's error type)."""
+    weights = {"gc": cfg.gc, "mlm": cfg.mlm, "bsr": cfg.bsr, "pda": cfg.pda, "pda_vq": cfg.pda_vq}
+    for name, w in weights.items():
+        if w < 0:
+            raise ValueError(f"{name}={w}: weights must be >= 0")
+    if not any(weights[k] > 0 for k in ("gc", "mlm", "bsr", "pda")):
+        raise ValueError("at least one of gc, mlm, bsr, pda must be > 0")
+    if not 0.0 < cfg.mlm_prob < 1.0:
+        raise ValueError(f"mlm_prob={cfg.mlm_prob}: expected a value in (0, 1)")
+    if not 1 <= cfg.bsr_min_span <= cfg.bsr_max_span:
+        raise ValueError(f"bsr_min_span={cfg.bsr_min_span}, bsr_max_span={cfg.bsr_max_span}: need 1 <= min <= max")
+    if not 0.0 < cfg.bsr_ratio <= 1.0:
+        raise ValueError(f"bsr_ratio={cfg.bsr_ratio}: expected a value in (0, 1]")
+    if cfg.bsr_hidden % cfg.bsr_heads:
+        raise ValueError(f"bsr_hidden={cfg.bsr_hidden} is not divisible by bsr_heads={cfg.bsr_heads}")
+    if cfg.pda_quantize not in ("soft", "ste"):
+        raise ValueError(f"pda_quantize={cfg.pda_quantize!r}: expected 'soft' or 'ste'")
+    for name in ("pda_assign_temperature", "pda_pool_temperature", "pda_init_temperature"):
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"{name}={getattr(cfg, name)}: must be > 0")
+    if cfg.false_negatives not in ("none", *GROUP_MODES):
+        raise ValueError(f"false_negatives={cfg.false_negatives!r}: expected 'none', 'text' or 'go'")
+    if cfg.false_negatives != "none" and strategy != "allgather":
+        raise ValueError(f"false_negatives={cfg.false_negatives!r} needs loss.strategy='allgather'")
+
+
+def masked_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy over positions whose label is not ``IGNORE_INDEX``; 0 when there are none.
+
+    Shapes:
+        logits (B, L, V), labels (B, L) long -> scalar (fp32)
+    """
+    total = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def segment_infonce(
+    text: Tensor, protein: Tensor, present: Tensor, logit_scale: Tensor, symmetric: bool = False
+) -> Tensor:
+    """InfoNCE between the segments of each protein (PDA), never across proteins.
+
+    For protein b and present segment i: ``logsumexp_{j present}(s · t_bi·p_bj) - s · t_bi·p_bi``;
+    the mean runs over present segments of proteins with at least two present segments (a lone
+    segment has no negative). With ``symmetric`` the protein -> text direction is averaged in.
+
+    Args:
+        text: unit-norm text segment vectors.
+        protein: unit-norm pooled protein segment vectors (row i pairs with text row i).
+        present: usable segments.
+        logit_scale: the multiplier ``s``, shape ``[]`` or ``[1]``.
+
+    Shapes:
+        text, protein (B, S, P); present (B, S) bool -> scalar; 0 when no row qualifies.
+    """
+    s = logit_scale.reshape(())
+    rows = present & (present.sum(1, keepdim=True) >= 2)  # (B, S)
+    logits = s * (text.float() @ protein.float().transpose(1, 2))  # (B, S, S)
+
+    def one_direction(lg: Tensor) -> Tensor:
+        masked = lg.masked_fill(~present.unsqueeze(1), float("-inf"))
+        masked = torch.where(rows.unsqueeze(-1), masked, torch.zeros_like(masked))  # no all -inf row
+        per_row = torch.logsumexp(masked, dim=-1) - torch.diagonal(lg, dim1=1, dim2=2)
+        per_row = torch.where(rows, per_row, torch.zeros_like(per_row))
+        return per_row.sum() / rows.sum().clamp(min=1)
+
+    loss = one_direction(logits)
+    if symmetric:
+        loss = 0.5 * (loss + one_direction(logits.transpose(1, 2)))
+    return loss
+
+
+class ProtCLIPLoss:
+    """Callable computing the ProtCLIP total and its named terms for one rank's batch.
+
+    Args:
+        cfg: loss weights and settings.
+        backend: ``kernels.infonce`` backend of GC (``loss.backend``).
+        strategy: cross-rank negatives of GC (``loss.strategy``; deduplication needs "allgather").
+    """
+
+    def __init__(self, cfg: ProtCLIPLossConfig, *, backend: str = "auto", strategy: str = "allgather"):
+        validate_protclip_config(cfg, strategy)
+        self.cfg = cfg
+        self.backend = backend
+        self.strategy = strategy
+
+    def __call__(self, out: dict[str, Tensor], present: dict[str, Tensor], targets: dict) -> dict[str, Tensor]:
+        """Compute the loss.
+
+        Args:
+            out: :func:`pretrain.models.protclip_modules.protclip_forward` output.
+            present: per modality (B,) bool (the batch's ``present``).
+            targets: the batch's ``protclip`` dict: ``mlm_labels``, ``bsr_labels`` (B, Ls) and,
+                with ``false_negatives``, ``text_group`` (B,) int64.
+
+        Returns:
+            ``loss`` (weighted total, this rank's share) and ``loss_gc``, ``loss_mlm``,
+            ``loss_bsr``, ``loss_pda``, ``loss_pda_nce``, ``loss_pda_vq`` for the terms with a
+            weight > 0.
+        """
+        cfg = self.cfg
+        seq_ok, text_ok = present["sequence"], present["text"]
+        pair_ok = seq_ok & text_ok
+        terms: dict[str, Tensor] = {}
+        total = out["sequence"].new_zeros((), dtype=torch.float32)
+        if cfg.gc > 0:
+            if cfg.false_negatives != "none":
+                if "text_group" not in targets:
+                    raise KeyError(
+                        f"false_negatives={cfg.false_negatives!r} needs the batch's protclip['text_group'] "
+                        "(pretrain.losses.false_negatives.group_ids in the collate)"
+                    )
+                gc = grouped_symmetric_infonce(
+                    out["sequence"],
+                    out["text"],
+                    out["logit_scale"],
+                    targets["text_group"].to(out["sequence"].device),
+                    valid_local=pair_ok,
+                    backend=self.backend,
+                )
+            else:
+                gc = gathered_symmetric_infonce(
+                    out["sequence"],
+                    out["text"],
+                    out["logit_scale"],
+                    valid_local=pair_ok,
+                    backend=self.backend,
+                    strategy=self.strategy,
+                )
+            terms["loss_gc"] = gc
+            total = total + cfg.gc * gc
+        if cfg.mlm > 0:
+            labels = targets["mlm_labels"].masked_fill(~seq_ok.unsqueeze(1), IGNORE_INDEX)
+            terms["loss_mlm"] = masked_cross_entropy(out["mlm_logits"], labels)
+            total = total + cfg.mlm * terms["loss_mlm"]
+        if cfg.bsr > 0:
+            labels = targets["bsr_labels"].masked_fill(~pair_ok.unsqueeze(1), IGNORE_INDEX)
+            terms["loss_bsr"] = masked_cross_entropy(out["bsr_logits"], labels)
+            total = total + cfg.bsr * terms["loss_bsr"]
+        if cfg.pda > 0:
+            usable = out["pda_present"] & pair_ok.unsqueeze(1)
+            nce = segment_infonce(
+                out["pda_text"], out["pda_protein"], usable, out["pda_logit_scale"], cfg.pda_symmetric
+            )
+            vq = out["pda_vq_loss"]
+            terms["loss_pda_nce"] = nce
+            terms["loss_pda_vq"] = vq
+            terms["loss_pda"] = nce + cfg.pda_vq * vq
+            total = total + cfg.pda * terms["loss_pda"]
+        terms["loss"] = total
+        return terms
