@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from pretrain.losses.protclip import ProtCLIPLossConfig, validate_protclip_config
 from pretrain.models.sequence_encoder import SequenceEncoderConfig
 from pretrain.models.structure_encoder import StructureEncoderConfig
 from pretrain.models.text_encoder import TextEncoderConfig
@@ -74,6 +75,8 @@ class LossConfig:
     intra_text: float = 0.1  # ... text views
     backend: str = "auto"  # kernels.infonce backend: "auto", "torch" or "triton"
     strategy: str = "allgather"  # negatives across ranks: "allgather" or "ring"
+    objective: str = "align_pro"  # "align_pro" (the weights above) or "protclip" (GC + MLM + BSR + PDA, below)
+    protclip: ProtCLIPLossConfig = field(default_factory=ProtCLIPLossConfig)  # ProtCLIP terms (objective protclip)
 
 
 @dataclass
@@ -284,9 +287,19 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"loss.backend={lo.backend!r}: expected 'auto', 'torch' or 'triton'")
     if lo.strategy not in ("allgather", "ring"):
         raise ConfigError(f"loss.strategy={lo.strategy!r}: expected 'allgather' or 'ring'")
+    if lo.strategy == "ring" and lo.objective == "align_pro":
+        # kernels.ring has no presence masking yet and the Align-Pro loss always masks.
+        raise ConfigError("loss.strategy='ring' does not support the align_pro objective's presence masks yet")
+    if lo.objective not in ("align_pro", "protclip"):
+        raise ConfigError(f"loss.objective={lo.objective!r}: expected 'align_pro' or 'protclip'")
     weights = [lo.alpha, lo.beta, lo.gamma, lo.intra_seq, lo.intra_struct, lo.intra_text]
-    if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
+    if any(w < 0 for w in weights) or (lo.objective == "align_pro" and not any(w > 0 for w in weights)):
         raise ConfigError("loss weights must be >= 0 and at least one must be > 0")
+    if lo.objective == "protclip":
+        try:
+            validate_protclip_config(lo.protclip, lo.strategy)
+        except ValueError as e:
+            raise ConfigError(f"loss.protclip: {e}") from None
     if t.max_steps < 1:
         raise ConfigError(f"train.max_steps={t.max_steps}: must be >= 1")
     if not 0 <= t.stage1_steps <= t.max_steps:

@@ -1,8 +1,9 @@
 """Consolidated export: one safetensors file + the recipe, usable without DeepSpeed.
 
 ``RUN/export/model.safetensors`` holds the full fp32 state dict (ZeRO-3 partitions are
-gathered first) and ``RUN/export/config.yaml`` the model recipe. :func:`load_exported`
-rebuilds the :class:`TriModalModel` from those two files alone.
+gathered first) and ``RUN/export/config.yaml`` the run's full recipe. :func:`load_exported`
+rebuilds the :class:`TriModalModel` from those two files alone (with the ProtCLIP heads when
+the recipe's ``loss.objective`` is protclip).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def load_exported(export_dir: Path, device: str = "cpu") -> tuple[TriModalModel,
     if not weights.is_file():
         raise FileNotFoundError(f"no {MODEL_FILE} in export directory {export_dir}")
     cfg, _ = load_run_config(export_dir)
-    model = TriModalModel(cfg.model)
+    model = TriModalModel.from_config(cfg)
     state = load_file(str(weights), device=device)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -32,6 +32,7 @@ from pretrain.eval.validation import validate_model
 from pretrain.export import export_engine
 from pretrain.logging_backends import MetricsLogger
 from pretrain.losses.align_pro import AlignProLoss, detach_terms
+from pretrain.losses.protclip import ProtCLIPLoss
 from pretrain.models.trimodal import TriModalModel
 
 log = logging.getLogger(__name__)
@@ -81,14 +82,18 @@ class Trainer:
         self._ray_role = "none"  # "started" / "joined" / "external" (see connect_ray)
         self._stop_requested = False
         self.preempted = False
-        self.loss_fn = AlignProLoss(cfg.loss)
+        lo = cfg.loss
+        self.protclip = lo.objective == "protclip"
+        self.loss_fn = (
+            ProtCLIPLoss(lo.protclip, backend=lo.backend, strategy=lo.strategy) if self.protclip else AlignProLoss(lo)
+        )
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         import deepspeed
 
         seed_everything(self.cfg.train.seed)
-        model = TriModalModel(self.cfg.model)
+        model = TriModalModel.from_config(self.cfg)
         groups = model.parameter_groups()
         self._group_names = list(groups)
         param_groups = [{"params": ps, "name": name} for name, ps in groups.items()]
@@ -126,7 +131,7 @@ class Trainer:
     def _open_stream(self) -> None:
         manifest = load_manifest(Path(self.cfg.data.train_shards))
         plan = plan_for(self.cfg, manifest, self.world_size, self.rank)
-        views = self.loss_fn.needs_views()
+        views = {} if self.protclip else self.loss_fn.needs_views()  # ProtCLIP has no second views
         if self.cfg.data.loader == "ray":
             from pretrain.data.ray_stream import RayBatchStream, connect_ray
 
@@ -164,7 +169,10 @@ class Trainer:
         """Forward, loss, backward and optimizer step on one rank's batch; returns logged terms."""
         batch = _to_device(batch, self.device)
         emb = self.engine(batch)
-        terms = self.loss_fn(emb, batch["present"], emb["logit_scale"])
+        if self.protclip:
+            terms = self.loss_fn(emb, batch["present"], batch["protclip"])
+        else:
+            terms = self.loss_fn(emb, batch["present"], emb["logit_scale"])
         self.engine.backward(terms["loss"])
         self.engine.step()
         values = detach_terms(terms)

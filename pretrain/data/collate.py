@@ -11,6 +11,15 @@ This is the CPU-heavy part of the input pipeline; it runs inside the Ray reader 
     present        dict[str, (B,) bool] which modalities each protein has
     views          dict                 second stochastic views (seq_tokens, graph, text_ids, text_attn)
     num_bad        int                  unreadable samples in this batch (their rows are all-absent)
+    protclip       dict                 only with ``loss.objective: protclip`` and ``train``: the
+                                        ``pretrain.data.masking.protclip_inputs`` targets
+                                        (mlm_tokens, mlm_labels, bsr_tokens, bsr_labels (B, Ls);
+                                        segment_ids (B, Lt); segment_present (B, S); with
+                                        ``false_negatives`` also text_group (B,))
+
+In protclip mode a training batch's ``text_ids`` / ``text_attn`` are the segmented text of
+``protclip_inputs`` (one text pass serves GC, BSR and PDA) and there are no second views; an
+evaluation batch is the same in both modes (canonical text, no ``protclip``).
 
 A missing modality still gets a placeholder row (so every rank has B rows, as the gathered
 loss needs) and ``present`` False, which removes it from every loss term.
@@ -20,15 +29,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import esm
 import numpy as np
 import torch
 
 from data_shards.schema import ProteinRecord
 from pretrain.config import Config
 from pretrain.data.featurize import backbone_graph, collate_graphs, edge_s_dim
+from pretrain.data.masking import protclip_inputs
 from pretrain.data.text_augment import augment_text, canonical_text
-import esm
-
+from pretrain.losses.false_negatives import group_ids
 from pretrain.models.sequence_encoder import tokenize_sequences
 from pretrain.models.text_encoder import build_tokenizer, tokenize_texts
 
@@ -87,7 +97,9 @@ class BatchBuilder:
         }
         # A backbone with no residue that has N, CA and C is as good as no structure.
         batch["present"]["structure"] &= batch["graph"]["present"]
-        if train:
+        if train and self.cfg.loss.objective == "protclip":
+            batch["protclip"] = self._protclip(batch, texts, rng)
+        elif train:
             batch["views"] = self._second_views(seqs, backbones, texts, rng)
         return batch
 
@@ -136,6 +148,27 @@ class BatchBuilder:
     def _edge_dim(self) -> int:
         s = self.cfg.model.structure
         return edge_s_dim(s.num_rbf, s.num_positional)
+
+    def _protclip(self, batch: dict, texts: list[dict | None], rng: np.random.Generator) -> dict:
+        """ProtCLIP targets; replaces the batch's main text with the segmented one."""
+        pc = self.cfg.loss.protclip
+        extra = protclip_inputs(
+            batch["seq_tokens"],
+            texts,
+            self.alphabet,
+            self.tokenizer,
+            rng,
+            text_max_length=self.cfg.model.text.max_length,
+            mlm_prob=pc.mlm_prob,
+            min_span=pc.bsr_min_span,
+            max_span=pc.bsr_max_span,
+            span_ratio=pc.bsr_ratio,
+            shuffle_segments=pc.shuffle_segments,
+        )
+        batch["text_ids"], batch["text_attn"] = extra.pop("text_ids"), extra.pop("text_attn")
+        if pc.false_negatives != "none":
+            extra["text_group"] = group_ids(texts, pc.false_negatives)
+        return extra
 
     def _second_views(self, seqs, backbones, texts, rng: np.random.Generator) -> dict:
         d = self.cfg.data

@@ -2,6 +2,9 @@
 
 ``encode_*`` return L2-normalised embeddings in the shared space (open_clip style); the
 learned log logit scale starts at log(1 / T0) and is clamped at ``max_logit_scale``.
+Built with a ``ProtCLIPLossConfig`` the model also owns the ProtCLIP heads (``self.protclip``)
+and its forward runs :func:`~pretrain.models.protclip_modules.protclip_forward` on batches that
+carry ``protclip`` targets (training batches of ``loss.objective: protclip``).
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pretrain.config import ModelConfig
+from pretrain.config import Config, ModelConfig
+from pretrain.losses.protclip import ProtCLIPLossConfig
 from pretrain.models.heads import ProjectionHead
+from pretrain.models.protclip_modules import ProtCLIPHeads, protclip_forward
 from pretrain.models.sequence_encoder import SequenceEncoder
 from pretrain.models.structure_encoder import StructureEncoder
 from pretrain.models.text_encoder import TextEncoder
@@ -22,9 +27,18 @@ MODALITIES = ("sequence", "structure", "text")
 
 
 class TriModalModel(nn.Module):
-    """ESM-2 + GVP-GNN + BERT encoders with 2-layer projection heads to ``cfg.embed_dim``."""
+    """ESM-2 + GVP-GNN + BERT encoders with 2-layer projection heads to ``cfg.embed_dim``.
 
-    def __init__(self, cfg: ModelConfig, text_vocab_size: int | None = None):
+    Args:
+        cfg: the model recipe.
+        text_vocab_size: overrides the text encoder's vocabulary size.
+        protclip: with a ``ProtCLIPLossConfig``, also build the ProtCLIP heads (BSR decoder, PDA
+            head) as ``self.protclip``; None (Align-Pro) builds none.
+    """
+
+    def __init__(
+        self, cfg: ModelConfig, text_vocab_size: int | None = None, protclip: ProtCLIPLossConfig | None = None
+    ):
         super().__init__()
         self.cfg = cfg
         self.sequence_encoder = SequenceEncoder(cfg.sequence)
@@ -41,6 +55,12 @@ class TriModalModel(nn.Module):
         self.heads = nn.ModuleDict(heads)
         # Shape [1], not []: deepspeed 0.19.8 fails at start-up on 0-dim parameters.
         self.log_logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / cfg.init_temperature)))
+        self.protclip = ProtCLIPHeads.for_model(protclip, self) if protclip is not None else None
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> TriModalModel:
+        """The model a run's full recipe trains: with the ProtCLIP heads when ``loss.objective`` is protclip."""
+        return cls(cfg.model, protclip=cfg.loss.protclip if cfg.loss.objective == "protclip" else None)
 
     # ------------------------------------------------------------------ encoders
     def encode_sequence(self, tokens: Tensor) -> Tensor:
@@ -64,8 +84,11 @@ class TriModalModel(nn.Module):
 
         Returns a dict with ``sequence``, ``structure``, ``text`` (B, E) embeddings, and
         ``sequence_view2`` / ``structure_view2`` / ``text_view2`` when the batch carries
-        second stochastic views for the intra-modal losses.
+        second stochastic views for the intra-modal losses. A batch with ``protclip`` targets on
+        a model with ProtCLIP heads gets :func:`protclip_forward`'s output instead.
         """
+        if self.protclip is not None and "protclip" in batch:
+            return protclip_forward(self, self.protclip, batch)
         out = {
             "sequence": self.encode_sequence(batch["seq_tokens"]),
             "structure": self.encode_structure(batch["graph"]),
@@ -84,12 +107,16 @@ class TriModalModel(nn.Module):
 
     # ------------------------------------------------------------------ parameter groups
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Named groups for the two-stage schedule: the three encoders, and the heads + scale."""
+        """Named groups for the two-stage schedule: the three encoders, and the heads + scale
+        (with the ProtCLIP heads, when built)."""
+        heads = list(self.heads.parameters()) + [self.log_logit_scale]
+        if self.protclip is not None:
+            heads += list(self.protclip.parameters())
         return {
             "encoder_sequence": list(self.sequence_encoder.parameters()),
             "encoder_structure": list(self.structure_encoder.parameters()),
             "encoder_text": list(self.text_encoder.parameters()),
-            "heads": list(self.heads.parameters()) + [self.log_logit_scale],
+            "heads": heads,
         }
 
     def encoders(self) -> list[nn.Module]:

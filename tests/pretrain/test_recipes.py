@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import textwrap
 import typing
 from pathlib import Path
 
@@ -36,26 +35,19 @@ def test_recipe_loads_and_round_trips(name):
     assert config_from_dict(cfg.to_dict()) == cfg
 
 
-def test_protclip_comment_block_is_a_valid_loss_section():
-    text = _path("protclip_650M").read_text()
-    marker = text.index("\n# protclip:")
-    lines = [ln[1:] for ln in text[marker + 1 :].splitlines()[1:] if ln.startswith("#")]
-    block = yaml.safe_load(textwrap.dedent("\n".join(lines)))
-    assert block["objective"] == "protclip"
-    section = block["protclip"]
+def test_protclip_loss_section_is_typed_and_valid():
+    section = yaml.safe_load(_path("protclip_650M").read_text())["loss"]
+    assert section["objective"] == "protclip"
     hints = typing.get_type_hints(ProtCLIPLossConfig)
-    assert set(section) <= set(hints), sorted(set(section) - set(hints))
-    for key, value in section.items():
+    assert set(section["protclip"]) <= set(hints), sorted(set(section["protclip"]) - set(hints))
+    for key, value in section["protclip"].items():
         want = hints[key]
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) if want is float else type(value) is want
         assert ok, f"{key}: {value!r} is not {want}"
-    cfg = ProtCLIPLossConfig(**section)
+    cfg = load_config(_path("protclip_650M")).loss.protclip
     validate_protclip_config(cfg)
     assert (cfg.gc, cfg.mlm, cfg.bsr, cfg.pda) == (1.0, 0.3, 0.7, 1.0)
     assert (cfg.bsr_min_span, cfg.bsr_max_span, cfg.bsr_ratio) == (5, 10, 0.15)
-    # until the merge the loss section trains GC only: the sequence <-> text term
-    lo = load_config(_path("protclip_650M")).loss
-    assert (lo.alpha, lo.beta, lo.gamma, lo.intra_seq, lo.intra_struct, lo.intra_text) == (0, 1, 0, 0, 0, 0)
 
 
 def test_650M_presets_resolve():
