@@ -101,9 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--samples-per-shard", type=int, default=400)
     demo.add_argument("--num-families", type=int, default=32)
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument(
-        "--missing-rate", type=float, default=0.05, help="train samples lacking structure or text"
-    )
+    demo.add_argument("--missing-rate", type=float, default=0.05, help="train samples lacking structure or text")
     demo.set_defaults(run=_cmd_demo)
 
     build = sub.add_parser("build", help="build shards from structures, UniProt, GAF, OBO and tables")

@@ -37,9 +37,7 @@ HELIX, STRAND, LOOP = 0, 1, 2
 _ROW_SPACING = 16.0  # Å between the rows of elements in a fold
 _AA = np.frombuffer(AMINO.encode(), dtype=np.uint8)
 # UniProtKB background frequencies, AMINO order
-_BG = np.array(
-    [8.25, 1.37, 5.45, 6.75, 3.86, 7.07, 2.27, 5.96, 5.84, 9.66, 2.42, 4.06, 4.70, 3.93, 5.53, 6.56]
-)
+_BG = np.array([8.25, 1.37, 5.45, 6.75, 3.86, 7.07, 2.27, 5.96, 5.84, 9.66, 2.42, 4.06, 4.70, 3.93, 5.53, 6.56])
 _BG = np.concatenate([_BG, [5.34, 6.87, 1.08, 2.92]]) / 100.0
 _SS_BIAS = np.ones((3, 20))  # helix / strand / loop formers are 2.5x more likely in their element
 for _ss, _formers in ((HELIX, "AELMQKRH"), (STRAND, "VIYFWTC"), (LOOP, "GPNDSE")):
@@ -444,9 +442,7 @@ def _text(fam: dict, sub: dict, rng: np.random.Generator) -> dict:
     pick = lambda templates: templates[rng.integers(len(templates))].format(**fill)
     function = pick(_FUNCTION_TEMPLATES)
     if rng.random() < 0.8:
-        function += (" Requires {} as cofactor." if rng.random() < 0.5 else " Binds {}.").format(
-            sub["cofactor"]
-        )
+        function += (" Requires {} as cofactor." if rng.random() < 0.5 else " Binds {}.").format(sub["cofactor"])
     go = [t for t in fam["go"] + [sub["go"]] if rng.random() > 0.1] or [sub["go"]]
     return {
         "name": pick(_NAME_TEMPLATES),
@@ -533,23 +529,17 @@ def build_demo_corpus(
     out_dir = Path(out_dir)
     families = make_families(num_families, seed)
     summary = {"out_dir": str(out_dir), "seed": seed, "num_families": num_families, "splits": {}}
-    for split_index, (split, tag, count) in enumerate(
-        (("train", "TR", num_train), ("heldout", "HO", num_heldout))
-    ):
+    for split_index, (split, tag, count) in enumerate((("train", "TR", num_train), ("heldout", "HO", num_heldout))):
         order = np.random.default_rng([seed, 2, split_index]).permutation(np.arange(count) % num_families)
         rate = missing_rate if split == "train" else 0.0
         slots: list[ProteinRecord | None] = [None] * count
         for f, fam in enumerate(families):
             where = np.flatnonzero(order == f)
             rng = np.random.default_rng([seed, 3, split_index, f])
-            for i, record in zip(
-                where, family_records(fam, [f"DEMO_{tag}_{i:06d}" for i in where], rng, rate)
-            ):
+            for i, record in zip(where, family_records(fam, [f"DEMO_{tag}_{i:06d}" for i in where], rng, rate)):
                 slots[i] = record
         extra = {"split": split, "seed": seed, "generator": GENERATOR, "num_families": num_families}
-        with ShardWriter(
-            out_dir / split, samples_per_shard=samples_per_shard, extra=extra, overwrite=True
-        ) as w:
+        with ShardWriter(out_dir / split, samples_per_shard=samples_per_shard, extra=extra, overwrite=True) as w:
             for record in slots:
                 w.write(record)
         summary["splits"][split] = {

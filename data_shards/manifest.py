@@ -107,9 +107,7 @@ def check_shard_name(name: object, where: str) -> str:
         or "\x00" in name
         or os.path.basename(name) != name
     ):
-        raise ManifestError(
-            f"{where}: unsafe or invalid shard name {name!r} (must be a plain *.tar file name)"
-        )
+        raise ManifestError(f"{where}: unsafe or invalid shard name {name!r} (must be a plain *.tar file name)")
     return name
 
 

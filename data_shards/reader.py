@@ -80,15 +80,11 @@ def _index(path: Path) -> list[_Sample]:
                     if not info.isreg():
                         sample.problem = f"member {info.name!r} is not a regular file"
                     elif ext not in MEMBER_EXTS:
-                        sample.problem = (
-                            f"unexpected member {info.name!r} (allowed: {', '.join(MEMBER_EXTS)})"
-                        )
+                        sample.problem = f"unexpected member {info.name!r} (allowed: {', '.join(MEMBER_EXTS)})"
                     elif ext in sample.members:
                         sample.problem = f"member {info.name!r} appears twice"
                     elif info.size > MAX_MEMBER_BYTES:
-                        sample.problem = (
-                            f"member {info.name!r} has {info.size} bytes (limit {MAX_MEMBER_BYTES})"
-                        )
+                        sample.problem = f"member {info.name!r} has {info.size} bytes (limit {MAX_MEMBER_BYTES})"
                     else:
                         sample.members[ext] = (info.offset_data, info.size)
                 end = tar.offset  # where the end-of-archive marker must start
@@ -152,9 +148,7 @@ class ShardReader:
     def read_members(self, i: int) -> dict[str, bytes]:
         """Raw member bytes of sample ``i`` as {extension: bytes}; BadSampleError if it is bad."""
         if not 0 <= i < len(self._samples):  # e.g. a manifest that promises more than the tar holds
-            raise BadSampleError(
-                str(self.path), f"#{i}", f"index out of range: the shard holds {len(self)} samples"
-            )
+            raise BadSampleError(str(self.path), f"#{i}", f"index out of range: the shard holds {len(self)} samples")
         sample = self._samples[i]
         if sample.problem:
             raise BadSampleError(str(self.path), sample.key, sample.problem)
@@ -175,10 +169,7 @@ class ShardReader:
             span = self._handle.read(stop - start)
         if len(span) != stop - start:
             raise BadSampleError(str(self.path), sample.key, "short read (file changed since indexing?)")
-        return {
-            ext: span[offset - start : offset - start + size]
-            for ext, (offset, size) in sample.members.items()
-        }
+        return {ext: span[offset - start : offset - start + size] for ext, (offset, size) in sample.members.items()}
 
     def read(self, i: int) -> ProteinRecord:
         """Decode and validate sample ``i`` (position in file order).

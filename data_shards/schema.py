@@ -235,9 +235,7 @@ def safe_key(record_id: str) -> str:
 
 
 def _json_bytes(obj: dict) -> bytes:
-    return json.dumps(
-        obj, sort_keys=True, ensure_ascii=False, allow_nan=False, separators=(",", ":")
-    ).encode()
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
 
 def encode_record(record: ProteinRecord) -> dict[str, bytes]:
@@ -333,9 +331,7 @@ def _check_npy_header(handle, name: str) -> None:
         raise SchemaError(f"backbone npz entry {name!r} is an object array (pickle refused)")
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes > MAX_NPZ_ARRAY_BYTES:
-        raise SchemaError(
-            f"backbone npz entry {name!r} declares {nbytes} bytes (limit {MAX_NPZ_ARRAY_BYTES})"
-        )
+        raise SchemaError(f"backbone npz entry {name!r} declares {nbytes} bytes (limit {MAX_NPZ_ARRAY_BYTES})")
 
 
 def decode_sample(members: dict[str, bytes]) -> ProteinRecord:

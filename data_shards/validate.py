@@ -98,9 +98,7 @@ def validate_dir(dir: str | Path, check_samples: bool = True) -> dict:
                         shard_bad += 1
                         report["num_bad_samples"] += 1
                         if len(report["bad_samples"]) < MAX_REPORTED_BAD_SAMPLES:
-                            report["bad_samples"].append(
-                                {"shard": info.name, "key": exc.key, "reason": exc.reason}
-                            )
+                            report["bad_samples"].append({"shard": info.name, "key": exc.key, "reason": exc.reason})
                         continue
                     for modality in record.modalities():
                         counts[modality] += 1

@@ -91,9 +91,7 @@ class ShardWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._old = sorted(self.out_dir.glob(f"{_glob_escape(prefix)}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
         if self._old and not overwrite:
-            raise FileExistsError(
-                f"{self._old[0]} already exists (pass overwrite=True to replace the shards)"
-            )
+            raise FileExistsError(f"{self._old[0]} already exists (pass overwrite=True to replace the shards)")
         # an existing manifest must be sound before anything is written next to it
         self._previous = load_manifest(self.out_dir) if (self.out_dir / MANIFEST_NAME).exists() else None
         self._keys: set[str] = set()

@@ -93,9 +93,7 @@ def test_pickle_only_npy_and_oversized_header_are_refused(tmp_path):
     stream = io.BytesIO()
     np.save(stream, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     header_bomb = io.BytesIO()
-    np.lib.format.write_array_header_1_0(
-        header_bomb, {"descr": "<f4", "fortran_order": False, "shape": (10**9, 4, 3)}
-    )
+    np.lib.format.write_array_header_1_0(header_bomb, {"descr": "<f4", "fortran_order": False, "shape": (10**9, 4, 3)})
     import zipfile
 
     bomb = io.BytesIO()

@@ -74,11 +74,7 @@ def test_nan_coordinates_allowed_only_where_unobserved():
             "atom_mask must have shape",
         ),
         (
-            {
-                "backbone": Backbone(
-                    np.zeros((5, 4, 3), np.float32), np.ones((5, 4), bool), np.ones(4, np.float32)
-                )
-            },
+            {"backbone": Backbone(np.zeros((5, 4, 3), np.float32), np.ones((5, 4), bool), np.ones(4, np.float32))},
             "plddt must have shape",
         ),
         ({"text": ["not", "a", "dict"]}, "text must be a dict"),

@@ -35,14 +35,8 @@ def heldout_copy(small_demo, tmp_path) -> Path:
 def test_demo_command_writes_both_splits(tmp_path):
     args = "--num-train 24 --num-heldout 8 --samples-per-shard 10 --num-families 4 --seed 1".split()
     code, out = cli("demo", "--out", tmp_path, *args)
-    assert (
-        code == 0
-        and out["splits"]["train"]["num_shards"] == 3
-        and out["splits"]["heldout"]["num_samples"] == 8
-    )
-    assert (tmp_path / "train" / "manifest.json").is_file() and (
-        tmp_path / "heldout" / "shard-000000.tar"
-    ).is_file()
+    assert code == 0 and out["splits"]["train"]["num_shards"] == 3 and out["splits"]["heldout"]["num_samples"] == 8
+    assert (tmp_path / "train" / "manifest.json").is_file() and (tmp_path / "heldout" / "shard-000000.tar").is_file()
 
 
 def test_validate_and_inspect_a_sound_directory(small_demo):
@@ -65,9 +59,7 @@ def test_corrupted_sample_fails_validation_naming_shard_and_key(heldout_copy):
     code, report = cli("validate", heldout_copy)
     assert code == 1 and not report["ok"]
     bad = report["bad_samples"]
-    assert bad == [
-        {"shard": "shard-000001.tar", "key": member.name.split(".")[0], "reason": bad[0]["reason"]}
-    ]
+    assert bad == [{"shard": "shard-000001.tar", "key": member.name.split(".")[0], "reason": bad[0]["reason"]}]
     assert "sequence" in bad[0]["reason"]
     errors = next(s for s in report["shards"] if s["name"] == "shard-000001.tar")["errors"]
     assert any("sha256" in e for e in errors)
