@@ -20,7 +20,7 @@ TERMS = ["loss", "loss_seq_struct", "loss_seq_text", "loss_struct_text", "loss_i
 
 def _losses(run_dir):
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
-    return {r["step"]: r for r in rows}
+    return {r["step"]: r for r in rows if "loss" in r}  # validation lines carry val/* only
 
 
 def test_sigkill_then_relaunch_gives_the_uninterrupted_losses(tmp_path, small_demo):
