@@ -9,6 +9,7 @@ the recipe's ``loss.objective`` is protclip).
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -59,8 +60,6 @@ def write_export(state: dict[str, torch.Tensor], cfg: Config, out_dir: Path) -> 
         old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
         os.replace(out_dir, old)
         os.replace(tmp, out_dir)
-        import shutil
-
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out_dir)

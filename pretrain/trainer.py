@@ -27,6 +27,7 @@ import torch.distributed as dist
 from data_shards.manifest import load_manifest
 from pretrain import checkpoint
 from pretrain.config import Config
+from pretrain.data.collate import batch_to_device
 from pretrain.data.stream import Cursor, local_stream, plan_for
 from pretrain.eval.validation import validate_model
 from pretrain.export import export_engine
@@ -51,14 +52,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _to_device(obj, device):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    return obj
 
 
 class Trainer:
@@ -95,7 +88,6 @@ class Trainer:
         seed_everything(self.cfg.train.seed)
         model = TriModalModel.from_config(self.cfg)
         groups = model.parameter_groups()
-        self._group_names = list(groups)
         param_groups = [{"params": ps, "name": name} for name, ps in groups.items()]
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=self.ds_config)
         self.model = model
@@ -141,9 +133,6 @@ class Trainer:
             self.stream = local_stream(self.cfg, plan, self.cursor, views)
 
     # ------------------------------------------------------------------ stages
-    def _encoder_groups(self):
-        return [g for g in self.engine.optimizer.param_groups if str(g.get("name", "")).startswith("encoder")]
-
     def _apply_stage(self) -> None:
         frozen = self.stage == 1
         for enc in self.model.encoders():
@@ -167,7 +156,7 @@ class Trainer:
     # ------------------------------------------------------------------ steps
     def train_step(self, batch: dict) -> dict[str, float]:
         """Forward, loss, backward and optimizer step on one rank's batch; returns logged terms."""
-        batch = _to_device(batch, self.device)
+        batch = batch_to_device(batch, self.device)
         emb = self.engine(batch)
         if self.protclip:
             terms = self.loss_fn(emb, batch["present"], batch["protclip"])

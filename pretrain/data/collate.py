@@ -42,6 +42,15 @@ from pretrain.losses.false_negatives import group_ids
 from pretrain.models.sequence_encoder import tokenize_sequences
 from pretrain.models.text_encoder import build_tokenizer, tokenize_texts
 
+def batch_to_device(obj, device):
+    """Move every tensor of a (nested) batch dict to ``device``; other values are kept as they are."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: batch_to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
 _PLACEHOLDER_SEQUENCE = "A"  # tokenised for rows without a sequence; masked out of the loss
 
 

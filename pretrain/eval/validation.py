@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from pretrain.config import Config
+from pretrain.data.collate import batch_to_device
 from pretrain.data.stream import iter_eval_batches
 from pretrain.eval.retrieval import retrieval_metrics
 from pretrain.models.trimodal import MODALITIES
@@ -31,14 +32,6 @@ def _batches(cfg: Config, shard_dir: str | Path, max_samples: int, batch_size: i
             _CACHE.popitem(last=False)
     _CACHE.move_to_end(key)
     return _CACHE[key]
-
-
-def _to_device(obj, device):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    return obj
 
 
 @torch.no_grad()
@@ -74,7 +67,7 @@ def validate_model(
     present: dict[str, list] = {m: [] for m in MODALITIES}
     try:
         for batch in _batches(cfg, shard_dir, max_samples, batch_size or cfg.eval.batch_size):
-            emb = model(_to_device(batch, device))  # the training forward: works on engine and module
+            emb = model(batch_to_device(batch, device))  # the training forward: works on engine and module
             for m in MODALITIES:
                 mask = batch["present"][m]
                 chunks[m].append((emb[m].float().cpu() * mask[:, None]).numpy())
