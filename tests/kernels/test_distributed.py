@@ -8,7 +8,6 @@ on the global batch.
 from __future__ import annotations
 
 import os
-import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -16,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from kernels.distributed import gather_with_grad, gathered_symmetric_infonce
 from kernels.functional import symmetric_infonce
 from kernels.infonce_reference import infonce_eager
+from tests.spawn_ranks import run_ranks
 
 WORLD = 2
 GLOBAL_BATCH, DIM, FEATURES = 12, 8, 5
@@ -111,25 +110,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory) -> list[dict]:
     tmp = tmp_path_factory.mktemp("gloo")
-    ctx = mp.get_context("spawn")
-    procs = [
-        ctx.Process(target=_worker, args=(r, str(tmp / "rendezvous"), str(tmp)), daemon=True) for r in range(WORLD)
-    ]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    errors = [f.read_text() for f in sorted(tmp.glob("rank*.err"))]
-    assert not errors, "\n".join(errors)
-    assert all(p.exitcode == 0 for p in procs), f"workers timed out or died: {[p.exitcode for p in procs]}"
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+    return run_ranks(_worker, lambda r: (r, str(tmp / "rendezvous"), str(tmp)), WORLD, tmp, TIMEOUT_S, "rank")
 
 
 def _single_process(masked: bool) -> dict:

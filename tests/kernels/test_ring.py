@@ -1,8 +1,6 @@
 """kernels/ring.py: ring symmetric InfoNCE vs a single-process float64 oracle over the global batch."""
 
-import multiprocessing
 import os
-import time
 from datetime import timedelta
 
 import pytest
@@ -10,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from kernels.ring import ring_symmetric_infonce
+from tests.spawn_ranks import run_ranks
 
 B_LOCAL, DIM, LOGIT_SCALE = 11, 16, 10.0
 GRAD_OUT = (0.7, 1.3, 0.9)  # a different upstream gradient per rank
@@ -98,25 +97,11 @@ def _worker(rank, world, init_file, backend, out_dir, strategy="ring"):
 
 def _run_ranks(world, backend, tmp_path, strategy="ring"):
     """Spawns ``world`` gloo ranks (file:// rendezvous), kills them past TIMEOUT_S; per-rank results."""
-    ctx = multiprocessing.get_context("spawn")
     rendezvous = str(tmp_path / f"rendezvous_{strategy}")
-    procs = [
-        ctx.Process(target=_worker, args=(r, world, rendezvous, backend, str(tmp_path), strategy)) for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-    finally:
-        alive = [p for p in procs if p.is_alive()]
-        for p in alive:
-            p.kill()
-            p.join()
-    assert not alive, f"ring ranks hung past {TIMEOUT_S}s and were killed"
-    assert [p.exitcode for p in procs] == [0] * world
-    return [torch.load(tmp_path / f"{strategy}{r}.pt") for r in range(world)]
+    out = str(tmp_path)
+    return run_ranks(
+        _worker, lambda r: (r, world, rendezvous, backend, out, strategy), world, tmp_path, TIMEOUT_S, strategy
+    )
 
 
 def _assert_close(got, want, tol):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -16,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from kernels import symmetric_infonce
@@ -28,6 +26,7 @@ from pretrain.losses.false_negatives import (
     grouped_symmetric_infonce_reference,
     representatives,
 )
+from tests.spawn_ranks import run_ranks
 
 N, DIM, WORLD, TIMEOUT_S = 12, 6, 2, 30.0
 # groups: 100 x3 (rows 1, 4, 9), 200 x2 (rows 2, 10; row 2 invalid -> 10 represents), 300 x2 across
@@ -165,25 +164,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 
 
 def test_two_gloo_ranks_match_the_global_reference(tmp_path):
-    ctx = mp.get_context("spawn")
-    procs = [
-        ctx.Process(target=_worker, args=(r, str(tmp_path / "rdv"), str(tmp_path)), daemon=True) for r in range(WORLD)
-    ]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    errors = [f.read_text() for f in sorted(tmp_path.glob("r*.err"))]
-    assert not errors, "\n".join(errors)
-    assert all(p.exitcode == 0 for p in procs), f"workers timed out or died: {[p.exitcode for p in procs]}"
-    res = [torch.load(tmp_path / f"r{r}.pt") for r in range(WORLD)]
+    res = run_ranks(_worker, lambda r: (r, str(tmp_path / "rdv"), str(tmp_path)), WORLD, tmp_path, TIMEOUT_S, "r")
     ref = _loss_and_grads(grouped_symmetric_infonce_reference, _data(), GROUPS, VALID)
     torch.testing.assert_close(sum(r["loss"] for r in res) / WORLD, ref[0], rtol=1e-10, atol=1e-12)
     rows = N // WORLD
