@@ -135,8 +135,8 @@ def _keep_probabilities(shard) -> np.ndarray:
 def check_plan(cfg: Config, world_size: int) -> None:
     """Fail early (before any process group starts) on a missing shard set or impossible batch."""
     manifest = load_manifest(Path(cfg.data.train_shards))
-    for r in range(world_size):
-        plan_for(cfg, manifest, world_size, r).batches_per_epoch(0)
+    # One plan is enough: every rank's plan lays out all ranks' shares and checks the smallest.
+    plan_for(cfg, manifest, world_size, 0).batches_per_epoch(0)
 
 
 def plan_for(cfg: Config, manifest: Manifest, world_size: int, rank: int) -> EpochPlan:
