@@ -100,6 +100,8 @@ class TrainConfig:
     keep_checkpoints: int = 2  # complete checkpoints kept on disk
     seed: int = 0  # model init, data order and augmentation
     eval_at_end: bool = True  # run retrieval on data.eval_shards after the last step
+    max_nonfinite_steps: int = 5  # stop after this many consecutive steps with non-finite loss/gradients
+    max_failed_checkpoints: int = 2  # stop after this many consecutive checkpoint saves failed (disk full, I/O)
     validate_every: int = 0  # steps between validation retrievals on data.eval_shards (0: off)
     tensorboard: bool = True  # mirror metrics to RUN/tensorboard (when a writer library is installed)
     wandb: bool = False  # mirror metrics to Weights & Biases (when wandb is installed)
@@ -308,6 +310,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.validate_every={t.validate_every}: must be >= 0 (0 turns validation off)")
     if t.log_every < 1 or t.checkpoint_every < 1 or t.keep_checkpoints < 1:
         raise ConfigError("train.log_every, train.checkpoint_every and train.keep_checkpoints must be >= 1")
+    if t.max_nonfinite_steps < 1 or t.max_failed_checkpoints < 1:
+        raise ConfigError("train.max_nonfinite_steps and train.max_failed_checkpoints must be >= 1")
     if cfg.model.embed_dim < 1:
         raise ConfigError(f"model.embed_dim={cfg.model.embed_dim}: must be >= 1")
     if not cfg.eval.ks or any(k < 1 for k in cfg.eval.ks):

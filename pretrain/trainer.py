@@ -29,6 +29,7 @@ from pretrain import checkpoint
 from pretrain.config import Config
 from pretrain.data.collate import batch_to_device
 from pretrain.data.stream import Cursor, local_stream, plan_for
+from pretrain.errors import RunStopped
 from pretrain.eval.validation import validate_model
 from pretrain.export import export_engine
 from pretrain.logging_backends import MetricsLogger
@@ -37,6 +38,10 @@ from pretrain.losses.protclip import ProtCLIPLoss
 from pretrain.models.trimodal import TriModalModel
 
 log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RunStopped):
+    """Too many consecutive steps had a non-finite loss or gradients."""
 
 
 def lr_factor(step: int, cfg: Config) -> float:
@@ -71,6 +76,10 @@ class Trainer:
         self.cursor = Cursor()
         self.bad_samples = 0
         self.samples_seen = 0
+        self.nonfinite_steps = 0  # steps whose update was skipped (non-finite loss or gradients)
+        self._nonfinite_run = 0  # consecutive such steps up to now
+        self._failed_saves = 0  # consecutive checkpoint saves that failed
+        self._zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
         self.stream = None
         self._ray_role = "none"  # "started" / "joined" / "external" (see connect_ray)
         self._stop_requested = False
@@ -96,6 +105,7 @@ class Trainer:
             client, rank_state = resumed
             self.step, self.stage = int(client["step"]), int(client["stage"])
             self.samples_seen, self.bad_samples = int(client["samples_seen"]), int(client["bad_samples"])
+            self.nonfinite_steps = int(client.get("nonfinite_steps", 0))
             self.cursor = Cursor.from_dict(rank_state["cursor"])
             checkpoint.set_rng_state(rank_state["rng"])
             self._truncate_metrics(self.step)
@@ -163,10 +173,28 @@ class Trainer:
         else:
             terms = self.loss_fn(emb, batch["present"], emb["logit_scale"])
         self.engine.backward(terms["loss"])
-        self.engine.step()
+        applied = self._optimizer_step()
         values = detach_terms(terms)
         values["logit_scale"] = float(emb["logit_scale"].detach().reshape(-1)[0])
+        values["nonfinite"] = float(not applied or not math.isfinite(values["loss"]))
         return values
+
+    def _optimizer_step(self) -> bool:
+        """``engine.step()``, unless the gradients are not finite; returns whether it updated.
+
+        ZeRO stages 1-3 check the (already reduced) gradients for inf/NaN themselves, skip the
+        update, zero the gradients and count ``engine.skipped_steps``. Stage 0 (plain data
+        parallel) does not, so its all-reduced gradients are checked here: the verdict is the
+        same on every rank.
+        """
+        if self._zero_stage == 0:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            if any(not torch.isfinite(g).all() for g in grads):
+                self.engine.zero_grad()
+                return False
+        before = self.engine.skipped_steps
+        self.engine.step()
+        return self.engine.skipped_steps == before
 
     def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
         if self.world_size == 1:
@@ -203,17 +231,20 @@ class Trainer:
                 self._apply_stage()
                 self._print(f"step {self.step}: stage 2, encoders unfrozen")
             lr = self._set_lr()
-            for b in bad:
-                log.warning("skipped bad sample: shard %s key %s: %s", b["shard"], b["key"], b["reason"])
+            self._record_bad_samples(bad)
             values = self.train_step(batch)
             self.step += 1
             steps_since_log += 1
             self.cursor = cursor
             self.samples_seen += global_batch
-            # One collective per step: bad samples of every rank, and whether any rank got SIGTERM.
-            bad_total, stop_votes = self._sum_over_ranks([len(bad), int(self._stop_requested)])
+            # One collective per step: bad samples of every rank, whether any rank got SIGTERM,
+            # and whether any rank saw a non-finite loss or a skipped update.
+            bad_total, stop_votes, nonfinite = self._sum_over_ranks(
+                [len(bad), int(self._stop_requested), int(values.pop("nonfinite"))]
+            )
             self.bad_samples += bad_total
             self._check_bad_ratio()
+            self._check_nonfinite(bool(nonfinite))
             if self.step % t_cfg.log_every == 0 or self.step == t_cfg.max_steps:
                 values = self._mean_over_ranks(values)
                 elapsed = time.perf_counter() - t_log
@@ -227,6 +258,7 @@ class Trainer:
                     "epoch": cursor.epoch,
                     "samples_seen": self.samples_seen,
                     "bad_samples": self.bad_samples,
+                    "nonfinite_steps": self.nonfinite_steps,
                 }
                 self._log_metrics(last)
                 done = self.step - start_step
@@ -238,10 +270,8 @@ class Trainer:
                 t_log, steps_since_log = time.perf_counter(), 0
             if t_cfg.validate_every and (self.step % t_cfg.validate_every == 0 or self.step == t_cfg.max_steps):
                 self._validate()
-            if self.step % t_cfg.checkpoint_every == 0 or self.step == t_cfg.max_steps:
-                self.save()
-            elif stop_votes:
-                self.save()
+            if self.step % t_cfg.checkpoint_every == 0 or self.step == t_cfg.max_steps or stop_votes:
+                self.save(must_succeed=self.step == t_cfg.max_steps or bool(stop_votes))
             if stop_votes and self.step < t_cfg.max_steps:
                 self.preempted = True
                 self._print(f"SIGTERM: checkpoint saved at step {self.step}; exiting (relaunch to resume)")
@@ -270,11 +300,49 @@ class Trainer:
     def _check_bad_ratio(self) -> None:
         ratio = self.bad_samples / max(1, self.samples_seen)
         if ratio > self.cfg.data.max_bad_sample_ratio and self.bad_samples > 0:
-            raise RuntimeError(
+            raise RunStopped(
                 f"{self.bad_samples} of {self.samples_seen} samples were unreadable ({ratio:.1%}), above "
                 f"data.max_bad_sample_ratio={self.cfg.data.max_bad_sample_ratio}; check the shards in "
                 f"{self.cfg.data.train_shards} (python -m data_shards validate)"
             )
+
+    def _check_nonfinite(self, nonfinite: bool) -> None:
+        """Count a skipped update; stop after ``train.max_nonfinite_steps`` in a row.
+
+        A skipped step still consumes its batch and its step number (the data cursor moves on),
+        so a resumed run replays exactly the same steps.
+        """
+        if not nonfinite:
+            self._nonfinite_run = 0
+            return
+        self.nonfinite_steps += 1
+        self._nonfinite_run += 1
+        limit = self.cfg.train.max_nonfinite_steps
+        log.warning(
+            "step %d: non-finite loss or gradients on some rank; update skipped (%d in a row, limit %d)",
+            self.step,
+            self._nonfinite_run,
+            limit,
+        )
+        if self._nonfinite_run >= limit:
+            good = checkpoint.latest_tag(self.ckpt_dir)
+            where = f"the last good checkpoint is {self.ckpt_dir / good}" if good else "no checkpoint was written yet"
+            raise NonFiniteError(
+                f"{self._nonfinite_run} consecutive steps (up to step {self.step}) had a non-finite loss or "
+                f"gradients (train.max_nonfinite_steps={limit}); stopping without saving: {where}. "
+                "Lower optim.lr / optim.encoder_lr or check the data, then relaunch to resume from it."
+            )
+
+    def _record_bad_samples(self, bad: list[dict]) -> None:
+        """Log each skipped sample and append it to ``RUN/bad_samples/rank_<r>.jsonl``."""
+        if not bad:
+            return
+        out = self.run_dir / "bad_samples"
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / f"rank_{self.rank}.jsonl", "a") as f:
+            for b in bad:
+                log.warning("skipped bad sample: shard %s key %s: %s", b["shard"], b["key"], b["reason"])
+                f.write(json.dumps({"step": self.step + 1, **b}) + "\n")
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -284,20 +352,35 @@ class Trainer:
             "stage": self.stage,
             "samples_seen": self.samples_seen,
             "bad_samples": self.bad_samples,
+            "nonfinite_steps": self.nonfinite_steps,
             "config_fingerprint": self.cfg.fingerprint(),
             "world_size": self.world_size,
         }
 
-    def save(self) -> None:
+    def save(self, must_succeed: bool = False) -> None:
+        """Write a checkpoint (collective). A failed write (disk full, I/O error) is reported
+        and training goes on with the previous checkpoint kept; the run stops when
+        ``train.max_failed_checkpoints`` saves in a row failed, or when ``must_succeed``
+        (the last step, a preemption)."""
         rank_state = {"cursor": self.cursor.to_dict(), "rng": checkpoint.rng_state()}
-        tag = checkpoint.save(
-            self.engine,
-            self.ckpt_dir,
-            self.step,
-            self.state_dict(),
-            rank_state,
-            self.cfg.train.keep_checkpoints,
-        )
+        try:
+            tag = checkpoint.save(
+                self.engine,
+                self.ckpt_dir,
+                self.step,
+                self.state_dict(),
+                rank_state,
+                self.cfg.train.keep_checkpoints,
+            )
+        except checkpoint.CheckpointWriteError as e:
+            self._failed_saves += 1
+            self._log_metrics({"step": self.step, "checkpoint_failed": 1, "checkpoint_error": str(e)})
+            limit = self.cfg.train.max_failed_checkpoints
+            if must_succeed or self._failed_saves >= limit:
+                raise
+            self._print(f"WARNING: {e} ({self._failed_saves} failed in a row, limit {limit}); training goes on")
+            return
+        self._failed_saves = 0
         self._print(f"checkpoint {self.ckpt_dir / tag}")
 
     def export(self) -> None:
@@ -324,14 +407,11 @@ class Trainer:
         self.logger.log(record)  # rank 0 only: metrics.jsonl, TensorBoard, W&B
 
     def _truncate_metrics(self, step: int) -> None:
-        """Drop metrics lines logged after the checkpoint we resume from (they will be redone)."""
-        path = self.run_dir / "metrics.jsonl"
-        if self.rank != 0 or not path.is_file():
-            return
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-        tmp = path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        """Drop metrics and bad-sample lines logged after the checkpoint we resume from (they
+        will be redone)."""
+        if self.rank == 0:
+            _truncate_jsonl(self.run_dir / "metrics.jsonl", step)
+        _truncate_jsonl(self.run_dir / "bad_samples" / f"rank_{self.rank}.jsonl", step)
 
     def _print(self, msg: str) -> None:
         if self.rank == 0:
@@ -353,6 +433,16 @@ def _maybe_inject_fault(step: int, rank: int, run_dir: Path) -> None:
     if target and rank == 0 and step == int(target) and not marker.exists():
         marker.write_text(str(step))
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _truncate_jsonl(path: Path, step: int) -> None:
+    """Keep the lines of ``path`` whose ``step`` is at most ``step`` (atomic rewrite)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def _fmt_seconds(s: float) -> str:
