@@ -62,7 +62,8 @@ STYLES = (
 _ASPECT_LABELS = (("F", "Molecular function"), ("P", "Biological process"), ("C", "Cellular component"))
 _GO_RE = re.compile(r"GO[:_ ]?(\d{7})")
 # a full EC number or an EC class prefix ("EC 3.4.21", "EC 3.4.-.-"); bare four-part numbers too
-_EC_PREFIXED_RE = re.compile(r"\bEC[\s:]*((?:\d+|-)(?:\.(?:n?\d+|-)){0,3})", re.IGNORECASE)
+# ("EC50" is a potency, not an enzyme class: a bare "EC" must be followed by a separator or a dot)
+_EC_PREFIXED_RE = re.compile(r"\bEC(?:[\s:]+|(?=\d+\.))((?:\d+|-)(?:\.(?:n?\d+|-)){0,3})")
 _EC_BARE_RE = re.compile(r"(?<![\w.])(\d+\.(?:\d+|-)\.(?:\d+|-)\.(?:n?\d+|-))(?!\w)(?!\.\d)")
 _LABEL_RE = re.compile(r"^(?:description|rewritten description|answer)\s*:\s*", re.IGNORECASE)
 
