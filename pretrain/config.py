@@ -57,6 +57,8 @@ class DataConfig:
     readers_per_rank: int = 2  # Ray reader actors owned by each training rank
     prefetch_batches: int = 4  # batches kept in flight per rank
     text_augment: bool = True  # rewrite annotations into varied descriptions (train only)
+    text_rewrite_prob: float = 0.5  # with text_augment: chance of a stored LLM rewrite (text.rewrites) when present
+    text_definition_prob: float = 0.3  # with text_augment: chance per GO term with a stored definition of using it
     property_sampling: bool = False  # ProtCLIP property-driven sampling from the shards' sample_props
     seq_mask_prob: float = 0.15  # token masking of the second sequence view (intra-modal loss)
     coord_noise: float = 0.5  # Gaussian noise (angstrom) on the second structure view
@@ -285,6 +287,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.readers_per_rank and data.prefetch_batches must be >= 1")
     if not 0.0 <= d.max_bad_sample_ratio <= 1.0:
         raise ConfigError(f"data.max_bad_sample_ratio={d.max_bad_sample_ratio}: expected a value in [0, 1]")
+    for name in ("text_rewrite_prob", "text_definition_prob"):
+        if not 0.0 <= getattr(d, name) <= 1.0:
+            raise ConfigError(f"data.{name}={getattr(d, name)}: expected a value in [0, 1]")
     if lo.backend not in ("auto", "torch", "triton"):
         raise ConfigError(f"loss.backend={lo.backend!r}: expected 'auto', 'torch' or 'triton'")
     if lo.strategy not in ("allgather", "ring"):
