@@ -64,6 +64,7 @@ class DataConfig:
     coord_noise: float = 0.5  # Gaussian noise (angstrom) on the second structure view
     residue_drop_prob: float = 0.1  # residues dropped from the second structure view
     max_bad_sample_ratio: float = 0.05  # stop the run when more samples than this were unreadable
+    bad_ratio_min_samples: int = 1000  # the ratio is of at least this many samples (early batches)
     ray_timeout_s: float = 300.0  # hard timeout on any wait for a reader actor
 
 

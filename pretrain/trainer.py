@@ -28,7 +28,7 @@ from data_shards.manifest import load_manifest
 from pretrain import checkpoint
 from pretrain.config import Config
 from pretrain.data.collate import batch_to_device
-from pretrain.data.stream import Cursor, local_stream, plan_for
+from pretrain.data.stream import UNREADABLE_SHARD, Cursor, local_stream, plan_for
 from pretrain.errors import RunStopped
 from pretrain.eval.validation import validate_model
 from pretrain.export import export_engine
@@ -38,10 +38,6 @@ from pretrain.losses.protclip import ProtCLIPLoss
 from pretrain.models.trimodal import TriModalModel
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteError(RunStopped):
-    """Too many consecutive steps had a non-finite loss or gradients."""
 
 
 def lr_factor(step: int, cfg: Config) -> float:
@@ -79,6 +75,7 @@ class Trainer:
         self.nonfinite_steps = 0  # steps whose update was skipped (non-finite loss or gradients)
         self._nonfinite_run = 0  # consecutive such steps up to now
         self._failed_saves = 0  # consecutive checkpoint saves that failed
+        self._unreadable_shards: set[str] = set()  # logged once each
         self._zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
         self.stream = None
         self._ray_role = "none"  # "started" / "joined" / "external" (see connect_ray)
@@ -243,9 +240,9 @@ class Trainer:
                 [len(bad), int(self._stop_requested), int(values.pop("nonfinite"))]
             )
             self.bad_samples += bad_total
-            self._check_bad_ratio()
-            self._check_nonfinite(bool(nonfinite))
-            if self.step % t_cfg.log_every == 0 or self.step == t_cfg.max_steps:
+            # Checked on every rank alike (the counts are global); the step is logged before stopping.
+            stop_reason = self._count_nonfinite(bool(nonfinite)) or self._bad_ratio_exceeded()
+            if stop_reason or self.step % t_cfg.log_every == 0 or self.step == t_cfg.max_steps:
                 values = self._mean_over_ranks(values)
                 elapsed = time.perf_counter() - t_log
                 rate = steps_since_log * global_batch / max(elapsed, 1e-9)
@@ -268,6 +265,8 @@ class Trainer:
                     f"{rate:.1f} samples/s | ETA {_fmt_seconds(eta)}"
                 )
                 t_log, steps_since_log = time.perf_counter(), 0
+            if stop_reason:
+                raise RunStopped(stop_reason)
             if t_cfg.validate_every and (self.step % t_cfg.validate_every == 0 or self.step == t_cfg.max_steps):
                 self._validate()
             if self.step % t_cfg.checkpoint_every == 0 or self.step == t_cfg.max_steps or stop_votes:
@@ -297,24 +296,30 @@ class Trainer:
             best_path.write_text(json.dumps({"step": self.step, "score": score, "metric": "val/mean_R@10"}))
         self._print(f"step {self.step}: validation mean R@10 {score:.3f}")
 
-    def _check_bad_ratio(self) -> None:
-        ratio = self.bad_samples / max(1, self.samples_seen)
-        if ratio > self.cfg.data.max_bad_sample_ratio and self.bad_samples > 0:
-            raise RunStopped(
-                f"{self.bad_samples} of {self.samples_seen} samples were unreadable ({ratio:.1%}), above "
-                f"data.max_bad_sample_ratio={self.cfg.data.max_bad_sample_ratio}; check the shards in "
-                f"{self.cfg.data.train_shards} (python -m data_shards validate)"
+    def _bad_ratio_exceeded(self) -> str | None:
+        """Why the run must stop when more than ``data.max_bad_sample_ratio`` of the samples were
+        bad, else None. Until ``data.bad_ratio_min_samples`` samples were seen the ratio is taken
+        of that many (one bad sample in the first batch must not stop a run)."""
+        d = self.cfg.data
+        ratio = self.bad_samples / max(1, self.samples_seen, d.bad_ratio_min_samples)
+        if ratio > d.max_bad_sample_ratio and self.bad_samples > 0:
+            return (
+                f"{self.bad_samples} of {self.samples_seen} samples were unreadable, above "
+                f"data.max_bad_sample_ratio={d.max_bad_sample_ratio}; check the shards in "
+                f"{d.train_shards} (python -m data_shards validate) and RUN/bad_samples/"
             )
+        return None
 
-    def _check_nonfinite(self, nonfinite: bool) -> None:
-        """Count a skipped update; stop after ``train.max_nonfinite_steps`` in a row.
+    def _count_nonfinite(self, nonfinite: bool) -> str | None:
+        """Count a skipped update; returns why the run must stop after ``train.max_nonfinite_steps``
+        of them in a row, else None.
 
         A skipped step still consumes its batch and its step number (the data cursor moves on),
         so a resumed run replays exactly the same steps.
         """
         if not nonfinite:
             self._nonfinite_run = 0
-            return
+            return None
         self.nonfinite_steps += 1
         self._nonfinite_run += 1
         limit = self.cfg.train.max_nonfinite_steps
@@ -324,25 +329,31 @@ class Trainer:
             self._nonfinite_run,
             limit,
         )
-        if self._nonfinite_run >= limit:
-            good = checkpoint.latest_tag(self.ckpt_dir)
-            where = f"the last good checkpoint is {self.ckpt_dir / good}" if good else "no checkpoint was written yet"
-            raise NonFiniteError(
-                f"{self._nonfinite_run} consecutive steps (up to step {self.step}) had a non-finite loss or "
-                f"gradients (train.max_nonfinite_steps={limit}); stopping without saving: {where}. "
-                "Lower optim.lr / optim.encoder_lr or check the data, then relaunch to resume from it."
-            )
+        if self._nonfinite_run < limit:
+            return None
+        good = checkpoint.latest_tag(self.ckpt_dir)
+        where = f"the last good checkpoint is {self.ckpt_dir / good}" if good else "no checkpoint was written yet"
+        return (
+            f"{self._nonfinite_run} consecutive steps (up to step {self.step}) had a non-finite loss or "
+            f"gradients (train.max_nonfinite_steps={limit}); stopping without saving: {where}. "
+            "Lower optim.lr / optim.encoder_lr or check the data, then relaunch to resume from it."
+        )
 
     def _record_bad_samples(self, bad: list[dict]) -> None:
-        """Log each skipped sample and append it to ``RUN/bad_samples/rank_<r>.jsonl``."""
+        """Append each skipped sample to ``RUN/bad_samples/rank_<r>.jsonl`` and log it; a whole
+        unreadable shard is logged once (its samples are still listed and counted)."""
         if not bad:
             return
         out = self.run_dir / "bad_samples"
         out.mkdir(parents=True, exist_ok=True)
         with open(out / f"rank_{self.rank}.jsonl", "a") as f:
             for b in bad:
-                log.warning("skipped bad sample: shard %s key %s: %s", b["shard"], b["key"], b["reason"])
                 f.write(json.dumps({"step": self.step + 1, **b}) + "\n")
+                if b["reason"] != UNREADABLE_SHARD:
+                    log.warning("skipped bad sample: shard %s key %s: %s", b["shard"], b["key"], b["reason"])
+                elif b["shard"] not in self._unreadable_shards:
+                    self._unreadable_shards.add(b["shard"])
+                    log.error("unreadable shard skipped: %s (all its samples are counted as bad)", b["shard"])
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
