@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from pretrain.losses.false_negatives import GROUP_MODES
 from pretrain.losses.protclip import ProtCLIPLossConfig, validate_protclip_config
 from pretrain.models.sequence_encoder import SequenceEncoderConfig
 from pretrain.models.structure_encoder import StructureEncoderConfig
@@ -76,6 +77,9 @@ class LossConfig:
     backend: str = "auto"  # kernels.infonce backend: "auto", "torch" or "triton"
     strategy: str = "allgather"  # negatives across ranks: "allgather" or "ring"
     objective: str = "align_pro"  # "align_pro" (the weights above) or "protclip" (GC + MLM + BSR + PDA, below)
+    # Align-Pro false negatives: "none", "text" (proteins with identical canonical function text are one
+    # class) or "go" (identical GO-id set); applies to the text terms (seq-text, struct-text, intra-text)
+    false_negatives: str = "none"
     protclip: ProtCLIPLossConfig = field(default_factory=ProtCLIPLossConfig)  # ProtCLIP terms (objective protclip)
 
 
@@ -292,6 +296,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("loss.strategy='ring' does not support the align_pro objective's presence masks yet")
     if lo.objective not in ("align_pro", "protclip"):
         raise ConfigError(f"loss.objective={lo.objective!r}: expected 'align_pro' or 'protclip'")
+    if lo.false_negatives not in ("none", *GROUP_MODES):
+        raise ConfigError(f"loss.false_negatives={lo.false_negatives!r}: expected 'none', 'text' or 'go'")
+    if lo.false_negatives != "none" and lo.objective != "align_pro":
+        raise ConfigError("loss.false_negatives is the align_pro objective's switch; use loss.protclip.false_negatives")
     weights = [lo.alpha, lo.beta, lo.gamma, lo.intra_seq, lo.intra_struct, lo.intra_text]
     if any(w < 0 for w in weights) or (lo.objective == "align_pro" and not any(w > 0 for w in weights)):
         raise ConfigError("loss weights must be >= 0 and at least one must be > 0")

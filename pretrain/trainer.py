@@ -161,7 +161,7 @@ class Trainer:
         if self.protclip:
             terms = self.loss_fn(emb, batch["present"], batch["protclip"])
         else:
-            terms = self.loss_fn(emb, batch["present"], emb["logit_scale"])
+            terms = self.loss_fn(emb, batch["present"], emb["logit_scale"], batch.get("text_group"))
         self.engine.backward(terms["loss"])
         self.engine.step()
         values = detach_terms(terms)
