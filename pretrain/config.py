@@ -7,6 +7,12 @@ names the field, so a typo never silently falls back to a default.
 
 Overrides use dotted paths, e.g. ``--set train.max_steps=50 --set model.text.num_layers=2``;
 the value is parsed as YAML (``true``, ``3``, ``1e-4``, ``[1, 5]``, ``null``).
+
+A recipe may start from another one with a top-level ``base: other.yaml`` (a path relative to the
+recipe's own file): the base is read first (it may have a base of its own) and the recipe's
+sections are merged into it key by key, so an overlay lists only what it changes (mappings merge,
+any other value, lists included, replaces). Ablation recipes are such overlays. The resolved
+recipe written to ``RUN/config.yaml`` has no ``base``.
 """
 
 from __future__ import annotations
@@ -242,6 +248,44 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def _overlay(base: dict, overlay: dict) -> dict:
+    """``base`` with ``overlay`` merged in: mappings recursively, any other value replaces."""
+    out = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _overlay(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_recipe(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """A recipe file as a plain mapping, with its ``base`` chain resolved (module docstring).
+
+    Raises:
+        ConfigError: a file is missing or not a YAML mapping, ``base`` is not a string, or the
+            ``base`` chain loops.
+    """
+    path = Path(path)
+    if not path.is_file():
+        via = f" (base of {_chain[-1]})" if _chain else ""
+        raise ConfigError(f"recipe file not found: {path}{via}")
+    if path.resolve() in _chain:
+        raise ConfigError(f"recipe {path}: 'base' chain loops ({' -> '.join(str(p) for p in (*_chain, path))})")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe {path}: top level must be a mapping of sections")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"recipe {path}: 'base' must be the path of another recipe, got {base!r}")
+    return _overlay(read_recipe(path.parent / base, (*_chain, path.resolve())), raw)
+
+
 def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a recipe YAML (default: the demo recipe), apply dotted overrides, validate.
 
@@ -250,14 +294,7 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | None = 
             or the values are inconsistent (see :func:`validate`).
     """
     path = Path(recipe) if recipe else DEFAULT_RECIPE
-    if not path.is_file():
-        raise ConfigError(f"recipe file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"recipe {path}: top level must be a mapping of sections")
+    raw = read_recipe(path)
     for item in overrides or []:
         key, value = parse_override(item)
         _merge(raw, key, value)
