@@ -13,21 +13,24 @@ variance) on top of 2 bytes of 16-bit weights and 2 of 16-bit gradients::
     stage 2  2Ψ + (2 + K) Ψ / N_d
     stage 3  (2 + 2 + K) Ψ / N_d
 
-Activations: Korthikanti et al. 2022 ("Reducing activation recomputation in large transformer
-models", eq. 1) for a transformer layer with 16-bit activations and no recomputation,
-``s·b·h·(34 + 5·a·s/h)`` bytes (s tokens, b micro-batch, h width, a heads), applied to every ESM-2
-and BERT layer, once per encoder pass a training step makes: Align-Pro runs the sequence and text
-encoders a second time for the intra-modal views when their weights are > 0; ProtCLIP runs ESM-2
-up to three times (clean, MLM-masked, span-masked tokens). The "checkpointed" column is the same
-with per-layer activation checkpointing: the 2·s·b·h bytes of every layer input, plus the largest
-single layer recomputed during the backward.
+Activations: the bytes each encoder pass keeps for its backward, per layer (16-bit, no
+recomputation; s tokens, b micro-batch, h width, a heads; derivations in
+``benchmarks/activation_memory.py``): fair-esm ESM-2 ``s·b·h·(48 + 6·a·s/h)``, transformers BERT with
+SDPA attention ``34·s·b·h``. Both were checked on an H100 against ``memory_allocated`` around one
+bf16 forward of the real models (within 0.2-0.7 % for ESM-2 650M / 3B / 15B, 1.5-3 % for BERT-base;
+BENCHMARKS.md); Korthikanti et al. 2022's generic ``s·b·h·(34 + 5·a·s/h)`` undercounts fair-esm's
+layer by a quarter. A layer counts once per encoder pass a training step makes: Align-Pro runs the
+sequence and text encoders a second time for the intra-modal views when their weights are > 0;
+ProtCLIP runs ESM-2 up to three times (clean, MLM-masked, span-masked tokens). The "checkpointed"
+columns assume per-layer activation checkpointing: the 2·s·b·h bytes of every layer input, plus the
+largest single layer recomputed during the backward.
 
 Not counted (say so wherever the figures are quoted): GVP-GNN activations (edges = residues × k
 neighbours; small next to ESM-2 at these sizes but not zero), projection heads and the loss
 (the fused InfoNCE never materialises B × B), ZeRO's communication buckets and ZeRO-3's gathered
 live parameters (configs/zero*.json: 5e7-element buckets, at most 1e8 live parameters), the CUDA
-context, allocator fragmentation, and fair-esm computing the attention softmax in fp32 (the formula
-assumes 16-bit). GB is 10^9 bytes, as in the ZeRO paper.
+context and NCCL buffers, and allocator fragmentation; leave 10-15 GB of an 80 GB card for them.
+GB is 10^9 bytes, as in the ZeRO paper.
 
     python benchmarks/memory.py                 # print the table and rewrite it in README.md
     python benchmarks/memory.py --no-readme     # print only
@@ -46,6 +49,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from activation_memory import bert_layer_bytes, esm2_layer_bytes  # noqa: E402
+
 from pretrain.config import Config, load_config  # noqa: E402
 from pretrain.models.sequence_encoder import resolve_preset  # noqa: E402
 from pretrain.models.text_encoder import TEXT_PRESETS  # noqa: E402
@@ -53,6 +60,7 @@ from pretrain.models.text_encoder import TEXT_PRESETS  # noqa: E402
 GB = 1e9
 ADAM_K = 12  # bytes/param of mixed-precision Adam state (ZeRO paper, sec. 3.1)
 GPU_MEMORY_GB = 80.0  # A100 / H100 80 GB, the card the plans below target
+RESERVE_GB = 12.0  # left for what is not counted (module docstring)
 README_BEGIN = "<!-- memory-table:begin (benchmarks/memory.py writes this; do not edit by hand) -->"
 README_END = "<!-- memory-table:end -->"
 
@@ -102,17 +110,14 @@ def model_state_bytes(params: float, stage: int, gpus: int, k: int = ADAM_K) -> 
     raise ValueError(f"stage={stage}: ZeRO stages are 0, 1, 2, 3")
 
 
-def layer_activation_bytes(tokens: int, batch: int, hidden: int, heads: int) -> float:
-    """Korthikanti et al. 2022 eq. 1: one transformer layer, 16-bit activations, no recomputation."""
-    s, b, h, a = tokens, batch, hidden, heads
-    return s * b * h * (34 + 5 * a * s / h)
+LAYER_BYTES = {"esm2": esm2_layer_bytes, "bert": bert_layer_bytes}  # per-layer activation bytes by family
 
 
 @dataclass(frozen=True)
 class Transformer:
     """The activation-relevant shape of one encoder pass."""
 
-    name: str
+    name: str  # a LAYER_BYTES family: "esm2" or "bert"
     layers: int
     hidden: int
     heads: int
@@ -128,7 +133,7 @@ def activation_bytes(stacks: list[Transformer], batch: int, checkpointed: bool =
     """
     total, largest = 0.0, 0.0
     for t in stacks:
-        layer = layer_activation_bytes(t.tokens, batch, t.hidden, t.heads)
+        layer = LAYER_BYTES[t.name](t.tokens, batch, t.hidden, t.heads)
         if checkpointed:
             total += t.passes * t.layers * 2 * t.tokens * batch * t.hidden
             largest = max(largest, layer)
@@ -243,7 +248,7 @@ def _m(n: int) -> str:
 
 
 def _yes(gb: float) -> str:
-    return "yes" if gb <= GPU_MEMORY_GB else "**no**"
+    return "yes" if gb <= GPU_MEMORY_GB - RESERVE_GB else "**no**"
 
 
 def markdown_table(rows: list[Row]) -> str:
@@ -252,7 +257,7 @@ def markdown_table(rows: list[Row]) -> str:
         "| recipe | ESM-2 | params: seq / struct / text / heads = total | ZeRO | GPUs | micro-batch "
         "| encoder passes per step | model states GB | activations GB | total GB "
         "| activations GB, checkpointed | total GB, checkpointed "
-        f"| fits {GPU_MEMORY_GB:.0f} GB: plain / checkpointed |\n"
+        f"| fits ≤ {GPU_MEMORY_GB - RESERVE_GB:.0f} GB: plain / checkpointed |\n"
         "| --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"
     )
     lines = [head]
@@ -270,13 +275,15 @@ def markdown_table(rows: list[Row]) -> str:
 def readme_section(rows: list[Row]) -> str:
     return (
         f"{README_BEGIN}\n"
-        f"Computed by `python benchmarks/memory.py` (not measured on a GPU). Parameters: the real "
+        f"Computed by `python benchmarks/memory.py` (no training run was measured). Parameters: the real "
         f"architectures built on the `meta` device. Model states: ZeRO paper formulas, mixed-precision "
-        f"Adam (K = 12), 16-bit weights and gradients. Activations: Korthikanti et al. 2022, 16-bit, "
-        f"per encoder pass a step makes, without and with per-layer activation checkpointing. Not "
-        f"counted: GVP-GNN activations, heads and loss, communication buckets, ZeRO-3 live parameters, "
-        f"CUDA context, fragmentation, fair-esm's fp32 softmax. GB = 10^9 bytes; target card "
-        f"{GPU_MEMORY_GB:.0f} GB.\n\n"
+        f"Adam (K = 12), 16-bit weights and gradients. Activations: per-layer formulas for fair-esm "
+        f"ESM-2 and BERT (SDPA) that match one measured bf16 forward on an H100 within 0.2-3 % "
+        f"(BENCHMARKS.md), per encoder pass a step makes, without and with per-layer activation "
+        f"checkpointing. Not counted: GVP-GNN activations, heads and loss, communication buckets, "
+        f'ZeRO-3 live parameters, CUDA context and NCCL buffers, fragmentation; "fits" means at '
+        f"most {GPU_MEMORY_GB - RESERVE_GB:.0f} GB, leaving {RESERVE_GB:.0f} GB of an "
+        f"{GPU_MEMORY_GB:.0f} GB card for them. GB = 10^9 bytes.\n\n"
         f"{markdown_table(rows)}\n"
         f"{README_END}"
     )

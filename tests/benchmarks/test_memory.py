@@ -64,10 +64,22 @@ def test_esm2_parameter_counts_on_meta(preset):
     assert abs(n / NOMINAL[preset] - 1) < 0.07, (preset, n)
 
 
-def test_activation_formula_by_hand():
-    assert mem.layer_activation_bytes(2, 1, 4, 2) == 2 * 1 * 4 * (34 + 5 * 2 * 2 / 4)
-    t = mem.Transformer("x", layers=3, hidden=4, heads=2, tokens=2, passes=2)
-    layer = mem.layer_activation_bytes(2, 5, 4, 2)
+# kept GB of one bf16 forward, measured on an NVIDIA H100 80GB HBM3 (torch 2.11.0+cu130) with
+# benchmarks/activation_memory.py (BENCHMARKS.md): (layers, width, heads, tokens, batch) -> GB
+H100_ESM2 = {(33, 1280, 20, 452, 16): 27.73, (36, 2560, 40, 452, 8): 30.21, (36, 2560, 40, 452, 6): 22.74}
+H100_ESM2 |= {(48, 5120, 40, 452, 4): 30.80, (48, 5120, 40, 452, 3): 23.16}
+H100_BERT = {16: 2.60, 8: 1.30, 6: 0.98, 4: 0.66, 3: 0.50}  # bert-base, 512 tokens, SDPA
+
+
+def test_activation_formulas_by_hand_and_against_the_h100_measurements():
+    assert mem.esm2_layer_bytes(2, 1, 4, 2) == 2 * 1 * 4 * (48 + 6 * 2 * 2 / 4)
+    assert mem.bert_layer_bytes(2, 1, 4, 2) == 34 * 2 * 1 * 4
+    for (layers, h, a, s, b), gb in H100_ESM2.items():
+        assert layers * mem.esm2_layer_bytes(s, b, h, a) / 1e9 == pytest.approx(gb, rel=0.01)
+    for b, gb in H100_BERT.items():
+        assert 12 * mem.bert_layer_bytes(512, b, 768, 12) / 1e9 == pytest.approx(gb, rel=0.04)
+    t = mem.Transformer("esm2", layers=3, hidden=4, heads=2, tokens=2, passes=2)
+    layer = mem.esm2_layer_bytes(2, 5, 4, 2)
     assert mem.activation_bytes([t], 5) == 2 * 3 * layer
     assert mem.activation_bytes([t], 5, checkpointed=True) == 2 * 3 * (2 * 2 * 5 * 4) + layer
 
@@ -79,7 +91,7 @@ def test_plans_match_the_recipes_and_the_big_ones_fit():
         plan = rows[name].plan
         assert f"--config zero{plan.zero_stage}.json" in header
         assert f"{plan.gpus} ranks" in header
-        assert rows[name].total_gb < mem.GPU_MEMORY_GB  # chosen to fit without activation checkpointing
+        assert rows[name].total_gb <= mem.GPU_MEMORY_GB - mem.RESERVE_GB  # fits without activation checkpointing
     assert 2.8e9 < rows["align_pro_3B"].counts["total"] < 3.1e9
     assert 15.0e9 < rows["align_pro_15B"].counts["total"] < 15.5e9
     c = rows["align_pro_650M"].counts
