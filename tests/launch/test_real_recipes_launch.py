@@ -2,7 +2,8 @@
 
 Everything but the sizes (and the weight files, which do not exist here) comes from the recipe
 files: loss weights and objective, pooling, schedule shape, false-negative grouping. The DeepSpeed
-JSON is the recipe's own (align_pro_650M: ZeRO-3; protclip_650M: ZeRO-3).
+JSON is the recipe's own (align_pro_650M: ZeRO-3; protclip_650M: ZeRO-3). The Align-Pro run also
+switches on ``loss.false_negatives=text`` to exercise that path end to end.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ ALIGN_PRO_TERMS = [
     "loss_intra_text",
 ]
 CASES = {
-    "align_pro_650M": ([], ALIGN_PRO_TERMS),
+    # with false-negative grouping on: collate group ids -> trainer -> grouped loss across 2 ranks
+    "align_pro_650M": (["loss.false_negatives=text"], ALIGN_PRO_TERMS),
     "protclip_650M": (PROTCLIP_SHRINK, ["loss_gc", "loss_mlm", "loss_bsr", "loss_pda"]),
 }
 
