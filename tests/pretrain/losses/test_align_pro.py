@@ -24,7 +24,7 @@ from pretrain.losses.align_pro import AlignProLoss
 from pretrain.losses.false_negatives import NO_GROUP, grouped_symmetric_infonce_reference
 from tests.spawn_ranks import run_ranks
 
-N, DIM, WORLD, TIMEOUT_S = 12, 6, 2, 30.0
+N, DIM, WORLD, TIMEOUT_S = 12, 6, 2, 120.0  # spawned ranks import transformers and fair-esm (slow on a busy host)
 MODS = ("sequence", "structure", "text")
 # Text groups: 100 x3 (rows 1, 4, 9), 200 x2 (rows 2, 10), 300 x2 across the rank boundary (5, 6).
 GROUPS = torch.tensor([7, 100, 200, NO_GROUP, 100, 300, 300, 8, NO_GROUP, 100, 200, 9], dtype=torch.int64)
@@ -158,7 +158,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     try:
         dist.init_process_group(
-            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=20)
+            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=90)
         )
         rows = N // WORLD
         local = slice(rank * rows, (rank + 1) * rows)
