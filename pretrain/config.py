@@ -7,6 +7,12 @@ names the field, so a typo never silently falls back to a default.
 
 Overrides use dotted paths, e.g. ``--set train.max_steps=50 --set model.text.num_layers=2``;
 the value is parsed as YAML (``true``, ``3``, ``1e-4``, ``[1, 5]``, ``null``).
+
+A recipe may start from another one with a top-level ``base: other.yaml`` (a path relative to the
+recipe's own file): the base is read first (it may have a base of its own) and the recipe's
+sections are merged into it key by key, so an overlay lists only what it changes (mappings merge,
+any other value, lists included, replaces). Ablation recipes are such overlays. The resolved
+recipe written to ``RUN/config.yaml`` has no ``base``.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from pretrain.losses.false_negatives import GROUP_MODES
 from pretrain.losses.protclip import ProtCLIPLossConfig, validate_protclip_config
 from pretrain.models.sequence_encoder import SequenceEncoderConfig
 from pretrain.models.structure_encoder import StructureEncoderConfig
@@ -79,6 +86,9 @@ class LossConfig:
     backend: str = "auto"  # kernels.infonce backend: "auto", "torch" or "triton"
     strategy: str = "allgather"  # negatives across ranks: "allgather" or "ring"
     objective: str = "align_pro"  # "align_pro" (the weights above) or "protclip" (GC + MLM + BSR + PDA, below)
+    # Align-Pro false negatives: "none", "text" (proteins with identical canonical function text are one
+    # class) or "go" (identical GO-id set); applies to the text terms (seq-text, struct-text, intra-text)
+    false_negatives: str = "none"
     protclip: ProtCLIPLossConfig = field(default_factory=ProtCLIPLossConfig)  # ProtCLIP terms (objective protclip)
 
 
@@ -243,6 +253,44 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def _overlay(base: dict, overlay: dict) -> dict:
+    """``base`` with ``overlay`` merged in: mappings recursively, any other value replaces."""
+    out = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _overlay(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_recipe(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """A recipe file as a plain mapping, with its ``base`` chain resolved (module docstring).
+
+    Raises:
+        ConfigError: a file is missing or not a YAML mapping, ``base`` is not a string, or the
+            ``base`` chain loops.
+    """
+    path = Path(path)
+    if not path.is_file():
+        via = f" (base of {_chain[-1]})" if _chain else ""
+        raise ConfigError(f"recipe file not found: {path}{via}")
+    if path.resolve() in _chain:
+        raise ConfigError(f"recipe {path}: 'base' chain loops ({' -> '.join(str(p) for p in (*_chain, path))})")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe {path}: top level must be a mapping of sections")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"recipe {path}: 'base' must be the path of another recipe, got {base!r}")
+    return _overlay(read_recipe(path.parent / base, (*_chain, path.resolve())), raw)
+
+
 def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a recipe YAML (default: the demo recipe), apply dotted overrides, validate.
 
@@ -251,14 +299,7 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | None = 
             or the values are inconsistent (see :func:`validate`).
     """
     path = Path(recipe) if recipe else DEFAULT_RECIPE
-    if not path.is_file():
-        raise ConfigError(f"recipe file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"recipe {path}: top level must be a mapping of sections")
+    raw = read_recipe(path)
     for item in overrides or []:
         key, value = parse_override(item)
         _merge(raw, key, value)
@@ -300,6 +341,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("loss.strategy='ring' does not support the align_pro objective's presence masks yet")
     if lo.objective not in ("align_pro", "protclip"):
         raise ConfigError(f"loss.objective={lo.objective!r}: expected 'align_pro' or 'protclip'")
+    if lo.false_negatives not in ("none", *GROUP_MODES):
+        raise ConfigError(f"loss.false_negatives={lo.false_negatives!r}: expected 'none', 'text' or 'go'")
+    if lo.false_negatives != "none" and lo.objective != "align_pro":
+        raise ConfigError("loss.false_negatives is the align_pro objective's switch; use loss.protclip.false_negatives")
     weights = [lo.alpha, lo.beta, lo.gamma, lo.intra_seq, lo.intra_struct, lo.intra_text]
     if any(w < 0 for w in weights) or (lo.objective == "align_pro" and not any(w > 0 for w in weights)):
         raise ConfigError("loss weights must be >= 0 and at least one must be > 0")

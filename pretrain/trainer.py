@@ -168,7 +168,7 @@ class Trainer:
         if self.protclip:
             terms = self.loss_fn(emb, batch["present"], batch["protclip"])
         else:
-            terms = self.loss_fn(emb, batch["present"], emb["logit_scale"])
+            terms = self.loss_fn(emb, batch["present"], emb["logit_scale"], batch.get("text_group"))
         self.engine.backward(terms["loss"])
         applied = self._optimizer_step()
         values = detach_terms(terms)

@@ -71,9 +71,11 @@ def run_launcher(
     timeout=420,
     env: dict | None = None,
     background: bool = False,
+    recipe: Path | None = None,
 ):
     """Run ``deepspeed --num_gpus N launch/pretrain.py`` as a user would.
 
+    ``recipe`` picks ``--recipe`` (default: the launcher's, the demo recipe).
     Returns the finished ``CompletedProcess``, or with ``background`` the running ``Popen``.
     """
     deepspeed = Path(sys.executable).with_name("deepspeed")
@@ -88,6 +90,7 @@ def run_launcher(
         config,
         "--run-dir",
         str(run_dir),
+        *(["--recipe", str(recipe)] if recipe is not None else []),
         "--set",
         f"data.train_shards={shards / 'train'}",
         "--set",

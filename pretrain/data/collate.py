@@ -16,6 +16,8 @@ This is the CPU-heavy part of the input pipeline; it runs inside the Ray reader 
                                         (mlm_tokens, mlm_labels, bsr_tokens, bsr_labels (B, Ls);
                                         segment_ids (B, Lt); segment_present (B, S); with
                                         ``false_negatives`` also text_group (B,))
+    text_group     (B,) long            only with ``loss.false_negatives`` (align_pro) and ``train``:
+                                        false-negative group ids (``losses.false_negatives.group_ids``)
 
 In protclip mode a training batch's ``text_ids`` / ``text_attn`` are the segmented text of
 ``protclip_inputs`` (one text pass serves GC, BSR and PDA) and there are no second views; an
@@ -41,6 +43,7 @@ from pretrain.data.text_augment import augment_text, canonical_text
 from pretrain.losses.false_negatives import group_ids
 from pretrain.models.sequence_encoder import tokenize_sequences
 from pretrain.models.text_encoder import build_tokenizer, tokenize_texts
+
 
 def batch_to_device(obj, device):
     """Move every tensor of a (nested) batch dict to ``device``; other values are kept as they are."""
@@ -110,6 +113,8 @@ class BatchBuilder:
             batch["protclip"] = self._protclip(batch, texts, rng)
         elif train:
             batch["views"] = self._second_views(seqs, backbones, texts, rng)
+            if self.cfg.loss.false_negatives != "none":  # Align-Pro false-negative groups (loss.false_negatives)
+                batch["text_group"] = group_ids(texts, self.cfg.loss.false_negatives)
         return batch
 
     # ------------------------------------------------------------------ helpers

@@ -7,6 +7,16 @@ Each term is a symmetric temperature-scaled InfoNCE whose negatives are every ra
 rows (``kernels.gathered_symmetric_infonce``). A protein missing either modality of a
 pair is left out of that term, as a query and as a negative, instead of being dropped
 from the batch.
+
+False negatives (``loss.false_negatives``: ``"text"`` or ``"go"``): different proteins with
+identical canonical function text (or the identical GO-id set) are one class in the terms that
+contrast *texts*, i.e. ``L(seq, text)``, ``L(struct, text)`` and the intra-modal text term; there
+they are never each other's negatives. The terms use
+:func:`pretrain.losses.false_negatives.grouped_symmetric_infonce` (one representative key per group,
+every member's positive is the representative): per-row targets and a per-column key mask on the
+fused kernel, no B × B mask. ``L(seq, struct)`` and the intra sequence / structure terms keep every
+other protein as a negative: two proteins that share a description are still different molecules,
+and telling their sequences and structures apart is what those terms teach.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ from torch import Tensor
 
 from kernels import gathered_symmetric_infonce
 from pretrain.config import LossConfig
+from pretrain.losses.false_negatives import grouped_symmetric_infonce
 
 # (metric name, first embedding, second embedding, presence key a, presence key b, weight attribute)
 _PAIR_TERMS = (
@@ -30,6 +41,8 @@ _INTRA_TERMS = (
     ("loss_intra_struct", "structure", "intra_struct"),
     ("loss_intra_text", "text", "intra_text"),
 )
+# Terms whose keys include texts: the ones where identical texts are false negatives.
+_GROUPED_TERMS = frozenset({"loss_seq_text", "loss_struct_text", "loss_intra_text"})
 
 
 @dataclass
@@ -42,7 +55,13 @@ class AlignProLoss:
         """Which modalities need a second stochastic view (intra-modal weight > 0)."""
         return {mod: getattr(self.cfg, attr) > 0 for _, mod, attr in _INTRA_TERMS}
 
-    def __call__(self, emb: dict[str, Tensor], present: dict[str, Tensor], logit_scale: Tensor) -> dict[str, Tensor]:
+    def __call__(
+        self,
+        emb: dict[str, Tensor],
+        present: dict[str, Tensor],
+        logit_scale: Tensor,
+        groups: Tensor | None = None,
+    ) -> dict[str, Tensor]:
         """Compute the loss on this rank's embeddings.
 
         Args:
@@ -50,20 +69,27 @@ class AlignProLoss:
                 terms, ``<modality>_view2`` (B, E).
             present: per modality (B,) bool, True where the protein has that modality.
             logit_scale: the softmax multiplier s, shape [1].
+            groups: (B,) int64 false-negative group ids
+                (:func:`pretrain.losses.false_negatives.group_ids`, the batch's ``text_group``);
+                required when ``cfg.false_negatives`` is not ``"none"``, ignored otherwise.
 
         Returns:
             ``loss`` (the weighted total, this rank's share) and every named term (detached
             terms are still tensors; zero-weight terms are omitted).
         """
+        grouped = self.cfg.false_negatives != "none"
+        if grouped and groups is None:
+            raise KeyError(
+                f"loss.false_negatives={self.cfg.false_negatives!r} needs the batch's 'text_group' "
+                "(pretrain.losses.false_negatives.group_ids, added by the collate)"
+            )
         out: dict[str, Tensor] = {}
         total = emb["sequence"].new_zeros(())
-        kw = {"backend": self.cfg.backend, "strategy": self.cfg.strategy}
         for name, a, b, attr in _PAIR_TERMS:
             w = getattr(self.cfg, attr)
             if w <= 0:
                 continue
-            valid = present[a] & present[b]
-            term = gathered_symmetric_infonce(emb[a], emb[b], logit_scale, valid_local=valid, **kw)
+            term = self._term(name, emb[a], emb[b], logit_scale, present[a] & present[b], groups)
             out[name] = term
             total = total + w * term
         for name, mod, attr in _INTRA_TERMS:
@@ -71,11 +97,21 @@ class AlignProLoss:
             key = f"{mod}_view2"
             if w <= 0 or key not in emb:
                 continue
-            term = gathered_symmetric_infonce(emb[mod], emb[key], logit_scale, valid_local=present[mod], **kw)
+            term = self._term(name, emb[mod], emb[key], logit_scale, present[mod], groups)
             out[name] = term
             total = total + w * term
         out["loss"] = total
         return out
+
+    def _term(self, name: str, a: Tensor, b: Tensor, logit_scale: Tensor, valid: Tensor, groups: Tensor | None):
+        """One symmetric InfoNCE term over every rank's rows, grouped when ``name`` contrasts texts."""
+        if self.cfg.false_negatives != "none" and name in _GROUPED_TERMS:
+            return grouped_symmetric_infonce(
+                a, b, logit_scale, groups.to(a.device), valid_local=valid, backend=self.cfg.backend
+            )
+        return gathered_symmetric_infonce(
+            a, b, logit_scale, valid_local=valid, backend=self.cfg.backend, strategy=self.cfg.strategy
+        )
 
 
 def detach_terms(terms: dict[str, Tensor]) -> dict[str, float]:

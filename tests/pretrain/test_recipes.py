@@ -16,6 +16,8 @@ RECIPES = {
     "align_pro_35M": "esm2_t12_35M",
     "align_pro_650M": "esm2_t33_650M",
     "protclip_650M": "esm2_t33_650M",
+    "align_pro_3B": "esm2_t36_3B",
+    "align_pro_15B": "esm2_t48_15B",
 }
 
 

@@ -1,0 +1,188 @@
+"""pretrain.losses.align_pro: weighted pairwise + intra-modal terms, masking, false-negative groups.
+
+References are built term by term from ``kernels.symmetric_infonce`` (plain terms) and the
+materialised N x N oracle ``grouped_symmetric_infonce_reference`` (terms that contrast texts when
+``loss.false_negatives`` is on), on one process and on 2 gloo ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from kernels import symmetric_infonce
+from pretrain.config import ConfigError, LossConfig, load_config
+from pretrain.losses.align_pro import AlignProLoss
+from pretrain.losses.false_negatives import NO_GROUP, grouped_symmetric_infonce_reference
+from tests.spawn_ranks import run_ranks
+
+N, DIM, WORLD, TIMEOUT_S = 12, 6, 2, 120.0  # spawned ranks import transformers and fair-esm (slow on a busy host)
+MODS = ("sequence", "structure", "text")
+# Text groups: 100 x3 (rows 1, 4, 9), 200 x2 (rows 2, 10), 300 x2 across the rank boundary (5, 6).
+GROUPS = torch.tensor([7, 100, 200, NO_GROUP, 100, 300, 300, 8, NO_GROUP, 100, 200, 9], dtype=torch.int64)
+PRESENT = {
+    "sequence": torch.tensor([1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0], dtype=torch.bool),
+    "structure": torch.tensor([1, 1, 1, 0, 1, 1, 1, 1, 0, 1, 1, 1], dtype=torch.bool),
+    "text": torch.tensor([1, 1, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1], dtype=torch.bool),
+}
+CFG = LossConfig(alpha=1.0, beta=0.7, gamma=0.4, intra_seq=0.3, intra_struct=0.2, intra_text=0.5, backend="torch")
+
+
+def _emb(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for m in MODS:
+        for key in (m, f"{m}_view2"):
+            out[key] = F.normalize(torch.randn(N, DIM, generator=g, dtype=torch.float64), dim=1)
+    return out
+
+
+def _reference(emb, present, s, cfg: LossConfig, groups) -> torch.Tensor:
+    """The Align-Pro total on one process: text terms deduplicated by the explicit-mask oracle."""
+    grouped = cfg.false_negatives != "none"
+
+    def term(a, b, valid, text):
+        if grouped and text:
+            return grouped_symmetric_infonce_reference(a, b, s, groups, valid)
+        return symmetric_infonce(a, b, s, valid=valid, backend="torch")
+
+    p = present
+    return (
+        cfg.alpha * term(emb["sequence"], emb["structure"], p["sequence"] & p["structure"], False)
+        + cfg.beta * term(emb["sequence"], emb["text"], p["sequence"] & p["text"], True)
+        + cfg.gamma * term(emb["structure"], emb["text"], p["structure"] & p["text"], True)
+        + cfg.intra_seq * term(emb["sequence"], emb["sequence_view2"], p["sequence"], False)
+        + cfg.intra_struct * term(emb["structure"], emb["structure_view2"], p["structure"], False)
+        + cfg.intra_text * term(emb["text"], emb["text_view2"], p["text"], True)
+    )
+
+
+def _loss_and_grads(fn, emb):
+    leaves = {k: v.clone().requires_grad_() for k, v in emb.items()}
+    s = torch.tensor([4.0], dtype=torch.float64, requires_grad=True)
+    loss = fn(leaves, s)
+    (loss * 1.7).backward()  # grad_output != 1
+    return loss.detach(), {k: v.grad for k, v in leaves.items()}, s.grad
+
+
+def test_terms_and_total_on_a_hand_checkable_pair():
+    """Two proteins, seq <-> text only: each direction is log(1 + exp(s·(c - 1))) with c the cosine."""
+    e = {"sequence": torch.tensor([[1.0, 0.0], [0.0, 1.0]]), "text": torch.tensor([[1.0, 0.0], [0.6, 0.8]])}
+    e["structure"] = e["sequence"]
+    present = {m: torch.ones(2, dtype=torch.bool) for m in MODS}
+    cfg = LossConfig(alpha=0.0, beta=2.0, gamma=0.0, intra_seq=0.0, intra_struct=0.0, intra_text=0.0, backend="torch")
+    s = torch.tensor([3.0])
+    terms = AlignProLoss(cfg)(e, present, s)
+    assert set(terms) == {"loss", "loss_seq_text"}
+    # seq->text: row 0 logits (3, 1.8), row 1 (0, 2.4); text->seq: row 0 (3, 0), row 1 (1.8, 2.4)
+    lse = lambda x, y: torch.logsumexp(torch.tensor([x, y]), 0)  # noqa: E731
+    want = 0.5 * ((lse(3, 1.8) - 3 + lse(0, 2.4) - 2.4) / 2 + (lse(3, 0) - 3 + lse(1.8, 2.4) - 2.4) / 2)
+    torch.testing.assert_close(terms["loss_seq_text"], want)
+    torch.testing.assert_close(terms["loss"], 2.0 * want)
+
+
+@pytest.mark.parametrize("mode", ["none", "text"])
+def test_matches_the_term_by_term_reference(mode):
+    cfg = replace(CFG, false_negatives=mode)
+    emb = _emb()
+    got = _loss_and_grads(lambda e, s: AlignProLoss(cfg)(e, PRESENT, s, GROUPS)["loss"], emb)
+    ref = _loss_and_grads(lambda e, s: _reference(e, PRESENT, s, cfg, GROUPS), emb)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-10, atol=1e-12)
+    for k in emb:
+        torch.testing.assert_close(got[1][k], ref[1][k], rtol=1e-10, atol=1e-12, msg=k)
+    torch.testing.assert_close(got[2], ref[2], rtol=1e-10, atol=1e-12)
+
+
+def test_groups_change_only_the_text_terms():
+    emb = _emb(1)
+    s = torch.tensor([4.0], dtype=torch.float64)
+    plain = AlignProLoss(CFG)(emb, PRESENT, s)
+    grouped = AlignProLoss(replace(CFG, false_negatives="text"))(emb, PRESENT, s, GROUPS)
+    for name in ("loss_seq_struct", "loss_intra_seq", "loss_intra_struct"):
+        torch.testing.assert_close(grouped[name], plain[name], rtol=0, atol=0, msg=name)
+    for name in ("loss_seq_text", "loss_struct_text", "loss_intra_text"):
+        assert not torch.isclose(grouped[name], plain[name]), name
+    # Without duplicates the grouped loss is the plain one.
+    singles = torch.arange(N, dtype=torch.int64) + 1000
+    again = AlignProLoss(replace(CFG, false_negatives="text"))(emb, PRESENT, s, singles)
+    for name, value in plain.items():
+        torch.testing.assert_close(again[name], value, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_missing_groups_and_bad_modes_are_clear_errors():
+    cfg = replace(CFG, false_negatives="go")
+    emb = _emb()
+    with pytest.raises(KeyError, match="text_group"):
+        AlignProLoss(cfg)(emb, PRESENT, torch.tensor([4.0], dtype=torch.float64))
+    with pytest.raises(ConfigError, match="loss.false_negatives='texts'"):
+        load_config(overrides=["loss.false_negatives=texts"])
+    with pytest.raises(ConfigError, match="protclip.false_negatives"):
+        load_config(overrides=["loss.objective=protclip", "loss.false_negatives=text"])
+    assert load_config(overrides=["loss.false_negatives=go"]).loss.false_negatives == "go"
+
+
+def test_collate_adds_group_ids_only_when_switched_on(tmp_path):
+    import numpy as np
+
+    from data_shards.demo_corpus import build_demo_corpus
+    from data_shards.reader import iter_records
+    from pretrain.data.collate import BatchBuilder
+    from pretrain.losses.false_negatives import group_ids
+    from tests.conftest import TINY_OVERRIDES
+
+    build_demo_corpus(tmp_path, num_train=48, num_heldout=48, samples_per_shard=48)
+    recs = list(iter_records(sorted((tmp_path / "train").glob("*.tar"))[0]))[:6]
+    recs[2].text = None
+    rng = np.random.default_rng(0)
+    on = load_config(overrides=[*TINY_OVERRIDES, "loss.false_negatives=text"])
+    batch = BatchBuilder(on, views={"text": True}).build(recs, rng, train=True)
+    want = group_ids([r.text for r in recs], "text")
+    assert torch.equal(batch["text_group"], want) and want[2] == NO_GROUP
+    assert "text_group" not in BatchBuilder(on).build(recs, rng, train=False)  # evaluation batches
+    off = load_config(overrides=TINY_OVERRIDES)
+    assert "text_group" not in BatchBuilder(off).build(recs, rng, train=True)
+
+
+# ----------------------------------------------------------------------------- 2 gloo ranks
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(
+            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=90)
+        )
+        rows = N // WORLD
+        local = slice(rank * rows, (rank + 1) * rows)
+        emb = {k: v[local] for k, v in _emb().items()}
+        present = {k: v[local] for k, v in PRESENT.items()}
+        cfg = replace(CFG, false_negatives="text")
+        loss, grads, s_grad = _loss_and_grads(lambda e, s: AlignProLoss(cfg)(e, present, s, GROUPS[local])["loss"], emb)
+        torch.save({"loss": loss, "grads": grads, "s": s_grad}, os.path.join(out_dir, f"r{rank}.pt"))
+    except BaseException:
+        Path(out_dir, f"r{rank}.err").write_text(traceback.format_exc())
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_match_the_global_reference(tmp_path):
+    res = run_ranks(_worker, lambda r: (r, str(tmp_path / "rdv"), str(tmp_path)), WORLD, tmp_path, TIMEOUT_S, "r")
+    cfg = replace(CFG, false_negatives="text")
+    ref = _loss_and_grads(lambda e, s: _reference(e, PRESENT, s, cfg, GROUPS), _emb())
+    torch.testing.assert_close(sum(r["loss"] for r in res) / WORLD, ref[0], rtol=1e-10, atol=1e-12)
+    rows = N // WORLD
+    for rank, r in enumerate(res):
+        local = slice(rank * rows, (rank + 1) * rows)
+        for k, g in r["grads"].items():  # gather_with_grad convention: W x the global gradient
+            torch.testing.assert_close(g, WORLD * ref[1][k][local], rtol=1e-9, atol=1e-12, msg=k)
+    torch.testing.assert_close(sum(r["s"] for r in res), WORLD * ref[2], rtol=1e-9, atol=1e-12)

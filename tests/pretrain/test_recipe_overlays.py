@@ -1,0 +1,63 @@
+"""Recipe overlays (``base:``) and the ablation recipes built on them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pretrain.config import CONFIGS_DIR, ConfigError, load_config, read_recipe
+
+ABLATIONS = CONFIGS_DIR / "recipes" / "ablations"
+# variant -> the fields it changes relative to its base (everything else must be the base's)
+CHANGES = {
+    "seq_struct": {("loss", "beta"): 0.0, ("loss", "gamma"): 0.0, ("loss", "intra_text"): 0.0},
+    "seq_text": {("loss", "alpha"): 0.0, ("loss", "gamma"): 0.0, ("loss", "intra_struct"): 0.0},
+    "no_augment": {("data", "text_augment"): False},
+    "no_intra": {("loss", "intra_seq"): 0.0, ("loss", "intra_struct"): 0.0, ("loss", "intra_text"): 0.0},
+}
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_overlay_merges_sections_key_by_key_and_chains(tmp_path):
+    _write(tmp_path / "a.yaml", "train:\n  max_steps: 7\n  stage1_steps: 1\n  seed: 3\neval:\n  ks: [1, 5, 10]\n")
+    _write(tmp_path / "sub" / "b.yaml", "base: ../a.yaml\ntrain:\n  seed: 4\neval:\n  ks: [2]\n")
+    c = _write(tmp_path / "c.yaml", "base: sub/b.yaml\ntrain:\n  log_every: 2\n")
+    want_train = {"max_steps": 7, "stage1_steps": 1, "seed": 4, "log_every": 2}
+    assert read_recipe(c) == {"train": want_train, "eval": {"ks": [2]}}
+    cfg = load_config(c, ["train.max_steps=9"])  # overrides apply on top of the merged recipe
+    assert (cfg.train.max_steps, cfg.train.seed, cfg.train.log_every, cfg.eval.ks) == (9, 4, 2, [2])
+
+
+def test_overlay_errors_name_the_file(tmp_path):
+    loop_a = _write(tmp_path / "x.yaml", "base: y.yaml\n")
+    _write(tmp_path / "y.yaml", "base: x.yaml\n")
+    with pytest.raises(ConfigError, match="'base' chain loops"):
+        load_config(loop_a)
+    with pytest.raises(ConfigError, match=r"recipe file not found: .*nope.yaml \(base of .*z.yaml\)"):
+        load_config(_write(tmp_path / "z.yaml", "base: nope.yaml\n"))
+    with pytest.raises(ConfigError, match="'base' must be the path"):
+        load_config(_write(tmp_path / "w.yaml", "base: [a.yaml]\n"))
+    with pytest.raises(ConfigError, match="unknown config key 'loss.alhpa'"):
+        load_config(_write(tmp_path / "v.yaml", f"base: {CONFIGS_DIR / 'recipes' / 'demo.yaml'}\nloss:\n  alhpa: 0\n"))
+
+
+@pytest.mark.parametrize("base", ["demo", "align_pro_650M"])
+@pytest.mark.parametrize("variant", sorted(CHANGES))
+def test_ablation_recipe_changes_only_its_fields(base, variant):
+    got = load_config(ABLATIONS / f"{base}_{variant}.yaml").to_dict()
+    want = load_config(CONFIGS_DIR / "recipes" / f"{base}.yaml").to_dict()
+    for (section, key), value in CHANGES[variant].items():
+        assert want[section][key] != value, (section, key)  # the base really has the term on
+        want[section][key] = value
+    assert got == want
+
+
+def test_every_ablation_file_is_covered():
+    names = {p.stem for p in ABLATIONS.glob("*.yaml")}
+    assert names == {f"{b}_{v}" for b in ("demo", "align_pro_650M") for v in CHANGES}
