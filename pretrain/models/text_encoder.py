@@ -170,6 +170,18 @@ class TextEncoder(nn.Module):
             )
         self.output_dim = self.bert.config.hidden_size
 
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each BERT layer's activations in backward (transformers' own mechanism, which
+        checkpoints in training mode only), non-reentrant like the other encoders."""
+        if enabled:
+            self.bert.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.bert.activation_checkpointing_disable()
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        return bool(self.bert.is_activation_checkpointing)
+
     def token_representations(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Last-layer hidden states of every token.
 
