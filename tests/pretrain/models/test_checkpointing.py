@@ -102,4 +102,3 @@ def test_checkpointing_frees_saved_activations():
     set_layer_checkpointing(layers, False)
     assert not any(is_layer_checkpointed(layer) for layer in layers)
     assert checkpointed < plain / 4, (checkpointed, plain)
-
