@@ -173,14 +173,20 @@ class TextEncoder(nn.Module):
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute each BERT layer's activations in backward (transformers' own mechanism, which
         checkpoints in training mode only), non-reentrant like the other encoders."""
-        if enabled:
-            self.bert.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        bert = self.bert
+        if hasattr(bert, "activation_checkpointing_enable"):  # transformers >= 5.2x names
+            if enabled:
+                bert.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                bert.activation_checkpointing_disable()
+        elif enabled:  # older transformers: the same mechanism under its previous name
+            bert.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
-            self.bert.activation_checkpointing_disable()
+            bert.gradient_checkpointing_disable()
 
     @property
     def activation_checkpointing(self) -> bool:
-        return bool(self.bert.is_activation_checkpointing)
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.bert.modules())
 
     def token_representations(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Last-layer hidden states of every token.
