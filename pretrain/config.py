@@ -37,6 +37,7 @@ from pretrain.models.text_encoder import TextEncoderConfig
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIGS_DIR = REPO_ROOT / "configs"
 DEFAULT_RECIPE = CONFIGS_DIR / "recipes" / "demo.yaml"
+CHECKPOINTABLE_ENCODERS = ("sequence", "structure", "text")  # names accepted by train.activation_checkpointing
 
 
 class ConfigError(ValueError):
@@ -119,6 +120,14 @@ class TrainConfig:
     tensorboard: bool = True  # mirror metrics to RUN/tensorboard (when a writer library is installed)
     wandb: bool = False  # mirror metrics to Weights & Biases (when wandb is installed)
     wandb_project: str = "align-pro"  # W&B project name
+    # Large-batch engine (pretrain/two_pass.py, pretrain/precision.py). These live in ``train``, not
+    # ``model``: they change how a step is computed, not the weights, so toggling them keeps the
+    # model fingerprint (and resuming) intact.
+    grad_cache_chunk: int = 0  # rows per chunk of the two-pass (GradCache) step; 0: plain one-pass step
+    # Encoders whose layers recompute their activations in backward (torch.utils.checkpoint):
+    # any of "sequence" (ESM-2 layers), "structure" (GVP layers), "text" (BERT layers).
+    activation_checkpointing: list[str] = field(default_factory=list)
+    precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; "bf16" (CUDA only); "fp32"
 
 
 @dataclass
@@ -357,6 +366,23 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.max_steps={t.max_steps}: must be >= 1")
     if not 0 <= t.stage1_steps <= t.max_steps:
         raise ConfigError(f"train.stage1_steps={t.stage1_steps}: must be in [0, train.max_steps]")
+    if t.grad_cache_chunk < 0:
+        raise ConfigError(f"train.grad_cache_chunk={t.grad_cache_chunk}: must be >= 0 (0 is the one-pass step)")
+    if t.grad_cache_chunk > 0 and lo.objective == "protclip":
+        # ProtCLIP's MLM / BSR / PDA terms read per-token states, not only the pooled embeddings that
+        # the two-pass step caches; their gradients would be wrong, so refuse instead.
+        raise ConfigError(
+            "train.grad_cache_chunk > 0 (two-pass step) is not supported with loss.objective='protclip'; "
+            "set train.grad_cache_chunk=0"
+        )
+    bad = sorted(set(t.activation_checkpointing) - set(CHECKPOINTABLE_ENCODERS))
+    if bad or len(set(t.activation_checkpointing)) != len(t.activation_checkpointing):
+        raise ConfigError(
+            f"train.activation_checkpointing={t.activation_checkpointing}: expected distinct names "
+            f"from {list(CHECKPOINTABLE_ENCODERS)}"
+        )
+    if t.precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"train.precision={t.precision!r}: expected 'auto', 'bf16' or 'fp32'")
     if t.validate_every < 0:
         raise ConfigError(f"train.validate_every={t.validate_every}: must be >= 0 (0 turns validation off)")
     if t.log_every < 1 or t.checkpoint_every < 1 or t.keep_checkpoints < 1:

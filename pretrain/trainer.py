@@ -36,6 +36,8 @@ from pretrain.logging_backends import MetricsLogger
 from pretrain.losses.align_pro import AlignProLoss, detach_terms
 from pretrain.losses.protclip import ProtCLIPLoss
 from pretrain.models.trimodal import TriModalModel
+from pretrain.precision import embeddings_to_fp32, forward_autocast, resolve_precision
+from pretrain.two_pass import two_pass_step
 
 log = logging.getLogger(__name__)
 
@@ -164,15 +166,30 @@ class Trainer:
     def train_step(self, batch: dict) -> dict[str, float]:
         """Forward, loss, backward and optimizer step on one rank's batch; returns logged terms."""
         batch = batch_to_device(batch, self.device)
-        emb = self.engine(batch)
-        if self.protclip:
-            terms = self.loss_fn(emb, batch["present"], batch["protclip"])
+        autocast_dtype = resolve_precision(self.cfg.train.precision, self.device)
+        if self.cfg.train.grad_cache_chunk > 0:  # GradCache two-pass step (pretrain/two_pass.py)
+            terms, logit_scale = two_pass_step(
+                self.engine,
+                batch,
+                self.loss_fn,
+                self.cfg.train.grad_cache_chunk,
+                autocast_dtype=autocast_dtype,
+                backward=self.engine.backward,
+                set_boundary=self.engine.set_gradient_accumulation_boundary,
+            )
         else:
-            terms = self.loss_fn(emb, batch["present"], emb["logit_scale"], batch.get("text_group"))
-        self.engine.backward(terms["loss"])
+            with forward_autocast(autocast_dtype, self.device):
+                emb = self.engine(batch)
+            emb = embeddings_to_fp32(emb)  # the loss accumulates in fp32 whatever the forward dtype
+            if self.protclip:
+                terms = self.loss_fn(emb, batch["present"], batch["protclip"])
+            else:
+                terms = self.loss_fn(emb, batch["present"], emb["logit_scale"], batch.get("text_group"))
+            self.engine.backward(terms["loss"])
+            logit_scale = emb["logit_scale"]
         applied = self._optimizer_step()
         values = detach_terms(terms)
-        values["logit_scale"] = float(emb["logit_scale"].detach().reshape(-1)[0])
+        values["logit_scale"] = float(logit_scale.detach().reshape(-1)[0])
         values["nonfinite"] = float(not applied or not math.isfinite(values["loss"]))
         return values
 

@@ -21,6 +21,8 @@ import torch
 from esm.model.esm2 import ESM2
 from torch import Tensor, nn
 
+from pretrain.models.checkpointing import is_layer_checkpointed, set_layer_checkpointing
+
 # name -> (num_layers, embed_dim, attention_heads), as published by fair-esm.
 ESM2_PRESETS: dict[str, tuple[int, int, int]] = {
     "esm2_t6_8M": (6, 320, 20),
@@ -227,6 +229,14 @@ class SequenceEncoder(nn.Module):
         self.output_dim = embed_dim
         if cfg.weights is not None:
             load_esm2_weights(self.esm, cfg.weights)
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each ESM-2 transformer layer's activations in backward (``pretrain.models.checkpointing``)."""
+        set_layer_checkpointing(self.esm.layers, enabled)
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        return all(is_layer_checkpointed(layer) for layer in self.esm.layers)
 
     def tokenize(self, seqs: list[str]) -> Tensor:
         """:func:`tokenize_sequences` with this encoder's alphabet and ``max_length``."""

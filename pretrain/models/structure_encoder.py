@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch_geometric.nn import MessagePassing
 
 from pretrain.data.featurize import EDGE_V_DIM, NODE_S_DIM, NODE_V_DIM, edge_s_dim
+from pretrain.models.checkpointing import is_layer_checkpointed, set_layer_checkpointing
 
 Dims = tuple[int, int]  # (scalar channels, vector channels)
 ScalarVector = tuple[Tensor, Tensor]  # (s (N, S), v (N, V, 3))
@@ -249,6 +250,14 @@ class StructureEncoder(nn.Module):
             _TupleLayerNorm(node_h), GVP(node_h, (node_h[0], 0), activations=(None, None), vector_gate=gate)
         )
         self.output_dim = node_h[0]
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each GVPConvLayer's activations in backward (``pretrain.models.checkpointing``)."""
+        set_layer_checkpointing(self.layers, enabled)
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        return len(self.layers) > 0 and all(is_layer_checkpointed(layer) for layer in self.layers)
 
     def node_representations(self, graph: dict[str, Tensor]) -> Tensor:
         """Per-residue invariant features.

@@ -170,6 +170,24 @@ class TextEncoder(nn.Module):
             )
         self.output_dim = self.bert.config.hidden_size
 
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each BERT layer's activations in backward (transformers' own mechanism, which
+        checkpoints in training mode only), non-reentrant like the other encoders."""
+        bert = self.bert
+        if hasattr(bert, "activation_checkpointing_enable"):  # transformers >= 5.2x names
+            if enabled:
+                bert.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                bert.activation_checkpointing_disable()
+        elif enabled:  # older transformers: the same mechanism under its previous name
+            bert.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            bert.gradient_checkpointing_disable()
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.bert.modules())
+
     def token_representations(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Last-layer hidden states of every token.
 

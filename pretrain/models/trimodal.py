@@ -60,7 +60,17 @@ class TriModalModel(nn.Module):
     @classmethod
     def from_config(cls, cfg: Config) -> TriModalModel:
         """The model a run's full recipe trains: with the ProtCLIP heads when ``loss.objective`` is protclip."""
-        return cls(cfg.model, protclip=cfg.loss.protclip if cfg.loss.objective == "protclip" else None)
+        model = cls(cfg.model, protclip=cfg.loss.protclip if cfg.loss.objective == "protclip" else None)
+        model.set_activation_checkpointing(cfg.train.activation_checkpointing)
+        return model
+
+    def set_activation_checkpointing(self, encoders: list[str] | tuple[str, ...]) -> None:
+        """Checkpoint the layers of the named encoders (``sequence``, ``structure``, ``text``), not the others."""
+        unknown = sorted(set(encoders) - set(MODALITIES))
+        if unknown:
+            raise ValueError(f"unknown encoders for activation checkpointing: {unknown}; expected {list(MODALITIES)}")
+        for name, enc in zip(MODALITIES, self.encoders()):
+            enc.set_activation_checkpointing(name in encoders)
 
     # ------------------------------------------------------------------ encoders
     def encode_sequence(self, tokens: Tensor) -> Tensor:
