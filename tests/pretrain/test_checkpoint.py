@@ -244,15 +244,28 @@ def test_incomplete_or_dangling_latest_is_never_picked(tmp_path):
 
 
 def test_no_unsafe_torch_load_in_the_code_base():
-    """Every torch.load in the packages passes weights_only=True; no pickle module loads."""
+    """Every torch.load call in the packages passes weights_only=True; nothing calls pickle.load(s)
+    or np.load(allow_pickle=True). (Parsed with ast: docstrings and comments do not count.)"""
+    import ast
+
     repo = Path(__file__).resolve().parents[2]
     offenders = []
     for pkg in ("pretrain", "kernels", "data_shards", "launch"):
         for path in (repo / pkg).rglob("*.py"):
-            for no, line in enumerate(path.read_text().splitlines(), 1):
-                code = line.split("#", 1)[0]
-                if "torch.load(" in code and "weights_only=True" not in code:
-                    offenders.append(f"{path.relative_to(repo)}:{no}: {line.strip()}")
-                if "pickle.load" in code or "allow_pickle=True" in code:
-                    offenders.append(f"{path.relative_to(repo)}:{no}: {line.strip()}")
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(node, ast.Call):
+                    continue
+                name = ast.unparse(node.func)
+                kwargs = {k.arg: k.value for k in node.keywords}
+                where = f"{path.relative_to(repo)}:{node.lineno}: {ast.unparse(node)[:120]}"
+                if name == "torch.load":
+                    wo = kwargs.get("weights_only")
+                    if not (isinstance(wo, ast.Constant) and wo.value is True):
+                        offenders.append(where)
+                elif name in ("pickle.load", "pickle.loads", "pickle.Unpickler"):
+                    offenders.append(where)
+                elif "allow_pickle" in kwargs:
+                    ap = kwargs["allow_pickle"]
+                    if not (isinstance(ap, ast.Constant) and ap.value is False):
+                        offenders.append(where)
     assert not offenders, "\n".join(offenders)
