@@ -121,7 +121,7 @@ class Trainer:
         return self.run_dir / "checkpoints"
 
     def _open_stream(self) -> None:
-        manifest = load_manifest(Path(self.cfg.data.train_shards))
+        manifest = load_manifest(self.cfg.data.train_shards)  # a path or a URL
         plan = plan_for(self.cfg, manifest, self.world_size, self.rank)
         views = {} if self.protclip else self.loss_fn.needs_views()  # ProtCLIP has no second views
         if self.cfg.data.loader == "ray":
