@@ -97,7 +97,9 @@ class TrainConfig:
     stage1_steps: int = 40  # steps with encoders frozen (heads + temperature only); 0 skips stage 1
     log_every: int = 10  # steps between metrics.jsonl lines
     checkpoint_every: int = 100  # steps between checkpoints (and one at the end)
-    keep_checkpoints: int = 2  # complete checkpoints kept on disk
+    keep_checkpoints: int = 2  # complete checkpoints kept on disk (and in remote_dir)
+    remote_dir: str | None = None  # s3://bucket/runs/x (any fsspec URL) or a shared-FS path: checkpoints + export
+    # are published there after each save and resumed from it; RUN/checkpoints is then local staging
     seed: int = 0  # model init, data order and augmentation
     eval_at_end: bool = True  # run retrieval on data.eval_shards after the last step
     validate_every: int = 0  # steps between validation retrievals on data.eval_shards (0: off)
@@ -308,6 +310,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.validate_every={t.validate_every}: must be >= 0 (0 turns validation off)")
     if t.log_every < 1 or t.checkpoint_every < 1 or t.keep_checkpoints < 1:
         raise ConfigError("train.log_every, train.checkpoint_every and train.keep_checkpoints must be >= 1")
+    if t.remote_dir is not None and (not t.remote_dir.strip() or t.remote_dir.startswith("pipe:")):
+        raise ConfigError(f"train.remote_dir={t.remote_dir!r}: expected a writable URL or path (pipe: is read-only)")
     if cfg.model.embed_dim < 1:
         raise ConfigError(f"model.embed_dim={cfg.model.embed_dim}: must be >= 1")
     if not cfg.eval.ks or any(k < 1 for k in cfg.eval.ks):

@@ -52,8 +52,13 @@ def prepare(recipe: str | None, overrides: list[str], ds_config: str, run_dir: s
             raise ConfigError(
                 f"{run_dir} holds a run of a different model (model section differs); use a new --run-dir"
             )
-    done = finished_step(run_dir / "checkpoints")
-    finished = done if done is not None and done >= cfg.train.max_steps and (run_dir / "export").is_dir() else None
+    remote = cfg.train.remote_dir
+    try:
+        done = finished_step(run_dir / "checkpoints", remote=remote)
+        exported = (run_dir / "export").is_dir() or bool(remote and _exported_to(remote))
+    except OSError as e:  # data_shards.storage.StorageError: wrong credentials, missing bucket
+        raise ConfigError(f"train.remote_dir: {e}") from None
+    finished = done if done is not None and done >= cfg.train.max_steps and exported else None
     return RunPlan(cfg, ds, run_dir, finished)
 
 
@@ -69,6 +74,12 @@ def _shard_set_exists(location: str) -> bool:
         return storage.exists(storage.join(location, "manifest.json"))
     except storage.StorageError as e:
         raise ConfigError(f"data.eval_shards: {e}") from None
+
+
+def _exported_to(remote: str) -> bool:
+    from data_shards import storage
+
+    return storage.exists(storage.join(remote, "export", "config.yaml"))
 
 
 def write_run_config(plan: RunPlan) -> None:

@@ -91,7 +91,7 @@ class Trainer:
         param_groups = [{"params": ps, "name": name} for name, ps in groups.items()]
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=self.ds_config)
         self.model = model
-        resumed = checkpoint.load(self.engine, self.ckpt_dir)
+        resumed = checkpoint.load(self.engine, self.ckpt_dir, remote=self.cfg.train.remote_dir)
         if resumed is not None:
             client, rank_state = resumed
             self.step, self.stage = int(client["step"]), int(client["stage"])
@@ -297,6 +297,7 @@ class Trainer:
             self.state_dict(),
             rank_state,
             self.cfg.train.keep_checkpoints,
+            remote=self.cfg.train.remote_dir,
         )
         self._print(f"checkpoint {self.ckpt_dir / tag}")
 
