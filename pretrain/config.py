@@ -63,6 +63,8 @@ class DataConfig:
     residue_drop_prob: float = 0.1  # residues dropped from the second structure view
     max_bad_sample_ratio: float = 0.05  # stop the run when more samples than this were unreadable
     ray_timeout_s: float = 300.0  # hard timeout on any wait for a reader actor
+    reader_resource: str | None = None  # custom Ray resource each reader actor needs 1 of (e.g. "reader_slot"):
+    # advertised only by CPU reader nodes, it keeps readers off the GPU nodes (launch/ray_cluster_aws.yaml)
 
 
 @dataclass
@@ -283,6 +285,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.loader={d.loader!r}: expected 'ray' or 'local'")
     if d.readers_per_rank < 1 or d.prefetch_batches < 1:
         raise ConfigError("data.readers_per_rank and data.prefetch_batches must be >= 1")
+    if d.reader_resource is not None and not d.reader_resource.strip():
+        raise ConfigError("data.reader_resource: expected a Ray resource name or null")
     if not 0.0 <= d.max_bad_sample_ratio <= 1.0:
         raise ConfigError(f"data.max_bad_sample_ratio={d.max_bad_sample_ratio}: expected a value in [0, 1]")
     if lo.backend not in ("auto", "torch", "triton"):

@@ -33,12 +33,14 @@ ray.init(address=os.environ["ADDR"], log_to_driver=False)
 deadline = time.time() + 120
 while time.time() < deadline and sum(n["Alive"] for n in ray.nodes()) < 2:
     time.sleep(1)
+readers = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("reader_slot")]
+print("READER_NODES", " ".join(readers))
 sys.exit(0 if sum(n["Alive"] for n in ray.nodes()) >= 2 else 1)
 """
 
 
 def _ray_env() -> dict:
-    return {**cpu_env(), "RAY_AUTH_MODE": "token", "PYTHONPATH": str(REPO)}
+    return {**cpu_env(), "RAY_AUTH_MODE": "token", "RAY_DEDUP_LOGS": "0", "PYTHONPATH": str(REPO)}
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -53,7 +55,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 @pytest.fixture
 def two_node_cluster():
-    """(address, log dir) of a head + one worker node, each with 2 logical CPUs."""
+    """(address, reader node id) of a head + one node that also offers reader slots, 2 logical CPUs each."""
     if not RAY.exists():
         pytest.skip("the ray command line is not installed")
     temp = Path(tempfile.mkdtemp(prefix="ap-ray-"))  # short: Ray's socket paths have a length limit
@@ -70,12 +72,19 @@ def two_node_cluster():
             assert procs[0].poll() is None, (temp / "head.log").read_text()[-3000:]
             time.sleep(0.5)
         time.sleep(2)
-        procs.append(_spawn([str(RAY), "start", "--address", address, *common], temp / "node2.log"))
+        node2 = [str(RAY), "start", "--address", address, "--resources", '{"reader_slot": 8}', *common]
+        procs.append(_spawn(node2, temp / "node2.log"))
         wait = subprocess.run(
-            [sys.executable, "-c", WAIT_FOR_NODES], env={**_ray_env(), "ADDR": address}, timeout=180, cwd=temp
+            [sys.executable, "-c", WAIT_FOR_NODES],
+            env={**_ray_env(), "ADDR": address},
+            timeout=180,
+            cwd=temp,
+            capture_output=True,
+            text=True,
         )
         assert wait.returncode == 0, (temp / "node2.log").read_text()[-3000:]
-        yield address, temp
+        (reader_node,) = re.findall(r"READER_NODES (\S+)", wait.stdout)
+        yield address, reader_node
     finally:
         for proc in reversed(procs):
             _stop(proc)
@@ -89,7 +98,7 @@ def _spawn(cmd: list[str], log: Path) -> subprocess.Popen:
 
 
 def test_ray_job_runs_across_a_two_node_cluster(tmp_path, small_demo, two_node_cluster):
-    address, _ = two_node_cluster
+    address, reader_node = two_node_cluster
     run_dir = tmp_path / "run"
     cmd = [
         sys.executable,
@@ -114,14 +123,19 @@ def test_ray_job_runs_across_a_two_node_cluster(tmp_path, small_demo, two_node_c
         "train.stage1_steps=1",
         "train.eval_at_end=false",
         "data.loader=ray",
+        "data.reader_resource=reader_slot",  # readers only where the slots are: the second node
     ]
     for o in overrides:
         cmd += ["--set", o]
     job = subprocess.run(cmd, cwd=REPO, env=_ray_env(), capture_output=True, text=True, timeout=480)
-    out = job.stdout + job.stderr
+    out = re.sub(r"\x1b\[[0-9;]*m", "", job.stdout + job.stderr)  # Ray colours its worker prefixes
     assert job.returncode == 0, out[-4000:]
     nodes = set(re.findall(r"align-pro: rank \d of 2 on Ray node ([0-9a-f]+)", out))
     assert len(nodes) == 2, out[-4000:]  # one training worker on each node
+    # Both nodes share this machine's log directory, so each line may reach the driver twice.
+    readers = set(re.findall(r"pid=(\d+)[^)]*\) align-pro: reader actor on Ray node ([0-9a-f]+)", out))
+    assert len(readers) == 2, out[-4000:]  # one reader actor per rank
+    assert {node for _, node in readers} == {reader_node}, out[-4000:]
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
     assert (run_dir / "checkpoints" / "latest").read_text() == "step00000003"
