@@ -1,4 +1,4 @@
-"""Command line: ``python -m data_shards {demo,build,inspect,validate} ...``; every command prints JSON.
+"""Command line: ``python -m data_shards {demo,build,rewrite,inspect,validate} ...``; every command prints JSON.
 
     python -m data_shards demo --out data/demo [--num-train 3200 --num-heldout 800
                                                 --samples-per-shard 400 --seed 0]
@@ -6,6 +6,9 @@
                                 [--uniprot FILE ...] [--fasta FILE ...] [--go-obo FILE] [--sifts FILE ...]
                                 [--samples-per-shard N] [--workers N]
                                 [--split-heldout FRACTION --split-seed S]
+    python -m data_shards rewrite --shards DIR --out DIR --backend {hf,openai} --model PATH_OR_NAME
+                                  [--endpoint URL --api {chat,completions} --api-key-env VAR]
+                                  [--cache FILE] [--variants N] [--temperature T] [--max-new-tokens N]
     python -m data_shards inspect data/demo/train [--samples 3] [--limit N]
     python -m data_shards validate data/demo/train     # exit 0 only when everything is sound
 
@@ -14,8 +17,8 @@ shards are written to a local temporary directory and uploaded, every ``manifest
 reader never finds a manifest whose shards are not there yet. ``inspect`` and ``validate`` read
 URLs directly.
 
-Exit codes: 0 success, 1 validation found problems (build: nothing usable was written), 2 the
-input could not be read at all.
+Exit codes: 0 success, 1 validation found problems (build, rewrite: nothing usable was written), 2
+the input could not be read at all (rewrite: also the model or endpoint failed).
 
 Adding a command: write a ``_cmd_<name>(args) -> (dict, exit_code)`` function and register its
 parser in ``_parser``.
@@ -130,6 +133,52 @@ def _build(BuildConfig, BuildInputError, build_shards, args, out: str) -> tuple[
     return summary, 0 if summary["ok"] else 1
 
 
+def _cmd_rewrite(args) -> tuple[dict, int]:
+    import os
+
+    from data_shards.llm_backends import BackendError, GenerationParams, make_backend
+    from data_shards.rewrite import RewriteConfig, RewriteError, rewrite_shards
+
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            return {"ok": False, "error": f"environment variable {args.api_key_env} is not set"}, 2
+    try:
+        params = GenerationParams(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+        )
+        config = RewriteConfig(
+            shards=args.shards,
+            out=args.out,
+            variants=args.variants,
+            params=params,
+            cache=args.cache,
+            min_chars=args.min_chars,
+            max_chars=args.max_chars,
+            batch_size=args.batch_size,
+            fallback=args.fallback,
+            overwrite=args.overwrite,
+        )
+        backend = make_backend(
+            args.backend,
+            args.model,
+            endpoint=args.endpoint,
+            api=args.api,
+            api_key=api_key,
+            device=args.device,
+            batch_size=args.batch_size,
+            timeout_s=args.timeout,
+            retries=args.retries,
+            concurrency=args.concurrency,
+        )
+        progress = (lambda line: print(line, file=sys.stderr, flush=True)) if args.progress else None
+        summary = rewrite_shards(config, backend, progress=progress)
+    except (BackendError, RewriteError, ManifestError, ValueError) as exc:
+        return {"ok": False, "error": str(exc)}, 2
+    return summary, 0 if summary["ok"] else 1
+
+
 def _cmd_inspect(args) -> tuple[dict, int]:
     from data_shards.validate import inspect_dir
 
@@ -201,6 +250,32 @@ def _parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--overwrite", action="store_true", help="replace existing shards")
     build.set_defaults(run=_cmd_build)
+
+    rewrite = sub.add_parser("rewrite", help="add language-model rewrites of the function text to shards")
+    rewrite.add_argument("--shards", required=True, help="input shard directory")
+    rewrite.add_argument("--out", required=True, help="output shard directory")
+    rewrite.add_argument("--backend", choices=["hf", "openai"], required=True)
+    rewrite.add_argument("--model", required=True, help="local model directory (hf) or model name (openai)")
+    rewrite.add_argument("--endpoint", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000")
+    rewrite.add_argument("--api", choices=["chat", "completions"], default="chat", help="endpoint flavour")
+    rewrite.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the API key")
+    rewrite.add_argument("--cache", metavar="FILE", help="sqlite cache (default OUT/rewrite-cache.sqlite)")
+    rewrite.add_argument("--variants", type=int, default=2, help="rewrites per record")
+    rewrite.add_argument("--max-new-tokens", type=int, default=160)
+    rewrite.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    rewrite.add_argument("--top-p", type=float, default=0.95)
+    rewrite.add_argument("--seed", type=int, default=0)
+    rewrite.add_argument("--min-chars", type=int, default=20, help="shortest accepted rewrite")
+    rewrite.add_argument("--max-chars", type=int, default=1200, help="longest accepted rewrite")
+    rewrite.add_argument("--fallback", choices=["rule", "none"], default="rule", help="for rejected outputs")
+    rewrite.add_argument("--batch-size", type=int, default=16, help="prompts per model call / cache commit")
+    rewrite.add_argument("--concurrency", type=int, default=4, help="HTTP requests in flight (openai)")
+    rewrite.add_argument("--timeout", type=float, default=60.0, help="HTTP request timeout in seconds")
+    rewrite.add_argument("--retries", type=int, default=4, help="HTTP retries with exponential backoff")
+    rewrite.add_argument("--device", default="cpu", help="torch device of the hf backend")
+    rewrite.add_argument("--progress", action="store_true", help="progress lines on stderr")
+    rewrite.add_argument("--overwrite", action="store_true", help="replace existing shards in OUT")
+    rewrite.set_defaults(run=_cmd_rewrite)
 
     inspect = sub.add_parser("inspect", help="summarise a shard directory")
     inspect.add_argument("dir")

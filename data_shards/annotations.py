@@ -10,6 +10,7 @@ structures, so its size follows the annotation files, not the structure corpus.
 free text when the sources have it; otherwise ``function`` is built from the definitions of the
 protein's most specific MF/BP terms and ``location`` from the names of its most specific CC terms
 (both marked as derived in ``meta["text_derived"]``, and never counted as ProtCLIP properties).
+With an OBO every GO entry also carries its term ``definition`` (for definition paraphrases).
 GO ids are canonicalised with the OBO when one is given (alt ids → primary ids); unknown and
 obsolete ids are dropped term by term with a reason, the protein is kept. Terms are stored as
 annotated (not propagated up the ontology; evaluation propagates with ``Ontology.propagate``).
@@ -299,10 +300,23 @@ def make_text(
         "function": function,
         "location": location,
         "similarity": similarity,
-        "go": [{"id": go_id, "aspect": aspect, "name": term_name} for go_id, aspect, _, term_name in terms],
+        "go": [_go_entry(go_id, aspect, term_name, ontology) for go_id, aspect, _, term_name in terms],
         "ec": list(ec),
     }
     return text, derived, coverage, evidence
+
+
+def _go_entry(go_id: str, aspect: str, name: str, ontology: Ontology | None) -> dict:
+    """One ``text["go"]`` entry; carries the OBO definition when the ontology has one.
+
+    The definition travels with the term so that training-time augmentation can paraphrase it
+    (``pretrain.data.text_augment``) without needing the OBO file.
+    """
+    entry = {"id": go_id, "aspect": aspect, "name": name}
+    definition = ontology.definition(go_id).strip() if ontology is not None else ""
+    if definition:
+        entry["definition"] = definition
+    return entry
 
 
 def _derived_function(by_aspect: dict, ontology: Ontology | None) -> str:

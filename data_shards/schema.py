@@ -40,6 +40,14 @@ MEMBER_EXTS = (SEQ_EXT, BACKBONE_EXT, TEXT_EXT, META_EXT)
 
 TEXT_STR_FIELDS = ("name", "function", "location", "similarity")
 TEXT_LIST_FIELDS = ("go", "ec")
+# Optional text keys added after schema version 1 was frozen; they are validated when present but
+# never filled in by normalize_text, so records without them encode to the same bytes as before
+# and older shards decode unchanged:
+#   text["rewrites"]          list of non-empty strings: alternative descriptions written offline
+#                             (``python -m data_shards rewrite``), picked by pretrain.data.text_augment
+#   text["go"][i]["definition"]  the GO term's definition from the OBO (``build --go-obo``)
+TEXT_REWRITES_FIELD = "rewrites"
+MAX_REWRITES = 64
 GO_ASPECTS = ("F", "P", "C")
 
 MAX_KEY_LEN = 80  # USTAR member names hold 100 bytes; the longest extension is ".backbone.npz"
@@ -82,8 +90,9 @@ class ProteinRecord:
         id: protein id (accession, PDB chain "1abc_A", ...); stored in meta.json as "id".
         sequence: one-letter amino acids, uppercase, or None.
         backbone: :class:`Backbone` or None.
-        text: {"name", "function", "location", "similarity": str, "go": [{"id", "aspect", "name"}],
-            "ec": [str]} or None; decoded records always carry all six fields ("" / [] when missing).
+        text: {"name", "function", "location", "similarity": str, "go": [{"id", "aspect", "name"[,
+            "definition"]}], "ec": [str][, "rewrites": [str]]} or None; decoded records always carry
+            the six base fields ("" / [] when missing); "definition" and "rewrites" only when stored.
         meta: {"source": str, "evidence": str | int, "organism": str, ...free keys}; decoded records
             also carry "id".
     """
@@ -160,12 +169,20 @@ def validate_text(text: dict) -> None:
             raise SchemaError(f"text.go aspect must be one of {GO_ASPECTS}, got {term.get('aspect')!r}")
         if not isinstance(term.get("name", ""), str):
             raise SchemaError("text.go name must be a string")
+        if not isinstance(term.get("definition", ""), str):
+            raise SchemaError("text.go definition must be a string")
     ec = text.get("ec", [])
     if not isinstance(ec, list):
         raise SchemaError(f"text.ec must be a list, got {type(ec).__name__}")
     for number in ec:
         if not isinstance(number, str) or not _EC_RE.fullmatch(number):
             raise SchemaError(f"text.ec entries must look like '2.7.11.1', got {number!r}")
+    rewrites = text.get(TEXT_REWRITES_FIELD, [])
+    if not isinstance(rewrites, list) or len(rewrites) > MAX_REWRITES:
+        raise SchemaError(f"text.rewrites must be a list of at most {MAX_REWRITES} strings")
+    for rewrite in rewrites:
+        if not isinstance(rewrite, str) or not rewrite.strip():
+            raise SchemaError(f"text.rewrites entries must be non-empty strings, got {rewrite!r}"[:120])
 
 
 def validate_meta(meta: dict, record_id: str | None = None) -> None:

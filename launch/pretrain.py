@@ -23,6 +23,7 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 from pretrain.config import ConfigError  # noqa: E402
+from pretrain.errors import RunStopped  # noqa: E402
 from pretrain.run import init_process_group, prepare, train_and_evaluate, write_run_config  # noqa: E402
 
 
@@ -54,7 +55,12 @@ def main(argv=None) -> int:
     if rank == 0:
         write_run_config(plan)
     init_process_group()
-    train_and_evaluate(plan, rank)
+    try:
+        train_and_evaluate(plan, rank)
+    except RunStopped as e:
+        if rank == 0:
+            print(f"align-pro: stopped: {e}", file=sys.stderr, flush=True)
+        return 3
     return 0
 
 

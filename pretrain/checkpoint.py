@@ -8,8 +8,11 @@ Layout (``RUN/checkpoints``)::
     latest                 the tag of the newest complete checkpoint, replaced atomically
 
 A checkpoint without ``COMPLETE`` is never loaded; ``latest`` moves only after ``COMPLETE``
-exists, so a kill at any moment leaves the previous checkpoint usable. Everything is read
-back with ``torch.load(weights_only=True)`` (no arbitrary unpickling).
+exists, so a kill at any moment leaves the previous checkpoint usable. A write that fails on
+any rank (disk full, I/O error) is caught on that rank, agreed on by all ranks, the partial
+directory is removed and :class:`CheckpointWriteError` is raised everywhere; ``latest`` keeps
+naming the previous checkpoint. Everything is read back with ``torch.load(weights_only=True)``
+(no arbitrary unpickling).
 
 With a ``remote`` location (``train.remote_dir``: an object-storage URL or a shared file system)
 this directory is local staging: :mod:`pretrain.checkpoint_store` publishes each checkpoint there
@@ -27,14 +30,72 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from pretrain.errors import RunStopped
+
 log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
+
+# What a failed write raises: OSError (ENOSPC, EIO, EACCES ...) from open/write, RuntimeError
+# from torch.save's zip writer ("PytorchStreamWriter failed writing file").
+WRITE_ERRORS = (OSError, RuntimeError)
+
+
+class CheckpointWriteError(RunStopped):
+    """A checkpoint could not be written on some rank; the previous one is intact."""
 
 
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on at least one (collective)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.long)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _describe_write_error(path, exc: BaseException) -> str:
+    """``path: error (N MiB free)``: torch's zip writer hides ENOSPC behind 'unexpected pos'."""
+    try:
+        free = f"{shutil.disk_usage(Path(path).parent).free / 2**20:.1f} MiB free on its file system"
+    except OSError:
+        free = "free space unknown"
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"{path}: {first_line} ({free})"
+
+
+class _RecordWriteErrors:
+    """Stands in for DeepSpeed's checkpoint engine during one save.
+
+    Every file DeepSpeed writes goes through ``checkpoint_engine.save``. A write that fails is
+    recorded here instead of raised, so that this rank still reaches DeepSpeed's collectives
+    inside ``save_checkpoint`` (a rank raising half-way would leave the others waiting in a
+    barrier forever); the caller then decides, together with the other ranks, what to do.
+    """
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.errors: list[str] = []
+
+    def save(self, state_dict, path):
+        try:
+            self.inner.save(state_dict, path)
+        except WRITE_ERRORS as e:
+            self.errors.append(_describe_write_error(path, e))
+
+    def makedirs(self, path, exist_ok=False):
+        try:
+            self.inner.makedirs(path, exist_ok=exist_ok)
+        except OSError as e:
+            self.errors.append(f"{path}: {e}")
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -73,19 +134,21 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     latest = ckpt_dir / "latest"
     if latest.is_file():
         tag = latest.read_text().strip()
-        if (ckpt_dir / tag / COMPLETE).is_file():
+        if tag and tag == Path(tag).name and not tag.startswith(".") and (ckpt_dir / tag / COMPLETE).is_file():
             return tag
-        log.warning("%s names incomplete checkpoint %r; falling back", latest, tag)
+        log.warning("%s names %r, not a complete checkpoint in this directory; falling back", latest, tag)
     tags = complete_tags(ckpt_dir)
     return tags[-1] if tags else None
 
 
 def _safe_globals() -> list:
-    """The only non-tensor classes DeepSpeed puts in its checkpoint files."""
+    """The only non-tensor classes DeepSpeed puts in its checkpoint files (plain data holders:
+    the loss scaler, the ZeRO stage enum, ZeRO-1/2's (numel, start) fragment addresses)."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [LossScaler, ZeroStageEnum]
+    return [LossScaler, ZeroStageEnum, fragment_address]
 
 
 def verify_safe(tag_dir: Path) -> None:
@@ -110,20 +173,41 @@ def save(
 
     Must be called on every rank (DeepSpeed's save is collective). With ``remote``, the complete
     local checkpoint is then uploaded there (see :mod:`pretrain.checkpoint_store`).
+
+    Raises:
+        CheckpointWriteError: on every rank, when any rank failed to write its files (disk
+            full, I/O error); the partial checkpoint is removed and ``latest`` still names the
+            previous one. Also when publishing to ``remote`` failed (the remote ``latest`` still
+            names the previous checkpoint; the local one is complete).
     """
     tag = f"step{step:08d}"
     rank = dist.get_rank() if dist.is_initialized() else 0
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    rank_file = ckpt_dir / tag / f"rank_{rank}.pt"
-    tmp = rank_file.with_name(f".{rank_file.name}.tmp")
-    torch.save(rank_state, tmp)
-    os.replace(tmp, rank_file)
-    _barrier()  # every rank's files are on disk
+    recorder = _RecordWriteErrors(engine.checkpoint_engine)
+    engine.checkpoint_engine = recorder
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    finally:
+        engine.checkpoint_engine = recorder.inner
+    errors = recorder.errors
+    if not errors:
+        rank_file = ckpt_dir / tag / f"rank_{rank}.pt"
+        tmp = rank_file.with_name(f".{rank_file.name}.tmp")
+        try:
+            torch.save(rank_state, tmp)
+            os.replace(tmp, rank_file)
+        except WRITE_ERRORS as e:
+            errors.append(_describe_write_error(rank_file, e))
+    _fail_together(ckpt_dir, tag, errors, rank)  # every rank's files are on disk, or none count
     if rank == 0:
         world = dist.get_world_size() if dist.is_initialized() else 1
-        _atomic_write_text(ckpt_dir / tag / COMPLETE, json.dumps({"step": step, "world_size": world}))
-        _atomic_write_text(ckpt_dir / "latest", tag)
+        try:
+            _atomic_write_text(ckpt_dir / tag / COMPLETE, json.dumps({"step": step, "world_size": world}))
+            _atomic_write_text(ckpt_dir / "latest", tag)
+        except WRITE_ERRORS as e:
+            errors.append(f"{ckpt_dir / tag}: publishing failed: {e}")
+    _fail_together(ckpt_dir, tag, errors, rank)
+    if rank == 0:
         for old in complete_tags(ckpt_dir)[:-keep]:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
     _barrier()
@@ -131,8 +215,29 @@ def save(
         from pretrain import checkpoint_store
 
         world = dist.get_world_size() if dist.is_initialized() else 1
-        checkpoint_store.publish(ckpt_dir, remote, tag, {"step": step, "world_size": world}, keep, ckpt_dir.parent)
+        try:
+            checkpoint_store.publish(ckpt_dir, remote, tag, {"step": step, "world_size": world}, keep, ckpt_dir.parent)
+        except RuntimeError as e:  # raised on every rank together; the remote `latest` did not move
+            raise CheckpointWriteError(f"checkpoint {tag} is complete locally but not published: {e}") from None
     return tag
+
+
+def _fail_together(ckpt_dir: Path, tag: str, errors: list[str], rank: int) -> None:
+    """If any rank recorded a write error: remove the partial ``tag`` and raise on every rank."""
+    if not _any_rank(bool(errors)):
+        return
+    for e in errors:
+        log.error("checkpoint write failed on rank %d: %s", rank, e)
+    _barrier()  # nobody is still writing into the directory
+    if rank == 0:
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+        for tmp in ckpt_dir.glob(".latest.tmp*"):
+            tmp.unlink(missing_ok=True)
+    _barrier()
+    previous = latest_tag(ckpt_dir)
+    keeps = f"{ckpt_dir / 'latest'} still names {previous}" if previous else "no earlier checkpoint exists"
+    detail = "; ".join(errors) if errors else "another rank failed to write its files"
+    raise CheckpointWriteError(f"checkpoint {ckpt_dir / tag} was not saved ({detail}); {keeps}")
 
 
 def load(engine, ckpt_dir: Path, remote: str | None = None) -> tuple[dict, dict] | None:

@@ -123,10 +123,14 @@ def publish(ckpt_dir: Path, remote: str, tag: str, complete: dict, keep: int, ru
         try:
             storage.write_text(storage.join(root, tag, COMPLETE), json.dumps(complete))
             storage.write_text(storage.join(root, LATEST), tag)  # the publish point: written last
-            _prune(remote, keep, complete["step"])
         except (OSError, ValueError) as e:
             error = e
     _everyone_ok(error, f"publishing checkpoint {tag} to {root}")
+    if _rank() == 0:
+        try:
+            _prune(remote, keep, complete["step"])
+        except (OSError, ValueError) as e:  # old tags left behind cost space, not correctness
+            log.warning("could not delete old checkpoints under %s: %s", root, e)
     log.info("checkpoint %s published to %s", tag, root)
 
 

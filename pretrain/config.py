@@ -57,11 +57,14 @@ class DataConfig:
     readers_per_rank: int = 2  # Ray reader actors owned by each training rank
     prefetch_batches: int = 4  # batches kept in flight per rank
     text_augment: bool = True  # rewrite annotations into varied descriptions (train only)
+    text_rewrite_prob: float = 0.5  # with text_augment: chance of a stored LLM rewrite (text.rewrites) when present
+    text_definition_prob: float = 0.3  # with text_augment: chance per GO term with a stored definition of using it
     property_sampling: bool = False  # ProtCLIP property-driven sampling from the shards' sample_props
     seq_mask_prob: float = 0.15  # token masking of the second sequence view (intra-modal loss)
     coord_noise: float = 0.5  # Gaussian noise (angstrom) on the second structure view
     residue_drop_prob: float = 0.1  # residues dropped from the second structure view
     max_bad_sample_ratio: float = 0.05  # stop the run when more samples than this were unreadable
+    bad_ratio_min_samples: int = 1000  # the ratio is of at least this many samples (early batches)
     ray_timeout_s: float = 300.0  # hard timeout on any wait for a reader actor
     reader_resource: str | None = None  # custom Ray resource each reader actor needs 1 of (e.g. "reader_slot"):
     # advertised only by CPU reader nodes, it keeps readers off the GPU nodes (launch/ray_cluster_aws.yaml)
@@ -104,6 +107,8 @@ class TrainConfig:
     # are published there after each save and resumed from it; RUN/checkpoints is then local staging
     seed: int = 0  # model init, data order and augmentation
     eval_at_end: bool = True  # run retrieval on data.eval_shards after the last step
+    max_nonfinite_steps: int = 5  # stop after this many consecutive steps with non-finite loss/gradients
+    max_failed_checkpoints: int = 2  # stop after this many consecutive checkpoint saves failed (disk full, I/O)
     validate_every: int = 0  # steps between validation retrievals on data.eval_shards (0: off)
     tensorboard: bool = True  # mirror metrics to RUN/tensorboard (when a writer library is installed)
     wandb: bool = False  # mirror metrics to Weights & Biases (when wandb is installed)
@@ -289,6 +294,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.reader_resource: expected a Ray resource name or null")
     if not 0.0 <= d.max_bad_sample_ratio <= 1.0:
         raise ConfigError(f"data.max_bad_sample_ratio={d.max_bad_sample_ratio}: expected a value in [0, 1]")
+    for name in ("text_rewrite_prob", "text_definition_prob"):
+        if not 0.0 <= getattr(d, name) <= 1.0:
+            raise ConfigError(f"data.{name}={getattr(d, name)}: expected a value in [0, 1]")
     if lo.backend not in ("auto", "torch", "triton"):
         raise ConfigError(f"loss.backend={lo.backend!r}: expected 'auto', 'torch' or 'triton'")
     if lo.strategy not in ("allgather", "ring"):
@@ -316,6 +324,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.log_every, train.checkpoint_every and train.keep_checkpoints must be >= 1")
     if t.remote_dir is not None and (not t.remote_dir.strip() or t.remote_dir.startswith("pipe:")):
         raise ConfigError(f"train.remote_dir={t.remote_dir!r}: expected a writable URL or path (pipe: is read-only)")
+    if t.max_nonfinite_steps < 1 or t.max_failed_checkpoints < 1:
+        raise ConfigError("train.max_nonfinite_steps and train.max_failed_checkpoints must be >= 1")
     if cfg.model.embed_dim < 1:
         raise ConfigError(f"model.embed_dim={cfg.model.embed_dim}: must be >= 1")
     if not cfg.eval.ks or any(k < 1 for k in cfg.eval.ks):

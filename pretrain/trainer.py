@@ -28,7 +28,8 @@ from data_shards.manifest import load_manifest
 from pretrain import checkpoint
 from pretrain.config import Config
 from pretrain.data.collate import batch_to_device
-from pretrain.data.stream import Cursor, local_stream, plan_for
+from pretrain.data.stream import UNREADABLE_SHARD, Cursor, local_stream, plan_for
+from pretrain.errors import RunStopped
 from pretrain.eval.validation import validate_model
 from pretrain.export import export_engine
 from pretrain.logging_backends import MetricsLogger
@@ -71,6 +72,11 @@ class Trainer:
         self.cursor = Cursor()
         self.bad_samples = 0
         self.samples_seen = 0
+        self.nonfinite_steps = 0  # steps whose update was skipped (non-finite loss or gradients)
+        self._nonfinite_run = 0  # consecutive such steps up to now
+        self._failed_saves = 0  # consecutive checkpoint saves that failed
+        self._unreadable_shards: set[str] = set()  # logged once each
+        self._zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
         self.stream = None
         self._ray_role = "none"  # "started" / "joined" / "external" (see connect_ray)
         self._stop_requested = False
@@ -96,6 +102,7 @@ class Trainer:
             client, rank_state = resumed
             self.step, self.stage = int(client["step"]), int(client["stage"])
             self.samples_seen, self.bad_samples = int(client["samples_seen"]), int(client["bad_samples"])
+            self.nonfinite_steps = int(client.get("nonfinite_steps", 0))
             self.cursor = Cursor.from_dict(rank_state["cursor"])
             checkpoint.set_rng_state(rank_state["rng"])
             self._truncate_metrics(self.step)
@@ -163,10 +170,28 @@ class Trainer:
         else:
             terms = self.loss_fn(emb, batch["present"], emb["logit_scale"])
         self.engine.backward(terms["loss"])
-        self.engine.step()
+        applied = self._optimizer_step()
         values = detach_terms(terms)
         values["logit_scale"] = float(emb["logit_scale"].detach().reshape(-1)[0])
+        values["nonfinite"] = float(not applied or not math.isfinite(values["loss"]))
         return values
+
+    def _optimizer_step(self) -> bool:
+        """``engine.step()``, unless the gradients are not finite; returns whether it updated.
+
+        ZeRO stages 1-3 check the (already reduced) gradients for inf/NaN themselves, skip the
+        update, zero the gradients and count ``engine.skipped_steps``. Stage 0 (plain data
+        parallel) does not, so its all-reduced gradients are checked here: the verdict is the
+        same on every rank.
+        """
+        if self._zero_stage == 0:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            if any(not torch.isfinite(g).all() for g in grads):
+                self.engine.zero_grad()
+                return False
+        before = self.engine.skipped_steps
+        self.engine.step()
+        return self.engine.skipped_steps == before
 
     def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
         if self.world_size == 1:
@@ -203,18 +228,21 @@ class Trainer:
                 self._apply_stage()
                 self._print(f"step {self.step}: stage 2, encoders unfrozen")
             lr = self._set_lr()
-            for b in bad:
-                log.warning("skipped bad sample: shard %s key %s: %s", b["shard"], b["key"], b["reason"])
+            self._record_bad_samples(bad)
             values = self.train_step(batch)
             self.step += 1
             steps_since_log += 1
             self.cursor = cursor
             self.samples_seen += global_batch
-            # One collective per step: bad samples of every rank, and whether any rank got SIGTERM.
-            bad_total, stop_votes = self._sum_over_ranks([len(bad), int(self._stop_requested)])
+            # One collective per step: bad samples of every rank, whether any rank got SIGTERM,
+            # and whether any rank saw a non-finite loss or a skipped update.
+            bad_total, stop_votes, nonfinite = self._sum_over_ranks(
+                [len(bad), int(self._stop_requested), int(values.pop("nonfinite"))]
+            )
             self.bad_samples += bad_total
-            self._check_bad_ratio()
-            if self.step % t_cfg.log_every == 0 or self.step == t_cfg.max_steps:
+            # Checked on every rank alike (the counts are global); the step is logged before stopping.
+            stop_reason = self._count_nonfinite(bool(nonfinite)) or self._bad_ratio_exceeded()
+            if stop_reason or self.step % t_cfg.log_every == 0 or self.step == t_cfg.max_steps:
                 values = self._mean_over_ranks(values)
                 elapsed = time.perf_counter() - t_log
                 rate = steps_since_log * global_batch / max(elapsed, 1e-9)
@@ -227,6 +255,7 @@ class Trainer:
                     "epoch": cursor.epoch,
                     "samples_seen": self.samples_seen,
                     "bad_samples": self.bad_samples,
+                    "nonfinite_steps": self.nonfinite_steps,
                 }
                 self._log_metrics(last)
                 done = self.step - start_step
@@ -236,12 +265,12 @@ class Trainer:
                     f"{rate:.1f} samples/s | ETA {_fmt_seconds(eta)}"
                 )
                 t_log, steps_since_log = time.perf_counter(), 0
+            if stop_reason:
+                raise RunStopped(stop_reason)
             if t_cfg.validate_every and (self.step % t_cfg.validate_every == 0 or self.step == t_cfg.max_steps):
                 self._validate()
-            if self.step % t_cfg.checkpoint_every == 0 or self.step == t_cfg.max_steps:
-                self.save()
-            elif stop_votes:
-                self.save()
+            if self.step % t_cfg.checkpoint_every == 0 or self.step == t_cfg.max_steps or stop_votes:
+                self.save(must_succeed=self.step == t_cfg.max_steps or bool(stop_votes))
             if stop_votes and self.step < t_cfg.max_steps:
                 self.preempted = True
                 self._print(f"SIGTERM: checkpoint saved at step {self.step}; exiting (relaunch to resume)")
@@ -267,14 +296,64 @@ class Trainer:
             best_path.write_text(json.dumps({"step": self.step, "score": score, "metric": "val/mean_R@10"}))
         self._print(f"step {self.step}: validation mean R@10 {score:.3f}")
 
-    def _check_bad_ratio(self) -> None:
-        ratio = self.bad_samples / max(1, self.samples_seen)
-        if ratio > self.cfg.data.max_bad_sample_ratio and self.bad_samples > 0:
-            raise RuntimeError(
-                f"{self.bad_samples} of {self.samples_seen} samples were unreadable ({ratio:.1%}), above "
-                f"data.max_bad_sample_ratio={self.cfg.data.max_bad_sample_ratio}; check the shards in "
-                f"{self.cfg.data.train_shards} (python -m data_shards validate)"
+    def _bad_ratio_exceeded(self) -> str | None:
+        """Why the run must stop when more than ``data.max_bad_sample_ratio`` of the samples were
+        bad, else None. Until ``data.bad_ratio_min_samples`` samples were seen the ratio is taken
+        of that many (one bad sample in the first batch must not stop a run)."""
+        d = self.cfg.data
+        ratio = self.bad_samples / max(1, self.samples_seen, d.bad_ratio_min_samples)
+        if ratio > d.max_bad_sample_ratio and self.bad_samples > 0:
+            return (
+                f"{self.bad_samples} of {self.samples_seen} samples were unreadable, above "
+                f"data.max_bad_sample_ratio={d.max_bad_sample_ratio}; check the shards in "
+                f"{d.train_shards} (python -m data_shards validate) and RUN/bad_samples/"
             )
+        return None
+
+    def _count_nonfinite(self, nonfinite: bool) -> str | None:
+        """Count a skipped update; returns why the run must stop after ``train.max_nonfinite_steps``
+        of them in a row, else None.
+
+        A skipped step still consumes its batch and its step number (the data cursor moves on),
+        so a resumed run replays exactly the same steps.
+        """
+        if not nonfinite:
+            self._nonfinite_run = 0
+            return None
+        self.nonfinite_steps += 1
+        self._nonfinite_run += 1
+        limit = self.cfg.train.max_nonfinite_steps
+        log.warning(
+            "step %d: non-finite loss or gradients on some rank; update skipped (%d in a row, limit %d)",
+            self.step,
+            self._nonfinite_run,
+            limit,
+        )
+        if self._nonfinite_run < limit:
+            return None
+        good = checkpoint.latest_tag(self.ckpt_dir)
+        where = f"the last good checkpoint is {self.ckpt_dir / good}" if good else "no checkpoint was written yet"
+        return (
+            f"{self._nonfinite_run} consecutive steps (up to step {self.step}) had a non-finite loss or "
+            f"gradients (train.max_nonfinite_steps={limit}); stopping without saving: {where}. "
+            "Lower optim.lr / optim.encoder_lr or check the data, then relaunch to resume from it."
+        )
+
+    def _record_bad_samples(self, bad: list[dict]) -> None:
+        """Append each skipped sample to ``RUN/bad_samples/rank_<r>.jsonl`` and log it; a whole
+        unreadable shard is logged once (its samples are still listed and counted)."""
+        if not bad:
+            return
+        out = self.run_dir / "bad_samples"
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / f"rank_{self.rank}.jsonl", "a") as f:
+            for b in bad:
+                f.write(json.dumps({"step": self.step + 1, **b}) + "\n")
+                if b["reason"] != UNREADABLE_SHARD:
+                    log.warning("skipped bad sample: shard %s key %s: %s", b["shard"], b["key"], b["reason"])
+                elif b["shard"] not in self._unreadable_shards:
+                    self._unreadable_shards.add(b["shard"])
+                    log.error("unreadable shard skipped: %s (all its samples are counted as bad)", b["shard"])
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -284,21 +363,36 @@ class Trainer:
             "stage": self.stage,
             "samples_seen": self.samples_seen,
             "bad_samples": self.bad_samples,
+            "nonfinite_steps": self.nonfinite_steps,
             "config_fingerprint": self.cfg.fingerprint(),
             "world_size": self.world_size,
         }
 
-    def save(self) -> None:
+    def save(self, must_succeed: bool = False) -> None:
+        """Write a checkpoint (collective). A failed write (disk full, I/O error) is reported
+        and training goes on with the previous checkpoint kept; the run stops when
+        ``train.max_failed_checkpoints`` saves in a row failed, or when ``must_succeed``
+        (the last step, a preemption)."""
         rank_state = {"cursor": self.cursor.to_dict(), "rng": checkpoint.rng_state()}
-        tag = checkpoint.save(
-            self.engine,
-            self.ckpt_dir,
-            self.step,
-            self.state_dict(),
-            rank_state,
-            self.cfg.train.keep_checkpoints,
-            remote=self.cfg.train.remote_dir,
-        )
+        try:
+            tag = checkpoint.save(
+                self.engine,
+                self.ckpt_dir,
+                self.step,
+                self.state_dict(),
+                rank_state,
+                self.cfg.train.keep_checkpoints,
+                remote=self.cfg.train.remote_dir,
+            )
+        except checkpoint.CheckpointWriteError as e:
+            self._failed_saves += 1
+            self._log_metrics({"step": self.step, "checkpoint_failed": 1, "checkpoint_error": str(e)})
+            limit = self.cfg.train.max_failed_checkpoints
+            if must_succeed or self._failed_saves >= limit:
+                raise
+            self._print(f"WARNING: {e} ({self._failed_saves} failed in a row, limit {limit}); training goes on")
+            return
+        self._failed_saves = 0
         self._print(f"checkpoint {self.ckpt_dir / tag}")
 
     def export(self) -> None:
@@ -325,14 +419,11 @@ class Trainer:
         self.logger.log(record)  # rank 0 only: metrics.jsonl, TensorBoard, W&B
 
     def _truncate_metrics(self, step: int) -> None:
-        """Drop metrics lines logged after the checkpoint we resume from (they will be redone)."""
-        path = self.run_dir / "metrics.jsonl"
-        if self.rank != 0 or not path.is_file():
-            return
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-        tmp = path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        """Drop metrics and bad-sample lines logged after the checkpoint we resume from (they
+        will be redone)."""
+        if self.rank == 0:
+            _truncate_jsonl(self.run_dir / "metrics.jsonl", step)
+        _truncate_jsonl(self.run_dir / "bad_samples" / f"rank_{self.rank}.jsonl", step)
 
     def _print(self, msg: str) -> None:
         if self.rank == 0:
@@ -354,6 +445,16 @@ def _maybe_inject_fault(step: int, rank: int, run_dir: Path) -> None:
     if target and rank == 0 and step == int(target) and not marker.exists():
         marker.write_text(str(step))
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _truncate_jsonl(path: Path, step: int) -> None:
+    """Keep the lines of ``path`` whose ``step`` is at most ``step`` (atomic rewrite)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def _fmt_seconds(s: float) -> str:

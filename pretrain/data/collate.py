@@ -91,7 +91,7 @@ class BatchBuilder:
             texts.append(fields)
         text_max = self.cfg.model.text.max_length
         main_texts = [
-            (augment_text(f, rng) if train and self.cfg.data.text_augment else canonical_text(f)) for f in texts
+            (self._augment(f, rng) if train and self.cfg.data.text_augment else canonical_text(f)) for f in texts
         ]
         text_ids, text_attn = tokenize_texts(self.tokenizer, main_texts, text_max)
         batch = {
@@ -132,6 +132,11 @@ class BatchBuilder:
             coords = torch.from_numpy(np.asarray(bb.coords[start:stop], dtype=np.float32))
             mask = torch.from_numpy(np.asarray(bb.atom_mask[start:stop], dtype=bool))
         return seq, (coords, mask) if coords is not None else None, rec.text
+
+    def _augment(self, fields: dict | None, rng: np.random.Generator) -> str:
+        """One augmented description (stored rewrites and GO definitions as the config says)."""
+        d = self.cfg.data
+        return augment_text(fields, rng, rewrite_prob=d.text_rewrite_prob, definition_prob=d.text_definition_prob)
 
     def _tokens(self, seqs: list[str | None]) -> torch.Tensor:
         filled = [s if s else _PLACEHOLDER_SEQUENCE for s in seqs]
@@ -204,7 +209,7 @@ class BatchBuilder:
                 graphs.append(self._graph((coords + noise, mask), drop))
             views["graph"] = collate_graphs(graphs, edge_dim=self._edge_dim)
         if self.views.text:
-            rewrites = [augment_text(f, rng) for f in texts]
+            rewrites = [self._augment(f, rng) for f in texts]
             views["text_ids"], views["text_attn"] = tokenize_texts(
                 self.tokenizer, rewrites, self.cfg.model.text.max_length
             )

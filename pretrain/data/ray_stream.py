@@ -59,10 +59,11 @@ class _ReaderPool:
 
     def submit(self, slot: int, refs, rng_key):
         i = slot % len(self.actors)
-        ref = self.actors[i].build.remote(refs, rng_key)
+        actor = self.actors[i]
+        ref = actor.build.remote(refs, rng_key)
 
         def wait():
-            nonlocal ref
+            nonlocal ref, actor
             for attempt in range(3):
                 try:
                     return ray.get(ref, timeout=self.timeout)
@@ -71,10 +72,12 @@ class _ReaderPool:
                         f"reader actor gave no batch within data.ray_timeout_s={self.timeout}s"
                     ) from None
                 except ray.exceptions.RayActorError as e:
-                    log.warning("reader actor %d died (%s); replacing it (attempt %d)", i, e, attempt + 1)
-                    self.actors[i] = self._spawn()
-                    self.restarts += 1
-                    ref = self.actors[i].build.remote(refs, rng_key)
+                    if self.actors[i] is actor:  # first to notice: replace it (other batches it held reuse the new one)
+                        log.warning("reader actor %d died (%s); replacing it (attempt %d)", i, e, attempt + 1)
+                        self.actors[i] = self._spawn()
+                        self.restarts += 1
+                    actor = self.actors[i]
+                    ref = actor.build.remote(refs, rng_key)
             raise RuntimeError("reader actors keep dying; giving up after 3 replacements")
 
         return wait

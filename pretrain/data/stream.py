@@ -33,6 +33,7 @@ from pretrain.data.collate import BatchBuilder
 
 log = logging.getLogger(__name__)
 
+UNREADABLE_SHARD = "unreadable shard"  # the reason given for every sample of a shard that cannot be opened
 SampleRef = tuple[str, int]  # (absolute shard path, sample index inside the shard)
 
 
@@ -175,7 +176,7 @@ class BatchSource:
             reader = self._reader(path)
             if reader is None:
                 records.append(None)
-                bad.append({"shard": path, "key": f"#{idx}", "reason": "unreadable shard"})
+                bad.append({"shard": path, "key": f"#{idx}", "reason": UNREADABLE_SHARD})
                 continue
             try:
                 records.append(reader.read(idx))

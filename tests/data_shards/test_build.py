@@ -154,6 +154,9 @@ def test_bad_input_is_skipped_with_reasons(crafted):
         ("GO:0005737", "C", "cytoplasm"),
     ]
     assert good.text["function"].startswith("Catalysis of the phosphorylation")  # from the GO definition
+    # the OBO definition travels with the term (for definition paraphrases); cytoplasm has none
+    assert good.text["go"][0]["definition"].startswith("Catalysis of the phosphorylation")
+    assert "definition" not in good.text["go"][1]
     assert good.text["location"] == "Located in cytoplasm." and good.meta["text_derived"] == ["function", "location"]
     assert good.text["ec"] == ["2.7.11.1"] and good.meta["property_coverage"] == 0
     assert records["good_B"].text is None and records["good_B"].backbone is not None
@@ -252,6 +255,7 @@ def test_real_subset_matches_the_table(real_build):
         assert record.meta.get("accession", "") == row["uniprot"]
         for term in (record.text or {}).get("go", []):
             assert onto.canonical(term["id"]) == term["id"] and onto.aspect(term["id"]) == term["aspect"]
+            assert term.get("definition", "") == onto.definition(term["id"]).strip()
         table_go = {g for col in ("go_mf", "go_bp", "go_cc") for g in row[col].split(";") if g}
         written = {t["id"] for t in (record.text or {}).get("go", [])}
         dropped = {g for g in table_go if onto.canonical(g) is None}

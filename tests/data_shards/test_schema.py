@@ -82,6 +82,10 @@ def test_nan_coordinates_allowed_only_where_unobserved():
         ({"text": {"go": [{"id": "GO:12", "aspect": "F"}]}}, "GO:0005524"),
         ({"text": {"go": [{"id": "GO:0005524", "aspect": "X"}]}}, "aspect"),
         ({"text": {"ec": ["kinase"]}}, "text.ec"),
+        ({"text": {"rewrites": "one string"}}, "text.rewrites"),
+        ({"text": {"rewrites": ["ok", "  "]}}, "text.rewrites entries"),
+        ({"text": {"rewrites": ["x"] * 65}}, "at most 64"),
+        ({"text": {"go": [{"id": "GO:0005524", "aspect": "F", "definition": 3}]}}, "definition"),
         ({"meta": {"evidence": 1}}, "meta.source"),
         ({"meta": {"source": "x", "evidence": 1.5}}, "meta.evidence"),
         ({"meta": {"source": "x", "id": "other"}}, "differs from the record id"),
@@ -159,3 +163,19 @@ def test_safe_key():
     assert safe_key("../../etc/passwd") == "______etc_passwd"
     long_a, long_b = safe_key("x" * 300 + "a"), safe_key("x" * 300 + "b")
     assert len(long_a) <= 80 and long_a != long_b
+
+
+def test_optional_text_fields_round_trip_and_leave_old_records_unchanged():
+    """``rewrites`` and GO ``definition`` are stored when given and never invented on decode."""
+    plain = make_record()
+    before = encode_record(plain)["text.json"]
+    assert b"rewrites" not in before and b"definition" not in before
+    assert "rewrites" not in decode_sample(encode_record(plain)).text  # old records decode as before
+    text = {
+        **plain.text,
+        "go": [{**plain.text["go"][0], "definition": "Binding to ATP."}],
+        "rewrites": ["A kinase that binds ATP.", "Binds ATP; kinase."],
+    }
+    decoded = decode_sample(encode_record(make_record(text=text)))
+    assert decoded.text["rewrites"] == text["rewrites"]
+    assert decoded.text["go"][0]["definition"] == "Binding to ATP."

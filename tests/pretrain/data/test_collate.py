@@ -1,0 +1,58 @@
+"""BatchBuilder (pretrain/data/collate.py): the text-augmentation switches reach the batch."""
+
+import numpy as np
+import pytest
+import torch
+
+from data_shards.schema import ProteinRecord
+from pretrain.config import ConfigError, load_config
+from pretrain.data.collate import BatchBuilder
+from pretrain.data.text_augment import canonical_text
+from pretrain.models.text_encoder import tokenize_texts
+from tests.conftest import TINY_OVERRIDES
+
+
+def _records() -> list[ProteinRecord]:
+    out = []
+    for i in range(4):
+        text = {
+            "name": f"Kinase {i}",
+            "go": [
+                {
+                    "id": "GO:0006468",
+                    "aspect": "P",
+                    "name": "protein phosphorylation",
+                    "definition": "The process of introducing a phosphate group on to a protein.",
+                }
+            ],
+            "rewrites": [f"rewritten description number {i} of a protein kinase"],
+        }
+        out.append(ProteinRecord(f"P{i}", "MKVLA", None, text, {"source": "test"}))
+    return out
+
+
+def test_stored_rewrites_and_definitions_follow_the_config():
+    records = _records()
+    cfg = load_config(overrides=TINY_OVERRIDES + ["data.text_rewrite_prob=1.0"])
+    builder = BatchBuilder(cfg, views={"text": True})
+    batch = builder.build(records, np.random.default_rng(0), train=True)
+    want, _ = tokenize_texts(builder.tokenizer, [r.text["rewrites"][0] for r in records], cfg.model.text.max_length)
+    torch.testing.assert_close(batch["text_ids"], want)
+    torch.testing.assert_close(batch["views"]["text_ids"], want)
+    evaluation = builder.build(records, np.random.default_rng(0), train=False)  # never rewrites
+    want_eval, _ = tokenize_texts(
+        builder.tokenizer, [canonical_text(r.text) for r in records], cfg.model.text.max_length
+    )
+    torch.testing.assert_close(evaluation["text_ids"], want_eval)
+
+    cfg = load_config(overrides=TINY_OVERRIDES + ["data.text_rewrite_prob=0.0", "data.text_definition_prob=1.0"])
+    builder = BatchBuilder(cfg)
+    batch = builder.build(records, np.random.default_rng(0), train=True)
+    decoded = builder.tokenizer.batch_decode(batch["text_ids"], skip_special_tokens=True)
+    assert all("phosphate group" in text and "rewritten" not in text for text in decoded)
+
+
+@pytest.mark.parametrize("name", ["text_rewrite_prob", "text_definition_prob"])
+def test_probabilities_are_checked(name):
+    with pytest.raises(ConfigError, match=f"data.{name}"):
+        load_config(overrides=TINY_OVERRIDES + [f"data.{name}=1.5"])

@@ -1,0 +1,151 @@
+"""Trainer under faults, on 2 spawned gloo ranks with the real DeepSpeed ZeRO-3 engine.
+
+Non-finite steps are injected by wrapping the trainer's loss on one rank: either the loss itself
+becomes NaN, or the loss stays finite and only its gradient is NaN (``x + sqrt(0 * x)``). The
+update must be skipped on every rank, counted, and the run stopped after
+``train.max_nonfinite_steps`` such steps in a row, keeping the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import TINY_OVERRIDES, free_port
+from tests.spawn_ranks import run_ranks
+
+pytestmark = pytest.mark.slow
+
+WORLD = 2
+TIMEOUT_S = 300.0
+
+
+def _poison(kind: str, loss: torch.Tensor) -> torch.Tensor:
+    if kind == "nan_loss":
+        return loss * float("nan")
+    # Same value, NaN gradient: d/dx sqrt(0 * x) = 0 * inf.
+    return loss + torch.sqrt(loss * 0)
+
+
+def _worker(rank: int, port: int, out: str, shards: str, run_dir: str, overrides: list, faults: dict) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed
+
+        from pretrain.errors import RunStopped
+        from pretrain.run import init_process_group, prepare
+        from pretrain.trainer import Trainer
+
+        over = [
+            f"data.train_shards={shards}/train",
+            f"data.eval_shards={shards}/heldout",
+            "data.loader=local",
+            "train.eval_at_end=false",
+            "train.tensorboard=false",
+            "train.stage1_steps=0",
+            *TINY_OVERRIDES,
+            *overrides,
+        ]
+        plan = prepare(None, over, "zero3.json", run_dir, WORLD)
+        init_process_group()
+        trainer = Trainer(plan.cfg, plan.deepspeed_config, plan.run_dir)
+        trainer.setup()
+        real_loss = trainer.loss_fn
+
+        def loss_fn(*args, **kwargs):
+            terms = real_loss(*args, **kwargs)
+            kind = faults.get(str(trainer.step + 1))  # the step about to run
+            if kind is not None and rank == faults["rank"]:
+                terms["loss"] = _poison(kind, terms["loss"])
+            return terms
+
+        trainer.loss_fn = loss_fn
+        sums = []
+        real_step = trainer._optimizer_step
+
+        def optimizer_step():
+            applied = real_step()
+            params = list(trainer.engine.module.parameters())
+            with deepspeed.zero.GatheredParameters(params):
+                sums.append(float(sum(p.detach().double().sum() for p in params)))
+            return applied
+
+        trainer._optimizer_step = optimizer_step
+        error = ""
+        try:
+            trainer.train()
+        except RunStopped as e:
+            error = str(e)
+        finally:
+            trainer.close()
+        result = {
+            "error": error,
+            "step": trainer.step,
+            "nonfinite_steps": trainer.nonfinite_steps,
+            "skipped": trainer.engine.skipped_steps,
+            "sums": sums,
+        }
+        torch.save(result, Path(out) / f"rank{rank}.pt")
+    except Exception:  # noqa: BLE001 - reported to the parent
+        (Path(out) / f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+
+
+def _run(tmp_path: Path, shards: Path, overrides: list[str], faults: dict) -> list[dict]:
+    port = free_port()
+    run_dir = tmp_path / "run"
+    return run_ranks(
+        _worker,
+        lambda r: (r, port, str(tmp_path), str(shards), str(run_dir), overrides, faults),
+        WORLD,
+        tmp_path,
+        TIMEOUT_S,
+        "rank",
+    )
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+
+
+def test_non_finite_loss_and_gradients_skip_the_update_and_training_goes_on(tmp_path, small_demo):
+    # On rank 1 only: step 3's loss is NaN; step 4's loss is finite but its gradient is NaN.
+    faults = {"rank": 1, "3": "nan_loss", "4": "nan_grad"}
+    results = _run(tmp_path, small_demo, ["train.max_steps=6", "train.checkpoint_every=3"], faults)
+    for res in results:
+        assert res["error"] == ""
+        assert res["step"] == 6
+        assert res["nonfinite_steps"] == 2
+        assert res["skipped"] == 2  # DeepSpeed skipped exactly those updates, on every rank
+        sums = res["sums"]
+        assert all(torch.isfinite(torch.tensor(sums)))
+        assert sums[2] == sums[1] and sums[3] == sums[1], "a skipped step changed the weights"
+        assert sums[4] != sums[3] and sums[1] != sums[0], "good steps must train"
+    assert results[0]["sums"] == results[1]["sums"]
+    rows = [r for r in _metrics(tmp_path / "run") if "loss" in r]
+    assert rows[2]["loss"] is None  # NaN is logged as null (strict JSON)
+    assert rows[3]["loss"] is not None  # the gradient-only fault leaves the loss finite
+    assert rows[-1]["nonfinite_steps"] == 2 and rows[-1]["step"] == 6
+
+
+def test_consecutive_non_finite_steps_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, small_demo):
+    faults = {"rank": 0, "4": "nan_loss", "5": "nan_grad", "6": "nan_loss"}
+    over = ["train.max_steps=9", "train.checkpoint_every=3", "train.max_nonfinite_steps=3"]
+    results = _run(tmp_path, small_demo, over, faults)
+    ckpt = tmp_path / "run" / "checkpoints"
+    for res in results:
+        assert "3 consecutive steps (up to step 6)" in res["error"]
+        assert f"the last good checkpoint is {ckpt / 'step00000003'}" in res["error"]
+        assert res["step"] == 6
+        assert res["sums"][5] == res["sums"][2]  # nothing moved the weights after step 3
+    # The stop writes no checkpoint: step 6's was due, but the run stopped before saving it.
+    assert (ckpt / "latest").read_text() == "step00000003"
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step00000003"]
