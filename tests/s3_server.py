@@ -86,6 +86,10 @@ def s3():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
+    # moto keeps its auth switch and its accounts per process: an earlier test module's server
+    # left them behind, so start from a clean state.
+    requests.post(f"{endpoint}/moto-api/reset-auth", data=b"inf", timeout=10).raise_for_status()
+    requests.post(f"{endpoint}/moto-api/reset", timeout=10).raise_for_status()
     try:
         # Set-up requests run before authentication is switched on (moto counts them).
         boot = dict(endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="boot", aws_secret_access_key="x")
@@ -107,4 +111,5 @@ def s3():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        requests.post(f"{endpoint}/moto-api/reset-auth", data=b"inf", timeout=10)
         server.stop()
