@@ -24,6 +24,8 @@ INSTALL_REQUIRES = [
     "gemmi==0.7.5",
 ]
 
+CLOUD_REQUIRES = ["fsspec==2026.9.0", "s3fs==2026.9.0"]
+
 setup(
     name="align-pro",
     version="0.1.0",
@@ -32,5 +34,10 @@ setup(
     package_data={"pretrain": ["assets/*.txt"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"]},
+    extras_require={
+        # shards, checkpoints and exports on object storage (s3:// and any fsspec URL; add gcsfs for gs://)
+        "cloud": CLOUD_REQUIRES,
+        # the tests run a local S3 API (moto's server) on 127.0.0.1
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", *CLOUD_REQUIRES, "moto[server]==5.2.5"],
+    },
 )

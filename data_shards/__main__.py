@@ -12,6 +12,11 @@
     python -m data_shards inspect data/demo/train [--samples 3] [--limit N]
     python -m data_shards validate data/demo/train     # exit 0 only when everything is sound
 
+``--out`` of ``demo`` and ``build`` may be an object-storage URL (``s3://bucket/shards``): the
+shards are written to a local temporary directory and uploaded, every ``manifest.json`` last, so a
+reader never finds a manifest whose shards are not there yet. ``inspect`` and ``validate`` read
+URLs directly.
+
 Exit codes: 0 success, 1 validation found problems (build, rewrite: nothing usable was written), 2
 the input could not be read at all (rewrite: also the model or endpoint failed).
 
@@ -22,19 +27,55 @@ parser in ``_parser``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 
-from data_shards.manifest import ManifestError
+from data_shards import storage
+from data_shards.manifest import MANIFEST_NAME, ManifestError
+
+
+@contextlib.contextmanager
+def _local_out(out: str) -> Iterator[str]:
+    """``out`` itself when local; else a temporary directory published to the URL ``out`` on success."""
+    if not storage.is_url(out):
+        yield out
+        return
+    with tempfile.TemporaryDirectory(prefix="align-pro-build-") as tmp:
+        yield tmp
+        storage.upload_dir(tmp, out, last=(MANIFEST_NAME,))
+
+
+def _point_at(summary, local: str, out: str):
+    """Replace the temporary directory in a JSON summary by the URL it was published to."""
+    if isinstance(summary, dict):
+        return {k: _point_at(v, local, out) for k, v in summary.items()}
+    if isinstance(summary, list):
+        return [_point_at(v, local, out) for v in summary]
+    if isinstance(summary, str) and local != out and summary.startswith(local):
+        return out.rstrip("/") + summary[len(local) :]
+    return summary
 
 
 def _cmd_demo(args) -> tuple[dict, int]:
     from data_shards.demo_corpus import build_demo_corpus
 
     start = time.perf_counter()
-    summary = build_demo_corpus(
-        args.out,
+    try:
+        with _local_out(args.out) as out:
+            summary = _point_at(_demo(build_demo_corpus, args, out), out, args.out)
+    except storage.StorageError as exc:
+        return {"ok": False, "error": str(exc)}, 2
+    summary["seconds"] = round(time.perf_counter() - start, 2)
+    return summary, 0
+
+
+def _demo(build_demo_corpus, args, out: str) -> dict:
+    return build_demo_corpus(
+        out,
         num_train=args.num_train,
         num_heldout=args.num_heldout,
         samples_per_shard=args.samples_per_shard,
@@ -42,15 +83,32 @@ def _cmd_demo(args) -> tuple[dict, int]:
         seed=args.seed,
         missing_rate=args.missing_rate,
     )
-    summary["seconds"] = round(time.perf_counter() - start, 2)
-    return summary, 0
 
 
 def _cmd_build(args) -> tuple[dict, int]:
     from data_shards.build import BuildConfig, BuildInputError, build_shards
 
+    try:
+        with _local_out(args.out) as out:
+            summary, code = _build(BuildConfig, BuildInputError, build_shards, args, out)
+            if code != 0:  # nothing is published when the build failed
+                raise _BuildFailed(summary, code)
+    except _BuildFailed as failed:
+        return failed.summary, failed.code
+    except storage.StorageError as exc:
+        return {"ok": False, "error": str(exc)}, 2
+    return _point_at(summary, out, args.out), 0
+
+
+class _BuildFailed(Exception):
+    def __init__(self, summary: dict, code: int):
+        super().__init__(code)
+        self.summary, self.code = summary, code
+
+
+def _build(BuildConfig, BuildInputError, build_shards, args, out: str) -> tuple[dict, int]:
     config = BuildConfig(
-        out=args.out,
+        out=out,
         structures=args.structures,
         annotations=args.annotations,
         annotations_format=args.annotations_format,

@@ -16,6 +16,9 @@ coverage there, see :mod:`data_shards.sampling`).
 The manifest holds no timestamps so that a deterministic build gives a byte-identical manifest.
 Shard names are plain file names inside the manifest's directory; anything that could resolve
 elsewhere ("../x.tar", "a/b.tar", absolute paths) is refused.
+
+The directory may also be an object-storage URL (``s3://bucket/train``) or a ``pipe:`` template
+(see :mod:`data_shards.storage`); shard paths are then URLs (strings) built the same way.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_shards import storage
 from data_shards.schema import MODALITIES, SCHEMA_VERSION
 
 MANIFEST_NAME = "manifest.json"
@@ -42,10 +46,11 @@ class ManifestNotFoundError(ManifestError, FileNotFoundError):
 
 @dataclass
 class ShardInfo:
-    """One shard as listed in the manifest; ``path`` is absolute and inside the manifest's dir."""
+    """One shard as listed in the manifest; ``path`` is absolute and inside the manifest's dir
+    (a string URL when the shard set lives in object storage)."""
 
     name: str
-    path: Path
+    path: Path | str
     num_samples: int
     sha256: str
     bytes: int
@@ -72,7 +77,7 @@ class ShardInfo:
 class Manifest:
     """A loaded manifest: ``shards`` in manifest order, totals, and the free ``extra`` dict."""
 
-    dir: Path
+    dir: Path | str  # absolute local directory, or the URL / pipe template it was loaded from
     schema_version: int
     created_by: str
     num_samples: int
@@ -81,12 +86,12 @@ class Manifest:
     extra: dict = field(default_factory=dict)
 
     @property
-    def path(self) -> Path:
+    def path(self) -> Path | str:
         """The manifest file."""
-        return self.dir / MANIFEST_NAME
+        return storage.join(self.dir, MANIFEST_NAME)
 
     @property
-    def root(self) -> Path:
+    def root(self) -> Path | str:
         """Alias of ``dir`` (the absolute shard directory)."""
         return self.dir
 
@@ -170,14 +175,26 @@ def load_manifest(dir: str | Path) -> Manifest:
         ManifestError: bad JSON, unknown schema_version, malformed fields, unsafe shard names,
             or counts that do not add up. Every message names the manifest file.
     """
-    dir = Path(dir)
-    if not dir.is_dir():
-        raise ManifestNotFoundError(f"shard directory {dir} does not exist")
-    path = dir / MANIFEST_NAME
-    if not path.is_file():
-        raise ManifestNotFoundError(f"{path}: manifest not found")
+    if storage.is_url(dir):
+        root = str(dir).rstrip("/")
+        path = storage.join(root, MANIFEST_NAME)
+        try:
+            data = storage.read_bytes(path)
+        except storage.StorageError as exc:
+            if "not found" in exc.reason and "bucket" not in exc.reason:
+                raise ManifestNotFoundError(f"{path}: manifest not found") from None
+            raise ManifestError(f"cannot read shard manifest: {exc}") from None
+    else:
+        dir = Path(dir)
+        if not dir.is_dir():
+            raise ManifestNotFoundError(f"shard directory {dir} does not exist")
+        path = dir / MANIFEST_NAME
+        if not path.is_file():
+            raise ManifestNotFoundError(f"{path}: manifest not found")
+        root = dir.resolve()
+        data = path.read_bytes()
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ManifestError(f"{path}: invalid JSON ({exc})") from None
     where = str(path)
@@ -186,7 +203,6 @@ def load_manifest(dir: str | Path) -> Manifest:
     version = raw.get("schema_version")
     if version != SCHEMA_VERSION:
         raise ManifestError(f"{where}: unknown schema_version {version!r} (this code reads {SCHEMA_VERSION})")
-    root = dir.resolve()
     shards, seen = [], set()
     for i, entry in enumerate(_field(raw, "shards", list, where)):
         spot = f"{where}: shards[{i}]"
@@ -207,7 +223,7 @@ def load_manifest(dir: str | Path) -> Manifest:
         shards.append(
             ShardInfo(
                 name=name,
-                path=root / name,
+                path=storage.join(root, name),
                 num_samples=num,
                 sha256=_field(entry, "sha256", str, spot),
                 bytes=_field(entry, "bytes", int, spot),

@@ -4,6 +4,7 @@
 never raises on bad data: it returns a JSON-able report whose "ok" is True only
 when the manifest loads, every listed shard exists with the recorded size, sha256, key digest,
 sample count and modality counts, and every sample decodes and passes schema validation.
+Directories may be object-storage URLs or ``pipe:`` templates (:mod:`data_shards.storage`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_shards import storage
 from data_shards.manifest import ManifestError, keys_digest, load_manifest
 from data_shards.reader import BadSampleError, BadShardError, ShardReader
 from data_shards.schema import MODALITIES
@@ -21,12 +23,17 @@ MAX_REPORTED_BAD_SAMPLES = 200
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """sha256 hex digest of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    """sha256 hex digest of a file (or URL), read in chunks."""
+    return _sha256_and_size(path, chunk)[0]
+
+
+def _sha256_and_size(path: str | Path, chunk: int = 1 << 20) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    with storage.open_read(path) as handle:
         while block := handle.read(chunk):
             digest.update(block)
-    return digest.hexdigest()
+            size += len(block)
+    return digest.hexdigest(), size
 
 
 def validate_dir(dir: str | Path, check_samples: bool = True) -> dict:
@@ -59,19 +66,24 @@ def validate_dir(dir: str | Path, check_samples: bool = True) -> dict:
         return report
     report["dir"] = str(manifest.dir)
     listed = {s.name for s in manifest.shards}
-    report["unlisted_files"] = sorted(p.name for p in manifest.dir.glob("*.tar") if p.name not in listed)
+    names = [] if storage.is_pipe(manifest.dir) else storage.listdir(manifest.dir)
+    report["unlisted_files"] = sorted(n for n in names if n.endswith(".tar") and n not in listed)
     all_keys: set[str] = set()
     for info in manifest.shards:
         entry = {"name": info.name, "ok": False, "num_samples": 0, "errors": []}
         report["shards"].append(entry)
         errors = entry["errors"]
-        if not info.path.is_file():
+        try:
+            sha, size = _sha256_and_size(info.path)
+        except (FileNotFoundError, IsADirectoryError):
             errors.append(f"{info.path}: listed in the manifest but missing")
             continue
-        size = info.path.stat().st_size
+        except storage.StorageError as exc:
+            errors.append(f"{info.path}: listed in the manifest but unreadable ({exc.reason})")
+            continue
         if size != info.bytes:
             errors.append(f"size {size} differs from the manifest's {info.bytes}")
-        if file_sha256(info.path) != info.sha256:
+        if sha != info.sha256:
             errors.append("sha256 differs from the manifest")
         try:
             reader = ShardReader(info.path)

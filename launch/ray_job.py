@@ -1,7 +1,11 @@
 """Ray Train entry point: the same training as ``launch/pretrain.py``, one DeepSpeed rank per worker.
 
-    python launch/ray_job.py --num-workers 2 [--address ray://head:10001 | auto] \
-        [--use-gpu] [--max-failures 3] --config zero3.json --run-dir runs/ray_demo [--set ...]
+    python launch/ray_job.py --num-workers 2 [--address HEAD_IP:6379 | ray://head:10001 | auto] \
+        [--use-gpu] [--max-failures 3] [--placement-strategy SPREAD] [--storage-path s3://...] \
+        --config zero3.json --run-dir runs/ray_demo [--set ...]
+
+On a cluster, submit it as a Ray job (``ray job submit --address http://HEAD:8265 --working-dir .
+-- python launch/ray_job.py --address auto ...``) or run it on the head node with ``--address auto``.
 
 Without ``--address`` a local Ray is started. Workers run :func:`pretrain.run.train_and_evaluate`
 in a process group that Ray Train sets up (gloo on CPU, NCCL on GPU); each worker's Ray shard
@@ -24,6 +28,10 @@ from pathlib import Path
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
 
+# Ray >= 2.59 clusters use token authentication; a driver joining one by address must be in token
+# mode before Ray is imported (the token comes from ~/.ray/auth_token or RAY_AUTH_TOKEN).
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
 from pretrain.config import ConfigError  # noqa: E402
 from pretrain.run import prepare, train_and_evaluate, write_run_config  # noqa: E402
 
@@ -41,13 +49,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
     p.add_argument("--max-failures", type=int, default=3, help="worker-group restarts before giving up")
     p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray (default: 2 x cores, >= 4)")
+    p.add_argument(
+        "--placement-strategy",
+        default="PACK",
+        choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
+        help="how Ray places the training workers (SPREAD: one per node where possible)",
+    )
+    p.add_argument(
+        "--storage-path",
+        default=None,
+        help="Ray Train's result storage (default RUN/ray_results; on a cluster a bucket or shared path)",
+    )
     return p.parse_args(argv)
 
 
 def _worker(config: dict) -> None:
     """One training rank inside a Ray Train worker (process group already up)."""
+    import ray
     import torch.distributed as dist
 
+    node = ray.get_runtime_context().get_node_id()
+    print(f"align-pro: rank {dist.get_rank()} of {dist.get_world_size()} on Ray node {node}", flush=True)
     plan = prepare(config["recipe"], config["overrides"], config["ds"], config["run_dir"], dist.get_world_size())
     train_and_evaluate(plan, dist.get_rank())
 
@@ -92,11 +114,14 @@ def main(argv=None) -> int:
         },
         torch_config=TorchConfig(backend="nccl" if args.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=args.num_workers, use_gpu=args.use_gpu, resources_per_worker={"CPU": 1}
+            num_workers=args.num_workers,
+            use_gpu=args.use_gpu,
+            resources_per_worker={"CPU": 1},
+            placement_strategy=args.placement_strategy,
         ),
         run_config=RunConfig(
             name="align-pro",
-            storage_path=str(run_dir / "ray_results"),
+            storage_path=args.storage_path or str(run_dir / "ray_results"),
             failure_config=FailureConfig(max_failures=args.max_failures),
         ),
     )

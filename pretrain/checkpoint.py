@@ -13,6 +13,10 @@ any rank (disk full, I/O error) is caught on that rank, agreed on by all ranks, 
 directory is removed and :class:`CheckpointWriteError` is raised everywhere; ``latest`` keeps
 naming the previous checkpoint. Everything is read back with ``torch.load(weights_only=True)``
 (no arbitrary unpickling).
+
+With a ``remote`` location (``train.remote_dir``: an object-storage URL or a shared file system)
+this directory is local staging: :mod:`pretrain.checkpoint_store` publishes each checkpoint there
+after it is complete here, and resuming fetches the remote one first.
 """
 
 from __future__ import annotations
@@ -162,15 +166,19 @@ def verify_safe(tag_dir: Path) -> None:
                 raise RuntimeError(f"refusing checkpoint file {path}: not loadable safely ({e})") from None
 
 
-def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank_state: dict, keep: int) -> str:
+def save(
+    engine, ckpt_dir: Path, step: int, client_state: dict, rank_state: dict, keep: int, remote: str | None = None
+) -> str:
     """Write checkpoint ``step<N>`` on every rank, then publish it; returns the tag.
 
-    Must be called on every rank (DeepSpeed's save is collective).
+    Must be called on every rank (DeepSpeed's save is collective). With ``remote``, the complete
+    local checkpoint is then uploaded there (see :mod:`pretrain.checkpoint_store`).
 
     Raises:
         CheckpointWriteError: on every rank, when any rank failed to write its files (disk
             full, I/O error); the partial checkpoint is removed and ``latest`` still names the
-            previous one.
+            previous one. Also when publishing to ``remote`` failed (the remote ``latest`` still
+            names the previous checkpoint; the local one is complete).
     """
     tag = f"step{step:08d}"
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -203,6 +211,14 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank_state: dict
         for old in complete_tags(ckpt_dir)[:-keep]:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
     _barrier()
+    if remote:
+        from pretrain import checkpoint_store
+
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        try:
+            checkpoint_store.publish(ckpt_dir, remote, tag, {"step": step, "world_size": world}, keep, ckpt_dir.parent)
+        except RuntimeError as e:  # raised on every rank together; the remote `latest` did not move
+            raise CheckpointWriteError(f"checkpoint {tag} is complete locally but not published: {e}") from None
     return tag
 
 
@@ -224,12 +240,19 @@ def _fail_together(ckpt_dir: Path, tag: str, errors: list[str], rank: int) -> No
     raise CheckpointWriteError(f"checkpoint {ckpt_dir / tag} was not saved ({detail}); {keeps}")
 
 
-def load(engine, ckpt_dir: Path) -> tuple[dict, dict] | None:
+def load(engine, ckpt_dir: Path, remote: str | None = None) -> tuple[dict, dict] | None:
     """Load the newest complete checkpoint into ``engine``; returns (client_state, rank_state).
 
     Returns None when there is nothing to resume from. Raises RuntimeError when the checkpoint
-    was written by a different number of ranks (elastic resume is not wired in yet).
+    was written by a different number of ranks (elastic resume is not wired in yet). With
+    ``remote`` (collective then), the newest checkpoint published there is downloaded first and
+    is the one loaded.
     """
+    if remote:
+        from pretrain import checkpoint_store
+
+        # Nothing published yet (e.g. remote_dir added to a running job): the local staging decides.
+        checkpoint_store.fetch(ckpt_dir, remote, ckpt_dir.parent)
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None
@@ -249,8 +272,17 @@ def load(engine, ckpt_dir: Path) -> tuple[dict, dict] | None:
     return client_state, rank_state
 
 
-def finished_step(ckpt_dir: Path) -> int | None:
-    """The step of the newest complete checkpoint, or None (no process group needed)."""
+def finished_step(ckpt_dir: Path, remote: str | None = None) -> int | None:
+    """The step of the newest complete checkpoint (the remote one when ``remote`` is set), or None.
+
+    Needs no process group.
+    """
+    if remote:
+        from pretrain import checkpoint_store
+
+        found = checkpoint_store.remote_latest(remote)
+        if found:
+            return int(found[1]["step"])
     tag = latest_tag(Path(ckpt_dir))
     if tag is None:
         return None

@@ -74,6 +74,8 @@ class DataConfig:
     max_bad_sample_ratio: float = 0.05  # stop the run when more samples than this were unreadable
     bad_ratio_min_samples: int = 1000  # the ratio is of at least this many samples (early batches)
     ray_timeout_s: float = 300.0  # hard timeout on any wait for a reader actor
+    reader_resource: str | None = None  # custom Ray resource each reader actor needs 1 of (e.g. "reader_slot"):
+    # advertised only by CPU reader nodes, it keeps readers off the GPU nodes (launch/ray_cluster_aws.yaml)
 
 
 @dataclass
@@ -111,7 +113,9 @@ class TrainConfig:
     stage1_steps: int = 40  # steps with encoders frozen (heads + temperature only); 0 skips stage 1
     log_every: int = 10  # steps between metrics.jsonl lines
     checkpoint_every: int = 100  # steps between checkpoints (and one at the end)
-    keep_checkpoints: int = 2  # complete checkpoints kept on disk
+    keep_checkpoints: int = 2  # complete checkpoints kept on disk (and in remote_dir)
+    remote_dir: str | None = None  # s3://bucket/runs/x (any fsspec URL) or a shared-FS path: checkpoints + export
+    # are published there after each save and resumed from it; RUN/checkpoints is then local staging
     seed: int = 0  # model init, data order and augmentation
     eval_at_end: bool = True  # run retrieval on data.eval_shards after the last step
     max_nonfinite_steps: int = 5  # stop after this many consecutive steps with non-finite loss/gradients
@@ -336,6 +340,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.loader={d.loader!r}: expected 'ray' or 'local'")
     if d.readers_per_rank < 1 or d.prefetch_batches < 1:
         raise ConfigError("data.readers_per_rank and data.prefetch_batches must be >= 1")
+    if d.reader_resource is not None and not d.reader_resource.strip():
+        raise ConfigError("data.reader_resource: expected a Ray resource name or null")
     if not 0.0 <= d.max_bad_sample_ratio <= 1.0:
         raise ConfigError(f"data.max_bad_sample_ratio={d.max_bad_sample_ratio}: expected a value in [0, 1]")
     for name in ("text_rewrite_prob", "text_definition_prob"):
@@ -387,6 +393,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.validate_every={t.validate_every}: must be >= 0 (0 turns validation off)")
     if t.log_every < 1 or t.checkpoint_every < 1 or t.keep_checkpoints < 1:
         raise ConfigError("train.log_every, train.checkpoint_every and train.keep_checkpoints must be >= 1")
+    if t.remote_dir is not None and (not t.remote_dir.strip() or t.remote_dir.startswith("pipe:")):
+        raise ConfigError(f"train.remote_dir={t.remote_dir!r}: expected a writable URL or path (pipe: is read-only)")
     if t.max_nonfinite_steps < 1 or t.max_failed_checkpoints < 1:
         raise ConfigError("train.max_nonfinite_steps and train.max_failed_checkpoints must be >= 1")
     if cfg.model.embed_dim < 1:

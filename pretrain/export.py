@@ -3,7 +3,9 @@
 ``RUN/export/model.safetensors`` holds the full fp32 state dict (ZeRO-3 partitions are
 gathered first) and ``RUN/export/config.yaml`` the run's full recipe. :func:`load_exported`
 rebuilds the :class:`TriModalModel` from those two files alone (with the ProtCLIP heads when
-the recipe's ``loss.objective`` is protclip).
+the recipe's ``loss.objective`` is protclip). With ``train.remote_dir`` set the export is also
+uploaded to ``<remote_dir>/export`` (config.yaml last), and :func:`load_exported` accepts such a
+URL (it downloads the two files to a temporary directory first).
 """
 
 from __future__ import annotations
@@ -41,7 +43,12 @@ def export_engine(engine, cfg: Config, out_dir: Path) -> Path | None:
         dist.barrier()
     if rank != 0:
         return None
-    return write_export(state, cfg, out_dir)
+    out = write_export(state, cfg, out_dir)
+    if cfg.train.remote_dir:
+        from pretrain.checkpoint_store import publish_export
+
+        publish_export(out, cfg.train.remote_dir)
+    return out
 
 
 def write_export(state: dict[str, torch.Tensor], cfg: Config, out_dir: Path) -> Path:
@@ -66,8 +73,17 @@ def write_export(state: dict[str, torch.Tensor], cfg: Config, out_dir: Path) -> 
     return out_dir
 
 
-def load_exported(export_dir: Path, device: str = "cpu") -> tuple[TriModalModel, Config]:
-    """Rebuild the model from an export directory (safetensors only: nothing is unpickled)."""
+def load_exported(export_dir: Path | str, device: str = "cpu") -> tuple[TriModalModel, Config]:
+    """Rebuild the model from an export directory or URL (safetensors only: nothing is unpickled)."""
+    from data_shards import storage
+
+    if storage.is_url(export_dir):
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="align-pro-export-") as tmp:
+            for name in (MODEL_FILE, "config.yaml"):
+                storage.write_bytes(Path(tmp) / name, storage.read_bytes(storage.join(export_dir, name)))
+            return load_exported(Path(tmp), device)
     export_dir = Path(export_dir)
     weights = export_dir / MODEL_FILE
     if not weights.is_file():

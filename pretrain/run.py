@@ -44,7 +44,7 @@ def prepare(recipe: str | None, overrides: list[str], ds_config: str, run_dir: s
         check_plan(cfg, world_size)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e)) from None
-    if cfg.train.eval_at_end and not Path(cfg.data.eval_shards).is_dir():
+    if cfg.train.eval_at_end and not _shard_set_exists(cfg.data.eval_shards):
         raise ConfigError(f"data.eval_shards: directory not found: {cfg.data.eval_shards}")
     if (run_dir / "config.yaml").is_file():
         previous, _ = load_run_config(run_dir)
@@ -52,9 +52,34 @@ def prepare(recipe: str | None, overrides: list[str], ds_config: str, run_dir: s
             raise ConfigError(
                 f"{run_dir} holds a run of a different model (model section differs); use a new --run-dir"
             )
-    done = finished_step(run_dir / "checkpoints")
-    finished = done if done is not None and done >= cfg.train.max_steps and (run_dir / "export").is_dir() else None
+    remote = cfg.train.remote_dir
+    try:
+        done = finished_step(run_dir / "checkpoints", remote=remote)
+        exported = (run_dir / "export").is_dir() or bool(remote and _exported_to(remote))
+    except OSError as e:  # data_shards.storage.StorageError: wrong credentials, missing bucket
+        raise ConfigError(f"train.remote_dir: {e}") from None
+    finished = done if done is not None and done >= cfg.train.max_steps and exported else None
     return RunPlan(cfg, ds, run_dir, finished)
+
+
+def _shard_set_exists(location: str) -> bool:
+    """A local shard directory, or a URL whose manifest.json exists (pipe: templates are trusted)."""
+    from data_shards import storage
+
+    if storage.is_pipe(location):
+        return True
+    if not storage.is_url(location):
+        return Path(location).is_dir()
+    try:
+        return storage.exists(storage.join(location, "manifest.json"))
+    except storage.StorageError as e:
+        raise ConfigError(f"data.eval_shards: {e}") from None
+
+
+def _exported_to(remote: str) -> bool:
+    from data_shards import storage
+
+    return storage.exists(storage.join(remote, "export", "config.yaml"))
 
 
 def write_run_config(plan: RunPlan) -> None:

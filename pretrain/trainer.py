@@ -99,7 +99,7 @@ class Trainer:
         param_groups = [{"params": ps, "name": name} for name, ps in groups.items()]
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=self.ds_config)
         self.model = model
-        resumed = checkpoint.load(self.engine, self.ckpt_dir)
+        resumed = checkpoint.load(self.engine, self.ckpt_dir, remote=self.cfg.train.remote_dir)
         if resumed is not None:
             client, rank_state = resumed
             self.step, self.stage = int(client["step"]), int(client["stage"])
@@ -130,7 +130,7 @@ class Trainer:
         return self.run_dir / "checkpoints"
 
     def _open_stream(self) -> None:
-        manifest = load_manifest(Path(self.cfg.data.train_shards))
+        manifest = load_manifest(self.cfg.data.train_shards)  # a path or a URL
         plan = plan_for(self.cfg, manifest, self.world_size, self.rank)
         views = {} if self.protclip else self.loss_fn.needs_views()  # ProtCLIP has no second views
         if self.cfg.data.loader == "ray":
@@ -399,6 +399,7 @@ class Trainer:
                 self.state_dict(),
                 rank_state,
                 self.cfg.train.keep_checkpoints,
+                remote=self.cfg.train.remote_dir,
             )
         except checkpoint.CheckpointWriteError as e:
             self._failed_saves += 1

@@ -5,7 +5,8 @@ small machine they never wait for CPUs held by training workers). Batch i goes t
 i mod A; the rank keeps ``data.prefetch_batches`` batches in flight and consumes them in
 order, so the stream is identical to the in-process one. A reader that dies is replaced
 and its batch resubmitted: batches are pure functions of their cursor, so nothing is lost
-or duplicated. Every wait has a hard timeout.
+or duplicated. Every wait has a hard timeout. On a cluster, ``data.reader_resource`` pins the
+readers to the nodes that advertise that custom resource (CPU-only reader nodes).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class ShardReaderActor:
 
         torch.set_num_threads(1)
         self.source = BatchSource(config_from_dict(cfg_dict), views, train=True)
+        # One line per actor (streamed to the job's driver): where the readers run on a cluster.
+        print(f"align-pro: reader actor on Ray node {ray.get_runtime_context().get_node_id()}", flush=True)
 
     def build(self, refs, rng_key):
         return self.source.build(refs, rng_key)
@@ -48,7 +51,11 @@ class _ReaderPool:
         self.restarts = 0
 
     def _spawn(self):
-        return ShardReaderActor.remote(self.cfg_dict, self.views)
+        # With data.reader_resource set, readers land only on nodes advertising that resource
+        # (the CPU reader nodes of a cluster); the autoscaler adds such nodes when they run out.
+        name = self.cfg_dict["data"]["reader_resource"]
+        actor = ShardReaderActor.options(resources={name: 1}) if name else ShardReaderActor
+        return actor.remote(self.cfg_dict, self.views)
 
     def submit(self, slot: int, refs, rng_key):
         i = slot % len(self.actors)

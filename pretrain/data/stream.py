@@ -135,7 +135,7 @@ def _keep_probabilities(shard) -> np.ndarray:
 
 def check_plan(cfg: Config, world_size: int) -> None:
     """Fail early (before any process group starts) on a missing shard set or impossible batch."""
-    manifest = load_manifest(Path(cfg.data.train_shards))
+    manifest = load_manifest(cfg.data.train_shards)  # a path or a URL (data_shards.storage)
     # One plan is enough: every rank's plan lays out all ranks' shares and checks the smallest.
     plan_for(cfg, manifest, world_size, 0).batches_per_epoch(0)
 
@@ -241,7 +241,7 @@ def local_stream(cfg: Config, plan: EpochPlan, cursor: Cursor, views: dict[str, 
 
 def iter_eval_batches(cfg: Config, shard_dir: str | Path, batch_size: int, max_samples: int | None = None):
     """Deterministic evaluation batches over every sample of ``shard_dir`` in manifest order."""
-    manifest = load_manifest(Path(shard_dir))
+    manifest = load_manifest(shard_dir)
     refs = [(str(s.path), i) for s in manifest.shards for i in range(s.num_samples)]
     if max_samples is not None:
         refs = refs[:max_samples]

@@ -60,7 +60,7 @@ def resolve_device(device: str = "auto") -> str:
 
 
 def _sample_refs(shard_dir: str | Path, max_samples: int | None) -> list[tuple[str, int]]:
-    manifest = load_manifest(Path(shard_dir))
+    manifest = load_manifest(shard_dir)  # a path or a URL (data_shards.storage)
     refs = [(str(s.path), i) for s in manifest.shards for i in range(s.num_samples)]
     return refs if max_samples is None else refs[:max_samples]
 

@@ -1,0 +1,207 @@
+"""Publishing checkpoints to object storage (or a shared file system) and fetching them back.
+
+DeepSpeed writes every checkpoint to the local staging directory ``RUN/checkpoints`` first
+(:mod:`pretrain.checkpoint`); with ``train.remote_dir`` set, this module then mirrors it::
+
+    <remote>/checkpoints/<tag>/...      every rank's files, uploaded by one process per node
+    <remote>/checkpoints/<tag>/COMPLETE written by rank 0 once every node's upload finished
+    <remote>/checkpoints/latest         written by rank 0 after COMPLETE: the publish point
+    <remote>/config.yaml, metrics.jsonl the run record, uploaded with each checkpoint
+    <remote>/export/                    the consolidated model (config.yaml uploaded last)
+
+Object stores have no rename, so atomicity comes from order: a tag is never named by ``latest``
+before its ``COMPLETE`` exists, and a tag without ``COMPLETE`` is never picked up. Resuming,
+rank 0 picks the remote tag (``latest`` if complete, else the newest complete one) and every
+node downloads it into its local staging directory before DeepSpeed loads it. An upload that
+fails on any rank fails the save on every rank (no rank is left waiting in a barrier).
+
+"One process per node" is the rank whose ``LOCAL_RANK`` is 0 (set by the DeepSpeed launcher,
+torchrun and Ray Train): it sees every file its node's ranks wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from data_shards import storage
+
+log = logging.getLogger(__name__)
+
+COMPLETE = "COMPLETE"
+LATEST = "latest"
+RUN_RECORD = ("config.yaml", "metrics.jsonl")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _node_leader() -> bool:
+    return int(os.environ.get("LOCAL_RANK", _rank())) == 0
+
+
+def _everyone_ok(error: BaseException | None, what: str) -> None:
+    """Collective: raise on every rank when any rank failed ``what`` (its own error where it has one)."""
+    failed = int(error is not None)
+    if dist.is_available() and dist.is_initialized():
+        t = torch.tensor([failed], dtype=torch.long)
+        dist.all_reduce(t)
+        failed = int(t.item())
+    if error is not None:
+        raise RuntimeError(f"{what} failed: {error}") from error
+    if failed:
+        raise RuntimeError(f"{what} failed on another rank (see its log)")
+
+
+def _step_of(complete: str) -> int:
+    return int(json.loads(complete)["step"])
+
+
+def remote_complete_tags(remote: str) -> list[tuple[int, str]]:
+    """(step, tag) of every complete checkpoint under ``remote/checkpoints``, oldest first."""
+    root = storage.join(remote, "checkpoints")
+    found = []
+    for name in storage.listdir(root):
+        if name == LATEST or name.startswith("."):
+            continue
+        marker = storage.join(root, name, COMPLETE)
+        if storage.exists(marker):
+            found.append((_step_of(storage.read_text(marker)), name))
+    return sorted(found)
+
+
+def remote_latest(remote: str) -> tuple[str, dict] | None:
+    """The tag to resume from and its COMPLETE record, or None when nothing complete was published."""
+    root = storage.join(remote, "checkpoints")
+    latest = storage.join(root, LATEST)
+    if storage.exists(latest):
+        tag = storage.read_text(latest).strip()
+        marker = storage.join(root, tag, COMPLETE)
+        if storage.exists(marker):
+            return tag, json.loads(storage.read_text(marker))
+        log.warning("%s names incomplete checkpoint %r; falling back to the newest complete one", latest, tag)
+    tags = remote_complete_tags(remote)
+    if not tags:
+        return None
+    tag = tags[-1][1]
+    return tag, json.loads(storage.read_text(storage.join(root, tag, COMPLETE)))
+
+
+def publish(ckpt_dir: Path, remote: str, tag: str, complete: dict, keep: int, run_dir: Path) -> None:
+    """Collective: upload local checkpoint ``tag`` to ``remote``, then mark it complete and latest.
+
+    Call on every rank after every rank's files are in its local ``ckpt_dir/tag``.
+    """
+    root = storage.join(remote, "checkpoints")
+    error = None
+    if _node_leader():
+        try:
+            local = ckpt_dir / tag
+            names = sorted(p.name for p in local.iterdir() if p.is_file() and p.name != COMPLETE)
+            for name in names:
+                storage.upload_file(local / name, storage.join(root, tag, name))
+            if _rank() == 0:
+                for name in RUN_RECORD:
+                    if (run_dir / name).is_file():
+                        storage.upload_file(run_dir / name, storage.join(remote, name))
+        except (OSError, ValueError) as e:
+            error = e
+    _everyone_ok(error, f"uploading checkpoint {tag} to {root}")
+    if _rank() == 0:
+        try:
+            storage.write_text(storage.join(root, tag, COMPLETE), json.dumps(complete))
+            storage.write_text(storage.join(root, LATEST), tag)  # the publish point: written last
+        except (OSError, ValueError) as e:
+            error = e
+    _everyone_ok(error, f"publishing checkpoint {tag} to {root}")
+    if _rank() == 0:
+        try:
+            _prune(remote, keep, complete["step"])
+        except (OSError, ValueError) as e:  # old tags left behind cost space, not correctness
+            log.warning("could not delete old checkpoints under %s: %s", root, e)
+    log.info("checkpoint %s published to %s", tag, root)
+
+
+def _prune(remote: str, keep: int, step: int) -> None:
+    """Delete complete tags beyond the newest ``keep`` and incomplete ones older than ``step``."""
+    root = storage.join(remote, "checkpoints")
+    complete = remote_complete_tags(remote)
+    doomed = [tag for _, tag in complete[:-keep]]
+    known = {tag for _, tag in complete}
+    for name in storage.listdir(root):
+        if name not in known and name != LATEST and name.startswith("step") and name[4:].isdigit():
+            if int(name[4:]) < step:  # an upload that died before COMPLETE; never resumable
+                doomed.append(name)
+    for tag in doomed:
+        storage.remove_tree(storage.join(root, tag))
+
+
+def fetch(ckpt_dir: Path, remote: str, run_dir: Path) -> str | None:
+    """Collective: bring the remote checkpoint to resume from into local staging; returns its tag.
+
+    Rank 0 decides the tag (so every node loads the same one); each node's leader downloads it
+    unless a complete local copy is there, and points the local ``latest`` at it. Also restores
+    ``metrics.jsonl`` when this machine has none (a fresh node resuming a run). None: nothing to
+    resume from.
+    """
+    choice: list = [None]
+    error = None
+    if _rank() == 0:
+        try:
+            found = remote_latest(remote)
+            choice = [found[0] if found else None]
+        except (OSError, ValueError) as e:
+            error = e
+    _everyone_ok(error, f"reading checkpoints under {storage.join(remote, 'checkpoints')}")
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(choice, src=0)
+    tag = choice[0]
+    if tag is None:
+        return None
+    if _node_leader():
+        try:
+            _download_tag(ckpt_dir, remote, tag)
+            metrics = run_dir / "metrics.jsonl"
+            if _rank() == 0 and not metrics.is_file() and storage.exists(storage.join(remote, "metrics.jsonl")):
+                storage.write_bytes(metrics, storage.read_bytes(storage.join(remote, "metrics.jsonl")))
+        except (OSError, ValueError) as e:
+            error = e
+    _everyone_ok(error, f"downloading checkpoint {tag} from {remote}")
+    return tag
+
+
+def _download_tag(ckpt_dir: Path, remote: str, tag: str) -> None:
+    local, source = ckpt_dir / tag, storage.join(remote, "checkpoints", tag)
+    if not (local / COMPLETE).is_file():
+        staging = ckpt_dir / f".fetch-{tag}-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        storage.download_dir(source, staging)
+        if not (staging / COMPLETE).is_file():
+            raise RuntimeError(f"{source} lost its {COMPLETE} marker while downloading")
+        shutil.rmtree(local, ignore_errors=True)  # a partial local copy of the same tag
+        try:
+            os.replace(staging, local)
+        except OSError:  # another node sharing this file system got there first
+            shutil.rmtree(staging, ignore_errors=True)
+            if not (local / COMPLETE).is_file():
+                raise
+    storage.write_text(ckpt_dir / LATEST, tag)
+
+
+def publish_export(export_dir: Path, remote: str) -> str:
+    """Upload a local export directory to ``remote/export`` (config.yaml last); returns the URL."""
+    target = storage.join(remote, "export")
+    storage.upload_dir(export_dir, target, last=("config.yaml",))
+    return str(target)

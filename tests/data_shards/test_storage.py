@@ -1,0 +1,133 @@
+"""Shards on object storage and behind pipe: commands (data_shards/storage.py), against a real S3 API."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from data_shards import storage
+from data_shards.__main__ import main as data_shards_main
+from data_shards.manifest import ManifestError, ManifestNotFoundError, load_manifest
+from data_shards.reader import BadShardError, ShardReader
+from tests.s3_server import reset_fsspec_cache, s3  # noqa: F401 - the fixture
+
+SMALL_DEMO = ["--num-train", "96", "--num-heldout", "48", "--samples-per-shard", "24", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def local_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("local_demo")
+    assert data_shards_main(["demo", "--out", str(out), *SMALL_DEMO]) == 0
+    return out
+
+
+def test_join_keeps_urls_intact_and_fills_pipe_templates(tmp_path):
+    assert storage.join("s3://b/x/", "manifest.json") == "s3://b/x/manifest.json"
+    assert storage.join(tmp_path, "a.tar") == tmp_path / "a.tar"
+    assert storage.join("pipe:cat /d/{name}", "a b.tar") == "pipe:cat /d/'a b.tar'"
+    assert storage.is_url("gs://b/x") and storage.is_url("pipe:cat x") and not storage.is_url("file:///x")
+    with pytest.raises(storage.StorageError, match="placeholder"):
+        storage.join("pipe:cat /d/x.tar", "a.tar")
+
+
+def test_transient_errors_are_retried_and_permanent_ones_are_not(monkeypatch):
+    monkeypatch.setattr(storage, "BACKOFF_S", 0.0)
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionResetError("reset by peer")
+        return "ok"
+
+    assert storage._retry("s3://b/k", "read", flaky) == "ok" and len(calls) == 3
+
+    def denied():
+        calls.append(1)
+        raise PermissionError("Forbidden")
+
+    calls.clear()
+    with pytest.raises(storage.StorageError, match=r"s3://b/k: read failed: access denied .*AWS_ACCESS_KEY_ID"):
+        storage._retry("s3://b/k", "read", denied)
+    assert len(calls) == 1
+
+    def down():
+        raise TimeoutError("connect timeout")
+
+    with pytest.raises(storage.StorageError, match=f"after {storage.RETRIES} attempts"):
+        storage._retry("s3://b/k", "read", down)
+
+
+def test_pipe_template_serves_manifest_and_shards(local_demo):
+    template = f"pipe:{sys.executable} -c \"import sys; sys.stdout.buffer.write(open(sys.argv[1], 'rb').read())\" "
+    template += f"{local_demo}/train/{{name}}"
+    remote, local = load_manifest(template), load_manifest(local_demo / "train")
+    assert [s.name for s in remote.shards] == [s.name for s in local.shards]
+    shard = remote.shards[1]
+    assert shard.path.startswith("pipe:")
+    with ShardReader(shard.path) as piped, ShardReader(local.shards[1].path) as plain:
+        assert piped.keys() == plain.keys()
+        assert piped.read_members(5) == plain.read_members(5)
+    with pytest.raises(BadShardError, match="exited with status"):
+        ShardReader(storage.join(template, "missing.tar"))
+
+
+def test_demo_built_to_s3_reads_back_identically(s3, local_demo):  # noqa: F811
+    url = s3.url("demo")
+    assert data_shards_main(["demo", "--out", url, *SMALL_DEMO]) == 0
+    keys = s3.keys("demo/")
+    assert "demo/train/manifest.json" in keys and "demo/heldout/manifest.json" in keys
+    assert not any("align-pro-build-" in k for k in keys)  # the temp dir name never leaks
+    remote, local = load_manifest(f"{url}/train"), load_manifest(local_demo / "train")
+    assert remote.root == f"{url}/train"
+    assert [s.to_json() for s in remote.shards] == [s.to_json() for s in local.shards]  # same checksums
+    for shard_r, shard_l in zip(remote.shards, local.shards):
+        assert shard_r.path == f"{url}/train/{shard_l.name}"
+        with ShardReader(shard_r.path) as rr, ShardReader(shard_l.path) as ll:
+            assert rr.keys() == ll.keys()
+            assert [rr.read_members(i) for i in (0, len(rr) - 1)] == [ll.read_members(i) for i in (0, len(ll) - 1)]
+            assert rr.read(2).id == ll.read(2).id
+
+
+def test_upload_dir_puts_manifests_last(tmp_path):
+    (tmp_path / "src" / "sub").mkdir(parents=True)
+    for name in ("manifest.json", "b.tar", "sub/manifest.json", "sub/a.tar"):
+        (tmp_path / "src" / name).write_text(name)
+    order = storage.upload_dir(tmp_path / "src", tmp_path / "dst", last=("manifest.json",))
+    assert order[-2:] == ["manifest.json", "sub/manifest.json"]
+    assert (tmp_path / "dst" / "sub" / "a.tar").read_text() == "sub/a.tar"
+
+
+def test_missing_bucket_and_wrong_credentials_give_one_clear_error(s3, monkeypatch):  # noqa: F811
+    with pytest.raises(ManifestError) as missing:
+        load_manifest("s3://no-such-bucket-here/train")
+    assert "s3://no-such-bucket-here/train/manifest.json" in str(missing.value)
+    assert "bucket not found" in str(missing.value)
+    with pytest.raises(ManifestNotFoundError, match="manifest not found"):
+        load_manifest(s3.url("nothing-here"))
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    reset_fsspec_cache()
+    try:
+        with pytest.raises(ManifestError) as denied:
+            load_manifest(s3.url("demo", "train"))
+        text = str(denied.value)
+        assert s3.url("demo", "train", "manifest.json") in text and "access denied" in text
+        assert "AWS_ACCESS_KEY_ID" in text and "\n" not in text
+        with pytest.raises(BadShardError, match="access denied"):
+            ShardReader(s3.url("demo", "train", "shard-000000.tar"))
+    finally:
+        monkeypatch.undo()
+        reset_fsspec_cache()
+
+
+def test_validate_reads_a_shard_set_on_s3(s3, capsys):  # noqa: F811
+    url = s3.url("demo", "heldout")
+    if "demo/heldout/manifest.json" not in s3.keys("demo/"):
+        assert data_shards_main(["demo", "--out", s3.url("demo"), *SMALL_DEMO]) == 0
+        capsys.readouterr()
+    assert data_shards_main(["validate", url]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is True

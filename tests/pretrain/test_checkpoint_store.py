@@ -1,0 +1,97 @@
+"""Publishing checkpoints to object storage / a shared file system (pretrain/checkpoint_store.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from data_shards import storage
+from pretrain import checkpoint_store
+from pretrain.checkpoint import finished_step, latest_tag
+from tests.s3_server import s3  # noqa: F401 - the fixture
+
+
+@pytest.fixture(params=["shared_fs", "s3"])
+def remote(request, tmp_path):
+    """A remote location: a directory standing in for a shared file system, or a prefix on moto's S3."""
+    if request.param == "shared_fs":
+        return str(tmp_path / "shared")
+    server = request.getfixturevalue("s3")
+    return server.url("runs", request.node.name.replace("[", "-").rstrip("]"))
+
+
+def _local_checkpoint(run_dir, step: int) -> str:
+    """A staged checkpoint as pretrain.checkpoint.save leaves it (files of two ranks + COMPLETE)."""
+    tag = f"step{step:08d}"
+    d = run_dir / "checkpoints" / tag
+    d.mkdir(parents=True)
+    for r in (0, 1):
+        (d / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt").write_bytes(bytes([step, r]) * 100)
+        (d / f"rank_{r}.pt").write_bytes(bytes([r]) * 10)
+    (d / "COMPLETE").write_text(json.dumps({"step": step, "world_size": 2}))
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(step)))
+    return tag
+
+
+def test_publish_writes_complete_then_latest_after_every_file(tmp_path, remote, monkeypatch):
+    run = tmp_path / "run"
+    tag = _local_checkpoint(run, 2)
+    events = []
+    real_upload, real_write = storage.upload_file, storage.write_text
+    monkeypatch.setattr(storage, "upload_file", lambda src, dst: (events.append(str(dst)), real_upload(src, dst)))
+    monkeypatch.setattr(storage, "write_text", lambda dst, t: (events.append(str(dst)), real_write(dst, t)))
+    checkpoint_store.publish(run / "checkpoints", remote, tag, {"step": 2, "world_size": 2}, 2, run)
+    names = [e.rsplit("/", 2)[-2:] for e in events]
+    assert names[-2:] == [[tag, "COMPLETE"], ["checkpoints", "latest"]]  # the publish point comes last
+    staged = [p.name for p in (run / "checkpoints" / tag).iterdir() if p.name != "COMPLETE"]
+    assert sorted(n[-1] for n in names[:-2]) == sorted([*staged, "metrics.jsonl"])
+    assert checkpoint_store.remote_latest(remote) == (tag, {"step": 2, "world_size": 2})
+    assert finished_step(tmp_path / "elsewhere", remote=remote) == 2
+
+
+def test_a_tag_without_complete_is_never_resumed(tmp_path, remote):
+    run = tmp_path / "run"
+    checkpoint_store.publish(
+        run / "checkpoints", remote, _local_checkpoint(run, 2), {"step": 2, "world_size": 2}, 3, run
+    )
+    # an upload that died after its files but before COMPLETE, with `latest` already pointing at it
+    # (the order publish never uses, but a foreign writer or a partial copy might)
+    storage.write_bytes(storage.join(remote, "checkpoints", "step00000004", "rank_0.pt"), b"half")
+    storage.write_text(storage.join(remote, "checkpoints", "latest"), "step00000004")
+    assert checkpoint_store.remote_latest(remote)[0] == "step00000002"
+    fresh = tmp_path / "fresh_node"
+    assert checkpoint_store.fetch(fresh / "checkpoints", remote, fresh) == "step00000002"
+    assert latest_tag(fresh / "checkpoints") == "step00000002"
+
+
+def test_fetch_restores_a_run_on_a_fresh_machine_and_prunes_old_tags(tmp_path, remote):
+    run = tmp_path / "run"
+    for step in (2, 4, 6):
+        tag = _local_checkpoint(run, step)
+        checkpoint_store.publish(run / "checkpoints", remote, tag, {"step": step, "world_size": 2}, 2, run)
+    assert [t for _, t in checkpoint_store.remote_complete_tags(remote)] == ["step00000004", "step00000006"]
+    fresh = tmp_path / "fresh_node"
+    assert checkpoint_store.fetch(fresh / "checkpoints", remote, fresh) == "step00000006"
+    got = fresh / "checkpoints" / "step00000006"
+    want = run / "checkpoints" / "step00000006"
+    assert sorted(p.name for p in got.iterdir()) == sorted(p.name for p in want.iterdir())
+    assert all((got / p.name).read_bytes() == p.read_bytes() for p in want.iterdir())
+    assert (fresh / "metrics.jsonl").read_text() == (run / "metrics.jsonl").read_text()
+    assert not list((fresh / "checkpoints").glob(".fetch-*"))
+    assert checkpoint_store.fetch(tmp_path / "empty" / "checkpoints", storage.join(remote, "none"), tmp_path) is None
+
+
+def test_wrong_credentials_fail_the_save_with_the_url(tmp_path, s3, monkeypatch):  # noqa: F811
+    from tests.s3_server import reset_fsspec_cache
+
+    run = tmp_path / "run"
+    tag = _local_checkpoint(run, 2)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG0")
+    reset_fsspec_cache()
+    try:
+        with pytest.raises(RuntimeError, match=r"uploading checkpoint step00000002 to s3://.*access denied"):
+            checkpoint_store.publish(run / "checkpoints", s3.url("denied"), tag, {"step": 2, "world_size": 2}, 2, run)
+    finally:
+        monkeypatch.undo()
+        reset_fsspec_cache()
