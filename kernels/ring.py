@@ -255,9 +255,7 @@ class RingInfoNCEFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         a, b, logit_scale, lse_a, lse_b, row_weight = ctx.saved_tensors
         scale = logit_scale.detach().reshape(()).float()
-        da, db, ds = ring_backward(
-            grad_output, a, b, scale, lse_a, lse_b, row_weight, ctx.masks, ctx.ring, ctx.ops
-        )
+        da, db, ds = ring_backward(grad_output, a, b, scale, lse_a, lse_b, row_weight, ctx.masks, ctx.ring, ctx.ops)
         ds = ds.reshape(logit_scale.shape).to(logit_scale.dtype)
         return da.to(a.dtype), db.to(b.dtype), ds, None, None, None
 

@@ -184,7 +184,12 @@ def test_world_of_one_is_the_symmetric_loss(backend, scale_shape):
     loss = ring_symmetric_infonce(*leaves, backend=backend)
     loss.backward(torch.tensor(GRAD_OUT[0], device=device))
     assert leaves[2].grad.shape == scale_shape
-    got = {"loss": loss.detach().cpu(), "da": leaves[0].grad.cpu(), "db": leaves[1].grad.cpu(), "ds": leaves[2].grad.cpu()}
+    got = {
+        "loss": loss.detach().cpu(),
+        "da": leaves[0].grad.cpu(),
+        "db": leaves[1].grad.cpu(),
+        "ds": leaves[2].grad.cpu(),
+    }
     _assert_close(got, _oracle(1)[0], tol=1e-5)
 
 
