@@ -109,7 +109,7 @@ def _check_equal_rows(rows: int, device: torch.device, group) -> None:
         raise ValueError(f"gathered InfoNCE needs the same local batch on every rank; got sizes {sizes}")
 
 
-def _ring_loss(a_local, b_local, logit_scale, group, backend):
+def _ring_loss(a_local, b_local, logit_scale, group, backend, valid_local):
     try:
         from kernels.ring import ring_symmetric_infonce
     except ImportError as err:
@@ -117,7 +117,7 @@ def _ring_loss(a_local, b_local, logit_scale, group, backend):
             "strategy='ring' needs kernels.ring.ring_symmetric_infonce, which could not be imported "
             f"({err}); use strategy='allgather'"
         ) from err
-    return ring_symmetric_infonce(a_local, b_local, logit_scale, group=group, backend=backend)
+    return ring_symmetric_infonce(a_local, b_local, logit_scale, group=group, backend=backend, valid=valid_local)
 
 
 def gathered_symmetric_infonce(
@@ -143,7 +143,8 @@ def gathered_symmetric_infonce(
         logit_scale: the multiplier ``s`` (already ``exp()``'d), shape ``[]`` or ``[1]``.
         group: process group (default: the world).
         strategy: ``"allgather"`` (gather keys with :func:`gather_with_grad`) or ``"ring"``
-            (``kernels.ring.ring_symmetric_infonce``; no masking support).
+            (``kernels.ring.ring_symmetric_infonce``: key blocks passed rank to rank, O(b·d) memory;
+            same loss and gradients, masks included).
         backend: InfoNCE backend, as for :func:`kernels.infonce`.
         valid_local: optional mask of usable local pairs; invalid pairs are neither queries nor
             negatives on any rank.
@@ -166,9 +167,7 @@ def gathered_symmetric_infonce(
     if world == 1:
         return symmetric_infonce(a_local, b_local, logit_scale, valid=valid_local, backend=backend)
     if strategy == "ring":
-        if valid_local is not None:
-            raise NotImplementedError("strategy='ring' does not support valid_local; use strategy='allgather'")
-        return _ring_loss(a_local, b_local, logit_scale, group, backend)
+        return _ring_loss(a_local, b_local, logit_scale, group, backend, valid_local)
 
     rows = a_local.shape[0]
     _check_equal_rows(rows, a_local.device, group)

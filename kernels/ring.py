@@ -18,8 +18,20 @@ accumulator and passes it on; after W hops the accumulator is back with the owne
 parallel averaging yields the single-process gradient; d logit_scale is dL_r/ds (averaged likewise).
 The incoming accumulator travels while this step's contribution is computed.
 
+Masking (``valid``, the presence masks of ``kernels.distributed.gathered_symmetric_infonce``): an
+invalid pair is neither a query nor a key anywhere. Each block travels with its (b,) uint8 mask, which
+masks that block's key columns out of every LSE; the forward keeps the W masks it saw (W·b bytes, in
+block order) for the backward, and their total gives N, the number of valid global rows, without
+another collective. With N_r valid local rows the loss is the all-gather strategy's
+
+    L_r = (W · N_r / N) · 0.5 · (masked mean_ab + masked mean_ba) = 0.5 · (W / N) · Σ_{i valid} (…)
+
+so ``mean_r L_r`` is the mean over the N valid global rows; unmasked, N = W·b and this is the plain
+mean. Each row's weight w_i = 0.5·W/N·valid_i is what the block backward receives (0 for invalid rows).
+
 Order of point-to-point messages on each link r → r+1 (identical on both ends, as NCCL requires):
-features(0), grads(0), features(1), grads(1), …; gloo additionally gets distinct tags.
+features(0) [+ mask(0)], grads(0), features(1) [+ mask(1)], grads(1), …; gloo additionally gets
+distinct tags.
 """
 
 from __future__ import annotations
@@ -31,44 +43,56 @@ import torch.distributed as dist
 
 __all__ = ["ring_symmetric_infonce"]
 
-_FEATURE_TAG, _GRAD_TAG = 11, 12
+_FEATURE_TAG, _GRAD_TAG, _MASK_TAG = 11, 12, 13
 _TORCH_CHUNK_ELEMS = 1 << 24  # rows per torch chunk = this / n: a (chunk, n) fp32 tile is <= 64 MiB
 
 
 class _BlockOps(NamedTuple):
-    """lse(q, k, s) -> (m,) fp32; backward(q, k, s, lse, w) -> (dq fp32, dk fp32, ds 0-dim fp32)."""
+    """lse(q, k, s, key_valid) -> (m,) fp32 (−inf where no column is valid);
+    backward(q, k, s, lse, w, key_valid) -> (dq fp32, dk fp32, ds 0-dim fp32); key_valid (n,) bool or None.
+    Rows with w = 0 contribute nothing to the backward (whatever their lse)."""
 
     lse: object
     backward: object
 
 
-def _torch_block_lse(q, k, s):
+def _torch_block_lse(q, k, s, key_valid=None):
     kf = k.float()
     chunk = max(1, _TORCH_CHUNK_ELEMS // max(k.shape[0], 1))
-    return torch.cat([torch.logsumexp(s * (qc.float() @ kf.T), dim=1) for qc in q.split(chunk)])
+    out = []
+    for qc in q.split(chunk):
+        z = s * (qc.float() @ kf.T)
+        if key_valid is not None:
+            z = z.masked_fill(~key_valid, float("-inf"))
+        out.append(torch.logsumexp(z, dim=1))
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.float32, device=q.device)
 
 
-def _torch_block_backward(q, k, s, lse, w):
+def _torch_block_backward(q, k, s, lse, w, key_valid=None):
     kf = k.float()
     chunk = max(1, _TORCH_CHUNK_ELEMS // max(k.shape[0], 1))
     dq, dk, ds = [], torch.zeros_like(kf), torch.zeros((), dtype=torch.float32, device=q.device)
+    lse = torch.where(w != 0, lse, float("inf"))  # weightless rows (maybe lse = −inf): p = 0, not nan
     for qc, lc, wc in zip(q.float().split(chunk), lse.split(chunk), w.split(chunk)):
         dots = qc @ kf.T  # (chunk, n)
-        g = torch.exp(s * dots - lc[:, None]) * wc[:, None]  # dL/dz
+        p = torch.exp(s * dots - lc[:, None])
+        if key_valid is not None:
+            p = p.masked_fill(~key_valid, 0.0)
+        g = p * wc[:, None]  # dL/dz
         ds = ds + (g * dots).sum()
         dq.append(s * (g @ kf))
         dk.addmm_(g.T, qc, alpha=s)
-    return torch.cat(dq), dk, ds
+    return (torch.cat(dq) if dq else torch.zeros_like(q, dtype=torch.float32)), dk, ds
 
 
 def _triton_ops(deterministic):
     from kernels.infonce_triton import infonce_block_backward, infonce_block_lse
 
-    def lse(q, k, s):
-        return infonce_block_lse(q, k, s)[0]
+    def lse(q, k, s, key_valid=None):
+        return infonce_block_lse(q, k, s, key_valid=key_valid)[0]
 
-    def backward(q, k, s, lse_rows, w):
-        return infonce_block_backward(q, k, s, lse_rows, w, deterministic=deterministic)
+    def backward(q, k, s, lse_rows, w, key_valid=None):
+        return infonce_block_backward(q, k, s, lse_rows, w, key_valid=key_valid, deterministic=deterministic)
 
     return _BlockOps(lse, backward)
 
@@ -97,14 +121,22 @@ class _Ring:
         """Owner of the block this rank holds at ``step``."""
         return (self.rank - step) % self.world
 
-    def shift_features(self, block):
-        """Start sending ``block`` to the next rank and receiving the previous rank's; (buffer, works)."""
+    def shift_features(self, block, mask=None):
+        """Start sending ``block`` (and its uint8 ``mask``, if any) to the next rank and receiving the
+        previous rank's; returns ((block buffer, mask buffer or None), works)."""
         incoming = torch.empty_like(block)
         ops = [
             dist.P2POp(dist.isend, block, group=self.group, tag=_FEATURE_TAG, group_peer=self.next),
             dist.P2POp(dist.irecv, incoming, group=self.group, tag=_FEATURE_TAG, group_peer=self.prev),
         ]
-        return incoming, dist.batch_isend_irecv(ops)
+        incoming_mask = None
+        if mask is not None:
+            incoming_mask = torch.empty_like(mask)
+            ops += [
+                dist.P2POp(dist.isend, mask, group=self.group, tag=_MASK_TAG, group_peer=self.next),
+                dist.P2POp(dist.irecv, incoming_mask, group=self.group, tag=_MASK_TAG, group_peer=self.prev),
+            ]
+        return (incoming, incoming_mask), dist.batch_isend_irecv(ops)
 
     def send_grads(self, acc):
         return dist.isend(acc, group=self.group, tag=_GRAD_TAG, group_dst=self.next)
@@ -119,29 +151,50 @@ def _wait(works):
         work.wait()
 
 
-def ring_forward(a, b, scale, ring, ops):
-    """Returns (loss 0-dim fp32, lse_a (b,), lse_b (b,)): LSE of local rows against every rank's block."""
+def ring_forward(a, b, scale, ring, ops, valid=None):
+    """LSE of local rows against every rank's block, and the loss.
+
+    Returns (loss 0-dim fp32, lse_a (b,), lse_b (b,), row_weight (b,) fp32, masks): ``row_weight`` is
+    each local row's weight in the loss (0.5·W/N, 0 for an invalid row), ``masks`` the key mask (bool or
+    None) of the block held at each step, for the backward.
+    """
     n_local = a.shape[0]
     lse_a = torch.full((n_local,), float("-inf"), dtype=torch.float32, device=a.device)
     lse_b = torch.full_like(lse_a, float("-inf"))
     block = torch.cat([a, b])  # (2b, d): what travels, in the input dtype
+    mask = None if valid is None else valid.to(torch.uint8).contiguous()  # travels with its block
+    masks = []
     for step in range(ring.world):
-        incoming, works = ring.shift_features(block) if step < ring.world - 1 else (None, None)
+        (incoming, incoming_mask), works = (
+            ring.shift_features(block, mask) if step < ring.world - 1 else ((None, None), None)
+        )
         a_src, b_src = block[:n_local], block[n_local:]
-        lse_a = torch.logaddexp(lse_a, ops.lse(a, b_src, scale))
-        lse_b = torch.logaddexp(lse_b, ops.lse(b, a_src, scale))
+        key_valid = None if mask is None else mask.bool()
+        masks.append(key_valid)
+        lse_a = torch.logaddexp(lse_a, ops.lse(a, b_src, scale, key_valid))
+        lse_b = torch.logaddexp(lse_b, ops.lse(b, a_src, scale, key_valid))
         _wait(works)
-        block = incoming
+        block, mask = incoming, incoming_mask
     pos = scale * (a.float() * b.float()).sum(dim=1)
-    loss = 0.5 * ((lse_a - pos).mean() + (lse_b - pos).mean())
-    return loss, lse_a, lse_b
+    if valid is None:
+        row_weight = torch.full((n_local,), 0.5 / max(n_local, 1), dtype=torch.float32, device=a.device)
+        per_row = lse_a + lse_b - 2 * pos
+    else:
+        n_global = torch.stack([m.sum() for m in masks]).sum().clamp(min=1).to(torch.float32)
+        row_weight = valid.to(torch.float32) * (0.5 * ring.world / n_global)
+        per_row = torch.where(valid, lse_a + lse_b - 2 * pos, 0.0)  # an invalid row's lse may be −inf
+    loss = (row_weight * per_row).sum()
+    return loss, lse_a, lse_b, row_weight, masks
 
 
-def ring_backward(grad, a, b, scale, lse_a, lse_b, ring, ops):
-    """Returns (da, db fp32 (b, d): Σ over ranks' losses; ds 0-dim fp32: of this rank's loss)."""
+def ring_backward(grad, a, b, scale, lse_a, lse_b, row_weight, masks, ring, ops):
+    """Returns (da, db fp32 (b, d): Σ over ranks' losses; ds 0-dim fp32: of this rank's loss).
+
+    ``row_weight`` and ``masks`` are what ``ring_forward`` returned (the blocks come by in the same order).
+    """
     n_local = a.shape[0]
     grad = grad.float()
-    w = torch.full((n_local,), 0.5 / max(n_local, 1), dtype=torch.float32, device=a.device) * grad
+    w = row_weight * grad
     da = torch.zeros(a.shape, dtype=torch.float32, device=a.device)
     db = torch.zeros_like(da)
     ds = torch.zeros((), dtype=torch.float32, device=a.device)
@@ -153,10 +206,10 @@ def ring_backward(grad, a, b, scale, lse_a, lse_b, ring, ops):
             if step > 0
             else (None, None)
         )
-        incoming, works = ring.shift_features(block) if step < ring.world - 1 else (None, None)
+        (incoming, _), works = ring.shift_features(block) if step < ring.world - 1 else ((None, None), None)
         a_src, b_src = block[:n_local], block[n_local:]
-        dq_a, dk_b, ds_a = ops.backward(a, b_src, scale, lse_a, w)  # rows a_r vs keys b_src
-        dq_b, dk_a, ds_b = ops.backward(b, a_src, scale, lse_b, w)  # rows b_r vs keys a_src
+        dq_a, dk_b, ds_a = ops.backward(a, b_src, scale, lse_a, w, masks[step])  # rows a_r vs keys b_src
+        dq_b, dk_a, ds_b = ops.backward(b, a_src, scale, lse_b, w, masks[step])  # rows b_r vs keys a_src
         da += dq_a
         db += dq_b
         ds = ds + ds_a + ds_b
@@ -176,12 +229,13 @@ def ring_backward(grad, a, b, scale, lse_a, lse_b, ring, ops):
         work.wait()
         pending_send.wait()
         del sent
-    # Positive logits s·a_i·b_i (both directions): d/da_i = −s·b_i·g/b, and symmetrically.
-    coef = grad / max(n_local, 1)
+    # Positive logits s·a_i·b_i, in both directions: the loss holds −2·w_i·s·a_i·b_i, so
+    # d/da_i = −2·w_i·s·b_i (w_i = 0.5/b unmasked), and symmetrically.
+    coef = (2 * w)[:, None]
     af, bf = a.float(), b.float()
     da += own[:n_local] - coef * scale * bf
     db += own[n_local:] - coef * scale * af
-    ds = ds - coef * (af * bf).sum()
+    ds = ds - (coef * af * bf).sum()
     return da, db, ds
 
 
@@ -189,22 +243,24 @@ class RingInfoNCEFunction(torch.autograd.Function):
     """Autograd wrapper around ``ring_forward`` / ``ring_backward``; saves only (b, d) and (b,) tensors."""
 
     @staticmethod
-    def forward(ctx, a, b, logit_scale, ring, ops):
+    def forward(ctx, a, b, logit_scale, valid, ring, ops):
         scale = logit_scale.detach().reshape(()).float()
-        loss, lse_a, lse_b = ring_forward(a, b, scale, ring, ops)
-        ctx.save_for_backward(a, b, logit_scale, lse_a, lse_b)
+        loss, lse_a, lse_b, row_weight, masks = ring_forward(a, b, scale, ring, ops, valid)
+        ctx.save_for_backward(a, b, logit_scale, lse_a, lse_b, row_weight)
+        ctx.masks = masks  # W bool (b,) tensors or Nones: no autograd history
         ctx.ring, ctx.ops = ring, ops
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        a, b, logit_scale, lse_a, lse_b = ctx.saved_tensors
+        a, b, logit_scale, lse_a, lse_b, row_weight = ctx.saved_tensors
         scale = logit_scale.detach().reshape(()).float()
-        da, db, ds = ring_backward(grad_output, a, b, scale, lse_a, lse_b, ctx.ring, ctx.ops)
-        return da.to(a.dtype), db.to(b.dtype), ds.reshape(logit_scale.shape).to(logit_scale.dtype), None, None
+        da, db, ds = ring_backward(grad_output, a, b, scale, lse_a, lse_b, row_weight, ctx.masks, ctx.ring, ctx.ops)
+        ds = ds.reshape(logit_scale.shape).to(logit_scale.dtype)
+        return da.to(a.dtype), db.to(b.dtype), ds, None, None, None
 
 
-def ring_symmetric_infonce(a, b, logit_scale, *, group=None, backend="auto", deterministic=False):
+def ring_symmetric_infonce(a, b, logit_scale, *, group=None, backend="auto", deterministic=False, valid=None):
     """Symmetric InfoNCE with negatives from every rank, features passed around a ring.
 
     Every rank of ``group`` must call it (and its backward) with the same b_local and d.
@@ -217,8 +273,12 @@ def ring_symmetric_infonce(a, b, logit_scale, *, group=None, backend="auto", det
         backend: "torch" (chunked matmuls), "triton" (``kernels.infonce_triton`` block kernels) or "auto"
             (triton on CUDA, torch otherwise).
         deterministic: with backend "triton", dk without atomics.
+        valid: optional (b_local,) bool presence mask; an invalid pair is neither a query nor a key on
+            any rank (``gathered_symmetric_infonce``'s ``valid_local``). Every rank passes one or none.
     Returns:
-        0-dim fp32 loss L_r = 0.5·(infonce(a, B_global, r·b + arange(b)) + infonce(b, A_global, same)).
+        0-dim fp32 loss L_r = 0.5·(infonce(a, B_global, r·b + arange(b)) + infonce(b, A_global, same));
+        with ``valid``, (W·N_r/N)·0.5·(the two masked means), so that mean_r L_r is the mean over the N
+        valid global rows (0 when none is valid).
         Gradients reaching a and b are d(Σ_r L_r)/d(local rows) = world · d(global loss)/d(local rows).
     Shapes:
         Memory per rank: O(b_local · d); no (b_local, world · b_local) tensor with backend "triton".
@@ -227,5 +287,7 @@ def ring_symmetric_infonce(a, b, logit_scale, *, group=None, backend="auto", det
         raise ValueError(f"a and b must both be (b_local, d); got {tuple(a.shape)} and {tuple(b.shape)}")
     if a.dtype != b.dtype:
         raise TypeError(f"a and b must share a dtype; got {a.dtype} and {b.dtype}")
+    if valid is not None and (valid.shape != a.shape[:1] or valid.dtype != torch.bool):
+        raise ValueError(f"valid must be a bool tensor of shape ({a.shape[0]},)")
     ops = _block_ops(backend, a.device, deterministic)
-    return RingInfoNCEFunction.apply(a.contiguous(), b.contiguous(), logit_scale, _Ring(group), ops)
+    return RingInfoNCEFunction.apply(a.contiguous(), b.contiguous(), logit_scale, valid, _Ring(group), ops)

@@ -351,9 +351,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"loss.backend={lo.backend!r}: expected 'auto', 'torch' or 'triton'")
     if lo.strategy not in ("allgather", "ring"):
         raise ConfigError(f"loss.strategy={lo.strategy!r}: expected 'allgather' or 'ring'")
-    if lo.strategy == "ring" and lo.objective == "align_pro":
-        # kernels.ring has no presence masking yet and the Align-Pro loss always masks.
-        raise ConfigError("loss.strategy='ring' does not support the align_pro objective's presence masks yet")
+    if lo.strategy == "ring" and lo.objective == "align_pro" and lo.false_negatives != "none":
+        # The grouped (false-negative) terms gather every rank's keys; they have no ring form and would
+        # silently fall back to the all-gather's memory (protclip refuses the same combination).
+        raise ConfigError(f"loss.false_negatives={lo.false_negatives!r} needs loss.strategy='allgather'")
     if lo.objective not in ("align_pro", "protclip"):
         raise ConfigError(f"loss.objective={lo.objective!r}: expected 'align_pro' or 'protclip'")
     if lo.false_negatives not in ("none", *GROUP_MODES):

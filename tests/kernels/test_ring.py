@@ -23,9 +23,23 @@ def _triton_runnable():
     return torch.cuda.is_available() or interpreter_ready()
 
 
+def _triton_interpretable():
+    try:
+        from kernels.infonce_triton import interpreter_ready
+    except ImportError:
+        return False
+    return interpreter_ready()
+
+
 needs_triton_runtime = pytest.mark.skipif(
     not _triton_runnable(), reason="triton missing, or no GPU and Triton imported without TRITON_INTERPRET=1"
 )
+# The spawned gloo ranks hold CPU tensors (gloo has no CUDA send/recv), so the Triton kernels there can
+# only run under the interpreter; on a CUDA machine Triton is imported compiled and these are skipped.
+needs_triton_on_cpu = pytest.mark.skipif(
+    not _triton_interpretable(), reason="gloo ranks hold CPU tensors: Triton must run under TRITON_INTERPRET=1"
+)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _global_inputs(world):
@@ -33,6 +47,17 @@ def _global_inputs(world):
     a = torch.nn.functional.normalize(torch.randn(world * B_LOCAL, DIM, generator=g, dtype=torch.float64), dim=1)
     b = torch.nn.functional.normalize(torch.randn(world * B_LOCAL, DIM, generator=g, dtype=torch.float64), dim=1)
     return a, b, torch.tensor([LOGIT_SCALE], dtype=torch.float64)
+
+
+def _global_valid(world, mask):
+    """Presence mask of the global batch: None, "some" (every third pair missing) or "rank1_empty"
+    (likewise, and rank 1 holds no valid pair at all: N_1 = 0)."""
+    if mask is None:
+        return None
+    valid = torch.arange(world * B_LOCAL) % 3 != 1
+    if mask == "rank1_empty":
+        valid[B_LOCAL : 2 * B_LOCAL] = False
+    return valid
 
 
 def _infonce64(q, k, s, targets):
@@ -65,17 +90,17 @@ def _oracle(world):
     ]
 
 
-def _ring_loss(a, b, s, backend):
-    return ring_symmetric_infonce(a, b, s, backend=backend)
+def _ring_loss(a, b, s, backend, valid=None):
+    return ring_symmetric_infonce(a, b, s, backend=backend, valid=valid)
 
 
-def _allgather_loss(a, b, s, backend):
+def _allgather_loss(a, b, s, backend, valid=None):
     from kernels.distributed import gathered_symmetric_infonce
 
-    return gathered_symmetric_infonce(a, b, s, strategy="allgather", backend=backend)
+    return gathered_symmetric_infonce(a, b, s, strategy="allgather", backend=backend, valid_local=valid)
 
 
-def _worker(rank, world, init_file, backend, out_dir, strategy="ring"):
+def _worker(rank, world, init_file, backend, out_dir, strategy="ring", mask=None):
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=90)
     )
@@ -87,7 +112,9 @@ def _worker(rank, world, init_file, backend, out_dir, strategy="ring"):
             b[rows].float().requires_grad_(),
             s.float().requires_grad_(),
         ]
-        loss = (_allgather_loss if strategy == "allgather" else _ring_loss)(*leaves, backend)
+        valid = _global_valid(world, mask)
+        valid = None if valid is None else valid[rows]
+        loss = (_allgather_loss if strategy == "allgather" else _ring_loss)(*leaves, backend, valid)
         loss.backward(torch.tensor(GRAD_OUT[rank]))
         result = {"loss": loss.detach(), "da": leaves[0].grad, "db": leaves[1].grad, "ds": leaves[2].grad}
         torch.save(result, os.path.join(out_dir, f"{strategy}{rank}.pt"))
@@ -95,26 +122,26 @@ def _worker(rank, world, init_file, backend, out_dir, strategy="ring"):
         dist.destroy_process_group()
 
 
-def _run_ranks(world, backend, tmp_path, strategy="ring"):
+def _run_ranks(world, backend, tmp_path, strategy="ring", mask=None):
     """Spawns ``world`` gloo ranks (file:// rendezvous), kills them past TIMEOUT_S; per-rank results."""
     rendezvous = str(tmp_path / f"rendezvous_{strategy}")
     out = str(tmp_path)
     return run_ranks(
-        _worker, lambda r: (r, world, rendezvous, backend, out, strategy), world, tmp_path, TIMEOUT_S, strategy
+        _worker, lambda r: (r, world, rendezvous, backend, out, strategy, mask), world, tmp_path, TIMEOUT_S, strategy
     )
 
 
 def _assert_close(got, want, tol):
     for key in ("loss", "da", "db", "ds"):
         g, w = got[key].double().reshape(want[key].shape), want[key]
-        err = ((g - w).abs().max() / w.abs().max()).item()
+        err = ((g - w).abs().max() / w.abs().max().clamp_min(1e-12)).item()  # all-zero wants: exact 0
         assert err <= tol, (key, err)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "backend,world",
-    [("torch", 3), pytest.param("triton", 2, marks=needs_triton_runtime)],
+    [("torch", 3), pytest.param("triton", 2, marks=needs_triton_on_cpu)],
 )
 def test_ring_matches_single_process_oracle(backend, world, tmp_path):
     results = _run_ranks(world, backend, tmp_path)
@@ -123,11 +150,23 @@ def test_ring_matches_single_process_oracle(backend, world, tmp_path):
 
 
 @pytest.mark.slow
-def test_ring_matches_allgather_strategy(tmp_path):
-    """Same per-rank loss and gradients as kernels.distributed's all-gather strategy (if present)."""
+@pytest.mark.parametrize(
+    "backend,mask",
+    [
+        ("torch", None),
+        ("torch", "some"),
+        ("torch", "rank1_empty"),
+        pytest.param("triton", "some", marks=needs_triton_on_cpu),
+    ],
+)
+def test_ring_matches_allgather_strategy(backend, mask, tmp_path):
+    """Same per-rank loss and gradients as kernels.distributed's all-gather strategy, presence masks
+    (``valid_local``) included: invalid pairs are neither queries nor keys on any rank."""
     pytest.importorskip("kernels.distributed")
-    ring = _run_ranks(2, "torch", tmp_path, "ring")
-    allgather = _run_ranks(2, "torch", tmp_path, "allgather")
+    ring = _run_ranks(2, backend, tmp_path, "ring", mask)
+    allgather = _run_ranks(2, backend, tmp_path, "allgather", mask)
+    if mask == "rank1_empty":
+        assert ring[1]["loss"].item() == 0.0 and not ring[1]["da"].any()  # N_1 = 0: nothing on rank 1
     for got, want in zip(ring, allgather):
         _assert_close(got, {key: value.double() for key, value in want.items()}, tol=1e-5)
 
@@ -136,16 +175,43 @@ def test_ring_matches_allgather_strategy(tmp_path):
 @pytest.mark.parametrize("scale_shape", [(), (1,)], ids=["scalar", "shape1"])
 def test_world_of_one_is_the_symmetric_loss(backend, scale_shape):
     a, b, s = _global_inputs(1)
+    device = DEVICE if backend == "triton" else "cpu"  # compiled Triton (GPU) or the interpreter (CPU)
     leaves = [
-        a.float().requires_grad_(),
-        b.float().requires_grad_(),
-        s.float().reshape(scale_shape).requires_grad_(),
+        a.float().to(device).requires_grad_(),
+        b.float().to(device).requires_grad_(),
+        s.float().reshape(scale_shape).to(device).requires_grad_(),
     ]
     loss = ring_symmetric_infonce(*leaves, backend=backend)
-    loss.backward(torch.tensor(GRAD_OUT[0]))
+    loss.backward(torch.tensor(GRAD_OUT[0], device=device))
     assert leaves[2].grad.shape == scale_shape
-    got = {"loss": loss.detach(), "da": leaves[0].grad, "db": leaves[1].grad, "ds": leaves[2].grad}
+    got = {
+        "loss": loss.detach().cpu(),
+        "da": leaves[0].grad.cpu(),
+        "db": leaves[1].grad.cpu(),
+        "ds": leaves[2].grad.cpu(),
+    }
     _assert_close(got, _oracle(1)[0], tol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton_runtime)])
+def test_world_of_one_with_presence_mask_is_the_masked_symmetric_loss(backend):
+    from kernels.functional import symmetric_infonce
+
+    a, b, s = _global_inputs(1)
+    device = DEVICE if backend == "triton" else "cpu"
+    valid = _global_valid(1, "some").to(device)
+    results = []
+    for fn in (
+        lambda x, y, t: ring_symmetric_infonce(x, y, t, backend=backend, valid=valid),
+        lambda x, y, t: symmetric_infonce(x, y, t, valid=valid, backend="torch"),
+    ):
+        leaves = [t.float().to(device).requires_grad_() for t in (a, b, s)]
+        loss = fn(*leaves)
+        loss.backward(torch.tensor(GRAD_OUT[0], device=device))
+        results.append({"loss": loss.detach(), "da": leaves[0].grad, "db": leaves[1].grad, "ds": leaves[2].grad})
+    got, want = ({k: v.double().cpu() for k, v in r.items()} for r in results)
+    assert not got["da"][~valid.cpu()].any()  # an invalid pair gets no gradient
+    _assert_close(got, want, tol=1e-5)
 
 
 def test_bf16_inputs_keep_their_dtype_and_stay_close():
@@ -161,5 +227,7 @@ def test_bf16_inputs_keep_their_dtype_and_stay_close():
 def test_rejects_mismatched_inputs():
     with pytest.raises(ValueError, match="b_local, d"):
         ring_symmetric_infonce(torch.ones(3, 4), torch.ones(2, 4), torch.ones(()))
+    with pytest.raises(ValueError, match="valid"):
+        ring_symmetric_infonce(torch.ones(3, 4), torch.ones(3, 4), torch.ones(()), valid=torch.ones(3))
     with pytest.raises(ValueError, match="backend"):
         ring_symmetric_infonce(torch.ones(3, 4), torch.ones(3, 4), torch.ones(()), backend="cuda")

@@ -60,3 +60,10 @@ def test_fingerprint_changes_with_model_only():
     assert a.fingerprint() == b.fingerprint()
     b.model.embed_dim += 1
     assert a.fingerprint() != b.fingerprint()
+
+
+def test_ring_strategy_accepted_for_align_pro_but_not_with_false_negatives():
+    cfg = load_config(overrides=["loss.strategy=ring"])
+    assert cfg.loss.objective == "align_pro" and cfg.loss.strategy == "ring"  # presence masks ride the ring
+    with pytest.raises(ConfigError, match="needs loss.strategy='allgather'"):
+        load_config(overrides=["loss.strategy=ring", "loss.false_negatives=text"])

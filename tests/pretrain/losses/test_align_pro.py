@@ -154,7 +154,14 @@ def test_collate_adds_group_ids_only_when_switched_on(tmp_path):
 # ----------------------------------------------------------------------------- 2 gloo ranks
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
+def _two_rank_cfg(strategy: str) -> LossConfig:
+    """allgather: with the text false-negative groups; ring: plain terms (groups need the all-gather)."""
+    if strategy == "ring":
+        return replace(CFG, strategy="ring")
+    return replace(CFG, false_negatives="text")
+
+
+def _worker(rank: int, init_file: str, out_dir: str, strategy: str = "allgather") -> None:
     torch.set_num_threads(1)
     try:
         dist.init_process_group(
@@ -164,7 +171,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         local = slice(rank * rows, (rank + 1) * rows)
         emb = {k: v[local] for k, v in _emb().items()}
         present = {k: v[local] for k, v in PRESENT.items()}
-        cfg = replace(CFG, false_negatives="text")
+        cfg = _two_rank_cfg(strategy)
         loss, grads, s_grad = _loss_and_grads(lambda e, s: AlignProLoss(cfg)(e, present, s, GROUPS[local])["loss"], emb)
         torch.save({"loss": loss, "grads": grads, "s": s_grad}, os.path.join(out_dir, f"r{rank}.pt"))
     except BaseException:
@@ -175,14 +182,19 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_match_the_global_reference(tmp_path):
-    res = run_ranks(_worker, lambda r: (r, str(tmp_path / "rdv"), str(tmp_path)), WORLD, tmp_path, TIMEOUT_S, "r")
-    cfg = replace(CFG, false_negatives="text")
+@pytest.mark.parametrize("strategy", ["allgather", "ring"])
+def test_two_gloo_ranks_match_the_global_reference(strategy, tmp_path):
+    """Presence masks on every term; the ring (kernels.ring) computes its blocks in fp32, hence its tolerance."""
+    res = run_ranks(
+        _worker, lambda r: (r, str(tmp_path / "rdv"), str(tmp_path), strategy), WORLD, tmp_path, TIMEOUT_S, "r"
+    )
+    cfg = _two_rank_cfg(strategy)
     ref = _loss_and_grads(lambda e, s: _reference(e, PRESENT, s, cfg, GROUPS), _emb())
-    torch.testing.assert_close(sum(r["loss"] for r in res) / WORLD, ref[0], rtol=1e-10, atol=1e-12)
+    rtol, atol = (1e-10, 1e-12) if strategy == "allgather" else (1e-5, 1e-6)
+    torch.testing.assert_close(sum(r["loss"] for r in res) / WORLD, ref[0], rtol=rtol, atol=atol)
     rows = N // WORLD
     for rank, r in enumerate(res):
         local = slice(rank * rows, (rank + 1) * rows)
         for k, g in r["grads"].items():  # gather_with_grad convention: W x the global gradient
-            torch.testing.assert_close(g, WORLD * ref[1][k][local], rtol=1e-9, atol=1e-12, msg=k)
-    torch.testing.assert_close(sum(r["s"] for r in res), WORLD * ref[2], rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(g, WORLD * ref[1][k][local], rtol=10 * rtol, atol=atol, msg=k)
+    torch.testing.assert_close(sum(r["s"] for r in res), WORLD * ref[2], rtol=10 * rtol, atol=atol)
