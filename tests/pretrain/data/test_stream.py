@@ -134,7 +134,7 @@ def _stream_refs(plan, start, n=None):
     The stream's real cursor logic runs; building a batch is replaced by returning its refs.
     Returns (list of batches' refs, cursor after the last one).
     """
-    stream = BatchStream(plan, start, lambda slot, refs, key: (lambda: ({"refs": refs, "key": key}, [])), prefetch=3)
+    stream = BatchStream(plan, start, lambda slot, refs, key: lambda: ({"refs": refs, "key": key}, []), prefetch=3)
     out, cursor = [], start
     if n == 0:
         return out, cursor
