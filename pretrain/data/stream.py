@@ -38,6 +38,7 @@ Another change inside the remainder segment chains on (segment k+1 takes what se
 from __future__ import annotations
 
 import collections
+import json
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -304,6 +305,8 @@ class BatchStream:
         self._next = cursor  # next batch to submit
         self._inflight: collections.deque = collections.deque()
         self._slot = 0
+        # Debugging / testing aid: a JSONL file receiving {epoch, batch, resized, ids} per batch handed out.
+        self.record: Path | None = None
 
     def _advance(self, c: Cursor) -> Cursor:
         if c.batch + 1 >= self.plan.batches_per_epoch(c.epoch, c.resized):
@@ -326,8 +329,17 @@ class BatchStream:
             self._fill()
             c, wait = self._inflight.popleft()
             batch, bad = wait()
+            if self.record is not None:
+                self._record(c, batch)
             self.cursor = self._advance(c)
             yield batch, bad, self.cursor
+
+
+    def _record(self, c: Cursor, batch: dict) -> None:
+        line = {"epoch": c.epoch, "batch": c.batch, "resized": [list(x) for x in c.resized], "ids": batch["ids"]}
+        self.record.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.record, "a") as f:
+            f.write(json.dumps(line) + "\n")
 
 
 def local_stream(cfg: Config, plan: EpochPlan, cursor: Cursor, views: dict[str, bool]) -> BatchStream:
