@@ -205,6 +205,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank_state: dict
     if rank == 0:
         for old in complete_tags(ckpt_dir)[:-keep]:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+            shutil.rmtree(ckpt_dir / f"{old}{UNIVERSAL_SUFFIX}", ignore_errors=True)  # its elastic-resume form
     _barrier()
     return tag
 
@@ -364,8 +365,7 @@ def load(engine, ckpt_dir: Path) -> tuple[dict, dict] | None:
         rank_state = torch.load(ckpt_dir / tag / f"rank_{rank}.pt", map_location="cpu", weights_only=True)
         return client_state, rank_state
     saved = [
-        torch.load(ckpt_dir / tag / f"rank_{r}.pt", map_location="cpu", weights_only=True)
-        for r in range(saved_world)
+        torch.load(ckpt_dir / tag / f"rank_{r}.pt", map_location="cpu", weights_only=True) for r in range(saved_world)
     ]
     rank_state = {
         "cursor": saved[rank % saved_world]["cursor"],

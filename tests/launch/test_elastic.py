@@ -58,12 +58,20 @@ def test_two_ranks_then_one_then_two_continue_the_epoch_without_repeats(tmp_path
     batches = _consumed(run)
     # which segment of epoch 0 each batch came from: the cursor history at its consumption
     segments = sorted({(rank, tuple(map(tuple, r["resized"])), r["batch"]) for rank, r in batches})
-    assert segments == [
-        *[(rank, (), b) for rank in (0, 1) for b in range(3)],
-        *[(0, ((2, 3),), b) for b in range(3)],
-        *[(rank, ((2, 3), (1, 3)), b) for rank in (0, 1) for b in range(3)],
-    ]
+    assert segments == sorted(
+        [
+            *[(rank, (), b) for rank in (0, 1) for b in range(3)],
+            *[(0, ((2, 3),), b) for b in range(3)],
+            *[(rank, ((2, 3), (1, 3)), b) for rank in (0, 1) for b in range(3)],
+        ]
+    )
     ids = [i for _, r in batches for i in r["ids"]]
     assert len(ids) == 120 and all(ids)
     assert len(set(ids)) == len(ids), "a protein was trained on twice within the epoch"
     assert (run / "export" / "model.safetensors").is_file()
+    # retention (keep 2) removed step3 and, with it, its universal conversion
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir()) == [
+        "step00000006",
+        "step00000006_universal",
+        "step00000009",
+    ]
