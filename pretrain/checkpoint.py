@@ -152,7 +152,7 @@ def _safe_globals() -> list:
 def verify_safe(tag_dir: Path, recursive: bool = False) -> None:
     """Refuse a checkpoint whose files need arbitrary unpickling.
 
-    DeepSpeed's own loader (and its universal conversion) calls ``torch.load(weights_only=False)``;
+    DeepSpeed's own loader and its universal conversion unpickle with ``weights_only=False``;
     every file is first read with ``weights_only=True`` and an allowlist of DeepSpeed's state
     classes, so a crafted file carrying a pickle payload is rejected before DeepSpeed touches it.
     ``recursive`` also checks subdirectories (a universal checkpoint keeps one per parameter).
