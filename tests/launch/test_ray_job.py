@@ -81,10 +81,11 @@ def test_a_deliberate_stop_is_not_retried_and_exits_3(tmp_path, small_demo):
     for shard in sorted((shards / "train").glob("*.tar"))[:4]:  # half the shards unreadable: bad samples at step 1
         shard.write_bytes(b"not a tar file")
     run = tmp_path / "ray"
-    job = _ray_job(run, shards, [*COMMON, "data.loader=ray", "data.max_bad_sample_ratio=0.01"])
+    over = [*COMMON, "data.loader=ray", "data.max_bad_sample_ratio=0.01", "data.bad_ratio_min_samples=0"]
+    job = _ray_job(run, shards, over)
     assert job.returncode == 3, (job.stdout + job.stderr)[-5000:]
     assert "align-pro: stopped:" in job.stderr and "unreadable" in job.stderr
     stopped = json.loads((run / "stopped.json").read_text())
     assert stopped["error"] == "RunStopped"
-    assert not (run / "metrics.jsonl").is_file() or not _losses(run)  # stopped before logging step 1
+    assert sorted(_losses(run)) == [1]  # step 1 is logged, then the run stops
     assert not (run / "checkpoints" / "latest").exists()
