@@ -334,7 +334,6 @@ class BatchStream:
             self.cursor = self._advance(c)
             yield batch, bad, self.cursor
 
-
     def _record(self, c: Cursor, batch: dict) -> None:
         line = {"epoch": c.epoch, "batch": c.batch, "resized": [list(x) for x in c.resized], "ids": batch["ids"]}
         self.record.parent.mkdir(parents=True, exist_ok=True)
