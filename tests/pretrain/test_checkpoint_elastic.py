@@ -75,7 +75,7 @@ def _worker(rank: int, world: int, port: int, out: str, ckpt: str, stage: int, s
             result["loaded"] = _params(engine, stage)
         for s in range(step + 1, step + 3):
             _train_step(engine, seed=1000 * s + rank)
-        cursor = {"epoch": 0, "batch": step + 2 + rank * 0}
+        cursor = {"epoch": 0, "batch": step + 2}  # ranks step together: one cursor for all
         checkpoint.save(
             engine, ckpt_dir, step + 2, {"step": step + 2, "world_size": world}, {"cursor": cursor, "rng": {}}, keep=5
         )
