@@ -7,20 +7,32 @@
 On a cluster, submit it as a Ray job (``ray job submit --address http://HEAD:8265 --working-dir .
 -- python launch/ray_job.py --address auto ...``) or run it on the head node with ``--address auto``.
 
-Without ``--address`` a local Ray is started. Workers run :func:`pretrain.run.train_and_evaluate`
-in a process group that Ray Train sets up (gloo on CPU, NCCL on GPU); each worker's Ray shard
-readers live in the same cluster. On a worker failure Ray Train restarts the group
-(``FailureConfig(max_failures)``) and the trainer resumes from the run directory's latest
-complete checkpoint, so the run dir, metrics and checkpoints are the same as with DeepSpeed's
-launcher. The run directory must be on storage every worker can reach.
+Without ``--address`` a local Ray is started (more logical CPUs than cores, so that reader
+actors and training workers never wait on each other). Workers run
+:func:`pretrain.run.train_and_evaluate` in the process group Ray Train sets up (gloo on CPU,
+NCCL on GPU); each worker's Ray shard readers live in the same cluster. The run directory is the
+same as with DeepSpeed's launcher (``config.yaml``, ``metrics.jsonl``, ``checkpoints/``,
+``export/``); Ray Train's own bookkeeping goes to ``RUN/ray_results/``. The run directory must
+be on storage that the driver and every worker can reach.
 
-Testing aid: ``ALIGN_PRO_KILL_AT_STEP=N`` in the environment makes rank 0 SIGKILL itself once
-after step N (see ``pretrain.trainer``), to exercise the restart path.
+Failures: when a worker dies or raises, Ray Train restarts the whole worker group
+(``FailureConfig(max_failures)``) and every rank resumes from the run directory's latest complete
+checkpoint, exactly as a relaunch would. A deliberate stop (:class:`pretrain.errors.RunStopped`:
+too many bad samples or non-finite steps, failed checkpoints) is not a failure to retry: the
+workers catch it, rank 0 writes ``RUN/stopped.json``, the workers return, and the job exits
+with code 3 (2: configuration error, 1: failures beyond ``--max-failures``). SIGTERM handling
+(checkpoint, exit 0) is for ``launch/pretrain.py``: Ray runs the loop in a worker thread, where
+Python cannot install signal handlers.
+
+Testing aid (never for real runs): ``ALIGN_PRO_KILL_AT_STEP=N`` in the driver's environment
+makes rank 0 SIGKILL its own worker process once per run directory right after step N (see
+``pretrain.trainer._maybe_inject_fault``); Ray Train sees a dead worker and restarts the group.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -28,14 +40,24 @@ from pathlib import Path
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
 
-# Ray >= 2.59 clusters use token authentication; a driver joining one by address must be in token
-# mode before Ray is imported (the token comes from ~/.ray/auth_token or RAY_AUTH_TOKEN).
+# Ray reads its auth mode at import: a local Ray uses token auth (Ray >= 2.59), and a driver
+# joining a cluster by address must be in token mode too or it is refused.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 from pretrain.config import ConfigError  # noqa: E402
-from pretrain.run import prepare, train_and_evaluate, write_run_config  # noqa: E402
+from pretrain.run import prepare, write_run_config  # noqa: E402
 
-_WORKER_ENV = ("DS_ACCELERATOR", "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM", "ALIGN_PRO_KILL_AT_STEP", "PYTHONPATH")
+# Passed on to every worker (a cluster's workers do not inherit the driver's environment).
+_WORKER_ENV = (
+    "DS_ACCELERATOR",
+    "OMP_NUM_THREADS",
+    "TOKENIZERS_PARALLELISM",
+    "TRITON_INTERPRET",
+    "PYTHONPATH",
+    "ALIGN_PRO_KILL_AT_STEP",
+    "ALIGN_PRO_RECORD_BATCHES",
+)
+STOPPED = "stopped.json"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--run-dir", default="runs/ray_demo")
     p.add_argument("--num-workers", type=int, default=2, help="training ranks (Ray Train workers)")
-    p.add_argument("--address", default=None, help="existing cluster (ray://host:10001 or auto); default: local")
+    p.add_argument("--address", default=None, help="an existing cluster (auto or HOST:PORT); default: a local Ray")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
     p.add_argument("--max-failures", type=int, default=3, help="worker-group restarts before giving up")
     p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray (default: 2 x cores, >= 4)")
@@ -64,14 +86,39 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _worker(config: dict) -> None:
-    """One training rank inside a Ray Train worker (process group already up)."""
-    import ray
+    """One training rank inside a Ray Train worker (Ray Train has started the process group)."""
     import torch.distributed as dist
 
+    from pretrain.errors import RunStopped
+    from pretrain.run import init_process_group, train_and_evaluate
+
+    import ray
+
+    init_process_group()  # DeepSpeed adopts Ray's group (and skips its CPU shm op build)
+    rank = dist.get_rank()
     node = ray.get_runtime_context().get_node_id()
-    print(f"align-pro: rank {dist.get_rank()} of {dist.get_world_size()} on Ray node {node}", flush=True)
+    print(f"align-pro: rank {rank} of {dist.get_world_size()} on Ray node {node}", flush=True)
     plan = prepare(config["recipe"], config["overrides"], config["ds"], config["run_dir"], dist.get_world_size())
-    train_and_evaluate(plan, dist.get_rank())
+    try:
+        train_and_evaluate(plan, rank)
+    except RunStopped as e:
+        # Raised on every rank together; returning (not raising) keeps FailureConfig from retrying.
+        if rank == 0:
+            (plan.run_dir / STOPPED).write_text(json.dumps({"error": type(e).__name__, "message": str(e)}))
+
+
+def _ray_init(args: argparse.Namespace, env: dict) -> None:
+    import ray
+
+    if args.address:
+        ray.init(address=args.address, runtime_env={"env_vars": env})
+    else:
+        ray.init(
+            num_cpus=args.num_cpus or max(4, 2 * (os.cpu_count() or 1)),
+            include_dashboard=False,
+            object_store_memory=256 * 1024**2,
+            runtime_env={"env_vars": env},
+        )
 
 
 def main(argv=None) -> int:
@@ -82,9 +129,11 @@ def main(argv=None) -> int:
         print(f"align-pro: error: {e}", file=sys.stderr, flush=True)
         return 2
     if plan.finished_step is not None:
-        print(f"run in {plan.run_dir} already finished at step {plan.finished_step}")
+        print(f"run in {plan.run_dir} already finished at step {plan.finished_step}; export in {plan.run_dir}/export")
         return 0
     write_run_config(plan)
+    run_dir = plan.run_dir.resolve()
+    (run_dir / STOPPED).unlink(missing_ok=True)
 
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -94,16 +143,7 @@ def main(argv=None) -> int:
     if not args.use_gpu:
         env.setdefault("DS_ACCELERATOR", "cpu")
         env.setdefault("OMP_NUM_THREADS", "1")
-    if args.address:
-        ray.init(address=args.address, runtime_env={"env_vars": env}, log_to_driver=True)
-    else:
-        ray.init(
-            num_cpus=args.num_cpus or max(4, 2 * (os.cpu_count() or 1)),
-            include_dashboard=False,
-            object_store_memory=256 * 1024**2,
-            runtime_env={"env_vars": env},
-        )
-    run_dir = plan.run_dir.resolve()
+    _ray_init(args, env)
     trainer = TorchTrainer(
         _worker,
         train_loop_config={
@@ -127,8 +167,14 @@ def main(argv=None) -> int:
     )
     try:
         trainer.fit()
+    except Exception as e:  # noqa: BLE001 - Ray Train's TrainingFailedError after the last retry
+        print(f"align-pro: failed after {args.max_failures} restarts: {e}", file=sys.stderr, flush=True)
+        return 1
     finally:
         ray.shutdown()
+    if (run_dir / STOPPED).is_file():
+        print(f"align-pro: stopped: {json.loads((run_dir / STOPPED).read_text())['message']}", file=sys.stderr)
+        return 3
     return 0
 
 

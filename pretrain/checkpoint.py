@@ -6,6 +6,8 @@ Layout (``RUN/checkpoints``)::
     <tag>/rank_<r>.pt      this rank's data cursor and random generator states (tensors only)
     <tag>/COMPLETE         written by rank 0 after every rank finished writing
     latest                 the tag of the newest complete checkpoint, replaced atomically
+    <tag>_universal/       DeepSpeed universal form of <tag>, made on the first resume on another
+                           number of ranks (rank 0, atomically, marker UNIVERSAL_COMPLETE)
 
 A checkpoint without ``COMPLETE`` is never loaded; ``latest`` moves only after ``COMPLETE``
 exists, so a kill at any moment leaves the previous checkpoint usable. A write that fails on
@@ -151,15 +153,16 @@ def _safe_globals() -> list:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
-def verify_safe(tag_dir: Path) -> None:
+def verify_safe(tag_dir: Path, recursive: bool = False) -> None:
     """Refuse a checkpoint whose files need arbitrary unpickling.
 
-    DeepSpeed's own loader calls ``torch.load(weights_only=False)``; every file is first read
-    with ``weights_only=True`` and an allowlist of DeepSpeed's two state classes, so a crafted
-    file carrying a pickle payload is rejected before DeepSpeed touches it.
+    DeepSpeed's own loader and its universal conversion unpickle with ``weights_only=False``;
+    every file is first read with ``weights_only=True`` and an allowlist of DeepSpeed's state
+    classes, so a crafted file carrying a pickle payload is rejected before DeepSpeed touches it.
+    ``recursive`` also checks subdirectories (a universal checkpoint keeps one per parameter).
     """
     with torch.serialization.safe_globals(_safe_globals()):
-        for path in sorted(Path(tag_dir).glob("*.pt")):
+        for path in sorted(Path(tag_dir).glob("**/*.pt" if recursive else "*.pt")):
             try:
                 torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:  # noqa: BLE001 - any failure means we must not unpickle it
@@ -210,6 +213,7 @@ def save(
     if rank == 0:
         for old in complete_tags(ckpt_dir)[:-keep]:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+            shutil.rmtree(ckpt_dir / f"{old}{UNIVERSAL_SUFFIX}", ignore_errors=True)  # its elastic-resume form
     _barrier()
     if remote:
         from pretrain import checkpoint_store
@@ -240,13 +244,101 @@ def _fail_together(ckpt_dir: Path, tag: str, errors: list[str], rank: int) -> No
     raise CheckpointWriteError(f"checkpoint {ckpt_dir / tag} was not saved ({detail}); {keeps}")
 
 
+UNIVERSAL_SUFFIX = "_universal"
+UNIVERSAL_COMPLETE = "UNIVERSAL_COMPLETE"
+
+
+def saved_world_size(ckpt_dir: Path) -> int | None:
+    """Number of ranks that wrote the checkpoint a resume would load, or None (no process group needed).
+
+    ``Trainer.setup`` asks before ``deepspeed.initialize``: a different world size needs
+    ``"checkpoint": {"load_universal": true}`` in the config the engine is built with.
+    """
+    tag = latest_tag(Path(ckpt_dir))
+    if tag is None:
+        return None
+    return int(json.loads((Path(ckpt_dir) / tag / COMPLETE).read_text())["world_size"])
+
+
+def universal_config(ds_config: dict) -> dict:
+    """A copy of ``ds_config`` whose engine loads DeepSpeed universal checkpoints.
+
+    DeepSpeed reads ``checkpoint.load_universal`` from the config (``engine.load_universal_checkpoint()``)
+    when loading; nothing else in the engine depends on it.
+    """
+    return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+
+
+def _convert_to_universal(ckpt_dir: Path, tag: str) -> Path:
+    """Rank 0: DeepSpeed's ``ds_to_universal`` of ``tag`` into ``<tag>_universal``, atomically.
+
+    The conversion runs in ``.<tag>_universal.tmp<pid>/`` (the script also drops a
+    ``latest_universal`` file beside its output: it stays in the temporary directory), gets a
+    ``UNIVERSAL_COMPLETE`` marker, then is renamed into place; a conversion killed half-way
+    leaves only a temporary directory, removed by the next attempt.
+    """
+    from argparse import Namespace
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    final = ckpt_dir / f"{tag}{UNIVERSAL_SUFFIX}"
+    if (final / UNIVERSAL_COMPLETE).is_file():
+        return final
+    shutil.rmtree(final, ignore_errors=True)  # never published (no marker): a leftover
+    for stale in ckpt_dir.glob(f".{tag}{UNIVERSAL_SUFFIX}.tmp*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    work = ckpt_dir / f".{tag}{UNIVERSAL_SUFFIX}.tmp{os.getpid()}"
+    out = work / final.name
+    args = Namespace(
+        input_folder=str(ckpt_dir / tag),
+        output_folder=str(out),
+        num_extract_workers=1,  # > 1 forks a process pool per call; the checkpoints here are small per rank
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        # Data parallel only (no tensor / pipeline split): the script's required
+        # universal_checkpoint_info then holds nothing but a version, which it injects itself.
+        inject_missing_state=True,
+    )
+    ds_to_universal(args)
+    meta = json.loads((ckpt_dir / tag / COMPLETE).read_text())
+    _atomic_write_text(out / UNIVERSAL_COMPLETE, json.dumps({"source": tag, **meta}))
+    os.replace(out, final)
+    shutil.rmtree(work, ignore_errors=True)
+    return final
+
+
+def _remove_orphan_conversions(ckpt_dir: Path) -> None:
+    """Rank 0: drop universal conversions whose source checkpoint retention has removed."""
+    for p in ckpt_dir.glob(f"*{UNIVERSAL_SUFFIX}"):
+        if p.is_dir() and not (ckpt_dir / p.name.removesuffix(UNIVERSAL_SUFFIX) / COMPLETE).is_file():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _param_group_names(engine) -> list:
+    return [g.get("name") for g in engine.optimizer.param_groups] if engine.optimizer is not None else []
+
+
 def load(engine, ckpt_dir: Path, remote: str | None = None) -> tuple[dict, dict] | None:
     """Load the newest complete checkpoint into ``engine``; returns (client_state, rank_state).
 
-    Returns None when there is nothing to resume from. Raises RuntimeError when the checkpoint
-    was written by a different number of ranks (elastic resume is not wired in yet). With
-    ``remote`` (collective then), the newest checkpoint published there is downloaded first and
-    is the one loaded.
+    Returns None when there is nothing to resume from (collective when a process group exists).
+
+    Same number of ranks: ``rank_state`` is this rank's ``rank_<r>.pt`` (cursor, RNG states).
+
+    Another number of ranks (elastic resume): with ZeRO 1-3 the optimizer partitions no longer
+    match, so rank 0 converts the checkpoint with DeepSpeed's ``ds_to_universal`` into
+    ``<tag>_universal`` (once; atomically), every rank waits for it and loads it; the engine
+    must have been built with :func:`universal_config`. ZeRO 0 keeps whole copies and loads as
+    usual. ``rank_state`` then carries ``cursors``, every old rank's cursor in rank order (the
+    data position is remapped from them, see ``EpochPlan.resume_cursor``), and the RNG states
+    of old rank ``r mod old_world``. ``client_state["world_size"]`` is the old world size.
+
+    Every file is checked loadable with ``weights_only=True`` first (:func:`verify_safe`): the
+    original checkpoint before conversion, the converted one before DeepSpeed reads it.
+
+    With ``remote`` (collective then), the newest checkpoint published there is downloaded first
+    and is the one loaded.
     """
     if remote:
         from pretrain import checkpoint_store
@@ -258,18 +350,53 @@ def load(engine, ckpt_dir: Path, remote: str | None = None) -> tuple[dict, dict]
         return None
     meta = json.loads((ckpt_dir / tag / COMPLETE).read_text())
     world = dist.get_world_size() if dist.is_initialized() else 1
-    if meta["world_size"] != world:
-        raise RuntimeError(
-            f"checkpoint {ckpt_dir / tag} was written by {meta['world_size']} ranks, this run has {world}; "
-            "resume with the same number of ranks"
-        )
-    verify_safe(ckpt_dir / tag)
-    _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_lr_scheduler_states=False)
-    if client_state is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    rank_state = torch.load(ckpt_dir / tag / f"rank_{rank}.pt", map_location="cpu", weights_only=True)
-    return client_state, rank_state
+    saved_world = int(meta["world_size"])
+    verify_safe(ckpt_dir / tag)
+    load_tag = tag
+    names = _param_group_names(engine)
+    if saved_world != world and engine.zero_optimization():
+        if not engine.load_universal_checkpoint():
+            raise RuntimeError(
+                f"checkpoint {ckpt_dir / tag} was written by {saved_world} ranks, this run has {world}: build the "
+                "engine with checkpoint.universal_config(ds_config) to resume through a universal checkpoint"
+            )
+        error = ""
+        if rank == 0:
+            try:
+                _remove_orphan_conversions(ckpt_dir)
+                _convert_to_universal(ckpt_dir, tag)
+            except Exception as e:  # noqa: BLE001 - reported on every rank below, never left hanging
+                error = f"{type(e).__name__}: {e}"
+                log.exception("universal conversion of %s failed", ckpt_dir / tag)
+        if _any_rank(bool(error)):
+            raise RuntimeError(
+                f"could not convert {ckpt_dir / tag} ({saved_world} ranks) to a universal checkpoint for "
+                f"{world} ranks: {error or 'see rank 0'}; relaunch with {saved_world} ranks to resume as it is"
+            )
+        load_tag = f"{tag}{UNIVERSAL_SUFFIX}"
+        verify_safe(ckpt_dir / load_tag, recursive=True)
+        log.info("elastic resume: %d -> %d ranks through %s", saved_world, world, ckpt_dir / load_tag)
+    _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=load_tag, load_lr_scheduler_states=False)
+    if client_state is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / load_tag}")
+    if names and _param_group_names(engine) != names:
+        # ZeRO-3's universal load copies group 0's hyper-parameters (its "name" included) into
+        # every group (deepspeed 0.19.8); the trainer tells encoder groups by their name.
+        for g, name in zip(engine.optimizer.param_groups, names):
+            g["name"] = name
+    if saved_world == world:
+        rank_state = torch.load(ckpt_dir / tag / f"rank_{rank}.pt", map_location="cpu", weights_only=True)
+        return client_state, rank_state
+    saved = [
+        torch.load(ckpt_dir / tag / f"rank_{r}.pt", map_location="cpu", weights_only=True) for r in range(saved_world)
+    ]
+    rank_state = {
+        "cursor": saved[rank % saved_world]["cursor"],
+        "cursors": [s["cursor"] for s in saved],
+        "rng": saved[rank % saved_world]["rng"],
+    }
+    return {**client_state, "world_size": saved_world}, rank_state
 
 
 def finished_step(ckpt_dir: Path, remote: str | None = None) -> int | None:

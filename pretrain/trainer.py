@@ -97,7 +97,13 @@ class Trainer:
         model = TriModalModel.from_config(self.cfg)
         groups = model.parameter_groups()
         param_groups = [{"params": ps, "name": name} for name, ps in groups.items()]
-        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=self.ds_config)
+        # Resuming on another number of ranks goes through a DeepSpeed universal checkpoint, which
+        # the engine must be configured for when it is built (see checkpoint.load).
+        saved_world = checkpoint.saved_world_size(self.ckpt_dir)
+        ds_config = self.ds_config
+        if saved_world is not None and saved_world != self.world_size:
+            ds_config = checkpoint.universal_config(ds_config)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=ds_config)
         self.model = model
         resumed = checkpoint.load(self.engine, self.ckpt_dir, remote=self.cfg.train.remote_dir)
         if resumed is not None:
@@ -105,10 +111,12 @@ class Trainer:
             self.step, self.stage = int(client["step"]), int(client["stage"])
             self.samples_seen, self.bad_samples = int(client["samples_seen"]), int(client["bad_samples"])
             self.nonfinite_steps = int(client.get("nonfinite_steps", 0))
-            self.cursor = Cursor.from_dict(rank_state["cursor"])
+            self.cursor = self._resume_cursor(client, rank_state)
             checkpoint.set_rng_state(rank_state["rng"])
             self._truncate_metrics(self.step)
-            self._print(f"resumed from step {self.step} (stage {self.stage}, epoch {self.cursor.epoch})")
+            old = int(client.get("world_size", self.world_size))
+            resized = f", {old} -> {self.world_size} ranks" if old != self.world_size else ""
+            self._print(f"resumed from step {self.step} (stage {self.stage}, epoch {self.cursor.epoch}{resized})")
         self._apply_stage()
         self._open_stream()
         t = self.cfg.train
@@ -129,6 +137,15 @@ class Trainer:
     def ckpt_dir(self) -> Path:
         return self.run_dir / "checkpoints"
 
+    def _resume_cursor(self, client: dict, rank_state: dict) -> Cursor:
+        """This rank's data cursor after a resume; remapped when the number of ranks changed
+        (rule: ``pretrain/data/stream.py``)."""
+        old_world = int(client.get("world_size", self.world_size))
+        if old_world == self.world_size:
+            return Cursor.from_dict(rank_state["cursor"])
+        plan = plan_for(self.cfg, load_manifest(Path(self.cfg.data.train_shards)), self.world_size, self.rank)
+        return plan.resume_cursor([Cursor.from_dict(c) for c in rank_state["cursors"]], old_world)
+
     def _open_stream(self) -> None:
         manifest = load_manifest(self.cfg.data.train_shards)  # a path or a URL
         plan = plan_for(self.cfg, manifest, self.world_size, self.rank)
@@ -140,6 +157,8 @@ class Trainer:
             self.stream = RayBatchStream(self.cfg, plan, self.cursor, views)
         else:
             self.stream = local_stream(self.cfg, plan, self.cursor, views)
+        if os.environ.get(RECORD_ENV):
+            self.stream.record = self.run_dir / "consumed" / f"rank_{self.rank}.jsonl"
 
     # ------------------------------------------------------------------ stages
     def _apply_stage(self) -> None:
@@ -440,6 +459,9 @@ class Trainer:
         will be redone)."""
         if self.rank == 0:
             _truncate_jsonl(self.run_dir / "metrics.jsonl", step)
+            for f in (self.run_dir / "bad_samples").glob("rank_*.jsonl"):  # ranks of an earlier, wider run too
+                if int(f.stem.removeprefix("rank_")) >= self.world_size:
+                    _truncate_jsonl(f, step)
         _truncate_jsonl(self.run_dir / "bad_samples" / f"rank_{self.rank}.jsonl", step)
 
     def _print(self, msg: str) -> None:
@@ -448,6 +470,9 @@ class Trainer:
 
 
 FAULT_ENV = "ALIGN_PRO_KILL_AT_STEP"
+# TESTING / DEBUGGING AID: when set, every rank appends the protein ids of each batch it consumes,
+# with the batch's cursor, to RUN/consumed/rank_<r>.jsonl (used to check the elastic-resume rule).
+RECORD_ENV = "ALIGN_PRO_RECORD_BATCHES"
 
 
 def _maybe_inject_fault(step: int, rank: int, run_dir: Path) -> None:

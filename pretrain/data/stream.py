@@ -13,14 +13,35 @@ Order rule (the same on every launch, whatever the actors do):
 
 The cursor ``(epoch, batch)`` is therefore all a checkpoint needs to resume with exactly the
 samples an uninterrupted run would have seen.
+
+Elastic resume (the rule when a run resumes on a different number of ranks mid-epoch):
+
+* an epoch is a chain of *segments*; segment 0 is the plan above for the world size the epoch
+  started with. When a run resumes on W' ranks from a checkpoint written by W ranks after b
+  batches of the current segment, the cursor records ``(W, b)`` in ``Cursor.resized`` and the
+  epoch continues with a new segment on W' ranks;
+* the new segment holds exactly the samples of the epoch that no batch delivered yet: every
+  old rank's rows from position b*B on (batches are pure functions of (seed, epoch, world,
+  rank), so the consumed ones are known), *including* the rows the old plan would have left
+  over at the epoch's end. They are permuted with seed (seed, e, k) (k = segment number) and
+  dealt in batch-major order: batch i of new rank r is rows [(i*W' + r)*B, (i*W' + r + 1)*B);
+* the segment runs ``remaining // (W'*B)`` batches; the fewer than W'*B samples beyond are
+  this epoch's leftovers (like the normal plan's leftovers, they come back in the next
+  epoch's shuffle). Within the epoch no sample is repeated, and every sample of the epoch
+  is delivered except the final segment's leftovers;
+* the randomness of batch i of segment k>0 comes from seed (seed, e, i, r, k);
+* from the next epoch on, the normal plan for the new world size applies.
+
+Another change inside the remainder segment chains on (segment k+1 takes what segment k left).
 """
 
 from __future__ import annotations
 
 import collections
+import json
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,19 +58,42 @@ UNREADABLE_SHARD = "unreadable shard"  # the reason given for every sample of a 
 SampleRef = tuple[str, int]  # (absolute shard path, sample index inside the shard)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Cursor:
-    """Where a rank is in its stream: ``batch`` batches of ``epoch`` are consumed."""
+    """Where a rank is in its stream: ``batch`` batches of the current segment of ``epoch`` are
+    consumed. ``resized`` lists the earlier segments of this epoch, oldest first, as
+    (world size, batches consumed) pairs: empty unless the run changed its number of ranks
+    during the epoch (see the module docstring)."""
 
     epoch: int = 0
     batch: int = 0
+    resized: tuple[tuple[int, int], ...] = ()
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # Plain ints and lists only: rank files are read back with torch.load(weights_only=True).
+        return {"epoch": self.epoch, "batch": self.batch, "resized": [list(s) for s in self.resized]}
 
     @classmethod
     def from_dict(cls, d: dict) -> Cursor:
-        return cls(epoch=int(d["epoch"]), batch=int(d["batch"]))
+        resized = tuple((int(w), int(b)) for w, b in d.get("resized", ()))
+        return cls(epoch=int(d["epoch"]), batch=int(d["batch"]), resized=resized)
+
+
+@dataclass
+class _Segment:
+    """One segment of an epoch at one world size (see the module docstring)."""
+
+    per_rank: list[np.ndarray]  # rank r's rows in the order its batches take them, each (N_r, 2)
+    batches: int  # batches every rank runs in this segment
+    tail: np.ndarray  # (T, 2) rows of the segment that no rank's row list holds (remainder leftovers)
+
+    def unconsumed(self, consumed: int, batch_size: int) -> np.ndarray:
+        """Rows no batch delivered after ``consumed`` batches on every rank, (R, 2)."""
+        b = min(consumed, self.batches) * batch_size
+        return np.concatenate([p[b:] for p in self.per_rank] + [self.tail])
+
+
+_REMAP_STREAM = 0x5E6  # distinguishes the remainder permutations' seeds from the normal plan's
 
 
 class EpochPlan:
@@ -72,47 +116,106 @@ class EpochPlan:
         self.manifest, self.world_size, self.rank = manifest, world_size, rank
         self.batch_size, self.seed = batch_size, seed
         self._keep_prob = [_keep_probabilities(s) for s in manifest.shards] if property_sampling else None
-        self._cache: dict[int, tuple[list[np.ndarray], int]] = {}
+        self._cache: dict[tuple, _Segment] = {}
 
-    def _epoch(self, epoch: int) -> tuple[list[np.ndarray], int]:
-        if epoch not in self._cache:
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.manifest.shards))
-            per_rank = []
-            for r in range(self.world_size):
-                shards = order[r :: self.world_size]
-                refs = np.concatenate(
-                    [
-                        np.stack([np.full(s.num_samples, i), np.arange(s.num_samples)], axis=1)
-                        for i in shards
-                        for s in [self.manifest.shards[i]]
-                    ]
-                )
-                perm = np.random.default_rng([self.seed, epoch, r]).permutation(len(refs))
-                refs = refs[perm]
-                if self._keep_prob is not None:  # ProtCLIP property-driven sampling, redrawn per epoch
-                    p = np.array([self._keep_prob[s][i] for s, i in refs])
-                    refs = refs[np.random.default_rng([self.seed, epoch, r, 1]).random(len(refs)) < p]
-                per_rank.append(refs)
-            nb = min(len(p) for p in per_rank) // self.batch_size
+    def _layout(self, epoch: int, world: int) -> list[np.ndarray]:
+        """The normal plan's per-rank rows (shard index, sample index) of ``epoch`` at ``world`` ranks."""
+        if len(self.manifest.shards) < world:
+            raise ConfigError(
+                f"shard set {self.manifest.root} has {len(self.manifest.shards)} shards, fewer than the "
+                f"{world} ranks: each rank needs at least one shard"
+            )
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.manifest.shards))
+        per_rank = []
+        for r in range(world):
+            shards = order[r::world]
+            refs = np.concatenate(
+                [
+                    np.stack([np.full(s.num_samples, i), np.arange(s.num_samples)], axis=1)
+                    for i in shards
+                    for s in [self.manifest.shards[i]]
+                ]
+            )
+            perm = np.random.default_rng([self.seed, epoch, r]).permutation(len(refs))
+            refs = refs[perm]
+            if self._keep_prob is not None:  # ProtCLIP property-driven sampling, redrawn per epoch
+                p = np.array([self._keep_prob[s][i] for s, i in refs])
+                refs = refs[np.random.default_rng([self.seed, epoch, r, 1]).random(len(refs)) < p]
+            per_rank.append(refs)
+        return per_rank
+
+    def _segment(self, epoch: int, resized: tuple[tuple[int, int], ...], world: int) -> _Segment:
+        """Segment ``len(resized)`` of ``epoch`` run at ``world`` ranks after the segments ``resized``."""
+        key = (epoch, resized, world)
+        if key in self._cache:
+            return self._cache[key]
+        B = self.batch_size
+        if not resized:
+            per_rank = self._layout(epoch, world)
+            nb = min(len(p) for p in per_rank) // B
             if nb == 0:
-                smallest = min(len(p) for p in per_rank)
                 raise ConfigError(
-                    f"data.batch_size={self.batch_size} is impossible: the smallest rank share of "
-                    f"{self.manifest.root} holds {smallest} samples in epoch {epoch}"
+                    f"data.batch_size={B} is impossible: the smallest rank share of "
+                    f"{self.manifest.root} holds {min(len(p) for p in per_rank)} samples in epoch {epoch}"
                 )
-            self._cache = {epoch: (per_rank, nb)}  # keep one epoch: plans are cheap to rebuild
-        return self._cache[epoch]
+            seg = _Segment(per_rank, nb, np.zeros((0, 2), dtype=np.int64))
+        else:
+            (prev_world, consumed), k = resized[-1], len(resized)
+            prev = self._segment(epoch, resized[:-1], prev_world)
+            if not 0 <= consumed <= prev.batches:
+                raise ValueError(
+                    f"cursor history {resized}: segment {k - 1} of epoch {epoch} has {prev.batches} batches, "
+                    f"not {consumed}"
+                )
+            rest = prev.unconsumed(consumed, B)
+            pool = rest[np.random.default_rng([self.seed, epoch, _REMAP_STREAM, k]).permutation(len(rest))]
+            nb = len(pool) // (world * B)
+            dealt = pool[: nb * world * B].reshape(nb, world, B, 2)  # (batch, rank, row, 2)
+            per_rank = [dealt[:, r].reshape(-1, 2) for r in range(world)]
+            seg = _Segment(per_rank, nb, pool[nb * world * B :])
+        if len(self._cache) > 16 or any(e != epoch for e, _, _ in self._cache):
+            self._cache = {}  # keep one epoch: plans are cheap to rebuild
+        self._cache[key] = seg
+        return seg
 
-    def batches_per_epoch(self, epoch: int) -> int:
-        return self._epoch(epoch)[1]
+    def batches_per_epoch(self, epoch: int, resized: tuple[tuple[int, int], ...] = ()) -> int:
+        """Batches of the current segment of ``epoch`` (the whole epoch unless ``resized``)."""
+        return self._segment(epoch, tuple(resized), self.world_size).batches
 
-    def batch_refs(self, epoch: int, index: int) -> list[SampleRef]:
-        per_rank, _ = self._epoch(epoch)
-        rows = per_rank[self.rank][index * self.batch_size : (index + 1) * self.batch_size]
+    def batch_refs(self, epoch: int, index: int, resized: tuple[tuple[int, int], ...] = ()) -> list[SampleRef]:
+        seg = self._segment(epoch, tuple(resized), self.world_size)
+        rows = seg.per_rank[self.rank][index * self.batch_size : (index + 1) * self.batch_size]
         return [(str(self.manifest.shards[int(s)].path), int(i)) for s, i in rows]
 
-    def rng_key(self, epoch: int, index: int) -> list[int]:
-        return [self.seed, epoch, index, self.rank]
+    def rng_key(self, epoch: int, index: int, resized: tuple[tuple[int, int], ...] = ()) -> list[int]:
+        key = [self.seed, epoch, index, self.rank]
+        return key + [len(resized)] if resized else key
+
+    def leftovers(self, epoch: int, resized: tuple[tuple[int, int], ...] = ()) -> list[SampleRef]:
+        """Samples of the current segment that no rank's batch delivers in ``epoch`` (all ranks)."""
+        seg = self._segment(epoch, tuple(resized), self.world_size)
+        rows = seg.unconsumed(seg.batches, self.batch_size)
+        return [(str(self.manifest.shards[int(s)].path), int(i)) for s, i in rows]
+
+    def resume_cursor(self, saved: list[Cursor], saved_world: int) -> Cursor:
+        """This plan's cursor for a run resumed from the cursors ``saved`` of ``saved_world`` ranks.
+
+        Same world size: the saved cursor. Another world size: the epoch goes on with a remainder
+        segment over the samples no old rank consumed (the rule in the module docstring).
+
+        Raises:
+            ValueError: the saved cursors differ (ranks always step together) or are inconsistent.
+        """
+        if len(saved) != saved_world or len(set(saved)) != 1:
+            raise ValueError(f"expected one identical cursor from each of {saved_world} ranks, got {saved}")
+        old = saved[0]
+        if saved_world == self.world_size:
+            return old
+        if old.batch >= self._segment(old.epoch, old.resized, saved_world).batches:
+            return Cursor(old.epoch + 1, 0)  # saved at the epoch's very end: nothing left of it
+        if old.batch == 0:
+            return Cursor(old.epoch, 0, old.resized)  # the old segment consumed nothing
+        return Cursor(old.epoch, 0, (*old.resized, (saved_world, old.batch)))
 
 
 def _keep_probabilities(shard) -> np.ndarray:
@@ -198,23 +301,25 @@ class BatchStream:
     """
 
     def __init__(self, plan: EpochPlan, cursor: Cursor, submit: Submit, prefetch: int):
-        self.plan, self.cursor, self.submit, self.prefetch = plan, Cursor(**cursor.to_dict()), submit, prefetch
-        self._next = Cursor(**cursor.to_dict())  # next batch to submit
+        self.plan, self.cursor, self.submit, self.prefetch = plan, cursor, submit, prefetch
+        self._next = cursor  # next batch to submit
         self._inflight: collections.deque = collections.deque()
         self._slot = 0
+        # Debugging / testing aid: a JSONL file receiving {epoch, batch, resized, ids} per batch handed out.
+        self.record: Path | None = None
 
     def _advance(self, c: Cursor) -> Cursor:
-        if c.batch + 1 >= self.plan.batches_per_epoch(c.epoch):
+        if c.batch + 1 >= self.plan.batches_per_epoch(c.epoch, c.resized):
             return Cursor(c.epoch + 1, 0)
-        return Cursor(c.epoch, c.batch + 1)
+        return Cursor(c.epoch, c.batch + 1, c.resized)
 
     def _fill(self) -> None:
         while len(self._inflight) < self.prefetch:
             c = self._next
-            if c.batch >= self.plan.batches_per_epoch(c.epoch):  # cursor saved at an epoch's end
-                c = Cursor(c.epoch + 1, 0)
-            refs = self.plan.batch_refs(c.epoch, c.batch)
-            wait = self.submit(self._slot, refs, self.plan.rng_key(c.epoch, c.batch))
+            if c.batch >= self.plan.batches_per_epoch(c.epoch, c.resized):
+                c = Cursor(c.epoch + 1, 0)  # cursor saved at an epoch's end, or an empty remainder segment
+            refs = self.plan.batch_refs(c.epoch, c.batch, c.resized)
+            wait = self.submit(self._slot, refs, self.plan.rng_key(c.epoch, c.batch, c.resized))
             self._inflight.append((c, wait))
             self._slot += 1
             self._next = self._advance(c)
@@ -224,8 +329,16 @@ class BatchStream:
             self._fill()
             c, wait = self._inflight.popleft()
             batch, bad = wait()
+            if self.record is not None:
+                self._record(c, batch)
             self.cursor = self._advance(c)
             yield batch, bad, self.cursor
+
+    def _record(self, c: Cursor, batch: dict) -> None:
+        line = {"epoch": c.epoch, "batch": c.batch, "resized": [list(x) for x in c.resized], "ids": batch["ids"]}
+        self.record.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.record, "a") as f:
+            f.write(json.dumps(line) + "\n")
 
 
 def local_stream(cfg: Config, plan: EpochPlan, cursor: Cursor, views: dict[str, bool]) -> BatchStream:

@@ -9,7 +9,7 @@ import torch
 
 from data_shards.manifest import load_manifest
 from pretrain.config import ConfigError, load_config
-from pretrain.data.stream import Cursor, EpochPlan, local_stream
+from pretrain.data.stream import BatchStream, Cursor, EpochPlan, local_stream
 
 VIEWS = {"sequence": True, "structure": True, "text": True}
 
@@ -123,3 +123,127 @@ def test_property_sampling_drops_low_confidence_samples(tmp_path):
     assert any(i % 4 == 3 for i in ids)
     plain = EpochPlan(m, 1, 0, 2, seed=0)
     assert plain.batches_per_epoch(0) == 20
+
+
+# ---------------------------------------------------------------- elastic resume (the remap rule)
+
+
+def _stream_refs(plan, start, n=None):
+    """Run ``plan``'s stream from ``start`` for ``n`` batches or to the end of ``start.epoch``.
+
+    The stream's real cursor logic runs; building a batch is replaced by returning its refs.
+    Returns (list of batches' refs, cursor after the last one).
+    """
+    stream = BatchStream(plan, start, lambda slot, refs, key: lambda: ({"refs": refs, "key": key}, []), prefetch=3)
+    out, cursor = [], start
+    if n == 0:
+        return out, cursor
+    for batch, _, cursor in stream:
+        out.append(batch["refs"])
+        if len(out) == n or cursor.epoch != start.epoch:
+            break
+    return out, cursor
+
+
+def _run_phases(manifest, phases, batch_size=8, property_sampling=False):
+    """Train through epoch 0 changing the number of ranks: ``phases`` = [(world, batches or None)].
+
+    Each phase resumes from the previous phase's cursors like the trainer does (every new rank
+    maps the saved cursors with ``resume_cursor``); None runs to the end of the epoch.
+    Returns (refs delivered by every rank of every phase, the last phase's rank-0 plan and start cursor, end cursor).
+    """
+    seen, saved, saved_world = [], None, None
+    for world, n in phases:
+        plans = [EpochPlan(manifest, world, r, batch_size, 0, property_sampling) for r in range(world)]
+        starts = {Cursor() if saved is None else p.resume_cursor(saved, saved_world) for p in plans}
+        assert len(starts) == 1  # every new rank derives the same cursor on its own
+        start = starts.pop()
+        runs = [_stream_refs(p, start, n) for p in plans]
+        ends = {end for _, end in runs}
+        assert len(ends) == 1  # ranks step together
+        end = ends.pop()
+        seen += [ref for refs, _ in runs for batch in refs for ref in batch]
+        for refs, _ in runs:
+            assert all(len(b) == batch_size for b in refs)
+        saved, saved_world = [end] * world, world
+    return seen, plans[0], start, end
+
+
+def _all_refs(manifest):
+    return {(str(s.path), i) for s in manifest.shards for i in range(s.num_samples)}
+
+
+@pytest.mark.parametrize(
+    "phases",
+    [
+        [(2, 5), (1, None)],  # 2 -> 1
+        [(1, 7), (2, None)],  # 1 -> 2
+        [(2, 5), (3, None)],  # 2 -> 3 (8 shards: 3, 3, 2 per rank in the first segment)
+        [(3, 4), (2, None)],  # 3 -> 2: the old plan's leftovers (the 2-shard rank is short) are redistributed
+        [(2, 3), (1, 4), (3, None)],  # two changes in one epoch chain remainder segments
+        [(2, 6), (1, 0), (2, None)],  # a relaunch that stopped before its first step
+    ],
+)
+def test_elastic_resume_delivers_each_sample_of_the_epoch_at_most_once(small_demo, phases):
+    m = load_manifest(small_demo / "train")
+    seen, last_plan, last_start, end = _run_phases(m, phases)
+    leftovers = last_plan.leftovers(0, last_start.resized)
+    assert len(seen) == len(set(seen)), "a sample was delivered twice in the epoch"
+    assert not set(seen) & set(leftovers)
+    assert set(seen) | set(leftovers) == _all_refs(m), "a sample was skipped (neither delivered nor a leftover)"
+    assert len(leftovers) < phases[-1][0] * 8  # only the last segment's partial global batch is left over
+    assert end == Cursor(1, 0)  # the next epoch is the normal plan of the new world size (no history)
+
+
+def test_elastic_remainder_keeps_the_seen_batches_and_a_new_rng_key(small_demo):
+    m = load_manifest(small_demo / "train")
+    old = [EpochPlan(m, 2, r, 8, 0) for r in range(2)]
+    new = EpochPlan(m, 1, 0, 8, 0)
+    cursor = new.resume_cursor([Cursor(0, 5)] * 2, 2)
+    assert cursor == Cursor(0, 0, ((2, 5),))
+    assert Cursor.from_dict(cursor.to_dict()) == cursor
+    # 384 samples, 2 x 5 x 8 consumed: 304 left = 38 batches of 8 on one rank, nothing left over
+    assert new.batches_per_epoch(0, cursor.resized) == 38 and new.leftovers(0, cursor.resized) == []
+    consumed = {ref for p in old for i in range(5) for ref in p.batch_refs(0, i)}
+    remainder = {ref for i in range(38) for ref in new.batch_refs(0, i, cursor.resized)}
+    assert len(consumed) == 80 and len(remainder) == 304 and not consumed & remainder
+    assert new.rng_key(0, 0, cursor.resized) != new.rng_key(0, 0)
+    # resuming at the same world size keeps the cursor; inside a remainder segment too
+    assert old[1].resume_cursor([Cursor(0, 5)] * 2, 2) == Cursor(0, 5)
+    assert new.resume_cursor([Cursor(0, 3, ((2, 5),))], 1) == Cursor(0, 3, ((2, 5),))
+    # at the start of an epoch nothing is remapped; after its last batch the next epoch starts
+    assert new.resume_cursor([Cursor(2, 0)] * 2, 2) == Cursor(2, 0)
+    assert new.resume_cursor([Cursor(0, old[0].batches_per_epoch(0))] * 2, 2) == Cursor(1, 0)
+
+
+def test_elastic_resume_rejects_cursors_that_disagree(small_demo):
+    m = load_manifest(small_demo / "train")
+    new = EpochPlan(m, 1, 0, 8, 0)
+    with pytest.raises(ValueError, match="identical cursor"):
+        new.resume_cursor([Cursor(0, 5), Cursor(0, 6)], 2)
+    with pytest.raises(ValueError, match="identical cursor"):
+        new.resume_cursor([Cursor(0, 5)], 2)
+    with pytest.raises(ValueError, match="has 24 batches"):
+        new.batches_per_epoch(0, ((2, 99),))
+
+
+def test_elastic_resume_with_property_sampling_stays_inside_the_epochs_draw(tmp_path):
+    """With ProtCLIP sampling the epoch's samples are the old plan's draw; the remap keeps to it."""
+    from data_shards.schema import ProteinRecord
+    from data_shards.writer import ShardWriter
+
+    with ShardWriter(tmp_path / "train", samples_per_shard=20) as w:
+        for i in range(80):
+            rec = ProteinRecord(
+                id=f"P{i:03d}", sequence="MKV" * 10, backbone=None, text={"name": "x"}, meta={"source": "test"}
+            )
+            w.write(rec, props={"existence": 1 if i % 3 else 3, "coverage": 3 + i % 2, "reviewed": False})
+    m = load_manifest(tmp_path / "train")
+    old = [EpochPlan(m, 2, r, 2, 0, property_sampling=True) for r in range(2)]
+    drawn = {ref for p in old for i in range(p.batches_per_epoch(0)) for ref in p.batch_refs(0, i)}
+    drawn |= set(old[0].leftovers(0))
+    assert 0 < len(drawn) < 80
+    seen, last_plan, last_start, _ = _run_phases(m, [(2, 3), (1, None)], batch_size=2, property_sampling=True)
+    leftovers = last_plan.leftovers(0, last_start.resized)
+    assert len(seen) == len(set(seen))
+    assert set(seen) | set(leftovers) == drawn and not set(seen) & set(leftovers)
