@@ -87,12 +87,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _worker(config: dict) -> None:
     """One training rank inside a Ray Train worker (Ray Train has started the process group)."""
+    import ray
     import torch.distributed as dist
 
     from pretrain.errors import RunStopped
     from pretrain.run import init_process_group, train_and_evaluate
-
-    import ray
 
     init_process_group()  # DeepSpeed adopts Ray's group (and skips its CPU shm op build)
     rank = dist.get_rank()

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from pretrain.collectives import all_reduce_numbers
 from pretrain.errors import RunStopped
 
 log = logging.getLogger(__name__)
@@ -54,11 +55,7 @@ def _barrier() -> None:
 
 def _any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on at least one (collective)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    t = torch.tensor([int(flag)], dtype=torch.long)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return bool(all_reduce_numbers([int(flag)], op="max", dtype=torch.long)[0])
 
 
 def _describe_write_error(path, exc: BaseException) -> str:

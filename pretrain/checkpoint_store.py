@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from data_shards import storage
+from pretrain.collectives import all_reduce_numbers
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +55,7 @@ def _node_leader() -> bool:
 
 def _everyone_ok(error: BaseException | None, what: str) -> None:
     """Collective: raise on every rank when any rank failed ``what`` (its own error where it has one)."""
-    failed = int(error is not None)
-    if dist.is_available() and dist.is_initialized():
-        t = torch.tensor([failed], dtype=torch.long)
-        dist.all_reduce(t)
-        failed = int(t.item())
+    failed = all_reduce_numbers([int(error is not None)], dtype=torch.long)[0]
     if error is not None:
         raise RuntimeError(f"{what} failed: {error}") from error
     if failed:

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from data_shards.manifest import load_manifest
 from pretrain import checkpoint
+from pretrain.collectives import all_reduce_numbers
 from pretrain.config import Config
 from pretrain.data.collate import batch_to_device
 from pretrain.data.stream import UNREADABLE_SHARD, Cursor, local_stream, plan_for
@@ -233,16 +234,13 @@ class Trainer:
         if self.world_size == 1:
             return values
         keys = sorted(values)
-        t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-        dist.all_reduce(t)
-        return {k: float(v) / self.world_size for k, v in zip(keys, t.tolist())}
+        sums = all_reduce_numbers([values[k] for k in keys])
+        return {k: float(v) / self.world_size for k, v in zip(keys, sums)}
 
     def _sum_over_ranks(self, values: list[int]) -> list[int]:
         if self.world_size == 1:
             return list(values)
-        t = torch.tensor(values, dtype=torch.long)
-        dist.all_reduce(t)
-        return t.tolist()
+        return all_reduce_numbers(values, dtype=torch.long)
 
     def _on_sigterm(self, signum, frame) -> None:
         # Only a flag: the loop saves a checkpoint after the current step, on every rank together.
