@@ -56,6 +56,7 @@ from activation_memory import bert_layer_bytes, esm2_layer_bytes  # noqa: E402
 from pretrain.config import Config, load_config  # noqa: E402
 from pretrain.models.sequence_encoder import resolve_preset  # noqa: E402
 from pretrain.models.text_encoder import TEXT_PRESETS  # noqa: E402
+from pretrain.readme_section import replace_section  # noqa: E402
 
 GB = 1e9
 ADAM_K = 12  # bytes/param of mixed-precision Adam state (ZeRO paper, sec. 3.1)
@@ -291,16 +292,7 @@ def readme_section(rows: list[Row]) -> str:
 
 def write_readme(section: str, readme: Path) -> None:
     """Replace the text between the markers (or append the section when there are none)."""
-    text = readme.read_text()
-    if README_BEGIN in text:
-        start = text.index(README_BEGIN)
-        if README_END not in text[start:]:
-            raise ValueError(f"{readme}: '{README_BEGIN}' without '{README_END}'")
-        end = text.index(README_END, start) + len(README_END)
-        text = text[:start] + section + text[end:]
-    else:
-        text = text.rstrip("\n") + "\n\n### Memory per GPU (computed)\n\n" + section + "\n"
-    readme.write_text(text)
+    replace_section(readme, section, README_BEGIN, README_END, "### Memory per GPU (computed)")
 
 
 def main(argv: list[str] | None = None) -> int:

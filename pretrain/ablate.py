@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pretrain.config import ConfigError, load_config
+from pretrain.readme_section import replace_section
 
 REPO = Path(__file__).resolve().parent.parent
 README_BEGIN = "<!-- ablation-table:begin (python -m pretrain.ablate writes this; do not edit by hand) -->"
@@ -154,16 +155,7 @@ def markdown_table(results: list[Result]) -> str:
 
 def write_readme(section: str, readme: Path) -> None:
     """Replace the text between the ablation markers (append a section when there are none)."""
-    text = readme.read_text()
-    if README_BEGIN in text:
-        start = text.index(README_BEGIN)
-        if README_END not in text[start:]:
-            raise ValueError(f"{readme}: '{README_BEGIN}' without '{README_END}'")
-        end = text.index(README_END, start) + len(README_END)
-        text = text[:start] + section + text[end:]
-    else:
-        text = text.rstrip("\n") + "\n\n### Ablations (measured)\n\n" + section + "\n"
-    readme.write_text(text)
+    replace_section(readme, section, README_BEGIN, README_END, "### Ablations (measured)")
 
 
 def main(argv: list[str] | None = None) -> int:
