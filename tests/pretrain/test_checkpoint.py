@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import errno
 import json
+import multiprocessing
 import os
 import pickle
+import signal
 import subprocess
+import time
 import traceback
 import uuid
 from pathlib import Path
@@ -85,6 +88,20 @@ def _worker(rank: int, port: int, out: str, ckpt: str, stage: int, mode: str) ->
         checkpoint.save(engine, ckpt_dir, 1, {"step": 1}, {"cursor": {"epoch": 0, "batch": 1}}, keep=2)
         saved = _params(engine, stage)
         _train_step(engine)
+        if mode == "killed_mid_save":
+            torch.save(saved, Path(out) / f"saved{rank}.pt")
+            if rank == 1:  # dies half-way through writing its step-2 files, like a SIGKILL or OOM
+                real_save = torch.save
+
+                def save_then_die(obj, f, *args, **kwargs):
+                    if isinstance(f, (str, os.PathLike)) and "step00000002" in os.fspath(f):
+                        Path(f).write_bytes(b"PK\x03\x04 partial")
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    return real_save(obj, f, *args, **kwargs)
+
+                torch.save = save_then_die
+            checkpoint.save(engine, ckpt_dir, 2, {"step": 2}, {"cursor": {"epoch": 0, "batch": 2}}, keep=2)
+            return  # not reached: rank 1 is killed, rank 0 fails on the lost connection or is killed
         if mode == "one_rank_enospc" and rank == 1:
             torch.save = _failing_save(torch.save, "step00000002")
         elif mode == "publish_fails" and rank == 0:
@@ -167,6 +184,56 @@ def test_failing_to_publish_keeps_latest(tmp_path):
     ckpt = tmp_path / "ckpt"
     results = _run(tmp_path, ckpt, 3, "publish_fails")
     _assert_previous_checkpoint_intact(results, ckpt, "publishing failed")
+
+
+def _load_worker(rank: int, port: int, out: str, ckpt: str, stage: int) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        from pretrain.run import init_process_group
+
+        init_process_group()
+        fresh = _engine(stage)
+        client, rank_state = checkpoint.load(fresh, Path(ckpt))
+        torch.save({"client_step": client["step"], "loaded": _params(fresh, stage)}, Path(out) / f"load{rank}.pt")
+    except Exception:  # noqa: BLE001 - reported to the parent
+        (Path(out) / f"load{rank}.err").write_text(traceback.format_exc())
+        raise
+
+
+@pytest.mark.slow
+def test_a_rank_killed_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    port = free_port()
+    ctx = multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(target=_worker, args=(r, port, str(tmp_path), str(ckpt), 3, "killed_mid_save"), daemon=True)
+        for r in range(WORLD)
+    ]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + TIMEOUT_S
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in procs:  # a survivor stuck in a collective is what a launcher would kill
+        if p.is_alive():
+            p.kill()
+            p.join(10)
+    assert procs[1].exitcode == -signal.SIGKILL
+    assert (ckpt / "latest").read_text() == "step00000001"
+    assert (ckpt / "step00000002").is_dir() and not (ckpt / "step00000002" / checkpoint.COMPLETE).exists()
+    assert checkpoint.latest_tag(ckpt) == "step00000001"
+    port = free_port()
+    loaded = run_ranks(
+        _load_worker, lambda r: (r, port, str(tmp_path), str(ckpt), 3), WORLD, tmp_path, TIMEOUT_S, "load"
+    )
+    for rank, res in enumerate(loaded):
+        saved = torch.load(tmp_path / f"saved{rank}.pt")
+        assert res["client_step"] == 1
+        for name, want in saved.items():
+            assert torch.equal(res["loaded"][name], want), name
 
 
 @pytest.fixture
