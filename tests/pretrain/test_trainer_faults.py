@@ -32,7 +32,9 @@ def _poison(kind: str, loss: torch.Tensor) -> torch.Tensor:
     return loss + torch.sqrt(loss * 0)
 
 
-def _worker(rank: int, port: int, out: str, shards: str, run_dir: str, overrides: list, faults: dict) -> None:
+def _worker(
+    rank: int, port: int, out: str, shards: str, run_dir: str, overrides: list, faults: dict, ds_json: str
+) -> None:
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
@@ -54,7 +56,7 @@ def _worker(rank: int, port: int, out: str, shards: str, run_dir: str, overrides
             *TINY_OVERRIDES,
             *overrides,
         ]
-        plan = prepare(None, over, "zero3.json", run_dir, WORLD)
+        plan = prepare(None, over, ds_json, run_dir, WORLD)
         init_process_group()
         trainer = Trainer(plan.cfg, plan.deepspeed_config, plan.run_dir)
         trainer.setup()
@@ -99,12 +101,12 @@ def _worker(rank: int, port: int, out: str, shards: str, run_dir: str, overrides
         raise
 
 
-def _run(tmp_path: Path, shards: Path, overrides: list[str], faults: dict) -> list[dict]:
+def _run(tmp_path: Path, shards: Path, overrides: list[str], faults: dict, ds_json: str = "zero3.json") -> list[dict]:
     port = free_port()
     run_dir = tmp_path / "run"
     return run_ranks(
         _worker,
-        lambda r: (r, port, str(tmp_path), str(shards), str(run_dir), overrides, faults),
+        lambda r: (r, port, str(tmp_path), str(shards), str(run_dir), overrides, faults, ds_json),
         WORLD,
         tmp_path,
         TIMEOUT_S,
@@ -116,15 +118,26 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
 
 
-def test_non_finite_loss_and_gradients_skip_the_update_and_training_goes_on(tmp_path, small_demo):
+@pytest.mark.parametrize("stage", [3, 0])
+def test_non_finite_loss_and_gradients_skip_the_update_and_training_goes_on(tmp_path, small_demo, stage):
+    """ZeRO-3: DeepSpeed's own overflow check skips; ZeRO-0 (plain data parallel): the trainer's."""
+    ds_json = "zero3.json"
+    if stage == 0:
+        ds_json = str(tmp_path / "zero0.json")
+        Path(ds_json).write_text(
+            json.dumps(
+                {"zero_optimization": {"stage": 0}, "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}
+            )
+        )
     # On rank 1 only: step 3's loss is NaN; step 4's loss is finite but its gradient is NaN.
     faults = {"rank": 1, "3": "nan_loss", "4": "nan_grad"}
-    results = _run(tmp_path, small_demo, ["train.max_steps=6", "train.checkpoint_every=3"], faults)
+    results = _run(tmp_path, small_demo, ["train.max_steps=6", "train.checkpoint_every=3"], faults, ds_json)
     for res in results:
         assert res["error"] == ""
         assert res["step"] == 6
         assert res["nonfinite_steps"] == 2
-        assert res["skipped"] == 2  # DeepSpeed skipped exactly those updates, on every rank
+        # ZeRO-3: DeepSpeed skipped exactly those updates; ZeRO-0: the trainer did, without calling step()
+        assert res["skipped"] == (2 if stage == 3 else 0)
         sums = res["sums"]
         assert all(torch.isfinite(torch.tensor(sums)))
         assert sums[2] == sums[1] and sums[3] == sums[1], "a skipped step changed the weights"
