@@ -223,7 +223,8 @@ class Trainer:
         """
         if self._zero_stage == 0:
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            if any(not torch.isfinite(g).all() for g in grads):
+            # one device sync for the whole check, not one per parameter
+            if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
                 self.engine.zero_grad()
                 return False
         before = self.engine.skipped_steps
