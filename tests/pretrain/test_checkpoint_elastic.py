@@ -14,6 +14,7 @@ import torch
 
 from pretrain import checkpoint
 from tests.conftest import free_port
+from tests.pretrain.test_checkpoint import _params  # full fp32 weights, ZeRO-3 gathered
 from tests.spawn_ranks import run_ranks
 
 TIMEOUT_S = 240.0
@@ -46,14 +47,6 @@ def _train_step(engine, seed: int) -> None:
     loss = engine(torch.randn(2, 16, generator=g)).pow(2).mean()
     engine.backward(loss)
     engine.step()
-
-
-def _params(engine, stage: int) -> dict[str, torch.Tensor]:
-    import deepspeed
-
-    params = list(engine.module.parameters())
-    with deepspeed.zero.GatheredParameters(params, enabled=stage == 3):
-        return {n: p.detach().clone() for n, p in engine.module.named_parameters()}
 
 
 def _worker(rank: int, world: int, port: int, out: str, ckpt: str, stage: int, step: int) -> None:
