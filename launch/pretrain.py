@@ -24,7 +24,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 from pretrain.config import ConfigError  # noqa: E402
 from pretrain.errors import RunStopped  # noqa: E402
-from pretrain.run import init_process_group, prepare, train_and_evaluate, write_run_config  # noqa: E402
+from pretrain.run import close_process_group, init_process_group, prepare, train_and_evaluate, write_run_config  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,6 +61,8 @@ def main(argv=None) -> int:
         if rank == 0:
             print(f"align-pro: stopped: {e}", file=sys.stderr, flush=True)
         return 3
+    finally:
+        close_process_group()
     return 0
 
 

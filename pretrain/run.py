@@ -99,6 +99,19 @@ def init_process_group() -> None:
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
+def close_process_group() -> None:
+    """Tear the process group down before exit.
+
+    Left to interpreter shutdown, gloo's worker threads can be destroyed while still joinable,
+    and the process then aborts ("terminate called without an active exception", exit -6)
+    after all its work is done, which a launcher reports as a crashed rank.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def train_and_evaluate(plan: RunPlan, rank: int) -> bool:
     """Train on this rank (collective), then evaluate the export on rank 0.
 

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from pretrain import checkpoint
+from pretrain.run import close_process_group
 from tests.conftest import free_port
 from tests.spawn_ranks import run_ranks
 
@@ -148,6 +149,8 @@ def _worker(rank: int, port: int, out: str, ckpt: str, stage: int, mode: str) ->
     except Exception:  # noqa: BLE001 - reported to the parent
         (Path(out) / f"rank{rank}.err").write_text(traceback.format_exc())
         raise
+    finally:
+        close_process_group()  # else gloo threads can abort the exit (-6)
 
 
 def _run(tmp_path: Path, ckpt: Path, stage: int, mode: str) -> list[dict]:
@@ -201,6 +204,8 @@ def _load_worker(rank: int, port: int, out: str, ckpt: str, stage: int) -> None:
     except Exception:  # noqa: BLE001 - reported to the parent
         (Path(out) / f"load{rank}.err").write_text(traceback.format_exc())
         raise
+    finally:
+        close_process_group()  # else gloo threads can abort the exit (-6)
 
 
 @pytest.mark.slow

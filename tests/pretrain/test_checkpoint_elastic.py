@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from pretrain import checkpoint
+from pretrain.run import close_process_group
 from tests.conftest import free_port
 from tests.pretrain.test_checkpoint import _params  # full fp32 weights, ZeRO-3 gathered
 from tests.spawn_ranks import run_ranks
@@ -77,6 +78,8 @@ def _worker(rank: int, world: int, port: int, out: str, ckpt: str, stage: int, s
     except Exception:  # noqa: BLE001 - reported to the parent
         (Path(out) / f"{stage}_{step}_{world}_rank{rank}.err").write_text(traceback.format_exc())
         raise
+    finally:
+        close_process_group()  # else gloo threads can abort the exit (-6)
 
 
 def _run(tmp_path: Path, ckpt: Path, stage: int, world: int, step: int) -> list[dict]:

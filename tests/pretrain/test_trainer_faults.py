@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pretrain.run import close_process_group
 from tests.conftest import TINY_OVERRIDES, free_port
 from tests.spawn_ranks import run_ranks
 
@@ -99,6 +100,8 @@ def _worker(
     except Exception:  # noqa: BLE001 - reported to the parent
         (Path(out) / f"rank{rank}.err").write_text(traceback.format_exc())
         raise
+    finally:
+        close_process_group()  # else gloo threads can abort the exit (-6)
 
 
 def _run(tmp_path: Path, shards: Path, overrides: list[str], faults: dict, ds_json: str = "zero3.json") -> list[dict]:
