@@ -15,19 +15,20 @@ is the row LSE of the swapped call ``infonce_block_lse(k, q, ...)``: a column re
 kernel would need either atomics on (max, sum) pairs or an (m / BLOCK_M)×n buffer, which is O(B²).
 
 Backward, with G_ij = w_i·(p_ij − [j = t_i]), p_ij = exp(s·q_i·k_j − lse_i), w_i = g·valid_i / #valid:
-dq = s·G·K, dk = s·Gᵀ·Q, ds = Σ_ij G_ij·(q_i·k_j). Tiles are recomputed from the saved LSE. The dq
-kernel owns its rows and accumulates dq in an fp32 (m, d) buffer chunk by chunk (read-modify-write by
-one program only, so no atomics; a barrier per tile orders the CTA's threads). dk comes either from
-``tl.atomic_add`` in the same kernel (fast, order-dependent) or, with ``deterministic=True``, from a
-second kernel whose programs own key tiles and iterate over row tiles. ds is written per row and summed
-by torch, so it is deterministic in both modes.
+dq = s·G·K, dk = s·Gᵀ·Q, ds = Σ_ij G_ij·(q_i·k_j). Tiles are recomputed from the saved LSE, in two
+kernels laid out like FlashAttention-2's: the dq kernel's programs own (row tile, BLOCK_OUT gradient
+columns) and walk over the key tiles, the dk kernel's own (key tile, BLOCK_OUT columns) and walk over
+the row tiles. Each keeps its gradient block in registers and stores it once: no atomics, no
+read-modify-write of global memory, a fixed summation order (bitwise repeatable). The price is
+recomputing the similarity tiles (once per kernel, and once per BLOCK_OUT slice when d > BLOCK_OUT).
+ds is written per row by the dq kernel and summed by torch.
 
 CPU: kernels run under the Triton interpreter, which Triton only enables when TRITON_INTERPRET=1 is set
 before triton is imported (its own ``tl.max`` / ``tl.sum`` are decorated at import). This module sets it
 when it is the first to import triton on a machine without CUDA; if triton came first without it, CPU
 launches raise a clear error. The interpreter gets one fixed config and upcasts dot operands to fp32
-(its bf16 ``tl.dot`` is wrong). On CUDA the kernels are autotuned over a few Hopper-friendly configs
-(the GPU path has not been measured in this repository yet).
+(its bf16 ``tl.dot`` is wrong). On CUDA the kernels are autotuned over a few Hopper-sized configs
+(H100 figures in BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -56,24 +57,33 @@ __all__ = [
     "interpreter_ready",
 ]
 
-_INTERPRET_META = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_D": 32}
+_INTERPRET_META = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_D": 32, "BLOCK_OUT": 32}
 
 
 def _gpu_configs(shapes):
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=st)
-        for bm, bn, bd, w, st in shapes
+        triton.Config(dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_OUT"), blocks)), num_warps=w, num_stages=st)
+        for *blocks, w, st in shapes
     ]
 
 
 # fmt: off
-# (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages); Hopper/Ampere-sized, unmeasured so far.
+# Forward: (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages). Backward: (BLOCK_M, BLOCK_N, BLOCK_D,
+# BLOCK_OUT, num_warps, num_stages), BLOCK_OUT the gradient columns a program keeps on chip.
 _FWD_CONFIGS = _gpu_configs([(128, 64, 64, 8, 3), (128, 128, 32, 8, 3), (64, 64, 64, 4, 4),
                              (64, 128, 64, 4, 3)])
-_BWD_CONFIGS = _gpu_configs([(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 128, 32, 8, 3),
-                             (128, 128, 32, 8, 2)])
+_BWD_CONFIGS = _gpu_configs([(64, 64, 64, 64, 4, 3), (128, 64, 64, 128, 8, 3), (64, 64, 64, 256, 8, 3),
+                             (128, 128, 64, 128, 8, 2)])
+# fmt: on
 
 
+def _prune_bwd(configs, named_args, **kwargs):
+    """Drop gradient-column blocks wider than d needs (they would only compute masked zeros)."""
+    widest = max(64, triton.next_power_of_2(named_args["d"]))
+    return [c for c in configs if c.kwargs["BLOCK_OUT"] <= widest]
+
+
+# fmt: off
 @triton.jit
 def _load_chunk(ptr, idx, ok, dd, d_ok, stride_row, stride_col, UPCAST: tl.constexpr):
     """Rows ``idx`` × columns ``dd`` of a row-major-ish matrix; zeros outside; fp32 when UPCAST."""
@@ -96,26 +106,6 @@ def _dot_tile(a_ptr, b_ptr, a_idx, b_idx, a_ok, b_ok, d, sa_row, sa_col, sb_row,
         b = _load_chunk(b_ptr, b_idx, b_ok, dd, dd < d, sb_row, sb_col, UPCAST)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
     return acc
-
-
-@triton.jit
-def _add_tile_product(out_ptr, out_idx, out_ok, g, src_ptr, src_idx, src_ok, d, s_row, s_col,
-                      ATOMIC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                      BLOCK_D: tl.constexpr):
-    """OUT[out_idx] += g · SRC[src_idx] for an fp32 (rows, d) OUT, chunk by chunk along d.
-
-    Without ATOMIC the calling program must be the only writer of those OUT rows (read-modify-write).
-    """
-    for start_d in range(0, d, BLOCK_D):
-        dd = start_d + tl.arange(0, BLOCK_D)
-        src = _load_chunk(src_ptr, src_idx, src_ok, dd, dd < d, s_row, s_col, UPCAST)
-        ptrs = out_ptr + out_idx[:, None] * d + dd[None, :]
-        mask = out_ok[:, None] & (dd < d)[None, :]
-        if ATOMIC:
-            tl.atomic_add(ptrs, tl.dot(g.to(src.dtype), src, input_precision=PRECISION), mask=mask)
-        else:
-            acc = tl.load(ptrs, mask=mask, other=0.0)
-            tl.store(ptrs, tl.dot(g.to(src.dtype), src, acc, input_precision=PRECISION), mask=mask)
 
 
 @triton.jit
@@ -153,47 +143,58 @@ def _infonce_fwd_kernel(q_ptr, k_ptr, scale_ptr, tgt_ptr, kv_ptr, lse_ptr, pos_p
 
 
 @triton.jit
-def _infonce_bwd_dq_kernel(q_ptr, k_ptr, scale_ptr, tgt_ptr, kv_ptr, lse_ptr, w_ptr, dq_ptr, dk_ptr, ds_ptr,
+def _grad_tile(dots, s, lse, w, tgt, cols, live):
+    """dL/dz for a (rows, cols) tile: w_i·(p_ij − [j = t_i]), p = exp(s·dots − lse) on live columns."""
+    p = tl.where(live[None, :], tl.exp(dots * s - lse[:, None]), 0.0)
+    return w[:, None] * (p - tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0))
+
+
+@triton.jit
+def _infonce_bwd_dq_kernel(q_ptr, k_ptr, scale_ptr, tgt_ptr, kv_ptr, lse_ptr, w_ptr, dq_ptr, ds_ptr,
                            m, n, d, stride_qm, stride_qd, stride_kn, stride_kd,
-                           HAS_KEY_VALID: tl.constexpr, ATOMIC_DK: tl.constexpr, UPCAST: tl.constexpr,
-                           PRECISION: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    # Programs own row tiles: dq by read-modify-write, dk by atomics when ATOMIC_DK (else another kernel).
+                           HAS_KEY_VALID: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                           BLOCK_OUT: tl.constexpr):
+    # Program (i, j) owns dq[row tile i, columns j·BLOCK_OUT ...] and accumulates it on chip over every
+    # key tile: one writer, one store, no atomics. Programs along j recompute the same (BM, BN) dots.
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < m
+    out = tl.program_id(1) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+    out_ok = out < d
     s = tl.load(scale_ptr).to(tl.float32)
     tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf"))  # +inf: dead row, p = 0
     w = tl.load(w_ptr + rows, mask=row_ok, other=0.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_OUT], tl.float32)
     ds_acc = tl.zeros([BLOCK_M], tl.float32)
     for start_n in range(0, n, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         col_ok = cols < n
         dots = _dot_tile(q_ptr, k_ptr, rows, cols, row_ok, col_ok, d, stride_qm, stride_qd, stride_kn,
                          stride_kd, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)  # (BM, BN)
-        live = _live_columns(kv_ptr, cols, col_ok, HAS_KEY_VALID)
-        p = tl.where(live[None, :], tl.exp(dots * s - lse[:, None]), 0.0)
-        g = w[:, None] * (p - tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0))  # dL/dz
+        g = _grad_tile(dots, s, lse, w, tgt, cols, _live_columns(kv_ptr, cols, col_ok, HAS_KEY_VALID))
         ds_acc += tl.sum(g * dots, axis=1)
-        _add_tile_product(dq_ptr, rows, row_ok, g * s, k_ptr, cols, col_ok, d, stride_kn, stride_kd,
-                          False, UPCAST, PRECISION, BLOCK_D)
-        if ATOMIC_DK:
-            _add_tile_product(dk_ptr, cols, col_ok, tl.trans(g * s), q_ptr, rows, row_ok, d, stride_qm,
-                              stride_qd, True, UPCAST, PRECISION, BLOCK_D)
-        tl.debug_barrier()  # the next tile reads dq chunks that other threads of this program wrote
-    tl.store(ds_ptr + rows, ds_acc, mask=row_ok)
+        k_out = _load_chunk(k_ptr, cols, col_ok, out, out_ok, stride_kn, stride_kd, UPCAST)  # (BN, BOUT)
+        acc = tl.dot((g * s).to(k_out.dtype), k_out, acc, input_precision=PRECISION)
+    tl.store(dq_ptr + rows[:, None] * d + out[None, :], acc, mask=row_ok[:, None] & out_ok[None, :])
+    if tl.program_id(1) == 0:
+        tl.store(ds_ptr + rows, ds_acc, mask=row_ok)
 
 
 @triton.jit
 def _infonce_bwd_dk_kernel(q_ptr, k_ptr, scale_ptr, tgt_ptr, kv_ptr, lse_ptr, w_ptr, dk_ptr,
                            m, n, d, stride_qm, stride_qd, stride_kn, stride_kd,
                            HAS_KEY_VALID: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    # Programs own key tiles and walk over row tiles: each dk row has one writer, in a fixed order.
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                           BLOCK_OUT: tl.constexpr):
+    # Program (j, c) owns dk[key tile j, columns c·BLOCK_OUT ...] and walks over the row tiles in order.
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < n
+    out = tl.program_id(1) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+    out_ok = out < d
     s = tl.load(scale_ptr).to(tl.float32)
     live = _live_columns(kv_ptr, cols, col_ok, HAS_KEY_VALID)
+    acc = tl.zeros([BLOCK_N, BLOCK_OUT], tl.float32)
     for start_m in range(0, m, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
         row_ok = rows < m
@@ -203,10 +204,10 @@ def _infonce_bwd_dk_kernel(q_ptr, k_ptr, scale_ptr, tgt_ptr, kv_ptr, lse_ptr, w_
         dots_t = _dot_tile(k_ptr, q_ptr, cols, rows, col_ok, row_ok, d, stride_kn, stride_kd, stride_qm,
                            stride_qd, UPCAST, PRECISION, BLOCK_N, BLOCK_M, BLOCK_D)  # (BN, BM)
         p_t = tl.where(live[:, None], tl.exp(dots_t * s - lse[None, :]), 0.0)
-        g_t = w[None, :] * (p_t - tl.where(cols[:, None] == tgt[None, :], 1.0, 0.0))
-        _add_tile_product(dk_ptr, cols, col_ok, g_t * s, q_ptr, rows, row_ok, d, stride_qm, stride_qd,
-                          False, UPCAST, PRECISION, BLOCK_D)
-        tl.debug_barrier()
+        g_t = w[None, :] * (p_t - tl.where(cols[:, None] == tgt[None, :], 1.0, 0.0))  # (dL/dz)ᵀ
+        q_out = _load_chunk(q_ptr, rows, row_ok, out, out_ok, stride_qm, stride_qd, UPCAST)  # (BM, BOUT)
+        acc = tl.dot((g_t * s).to(q_out.dtype), q_out, acc, input_precision=PRECISION)
+    tl.store(dk_ptr + cols[:, None] * d + out[None, :], acc, mask=col_ok[:, None] & out_ok[None, :])
 # fmt: on
 
 
@@ -237,18 +238,18 @@ def _interpreted(kernel):
 
 
 @functools.cache
-def _autotuned(kernel, configs, reset_to_zero):
-    return triton.autotune(configs=list(configs), key=["m", "n", "d"], reset_to_zero=list(reset_to_zero))(kernel)
+def _autotuned(kernel, configs, prune):
+    prune_by = {"early_config_prune": prune} if prune else None
+    return triton.autotune(configs=list(configs), key=["m", "n", "d"], prune_configs_by=prune_by)(kernel)
 
 
-def _launch(kernel, n_items, block, ref, args, meta, configs=(), reset_to_zero=()):
-    """One program per ``block`` (BLOCK_M or BLOCK_N) of ``n_items``; interpreter unless on CUDA."""
+def _launch(kernel, grid, ref, args, meta, configs=(), prune=None):
+    """Run ``kernel`` on ``grid(meta)`` programs: the interpreter unless on CUDA, else autotuned."""
     if _interpreting(ref):
         meta = {**meta, **_INTERPRET_META, "UPCAST": True}
-        _interpreted(kernel)[(triton.cdiv(n_items, meta[block]),)](*args, **meta)
+        _interpreted(kernel)[grid(meta)](*args, **meta)
     else:
-        tuned = _autotuned(kernel, tuple(configs), tuple(reset_to_zero))
-        tuned[lambda cfg: (triton.cdiv(n_items, cfg[block]),)](*args, **meta, UPCAST=False)
+        _autotuned(kernel, tuple(configs), prune)[grid](*args, **meta, UPCAST=False)
 
 
 def _precision(x: torch.Tensor) -> str:
@@ -302,50 +303,56 @@ def infonce_block_lse(q, k, logit_scale, targets=None, *, key_valid=None):
     scale, tgt, kv = _args_common(q, k, logit_scale, targets, key_valid)
     args = (q, k, scale, tgt, kv, lse, pos, m, n, d, q.stride(0), q.stride(1), k.stride(0), k.stride(1))
     meta = {"HAS_KEY_VALID": key_valid is not None, "PRECISION": _precision(q)}
-    _launch(_infonce_fwd_kernel, m, "BLOCK_M", q, args, meta, _FWD_CONFIGS)
+    _launch(_infonce_fwd_kernel, lambda c: (triton.cdiv(m, c["BLOCK_M"]),), q, args, meta, _FWD_CONFIGS)
     return lse, pos
 
 
-def infonce_block_backward(q, k, logit_scale, lse, row_weight, targets=None, *, key_valid=None, deterministic=False):
+def infonce_block_backward(q, k, logit_scale, lse, row_weight, targets=None, *, key_valid=None):
     """Gradients of Σ_i w_i·(lse_i − z_{i,t_i}), z = s·q·kᵀ, given the rows' full LSE.
 
     ``lse`` may come from more keys than ``k`` (a ring step passes the LSE merged over every block):
     p_ij = exp(z_ij − lse_i) is then the softmax restricted to this block, which is what the gradient
-    of the global loss needs. Rows with w_i = 0 contribute nothing (not even nan).
+    of the global loss needs. Rows with w_i = 0 contribute nothing (not even nan). No atomics: every
+    output element has one writer and a fixed summation order, so the result is bitwise repeatable.
 
     Args:
         q, k, logit_scale, targets, key_valid: as ``infonce_block_lse``.
         lse: (m,) fp32 row LSE. row_weight: (m,) fp32 w_i (upstream grad / #valid rows, 0 if ignored).
-        deterministic: no atomics (dk from a second kernel); bitwise repeatable.
     Returns:
         dq (m, d) fp32, dk (n, d) fp32, ds (0-dim fp32: dL/ds).
     """
     _check(q, k, logit_scale, targets, key_valid)
     m, n, d = q.shape[0], k.shape[0], q.shape[1]
-    dq = torch.zeros(m, d, dtype=torch.float32, device=q.device)
-    dk = torch.zeros(n, d, dtype=torch.float32, device=q.device)
-    ds_rows = torch.zeros(m, dtype=torch.float32, device=q.device)
     if m == 0 or n == 0:
-        return dq, dk, ds_rows.sum()
+        zeros = functools.partial(torch.zeros, dtype=torch.float32, device=q.device)
+        return zeros(m, d), zeros(n, d), zeros(())
+    # Every element of these is written exactly once by the kernels.
+    dq = torch.empty(m, d, dtype=torch.float32, device=q.device)
+    dk = torch.empty(n, d, dtype=torch.float32, device=q.device)
+    ds_rows = torch.empty(m, dtype=torch.float32, device=q.device)
     scale, tgt, kv = _args_common(q, k, logit_scale, targets, key_valid)
     w = row_weight.to(torch.float32)
     lse = torch.where((w != 0) & (lse != float("-inf")), lse.to(torch.float32), float("inf"))
     common = (m, n, d, q.stride(0), q.stride(1), k.stride(0), k.stride(1))
     meta = {"HAS_KEY_VALID": key_valid is not None, "PRECISION": _precision(q)}
-    dq_args = (q, k, scale, tgt, kv, lse, w, dq, dk, ds_rows, *common)
     _launch(
         _infonce_bwd_dq_kernel,
-        m,
-        "BLOCK_M",
+        lambda c: (triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(d, c["BLOCK_OUT"])),
         q,
-        dq_args,
-        {**meta, "ATOMIC_DK": not deterministic},
+        (q, k, scale, tgt, kv, lse, w, dq, ds_rows, *common),
+        meta,
         _BWD_CONFIGS,
-        ("dq_ptr", "dk_ptr"),
+        _prune_bwd,
     )
-    if deterministic:
-        dk_args = (q, k, scale, tgt, kv, lse, w, dk, *common)
-        _launch(_infonce_bwd_dk_kernel, n, "BLOCK_N", q, dk_args, meta, _BWD_CONFIGS, ("dk_ptr",))
+    _launch(
+        _infonce_bwd_dk_kernel,
+        lambda c: (triton.cdiv(n, c["BLOCK_N"]), triton.cdiv(d, c["BLOCK_OUT"])),
+        q,
+        (q, k, scale, tgt, kv, lse, w, dk, *common),
+        meta,
+        _BWD_CONFIGS,
+        _prune_bwd,
+    )
     return dq, dk, ds_rows.sum()
 
 
@@ -372,13 +379,11 @@ def infonce_forward(q, k, logit_scale, targets=None, *, key_valid=None):
     return per_row.sum() / valid.sum().clamp_min(1), lse
 
 
-def infonce_backward(grad_output, q, k, logit_scale, lse, targets=None, *, key_valid=None, deterministic=False):
+def infonce_backward(grad_output, q, k, logit_scale, lse, targets=None, *, key_valid=None):
     """Gradients of ``grad_output · infonce_forward(...)[0]``: (dq, dk, d logit_scale) in input dtypes."""
     targets, valid = _valid_rows(q, targets, key_valid)
     row_weight = valid.to(torch.float32) * (grad_output.to(torch.float32) / valid.sum().clamp_min(1))
-    dq, dk, ds = infonce_block_backward(
-        q, k, logit_scale, lse, row_weight, targets, key_valid=key_valid, deterministic=deterministic
-    )
+    dq, dk, ds = infonce_block_backward(q, k, logit_scale, lse, row_weight, targets, key_valid=key_valid)
     return dq.to(q.dtype), dk.to(k.dtype), ds.reshape(logit_scale.shape).to(logit_scale.dtype)
 
 
@@ -386,22 +391,19 @@ class InfoNCEFunction(torch.autograd.Function):
     """Autograd wrapper: forward/backward only call the launchers; saves q, k and the (m,) LSE."""
 
     @staticmethod
-    def forward(ctx, q, k, logit_scale, targets, key_valid, deterministic):
+    def forward(ctx, q, k, logit_scale, targets, key_valid):
         loss, lse = infonce_forward(q, k, logit_scale, targets, key_valid=key_valid)
         ctx.save_for_backward(q, k, logit_scale, lse, targets, key_valid)
-        ctx.deterministic = deterministic
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
         q, k, logit_scale, lse, targets, key_valid = ctx.saved_tensors
-        dq, dk, ds = infonce_backward(
-            grad_output, q, k, logit_scale, lse, targets, key_valid=key_valid, deterministic=ctx.deterministic
-        )
-        return dq, dk, ds, None, None, None
+        dq, dk, ds = infonce_backward(grad_output, q, k, logit_scale, lse, targets, key_valid=key_valid)
+        return dq, dk, ds, None, None
 
 
-def infonce_triton(q, k, logit_scale, targets=None, *, key_valid=None, deterministic=False):
+def infonce_triton(q, k, logit_scale, targets=None, *, key_valid=None):
     """Fused InfoNCE (Triton): mean_i [logsumexp_j(s·q_i·k_j) − s·q_i·k_{t_i}] over rows with t_i ≥ 0.
 
     Args:
@@ -411,8 +413,8 @@ def infonce_triton(q, k, logit_scale, targets=None, *, key_valid=None, determini
             (mean over valid rows, 0 when none is valid). Targets ≥ n are not checked (positive = 0).
         key_valid: optional (n,) bool, False columns are excluded from every row's LSE, and a row whose
             positive is such a column is ignored (same semantics as ``infonce_torch``).
-        deterministic: dk without atomics (a second backward kernel); bitwise repeatable.
     Returns:
         0-dim fp32 loss. Memory: O((m + n)·d); nothing m×n is allocated, forward or backward.
+        The backward uses no atomics: gradients are bitwise repeatable run to run.
     """
-    return InfoNCEFunction.apply(q, k, logit_scale, targets, key_valid, deterministic)
+    return InfoNCEFunction.apply(q, k, logit_scale, targets, key_valid)

@@ -85,25 +85,25 @@ def _torch_block_backward(q, k, s, lse, w, key_valid=None):
     return (torch.cat(dq) if dq else torch.zeros_like(q, dtype=torch.float32)), dk, ds
 
 
-def _triton_ops(deterministic):
+def _triton_ops():
     from kernels.infonce_triton import infonce_block_backward, infonce_block_lse
 
     def lse(q, k, s, key_valid=None):
         return infonce_block_lse(q, k, s, key_valid=key_valid)[0]
 
     def backward(q, k, s, lse_rows, w, key_valid=None):
-        return infonce_block_backward(q, k, s, lse_rows, w, key_valid=key_valid, deterministic=deterministic)
+        return infonce_block_backward(q, k, s, lse_rows, w, key_valid=key_valid)
 
     return _BlockOps(lse, backward)
 
 
-def _block_ops(backend, device, deterministic):
+def _block_ops(backend, device):
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "torch"
     if backend == "torch":
         return _BlockOps(_torch_block_lse, _torch_block_backward)
     if backend == "triton":
-        return _triton_ops(deterministic)
+        return _triton_ops()
     raise ValueError(f"backend must be 'auto', 'torch' or 'triton'; got {backend!r}")
 
 
@@ -260,7 +260,7 @@ class RingInfoNCEFunction(torch.autograd.Function):
         return da.to(a.dtype), db.to(b.dtype), ds, None, None, None
 
 
-def ring_symmetric_infonce(a, b, logit_scale, *, group=None, backend="auto", deterministic=False, valid=None):
+def ring_symmetric_infonce(a, b, logit_scale, *, group=None, backend="auto", valid=None):
     """Symmetric InfoNCE with negatives from every rank, features passed around a ring.
 
     Every rank of ``group`` must call it (and its backward) with the same b_local and d.
@@ -272,7 +272,6 @@ def ring_symmetric_infonce(a, b, logit_scale, *, group=None, backend="auto", det
         group: process group (default: the world; no process group initialised: a world of one).
         backend: "torch" (chunked matmuls), "triton" (``kernels.infonce_triton`` block kernels) or "auto"
             (triton on CUDA, torch otherwise).
-        deterministic: with backend "triton", dk without atomics.
         valid: optional (b_local,) bool presence mask; an invalid pair is neither a query nor a key on
             any rank (``gathered_symmetric_infonce``'s ``valid_local``). Every rank passes one or none.
     Returns:
@@ -289,5 +288,5 @@ def ring_symmetric_infonce(a, b, logit_scale, *, group=None, backend="auto", det
         raise TypeError(f"a and b must share a dtype; got {a.dtype} and {b.dtype}")
     if valid is not None and (valid.shape != a.shape[:1] or valid.dtype != torch.bool):
         raise ValueError(f"valid must be a bool tensor of shape ({a.shape[0]},)")
-    ops = _block_ops(backend, a.device, deterministic)
+    ops = _block_ops(backend, a.device)
     return RingInfoNCEFunction.apply(a.contiguous(), b.contiguous(), logit_scale, valid, _Ring(group), ops)

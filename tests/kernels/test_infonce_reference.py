@@ -205,7 +205,7 @@ def test_dispatcher_on_cpu(backend):
 def test_triton_backend_routes_to_the_kernel_with_masks(monkeypatch):
     calls = []
 
-    def fake_triton(q, k, logit_scale, targets=None, *, key_valid=None, deterministic=False):
+    def fake_triton(q, k, logit_scale, targets=None, *, key_valid=None):
         calls.append((targets, key_valid))
         return infonce_torch(q, k, logit_scale, targets, key_valid=key_valid)
 
