@@ -203,22 +203,19 @@ def _load_annotations(
             raise BuildInputError(f"{path}: not a SIFTS pdb_chain_uniprot / pdb_chain_enzyme table")
         inputs.setdefault(kind, []).append(path.name)
         index.add_sifts(path, kind)
-    for name in config.uniprot:
-        path = _need_file(name, "UniProt file")
-        inputs.setdefault("uniprot", []).append(path.name)
-        try:
-            for entry in iter_uniprot(path):
-                index.add_uniprot(entry)
-        except (ValueError, OSError, EOFError) as exc:
-            skip("unreadable UniProt file (rest of file ignored)", f"{path.name}: {exc}")
-    for name in config.fasta:
-        path = _need_file(name, "FASTA file")
-        inputs.setdefault("fasta", []).append(path.name)
-        try:
-            for record in iter_fasta(path):
-                index.add_fasta(record)
-        except (ValueError, OSError, EOFError) as exc:
-            skip("unreadable FASTA file (rest of file ignored)", f"{path.name}: {exc}")
+    sequence_sources = (
+        ("uniprot", "UniProt file", config.uniprot, iter_uniprot, index.add_uniprot),
+        ("fasta", "FASTA file", config.fasta, iter_fasta, index.add_fasta),
+    )
+    for kind, label, names, read, add in sequence_sources:
+        for name in names:
+            path = _need_file(name, label)
+            inputs.setdefault(kind, []).append(path.name)
+            try:
+                for record in read(path):
+                    add(record)
+            except (ValueError, OSError, EOFError) as exc:
+                skip(f"unreadable {label} (rest of file ignored)", f"{path.name}: {exc}")
     return tables
 
 

@@ -167,6 +167,25 @@ def test_bad_input_is_skipped_with_reasons(crafted):
     assert props["existence"] == [None, None, None, 2] and props["coverage"] == [0, 0, 0, 1]
 
 
+def test_truncated_sequence_files_are_skipped_and_counted(crafted):
+    """A gzip cut short mid-file: the records read before the cut are kept, the rest is one counted skip."""
+    data = crafted["root"] / "data"
+    good = ">sp|Q99999|TEST_HUMAN Test protein OS=Homo sapiens OX=9606 PE=2 SV=1\nMSTNPKPQRKTKRNTNRRPQDVKFPGG\n"
+    whole = gzip.compress((good + "".join(f">x{i}\n{'MKVLA' * 40}\n" for i in range(200))).encode())
+    (data / "cut.fasta.gz").write_bytes(whole[: len(whole) // 2])
+    whole = gzip.compress(b"ID   TEST_HUMAN              Reviewed;          27 AA.\n" * 400)
+    (data / "cut.dat.gz").write_bytes(whole[: len(whole) // 2])
+    config = BuildConfig(
+        out=crafted["root"] / "cut", fasta=[str(data / "cut.fasta.gz")], uniprot=[str(data / "cut.dat.gz")]
+    )
+    summary = build_shards(config)
+    skipped = {reason: entry["count"] for reason, entry in summary["skipped"].items()}
+    assert skipped["unreadable FASTA file (rest of file ignored)"] == 1
+    assert skipped["unreadable UniProt file (rest of file ignored)"] == 1
+    assert "cut.fasta.gz" in summary["skipped"]["unreadable FASTA file (rest of file ignored)"]["examples"][0]
+    assert summary["num_samples"] >= 1 and "Q99999" in {r.id for r in all_records(crafted["root"] / "cut")}
+
+
 def test_cli_exit_codes(crafted, capsys):
     root = crafted["root"]
     bad_table = root / "data" / "bad.tsv"
