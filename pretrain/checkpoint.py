@@ -245,12 +245,22 @@ UNIVERSAL_SUFFIX = "_universal"
 UNIVERSAL_COMPLETE = "UNIVERSAL_COMPLETE"
 
 
-def saved_world_size(ckpt_dir: Path) -> int | None:
-    """Number of ranks that wrote the checkpoint a resume would load, or None (no process group needed).
+def saved_world_size(ckpt_dir: Path, remote: str | None = None) -> int | None:
+    """Number of ranks that wrote the checkpoint a resume would load, or None.
 
     ``Trainer.setup`` asks before ``deepspeed.initialize``: a different world size needs
     ``"checkpoint": {"load_universal": true}`` in the config the engine is built with.
+
+    With ``remote`` (collective then), the newest checkpoint published there is first downloaded
+    into ``ckpt_dir`` (see ``checkpoint_store.fetch``), so that a fresh machine, with nothing local
+    yet, sees the world size of the checkpoint it will load; :func:`load` then loads that one.
+    Without it, no process group is needed.
     """
+    if remote:
+        from pretrain import checkpoint_store
+
+        # Nothing published yet (e.g. remote_dir added to a running job): the local staging decides.
+        checkpoint_store.fetch(Path(ckpt_dir), remote, Path(ckpt_dir).parent)
     tag = latest_tag(Path(ckpt_dir))
     if tag is None:
         return None
@@ -316,7 +326,7 @@ def _param_group_names(engine) -> list:
     return [g.get("name") for g in engine.optimizer.param_groups] if engine.optimizer is not None else []
 
 
-def load(engine, ckpt_dir: Path, remote: str | None = None) -> tuple[dict, dict] | None:
+def load(engine, ckpt_dir: Path) -> tuple[dict, dict] | None:
     """Load the newest complete checkpoint into ``engine``; returns (client_state, rank_state).
 
     Returns None when there is nothing to resume from (collective when a process group exists).
@@ -334,14 +344,9 @@ def load(engine, ckpt_dir: Path, remote: str | None = None) -> tuple[dict, dict]
     Every file is checked loadable with ``weights_only=True`` first (:func:`verify_safe`): the
     original checkpoint before conversion, the converted one before DeepSpeed reads it.
 
-    With ``remote`` (collective then), the newest checkpoint published there is downloaded first
-    and is the one loaded.
+    Resuming from object storage: call :func:`saved_world_size` with ``remote`` first; it brings
+    the published checkpoint into ``ckpt_dir``.
     """
-    if remote:
-        from pretrain import checkpoint_store
-
-        # Nothing published yet (e.g. remote_dir added to a running job): the local staging decides.
-        checkpoint_store.fetch(ckpt_dir, remote, ckpt_dir.parent)
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None

@@ -100,13 +100,16 @@ class Trainer:
         param_groups = [{"params": ps, "name": name} for name, ps in groups.items()]
         # Resuming on another number of ranks goes through a DeepSpeed universal checkpoint, which
         # the engine must be configured for when it is built (see checkpoint.load).
-        saved_world = checkpoint.saved_world_size(self.ckpt_dir)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # the fetch below broadcasts over NCCL before DeepSpeed does
+        # With remote_dir this fetches the published checkpoint first: a fresh machine has nothing local.
+        saved_world = checkpoint.saved_world_size(self.ckpt_dir, remote=self.cfg.train.remote_dir)
         ds_config = self.ds_config
         if saved_world is not None and saved_world != self.world_size:
             ds_config = checkpoint.universal_config(ds_config)
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=ds_config)
         self.model = model
-        resumed = checkpoint.load(self.engine, self.ckpt_dir, remote=self.cfg.train.remote_dir)
+        resumed = checkpoint.load(self.engine, self.ckpt_dir)
         if resumed is not None:
             client, rank_state = resumed
             self.step, self.stage = int(client["step"]), int(client["stage"])

@@ -8,7 +8,7 @@ import pytest
 
 from data_shards import storage
 from pretrain import checkpoint_store
-from pretrain.checkpoint import finished_step, latest_tag
+from pretrain.checkpoint import finished_step, latest_tag, saved_world_size
 from tests.s3_server import s3  # noqa: F401 - the fixture
 
 
@@ -95,3 +95,16 @@ def test_wrong_credentials_fail_the_save_with_the_url(tmp_path, s3, monkeypatch)
     finally:
         monkeypatch.undo()
         reset_fsspec_cache()
+
+
+def test_a_fresh_machine_sees_the_world_size_of_the_remote_checkpoint(tmp_path, remote):
+    """Elastic resume from object storage: the engine is configured for the checkpoint's world size
+    before it is built, so that size must be read after the fetch, not from the (empty) local staging."""
+    run = tmp_path / "run"
+    checkpoint_store.publish(
+        run / "checkpoints", remote, _local_checkpoint(run, 2), {"step": 2, "world_size": 2}, 2, run
+    )
+    fresh = tmp_path / "fresh_node" / "checkpoints"
+    assert saved_world_size(fresh) is None  # nothing local yet
+    assert saved_world_size(fresh, remote=remote) == 2
+    assert latest_tag(fresh) == "step00000002"  # what checkpoint.load will then load
