@@ -215,6 +215,7 @@ class Row:
     states_gb: float
     act_gb: float
     act_ckpt_gb: float
+    recipe_ckpt: tuple[str, ...]  # the recipe's own train.activation_checkpointing
 
     @property
     def total_gb(self) -> float:
@@ -241,6 +242,7 @@ def compute_row(plan: Plan, recipes_dir: Path | None = None) -> Row:
         states_gb=model_state_bytes(counts["total"], plan.zero_stage, plan.gpus) / GB,
         act_gb=activation_bytes(stacks, b) / GB,
         act_ckpt_gb=activation_bytes(stacks, b, checkpointed=True) / GB,
+        recipe_ckpt=tuple(cfg.train.activation_checkpointing),
     )
 
 
@@ -258,8 +260,8 @@ def markdown_table(rows: list[Row]) -> str:
         "| recipe | ESM-2 | params: seq / struct / text / heads = total | ZeRO | GPUs | micro-batch "
         "| encoder passes per step | model states GB | activations GB | total GB "
         "| activations GB, checkpointed | total GB, checkpointed "
-        f"| fits ≤ {GPU_MEMORY_GB - RESERVE_GB:.0f} GB: plain / checkpointed |\n"
-        "| --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"
+        f"| fits ≤ {GPU_MEMORY_GB - RESERVE_GB:.0f} GB: plain / checkpointed | recipe checkpoints |\n"
+        "| --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"
     )
     lines = [head]
     for r in rows:
@@ -268,7 +270,8 @@ def markdown_table(rows: list[Row]) -> str:
         lines.append(
             f"| `{r.plan.recipe}` | `{r.preset}` | {params} | {r.plan.zero_stage} | {r.plan.gpus} | {r.micro_batch} "
             f"| {r.passes} | {r.states_gb:.1f} | {r.act_gb:.1f} | {r.total_gb:.1f} "
-            f"| {r.act_ckpt_gb:.1f} | {r.total_ckpt_gb:.1f} | {_yes(r.total_gb)} / {_yes(r.total_ckpt_gb)} |"
+            f"| {r.act_ckpt_gb:.1f} | {r.total_ckpt_gb:.1f} | {_yes(r.total_gb)} / {_yes(r.total_ckpt_gb)} "
+            f"| {', '.join(r.recipe_ckpt) or 'none'} |"
         )
     return "\n".join(lines)
 
@@ -281,7 +284,8 @@ def readme_section(rows: list[Row]) -> str:
         f"Adam (K = 12), 16-bit weights and gradients. Activations: per-layer formulas for fair-esm "
         f"ESM-2 and BERT (SDPA) that match one measured bf16 forward on an H100 within 0.2-3 % "
         f"(BENCHMARKS.md), per encoder pass a step makes, without and with per-layer activation "
-        f"checkpointing. Not counted: GVP-GNN activations, heads and loss, communication buckets, "
+        f"checkpointing (the last column: the encoders the recipe's `train.activation_checkpointing` "
+        f"names). Not counted: GVP-GNN activations, heads and loss, communication buckets, "
         f'ZeRO-3 live parameters, CUDA context and NCCL buffers, fragmentation; "fits" means at '
         f"most {GPU_MEMORY_GB - RESERVE_GB:.0f} GB, leaving {RESERVE_GB:.0f} GB of an "
         f"{GPU_MEMORY_GB:.0f} GB card for them. GB = 10^9 bytes.\n\n"
