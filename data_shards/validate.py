@@ -17,7 +17,7 @@ import numpy as np
 from data_shards import storage
 from data_shards.manifest import ManifestError, keys_digest, load_manifest
 from data_shards.reader import BadSampleError, BadShardError, ShardReader
-from data_shards.schema import MODALITIES
+from data_shards.schema import MODALITIES, TEXT_REWRITES_FIELD
 
 MAX_REPORTED_BAD_SAMPLES = 200
 
@@ -150,8 +150,8 @@ def inspect_dir(dir: str | Path, samples: int = 3, limit: int | None = None) -> 
         ManifestError: the manifest cannot be loaded.
     """
     manifest = load_manifest(dir)
-    seq_lengths, struct_lengths, go_counts = [], [], []
-    counts = {"read": 0, "bad": 0, "plddt": 0, "missing_atoms": 0, "ec": 0}
+    seq_lengths, struct_lengths, go_counts, rewrite_counts = [], [], [], []
+    counts = {"read": 0, "bad": 0, "plddt": 0, "missing_atoms": 0, "ec": 0, "definitions": 0}
     sources: dict[str, int] = {}
     shown = []
     for info in manifest.shards:
@@ -181,7 +181,9 @@ def inspect_dir(dir: str | Path, samples: int = 3, limit: int | None = None) -> 
                     counts["missing_atoms"] += not record.backbone.atom_mask.all()
                 if record.text is not None:
                     go_counts.append(len(record.text["go"]))
+                    rewrite_counts.append(len(record.text.get(TEXT_REWRITES_FIELD, [])))
                     counts["ec"] += bool(record.text["ec"])
+                    counts["definitions"] += any("definition" in t for t in record.text["go"])
                 if len(shown) < samples:
                     shown.append(_summary(record, reader.keys()[i], info.name))
     total = manifest.num_samples
@@ -200,6 +202,9 @@ def inspect_dir(dir: str | Path, samples: int = 3, limit: int | None = None) -> 
         "structures_with_missing_atoms": counts["missing_atoms"],
         "go_terms_per_text": _stats(go_counts),
         "texts_with_ec": counts["ec"],
+        "texts_with_go_definitions": counts["definitions"],
+        "texts_with_rewrites": sum(n > 0 for n in rewrite_counts),
+        "rewrites_per_text": _stats(rewrite_counts),
         "sources": dict(sorted(sources.items())),
         "samples": shown,
     }
@@ -218,5 +223,7 @@ def _summary(record, key: str, shard: str) -> dict:
         out["function"] = record.text["function"][:120]
         out["go"] = [t["id"] for t in record.text["go"]]
         out["ec"] = record.text["ec"]
+        if record.text.get(TEXT_REWRITES_FIELD):
+            out["rewrites"] = [r[:120] for r in record.text[TEXT_REWRITES_FIELD]]
     out["meta"] = record.meta
     return out

@@ -14,7 +14,7 @@ from data_shards.build import BuildConfig, BuildInputError, build_shards
 from data_shards.manifest import load_manifest
 from data_shards.reader import iter_records
 from data_shards.readers.obo import load_obo
-from data_shards.validate import validate_dir
+from data_shards.validate import inspect_dir, validate_dir
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 ANN = SHARED / "annotations"
@@ -145,6 +145,7 @@ def test_bad_input_is_skipped_with_reasons(crafted):
     manifest = load_manifest(out)
     assert manifest.extra["skipped"] == summary["skipped"] and manifest.extra["coverage"]["samples"] == 4
     assert validate_dir(out)["ok"]
+    assert inspect_dir(out)["texts_with_go_definitions"] == 1  # good_A's kinase term
     records = {r.id: r for r in all_records(out)}
     assert set(records) == {"good_A", "good_B", "good2_A", "Q99999"}
     good = records["good_A"]

@@ -22,7 +22,7 @@ from data_shards.rewrite import (
     rewrite_shards,
 )
 from data_shards.schema import ProteinRecord
-from data_shards.validate import validate_dir
+from data_shards.validate import inspect_dir, validate_dir
 from data_shards.writer import ShardWriter
 from pretrain.data.text_augment import augment_text
 from tests.data_shards.local_llm_server import LocalLLMServer, ServerState, default_reply
@@ -165,6 +165,12 @@ def test_rewrite_over_a_local_endpoint_then_rerun_makes_no_calls(shards, tmp_pat
         assert records["P3"].text["rewrites"][0] == augment_text(plain, np.random.default_rng(int(key[:16], 16)))
         assert all("9.9.9.9" not in r and "GO:0000001" not in r for r in records["P3"].text["rewrites"])
         assert records["P0"].text["rewrites"][0].startswith("This protein (Kinase 0)")
+        summary = inspect_dir(out, samples=5)  # what `python -m data_shards inspect` prints
+        assert summary["texts_with_rewrites"] == 4 and summary["rewrites_per_text"]["max"] == 2
+        assert [s.get("rewrites", [])[:1] for s in summary["samples"] if s["id"] == "P1"] == [
+            ["This protein (Kinase 1) is described in variant 0."]
+        ]
+        assert inspect_dir(shards)["texts_with_rewrites"] == 0
 
         first_bytes = {s.name: s.path.read_bytes() for s in manifest.shards}
         code, again = run_cli([*args, "--overwrite"], capsys)
