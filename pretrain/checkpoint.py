@@ -276,7 +276,7 @@ def universal_config(ds_config: dict) -> dict:
     return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
 
 
-def _convert_to_universal(ckpt_dir: Path, tag: str) -> Path:
+def _convert_to_universal(ckpt_dir: Path, tag: str, workers: int = 1) -> Path:
     """Rank 0: DeepSpeed's ``ds_to_universal`` of ``tag`` into ``<tag>_universal``, atomically.
 
     The conversion runs in ``.<tag>_universal.tmp<pid>/`` (the script also drops a
@@ -299,8 +299,8 @@ def _convert_to_universal(ckpt_dir: Path, tag: str) -> Path:
     args = Namespace(
         input_folder=str(ckpt_dir / tag),
         output_folder=str(out),
-        num_extract_workers=1,  # > 1 forks a process pool per call; the checkpoints here are small per rank
-        num_merge_workers=1,
+        num_extract_workers=workers,  # > 1 forks a process pool (worth it for large models, offline)
+        num_merge_workers=workers,
         keep_temp_folder=False,
         strict=True,
         # Data parallel only (no tensor / pipeline split): the script's required
@@ -313,6 +313,34 @@ def _convert_to_universal(ckpt_dir: Path, tag: str) -> Path:
     os.replace(out, final)
     shutil.rmtree(work, ignore_errors=True)
     return final
+
+
+def convert_to_universal(ckpt_dir: Path, tag: str | None = None, workers: int = 1) -> Path:
+    """Convert checkpoint ``tag`` (default: the latest complete one) into ``<tag>_universal`` ahead of time.
+
+    The elastic resume in :func:`load` reuses a finished conversion, so running this offline (one
+    process, no process group; ``python -m pretrain.convert_checkpoint``) keeps a long conversion of a
+    large model from running on rank 0 while the other ranks wait in a collective (and from
+    outlasting an NCCL timeout). Files are checked with ``weights_only=True`` first.
+
+    Raises:
+        FileNotFoundError: no such complete checkpoint. ValueError: a ZeRO-0 checkpoint (whole copies
+        on every rank: it resumes at any world size without conversion).
+    """
+    ckpt_dir = Path(ckpt_dir)
+    tag = tag or latest_tag(ckpt_dir)
+    if tag is None:
+        raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint to convert")
+    if not (ckpt_dir / tag / COMPLETE).is_file():
+        raise FileNotFoundError(f"{ckpt_dir / tag}: not a complete checkpoint (no {COMPLETE})")
+    if not any((ckpt_dir / tag).glob("*optim_states.pt")):
+        raise ValueError(
+            f"{ckpt_dir / tag}: written without ZeRO optimizer partitions (stage 0); it resumes at any "
+            "world size as it is"
+        )
+    verify_safe(ckpt_dir / tag)
+    _remove_orphan_conversions(ckpt_dir)
+    return _convert_to_universal(ckpt_dir, tag, workers)
 
 
 def _remove_orphan_conversions(ckpt_dir: Path) -> None:

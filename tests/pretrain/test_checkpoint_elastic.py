@@ -121,6 +121,32 @@ def test_two_ranks_resume_on_one_then_two_through_universal_checkpoints(tmp_path
         assert two[r]["rank_state"]["cursors"] == [{"epoch": 0, "batch": 4}]
 
 
+@pytest.mark.slow
+def test_offline_conversion_is_reused_by_the_elastic_resume(tmp_path, capsys):
+    from pretrain.convert_checkpoint import main as convert
+
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints"
+    first = _run(tmp_path, ckpt, 2, world=2, step=0)
+    assert convert([str(run)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and report["source"] == "step00000002" and report["written_by_ranks"] == 2
+    universal = ckpt / "step00000002_universal"
+    assert report["universal"] == str(universal)
+    before = (universal / checkpoint.UNIVERSAL_COMPLETE).stat()
+    one = _run(tmp_path, ckpt, 2, world=1, step=2)
+    assert one[0]["client_step"] == 2
+    for name, want in first[0]["saved"].items():
+        assert torch.equal(one[0]["loaded"][name], want), name
+    after = (universal / checkpoint.UNIVERSAL_COMPLETE).stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # reused, not redone
+    # Errors are one JSON line and exit 2: no checkpoint, a tag that is not complete.
+    assert convert([str(tmp_path / "empty")]) == 2
+    assert "no complete checkpoint" in json.loads(capsys.readouterr().out)["error"]
+    assert convert([str(run), "--tag", "step00000003"]) == 2
+    assert "not a complete checkpoint" in json.loads(capsys.readouterr().out)["error"]
+
+
 class _Payload:
     def __reduce__(self):
         return (os.system, ("echo pwned",))
