@@ -1,15 +1,16 @@
-"""Command line: ``python -m data_shards {demo,build,rewrite,inspect,validate} ...``; every command prints JSON.
+"""Command line: ``python -m data_shards {demo,build,rewrite,inspect,fasta,validate} ...``; every command prints JSON.
 
     python -m data_shards demo --out data/demo [--num-train 3200 --num-heldout 800
                                                 --samples-per-shard 400 --seed 0]
     python -m data_shards build --out DIR [--structures DIR_OR_GLOB ...] [--annotations FILE ...]
                                 [--uniprot FILE ...] [--fasta FILE ...] [--go-obo FILE] [--sifts FILE ...]
                                 [--samples-per-shard N] [--workers N]
-                                [--split-heldout FRACTION --split-seed S]
+                                [--split-heldout FRACTION --split-seed S [--split-clusters TSV]]
     python -m data_shards rewrite --shards DIR --out DIR --backend {hf,openai} --model PATH_OR_NAME
                                   [--endpoint URL --api {chat,completions} --api-key-env VAR]
                                   [--cache FILE] [--variants N] [--temperature T] [--max-new-tokens N]
     python -m data_shards inspect data/demo/train [--samples 3] [--limit N]
+    python -m data_shards fasta data/all --out all.fasta  # sequences, named by record id (for clustering)
     python -m data_shards validate data/demo/train     # exit 0 only when everything is sound
 
 ``--out`` of ``demo`` and ``build`` may be an object-storage URL (``s3://bucket/shards``): the
@@ -121,6 +122,7 @@ def _build(BuildConfig, BuildInputError, build_shards, args, out: str) -> tuple[
         workers=args.workers,
         split_heldout=args.split_heldout,
         split_seed=args.split_seed,
+        split_clusters=args.split_clusters,
         prefix=args.prefix,
         plddt=args.plddt,
         standalone_sequences=not args.no_standalone_sequences,
@@ -188,6 +190,16 @@ def _cmd_inspect(args) -> tuple[dict, int]:
         return {"ok": False, "error": str(exc)}, 2
 
 
+def _cmd_fasta(args) -> tuple[dict, int]:
+    from data_shards.validate import write_fasta
+
+    try:
+        report = write_fasta(args.dir, args.out)
+    except (ManifestError, OSError) as exc:
+        return {"ok": False, "error": str(exc)}, 2
+    return report, 0 if report["ok"] else 1
+
+
 def _cmd_validate(args) -> tuple[dict, int]:
     from data_shards.validate import validate_dir
 
@@ -241,6 +253,11 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--workers", type=int, default=1, help="structure-parsing processes")
     build.add_argument("--split-heldout", type=float, default=None, metavar="FRACTION")
     build.add_argument("--split-seed", type=int, default=0)
+    build.add_argument(
+        "--split-clusters",
+        metavar="TSV",
+        help="sequence clusters (MMseqs2 representative<TAB>member, ids = record ids) kept on one side",
+    )
     build.add_argument("--prefix", default="shard", help="shard file prefix")
     build.add_argument("--plddt", choices=["auto", "always", "never"], default="auto")
     build.add_argument(
@@ -282,6 +299,11 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--samples", type=int, default=3, help="samples to show")
     inspect.add_argument("--limit", type=int, default=None, help="read at most this many samples")
     inspect.set_defaults(run=_cmd_inspect)
+
+    fasta = sub.add_parser("fasta", help="write a shard directory's sequences as FASTA (for clustering)")
+    fasta.add_argument("dir")
+    fasta.add_argument("--out", required=True, help="FASTA file to write")
+    fasta.set_defaults(run=_cmd_fasta)
 
     validate = sub.add_parser("validate", help="check a shard directory against its manifest")
     validate.add_argument("dir")

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_shards.annotations import AnnotationIndex
+from data_shards.clusters import ClusterTableError, load_clusters
 from data_shards.readers.fasta import iter_fasta
 from data_shards.readers.obo import load_obo
 from data_shards.readers.structures import StructureError, StructureFile, looks_like_structure_file, read_structure
@@ -75,6 +76,9 @@ class BuildConfig:
         workers: structure-parsing processes (1 = in this process).
         split_heldout: fraction of clusters for ``heldout/``; None writes one shard set.
         split_seed: seed of the split hash.
+        split_clusters: optional sequence-cluster table (``data_shards.clusters``: MMseqs2's
+            ``representative<TAB>member`` TSV, members named by record id); records of one cluster
+            go to the same side. Needs ``split_heldout``.
         prefix: shard file prefix.
         plddt: "auto", "always" or "never" (pLDDT from B-factors).
         standalone_sequences: also write UniProt/FASTA entries that no structure used.
@@ -94,6 +98,7 @@ class BuildConfig:
     workers: int = 1
     split_heldout: float | None = None
     split_seed: int = 0
+    split_clusters: str | None = None
     prefix: str = "shard"
     plddt: str = "auto"
     standalone_sequences: bool = True
@@ -411,6 +416,14 @@ def build_shards(config: BuildConfig) -> dict:
     start = time.perf_counter()
     if config.split_heldout is not None and not 0.0 <= config.split_heldout < 1.0:
         raise BuildInputError(f"split_heldout must be in [0, 1), got {config.split_heldout}")
+    clusters = None
+    if config.split_clusters is not None:
+        if config.split_heldout is None:
+            raise BuildInputError("split_clusters needs split_heldout (a cluster table only steers the split)")
+        try:
+            clusters = load_clusters(_need_file(config.split_clusters, "cluster table"))
+        except ClusterTableError as exc:
+            raise BuildInputError(str(exc)) from None
     if config.plddt not in ("auto", "always", "never"):
         raise BuildInputError(f"plddt must be auto, always or never, got {config.plddt!r}")
     skip, skip_term = _Tally(), _Tally()
@@ -442,7 +455,8 @@ def build_shards(config: BuildConfig) -> dict:
         "inputs": inputs,
         "split_heldout": config.split_heldout,
         "split_seed": config.split_seed if config.split_heldout is not None else None,
-        "split_key": "clusters of shared UniProt accession or identical sequence (union-find)",
+        "split_key": "clusters of shared UniProt accession or identical sequence (union-find)"
+        + (f" joined by the sequence clusters of {Path(config.split_clusters).name}" if clusters else ""),
     }
     try:
         writers = {
@@ -457,6 +471,7 @@ def build_shards(config: BuildConfig) -> dict:
         }
     except (FileExistsError, ValueError) as exc:  # existing shards, bad prefix, unsound manifest
         raise BuildInputError(str(exc)) from None
+    split_info: dict = {}
     try:
         if config.split_heldout is None:
             for built in stream():
@@ -466,10 +481,15 @@ def build_shards(config: BuildConfig) -> dict:
             spool = _Spool(out / f".build-spool.{os.getpid()}.tmp")
             try:
                 keys, props = [], []
+                listed = 0
                 for built in stream():
                     spool.add(built.record)
-                    keys.append(built.cluster_keys)
+                    rep = clusters.get(built.record.id) if clusters else None
+                    listed += rep is not None
+                    keys.append([*built.cluster_keys, f"cluster:{rep}"] if rep is not None else built.cluster_keys)
                     props.append(built.props)
+                if clusters:
+                    split_info["split_clusters"] = {"records_listed": listed, "records_unlisted": len(keys) - listed}
                 splits = _split_of(keys, config.split_heldout, config.split_seed)
                 for record, split, prop in zip(spool.records(), splits, props):
                     writers[split].write(record, prop)
@@ -493,6 +513,7 @@ def build_shards(config: BuildConfig) -> dict:
                 "skipped": skip.to_json(),
                 "skipped_terms": skip_term.to_json(),
                 "stats": stats,
+                **split_info,
             }
         )
         writer.close()
@@ -513,5 +534,6 @@ def build_shards(config: BuildConfig) -> dict:
         "skipped": skip.to_json(),
         "skipped_terms": skip_term.to_json(),
         "stats": stats,
+        **split_info,
         "seconds": round(time.perf_counter() - start, 2),
     }

@@ -227,3 +227,44 @@ def _summary(record, key: str, shard: str) -> dict:
             out["rewrites"] = [r[:120] for r in record.text[TEXT_REWRITES_FIELD]]
     out["meta"] = record.meta
     return out
+
+
+def write_fasta(dir: str | Path, out: str | Path, width: int = 60) -> dict:
+    """Write the sequences of a shard directory as FASTA, one ``>record_id`` entry per protein.
+
+    The ids are what ``build --split-clusters`` matches a cluster table against (see
+    ``data_shards.clusters``). Records without a sequence are counted, bad samples skipped and
+    counted; the file is written to a temporary name and renamed when complete.
+
+    Returns:
+        {"ok", "out", "sequences", "without_sequence", "bad_samples"}.
+
+    Raises:
+        ManifestError: the manifest cannot be loaded. OSError: ``out`` cannot be written.
+    """
+    manifest = load_manifest(dir)
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    counts = {"sequences": 0, "without_sequence": 0, "bad_samples": 0}
+    with open(tmp, "w", encoding="utf-8") as f:
+        for info in manifest.shards:
+            try:
+                reader = ShardReader(info.path)
+            except BadShardError:
+                counts["bad_samples"] += info.num_samples
+                continue
+            with reader:
+                for i in range(len(reader)):
+                    try:
+                        record = reader.read(i)
+                    except BadSampleError:
+                        counts["bad_samples"] += 1
+                        continue
+                    if not record.sequence:
+                        counts["without_sequence"] += 1
+                        continue
+                    lines = [record.sequence[j : j + width] for j in range(0, len(record.sequence), width)]
+                    f.write(f">{record.id}\n" + "\n".join(lines) + "\n")
+                    counts["sequences"] += 1
+    tmp.replace(out)
+    return {"ok": counts["bad_samples"] == 0, "out": str(out), **counts}

@@ -187,6 +187,51 @@ def test_truncated_sequence_files_are_skipped_and_counted(crafted):
     assert summary["num_samples"] >= 1 and "Q99999" in {r.id for r in all_records(crafted["root"] / "cut")}
 
 
+def _sides(out) -> dict[str, str]:
+    return {r.id: split for split in ("train", "heldout") for r in all_records(out / split)}
+
+
+def test_sequence_clusters_keep_homologues_on_one_side(crafted, capsys):
+    """fasta -> (an external clustering tool) -> build --split-clusters: a cluster never straddles the split."""
+    root, data = crafted["root"], crafted["root"] / "data"
+    inputs = ["--annotations", str(crafted["table"]), "--fasta", str(crafted["fasta"])]
+    assert main(["build", "--out", str(root / "all"), *inputs]) == 0
+    capsys.readouterr()
+    assert main(["fasta", str(root / "all"), "--out", str(root / "all.fasta")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["sequences"] == 4 and report["bad_samples"] == 0
+    fasta = (root / "all.fasta").read_text()
+    assert ">Q99999\nMSTNPKPQRKTKRNTNRRPQDVKFPGG\n" in fasta and fasta.count(">") == 4
+    # what `mmseqs easy-cluster` would write if good_B (GGSGG) and Q99999 were homologues
+    table = data / "clu_cluster.tsv"
+    table.write_text("good_B\tgood_B\ngood_B\tQ99999\ngood_A\tgood_A\nnot_built\tnot_built\n")
+    split_seeds, apart = range(12), 0
+    for seed in split_seeds:
+        args = ["build", *inputs, "--split-heldout", "0.5", "--split-seed", str(seed), "--overwrite"]
+        assert main([*args, "--out", str(root / "plain")]) == 0
+        capsys.readouterr()
+        plain = _sides(root / "plain")
+        apart += plain["good_B"] != plain["Q99999"]
+        assert main([*args, "--out", str(root / "clustered"), "--split-clusters", str(table)]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert summary["split_clusters"] == {"records_listed": 3, "records_unlisted": 1}
+        sides = _sides(root / "clustered")
+        assert sides["good_B"] == sides["Q99999"], seed
+        assert sides["good_A"] == sides["good2_A"]  # the accession link still holds
+    assert apart > 0  # without the table the two do get separated (the test can fail)
+    manifest = load_manifest(root / "clustered" / "train")
+    assert "clu_cluster.tsv" in manifest.extra["split_key"]
+    assert manifest.extra["split_clusters"]["records_listed"] == 3
+    bad = data / "bad.tsv"
+    bad.write_text("a\tb\nonly_one_field\n")
+    assert (
+        main(["build", "--out", str(root / "x"), *inputs, "--split-heldout", "0.5", "--split-clusters", str(bad)]) == 2
+    )
+    assert "bad.tsv:2" in json.loads(capsys.readouterr().out)["error"]
+    assert main(["build", "--out", str(root / "y"), *inputs, "--split-clusters", str(table)]) == 2
+    assert "needs split_heldout" in json.loads(capsys.readouterr().out)["error"]
+
+
 def test_cli_exit_codes(crafted, capsys):
     root = crafted["root"]
     bad_table = root / "data" / "bad.tsv"
