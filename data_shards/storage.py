@@ -302,6 +302,23 @@ def download_dir(location: str | Path, local: str | Path) -> list[str]:
     return names
 
 
+def remove_file(location: str | Path) -> None:
+    """Delete one file or object (missing: nothing to do)."""
+    if not is_url(location):
+        Path(_local(location)).unlink(missing_ok=True)
+        return
+    url = str(location)
+    fs, path = _filesystem(url)
+
+    def rm() -> None:
+        try:
+            fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+
+    _retry(url, "delete", rm)
+
+
 def remove_tree(location: str | Path) -> None:
     """Delete a directory or prefix and everything under it (missing: nothing to do)."""
     if not is_url(location):

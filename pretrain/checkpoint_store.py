@@ -198,7 +198,13 @@ def _download_tag(ckpt_dir: Path, remote: str, tag: str) -> None:
 
 
 def publish_export(export_dir: Path, remote: str) -> str:
-    """Upload a local export directory to ``remote/export`` (config.yaml last); returns the URL."""
+    """Upload a local export directory to ``remote/export`` (config.yaml last); returns the URL.
+
+    ``config.yaml`` is what makes a directory an export, so an older export's copy is deleted
+    before anything is overwritten: a reader during the upload finds no export (a clear error)
+    rather than the old config next to new weights.
+    """
     target = storage.join(remote, "export")
+    storage.remove_file(storage.join(target, "config.yaml"))
     storage.upload_dir(export_dir, target, last=("config.yaml",))
     return str(target)

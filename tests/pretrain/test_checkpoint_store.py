@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -108,3 +109,27 @@ def test_a_fresh_machine_sees_the_world_size_of_the_remote_checkpoint(tmp_path, 
     assert saved_world_size(fresh) is None  # nothing local yet
     assert saved_world_size(fresh, remote=remote) == 2
     assert latest_tag(fresh) == "step00000002"  # what checkpoint.load will then load
+
+
+def test_republishing_an_export_never_pairs_the_old_config_with_new_weights(tmp_path, remote, monkeypatch):
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "model.safetensors").write_bytes(b"weights v1")
+    (export / "config.yaml").write_text("version: 1\n")
+    checkpoint_store.publish_export(export, remote)
+    target = storage.join(remote, "export")
+    assert storage.read_text(storage.join(target, "config.yaml")) == "version: 1\n"
+    (export / "model.safetensors").write_bytes(b"weights v2")
+    (export / "config.yaml").write_text("version: 2\n")
+    seen = []  # whether the remote holds a config.yaml at the moment each file is overwritten
+    real_upload = storage.upload_file
+
+    def upload(src, dst):
+        seen.append((Path(src).name, storage.exists(storage.join(target, "config.yaml"))))
+        real_upload(src, dst)
+
+    monkeypatch.setattr(storage, "upload_file", upload)
+    checkpoint_store.publish_export(export, remote)
+    assert seen == [("model.safetensors", False), ("config.yaml", False)]
+    assert storage.read_bytes(storage.join(target, "model.safetensors")) == b"weights v2"
+    assert storage.read_text(storage.join(target, "config.yaml")) == "version: 2\n"
