@@ -11,23 +11,7 @@ from pretrain.data.featurize import (
     collate_graphs,
     edge_s_dim,
 )
-
-
-def _chain(length: int, seed: int = 0) -> torch.Tensor:
-    """Random-walk backbone (L, 4, 3) with 3.8 A CA steps and atoms scattered around each CA."""
-    gen = torch.Generator().manual_seed(seed)
-    steps = torch.randn(length, 3, generator=gen)
-    ca = (3.8 * steps / steps.norm(dim=-1, keepdim=True)).cumsum(0)
-    coords = ca.unsqueeze(1) + 1.3 * torch.randn(length, 4, 3, generator=gen)
-    coords[:, 1] = ca
-    return coords
-
-
-def _rotation(seed: int = 0) -> torch.Tensor:
-    q, _ = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(seed)))
-    if torch.det(q) < 0:
-        q[:, 0] = -q[:, 0]
-    return q
+from tests.geometry import random_backbone, random_rotation
 
 
 def _all_present(length: int) -> torch.Tensor:
@@ -43,7 +27,7 @@ def _reference_dihedral(p0, p1, p2, p3) -> float:
 
 
 def test_shapes_and_dims():
-    g = backbone_graph(_chain(12), _all_present(12), k_neighbors=5, num_rbf=8, num_positional=6)
+    g = backbone_graph(random_backbone(12), _all_present(12), k_neighbors=5, num_rbf=8, num_positional=6)
     assert g["node_s"].shape == (12, NODE_S_DIM)
     assert g["node_v"].shape == (12, NODE_V_DIM, 3)
     assert g["edge_index"].shape == (2, 12 * 5) and g["edge_index"].dtype == torch.long
@@ -53,7 +37,7 @@ def test_shapes_and_dims():
 
 
 def test_knn_is_nearest_without_self_loops():
-    coords = _chain(20, seed=1)
+    coords = random_backbone(20, seed=1)
     g = backbone_graph(coords, _all_present(20), k_neighbors=4)
     src, dst = g["edge_index"]
     assert not torch.any(src == dst)
@@ -67,12 +51,12 @@ def test_knn_is_nearest_without_self_loops():
 
 
 def test_k_capped_at_n_minus_one():
-    g = backbone_graph(_chain(3), _all_present(3), k_neighbors=16)
+    g = backbone_graph(random_backbone(3), _all_present(3), k_neighbors=16)
     assert g["edge_index"].shape == (2, 6)
 
 
 def test_dihedrals_match_textbook_formula():
-    coords = _chain(6, seed=2)
+    coords = random_backbone(6, seed=2)
     s = backbone_graph(coords, _all_present(6))["node_s"]
     bb = coords[:, :3]
     for i in range(1, 5):
@@ -95,8 +79,8 @@ def _sorted_edges(g: dict) -> dict:
 
 
 def test_rigid_motion_invariance():
-    coords, mask = _chain(15, seed=3), _all_present(15)
-    rot = _rotation(3)
+    coords, mask = random_backbone(15, seed=3), _all_present(15)
+    rot = random_rotation(3)
     g1 = _sorted_edges(backbone_graph(coords, mask, k_neighbors=6))
     g2 = _sorted_edges(backbone_graph(coords @ rot.T + torch.tensor([10.0, -4.0, 2.5]), mask, k_neighbors=6))
     assert torch.equal(g1["edge_index"], g2["edge_index"])
@@ -108,7 +92,7 @@ def test_rigid_motion_invariance():
 
 @pytest.mark.parametrize("length", [1, 2])
 def test_tiny_chains_are_finite(length):
-    g = backbone_graph(_chain(length), _all_present(length))
+    g = backbone_graph(random_backbone(length), _all_present(length))
     assert g["node_s"].shape[0] == length
     assert g["edge_index"].shape[1] == length * (length - 1)
     assert all(torch.isfinite(v.float()).all() for v in g.values())
@@ -129,7 +113,7 @@ def test_degenerate_coordinates_are_finite(coords):
 
 
 def test_missing_atoms():
-    coords, mask = _chain(8, seed=4), _all_present(8)
+    coords, mask = random_backbone(8, seed=4), _all_present(8)
     coords[3, 1] = float("nan")  # CA of residue 3 missing (and non-finite)
     mask[3, 1] = False
     mask[5, 3] = False  # O missing: residue kept
@@ -150,14 +134,14 @@ def test_missing_atoms():
 
 
 def test_all_residues_missing_gives_empty_graph():
-    g = backbone_graph(_chain(4), torch.zeros(4, 4, dtype=torch.bool))
+    g = backbone_graph(random_backbone(4), torch.zeros(4, 4, dtype=torch.bool))
     assert g["node_s"].shape == (0, NODE_S_DIM) and g["edge_index"].shape == (2, 0)
 
 
 def test_collate_offsets_and_missing_entries():
-    g1 = backbone_graph(_chain(5), _all_present(5), k_neighbors=2)
-    g2 = backbone_graph(_chain(3, seed=1), _all_present(3), k_neighbors=2)
-    empty = backbone_graph(_chain(2), torch.zeros(2, 4, dtype=torch.bool))
+    g1 = backbone_graph(random_backbone(5), _all_present(5), k_neighbors=2)
+    g2 = backbone_graph(random_backbone(3, seed=1), _all_present(3), k_neighbors=2)
+    empty = backbone_graph(random_backbone(2), torch.zeros(2, 4, dtype=torch.bool))
     batch = collate_graphs([g1, None, g2, empty])
     assert batch["num_graphs"].ndim == 0 and int(batch["num_graphs"]) == 4
     assert batch["present"].tolist() == [True, False, True, False]

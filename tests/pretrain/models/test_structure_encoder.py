@@ -3,26 +3,11 @@ import torch
 
 from pretrain.data.featurize import backbone_graph, collate_graphs
 from pretrain.models.structure_encoder import GVP, StructureEncoder, StructureEncoderConfig, _TupleLayerNorm
-
-
-def _chain(length: int, seed: int = 0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    steps = torch.randn(length, 3, generator=gen)
-    ca = (3.8 * steps / steps.norm(dim=-1, keepdim=True)).cumsum(0)
-    coords = ca.unsqueeze(1) + 1.3 * torch.randn(length, 4, 3, generator=gen)
-    coords[:, 1] = ca
-    return coords
-
-
-def _rotation(seed: int = 0) -> torch.Tensor:
-    q, _ = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(seed)))
-    if torch.det(q) < 0:
-        q[:, 0] = -q[:, 0]
-    return q
+from tests.geometry import random_backbone, random_rotation
 
 
 def _graph(length: int, seed: int = 0, k: int = 8) -> dict:
-    return backbone_graph(_chain(length, seed), torch.ones(length, 4, dtype=torch.bool), k_neighbors=k)
+    return backbone_graph(random_backbone(length, seed), torch.ones(length, 4, dtype=torch.bool), k_neighbors=k)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +23,7 @@ def test_gvp_is_equivariant(vector_gate, in_dims, out_dims):
     torch.manual_seed(0)
     gvp = GVP(in_dims, out_dims, vector_gate=vector_gate)
     s, v = torch.randn(10, in_dims[0]), torch.randn(10, in_dims[1], 3)
-    rot = _rotation(1)
+    rot = random_rotation(1)
     s1, v1 = gvp((s, v))
     s2, v2 = gvp((s, v @ rot.T))
     assert s1.shape == (10, out_dims[0]) and v1.shape == (10, out_dims[1], 3)
@@ -49,7 +34,7 @@ def test_gvp_is_equivariant(vector_gate, in_dims, out_dims):
 def test_tuple_layer_norm_is_equivariant():
     norm = _TupleLayerNorm((5, 4))
     s, v = torch.randn(6, 5), torch.randn(6, 4, 3)
-    rot = _rotation(2)
+    rot = random_rotation(2)
     torch.testing.assert_close(norm((s, v))[1] @ rot.T, norm((s, v @ rot.T))[1], atol=1e-5, rtol=0)
 
 
@@ -63,8 +48,8 @@ def test_output_shape(encoder):
 
 
 def test_rotation_translation_invariance(encoder):
-    coords, mask = _chain(25, seed=3), torch.ones(25, 4, dtype=torch.bool)
-    moved = coords @ _rotation(4).T + torch.tensor([-7.0, 3.0, 12.0])
+    coords, mask = random_backbone(25, seed=3), torch.ones(25, 4, dtype=torch.bool)
+    moved = coords @ random_rotation(4).T + torch.tensor([-7.0, 3.0, 12.0])
     with torch.no_grad():
         a = encoder(collate_graphs([backbone_graph(coords, mask, k_neighbors=8)]))
         b = encoder(collate_graphs([backbone_graph(moved, mask, k_neighbors=8)]))
@@ -73,7 +58,7 @@ def test_rotation_translation_invariance(encoder):
 
 def test_empty_graphs_give_zeros_and_leave_others_alone(encoder):
     g = _graph(10, seed=5)
-    empty = backbone_graph(_chain(3), torch.zeros(3, 4, dtype=torch.bool))
+    empty = backbone_graph(random_backbone(3), torch.zeros(3, 4, dtype=torch.bool))
     with torch.no_grad():
         alone = encoder(collate_graphs([g]))
         mixed = encoder(collate_graphs([None, g, empty]))
