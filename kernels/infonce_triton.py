@@ -263,6 +263,12 @@ def _check(q, k, logit_scale, targets, key_valid):
         raise ValueError(f"q (m, d) and k (n, d) must share d; got {tuple(q.shape)} and {tuple(k.shape)}")
     if q.dtype != k.dtype or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"q and k must share a dtype in fp32/fp16/bf16; got {q.dtype}, {k.dtype}")
+    if max(q.numel(), k.numel()) >= 2**31:
+        # Offsets inside the kernels are 32-bit; the ring strategy keeps every block at b_local rows.
+        raise ValueError(
+            f"q {tuple(q.shape)} / k {tuple(k.shape)}: 2^31 elements or more per operand are not supported by the "
+            "Triton kernels (32-bit offsets); use loss.strategy=ring or a smaller per-call batch"
+        )
     if logit_scale.numel() != 1:
         raise ValueError(f"logit_scale must have one element; got shape {tuple(logit_scale.shape)}")
     if targets is not None and targets.shape != (q.shape[0],):

@@ -177,6 +177,9 @@ def test_input_validation():
         infonce_triton(q, k, s, targets, key_valid=torch.ones(5, dtype=torch.bool))
     with pytest.raises(ValueError, match="logit_scale"):
         infonce_triton(q, k, torch.ones(2))
+    huge = torch.empty(2**20, 2**11, device="meta")  # 2^31 elements, allocated nowhere
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        infonce_block_lse(huge, huge, s)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels at many-tile sizes: GPU only")
