@@ -23,6 +23,7 @@ after it is complete here, and resuming fetches the remote one first.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -148,6 +149,28 @@ def _safe_globals() -> list:
     from deepspeed.utils.tensor_fragment import fragment_address
 
     return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Inside the block every ``torch.load`` is a ``weights_only=True`` load with DeepSpeed's allowlist.
+
+    DeepSpeed's checkpoint loader and its universal conversion call ``torch.load(weights_only=False)``
+    in many places. :func:`verify_safe` checks the files beforehand, but a file replaced between
+    that check and DeepSpeed's read would still be unpickled; run inside this block, it cannot be.
+    Not thread-safe (it swaps ``torch.load`` for the duration): use it where nothing else loads.
+    """
+    real_load = torch.load
+
+    def load(f, map_location=None, pickle_module=None, *, weights_only=None, **kwargs):
+        return real_load(f, map_location, weights_only=True, **kwargs)
+
+    with torch.serialization.safe_globals(_safe_globals()):
+        torch.load = load
+        try:
+            yield
+        finally:
+            torch.load = real_load
 
 
 def verify_safe(tag_dir: Path, recursive: bool = False) -> None:
@@ -307,7 +330,8 @@ def _convert_to_universal(ckpt_dir: Path, tag: str, workers: int = 1) -> Path:
         # universal_checkpoint_info then holds nothing but a version, which it injects itself.
         inject_missing_state=True,
     )
-    ds_to_universal(args)
+    with weights_only_loads():  # the files were verified; this closes the gap until they are read
+        ds_to_universal(args)
     meta = json.loads((ckpt_dir / tag / COMPLETE).read_text())
     _atomic_write_text(out / UNIVERSAL_COMPLETE, json.dumps({"source": tag, **meta}))
     os.replace(out, final)
@@ -407,7 +431,8 @@ def load(engine, ckpt_dir: Path) -> tuple[dict, dict] | None:
         load_tag = f"{tag}{UNIVERSAL_SUFFIX}"
         verify_safe(ckpt_dir / load_tag, recursive=True)
         log.info("elastic resume: %d -> %d ranks through %s", saved_world, world, ckpt_dir / load_tag)
-    _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=load_tag, load_lr_scheduler_states=False)
+    with weights_only_loads():
+        _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=load_tag, load_lr_scheduler_states=False)
     if client_state is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / load_tag}")
     if names and _param_group_names(engine) != names:

@@ -101,11 +101,11 @@ def export_checkpoint(run_dir: Path, tag: str | None = None, out_dir: Path | Non
     """Consolidate a (ZeRO-sharded) checkpoint of ``run_dir`` into an export, without a process group.
 
     The checkpoint's files are verified loadable without arbitrary unpickling first
-    (:func:`pretrain.checkpoint.verify_safe`).
+    (:func:`pretrain.checkpoint.verify_safe`), and DeepSpeed reads them with weights-only loads.
     """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from pretrain.checkpoint import latest_tag, verify_safe
+    from pretrain.checkpoint import latest_tag, verify_safe, weights_only_loads
 
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
@@ -114,7 +114,8 @@ def export_checkpoint(run_dir: Path, tag: str | None = None, out_dir: Path | Non
         raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir}")
     verify_safe(ckpt_dir / tag)
     cfg, _ = load_run_config(run_dir)
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    with weights_only_loads():
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     return write_export(state, cfg, Path(out_dir) if out_dir else run_dir / "export")
 
 

@@ -88,6 +88,14 @@ def test_stage1_keeps_encoders_bit_identical(tmp_path, small_demo, zero):
     for k in encoders:
         assert torch.equal(init[k], trained[k]), f"{k} changed during stage 1"
     assert any(not torch.equal(init[k], trained[k]) for k in heads), "heads did not train"
+    # `python -m pretrain.export --run-dir` consolidates the sharded checkpoint offline (DeepSpeed's
+    # zero_to_fp32 under weights-only loads) into the same weights the engine exported.
+    from pretrain.export import export_checkpoint
+
+    offline = load_file(str(export_checkpoint(run, out_dir=tmp_path / "offline") / "model.safetensors"))
+    assert offline.keys() == trained.keys()
+    for k in trained:
+        assert torch.equal(offline[k], trained[k]), k
 
 
 @pytest.mark.parametrize(

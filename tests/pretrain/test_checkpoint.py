@@ -296,6 +296,24 @@ def test_crafted_checkpoint_file_is_refused_and_its_payload_never_runs(tmp_path,
     assert marker.exists()
 
 
+def test_deepspeeds_own_loads_are_weights_only_inside_the_guard(tmp_path):
+    """A file swapped after verify_safe still cannot run code: DeepSpeed's torch.load(weights_only=False)
+    calls are forced to weights_only=True while a checkpoint is loaded, converted or exported."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+
+    marker = tmp_path / "pwned"
+    torch.save({"module": _Payload(marker)}, tmp_path / "swapped.pt")
+    torch.save({"scaler": LossScaler(1.0), "w": torch.ones(2)}, tmp_path / "deepspeed_like.pt")
+    with checkpoint.weights_only_loads():
+        with pytest.raises(pickle.UnpicklingError):
+            torch.load(tmp_path / "swapped.pt", map_location="cpu", weights_only=False)
+        state = torch.load(tmp_path / "deepspeed_like.pt", map_location="cpu", weights_only=False)
+    assert not marker.exists()
+    assert isinstance(state["scaler"], LossScaler) and torch.equal(state["w"], torch.ones(2))
+    torch.load(tmp_path / "swapped.pt", weights_only=False)  # outside the block: the real loader again
+    assert marker.exists()
+
+
 def test_raw_pickle_file_posing_as_checkpoint_is_refused(tmp_path):
     d = _complete_checkpoint(tmp_path / "ckpt")
     marker = tmp_path / "pwned"
