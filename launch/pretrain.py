@@ -57,12 +57,13 @@ def main(argv=None) -> int:
     init_process_group()
     try:
         train_and_evaluate(plan, rank)
-    except RunStopped as e:
+    except RunStopped as e:  # raised on every rank together
         if rank == 0:
             print(f"align-pro: stopped: {e}", file=sys.stderr, flush=True)
-        return 3
-    finally:
         close_process_group()
+        return 3
+    # Only on these orderly exits: after an unexpected error, peers may still be inside a collective.
+    close_process_group()
     return 0
 
 
