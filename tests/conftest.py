@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -102,3 +103,30 @@ def run_launcher(
     if background:
         return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, small_demo):
+    """``reference_run(overrides)`` -> the run directory of a finished, uninterrupted launcher run
+    (2 ranks, ZeRO-3, ``small_demo``, ``TINY_OVERRIDES`` + ``overrides``, as :func:`run_launcher`).
+
+    Several tests compare their per-step losses with the same uninterrupted run (a SIGKILL and
+    relaunch, a Ray Train restart, two launcher nodes, the two-pass step). Each such run takes
+    30-60 s on the 2-core CI machine, so it is launched once per session per resolved recipe:
+    the cache key is the fully resolved config, so two override lists share a run only when
+    they mean exactly the same training. Callers must not write into the returned directory.
+    """
+    from pretrain.config import load_config
+
+    runs: dict[str, Path] = {}
+
+    def get(overrides: list[str]) -> Path:
+        key = json.dumps(load_config(overrides=TINY_OVERRIDES + list(overrides)).to_dict(), sort_keys=True)
+        if key not in runs:
+            run = tmp_path_factory.mktemp("reference") / "run"
+            p = run_launcher(run, small_demo, list(overrides))
+            assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+            runs[key] = run
+        return runs[key]
+
+    return get

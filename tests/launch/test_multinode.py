@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TINY_OVERRIDES, cpu_env, free_port, run_launcher
+from tests.conftest import REPO, TINY_OVERRIDES, cpu_env, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -62,9 +62,8 @@ def _node_cmd(hostfile: Path, node_rank: int, port: int, run_dir: Path, shards: 
     return cmd
 
 
-def test_two_nodes_match_one_node_with_two_ranks(tmp_path, small_demo):
-    one = run_launcher(tmp_path / "one_node", small_demo, COMMON, ranks=2)
-    assert one.returncode == 0, one.stderr[-3000:]
+def test_two_nodes_match_one_node_with_two_ranks(tmp_path, small_demo, reference_run):
+    one = reference_run(COMMON)  # one node, 2 ranks (shared with test_two_pass_zero3's one-pass run)
 
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")  # names only label the nodes with --no_ssh
@@ -93,7 +92,7 @@ def test_two_nodes_match_one_node_with_two_ranks(tmp_path, small_demo):
     assert [p.returncode for p in procs] == [0, 0], "\n----\n".join(o[-3000:] for o in outs)
     assert "nnodes=2, num_local_procs=1, node_rank=1" in outs[1]  # node b ran the second rank
 
-    want, got = _losses(tmp_path / "one_node"), _losses(tmp_path / "node0")
+    want, got = _losses(one), _losses(tmp_path / "node0")
     assert sorted(got) == [1, 2, 3]
     for step in got:
         for term in TERMS:

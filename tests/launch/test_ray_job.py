@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, TINY_OVERRIDES, cpu_env, run_launcher
+from tests.conftest import REPO, TINY_OVERRIDES, cpu_env
 
 pytestmark = pytest.mark.slow
 
@@ -53,9 +53,8 @@ def _losses(run_dir):
     return {r["step"]: r for r in rows if "loss" in r}
 
 
-def test_killed_worker_restarts_from_the_checkpoint_with_the_uninterrupted_losses(tmp_path, small_demo):
-    ref = run_launcher(tmp_path / "ref", small_demo, [*COMMON, "data.loader=local"], ranks=2)
-    assert ref.returncode == 0, ref.stderr[-3000:]
+def test_killed_worker_restarts_from_the_checkpoint_with_the_uninterrupted_losses(tmp_path, small_demo, reference_run):
+    ref = reference_run([*COMMON, "data.loader=local"])  # 2 launcher ranks (shared with test_resume's)
 
     run = tmp_path / "ray"
     job = _ray_job(run, small_demo, [*COMMON, "data.loader=ray"], env={"ALIGN_PRO_KILL_AT_STEP": "3"})
@@ -67,7 +66,7 @@ def test_killed_worker_restarts_from_the_checkpoint_with_the_uninterrupted_losse
     assert (run / "export" / "model.safetensors").is_file() and (run / "config.yaml").is_file()
     assert (run / "ray_results").is_dir()
 
-    want, got = _losses(tmp_path / "ref"), _losses(run)
+    want, got = _losses(ref), _losses(run)
     assert sorted(got) == [1, 2, 3, 4, 5]
     for step in range(1, 6):
         assert got[step]["samples_seen"] == want[step]["samples_seen"] == 16 * step

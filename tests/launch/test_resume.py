@@ -23,10 +23,9 @@ def _losses(run_dir):
     return {r["step"]: r for r in rows if "loss" in r}  # validation lines carry val/* only
 
 
-def test_sigkill_then_relaunch_gives_the_uninterrupted_losses(tmp_path, small_demo):
+def test_sigkill_then_relaunch_gives_the_uninterrupted_losses(tmp_path, small_demo, reference_run):
     over = ["train.max_steps=5", *COMMON]
-    ref = run_launcher(tmp_path / "ref", small_demo, over)
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    ref = reference_run(over)  # the uninterrupted run (shared with test_ray_job's reference)
 
     run = tmp_path / "crash"
     crashed = run_launcher(run, small_demo, over, env={"ALIGN_PRO_KILL_AT_STEP": "3"})
@@ -36,7 +35,7 @@ def test_sigkill_then_relaunch_gives_the_uninterrupted_losses(tmp_path, small_de
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step 2" in resumed.stdout
 
-    want, got = _losses(tmp_path / "ref"), _losses(run)
+    want, got = _losses(ref), _losses(run)
     assert sorted(got) == [1, 2, 3, 4, 5]
     for step in range(1, 6):
         for term in TERMS:
