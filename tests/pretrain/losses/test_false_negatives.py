@@ -28,7 +28,7 @@ from pretrain.losses.false_negatives import (
 )
 from tests.spawn_ranks import run_ranks
 
-N, DIM, WORLD, TIMEOUT_S = 12, 6, 2, 30.0
+N, DIM, WORLD, TIMEOUT_S = 12, 6, 2, 120.0  # a hang guard: spawned ranks start slowly on a busy 2-core host
 # groups: 100 x3 (rows 1, 4, 9), 200 x2 (rows 2, 10; row 2 invalid -> 10 represents), 300 x2 across
 # ranks (rows 5, 6), singletons and NO_GROUP elsewhere.
 GROUPS = torch.tensor([7, 100, 200, NO_GROUP, 100, 300, 300, 8, NO_GROUP, 100, 200, 9], dtype=torch.int64)
