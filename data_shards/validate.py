@@ -10,6 +10,7 @@ Directories may be object-storage URLs or ``pipe:`` templates (:mod:`data_shards
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +136,33 @@ def _stats(values: list[int]) -> dict | None:
     }
 
 
+def _readable_records(manifest, on_bad: Callable[[int], None], stop: Callable[[], bool] = lambda: False):
+    """(shard info, sample key, record) of every readable sample in manifest order.
+
+    An unreadable shard reports all its listed samples to ``on_bad``, an unreadable sample one;
+    both are skipped. ``stop()`` is asked before each read (a sample limit).
+    """
+    for info in manifest.shards:
+        if stop():
+            return
+        try:
+            reader = ShardReader(info.path)
+        except BadShardError:
+            on_bad(info.num_samples)
+            continue
+        with reader:
+            keys = reader.keys()
+            for i in range(len(reader)):
+                if stop():
+                    return
+                try:
+                    record = reader.read(i)
+                except BadSampleError:
+                    on_bad(1)
+                    continue
+                yield info, keys[i], record
+
+
 def inspect_dir(dir: str | Path, samples: int = 3, limit: int | None = None) -> dict:
     """Summarise a shard directory: counts, modality coverage, lengths, a few samples.
 
@@ -154,38 +182,29 @@ def inspect_dir(dir: str | Path, samples: int = 3, limit: int | None = None) -> 
     counts = {"read": 0, "bad": 0, "plddt": 0, "missing_atoms": 0, "ec": 0, "definitions": 0}
     sources: dict[str, int] = {}
     shown = []
-    for info in manifest.shards:
-        if limit is not None and counts["read"] >= limit:
-            break
-        try:
-            reader = ShardReader(info.path)
-        except BadShardError:
-            counts["bad"] += info.num_samples
-            continue
-        with reader:
-            for i in range(len(reader)):
-                if limit is not None and counts["read"] >= limit:
-                    break
-                try:
-                    record = reader.read(i)
-                except BadSampleError:
-                    counts["bad"] += 1
-                    continue
-                counts["read"] += 1
-                sources[str(record.meta.get("source"))] = sources.get(str(record.meta.get("source")), 0) + 1
-                if record.sequence is not None:
-                    seq_lengths.append(len(record.sequence))
-                if record.backbone is not None:
-                    struct_lengths.append(len(record.backbone))
-                    counts["plddt"] += record.backbone.plddt is not None
-                    counts["missing_atoms"] += not record.backbone.atom_mask.all()
-                if record.text is not None:
-                    go_counts.append(len(record.text["go"]))
-                    rewrite_counts.append(len(record.text.get(TEXT_REWRITES_FIELD, [])))
-                    counts["ec"] += bool(record.text["ec"])
-                    counts["definitions"] += any("definition" in t for t in record.text["go"])
-                if len(shown) < samples:
-                    shown.append(_summary(record, reader.keys()[i], info.name))
+
+    def bad(count: int) -> None:
+        counts["bad"] += count
+
+    def full() -> bool:
+        return limit is not None and counts["read"] >= limit
+
+    for info, key, record in _readable_records(manifest, bad, stop=full):
+        counts["read"] += 1
+        sources[str(record.meta.get("source"))] = sources.get(str(record.meta.get("source")), 0) + 1
+        if record.sequence is not None:
+            seq_lengths.append(len(record.sequence))
+        if record.backbone is not None:
+            struct_lengths.append(len(record.backbone))
+            counts["plddt"] += record.backbone.plddt is not None
+            counts["missing_atoms"] += not record.backbone.atom_mask.all()
+        if record.text is not None:
+            go_counts.append(len(record.text["go"]))
+            rewrite_counts.append(len(record.text.get(TEXT_REWRITES_FIELD, [])))
+            counts["ec"] += bool(record.text["ec"])
+            counts["definitions"] += any("definition" in t for t in record.text["go"])
+        if len(shown) < samples:
+            shown.append(_summary(record, key, info.name))
     total = manifest.num_samples
     return {
         "dir": str(manifest.dir),
@@ -246,25 +265,17 @@ def write_fasta(dir: str | Path, out: str | Path, width: int = 60) -> dict:
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
     counts = {"sequences": 0, "without_sequence": 0, "bad_samples": 0}
+
+    def bad(count: int) -> None:
+        counts["bad_samples"] += count
+
     with open(tmp, "w", encoding="utf-8") as f:
-        for info in manifest.shards:
-            try:
-                reader = ShardReader(info.path)
-            except BadShardError:
-                counts["bad_samples"] += info.num_samples
+        for _, _, record in _readable_records(manifest, bad):
+            if not record.sequence:
+                counts["without_sequence"] += 1
                 continue
-            with reader:
-                for i in range(len(reader)):
-                    try:
-                        record = reader.read(i)
-                    except BadSampleError:
-                        counts["bad_samples"] += 1
-                        continue
-                    if not record.sequence:
-                        counts["without_sequence"] += 1
-                        continue
-                    lines = [record.sequence[j : j + width] for j in range(0, len(record.sequence), width)]
-                    f.write(f">{record.id}\n" + "\n".join(lines) + "\n")
-                    counts["sequences"] += 1
+            lines = [record.sequence[j : j + width] for j in range(0, len(record.sequence), width)]
+            f.write(f">{record.id}\n" + "\n".join(lines) + "\n")
+            counts["sequences"] += 1
     tmp.replace(out)
     return {"ok": counts["bad_samples"] == 0, "out": str(out), **counts}

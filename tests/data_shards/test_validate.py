@@ -47,6 +47,8 @@ def test_validate_and_inspect_a_sound_directory(small_demo):
     assert code == 0 and summary["num_samples"] == 96 and summary["coverage"]["structure"] == 1.0
     assert len(summary["samples"]) == 2 and summary["sequence_length"]["min"] >= 60
     assert summary["extra"]["split"] == "heldout"
+    code, limited = cli("inspect", small_demo / "heldout", "--limit", 10)
+    assert code == 0 and limited["read"] == 10 and limited["num_samples"] == 96
 
 
 def test_corrupted_sample_fails_validation_naming_shard_and_key(heldout_copy):
