@@ -108,7 +108,8 @@ def test_persistent_server_errors_give_up_after_the_retries():
 def test_unreachable_endpoint_is_named():
     url = f"http://127.0.0.1:{closed_port()}"
     delays = []
-    backend = OpenAIBackend(url, "m", retries=2, backoff_s=0.25, sleep=delays.append, timeout_s=5)
+    # concurrency=1: with parallel requests the threads' backoff delays interleave in any order
+    backend = OpenAIBackend(url, "m", retries=2, backoff_s=0.25, sleep=delays.append, timeout_s=5, concurrency=1)
     with pytest.raises(EndpointError, match=rf"{url}/v1/chat/completions: unreachable.*3 attempt"):
         backend.generate(PROMPTS, GREEDY)
     assert delays[:2] == [0.25, 0.5]
