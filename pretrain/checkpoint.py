@@ -268,22 +268,13 @@ UNIVERSAL_SUFFIX = "_universal"
 UNIVERSAL_COMPLETE = "UNIVERSAL_COMPLETE"
 
 
-def saved_world_size(ckpt_dir: Path, remote: str | None = None) -> int | None:
-    """Number of ranks that wrote the checkpoint a resume would load, or None.
+def saved_world_size(ckpt_dir: Path) -> int | None:
+    """Number of ranks that wrote the checkpoint a resume would load, or None (no process group needed).
 
     ``Trainer.setup`` asks before ``deepspeed.initialize``: a different world size needs
-    ``"checkpoint": {"load_universal": true}`` in the config the engine is built with.
-
-    With ``remote`` (collective then), the newest checkpoint published there is first downloaded
-    into ``ckpt_dir`` (see ``checkpoint_store.fetch``), so that a fresh machine, with nothing local
-    yet, sees the world size of the checkpoint it will load; :func:`load` then loads that one.
-    Without it, no process group is needed.
+    ``"checkpoint": {"load_universal": true}`` in the config the engine is built with. Resuming from
+    object storage, fetch first (``checkpoint_store.fetch``): a fresh machine has nothing local.
     """
-    if remote:
-        from pretrain import checkpoint_store
-
-        # Nothing published yet (e.g. remote_dir added to a running job): the local staging decides.
-        checkpoint_store.fetch(Path(ckpt_dir), remote, Path(ckpt_dir).parent)
     tag = latest_tag(Path(ckpt_dir))
     if tag is None:
         return None
@@ -396,8 +387,8 @@ def load(engine, ckpt_dir: Path) -> tuple[dict, dict] | None:
     Every file is checked loadable with ``weights_only=True`` first (:func:`verify_safe`): the
     original checkpoint before conversion, the converted one before DeepSpeed reads it.
 
-    Resuming from object storage: call :func:`saved_world_size` with ``remote`` first; it brings
-    the published checkpoint into ``ckpt_dir``.
+    Resuming from object storage: ``checkpoint_store.fetch`` first brings the published checkpoint
+    into ``ckpt_dir``.
     """
     tag = latest_tag(ckpt_dir)
     if tag is None:

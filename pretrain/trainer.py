@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from data_shards.manifest import load_manifest
-from pretrain import checkpoint
+from pretrain import checkpoint, checkpoint_store
 from pretrain.collectives import all_reduce_numbers
 from pretrain.config import Config
 from pretrain.data.collate import batch_to_device
@@ -100,10 +100,12 @@ class Trainer:
         param_groups = [{"params": ps, "name": name} for name, ps in groups.items()]
         # Resuming on another number of ranks goes through a DeepSpeed universal checkpoint, which
         # the engine must be configured for when it is built (see checkpoint.load).
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)  # the fetch below broadcasts over NCCL before DeepSpeed does
-        # With remote_dir this fetches the published checkpoint first: a fresh machine has nothing local.
-        saved_world = checkpoint.saved_world_size(self.ckpt_dir, remote=self.cfg.train.remote_dir)
+        if self.cfg.train.remote_dir:
+            # Fetched first (collective): a fresh machine has nothing local to read the world size from.
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)  # the fetch broadcasts over NCCL before DeepSpeed does
+            checkpoint_store.fetch(self.ckpt_dir, self.cfg.train.remote_dir, self.run_dir)
+        saved_world = checkpoint.saved_world_size(self.ckpt_dir)
         ds_config = self.ds_config
         if saved_world is not None and saved_world != self.world_size:
             ds_config = checkpoint.universal_config(ds_config)

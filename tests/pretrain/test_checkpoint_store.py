@@ -107,7 +107,8 @@ def test_a_fresh_machine_sees_the_world_size_of_the_remote_checkpoint(tmp_path, 
     )
     fresh = tmp_path / "fresh_node" / "checkpoints"
     assert saved_world_size(fresh) is None  # nothing local yet
-    assert saved_world_size(fresh, remote=remote) == 2
+    assert checkpoint_store.fetch(fresh, remote, fresh.parent) == "step00000002"  # what Trainer.setup does first
+    assert saved_world_size(fresh) == 2
     assert latest_tag(fresh) == "step00000002"  # what checkpoint.load will then load
 
 
