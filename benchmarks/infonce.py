@@ -2,6 +2,7 @@
 
 Paths (each computes 0.5 · (infonce(a, b) + infonce(b, a)) over a batch of b pairs of dimension d):
   triton   kernels.infonce_triton.infonce_triton    (GPU only: the CPU interpreter is not a speed)
+  triton-fused / triton-gemm   the same with its backward method forced (the "auto" choice is by d)
   chunked  kernels.infonce_reference.infonce_torch  (bounded memory, chunked torch)
   eager    kernels.infonce_reference.infonce_eager  (materialised logits + F.cross_entropy)
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import platform
 import statistics
 import sys
@@ -37,6 +39,7 @@ sys.path.insert(0, str(REPO))
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PATHS = ("triton", "chunked", "eager")
+EXTRA_PATHS = ("triton-fused", "triton-gemm")
 
 
 def device_name(device: torch.device) -> str:
@@ -54,8 +57,10 @@ def device_name(device: torch.device) -> str:
 
 
 def _loss_fn(path: str):
-    if path == "triton":
-        from kernels.infonce_triton import infonce_triton as fn
+    if path.startswith("triton"):
+        from kernels.infonce_triton import infonce_triton
+
+        fn = functools.partial(infonce_triton, backward=path.partition("-")[2] or "auto")
     else:
         from kernels.infonce_reference import infonce_eager, infonce_torch
 
@@ -170,7 +175,10 @@ def _eager_fits(b, device):
 
 def run(args):
     device = torch.device(args.device)
-    paths = [p for p in args.paths if p != "triton" or device.type == "cuda"]
+    unknown = set(args.paths) - set(PATHS) - set(EXTRA_PATHS)
+    if unknown:
+        raise SystemExit(f"unknown paths {sorted(unknown)}; choose from {PATHS + EXTRA_PATHS}")
+    paths = [p for p in args.paths if not p.startswith("triton") or device.type == "cuda"]
     deadline = time.monotonic() + args.max_seconds
     rows, last = [], {}  # last[(path, dtype, d)] = (b, seconds) for budget extrapolation
     for dtype_name in args.dtypes:
@@ -256,7 +264,7 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
-    if torch.device(args.device).type == "cpu" and "triton" in args.paths:
+    if torch.device(args.device).type == "cpu" and any(p.startswith("triton") for p in args.paths):
         print("CPU: the Triton path only runs under the interpreter and is not timed", file=sys.stderr)
     rows = run(args)
     if not args.no_write:

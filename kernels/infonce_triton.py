@@ -3,7 +3,8 @@
 loss = mean_{i valid} [ logsumexp_j(s·q_i·k_j) − s·q_i·k_{t_i} ]      (t_i = −1: row ignored)
 
 Layering (Liger-Kernel style):
-  ``_infonce_fwd_kernel`` / ``_infonce_bwd_dq_kernel`` / ``_infonce_bwd_dk_kernel`` (Triton)
+  ``_infonce_fwd_kernel`` / ``_infonce_bwd_dq_kernel`` / ``_infonce_bwd_dk_kernel`` /
+  ``_infonce_grad_chunk_kernel`` (Triton)
   → block primitives ``infonce_block_lse`` / ``infonce_block_backward`` (launchers that know nothing
     about the mean or the ignored rows; the ring strategy in ``kernels/ring.py`` uses them directly)
   → ``infonce_forward`` / ``infonce_backward`` → ``InfoNCEFunction`` → ``infonce_triton``.
@@ -22,6 +23,12 @@ the row tiles. Each keeps its gradient block in registers and stores it once: no
 read-modify-write of global memory, a fixed summation order (bitwise repeatable). The price is
 recomputing the similarity tiles (once per kernel, and once per BLOCK_OUT slice when d > BLOCK_OUT).
 ds is written per row by the dq kernel and summed by torch.
+
+Backward for wide embeddings ("gemm", the default on CUDA for d > 256): the per-slice recompute grows
+as d²/BLOCK_OUT, so instead ``_infonce_grad_chunk_kernel`` (a GEMM tile with an epilogue) writes
+G = dL/dz for a chunk of key columns into a workspace of m × chunk elements in the input dtype (chunk ∝ d,
+16·d bytes per row: independent of n), and cuBLAS computes dq += G·K_chunk and dk_chunk = Gᵀ·Q with fp32
+outputs; ds = Σ_i q_i·(G·K)_i needs no extra pass. Each similarity tile is computed once.
 
 CPU: kernels run under the Triton interpreter, which Triton only enables when TRITON_INTERPRET=1 is set
 before triton is imported (its own ``tl.max`` / ``tl.sum`` are decorated at import). This module sets it
@@ -53,6 +60,7 @@ __all__ = [
     "infonce_block_backward",
     "infonce_block_lse",
     "infonce_forward",
+    "gemm_chunk_columns",
     "infonce_triton",
     "interpreter_ready",
 ]
@@ -71,10 +79,22 @@ def _gpu_configs(shapes):
 # Forward: (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages). Backward: (BLOCK_M, BLOCK_N, BLOCK_D,
 # BLOCK_OUT, num_warps, num_stages), BLOCK_OUT the gradient columns a program keeps on chip.
 _FWD_CONFIGS = _gpu_configs([(128, 64, 64, 8, 3), (128, 128, 32, 8, 3), (64, 64, 64, 4, 4),
-                             (64, 128, 64, 4, 3)])
+                             (64, 128, 64, 4, 3), (128, 128, 64, 8, 3)])
 _BWD_CONFIGS = _gpu_configs([(64, 64, 64, 64, 4, 3), (128, 64, 64, 128, 8, 3), (64, 64, 64, 256, 8, 3),
                              (128, 128, 64, 128, 8, 2)])
+# Gradient chunks (GEMM-shaped tiles): (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages).
+_GRAD_CONFIGS = _gpu_configs([(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4),
+                              (64, 128, 64, 4, 4)])
 # fmt: on
+
+# Backward method: "fused" keeps the gradient blocks on chip (two kernels, no workspace) but recomputes
+# the similarity tile once per BLOCK_OUT slice of d; "gemm" writes dL/dz in column chunks to a bounded
+# workspace and hands the two gradient products to cuBLAS (no recompute per slice). "auto" picks gemm on
+# CUDA above this d (crossover measured on an H100, BENCHMARKS.md).
+_FUSED_MAX_D = 256
+# The gemm workspace holds at most this many bytes per query row (16·d: half of the 32·m·d bytes the
+# loss may use); its column chunk therefore does not grow with n.
+_CHUNK_BYTES_PER_DIM = 16
 
 
 def _prune_bwd(configs, named_args, **kwargs):
@@ -208,6 +228,29 @@ def _infonce_bwd_dk_kernel(q_ptr, k_ptr, scale_ptr, tgt_ptr, kv_ptr, lse_ptr, w_
         q_out = _load_chunk(q_ptr, rows, row_ok, out, out_ok, stride_qm, stride_qd, UPCAST)  # (BM, BOUT)
         acc = tl.dot((g_t * s).to(q_out.dtype), q_out, acc, input_precision=PRECISION)
     tl.store(dk_ptr + cols[:, None] * d + out[None, :], acc, mask=col_ok[:, None] & out_ok[None, :])
+
+
+@triton.jit
+def _infonce_grad_chunk_kernel(q_ptr, k_ptr, scale_ptr, tgt_ptr, kv_ptr, lse_ptr, w_ptr, g_ptr,
+                               m, n, d, col0, chunk_n, stride_qm, stride_qd, stride_kn, stride_kd, stride_gm,
+                               HAS_KEY_VALID: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Program (i, j) writes G[row tile i, key tile j of the chunk that starts at column col0], where
+    # G_ij = w_i·(p_ij − [j = t_i]) = dL/dz_ij, rounded to the input dtype: a GEMM tile with an epilogue.
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < m
+    local = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = col0 + local
+    col_ok = (local < chunk_n) & (cols < n)
+    s = tl.load(scale_ptr).to(tl.float32)
+    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf"))
+    w = tl.load(w_ptr + rows, mask=row_ok, other=0.0)
+    dots = _dot_tile(q_ptr, k_ptr, rows, cols, row_ok, col_ok, d, stride_qm, stride_qd, stride_kn, stride_kd,
+                     UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)  # (BM, BN)
+    g = _grad_tile(dots, s, lse, w, tgt, cols, _live_columns(kv_ptr, cols, col_ok, HAS_KEY_VALID))
+    tl.store(g_ptr + rows[:, None] * stride_gm + local[None, :], g.to(g_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
 # fmt: on
 
 
@@ -247,6 +290,7 @@ def _launch(kernel, grid, ref, args, meta, configs=(), prune=None):
     """Run ``kernel`` on ``grid(meta)`` programs: the interpreter unless on CUDA, else autotuned."""
     if _interpreting(ref):
         meta = {**meta, **_INTERPRET_META, "UPCAST": True}
+        meta = {key: value for key, value in meta.items() if key in kernel.arg_names}
         _interpreted(kernel)[grid(meta)](*args, **meta)
     else:
         _autotuned(kernel, tuple(configs), prune)[grid](*args, **meta, UPCAST=False)
@@ -313,7 +357,9 @@ def infonce_block_lse(q, k, logit_scale, targets=None, *, key_valid=None):
     return lse, pos
 
 
-def infonce_block_backward(q, k, logit_scale, lse, row_weight, targets=None, *, key_valid=None):
+def infonce_block_backward(
+    q, k, logit_scale, lse, row_weight, targets=None, *, key_valid=None, method="auto", chunk=None
+):
     """Gradients of Σ_i w_i·(lse_i − z_{i,t_i}), z = s·q·kᵀ, given the rows' full LSE.
 
     ``lse`` may come from more keys than ``k`` (a ring step passes the LSE merged over every block):
@@ -324,23 +370,39 @@ def infonce_block_backward(q, k, logit_scale, lse, row_weight, targets=None, *, 
     Args:
         q, k, logit_scale, targets, key_valid: as ``infonce_block_lse``.
         lse: (m,) fp32 row LSE. row_weight: (m,) fp32 w_i (upstream grad / #valid rows, 0 if ignored).
+        method: "fused" (gradients accumulated on chip, no workspace), "gemm" (dL/dz written chunk by
+            chunk to a workspace of at most 16·m·d bytes, products by cuBLAS) or "auto" (gemm on CUDA
+            when d > 256, where the fused kernels recompute each similarity tile per slice of d).
+        chunk: gemm only: key columns per chunk (default: 16·d bytes per row of the workspace).
     Returns:
         dq (m, d) fp32, dk (n, d) fp32, ds (0-dim fp32: dL/ds).
     """
     _check(q, k, logit_scale, targets, key_valid)
+    if method not in ("auto", "fused", "gemm"):
+        raise ValueError(f"method must be 'auto', 'fused' or 'gemm'; got {method!r}")
     m, n, d = q.shape[0], k.shape[0], q.shape[1]
     if m == 0 or n == 0:
         zeros = functools.partial(torch.zeros, dtype=torch.float32, device=q.device)
         return zeros(m, d), zeros(n, d), zeros(())
+    scale, tgt, kv = _args_common(q, k, logit_scale, targets, key_valid)
+    w = row_weight.to(torch.float32)
+    lse = torch.where((w != 0) & (lse != float("-inf")), lse.to(torch.float32), float("inf"))
+    meta = {"HAS_KEY_VALID": key_valid is not None, "PRECISION": _precision(q)}
+    if method == "auto":
+        method = "gemm" if q.is_cuda and d > _FUSED_MAX_D else "fused"
+    if method == "gemm":
+        return _gemm_backward(q, k, scale, tgt, kv, lse, w, meta, chunk)
+    return _fused_backward(q, k, scale, tgt, kv, lse, w, meta)
+
+
+def _fused_backward(q, k, scale, tgt, kv, lse, w, meta):
+    """Two kernels (dq over row tiles, dk over key tiles), each output block accumulated on chip."""
+    m, n, d = q.shape[0], k.shape[0], q.shape[1]
     # Every element of these is written exactly once by the kernels.
     dq = torch.empty(m, d, dtype=torch.float32, device=q.device)
     dk = torch.empty(n, d, dtype=torch.float32, device=q.device)
     ds_rows = torch.empty(m, dtype=torch.float32, device=q.device)
-    scale, tgt, kv = _args_common(q, k, logit_scale, targets, key_valid)
-    w = row_weight.to(torch.float32)
-    lse = torch.where((w != 0) & (lse != float("-inf")), lse.to(torch.float32), float("inf"))
     common = (m, n, d, q.stride(0), q.stride(1), k.stride(0), k.stride(1))
-    meta = {"HAS_KEY_VALID": key_valid is not None, "PRECISION": _precision(q)}
     _launch(
         _infonce_bwd_dq_kernel,
         lambda c: (triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(d, c["BLOCK_OUT"])),
@@ -360,6 +422,52 @@ def infonce_block_backward(q, k, logit_scale, lse, row_weight, targets=None, *, 
         _prune_bwd,
     )
     return dq, dk, ds_rows.sum()
+
+
+def gemm_chunk_columns(m: int, d: int, element_size: int) -> int:
+    """Key columns per chunk of the gemm backward: 16·d bytes of workspace per query row, a multiple of
+    128 columns (at least 128), and fewer than 2^31 workspace elements (32-bit offsets)."""
+    cols = max(128, (_CHUNK_BYTES_PER_DIM * d // element_size) // 128 * 128)
+    return max(128, min(cols, (2**31 - 1) // max(m, 1) // 128 * 128))
+
+
+def _mm_fp32(a, b):
+    """a @ b accumulated and returned in fp32 (cuBLAS bf16/fp16 GEMM with an fp32 output on CUDA)."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):  # torch without mm's out_dtype
+            return (a @ b).float()
+    return a.float() @ b.float()  # CPU (interpreter tests): exact products of the rounded operands
+
+
+def _gemm_backward(q, k, scale, tgt, kv, lse, w, meta, chunk=None):
+    """dL/dz in column chunks G (m, chunk) in the input dtype, then dq = s·Σ G·K_c, dk_c = s·Gᵀ·Q.
+
+    ds = Σ_ij G_ij·(q_i·k_j) = Σ_i q_i·(G·K)_i, so it comes from the unscaled dq: no extra pass.
+    Each chunk's kernel writes every workspace element of that chunk once; all sums have a fixed order.
+    """
+    m, n, d = q.shape[0], k.shape[0], q.shape[1]
+    chunk = min(n, chunk or gemm_chunk_columns(m, d, q.element_size()))
+    if m * chunk >= 2**31:
+        raise ValueError(f"gemm backward: workspace of {m}×{chunk} needs 32-bit offsets; pass a smaller chunk")
+    g = torch.empty(m, chunk, dtype=q.dtype, device=q.device)  # workspace: ≤ 16·m·d bytes by default
+    dq = torch.zeros(m, d, dtype=torch.float32, device=q.device)  # G·K before the factor s
+    dk = torch.empty(n, d, dtype=torch.float32, device=q.device)
+    for col0 in range(0, n, chunk):
+        cols = min(chunk, n - col0)
+        args = (q, k, scale, tgt, kv, lse, w, g, m, n, d, col0, cols, q.stride(0), q.stride(1), k.stride(0),
+                k.stride(1), g.stride(0))
+        grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(cols, c["BLOCK_N"]))  # noqa: E731
+        _launch(_infonce_grad_chunk_kernel, grid, q, args, meta, _GRAD_CONFIGS)
+        g_c = g[:, :cols]  # (m, cols)
+        dq += _mm_fp32(g_c, k[col0 : col0 + cols])  # (m, d)
+        dk[col0 : col0 + cols] = _mm_fp32(g_c.T, q)  # (cols, d)
+    ds = (dq * q).sum()
+    s = scale.reshape(())
+    return dq.mul_(s), dk.mul_(s), ds
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -385,11 +493,15 @@ def infonce_forward(q, k, logit_scale, targets=None, *, key_valid=None):
     return per_row.sum() / valid.sum().clamp_min(1), lse
 
 
-def infonce_backward(grad_output, q, k, logit_scale, lse, targets=None, *, key_valid=None):
-    """Gradients of ``grad_output · infonce_forward(...)[0]``: (dq, dk, d logit_scale) in input dtypes."""
+def infonce_backward(grad_output, q, k, logit_scale, lse, targets=None, *, key_valid=None, method="auto"):
+    """Gradients of ``grad_output · infonce_forward(...)[0]``: (dq, dk, d logit_scale) in input dtypes.
+
+    ``method``: as ``infonce_block_backward``."""
     targets, valid = _valid_rows(q, targets, key_valid)
     row_weight = valid.to(torch.float32) * (grad_output.to(torch.float32) / valid.sum().clamp_min(1))
-    dq, dk, ds = infonce_block_backward(q, k, logit_scale, lse, row_weight, targets, key_valid=key_valid)
+    dq, dk, ds = infonce_block_backward(
+        q, k, logit_scale, lse, row_weight, targets, key_valid=key_valid, method=method
+    )
     return dq.to(q.dtype), dk.to(k.dtype), ds.reshape(logit_scale.shape).to(logit_scale.dtype)
 
 
@@ -397,19 +509,22 @@ class InfoNCEFunction(torch.autograd.Function):
     """Autograd wrapper: forward/backward only call the launchers; saves q, k and the (m,) LSE."""
 
     @staticmethod
-    def forward(ctx, q, k, logit_scale, targets, key_valid):
+    def forward(ctx, q, k, logit_scale, targets, key_valid, method="auto"):
         loss, lse = infonce_forward(q, k, logit_scale, targets, key_valid=key_valid)
         ctx.save_for_backward(q, k, logit_scale, lse, targets, key_valid)
+        ctx.method = method
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
         q, k, logit_scale, lse, targets, key_valid = ctx.saved_tensors
-        dq, dk, ds = infonce_backward(grad_output, q, k, logit_scale, lse, targets, key_valid=key_valid)
-        return dq, dk, ds, None, None
+        dq, dk, ds = infonce_backward(
+            grad_output, q, k, logit_scale, lse, targets, key_valid=key_valid, method=ctx.method
+        )
+        return dq, dk, ds, None, None, None
 
 
-def infonce_triton(q, k, logit_scale, targets=None, *, key_valid=None):
+def infonce_triton(q, k, logit_scale, targets=None, *, key_valid=None, backward="auto"):
     """Fused InfoNCE (Triton): mean_i [logsumexp_j(s·q_i·k_j) − s·q_i·k_{t_i}] over rows with t_i ≥ 0.
 
     Args:
@@ -419,8 +534,10 @@ def infonce_triton(q, k, logit_scale, targets=None, *, key_valid=None):
             (mean over valid rows, 0 when none is valid). Targets ≥ n are not checked (positive = 0).
         key_valid: optional (n,) bool, False columns are excluded from every row's LSE, and a row whose
             positive is such a column is ignored (same semantics as ``infonce_torch``).
+        backward: "auto", "fused" or "gemm": the backward method (``infonce_block_backward``).
     Returns:
-        0-dim fp32 loss. Memory: O((m + n)·d); nothing m×n is allocated, forward or backward.
+        0-dim fp32 loss. Memory: O((m + n)·d); nothing m×n is allocated, forward or backward (the gemm
+        backward's workspace is m × chunk, chunk ∝ d and independent of n).
         The backward uses no atomics: gradients are bitwise repeatable run to run.
     """
-    return InfoNCEFunction.apply(q, k, logit_scale, targets, key_valid)
+    return InfoNCEFunction.apply(q, k, logit_scale, targets, key_valid, backward)

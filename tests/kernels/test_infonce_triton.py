@@ -9,6 +9,8 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from kernels.infonce_triton import (  # noqa: E402
     InfoNCEFunction,
+    gemm_chunk_columns,
+    infonce_block_backward,
     infonce_block_lse,
     infonce_triton,
     interpreter_ready,
@@ -118,13 +120,14 @@ class _AllocationRecorder(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.shapes = []
+        self.shapes, self.nbytes = [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):
                 self.shapes.append(tuple(t.shape))
+                self.nbytes.append(t.numel() * t.element_size())
         return out
 
 
@@ -151,6 +154,55 @@ def test_triton_path_never_allocates_m_by_n():
     with _AllocationRecorder() as ref_rec:
         reference_infonce(*leaves, targets)
     assert any(_numel(shape) >= m * n for shape in ref_rec.shapes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gemm_backward_matches_float64_reference(shape, dtype):
+    q, k, s, targets = _inputs(*shape, dtype, seed=9)
+    _check_against_reference(q, k, s, targets, dtype, backward="gemm")
+
+
+def _block_grads(q, k, s, targets, key_valid, **kwargs):
+    lse, _ = infonce_block_lse(q, k, s, targets, key_valid=key_valid)
+    w = torch.linspace(0.0, 1.0, q.shape[0], device=DEVICE)  # w_0 = 0: a dead row
+    return infonce_block_backward(q, k, s, lse, w, targets, key_valid=key_valid, **kwargs)
+
+
+def test_gemm_backward_in_ragged_chunks_equals_the_fused_backward():
+    """Chunks of 80 columns end inside a key tile; masks and dead rows cross chunk borders."""
+    q, k, s, targets = _inputs(129, 300, 40, torch.float32, seed=10)
+    targets[::4] = -1
+    key_valid = torch.rand(300, generator=torch.Generator().manual_seed(11)).to(DEVICE) > 0.2
+    fused = _block_grads(q, k, s, targets, key_valid, method="fused")
+    chunked = _block_grads(q, k, s, targets, key_valid, method="gemm", chunk=80)
+    for name, got, want in zip(("dq", "dk", "ds"), chunked, fused):
+        assert _rel(got, want) <= 1e-5, (name, _rel(got, want))
+    again = _block_grads(q, k, s, targets, key_valid, method="gemm", chunk=80)
+    assert all(torch.equal(a, b) for a, b in zip(chunked, again)), "gemm backward not repeatable"
+
+
+def test_gemm_backward_workspace_is_bounded_by_the_chunk():
+    m, n, d, chunk = 96, 200, 8, 32
+    q, k, s, targets = _inputs(m, n, d, torch.float32, seed=12)
+    lse, _ = infonce_block_lse(q, k, s, targets)
+    w = torch.full((m,), 1.0 / m, device=DEVICE)
+    infonce_block_backward(q, k, s, lse, w, targets, method="gemm", chunk=chunk)  # autotune outside
+    with _AllocationRecorder() as rec:
+        infonce_block_backward(q, k, s, lse, w, targets, method="gemm", chunk=chunk)
+    assert (m, chunk) in rec.shapes, "the recorder did not see the workspace"
+    assert max(_numel(shape) for shape in rec.shapes) < m * n
+    # (The interpreter's own byte copies of the kernel arguments are recorded too.)
+    assert max(rec.nbytes) <= 4 * max(m * chunk, (m + n) * d)
+
+
+def test_gemm_chunk_columns_follow_d_not_n():
+    assert gemm_chunk_columns(16384, 1024, 2) == 8192  # 16·d bytes per row of bf16
+    assert gemm_chunk_columns(16384, 1024, 4) == 4096
+    assert gemm_chunk_columns(10, 4, 4) == 128  # never below one wide tile
+    assert 2**17 * gemm_chunk_columns(2**17, 4096, 2) < 2**31  # 32-bit workspace offsets
+    with pytest.raises(ValueError, match="method"):
+        _block_grads(*_inputs(4, 6, 8, torch.float32)[:4], None, method="cublas")
 
 
 def test_block_lse_returns_row_lse_and_positive():
@@ -183,10 +235,12 @@ def test_input_validation():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels at many-tile sizes: GPU only")
+@pytest.mark.parametrize("backward", ["fused", "gemm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_many_tiles_on_gpu_match_float64_reference(dtype):
-    """Ragged m, n and d over many tiles of every autotune config (the CPU tests see a few tiles only)."""
+def test_many_tiles_on_gpu_match_float64_reference(dtype, backward):
+    """Ragged m, n and d over many tiles of every autotune config (the CPU tests see a few tiles only);
+    the gemm backward's default chunk at d = 200 (768 / 1536 columns) ends inside a key tile."""
     q, k, s, targets = _inputs(2053, 3001, 200, dtype, seed=7)
     targets[::5] = -1
     key_valid = torch.rand(3001, generator=torch.Generator().manual_seed(8)).to(DEVICE) > 0.1
-    _check_against_reference(q, k, s, targets, dtype, key_valid=key_valid)
+    _check_against_reference(q, k, s, targets, dtype, key_valid=key_valid, backward=backward)
