@@ -297,9 +297,12 @@ def _launch(kernel, grid, ref, args, meta, configs=(), prune=None):
 
 
 def _precision(x: torch.Tensor) -> str:
+    """fp32 dots: tf32 when torch allows it; else ieee in the interpreter and, on CUDA, 3×tf32 (split
+    operands on the tensor cores, about fp32 accuracy; plain ieee dots run on the FMA units, 8.6× eager's
+    time on an H100). Other dtypes ignore it."""
     if x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"  # Triton's default; only affects fp32 operands
+        return "tf32x3" if x.is_cuda else "ieee"
+    return "tf32"  # Triton's default
 
 
 def _check(q, k, logit_scale, targets, key_valid):
