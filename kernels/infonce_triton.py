@@ -9,9 +9,10 @@ Layering (Liger-Kernel style):
     about the mean or the ignored rows; the ring strategy in ``kernels/ring.py`` uses them directly)
   → ``infonce_forward`` / ``infonce_backward`` → ``InfoNCEFunction`` → ``infonce_triton``.
 
-Forward: each program owns BLOCK_M rows, walks over key tiles computing s·Q·Kᵀ on chip (d in BLOCK_D
-chunks, fp32 accumulation) with an online log-sum-exp; it writes the row LSE and the positive logit
-(picked out of the tile that holds column t_i), i.e. 2·m floats. The column LSE the symmetric loss needs
+Forward: each program owns BLOCK_M rows and one split of the key axis, walks over its key tiles computing
+s·Q·Kᵀ on chip (d in BLOCK_D chunks, fp32 accumulation) with an online log-sum-exp; it writes the partial
+row LSE and positive logit (picked out of the tile that holds column t_i) of its split; torch merges the
+(m, splits) partials. Splits (FlashDecoding's split-KV) keep small batches from leaving SMs idle. The column LSE the symmetric loss needs
 is the row LSE of the swapped call ``infonce_block_lse(k, q, ...)``: a column reduction inside the row
 kernel would need either atomics on (max, sum) pairs or an (m / BLOCK_M)×n buffer, which is O(B²).
 
@@ -61,6 +62,7 @@ __all__ = [
     "infonce_block_lse",
     "infonce_forward",
     "gemm_chunk_columns",
+    "forward_splits",
     "infonce_triton",
     "interpreter_ready",
 ]
@@ -137,19 +139,23 @@ def _live_columns(kv_ptr, cols, col_ok, HAS_KEY_VALID: tl.constexpr):
 
 @triton.jit
 def _infonce_fwd_kernel(q_ptr, k_ptr, scale_ptr, tgt_ptr, kv_ptr, lse_ptr, pos_ptr,
-                        m, n, d, stride_qm, stride_qd, stride_kn, stride_kd,
+                        m, n, d, split_n, stride_qm, stride_qd, stride_kn, stride_kd,
                         HAS_KEY_VALID: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Program (i, c) owns row tile i against the key columns [c·split_n, (c + 1)·split_n) and writes the
+    # partial LSE and positive logit of its rows to column c of (m, splits) buffers (merged by torch).
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < m
+    lo = tl.program_id(1) * split_n
+    hi = tl.minimum(lo + split_n, n)
     s = tl.load(scale_ptr).to(tl.float32)
     tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     pos = tl.zeros([BLOCK_M], tl.float32)
-    for start_n in range(0, n, BLOCK_N):
+    for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        col_ok = cols < n
+        col_ok = cols < hi
         z = s * _dot_tile(q_ptr, k_ptr, rows, cols, row_ok, col_ok, d, stride_qm, stride_qd, stride_kn,
                           stride_kd, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)  # (BM, BN)
         pos += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
@@ -158,8 +164,10 @@ def _infonce_fwd_kernel(q_ptr, k_ptr, scale_ptr, tgt_ptr, kv_ptr, lse_ptr, pos_p
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a fully masked tile must not give nan
         l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
         m_i = m_new
-    tl.store(lse_ptr + rows, m_i + tl.log(l_i), mask=row_ok)  # -inf when no column is valid
-    tl.store(pos_ptr + rows, pos, mask=row_ok)
+    out = rows * tl.num_programs(1) + tl.program_id(1)
+    # l_i >= 1 when a column is valid; otherwise m_i = -inf and so is the LSE (no log(0) warning)
+    tl.store(lse_ptr + out, m_i + tl.log(tl.maximum(l_i, 1e-30)), mask=row_ok)
+    tl.store(pos_ptr + out, pos, mask=row_ok)
 
 
 @triton.jit
@@ -337,27 +345,43 @@ def _args_common(q, k, logit_scale, targets, key_valid):
 # Block primitives (no mean, no ignored rows: the caller owns the reduction).
 
 
-def infonce_block_lse(q, k, logit_scale, targets=None, *, key_valid=None):
+def infonce_block_lse(q, k, logit_scale, targets=None, *, key_valid=None, splits=None):
     """Row log-sum-exp of s·q·kᵀ and the positive logit, without materialising the tile matrix.
 
     Args:
         q, k: (m, d), (n, d) fp32/fp16/bf16, same dtype. logit_scale: multiplier s, 1 element.
         targets: (m,) int column of each row's positive, −1 for none (positive logit 0).
         key_valid: optional (n,) bool; False columns are left out of the LSE (not out of the positive).
+        splits: key-axis splits (programs per row tile); default ``forward_splits(m, n, device)``.
     Returns:
         lse (m,) fp32 (−inf for a row without any valid column), pos (m,) fp32 = s·q_i·k_{t_i}.
     """
     _check(q, k, logit_scale, targets, key_valid)
     m, n, d = q.shape[0], k.shape[0], q.shape[1]
-    lse = torch.empty(m, dtype=torch.float32, device=q.device)
-    pos = torch.empty(m, dtype=torch.float32, device=q.device)
     if m == 0:
-        return lse, pos
+        return tuple(torch.empty(0, dtype=torch.float32, device=q.device) for _ in range(2))
+    splits = splits or forward_splits(m, n, q.device)
+    split_n = triton.cdiv(triton.cdiv(max(n, 1), splits), 128) * 128  # whole widest key tiles per split
+    splits = max(1, triton.cdiv(n, split_n))
+    lse = torch.empty(m, splits, dtype=torch.float32, device=q.device)  # partial LSE per split
+    pos = torch.empty(m, splits, dtype=torch.float32, device=q.device)
     scale, tgt, kv = _args_common(q, k, logit_scale, targets, key_valid)
-    args = (q, k, scale, tgt, kv, lse, pos, m, n, d, q.stride(0), q.stride(1), k.stride(0), k.stride(1))
+    args = (q, k, scale, tgt, kv, lse, pos, m, n, d, split_n, q.stride(0), q.stride(1), k.stride(0), k.stride(1))
     meta = {"HAS_KEY_VALID": key_valid is not None, "PRECISION": _precision(q)}
-    _launch(_infonce_fwd_kernel, lambda c: (triton.cdiv(m, c["BLOCK_M"]),), q, args, meta, _FWD_CONFIGS)
-    return lse, pos
+    grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]), splits)  # noqa: E731
+    _launch(_infonce_fwd_kernel, grid, q, args, meta, _FWD_CONFIGS)
+    if splits == 1:
+        return lse[:, 0], pos[:, 0]
+    return torch.logsumexp(lse, dim=1), pos.sum(dim=1)
+
+
+def forward_splits(m: int, n: int, device: torch.device) -> int:
+    """Key-axis splits of the forward so that small batches still fill the GPU: enough programs for
+    about four per SM (four "SMs" in the interpreter), each split at least 256 key columns. The (m, splits)
+    partial buffers stay O(m): splits never exceeds 4·SMs."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    row_tiles = triton.cdiv(m, 64)  # the narrowest BLOCK_M of the configs
+    return max(1, min(triton.cdiv(4 * sms, row_tiles), triton.cdiv(n, 256)))
 
 
 def infonce_block_backward(

@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from kernels.infonce_triton import (  # noqa: E402
     InfoNCEFunction,
+    forward_splits,
     gemm_chunk_columns,
     infonce_block_backward,
     infonce_block_lse,
@@ -211,6 +212,26 @@ def test_block_lse_returns_row_lse_and_positive():
     z = s.double() * q.double() @ k.double().T
     assert _rel(lse, torch.logsumexp(z, dim=1)) <= 1e-6
     assert _rel(pos, z.gather(1, targets[:, None])[:, 0]) <= 1e-5
+
+
+@pytest.mark.parametrize("splits", [1, 3, 40])
+def test_block_lse_over_key_splits(splits):
+    """Split-KV forward: partial LSEs of 128-column splits merged (40 asks for more splits than exist),
+    with masked columns and a row whose every valid key sits in one split."""
+    q, k, s, targets = _inputs(70, 300, 24, torch.float32, seed=13)
+    key_valid = torch.ones(300, dtype=torch.bool, device=DEVICE)
+    key_valid[:128] = False
+    lse, pos = infonce_block_lse(q, k, s, targets, key_valid=key_valid, splits=splits)
+    z = s.double() * q.double() @ k.double().T
+    assert _rel(lse, torch.logsumexp(z.masked_fill(~key_valid[None, :], -torch.inf), dim=1)) <= 1e-6
+    assert _rel(pos, z.gather(1, targets[:, None])[:, 0]) <= 1e-5
+
+
+def test_forward_splits_fill_the_device_and_stay_bounded():
+    cpu = torch.device("cpu")
+    assert forward_splits(64, 10**6, cpu) == 16  # one row tile: 4 programs per "SM" × 4
+    assert forward_splits(2**20, 10**6, cpu) == 1  # enough row tiles already
+    assert forward_splits(64, 300, cpu) == 2  # at least 256 columns per split
 
 
 def test_empty_query_set():
