@@ -25,11 +25,12 @@ read-modify-write of global memory, a fixed summation order (bitwise repeatable)
 recomputing the similarity tiles (once per kernel, and once per BLOCK_OUT slice when d > BLOCK_OUT).
 ds is written per row by the dq kernel and summed by torch.
 
-Backward for wide embeddings ("gemm", the default on CUDA for d > 256): the per-slice recompute grows
-as d²/BLOCK_OUT, so instead ``_infonce_grad_chunk_kernel`` (a GEMM tile with an epilogue) writes
-G = dL/dz for a chunk of key columns into a workspace of m × chunk elements in the input dtype (chunk ∝ d,
-16·d bytes per row: independent of n), and cuBLAS computes dq += G·K_chunk and dk_chunk = Gᵀ·Q with fp32
-outputs; ds = Σ_i q_i·(G·K)_i needs no extra pass. Each similarity tile is computed once.
+Backward "gemm" (the default on CUDA; "fused" above is the interpreter's default and an option with no
+workspace): the fused kernels' per-slice recompute grows as d²/BLOCK_OUT, so instead
+``_infonce_grad_chunk_kernel`` (a GEMM tile with an epilogue) writes G = dL/dz for a chunk of key columns
+into a workspace of m × chunk elements in the input dtype (chunk ∝ d, 16·d bytes per row: independent
+of n), and cuBLAS computes dq += G·K_chunk and dk_chunk = Gᵀ·Q with fp32 outputs; ds = Σ_i q_i·(G·K)_i
+needs no extra pass. Each similarity tile is computed once per backward.
 
 CPU: kernels run under the Triton interpreter, which Triton only enables when TRITON_INTERPRET=1 is set
 before triton is imported (its own ``tl.max`` / ``tl.sum`` are decorated at import). This module sets it
@@ -92,8 +93,8 @@ _GRAD_CONFIGS = _gpu_configs([(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 
 # Backward method: "fused" keeps the gradient blocks on chip (two kernels, no workspace) but recomputes
 # the similarity tile once per BLOCK_OUT slice of d; "gemm" writes dL/dz in column chunks to a bounded
 # workspace and hands the two gradient products to cuBLAS (no recompute per slice). "auto" picks gemm on
-# CUDA above this d (crossover measured on an H100, BENCHMARKS.md).
-_FUSED_MAX_D = 256
+# CUDA: it was faster at every measured d (H100, bf16, b = 16384: 4.5 vs 7.0 ms at d = 256, 5.7 vs 20.4
+# at d = 512, 9.7 vs 62.5 at d = 1024; BENCHMARKS.md), and fused in the interpreter (no workspace).
 # The gemm workspace holds at most this many bytes per query row (16·d: half of the 32·m·d bytes the
 # loss may use); its column chunk therefore does not grow with n.
 _CHUNK_BYTES_PER_DIM = 16
@@ -397,9 +398,9 @@ def infonce_block_backward(
     Args:
         q, k, logit_scale, targets, key_valid: as ``infonce_block_lse``.
         lse: (m,) fp32 row LSE. row_weight: (m,) fp32 w_i (upstream grad / #valid rows, 0 if ignored).
-        method: "fused" (gradients accumulated on chip, no workspace), "gemm" (dL/dz written chunk by
-            chunk to a workspace of at most 16·m·d bytes, products by cuBLAS) or "auto" (gemm on CUDA
-            when d > 256, where the fused kernels recompute each similarity tile per slice of d).
+        method: "fused" (gradients accumulated on chip, no workspace; recomputes each similarity tile per
+            slice of d), "gemm" (dL/dz written chunk by chunk to a workspace of at most 16·m·d bytes,
+            products by cuBLAS) or "auto" (gemm on CUDA, fused in the interpreter).
         chunk: gemm only: key columns per chunk (default: 16·d bytes per row of the workspace).
     Returns:
         dq (m, d) fp32, dk (n, d) fp32, ds (0-dim fp32: dL/ds).
@@ -416,7 +417,7 @@ def infonce_block_backward(
     lse = torch.where((w != 0) & (lse != float("-inf")), lse.to(torch.float32), float("inf"))
     meta = {"HAS_KEY_VALID": key_valid is not None, "PRECISION": _precision(q)}
     if method == "auto":
-        method = "gemm" if q.is_cuda and d > _FUSED_MAX_D else "fused"
+        method = "gemm" if q.is_cuda else "fused"
     if method == "gemm":
         return _gemm_backward(q, k, scale, tgt, kv, lse, w, meta, chunk)
     return _fused_backward(q, k, scale, tgt, kv, lse, w, meta)
