@@ -7,9 +7,10 @@ Paths (each computes 0.5 · (infonce(a, b) + infonce(b, a)) over a batch of b pa
   eager    kernels.infonce_reference.infonce_eager  (materialised logits + F.cross_entropy)
 
 TFLOP/s counts 8·b²·d per fwd+bwd of the symmetric loss (four b×b×d matmuls: logits, logits again in
-the backward, dA, dB), whatever a path really computes. Peak memory is what the step allocates on top
-of its inputs (CUDA: max_memory_allocated; CPU: peak bytes of live tensor storages created during the
-step, tracked by a TorchDispatchMode). Rows are appended to BENCHMARKS.md as one markdown table, with
+the backward, dA, dB); with --world W, one rank's share of the gathered loss (b local queries against
+n = W·b keys in each direction), counted as 8·b·n·d, whatever a path really computes. Peak memory is
+what the step allocates on top of its inputs (CUDA: max_memory_allocated; CPU: peak bytes of live tensor
+storages created during the step, tracked by a TorchDispatchMode). Rows are appended to BENCHMARKS.md as one markdown table, with
 each row's time and memory relative to eager at the same size. Points predicted to overrun
 --max-seconds are listed as skipped; on CPU so are eager points whose b×b buffers would not fit, on
 CUDA eager is always tried and an allocation failure is recorded as OOM. A path that raises anything
@@ -17,6 +18,7 @@ else is recorded as "error (...)" and the run goes on.
 
   python benchmarks/infonce.py                                   # GPU: every path, b 1k..128k
   python benchmarks/infonce.py --sizes 1024,2048 --dims 256 --max-seconds 150   # CPU smoke figures
+  python benchmarks/infonce.py --world 8 --sizes 512,2048 --dims 512     # one rank of 8, gathered keys
 """
 
 from __future__ import annotations
@@ -56,7 +58,10 @@ def device_name(device: torch.device) -> str:
     return f"{model} ({torch.get_num_threads()} threads)"
 
 
-def _loss_fn(path: str):
+def _loss_fn(path: str, local_rows: int | None = None):
+    """Symmetric loss of ``path`` on (a, b, s); with ``local_rows``, one rank's share of the gathered
+    loss: its first ``local_rows`` rows of a and b as queries against every row of the other (the keys
+    a rank holds after the all-gather), positives on the diagonal."""
     if path.startswith("triton"):
         from kernels.infonce_triton import infonce_triton
 
@@ -65,7 +70,14 @@ def _loss_fn(path: str):
         from kernels.infonce_reference import infonce_eager, infonce_torch
 
         fn = infonce_torch if path == "chunked" else infonce_eager
-    return lambda a, b, s: 0.5 * (fn(a, b, s) + fn(b, a, s))
+    if local_rows is None:
+        return lambda a, b, s: 0.5 * (fn(a, b, s) + fn(b, a, s))
+
+    def rank_share(a, b, s):
+        t = torch.arange(local_rows, device=a.device)
+        return 0.5 * (fn(a[:local_rows], b, s, t) + fn(b[:local_rows], a, s, t))
+
+    return rank_share
 
 
 class _LiveTensorBytes(TorchDispatchMode):
@@ -144,9 +156,10 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def measure(path, b, d, dtype, device, repeats):
-    """(median seconds per fwd+bwd, peak extra bytes) of one path at one size."""
-    fn, leaves = _loss_fn(path), _inputs(b, d, dtype, device)
+def measure(path, b, d, dtype, device, repeats, world=1):
+    """(median seconds per fwd+bwd, peak extra bytes) of one path at one size (b rows per rank)."""
+    fn = _loss_fn(path, b if world > 1 else None)
+    leaves = _inputs(world * b, d, dtype, device)
     _step(fn, leaves)  # warm-up (autotune / allocator)
     times = []
     for _ in range(repeats):
@@ -160,11 +173,11 @@ def measure(path, b, d, dtype, device, repeats):
     return statistics.median(times), mem.peak
 
 
-def _eager_fits(b, device):
+def _eager_fits(b, device, world=1):
     """CPU: eager holds ~3 b×b fp32 tensors per direction (logits, its fp32 copy, softmax grad); an
     overrun would swap or kill the process, so such points are skipped. CUDA: always tried, since an
     allocation failure is cheap and is recorded as OOM (measured, not predicted)."""
-    need = 6 * b * b * 4
+    need = 6 * b * world * b * 4
     if device.type == "cuda":
         return True
     avail_kib = next(
@@ -191,11 +204,11 @@ def run(args):
                     guess = prev[1] * (b / prev[0]) ** 2 * (args.repeats + 2) if prev else 0.0
                     if time.monotonic() + guess > deadline:
                         status = "skipped (time budget)"
-                    elif path == "eager" and not _eager_fits(b, device):
+                    elif path == "eager" and not _eager_fits(b, device, args.world):
                         status = "skipped (memory)"
                     else:
                         try:
-                            secs, peak = measure(path, b, d, DTYPES[dtype_name], device, args.repeats)
+                            secs, peak = measure(path, b, d, DTYPES[dtype_name], device, args.repeats, args.world)
                             last[(path, dtype_name, d)] = (b, secs)
                         except torch.OutOfMemoryError:
                             status = "OOM"
@@ -207,16 +220,16 @@ def run(args):
                                 torch.cuda.empty_cache()
                     if path == "eager" and secs is not None:
                         eager = (secs, peak)
-                    rows.append((path, dtype_name, b, d, status, secs, peak, eager))
+                    rows.append((path, dtype_name, b, d, status, secs, peak, eager, args.world))
                     print(_format_row(rows[-1]), flush=True)
     return rows
 
 
 def _format_row(row):
-    path, dtype_name, b, d, status, secs, peak, eager = row
+    path, dtype_name, b, d, status, secs, peak, eager, world = row
     if secs is None:
         return f"| {path} | {dtype_name} | {b} | {d} | {status} | | | | |"
-    tflops = 8 * b * b * d / secs / 1e12
+    tflops = 8 * b * world * b * d / secs / 1e12
     t_ratio = f"{secs / eager[0]:.2f}×" if eager else "n/a"
     m_ratio = f"{peak / eager[1]:.3f}×" if eager and peak is not None and eager[1] else "n/a"
     mib = f"{peak / 2**20:.1f}" if peak is not None else "n/a"
@@ -232,7 +245,9 @@ def append_markdown(rows, args, out: Path):
         "",
         f"Device: **{device_name(device)}**; torch {torch.__version__}; "
         f"command: `python benchmarks/infonce.py {' '.join(sys.argv[1:])}`. "
-        "TFLOP/s counts 8·b²·d; peak MiB is allocated on top of the inputs"
+        + (f"One rank's share of the gathered loss: b local rows against n = {args.world}·b keys per direction; "
+           if args.world > 1 else "")
+        + "TFLOP/s counts 8·b·n·d (n = keys per direction); peak MiB is allocated on top of the inputs"
         + (" (CPU: peak of live tensor storages)" if device.type == "cpu" else "")
         + "; ratios are time and peak memory relative to eager at the same size."
         + (" Triton is not timed on CPU (interpreter)." if device.type == "cpu" else ""),
@@ -255,6 +270,12 @@ def main(argv=None):
     parser.add_argument("--paths", type=lambda s: s.split(","), default=list(PATHS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per point (median reported)")
+    parser.add_argument(
+        "--world",
+        type=int,
+        default=1,
+        help="time one rank's share of the loss gathered over this many ranks (b local rows, world·b keys)",
+    )
     parser.add_argument(
         "--max-seconds",
         type=float,
