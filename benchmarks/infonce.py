@@ -10,10 +10,10 @@ TFLOP/s counts 8·b²·d per fwd+bwd of the symmetric loss (four b×b×d matmuls
 the backward, dA, dB); with --world W, one rank's share of the gathered loss (b local queries against
 n = W·b keys in each direction), counted as 8·b·n·d, whatever a path really computes. Peak memory is
 what the step allocates on top of its inputs (CUDA: max_memory_allocated; CPU: peak bytes of live tensor
-storages created during the step, tracked by a TorchDispatchMode). Rows are appended to BENCHMARKS.md as one markdown table, with
-each row's time and memory relative to eager at the same size. Points predicted to overrun
---max-seconds are listed as skipped; on CPU so are eager points whose b×b buffers would not fit, on
-CUDA eager is always tried and an allocation failure is recorded as OOM. A path that raises anything
+storages created during the step, tracked by a TorchDispatchMode). Rows are appended to BENCHMARKS.md as
+one markdown table, with each row's time and memory relative to eager at the same size. Points predicted
+to overrun --max-seconds are listed as skipped; on CPU so are eager points whose b×b buffers would not
+fit, on CUDA eager is always tried and an allocation failure is recorded as OOM. A path that raises anything
 else is recorded as "error (...)" and the run goes on.
 
   python benchmarks/infonce.py                                   # GPU: every path, b 1k..128k
@@ -245,8 +245,11 @@ def append_markdown(rows, args, out: Path):
         "",
         f"Device: **{device_name(device)}**; torch {torch.__version__}; "
         f"command: `python benchmarks/infonce.py {' '.join(sys.argv[1:])}`. "
-        + (f"One rank's share of the gathered loss: b local rows against n = {args.world}·b keys per direction; "
-           if args.world > 1 else "")
+        + (
+            f"One rank's share of the gathered loss: b local rows against n = {args.world}·b keys per direction; "
+            if args.world > 1
+            else ""
+        )
         + "TFLOP/s counts 8·b·n·d (n = keys per direction); peak MiB is allocated on top of the inputs"
         + (" (CPU: peak of live tensor storages)" if device.type == "cpu" else "")
         + "; ratios are time and peak memory relative to eager at the same size."

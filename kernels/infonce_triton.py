@@ -12,9 +12,10 @@ Layering (Liger-Kernel style):
 Forward: each program owns BLOCK_M rows and one split of the key axis, walks over its key tiles computing
 s·Q·Kᵀ on chip (d in BLOCK_D chunks, fp32 accumulation) with an online log-sum-exp; it writes the partial
 row LSE and positive logit (picked out of the tile that holds column t_i) of its split; torch merges the
-(m, splits) partials. Splits (FlashDecoding's split-KV) keep small batches from leaving SMs idle. The column LSE the symmetric loss needs
-is the row LSE of the swapped call ``infonce_block_lse(k, q, ...)``: a column reduction inside the row
-kernel would need either atomics on (max, sum) pairs or an (m / BLOCK_M)×n buffer, which is O(B²).
+(m, splits) partials. Splits (FlashDecoding's split-KV) keep small batches from leaving SMs idle. The
+column LSE the symmetric loss needs is the row LSE of the swapped call ``infonce_block_lse(k, q, ...)``:
+a column reduction inside the row kernel would need either atomics on (max, sum) pairs or an
+(m / BLOCK_M)×n buffer, which is O(B²).
 
 Backward, with G_ij = w_i·(p_ij − [j = t_i]), p_ij = exp(s·q_i·k_j − lse_i), w_i = g·valid_i / #valid:
 dq = s·G·K, dk = s·Gᵀ·Q, ds = Σ_ij G_ij·(q_i·k_j). Tiles are recomputed from the saved LSE, in two
@@ -58,12 +59,12 @@ import triton.language as tl  # noqa: E402
 
 __all__ = [
     "InfoNCEFunction",
+    "forward_splits",
+    "gemm_chunk_columns",
     "infonce_backward",
     "infonce_block_backward",
     "infonce_block_lse",
     "infonce_forward",
-    "gemm_chunk_columns",
-    "forward_splits",
     "infonce_triton",
     "interpreter_ready",
 ]
@@ -484,11 +485,11 @@ def _gemm_backward(q, k, scale, tgt, kv, lse, w, meta, chunk=None):
     g = torch.empty(m, chunk, dtype=q.dtype, device=q.device)  # workspace: ≤ 16·m·d bytes by default
     dq = torch.zeros(m, d, dtype=torch.float32, device=q.device)  # G·K before the factor s
     dk = torch.empty(n, d, dtype=torch.float32, device=q.device)
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), g.stride(0))
     for col0 in range(0, n, chunk):
         cols = min(chunk, n - col0)
-        args = (q, k, scale, tgt, kv, lse, w, g, m, n, d, col0, cols, q.stride(0), q.stride(1), k.stride(0),
-                k.stride(1), g.stride(0))
-        grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(cols, c["BLOCK_N"]))  # noqa: E731
+        args = (q, k, scale, tgt, kv, lse, w, g, m, n, d, col0, cols, *strides)
+        grid = lambda c, cols=cols: (triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(cols, c["BLOCK_N"]))  # noqa: E731
         _launch(_infonce_grad_chunk_kernel, grid, q, args, meta, _GRAD_CONFIGS)
         g_c = g[:, :cols]  # (m, cols)
         dq += _mm_fp32(g_c, k[col0 : col0 + cols])  # (m, d)
@@ -527,9 +528,7 @@ def infonce_backward(grad_output, q, k, logit_scale, lse, targets=None, *, key_v
     ``method``: as ``infonce_block_backward``."""
     targets, valid = _valid_rows(q, targets, key_valid)
     row_weight = valid.to(torch.float32) * (grad_output.to(torch.float32) / valid.sum().clamp_min(1))
-    dq, dk, ds = infonce_block_backward(
-        q, k, logit_scale, lse, row_weight, targets, key_valid=key_valid, method=method
-    )
+    dq, dk, ds = infonce_block_backward(q, k, logit_scale, lse, row_weight, targets, key_valid=key_valid, method=method)
     return dq.to(q.dtype), dk.to(k.dtype), ds.reshape(logit_scale.shape).to(logit_scale.dtype)
 
 

@@ -149,7 +149,8 @@ class Trainer:
         old_world = int(client.get("world_size", self.world_size))
         if old_world == self.world_size:
             return Cursor.from_dict(rank_state["cursor"])
-        plan = plan_for(self.cfg, load_manifest(Path(self.cfg.data.train_shards)), self.world_size, self.rank)
+        manifest = load_manifest(self.cfg.data.train_shards)  # a path or a URL (Path() would fold s3:// to s3:/)
+        plan = plan_for(self.cfg, manifest, self.world_size, self.rank)
         return plan.resume_cursor([Cursor.from_dict(c) for c in rank_state["cursors"]], old_world)
 
     def _open_stream(self) -> None:

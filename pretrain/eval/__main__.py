@@ -51,7 +51,7 @@ def parse_tasks(text: str | list[str] | tuple[str, ...]) -> set[str]:
 
 
 def evaluate_export(
-    export_dir: Path,
+    export_dir: Path | str,
     shards: str | None = None,
     max_samples: int | None = None,
     *,
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run-dir", help="a training run directory (uses RUN/export)")
-    src.add_argument("--model", help="an export directory (model.safetensors + config.yaml)")
+    src.add_argument("--model", help="an export directory or URL (model.safetensors + config.yaml)")
     p.add_argument("--shards", help="held-out shard directory (default: the recipe's data.eval_shards)")
     p.add_argument("--train-shards", help="probe training shards (default: the recipe's data.train_shards)")
     p.add_argument("--tasks", default="all", help=f"comma-separated subset of {','.join(ALL_TASKS)}, or all")
@@ -213,7 +213,7 @@ def main(argv=None) -> int:
                 raise FileNotFoundError(f"no export in {args.run_dir}: train first (or the run did not finish)")
             result = evaluate_run(Path(args.run_dir), args.shards, **kwargs)
         else:
-            result = evaluate_export(Path(args.model), args.shards, **kwargs)
+            result = evaluate_export(args.model, args.shards, **kwargs)  # a path or a URL
     except (FileNotFoundError, ValueError) as e:
         print(f"align-pro eval: error: {e}", file=sys.stderr)
         return 2

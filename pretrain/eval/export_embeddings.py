@@ -47,7 +47,7 @@ def export_embeddings(
     Returns the ``meta.json`` content.
     """
     modalities = tuple(modalities)
-    model, cfg = load_exported(Path(export_dir), device=resolve_device(device))
+    model, cfg = load_exported(export_dir, device=resolve_device(device))  # a path or a URL
     bs = batch_size or cfg.eval.batch_size
     n = count_samples(shard_dir, max_samples)
     if n == 0:
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="export directory (model.safetensors + config.yaml)")
+    p.add_argument("--model", required=True, help="export directory or URL (model.safetensors + config.yaml)")
     p.add_argument("--shards", required=True, help="shard directory with manifest.json")
     p.add_argument("--modality", default="all", choices=(*MODALITIES, "all"))
     p.add_argument("--out", required=True, help="output directory")

@@ -68,6 +68,24 @@ def test_s3_shards_train_and_a_checkpoint_round_trips_through_s3(tmp_path, small
     model, cfg = load_exported(s3.url("runs", "r1", "export"))
     assert cfg.train.remote_dir == s3.url("runs", "r1")
     assert sum(p.numel() for p in model.parameters()) > 0
+    # The command-line tools take the export URL as well (a Path() would fold s3:// into s3:/).
+    from pretrain.eval.__main__ import main as eval_main
+    from pretrain.eval.export_embeddings import main as embed_main
+
+    held_out = str(small_demo / "heldout")
+    common = ["--model", s3.url("runs", "r1", "export"), "--shards", held_out, "--max-samples", "8", "--no-progress"]
+    assert eval_main([*common, "--tasks", "retrieval", "--out", str(tmp_path / "eval.json")]) == 0
+    assert embed_main([*common, "--modality", "text", "--out", str(tmp_path / "emb")]) == 0
+    assert (tmp_path / "emb" / "text.npy").is_file()
+
+    # Machine C has one rank and nothing local: the 2-rank checkpoint is fetched from S3 and resumed
+    # through a universal conversion (elastic resume from object storage), then trains one more step.
+    longer = [o for o in on_s3 if not o.startswith("train.max_steps=")] + ["train.max_steps=5"]
+    shrunk = run_launcher(tmp_path / "machine_c", small_demo, longer, ranks=1)
+    assert shrunk.returncode == 0, shrunk.stderr[-3000:]
+    assert "resumed from step 4 (stage 2, epoch 0, 2 -> 1 ranks)" in shrunk.stdout
+    assert (tmp_path / "machine_c" / "checkpoints" / "step00000004_universal" / "UNIVERSAL_COMPLETE").is_file()
+    assert sorted(_losses(tmp_path / "machine_c")) == [1, 2, 3, 4, 5]
 
 
 def test_wrong_credentials_stop_the_launch_with_one_clear_error(tmp_path, small_demo, s3):  # noqa: F811
