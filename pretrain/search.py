@@ -174,7 +174,9 @@ def _results(index: SearchIndex, scores, rows, texts) -> list[dict]:
     return out
 
 
-def search_text(query: str, index_dir: Path, export_dir: Path, target: str, k: int, backend: str = "auto") -> dict:
+def search_text(
+    query: str, index_dir: Path, export_dir: Path | str, target: str, k: int, backend: str = "auto"
+) -> dict:
     """Embed ``query`` with the export's text encoder; top-k proteins by ``target`` embedding."""
     from pretrain.eval.embed import embed_texts, resolve_device
     from pretrain.export import load_exported
@@ -236,7 +238,7 @@ def main(argv=None) -> int:
             if not args.model:
                 raise ValueError("a text query needs --model (the export whose text encoder embeds it)")
             target = args.target or ("structure" if (index_dir / "structure.npy").is_file() else "sequence")
-            result = search_text(args.query, index_dir, Path(args.model), target, args.k, args.backend)
+            result = search_text(args.query, index_dir, args.model, target, args.k, args.backend)  # path or URL
         else:
             result = search_protein(
                 args.protein_id, index_dir, args.source, Path(args.text_index or index_dir), args.k, args.backend

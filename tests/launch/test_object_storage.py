@@ -75,8 +75,11 @@ def test_s3_shards_train_and_a_checkpoint_round_trips_through_s3(tmp_path, small
     held_out = str(small_demo / "heldout")
     common = ["--model", s3.url("runs", "r1", "export"), "--shards", held_out, "--max-samples", "8", "--no-progress"]
     assert eval_main([*common, "--tasks", "retrieval", "--out", str(tmp_path / "eval.json")]) == 0
-    assert embed_main([*common, "--modality", "text", "--out", str(tmp_path / "emb")]) == 0
-    assert (tmp_path / "emb" / "text.npy").is_file()
+    assert embed_main([*common, "--modality", "sequence", "--out", str(tmp_path / "emb")]) == 0
+    from pretrain.search import main as search_main
+
+    index = ["--index", str(tmp_path / "emb"), "--target", "sequence", "-k", "3"]
+    assert search_main(["binds ATP", *index, "--model", s3.url("runs", "r1", "export")]) == 0
 
     # Machine C has one rank and nothing local: the 2-rank checkpoint is fetched from S3 and resumed
     # through a universal conversion (elastic resume from object storage), then trains one more step.
