@@ -225,11 +225,16 @@ def run(args):
     return rows
 
 
+def counted_flops(b: int, d: int, world: int = 1) -> int:
+    """FLOPs credited to one fwd+bwd: 8·b·n·d, n = world·b keys per direction (8·b²·d when world = 1)."""
+    return 8 * b * (world * b) * d
+
+
 def _format_row(row):
     path, dtype_name, b, d, status, secs, peak, eager, world = row
     if secs is None:
         return f"| {path} | {dtype_name} | {b} | {d} | {status} | | | | |"
-    tflops = 8 * b * world * b * d / secs / 1e12
+    tflops = counted_flops(b, d, world) / secs / 1e12
     t_ratio = f"{secs / eager[0]:.2f}×" if eager else "n/a"
     m_ratio = f"{peak / eager[1]:.3f}×" if eager and peak is not None and eager[1] else "n/a"
     mib = f"{peak / 2**20:.1f}" if peak is not None else "n/a"
