@@ -302,21 +302,25 @@ def download_dir(location: str | Path, local: str | Path) -> list[str]:
     return names
 
 
+def _remove_remote(url: str, remove) -> None:
+    """``remove(fs, path)`` on the URL's filesystem, retried; an already missing object is fine."""
+    fs, path = _filesystem(url)
+
+    def rm() -> None:
+        try:
+            remove(fs, path)
+        except FileNotFoundError:
+            pass
+
+    _retry(url, "delete", rm)
+
+
 def remove_file(location: str | Path) -> None:
     """Delete one file or object (missing: nothing to do)."""
     if not is_url(location):
         Path(_local(location)).unlink(missing_ok=True)
         return
-    url = str(location)
-    fs, path = _filesystem(url)
-
-    def rm() -> None:
-        try:
-            fs.rm_file(path)
-        except FileNotFoundError:
-            pass
-
-    _retry(url, "delete", rm)
+    _remove_remote(str(location), lambda fs, path: fs.rm_file(path))
 
 
 def remove_tree(location: str | Path) -> None:
@@ -326,13 +330,4 @@ def remove_tree(location: str | Path) -> None:
 
         shutil.rmtree(_local(location), ignore_errors=True)
         return
-    url = str(location)
-    fs, path = _filesystem(url)
-
-    def rm() -> None:
-        try:
-            fs.rm(path, recursive=True)
-        except FileNotFoundError:
-            pass
-
-    _retry(url, "delete", rm)
+    _remove_remote(str(location), lambda fs, path: fs.rm(path, recursive=True))

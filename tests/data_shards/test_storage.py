@@ -131,3 +131,20 @@ def test_validate_reads_a_shard_set_on_s3(s3, capsys):  # noqa: F811
     assert data_shards_main(["validate", url]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] is True
+
+
+def test_remove_file_and_tree_on_s3_and_locally_tolerate_missing(s3, tmp_path):  # noqa: F811
+    for name in ("run/export/config.yaml", "run/export/model.safetensors", "run/ckpt/a.pt", "run/ckpt/b/c.pt"):
+        storage.write_bytes(s3.url(*name.split("/")), b"x")
+    storage.remove_file(s3.url("run", "export", "config.yaml"))
+    storage.remove_tree(s3.url("run", "ckpt"))
+    assert s3.keys("run/") == ["run/export/model.safetensors"]
+    storage.remove_file(s3.url("run", "export", "config.yaml"))  # already gone: nothing to do
+    storage.remove_tree(s3.url("run", "ckpt"))
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f").write_bytes(b"x")
+    storage.remove_file(tmp_path / "d" / "f")
+    storage.remove_file(tmp_path / "d" / "f")
+    storage.remove_tree(tmp_path / "d")
+    storage.remove_tree(tmp_path / "d")
+    assert not (tmp_path / "d").exists()
