@@ -381,9 +381,15 @@ def forward_splits(m: int, n: int, device: torch.device) -> int:
     """Key-axis splits of the forward so that small batches still fill the GPU: enough programs for
     about four per SM (four "SMs" in the interpreter), each split at least 256 key columns. The (m, splits)
     partial buffers stay O(m): splits never exceeds 4·SMs."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    sms = _sm_count(device) if device.type == "cuda" else 4
     row_tiles = triton.cdiv(m, 64)  # the narrowest BLOCK_M of the configs
     return max(1, min(triton.cdiv(4 * sms, row_tiles), triton.cdiv(n, 256)))
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (asked once: the forward runs on a hot path)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def infonce_block_backward(
