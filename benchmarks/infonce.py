@@ -2,7 +2,7 @@
 
 Paths (each computes 0.5 · (infonce(a, b) + infonce(b, a)) over a batch of b pairs of dimension d):
   triton   kernels.infonce_triton.infonce_triton    (GPU only: the CPU interpreter is not a speed)
-  triton-fused / triton-gemm   the same with its backward method forced (the "auto" choice is by d)
+  triton-fused / triton-gemm   the same with its backward method forced ("auto" is gemm on CUDA)
   chunked  kernels.infonce_reference.infonce_torch  (bounded memory, chunked torch)
   eager    kernels.infonce_reference.infonce_eager  (materialised logits + F.cross_entropy)
 
@@ -12,7 +12,7 @@ n = W·b keys in each direction), counted as 8·b·n·d, whatever a path really 
 what the step allocates on top of its inputs (CUDA: max_memory_allocated; CPU: peak bytes of live tensor
 storages created during the step, tracked by a TorchDispatchMode). Rows are appended to BENCHMARKS.md as
 one markdown table, with each row's time and memory relative to eager at the same size. Points predicted
-to overrun --max-seconds are listed as skipped; on CPU so are eager points whose b×b buffers would not
+to overrun --max-seconds are listed as skipped; on CPU so are eager points whose b×n buffers would not
 fit, on CUDA eager is always tried and an allocation failure is recorded as OOM. A path that raises anything
 else is recorded as "error (...)" and the run goes on.
 
@@ -174,7 +174,7 @@ def measure(path, b, d, dtype, device, repeats, world=1):
 
 
 def _eager_fits(b, device, world=1):
-    """CPU: eager holds ~3 b×b fp32 tensors per direction (logits, its fp32 copy, softmax grad); an
+    """CPU: eager holds ~3 b×n fp32 tensors per direction (logits, its fp32 copy, softmax grad); an
     overrun would swap or kill the process, so such points are skipped. CUDA: always tried, since an
     allocation failure is cheap and is recorded as OOM (measured, not predicted)."""
     need = 6 * b * world * b * 4

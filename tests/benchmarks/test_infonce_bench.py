@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 
 import pytest
 import torch
 
-from tests.conftest import REPO
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("infonce_benchmark", REPO / "benchmarks" / "infonce.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+from benchmarks import infonce as bench
 
 
 def test_rank_share_is_the_gathered_loss_of_the_local_rows():
