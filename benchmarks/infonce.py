@@ -1,8 +1,11 @@
 """Time and peak memory of the symmetric InfoNCE forward + backward: Triton kernel vs torch paths.
 
 Paths (each computes 0.5 · (infonce(a, b) + infonce(b, a)) over a batch of b pairs of dimension d):
-  triton   kernels.infonce_triton.infonce_triton    (GPU only: the CPU interpreter is not a speed)
+  triton   kernels.infonce_triton.symmetric_infonce_triton (GPU only: the interpreter is not a speed):
+           both directions in one forward launch and, with the gemm backward, one shared backward
   triton-fused / triton-gemm   the same with its backward method forced ("auto" is gemm on CUDA)
+  triton-unpaired   two kernels.infonce_triton.infonce_triton calls, one per direction (auto backward):
+           what the gathered loss runs per rank, and this path before the paired kernels existed
   chunked  kernels.infonce_reference.infonce_torch  (bounded memory, chunked torch)
   eager    kernels.infonce_reference.infonce_eager  (materialised logits + F.cross_entropy)
 
@@ -41,7 +44,7 @@ sys.path.insert(0, str(REPO))
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PATHS = ("triton", "chunked", "eager")
-EXTRA_PATHS = ("triton-fused", "triton-gemm")
+EXTRA_PATHS = ("triton-fused", "triton-gemm", "triton-unpaired")
 
 
 def device_name(device: torch.device) -> str:
@@ -63,9 +66,12 @@ def _loss_fn(path: str, local_rows: int | None = None):
     loss: its first ``local_rows`` rows of a and b as queries against every row of the other (the keys
     a rank holds after the all-gather), positives on the diagonal."""
     if path.startswith("triton"):
-        from kernels.infonce_triton import infonce_triton
+        from kernels.infonce_triton import infonce_triton, symmetric_infonce_triton
 
-        fn = functools.partial(infonce_triton, backward=path.partition("-")[2] or "auto")
+        method = path.partition("-")[2] or "auto"
+        if local_rows is None and method != "unpaired":
+            return functools.partial(symmetric_infonce_triton, backward=method)
+        fn = functools.partial(infonce_triton, backward="auto" if method == "unpaired" else method)
     else:
         from kernels.infonce_reference import infonce_eager, infonce_torch
 

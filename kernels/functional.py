@@ -4,7 +4,9 @@
 
 - ``"torch"``: :func:`kernels.infonce_reference.infonce_torch` (chunked, bounded memory, any device).
 - ``"triton"``: :func:`kernels.infonce_triton.infonce_triton` (never allocates ``m × n``), imported
-  lazily so this package imports without Triton.
+  lazily so this package imports without Triton; ``symmetric_infonce`` uses
+  :func:`kernels.infonce_triton.symmetric_infonce_triton`, which shares launches and similarity tiles
+  between the two directions.
 - ``"auto"``: Triton when ``q`` is on CUDA and the kernel imports, else torch.
 
 Both backends implement ignored rows (``targets == -1``) and ``key_valid`` natively, with the same
@@ -24,11 +26,12 @@ __all__ = ["infonce", "symmetric_infonce"]
 _BACKENDS = ("auto", "torch", "triton")
 
 
-def _load_triton():
-    """Returns ``infonce_triton`` (raises ImportError when unavailable)."""
-    from kernels.infonce_triton import infonce_triton
+def _load_triton(paired: bool = False):
+    """Returns ``infonce_triton``, or ``symmetric_infonce_triton`` when ``paired`` (raises ImportError
+    when Triton is unavailable)."""
+    from kernels.infonce_triton import infonce_triton, symmetric_infonce_triton
 
-    return infonce_triton
+    return symmetric_infonce_triton if paired else infonce_triton
 
 
 @functools.cache
@@ -112,6 +115,10 @@ def symmetric_infonce(
     """
     if a.shape != b.shape:
         raise ValueError(f"paired embeddings must have equal shapes; got {tuple(a.shape)} and {tuple(b.shape)}")
+    if _resolve_backend(backend, a) == "triton":  # both directions in shared launches
+        if not isinstance(logit_scale, torch.Tensor):
+            logit_scale = torch.tensor(float(logit_scale), dtype=torch.float32, device=a.device)
+        return _load_triton(paired=True)(a, b, logit_scale, valid=valid)
     if valid is None:
         return 0.5 * (infonce(a, b, logit_scale, backend=backend) + infonce(b, a, logit_scale, backend=backend))
     targets = torch.where(valid, torch.arange(a.shape[0], device=a.device), -1)

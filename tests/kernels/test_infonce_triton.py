@@ -15,6 +15,9 @@ from kernels.infonce_triton import (  # noqa: E402
     infonce_block_lse,
     infonce_triton,
     interpreter_ready,
+    paired_block_backward,
+    paired_block_lse,
+    symmetric_infonce_triton,
 )
 
 # On CPU every test here runs the kernels under the Triton interpreter; tests/kernels/conftest.py sets
@@ -68,10 +71,14 @@ def _rel(x, ref):
 def _check_against_reference(q, k, s, targets, dtype, key_valid=None, **kwargs):
     loss, grads = _run(infonce_triton, q, k, s, targets, key_valid=key_valid, **kwargs)
     ref_loss, ref_grads = _run(reference_infonce, q, k, s, targets, key_valid)
+    _assert_close(loss, grads, ref_loss, ref_grads, (q, k, s), dtype)
+
+
+def _assert_close(loss, grads, ref_loss, ref_grads, inputs, dtype):
     loss_tol, grad_tol = TOL[dtype]
     assert loss.dtype == torch.float32 and loss.shape == ()
     assert _rel(loss, ref_loss) <= loss_tol, (loss, ref_loss)
-    for name, got, want, inp in zip(("dq", "dk", "ds"), grads, ref_grads, (q, k, s)):
+    for name, got, want, inp in zip(("dq", "dk", "ds"), grads, ref_grads, inputs):
         assert got.dtype == inp.dtype and got.shape == inp.shape, name
         assert _rel(got, want) <= grad_tol, (name, _rel(got, want))
 
@@ -137,7 +144,9 @@ def _numel(shape):
 
 
 def test_triton_path_never_allocates_m_by_n():
-    m, n, d = 96, 80, 8  # m·n = 7680 elements, far more than any (m + n)·d buffer
+    # m·n = 28800 elements, far more than any (m + n)·d buffer; n is wider than the gemm backward's
+    # narrowest chunk (128 columns, the CUDA default), so its workspace is m × chunk, not m × n.
+    m, n, d = 96, 300, 8
     q, k, s, targets = _inputs(m, n, d, torch.float32, seed=4)
     # On CUDA the first launch at a shape autotunes, and do_bench allocates its own L2-flush buffer;
     # run once outside the recorder so the recorded step sees only the kernel path's tensors.
@@ -225,6 +234,10 @@ def test_block_lse_over_key_splits(splits):
     z = s.double() * q.double() @ k.double().T
     assert _rel(lse, torch.logsumexp(z.masked_fill(~key_valid[None, :], -torch.inf), dim=1)) <= 1e-6
     assert _rel(pos, z.gather(1, targets[:, None])[:, 0]) <= 1e-5
+    # No valid column at all: every split's partial is −inf, and so is the merged LSE (no nan).
+    lse, pos = infonce_block_lse(q, k, s, targets, key_valid=torch.zeros_like(key_valid), splits=splits)
+    assert torch.equal(lse, torch.full_like(lse, -torch.inf))
+    assert _rel(pos, z.gather(1, targets[:, None])[:, 0]) <= 1e-5
 
 
 def test_forward_splits_fill_the_device_and_stay_bounded():
@@ -255,6 +268,96 @@ def test_input_validation():
         infonce_block_lse(huge, huge, s)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Paired (symmetric) loss: both directions in shared launches.
+
+PAIRED_SHAPES = [(1, 5), (37, 24), (129, 64)]  # (m, d)
+
+
+def _paired_targets(m, valid):
+    rows = torch.arange(m, device=DEVICE)
+    return rows if valid is None else torch.where(valid, rows, -1)
+
+
+def reference_symmetric(a, b, s, valid=None):
+    t = _paired_targets(a.shape[0], valid)
+    return 0.5 * (reference_infonce(a, b, s, t, valid) + reference_infonce(b, a, s, t, valid))
+
+
+def _paired_inputs(m, d, dtype, seed, masked):
+    a, b, s, _ = _inputs(m, m, d, dtype, seed=seed)
+    valid = None
+    if masked:
+        valid = torch.rand(m, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE) > 0.3
+        valid[0] = True  # at least one valid pair, also for m = 1
+    return a, b, s, valid
+
+
+@pytest.mark.parametrize("backward", ["gemm", "fused"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", PAIRED_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_symmetric_loss_and_grads_match_float64_reference(shape, dtype, backward):
+    masked = shape[0] != 37  # 37 rows: no mask (the diagonal default); the others drop ~30% of pairs
+    a, b, s, valid = _paired_inputs(*shape, dtype, seed=20, masked=masked)
+    loss, grads = _run(symmetric_infonce_triton, a, b, s, valid=valid, backward=backward)
+    ref_loss, ref_grads = _run(reference_symmetric, a, b, s, valid)
+    _assert_close(loss, grads, ref_loss, ref_grads, (a, b, s), dtype)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_paired_block_lse_is_both_directions(splits):
+    a, b, s, valid = _paired_inputs(300, 24, torch.float32, seed=21, masked=True)
+    t = _paired_targets(300, valid)
+    lse, pos = paired_block_lse(a, b, s, t, key_valid=valid, splits=splits)
+    assert lse.shape == pos.shape == (2, 300)
+    for way, (q, k) in enumerate(((a, b), (b, a))):
+        want_lse, want_pos = infonce_block_lse(q, k, s, t, key_valid=valid, splits=splits)
+        assert _rel(lse[way], want_lse) <= 1e-6 and _rel(pos[way], want_pos) <= 1e-6
+
+
+def test_paired_gemm_backward_in_ragged_chunks_equals_two_fused_backwards():
+    """One gemm backward for both directions, chunks of 50 columns ending inside key tiles, a key mask
+    and dead rows, against the two directions' fused backwards summed; bitwise repeatable."""
+    a, b, s, valid = _paired_inputs(129, 40, torch.float32, seed=22, masked=True)
+    t = _paired_targets(129, valid)
+    lse, _ = paired_block_lse(a, b, s, t, key_valid=valid)
+    w = torch.linspace(0.0, 1.0, 129, device=DEVICE) * valid  # w_0 = 0: a dead row
+    got = paired_block_backward(a, b, s, lse, w, t, key_valid=valid, chunk=50)
+    da, db, ds = infonce_block_backward(a, b, s, lse[0], w, t, key_valid=valid, method="fused")
+    db2, da2, ds2 = infonce_block_backward(b, a, s, lse[1], w, t, key_valid=valid, method="fused")
+    for name, x, want in zip(("da", "db", "ds"), got, (da + da2, db + db2, ds + ds2)):
+        assert _rel(x, want) <= 1e-5, (name, _rel(x, want))
+    again = paired_block_backward(a, b, s, lse, w, t, key_valid=valid, chunk=50)
+    assert all(torch.equal(x, y) for x, y in zip(got, again)), "paired backward not repeatable"
+
+
+@pytest.mark.parametrize("backward", ["gemm", "fused"])
+def test_symmetric_path_never_allocates_m_by_n(backward):
+    m, d = 300, 8  # m² = 90000 elements; the gemm workspace is m × 128 (chunk 128 < m)
+    a, b, s, valid = _paired_inputs(m, d, torch.float32, seed=23, masked=True)
+    step = lambda *leaves: symmetric_infonce_triton(*leaves, valid=valid, backward=backward)  # noqa: E731
+    _run(step, a, b, s)  # autotune outside the recorder (CUDA)
+    leaves = [t.detach().clone().requires_grad_() for t in (a, b, s)]
+    with _AllocationRecorder() as rec:
+        step(*leaves).backward(torch.tensor(GRAD_OUT, device=DEVICE))
+    assert (m, d) in rec.shapes, "the recorder saw no allocation"
+    # By bytes: the interpreter's byte copies of the kernel arguments are recorded as uint8 tensors.
+    big = [shape for shape, nbytes in zip(rec.shapes, rec.nbytes) if nbytes >= 4 * m * m]
+    assert not big, f"m×m fp32-sized tensors allocated: {big}"
+
+
+def test_symmetric_empty_batch_and_validation():
+    a, b, s, _ = _inputs(0, 1, 6, torch.float32)
+    b = b[:0]
+    loss, (da, db, ds) = _run(symmetric_infonce_triton, a, b, s)
+    assert loss.item() == 0.0 and da.shape == db.shape == (0, 6) and ds.item() == 0.0
+    a, b, s, _ = _inputs(4, 5, 6, torch.float32)
+    with pytest.raises(ValueError, match="equal shapes"):
+        symmetric_infonce_triton(a, b, s)
+    with pytest.raises(ValueError, match="valid"):
+        symmetric_infonce_triton(a, a, s, valid=torch.ones(3, dtype=torch.bool))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels at many-tile sizes: GPU only")
 @pytest.mark.parametrize("backward", ["fused", "gemm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -265,3 +368,14 @@ def test_many_tiles_on_gpu_match_float64_reference(dtype, backward):
     targets[::5] = -1
     key_valid = torch.rand(3001, generator=torch.Generator().manual_seed(8)).to(DEVICE) > 0.1
     _check_against_reference(q, k, s, targets, dtype, key_valid=key_valid, backward=backward)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels at many-tile sizes: GPU only")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_symmetric_many_tiles_on_gpu_match_float64_reference(dtype):
+    """The paired kernels over many tiles of every autotune config; at d = 200 the default gemm chunk
+    (768 / 1536 columns) ends inside a key tile, so the shared G tiles cross chunk borders."""
+    a, b, s, valid = _paired_inputs(2053, 200, dtype, seed=24, masked=True)
+    loss, grads = _run(symmetric_infonce_triton, a, b, s, valid=valid)
+    ref_loss, ref_grads = _run(reference_symmetric, a, b, s, valid)
+    _assert_close(loss, grads, ref_loss, ref_grads, (a, b, s), dtype)
