@@ -9,6 +9,7 @@ learning-rate schedule each step.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -149,13 +150,16 @@ class Trainer:
         old_world = int(client.get("world_size", self.world_size))
         if old_world == self.world_size:
             return Cursor.from_dict(rank_state["cursor"])
+        return self._plan.resume_cursor([Cursor.from_dict(c) for c in rank_state["cursors"]], old_world)
+
+    @functools.cached_property
+    def _plan(self):
+        """This rank's data plan over the train manifest (read once: it may live on S3)."""
         manifest = load_manifest(self.cfg.data.train_shards)  # a path or a URL (Path() would fold s3:// to s3:/)
-        plan = plan_for(self.cfg, manifest, self.world_size, self.rank)
-        return plan.resume_cursor([Cursor.from_dict(c) for c in rank_state["cursors"]], old_world)
+        return plan_for(self.cfg, manifest, self.world_size, self.rank)
 
     def _open_stream(self) -> None:
-        manifest = load_manifest(self.cfg.data.train_shards)  # a path or a URL
-        plan = plan_for(self.cfg, manifest, self.world_size, self.rank)
+        plan = self._plan
         views = {} if self.protclip else self.loss_fn.needs_views()  # ProtCLIP has no second views
         if self.cfg.data.loader == "ray":
             from pretrain.data.ray_stream import RayBatchStream, connect_ray

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_shards.storage import is_url
 from pretrain.config import Config
 from pretrain.data.collate import batch_to_device
 from pretrain.data.stream import iter_eval_batches
@@ -25,7 +26,8 @@ _CACHE_SIZE = 2
 
 
 def _batches(cfg: Config, shard_dir: str | Path, max_samples: int, batch_size: int) -> list[dict]:
-    key = (str(Path(shard_dir).resolve()), max_samples, batch_size, cfg.fingerprint(("model",)), cfg.train.seed)
+    where = str(shard_dir) if is_url(shard_dir) else str(Path(shard_dir).resolve())  # Path() folds s3:// to s3:/
+    key = (where, max_samples, batch_size, cfg.fingerprint(("model",)), cfg.train.seed)
     if key not in _CACHE:
         _CACHE[key] = [b for b, _bad in iter_eval_batches(cfg, shard_dir, batch_size, max_samples)]
         while len(_CACHE) > _CACHE_SIZE:

@@ -1,7 +1,10 @@
 import pytest
 
+from data_shards import storage
+from pretrain.eval import validation
 from pretrain.eval.validation import validate_model
 from pretrain.export import load_exported
+from tests.s3_server import s3  # noqa: F401 - the fixture
 
 
 def test_validate_model_keys_mode_and_cache(tiny_export, tiny_corpus):
@@ -20,3 +23,18 @@ def test_validate_model_keys_mode_and_cache(tiny_export, tiny_corpus):
     model.eval()
     other = validate_model(model, cfg, tiny_corpus / "heldout", max_samples=32, batch_size=16, prefix="v_")
     assert not model.training and other["v_mean_R@1"] == pytest.approx(out["val/mean_R@1"])
+
+
+def test_validate_model_reads_held_out_shards_from_s3(tiny_export, tiny_corpus, s3):  # noqa: F811
+    """The same numbers from an S3 copy of the held-out shards; the batch cache is keyed by the URL
+    itself (a Path would fold s3:// into s3:/ and resolve it against the working directory)."""
+    model, cfg = load_exported(tiny_export)
+    model.eval()
+    url = s3.url("validation", "heldout")
+    storage.upload_dir(tiny_corpus / "heldout", url)
+    local = validate_model(model, cfg, tiny_corpus / "heldout", max_samples=32, batch_size=16)
+    remote = validate_model(model, cfg, url, max_samples=32, batch_size=16)
+    assert {k: v for k, v in remote.items() if k != "val/time_s"} == {
+        k: v for k, v in local.items() if k != "val/time_s"
+    }
+    assert any(key[0] == url for key in validation._CACHE)
