@@ -6,8 +6,9 @@ linearly across channels and scaled by per-channel gates, so ``s`` is invariant 
 equivariant under rotations of the input coordinates; the pooled scalar embedding is therefore
 invariant to rotation and translation of the structure.
 
-Message passing runs on ``torch_geometric.nn.MessagePassing`` with mean aggregation; the graphs
-come from :func:`pretrain.data.featurize.collate_graphs`.
+Messages are averaged over each node's incoming edges with torch-geometric's ``MeanAggregation``
+(what ``MessagePassing(aggr="mean")`` runs); the graphs come from
+:func:`pretrain.data.featurize.collate_graphs`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch_geometric.nn import MessagePassing
 
 from pretrain.data.featurize import EDGE_V_DIM, NODE_S_DIM, NODE_V_DIM, edge_s_dim
 from pretrain.models.checkpointing import is_layer_checkpointed, set_layer_checkpointing
@@ -135,7 +135,7 @@ class _TupleDropout(nn.Module):
 
 
 def _merge(s: Tensor, v: Tensor) -> Tensor:
-    """(N, S), (N, V, 3) -> (N, S + 3V): one tensor for ``MessagePassing.propagate``."""
+    """(N, S), (N, V, 3) -> (N, S + 3V): one tensor to gather and aggregate."""
     return torch.cat([s, v.reshape(v.shape[0], 3 * v.shape[1])], dim=-1)
 
 
@@ -145,7 +145,7 @@ def _split(x: Tensor, vector_channels: int) -> ScalarVector:
     return x[:, :num_s], x[:, num_s:].reshape(x.shape[0], vector_channels, 3)
 
 
-class GVPConv(MessagePassing):
+class GVPConv(nn.Module):
     """Graph convolution whose messages are a 3-GVP stack of (s_j, edge, s_i) and (v_j, edge, v_i).
 
     Args:
@@ -159,7 +159,13 @@ class GVPConv(MessagePassing):
     """
 
     def __init__(self, node_dims: Dims, edge_dims: Dims, vector_gate: bool = True):
-        super().__init__(aggr="mean")
+        super().__init__()
+        # Imported here, not at module level: torch_geometric's package __init__ also loads its
+        # datasets and LLM modules (~2 s), which processes that only read the config (Ray reader
+        # actors, configuration errors, finished runs) should not pay.
+        from torch_geometric.nn.aggr import MeanAggregation
+
+        self.aggregate = MeanAggregation()
         self.node_dims, self.edge_dims = node_dims, edge_dims
         (ns, nv), (es, ev) = node_dims, edge_dims
         in_dims = (2 * ns + es, 2 * nv + ev)
@@ -172,16 +178,19 @@ class GVPConv(MessagePassing):
     def forward(self, x: ScalarVector, edge_index: Tensor, edge_attr: ScalarVector) -> ScalarVector:
         s, v = x
         edge_s, edge_v = edge_attr
-        out = self.propagate(
-            edge_index,
-            x=_merge(s, v),
-            edge_s=edge_s,
-            edge_v=edge_v.reshape(edge_v.shape[0], 3 * edge_v.shape[1]),
-            size=(s.shape[0], s.shape[0]),
-        )  # (N, S + 3V)
+        src, dst = edge_index  # messages flow from node j = src to node i = dst
+        merged = _merge(s, v)  # (N, S + 3V)
+        messages = self.message(
+            merged.index_select(0, dst),
+            merged.index_select(0, src),
+            edge_s,
+            edge_v.reshape(edge_v.shape[0], 3 * edge_v.shape[1]),
+        )  # (E, S + 3V)
+        out = self.aggregate(messages, dst, dim_size=s.shape[0])  # (N, S + 3V)
         return _split(out, self.node_dims[1])
 
     def message(self, x_i: Tensor, x_j: Tensor, edge_s: Tensor, edge_v: Tensor) -> Tensor:
+        """(E, S + 3V) x 2, (E, Se), (E, 3Ve) -> (E, S + 3V): one message per edge j -> i."""
         nv = self.node_dims[1]
         s_i, v_i = _split(x_i, nv)
         s_j, v_j = _split(x_j, nv)

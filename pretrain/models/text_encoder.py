@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from transformers import BertConfig, BertModel, BertTokenizerFast
+from transformers import BertConfig, BertTokenizerFast
 from transformers.models.bert.tokenization_bert import load_vocab
 
 DEMO_VOCAB = Path(__file__).resolve().parent.parent / "assets" / "demo_vocab.txt"
@@ -143,6 +143,11 @@ class TextEncoder(nn.Module):
 
     def __init__(self, cfg: TextEncoderConfig, vocab_size: int | None = None):
         super().__init__()
+        # Imported here, not at module level: the model code loads torch._dynamo and DTensor (~4 s
+        # of CPU), which processes that only tokenise or read the config (Ray reader actors,
+        # configuration errors, finished runs) should not pay.
+        from transformers import BertModel
+
         if cfg.pooling not in ("cls", "mean"):
             raise ValueError(f"text pooling must be 'cls' or 'mean', got {cfg.pooling!r}")
         self.cfg = cfg
