@@ -111,7 +111,7 @@ def reference_run(tmp_path_factory, small_demo):
     (2 ranks, ZeRO-3, ``small_demo``, ``TINY_OVERRIDES`` + ``overrides``, as :func:`run_launcher`).
 
     Several tests compare their per-step losses with the same uninterrupted run (a SIGKILL and
-    relaunch, a Ray Train restart, two launcher nodes, the two-pass step). Each such run takes
+    relaunch, a Ray Train restart, an S3 resume, two launcher nodes, the two-pass step). Each such run takes
     30-60 s on the 2-core CI machine, so it is launched once per session per resolved recipe:
     the cache key is the fully resolved config, so two override lists share a run only when
     they mean exactly the same training. Callers must not write into the returned directory.

@@ -16,8 +16,10 @@ from tests.s3_server import s3  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.slow
 
+# The recipe of test_resume's and test_ray_job's uninterrupted reference run, so that the session
+# launches that run once for all three (max_steps sets the cosine schedule: it must match too).
 COMMON = [
-    "train.max_steps=4",
+    "train.max_steps=5",
     "train.checkpoint_every=2",
     "train.stage1_steps=1",
     "train.eval_at_end=false",
@@ -31,7 +33,7 @@ def _losses(run_dir) -> dict[int, dict]:
     return {r["step"]: r for r in rows if "loss" in r}
 
 
-def test_s3_shards_train_and_a_checkpoint_round_trips_through_s3(tmp_path, small_demo, s3):  # noqa: F811
+def test_s3_shards_train_and_a_checkpoint_round_trips_through_s3(tmp_path, small_demo, s3, reference_run):  # noqa: F811
     storage.upload_dir(small_demo, s3.url("demo"), last=("manifest.json",))
     on_s3 = [
         f"data.train_shards={s3.url('demo', 'train')}",
@@ -39,8 +41,7 @@ def test_s3_shards_train_and_a_checkpoint_round_trips_through_s3(tmp_path, small
         f"train.remote_dir={s3.url('runs', 'r1')}",
         *COMMON,
     ]
-    ref = run_launcher(tmp_path / "ref", small_demo, COMMON)  # local shards, local checkpoints
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    ref = reference_run(COMMON)  # local shards, local checkpoints
 
     # Machine A trains from S3, publishes the step-2 checkpoint, and dies after step 3.
     crashed = run_launcher(tmp_path / "machine_a", small_demo, on_s3, env={"ALIGN_PRO_KILL_AT_STEP": "3"})
@@ -52,15 +53,15 @@ def test_s3_shards_train_and_a_checkpoint_round_trips_through_s3(tmp_path, small
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step 2" in resumed.stdout
 
-    want, got = _losses(tmp_path / "ref"), _losses(tmp_path / "machine_b")
-    assert sorted(got) == [1, 2, 3, 4]  # steps 1-2 come back with the checkpoint's metrics.jsonl
-    for step in range(1, 5):
+    want, got = _losses(ref), _losses(tmp_path / "machine_b")
+    assert sorted(got) == [1, 2, 3, 4, 5]  # steps 1-2 come back with the checkpoint's metrics.jsonl
+    for step in range(1, 6):
         for term in TERMS:
             assert got[step][term] == pytest.approx(want[step][term], rel=1e-6, abs=1e-6), (step, term)
 
     keys = s3.keys("runs/r1/")
-    assert storage.read_text(s3.url("runs", "r1", "checkpoints", "latest")) == "step00000004"
-    assert {"runs/r1/checkpoints/step00000004/COMPLETE", "runs/r1/checkpoints/step00000004/rank_1.pt"} <= set(keys)
+    assert storage.read_text(s3.url("runs", "r1", "checkpoints", "latest")) == "step00000005"
+    assert {"runs/r1/checkpoints/step00000005/COMPLETE", "runs/r1/checkpoints/step00000005/rank_1.pt"} <= set(keys)
     assert {"runs/r1/export/model.safetensors", "runs/r1/export/config.yaml", "runs/r1/config.yaml"} <= set(keys)
 
     from pretrain.export import load_exported
@@ -83,12 +84,12 @@ def test_s3_shards_train_and_a_checkpoint_round_trips_through_s3(tmp_path, small
 
     # Machine C has one rank and nothing local: the 2-rank checkpoint is fetched from S3 and resumed
     # through a universal conversion (elastic resume from object storage), then trains one more step.
-    longer = [o for o in on_s3 if not o.startswith("train.max_steps=")] + ["train.max_steps=5"]
+    longer = [o for o in on_s3 if not o.startswith("train.max_steps=")] + ["train.max_steps=6"]
     shrunk = run_launcher(tmp_path / "machine_c", small_demo, longer, ranks=1)
     assert shrunk.returncode == 0, shrunk.stderr[-3000:]
-    assert "resumed from step 4 (stage 2, epoch 0, 2 -> 1 ranks)" in shrunk.stdout
-    assert (tmp_path / "machine_c" / "checkpoints" / "step00000004_universal" / "UNIVERSAL_COMPLETE").is_file()
-    assert sorted(_losses(tmp_path / "machine_c")) == [1, 2, 3, 4, 5]
+    assert "resumed from step 5 (stage 2, epoch 0, 2 -> 1 ranks)" in shrunk.stdout
+    assert (tmp_path / "machine_c" / "checkpoints" / "step00000005_universal" / "UNIVERSAL_COMPLETE").is_file()
+    assert sorted(_losses(tmp_path / "machine_c")) == [1, 2, 3, 4, 5, 6]
 
 
 def test_wrong_credentials_stop_the_launch_with_one_clear_error(tmp_path, small_demo, s3):  # noqa: F811

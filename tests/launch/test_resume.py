@@ -25,7 +25,7 @@ def _losses(run_dir):
 
 def test_sigkill_then_relaunch_gives_the_uninterrupted_losses(tmp_path, small_demo, reference_run):
     over = ["train.max_steps=5", *COMMON]
-    ref = reference_run(over)  # the uninterrupted run (shared with test_ray_job's reference)
+    ref = reference_run(over)  # the uninterrupted run (shared with test_ray_job's and test_object_storage's)
 
     run = tmp_path / "crash"
     crashed = run_launcher(run, small_demo, over, env={"ALIGN_PRO_KILL_AT_STEP": "3"})
