@@ -114,7 +114,10 @@ def reference_run(tmp_path_factory, small_demo):
     relaunch, a Ray Train restart, an S3 resume, two launcher nodes, the two-pass step). Each such run takes
     30-60 s on the 2-core CI machine, so it is launched once per session per resolved recipe:
     the cache key is the fully resolved config, so two override lists share a run only when
-    they mean exactly the same training. Callers must not write into the returned directory.
+    they mean exactly the same training. Callers must not write into the returned directory
+    (copy it to continue the run, as test_elastic does). Every rank records the batches it
+    consumes (``ALIGN_PRO_RECORD_BATCHES``, a testing aid that changes no step) under
+    ``consumed/``, for test_elastic's no-repeat check.
     """
     from pretrain.config import load_config
 
@@ -124,7 +127,7 @@ def reference_run(tmp_path_factory, small_demo):
         key = json.dumps(load_config(overrides=TINY_OVERRIDES + list(overrides)).to_dict(), sort_keys=True)
         if key not in runs:
             run = tmp_path_factory.mktemp("reference") / "run"
-            p = run_launcher(run, small_demo, list(overrides))
+            p = run_launcher(run, small_demo, list(overrides), env={"ALIGN_PRO_RECORD_BATCHES": "1"})
             assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
             runs[key] = run
         return runs[key]
