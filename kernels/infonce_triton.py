@@ -513,7 +513,7 @@ def infonce_block_backward(
         dq (m, d) fp32, dk (n, d) fp32, ds (0-dim fp32: dL/ds).
     """
     _check(q, k, logit_scale, targets, key_valid)
-    _resolve_method(method, q)
+    method = _resolve_method(method, q)
     m, n, d = q.shape[0], k.shape[0], q.shape[1]
     if m == 0 or n == 0:
         zeros = functools.partial(torch.zeros, dtype=torch.float32, device=q.device)
@@ -521,7 +521,7 @@ def infonce_block_backward(
     scale, tgt, kv = _args_common(q, k, logit_scale, targets, key_valid)
     w, lse = row_weight.to(torch.float32), lse.to(torch.float32)  # dead rows: handled in the kernels
     meta = {"HAS_KEY_VALID": key_valid is not None, "PRECISION": _precision(q)}
-    if _resolve_method(method, q) == "gemm":
+    if method == "gemm":
         return _gemm_backward(q, k, scale, tgt, kv, lse, w, meta, chunk)
     return _fused_backward(q, k, scale, tgt, kv, lse, w, meta)
 
