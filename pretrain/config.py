@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from data_shards import storage
 from pretrain.losses.false_negatives import GROUP_MODES
 from pretrain.losses.protclip import ProtCLIPLossConfig, validate_protclip_config
 from pretrain.models.sequence_encoder import SequenceEncoderConfig
@@ -405,11 +406,16 @@ def validate(cfg: Config) -> None:
 
 
 def save_config(cfg: Config, path: Path, deepspeed_config: dict | None = None) -> None:
-    """Write the resolved recipe (and the DeepSpeed config used) as YAML."""
+    """Write the resolved recipe (and the DeepSpeed config used) as YAML.
+
+    Atomically (``data_shards.storage.write_text``: a temporary file, then a rename): on a relaunch,
+    rank 0 rewrites ``RUN/config.yaml`` while the other ranks may be reading it in ``prepare``, and a
+    truncated file read back as a different model stopped them with a config error.
+    """
     payload = cfg.to_dict()
     if deepspeed_config is not None:
         payload = {**payload, "deepspeed": deepspeed_config}
-    path.write_text(yaml.safe_dump(_plain(payload), sort_keys=False))
+    storage.write_text(path, yaml.safe_dump(_plain(payload), sort_keys=False))
 
 
 def _plain(obj: Any) -> Any:

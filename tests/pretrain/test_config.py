@@ -67,3 +67,35 @@ def test_ring_strategy_accepted_for_align_pro_but_not_with_false_negatives():
     assert cfg.loss.objective == "align_pro" and cfg.loss.strategy == "ring"  # presence masks ride the ring
     with pytest.raises(ConfigError, match="needs loss.strategy='allgather'"):
         load_config(overrides=["loss.strategy=ring", "loss.false_negatives=text"])
+
+
+def test_run_config_rewrite_never_shows_readers_a_partial_file(tmp_path):
+    """Rank 0 rewrites RUN/config.yaml on a relaunch while the other ranks read it (pretrain.run.prepare):
+    every read must see a whole file, never a truncated one (which read back as another model)."""
+    import threading
+
+    from pretrain.config import load_run_config, save_config
+
+    cfg = load_config(overrides=["model.text.num_layers=1"])
+    save_config(cfg, tmp_path / "config.yaml", deepspeed_config={"train_batch_size": 16})
+    stop, errors = threading.Event(), []
+
+    def rewrite():
+        while not stop.is_set():
+            save_config(cfg, tmp_path / "config.yaml", deepspeed_config={"train_batch_size": 16})
+
+    writer = threading.Thread(target=rewrite)
+    writer.start()
+    try:
+        for _ in range(300):
+            try:
+                got, ds = load_run_config(tmp_path)
+                if got.fingerprint() != cfg.fingerprint() or ds != {"train_batch_size": 16}:
+                    errors.append("different content")
+            except ConfigError as e:
+                errors.append(str(e))
+    finally:
+        stop.set()
+        writer.join()
+    assert not errors, errors[:3]
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]  # no temporary file left behind
