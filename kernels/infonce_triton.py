@@ -155,13 +155,14 @@ def _live_columns(kv_ptr, cols, col_ok, HAS_KEY_VALID: tl.constexpr):
 @triton.jit
 def _infonce_fwd_kernel(q_ptr, k_ptr, scale_ptr, tgt_ptr, kv_ptr, lse_ptr, pos_ptr,
                         m, n, d, split_n, stride_qm, stride_qd, stride_kn, stride_kd,
-                        HAS_KEY_VALID: tl.constexpr, BOTH_WAYS: tl.constexpr, UPCAST: tl.constexpr,
-                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_D: tl.constexpr):
+                        HAS_KEY_VALID: tl.constexpr, BOTH_WAYS: tl.constexpr, DIAG: tl.constexpr,
+                        UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # Program (i, c, w) owns row tile i against the key columns [c·split_n, (c + 1)·split_n) and writes
     # the partial LSE and positive logit of its rows to column c of (ways, m, splits) buffers (merged by
     # torch). BOTH_WAYS (paired rows: m == n, equal strides, shared targets and key mask): programs with
     # w = 1 run the swapped call, rows of k against the keys q, so one launch gives both directions.
+    # DIAG: row i's positive is column i (tgt_ptr is not read).
     if BOTH_WAYS:
         if tl.program_id(2) == 1:
             q_ptr, k_ptr = k_ptr, q_ptr
@@ -170,7 +171,10 @@ def _infonce_fwd_kernel(q_ptr, k_ptr, scale_ptr, tgt_ptr, kv_ptr, lse_ptr, pos_p
     lo = tl.program_id(1) * split_n
     hi = tl.minimum(lo + split_n, n)
     s = tl.load(scale_ptr).to(tl.float32)
-    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
+    if DIAG:
+        tgt = rows
+    else:
+        tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     pos = tl.zeros([BLOCK_M], tl.float32)
@@ -192,11 +196,8 @@ def _infonce_fwd_kernel(q_ptr, k_ptr, scale_ptr, tgt_ptr, kv_ptr, lse_ptr, pos_p
 
 
 @triton.jit
-def _merge_splits_kernel(part_lse_ptr, part_pos_ptr, lse_ptr, pos_ptr, rows, splits,
-                         BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
-    # Merges the forward's (rows, splits) partials: lse = logsumexp over splits, pos = their sum. One
-    # launch instead of torch's logsumexp + sum (about 0.2 ms of host time per call at small batches).
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+def _merged_rows(part_lse_ptr, part_pos_ptr, r, splits, rows, BLOCK_S: tl.constexpr):
+    """(lse, pos) of rows ``r`` from (rows, splits) partials: logsumexp over the splits, and their sum."""
     c = tl.arange(0, BLOCK_S)
     ok = (r[:, None] < rows) & (c[None, :] < splits)
     part = tl.load(part_lse_ptr + r[:, None] * splits + c[None, :], mask=ok, other=float("-inf"))
@@ -204,18 +205,72 @@ def _merge_splits_kernel(part_lse_ptr, part_pos_ptr, lse_ptr, pos_ptr, rows, spl
     mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
     total = tl.sum(tl.exp(part - mx_safe[:, None]), axis=1)  # >= 1 unless every partial is −inf
     lse = tl.where(mx == float("-inf"), float("-inf"), mx_safe + tl.log(tl.maximum(total, 1e-30)))
-    tl.store(lse_ptr + r, lse, mask=r < rows)
     pos = tl.sum(tl.load(part_pos_ptr + r[:, None] * splits + c[None, :], mask=ok, other=0.0), axis=1)
+    return lse, pos
+
+
+@triton.jit
+def _merge_splits_kernel(part_lse_ptr, part_pos_ptr, lse_ptr, pos_ptr, rows, splits,
+                         BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    # Merges the forward's (rows, splits) partials: lse = logsumexp over splits, pos = their sum. One
+    # launch instead of torch's logsumexp + sum (about 0.2 ms of host time per call at small batches).
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    lse, pos = _merged_rows(part_lse_ptr, part_pos_ptr, r, splits, rows, BLOCK_S)
+    tl.store(lse_ptr + r, lse, mask=r < rows)
     tl.store(pos_ptr + r, pos, mask=r < rows)
 
 
 @triton.jit
-def _row_stats(lse_ptr, w_ptr, idx, ok):
-    """(lse, w) of rows ``idx``; a dead row (w = 0, or no valid column: lse = −inf) gets lse = +inf, so
-    its p = exp(z − lse) is 0, not the nan of 0·inf."""
+def _paired_loss_kernel(part_lse_ptr, part_pos_ptr, kv_ptr, lse_ptr, stats_ptr, m, splits,
+                        HAS_KEY_VALID: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    # One program ends the paired loss's forward without a torch op: merges both directions' (2, m,
+    # splits) partials into the (2, m) row LSE, and writes stats = [count, loss], count = max(#live pairs,
+    # 1), loss = ½·Σ_live Σ_ways (lse − pos) / count. Its read is O(m·splits) floats, microseconds next to
+    # the forward kernel even at m = 128k; the row loop keeps the sum order fixed.
+    total = tl.zeros([BLOCK_R], tl.float32)
+    count = tl.zeros([BLOCK_R], tl.float32)
+    for r0 in range(0, m, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        live = _live_columns(kv_ptr, r, r < m, HAS_KEY_VALID)  # a masked pair is no query either
+        for way in tl.static_range(2):
+            lse, pos = _merged_rows(part_lse_ptr + way * m * splits, part_pos_ptr + way * m * splits, r,
+                                    splits, m, BLOCK_S)
+            tl.store(lse_ptr + way * m + r, lse, mask=r < m)
+            total += tl.where(live, lse - pos, 0.0)
+        count += live.to(tl.float32)
+    n_live = tl.maximum(tl.sum(count, axis=0), 1.0)
+    tl.store(stats_ptr, n_live)
+    tl.store(stats_ptr + 1, 0.5 * tl.sum(total, axis=0) / n_live)
+
+
+@triton.jit
+def _live_lse(lse_ptr, w, idx, ok):
+    """LSE of rows ``idx`` with weights ``w``; a dead row (w = 0, or no valid column: lse = −inf) gets
+    lse = +inf, so its p = exp(z − lse) is 0, not the nan of 0·inf."""
     lse = tl.load(lse_ptr + idx, mask=ok, other=float("inf"))
+    return tl.where((w != 0.0) & (lse != float("-inf")), lse, float("inf"))
+
+
+@triton.jit
+def _row_stats(lse_ptr, w_ptr, idx, ok):
+    """(lse, w) of rows ``idx``: loaded weights, dead rows' lse = +inf (``_live_lse``)."""
     w = tl.load(w_ptr + idx, mask=ok, other=0.0)
-    return tl.where((w != 0.0) & (lse != float("-inf")), lse, float("inf")), w
+    return _live_lse(lse_ptr, w, idx, ok), w
+
+
+@triton.jit
+def _targets_weights(tgt_ptr, w_ptr, cnt_ptr, kv_ptr, idx, ok, HAS_KEY_VALID: tl.constexpr, DIAG: tl.constexpr):
+    """(t, w) of rows ``idx``: loaded, or DIAG (the paired loss's own rows): t_i = i and one weight
+    ½·grad_output / count (w_ptr: the upstream gradient, cnt_ptr: the forward's live-pair count) on live
+    rows, 0 on masked ones."""
+    if DIAG:
+        tgt = idx
+        w = tl.load(w_ptr).to(tl.float32) * 0.5 / tl.load(cnt_ptr)
+        w = tl.where(_live_columns(kv_ptr, idx, ok, HAS_KEY_VALID), w, 0.0)
+    else:
+        tgt = tl.load(tgt_ptr + idx, mask=ok, other=-1)
+        w = tl.load(w_ptr + idx, mask=ok, other=0.0)
+    return tgt, w
 
 
 @triton.jit
@@ -285,34 +340,40 @@ def _infonce_bwd_dk_kernel(q_ptr, k_ptr, scale_ptr, tgt_ptr, kv_ptr, lse_ptr, w_
 
 
 @triton.jit
-def _infonce_grad_chunk_kernel(q_ptr, k_ptr, scale_ptr, tgt_ptr, kv_ptr, lse_ptr, w_ptr, lse2_ptr, g_ptr,
+def _infonce_grad_chunk_kernel(q_ptr, k_ptr, scale_ptr, tgt_ptr, kv_ptr, lse_ptr, w_ptr, cnt_ptr, g_ptr, ds_ptr,
                                m, n, d, col0, chunk_n, stride_qm, stride_qd, stride_kn, stride_kd, stride_gm,
-                               HAS_KEY_VALID: tl.constexpr, PAIRED: tl.constexpr, UPCAST: tl.constexpr,
-                               PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                               BLOCK_D: tl.constexpr):
-    # Program (i, j) writes G[row tile i, key tile j of the chunk that starts at column col0], where
-    # G_ij = w_i·(p_ij − [j = t_i]) = dL/dz_ij, rounded to the input dtype: a GEMM tile with an epilogue.
-    # PAIRED (m == n; the swapped loss over zᵀ shares targets, key mask and weights; lse2 is its row
-    # LSE): G also gets that loss's gradient, w_j·(p'_ij − [i = t_j]) with p'_ij = exp(z_ij − lse2_j)
-    # over live rows i, so one tile serves both directions of the symmetric loss.
+                               HAS_KEY_VALID: tl.constexpr, PAIRED: tl.constexpr, DIAG: tl.constexpr,
+                               UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Program (i, j) writes s·G[row tile i, key tile j of the chunk that starts at column col0], where
+    # G_ij = w_i·(p_ij − [j = t_i]) = dL/dz_ij, rounded to the input dtype once (a GEMM tile with an
+    # epilogue; dq = (s·G)·K and dk = (s·G)ᵀ·Q need no scaling after cuBLAS), and adds its tile's share
+    # of dL/ds = Σ G_ij·(q_i·k_j) to slot ds_ptr[i·programs(1) + j] (one writer per slot per launch;
+    # chunks run in stream order, so the sums are repeatable).
+    # PAIRED (m == n; the swapped loss over zᵀ shares targets, key mask and weights; its row LSE is row 1
+    # of the (2, m) lse): G also gets that loss's gradient, w_j·(p'_ij − [i = t_j]) with
+    # p'_ij = exp(z_ij − lse'_j) over live rows i, so one tile serves both directions of the symmetric
+    # loss. DIAG: targets and weights come from ``_targets_weights``'s paired-loss rule.
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < m
     local = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = col0 + local
     col_ok = (local < chunk_n) & (cols < n)
     s = tl.load(scale_ptr).to(tl.float32)
-    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
-    lse, w = _row_stats(lse_ptr, w_ptr, rows, row_ok)
+    tgt, w = _targets_weights(tgt_ptr, w_ptr, cnt_ptr, kv_ptr, rows, row_ok, HAS_KEY_VALID, DIAG)
+    lse = _live_lse(lse_ptr, w, rows, row_ok)
     dots = _dot_tile(q_ptr, k_ptr, rows, cols, row_ok, col_ok, d, stride_qm, stride_qd, stride_kn, stride_kd,
                      UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)  # (BM, BN)
     g = _grad_tile(dots, s, lse, w, tgt, cols, _live_columns(kv_ptr, cols, col_ok, HAS_KEY_VALID))
     if PAIRED:  # the swapped direction's gradient, laid out as this tile (column j is its query row)
-        tgt2 = tl.load(tgt_ptr + cols, mask=col_ok, other=-1)
-        lse2, w2 = _row_stats(lse2_ptr, w_ptr, cols, col_ok)
+        tgt2, w2 = _targets_weights(tgt_ptr, w_ptr, cnt_ptr, kv_ptr, cols, col_ok, HAS_KEY_VALID, DIAG)
+        lse2 = _live_lse(lse_ptr + m, w2, cols, col_ok)
         live_rows = _live_columns(kv_ptr, rows, row_ok, HAS_KEY_VALID)
         p2 = tl.where(live_rows[:, None], tl.exp(dots * s - lse2[None, :]), 0.0)
         g += w2[None, :] * (p2 - tl.where(rows[:, None] == tgt2[None, :], 1.0, 0.0))
-    tl.store(g_ptr + rows[:, None] * stride_gm + local[None, :], g.to(g_ptr.dtype.element_ty),
+    slot = ds_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    tl.store(slot, tl.load(slot) + tl.sum(tl.sum(g * dots, axis=1), axis=0))
+    tl.store(g_ptr + rows[:, None] * stride_gm + local[None, :], (g * s).to(g_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 # fmt: on
 
@@ -344,9 +405,12 @@ def _interpreted(kernel):
 
 
 @functools.cache
-def _autotuned(kernel, configs, prune):
+def _autotuned(kernel, configs, prune, reset):
     prune_by = {"early_config_prune": prune} if prune else None
-    return triton.autotune(configs=list(configs), key=["m", "n", "d"], prune_configs_by=prune_by)(kernel)
+    # reset: accumulated outputs, zeroed before each timed config and before the chosen config's run
+    return triton.autotune(
+        configs=list(configs), key=["m", "n", "d"], prune_configs_by=prune_by, reset_to_zero=list(reset) or None
+    )(kernel)
 
 
 # Best config per (kernel, meta, launch arguments with tensors reduced to their dtype): later launches
@@ -355,8 +419,9 @@ def _autotuned(kernel, configs, prune):
 _BEST_CONFIGS: dict = {}
 
 
-def _launch(kernel, grid, ref, args, meta, configs=(), prune=None):
-    """Run ``kernel`` on ``grid(meta)`` programs: the interpreter unless on CUDA, else autotuned."""
+def _launch(kernel, grid, ref, args, meta, configs=(), prune=None, reset=()):
+    """Run ``kernel`` on ``grid(meta)`` programs: the interpreter unless on CUDA, else autotuned
+    (``reset``: names of arguments the kernel accumulates into, zeroed around the autotuner's timing runs)."""
     if _interpreting(ref):
         meta = {**meta, **_INTERPRET_META, "UPCAST": True}
         meta = {key: value for key, value in meta.items() if key in kernel.arg_names}
@@ -367,7 +432,7 @@ def _launch(kernel, grid, ref, args, meta, configs=(), prune=None):
     if best is not None:
         kernel[grid](*args, **meta, UPCAST=False, **best)
         return
-    tuner = _autotuned(kernel, tuple(configs), prune)
+    tuner = _autotuned(kernel, tuple(configs), prune, tuple(reset))
     tuner[grid](*args, **meta, UPCAST=False)
     _BEST_CONFIGS[key] = tuner.best_config.all_kwargs()
 
@@ -400,13 +465,26 @@ def _check(q, k, logit_scale, targets, key_valid):
         raise ValueError(f"key_valid must have shape ({k.shape[0]},); got {tuple(key_valid.shape)}")
 
 
-def _args_common(q, k, logit_scale, targets, key_valid):
-    m = q.shape[0]
-    if targets is None:
-        targets = torch.full((m,), -1, dtype=torch.int64, device=q.device)
-    kv = key_valid.to(torch.int8) if key_valid is not None else targets  # dummy pointer when absent
-    scale = logit_scale.detach().reshape(1).to(torch.float32)
-    return scale, targets.to(torch.int64), kv
+def _args_common(q, logit_scale, targets, key_valid, diag=False):
+    """(scale, targets, key mask) as the kernels take them, with as few torch ops as possible (each costs
+    host time that small batches feel): the kernels read the scale's one element in its own dtype,
+    int64 targets (−1 when absent; ``diag``: never read), the mask's bytes; ``q`` is the dummy pointer
+    for whatever a kernel will not read."""
+    if diag:
+        targets = q
+    elif targets is None:
+        targets = torch.full((q.shape[0],), -1, dtype=torch.int64, device=q.device)
+    elif targets.dtype != torch.int64:
+        targets = targets.to(torch.int64)
+    return logit_scale, targets, _mask_bytes(key_valid, q)
+
+
+def _mask_bytes(key_valid, dummy):
+    """A bool mask as int8 (a view: same bytes), or ``dummy`` when there is none."""
+    if key_valid is None:
+        return dummy
+    key_valid = key_valid.contiguous()
+    return key_valid.view(torch.int8) if key_valid.dtype == torch.bool else key_valid.to(torch.int8)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -446,23 +524,30 @@ def paired_block_lse(a, b, logit_scale, targets=None, *, key_valid=None, splits=
 
 def _block_lse(q, k, logit_scale, targets, key_valid, splits, both_ways):
     """(ways, m) LSE and positive logits; ways = 2 runs the swapped call too (same strides: m == n)."""
-    m, n, d = q.shape[0], k.shape[0], q.shape[1]
     ways = 2 if both_ways else 1
-    if m == 0:
+    if q.shape[0] == 0:
         return tuple(torch.empty(ways, 0, dtype=torch.float32, device=q.device) for _ in range(2))
+    lse, pos = _forward_partials(q, k, logit_scale, targets, key_valid, splits, ways)
+    if lse.shape[2] == 1:
+        return lse[..., 0], pos[..., 0]
+    return _merge_splits(lse, pos)
+
+
+def _forward_partials(q, k, logit_scale, targets, key_valid, splits, ways, diag=False):
+    """The forward kernel's (ways, m, splits) partial LSE and positive logits (m > 0); ``diag``: row i's
+    positive is column i (``targets`` unused)."""
+    m, n, d = q.shape[0], k.shape[0], q.shape[1]
     splits = splits or forward_splits(ways * m, n, q.device)
     split_n = triton.cdiv(triton.cdiv(max(n, 1), splits), 128) * 128  # whole widest key tiles per split
     splits = max(1, triton.cdiv(n, split_n))
     lse = torch.empty(ways, m, splits, dtype=torch.float32, device=q.device)  # partial LSE per split
     pos = torch.empty(ways, m, splits, dtype=torch.float32, device=q.device)
-    scale, tgt, kv = _args_common(q, k, logit_scale, targets, key_valid)
+    scale, tgt, kv = _args_common(q, logit_scale, targets, key_valid, diag)
     args = (q, k, scale, tgt, kv, lse, pos, m, n, d, split_n, q.stride(0), q.stride(1), k.stride(0), k.stride(1))
-    meta = {"HAS_KEY_VALID": key_valid is not None, "BOTH_WAYS": both_ways, "PRECISION": _precision(q)}
+    meta = {"HAS_KEY_VALID": key_valid is not None, "BOTH_WAYS": ways == 2, "DIAG": diag, "PRECISION": _precision(q)}
     grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]), splits, ways)  # noqa: E731
     _launch(_infonce_fwd_kernel, grid, q, args, meta, _FWD_CONFIGS)
-    if splits == 1:
-        return lse[..., 0], pos[..., 0]
-    return _merge_splits(lse, pos)
+    return lse, pos
 
 
 def _merge_splits(part_lse, part_pos):
@@ -518,12 +603,24 @@ def infonce_block_backward(
     if m == 0 or n == 0:
         zeros = functools.partial(torch.zeros, dtype=torch.float32, device=q.device)
         return zeros(m, d), zeros(n, d), zeros(())
-    scale, tgt, kv = _args_common(q, k, logit_scale, targets, key_valid)
-    w, lse = row_weight.to(torch.float32), lse.to(torch.float32)  # dead rows: handled in the kernels
+    return _block_backward(q, k, logit_scale, lse, row_weight, targets, key_valid, method, chunk)
+
+
+def _block_backward(q, k, logit_scale, lse, row_weight, targets, key_valid, method, chunk=None, out_dtype=None):
+    """``infonce_block_backward`` after its checks (m, n > 0); dq and dk in ``out_dtype`` (default fp32)."""
+    scale, tgt, kv = _args_common(q, logit_scale, targets, key_valid)
+    w, lse = _fp32(row_weight), _fp32(lse)  # dead rows: handled in the kernels
     meta = {"HAS_KEY_VALID": key_valid is not None, "PRECISION": _precision(q)}
     if method == "gemm":
-        return _gemm_backward(q, k, scale, tgt, kv, lse, w, meta, chunk)
-    return _fused_backward(q, k, scale, tgt, kv, lse, w, meta)
+        return _gemm_backward(q, k, scale, tgt, kv, lse, w, meta, chunk, out_dtype=out_dtype)
+    dq, dk, ds = _fused_backward(q, k, scale, tgt, kv, lse, w, meta)
+    if out_dtype not in (None, torch.float32):
+        dq, dk = dq.to(out_dtype), dk.to(out_dtype)
+    return dq, dk, ds
+
+
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float32 else x.to(torch.float32)
 
 
 def paired_block_backward(a, b, logit_scale, lse, row_weight, targets=None, *, key_valid=None, chunk=None):
@@ -548,10 +645,9 @@ def paired_block_backward(a, b, logit_scale, lse, row_weight, targets=None, *, k
     if m == 0:
         zeros = functools.partial(torch.zeros, dtype=torch.float32, device=a.device)
         return zeros(m, d), zeros(m, d), zeros(())
-    scale, tgt, kv = _args_common(a, b, logit_scale, targets, key_valid)
-    lse = lse.to(torch.float32)
-    meta = {"HAS_KEY_VALID": key_valid is not None, "PRECISION": _precision(a)}
-    return _gemm_backward(a, b, scale, tgt, kv, lse[0], row_weight.to(torch.float32), meta, chunk, lse2=lse[1])
+    scale, tgt, kv = _args_common(a, logit_scale, targets, key_valid)
+    meta = {"HAS_KEY_VALID": key_valid is not None, "PRECISION": _precision(a), "PAIRED": True}
+    return _gemm_backward(a, b, scale, tgt, kv, _fp32(lse).contiguous(), _fp32(row_weight), meta, chunk)
 
 
 def _resolve_method(method: str, q: torch.Tensor) -> str:
@@ -610,37 +706,60 @@ def _mm_fp32(a, b):
     return a.float() @ b.float()  # CPU (interpreter tests): exact products of the rounded operands
 
 
-def _gemm_backward(q, k, scale, tgt, kv, lse, w, meta, chunk=None, lse2=None):
-    """dL/dz in column chunks G (m, chunk) in the input dtype, then dq = s·Σ G·K_c, dk_c = s·Gᵀ·Q.
+def _mm(a, b, out_dtype):
+    """a @ b accumulated in fp32, returned in ``out_dtype`` (fp32 or the operands' dtype, rounded once)."""
+    if out_dtype == a.dtype and (a.is_cuda or a.dtype == torch.float32):
+        return a @ b  # cuBLAS: fp32 accumulation, one rounding of the output; no cast kernel
+    out = _mm_fp32(a, b)
+    return out if out_dtype == torch.float32 else out.to(out_dtype)
 
-    ds = Σ_ij G_ij·(q_i·k_j) = Σ_i q_i·(G·K)_i, so it comes from the unscaled dq: no extra pass.
-    ``lse2`` (paired rows, m == n): G also holds the swapped direction's gradient (``paired_block_backward``).
-    Each chunk's kernel writes every workspace element of that chunk once; all sums have a fixed order.
+
+# The gradient-chunk kernel's narrowest tiles (most programs per launch): the ds slots a launch may use.
+_GRAD_MIN_TILE = tuple(min(c.kwargs[key] for c in _GRAD_CONFIGS) for key in ("BLOCK_M", "BLOCK_N"))
+
+
+def _ds_slots(m: int, chunk: int, ref: torch.Tensor) -> int:
+    """Programs of one gradient-chunk launch at most: cdiv(m, BLOCK_M)·cdiv(chunk, BLOCK_N), O(m·d)."""
+    bm, bn = (_INTERPRET_META["BLOCK_M"], _INTERPRET_META["BLOCK_N"]) if _interpreting(ref) else _GRAD_MIN_TILE
+    return triton.cdiv(m, bm) * triton.cdiv(chunk, bn)
+
+
+def _gemm_backward(q, k, scale, tgt, kv, lse, w, meta, chunk=None, cnt=None, out_dtype=None):
+    """s·dL/dz in column chunks G (m, chunk) in the input dtype, then dq = Σ G·K_c, dk_c = Gᵀ·Q by cuBLAS.
+
+    ds = Σ_ij dL/dz_ij·(q_i·k_j) is summed by the chunk kernel into per-program slots (no extra pass).
+    meta["PAIRED"] (paired rows, m == n, ``lse`` (2, m)): G also holds the swapped direction's gradient
+    (``paired_block_backward``); meta["DIAG"]: the paired loss's own rows, ``w`` is the upstream gradient
+    and ``cnt`` the forward's live-pair count (``_targets_weights``). dq and dk come back in ``out_dtype``
+    (default fp32); with one chunk cuBLAS writes them in that dtype directly. Each chunk's kernel writes
+    every workspace element of that chunk once; all sums have a fixed order.
     """
     m, n, d = q.shape[0], k.shape[0], q.shape[1]
+    out_dtype = out_dtype or torch.float32
     chunk = min(n, chunk or gemm_chunk_columns(m, d, q.element_size()))
     if m * chunk >= 2**31:
         raise ValueError(f"gemm backward: workspace of {m}×{chunk} needs 32-bit offsets; pass a smaller chunk")
     g = torch.empty(m, chunk, dtype=q.dtype, device=q.device)  # workspace: ≤ 16·m·d bytes by default
-    dq = None  # (m, d) fp32: G·K before the factor s
-    dk = torch.empty(n, d, dtype=torch.float32, device=q.device) if chunk < n else None
+    ds_slots = torch.zeros(_ds_slots(m, chunk, q), dtype=torch.float32, device=q.device)
+    dq = dk = None
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), g.stride(0))
-    meta = {**meta, "PAIRED": lse2 is not None}
+    meta = {"PAIRED": False, "DIAG": False, **meta}
     for col0 in range(0, n, chunk):
         cols = min(chunk, n - col0)
-        args = (q, k, scale, tgt, kv, lse, w, lse if lse2 is None else lse2, g, m, n, d, col0, cols, *strides)
+        args = (q, k, scale, tgt, kv, lse, w, w if cnt is None else cnt, g, ds_slots, m, n, d, col0, cols, *strides)
         grid = lambda c, cols=cols: (triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(cols, c["BLOCK_N"]))  # noqa: E731
-        _launch(_infonce_grad_chunk_kernel, grid, q, args, meta, _GRAD_CONFIGS)
+        _launch(_infonce_grad_chunk_kernel, grid, q, args, meta, _GRAD_CONFIGS, reset=("ds_ptr",))
+        if chunk == n:  # one chunk: every key column, products straight into out_dtype
+            return _mm(g, k, out_dtype), _mm(g.T, q, out_dtype), ds_slots.sum()
         g_c = g[:, :cols]  # (m, cols)
         gk = _mm_fp32(g_c, k[col0 : col0 + cols])  # (m, d)
         dq = gk if dq is None else dq.add_(gk)
-        if dk is None:  # one chunk: every key column
-            dk = _mm_fp32(g_c.T, q)  # (n, d)
-        else:
-            dk[col0 : col0 + cols] = _mm_fp32(g_c.T, q)  # (cols, d)
-    ds = (dq * q).sum()
-    s = scale.reshape(())
-    return dq.mul_(s), dk.mul_(s), ds
+        if dk is None:
+            dk = torch.empty(n, d, dtype=torch.float32, device=q.device)
+        dk[col0 : col0 + cols] = _mm_fp32(g_c.T, q)  # (cols, d)
+    if out_dtype != torch.float32:
+        dq, dk = dq.to(out_dtype), dk.to(out_dtype)
+    return dq, dk, ds_slots.sum()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -676,14 +795,18 @@ def infonce_backward(grad_output, q, k, logit_scale, lse, targets=None, *, key_v
     """Gradients of ``grad_output · infonce_forward(...)[0]``: (dq, dk, d logit_scale) in input dtypes.
 
     ``method``: as ``infonce_block_backward``."""
+    _check(q, k, logit_scale, targets, key_valid)
     targets, valid = _valid_rows(q, targets, key_valid)
     return _backward(grad_output, q, k, logit_scale, lse, targets, valid, valid.sum().clamp_min(1), key_valid, method)
 
 
 def _backward(grad_output, q, k, logit_scale, lse, targets, valid, count, key_valid, method):
+    if q.shape[0] == 0 or k.shape[0] == 0:  # (checked by the forward, or by infonce_backward)
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(logit_scale)
     row_weight = valid * (grad_output.to(torch.float32) / count)  # (m,) fp32
-    dq, dk, ds = infonce_block_backward(q, k, logit_scale, lse, row_weight, targets, key_valid=key_valid, method=method)
-    return dq.to(q.dtype), dk.to(k.dtype), ds.reshape(logit_scale.shape).to(logit_scale.dtype)
+    method = _resolve_method(method, q)
+    dq, dk, ds = _block_backward(q, k, logit_scale, lse, row_weight, targets, key_valid, method, out_dtype=q.dtype)
+    return dq, dk, ds.reshape(logit_scale.shape).to(logit_scale.dtype)
 
 
 class InfoNCEFunction(torch.autograd.Function):
@@ -723,49 +846,66 @@ def infonce_triton(q, k, logit_scale, targets=None, *, key_valid=None, backward=
     return InfoNCEFunction.apply(q, k, logit_scale, targets, key_valid, backward)
 
 
-def _paired_rows(a, valid):
-    """(targets, count) of a paired loss: row i's positive is row i of the other side when valid."""
+def _paired_loss(a, b, logit_scale, valid):
+    """(loss, lse (2, m), stats): the paired loss's forward in two launches (the forward kernel both
+    ways, then ``_paired_loss_kernel``) and no other torch op; stats (2,) fp32 = [count, loss]."""
+    m = a.shape[0]
+    if m == 0:
+        stats = torch.tensor([1.0, 0.0], device=a.device)
+        return stats[1], torch.empty(2, 0, dtype=torch.float32, device=a.device), stats
+    part_lse, part_pos = _forward_partials(a, b, logit_scale, None, valid, None, ways=2, diag=True)
+    lse = torch.empty(2, m, dtype=torch.float32, device=a.device)
+    stats = torch.empty(2, dtype=torch.float32, device=a.device)
+    splits = part_lse.shape[2]
+    block_s = triton.next_power_of_2(splits)
+    if _interpreting(a):  # small row blocks: the CPU tests walk the row loop
+        kernel, block_r = _interpreted(_paired_loss_kernel), 64
+    else:
+        kernel, block_r = _paired_loss_kernel, max(1, 2048 // block_s)
+    kernel[(1,)](part_lse, part_pos, _mask_bytes(valid, a), lse, stats, m, splits,
+                 HAS_KEY_VALID=valid is not None, BLOCK_R=block_r, BLOCK_S=block_s)  # fmt: skip
+    return stats[1], lse, stats
+
+
+def _paired_gemm_backward(grad_output, a, b, logit_scale, lse, valid, stats):
+    """(da, db, ds) of the paired loss in a's dtype: one gradient-chunk launch per chunk with the DIAG rows
+    (targets, weights and mask computed in the kernel) and two cuBLAS products."""
+    meta = {"HAS_KEY_VALID": valid is not None, "PRECISION": _precision(a), "PAIRED": True, "DIAG": True}
+    kv = _mask_bytes(valid, a)
+    return _gemm_backward(a, b, logit_scale, a, kv, lse, grad_output, meta, cnt=stats, out_dtype=a.dtype)
+
+
+def _paired_fused_backward(grad_output, a, b, logit_scale, lse, valid, stats):
+    """(da, db, ds) of the paired loss from the two directions' fused backwards (no workspace)."""
     rows = torch.arange(a.shape[0], device=a.device)
-    if valid is None:
-        return rows, max(a.shape[0], 1)
-    return torch.where(valid, rows, -1), valid.sum().clamp_min(1)
+    targets = rows if valid is None else torch.where(valid, rows, -1)
+    weight = (grad_output.to(torch.float32) * 0.5 / stats[0]).reshape(1)
+    weight = weight.expand(a.shape[0]).contiguous() if valid is None else weight * valid  # (m,): the kernels index it
+    da, db, ds = _block_backward(a, b, logit_scale, lse[0], weight, targets, valid, "fused")
+    db2, da2, ds2 = _block_backward(b, a, logit_scale, lse[1], weight, targets, valid, "fused")
+    return (da + da2).to(a.dtype), (db + db2).to(b.dtype), ds + ds2
 
 
 class SymmetricInfoNCEFunction(torch.autograd.Function):
-    """Autograd for the paired loss 0.5·(InfoNCE(a, b) + InfoNCE(b, a)): one forward launch for both
-    directions, and (method "gemm") one backward whose tiles serve both; saves a, b and the (2, m) LSE."""
+    """Autograd for the paired loss 0.5·(InfoNCE(a, b) + InfoNCE(b, a)): two forward launches for both
+    directions (no torch op on the loss), and (method "gemm") one backward whose tiles serve both;
+    saves a, b, the (2, m) LSE and the [count, loss] stats."""
 
     @staticmethod
     def forward(ctx, a, b, logit_scale, valid, method="auto"):
-        targets, count = _paired_rows(a, valid)
-        lse, pos = paired_block_lse(a, b, logit_scale, targets, key_valid=valid)  # (2, m) each
-        per_row = (lse - pos).sum(dim=0)  # (m,) both directions
-        if valid is not None:
-            per_row = torch.where(valid, per_row, 0.0)  # an invalid row's LSE may be −inf
-        # count is a tensor only with a mask; without one it follows from the shape
-        ctx.save_for_backward(a, b, logit_scale, lse, valid, targets, count if valid is not None else None)
+        loss, lse, stats = _paired_loss(a, b, logit_scale, valid)
+        ctx.save_for_backward(a, b, logit_scale, lse, valid, stats)
         ctx.method = method
-        return per_row.sum() * 0.5 / count
+        return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        a, b, logit_scale, lse, valid, targets, count = ctx.saved_tensors
-        count = max(a.shape[0], 1) if count is None else count
-        weight = grad_output.to(torch.float32).reshape(1).expand(a.shape[0]) * 0.5 / count  # (m,)
-        if valid is not None:
-            weight = weight * valid
-        if _resolve_method(ctx.method, a) == "gemm":
-            da, db, ds = paired_block_backward(a, b, logit_scale, lse, weight, targets, key_valid=valid)
-        else:  # two fused backwards (no workspace), one per direction
-            da, db, ds = infonce_block_backward(
-                a, b, logit_scale, lse[0], weight, targets, key_valid=valid, method="fused"
-            )
-            db2, da2, ds2 = infonce_block_backward(
-                b, a, logit_scale, lse[1], weight, targets, key_valid=valid, method="fused"
-            )
-            da, db, ds = da + da2, db + db2, ds + ds2
-        ds = ds.reshape(logit_scale.shape).to(logit_scale.dtype)
-        return da.to(a.dtype), db.to(b.dtype), ds, None, None
+        a, b, logit_scale, lse, valid, stats = ctx.saved_tensors
+        if a.shape[0] == 0:
+            return torch.zeros_like(a), torch.zeros_like(b), torch.zeros_like(logit_scale), None, None
+        backward = _paired_gemm_backward if _resolve_method(ctx.method, a) == "gemm" else _paired_fused_backward
+        da, db, ds = backward(grad_output, a, b, logit_scale, lse, valid, stats)
+        return da, db, ds.reshape(logit_scale.shape).to(logit_scale.dtype), None, None
 
 
 def symmetric_infonce_triton(a, b, logit_scale, *, valid=None, backward="auto"):
@@ -784,6 +924,10 @@ def symmetric_infonce_triton(a, b, logit_scale, *, valid=None, backward="auto"):
     Returns:
         0-dim fp32 loss, the mean over valid pairs of both directions (0 when none is valid).
     """
+    _check(a, b, logit_scale, None, valid)
+    if a.shape != b.shape:
+        raise ValueError(f"paired rows need equal shapes; got {tuple(a.shape)} and {tuple(b.shape)}")
     if valid is not None and valid.shape != a.shape[:1]:
         raise ValueError(f"valid must have shape ({a.shape[0]},); got {tuple(valid.shape)}")
-    return SymmetricInfoNCEFunction.apply(a, b, logit_scale, valid, backward)
+    # the forward swaps a and b inside one launch: both need the same (row-major) strides
+    return SymmetricInfoNCEFunction.apply(a.contiguous(), b.contiguous(), logit_scale, valid, backward)

@@ -304,6 +304,21 @@ def test_symmetric_loss_and_grads_match_float64_reference(shape, dtype, backward
     _assert_close(loss, grads, ref_loss, ref_grads, (a, b, s), dtype)
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["all-pairs", "masked"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_symmetric_loss_over_splits_chunks_and_row_blocks(dtype, masked):
+    """300 pairs at d = 8: the forward splits the keys in two, the loss kernel walks its rows in several
+    blocks, and the gemm backward runs three chunks of 128 columns (the last ragged) with the targets,
+    weights and mask computed in the kernel."""
+    m, d = 300, 8
+    assert forward_splits(2 * m, m, torch.device(DEVICE)) == 2 or DEVICE == "cuda"
+    assert gemm_chunk_columns(m, d, torch.tensor([], dtype=dtype).element_size()) == 128
+    a, b, s, valid = _paired_inputs(m, d, dtype, seed=25, masked=masked)
+    loss, grads = _run(symmetric_infonce_triton, a, b, s, valid=valid, backward="gemm")
+    ref_loss, ref_grads = _run(reference_symmetric, a, b, s, valid)
+    _assert_close(loss, grads, ref_loss, ref_grads, (a, b, s), dtype)
+
+
 @pytest.mark.parametrize("splits", [1, 3])
 def test_paired_block_lse_is_both_directions(splits):
     a, b, s, valid = _paired_inputs(300, 24, torch.float32, seed=21, masked=True)
