@@ -13,8 +13,8 @@ Layering (Liger-Kernel style):
 
 Forward: each program owns BLOCK_M rows and one split of the key axis, walks over its key tiles computing
 s·Q·Kᵀ on chip (d in BLOCK_D chunks, fp32 accumulation) with an online log-sum-exp; it writes the partial
-row LSE and positive logit (picked out of the tile that holds column t_i) of its split; torch merges the
-(m, splits) partials. Splits (FlashDecoding's split-KV) keep small batches from leaving SMs idle. The
+row LSE and positive logit (picked out of the tile that holds column t_i) of its split; a small kernel
+merges the (m, splits) partials. Splits (FlashDecoding's split-KV) keep small batches from leaving SMs idle. The
 column LSE the symmetric loss needs is the row LSE of the swapped call ``infonce_block_lse(k, q, ...)``:
 a column reduction inside the row kernel would need either atomics on (max, sum) pairs or an
 (m / BLOCK_M)×n buffer, which is O(B²).
@@ -32,8 +32,10 @@ Backward "gemm" (the default on CUDA; "fused" above is the interpreter's default
 workspace): the fused kernels' per-slice recompute grows as d²/BLOCK_OUT, so instead
 ``_infonce_grad_chunk_kernel`` (a GEMM tile with an epilogue) writes G = dL/dz for a chunk of key columns
 into a workspace of m × chunk elements in the input dtype (chunk ∝ d, 16·d bytes per row: independent
-of n), and cuBLAS computes dq += G·K_chunk and dk_chunk = Gᵀ·Q with fp32 outputs; ds = Σ_i q_i·(G·K)_i
-needs no extra pass. Each similarity tile is computed once per backward.
+of n), already multiplied by s, and cuBLAS computes dq += (s·G)·K_chunk and dk_chunk = (s·G)ᵀ·Q (fp32
+outputs, or the input dtype straight away when one chunk covers every key); the chunk kernel also sums
+its tile's share of ds into a per-program slot, so ds needs no extra pass. Each similarity tile is
+computed once per backward.
 
 Paired rows (a_i with b_i, m == n, shared targets and key mask): the symmetric loss's two directions are
 z = s·A·Bᵀ and zᵀ. The forward runs both in one launch (a third grid axis swaps q and k), and the gemm
@@ -41,6 +43,13 @@ backward adds the swapped direction's gradient into the same G tile (column j is
 row: G_ij += w_j·(p'_ij − [i = t_j]), p'_ij = exp(z_ij − lse'_j)), so one tile, one workspace and two
 cuBLAS products serve both directions: 12·m²·d of work instead of 16, and half the launches. The gathered
 loss cannot do this: on a rank its two directions have different key sets.
+
+Host time: at b ≤ 4096 a step is bound by the host (launches and small torch ops, tens of µs each on
+the H200 machine), not by the GPU. The paired loss therefore does its bookkeeping in the kernels: the
+forward ends in ``_paired_loss_kernel`` (merge, row LSE, live-pair count and the loss itself), and with
+DIAG the kernels take t_i = i and the row weight ½·grad_output / count from the saved count, so a paired
+fwd+bwd is 4 Triton launches, 2 cuBLAS products and about 50 torch ops (110 before; profile with
+``benchmarks/infonce_breakdown.py --host``).
 
 CPU: kernels run under the Triton interpreter, which Triton only enables when TRITON_INTERPRET=1 is set
 before triton is imported (its own ``tl.max`` / ``tl.sum`` are decorated at import). This module sets it
@@ -160,8 +169,9 @@ def _infonce_fwd_kernel(q_ptr, k_ptr, scale_ptr, tgt_ptr, kv_ptr, lse_ptr, pos_p
                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # Program (i, c, w) owns row tile i against the key columns [c·split_n, (c + 1)·split_n) and writes
     # the partial LSE and positive logit of its rows to column c of (ways, m, splits) buffers (merged by
-    # torch). BOTH_WAYS (paired rows: m == n, equal strides, shared targets and key mask): programs with
-    # w = 1 run the swapped call, rows of k against the keys q, so one launch gives both directions.
+    # ``_merge_splits_kernel`` or ``_paired_loss_kernel``). BOTH_WAYS (paired rows: m == n, equal strides,
+    # shared targets and key mask): programs with w = 1 run the swapped call, rows of k against the keys
+    # q, so one launch gives both directions.
     # DIAG: row i's positive is column i (tgt_ptr is not read).
     if BOTH_WAYS:
         if tl.program_id(2) == 1:
