@@ -62,6 +62,7 @@ launches raise a clear error. The interpreter gets one fixed config and upcasts 
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
 
@@ -88,6 +89,7 @@ __all__ = [
     "interpreter_ready",
     "paired_block_backward",
     "paired_block_lse",
+    "paired_groups",
     "symmetric_infonce_triton",
 ]
 
@@ -106,6 +108,9 @@ def _gpu_configs(shapes):
 # BLOCK_OUT, num_warps, num_stages), BLOCK_OUT the gradient columns a program keeps on chip.
 _FWD_CONFIGS = _gpu_configs([(128, 64, 64, 8, 3), (128, 128, 32, 8, 3), (64, 64, 64, 4, 4),
                              (64, 128, 64, 4, 3), (128, 128, 64, 8, 3)])
+# The paired one-pass forward (groups are multiples of 128 rows, so every block divides them).
+_PAIRED_FWD_CONFIGS = _gpu_configs([(128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 128, 64, 4, 3),
+                                    (64, 64, 64, 4, 4), (128, 128, 32, 8, 3)])
 _BWD_CONFIGS = _gpu_configs([(64, 64, 64, 64, 4, 3), (128, 64, 64, 128, 8, 3), (64, 64, 64, 256, 8, 3),
                              (128, 128, 64, 128, 8, 2)])
 # Gradient chunks (GEMM-shaped tiles): (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages).
@@ -206,17 +211,94 @@ def _infonce_fwd_kernel(q_ptr, k_ptr, scale_ptr, tgt_ptr, kv_ptr, lse_ptr, pos_p
 
 
 @triton.jit
-def _merged_rows(part_lse_ptr, part_pos_ptr, r, splits, rows, BLOCK_S: tl.constexpr):
-    """(lse, pos) of rows ``r`` from (rows, splits) partials: logsumexp over the splits, and their sum."""
+def _merged_lse(part_ptr, r, splits, rows, BLOCK_S: tl.constexpr):
+    """LSE of rows ``r`` from (rows, splits) partial LSEs: the logsumexp over the splits."""
     c = tl.arange(0, BLOCK_S)
     ok = (r[:, None] < rows) & (c[None, :] < splits)
-    part = tl.load(part_lse_ptr + r[:, None] * splits + c[None, :], mask=ok, other=float("-inf"))
+    part = tl.load(part_ptr + r[:, None] * splits + c[None, :], mask=ok, other=float("-inf"))
     mx = tl.max(part, axis=1)
     mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
     total = tl.sum(tl.exp(part - mx_safe[:, None]), axis=1)  # >= 1 unless every partial is −inf
-    lse = tl.where(mx == float("-inf"), float("-inf"), mx_safe + tl.log(tl.maximum(total, 1e-30)))
-    pos = tl.sum(tl.load(part_pos_ptr + r[:, None] * splits + c[None, :], mask=ok, other=0.0), axis=1)
-    return lse, pos
+    return tl.where(mx == float("-inf"), float("-inf"), mx_safe + tl.log(tl.maximum(total, 1e-30)))
+
+
+@triton.jit
+def _summed(part_ptr, r, splits, rows, BLOCK_S: tl.constexpr):
+    """Sum over the splits of (rows, splits) partials, for rows ``r``."""
+    c = tl.arange(0, BLOCK_S)
+    ok = (r[:, None] < rows) & (c[None, :] < splits)
+    return tl.sum(tl.load(part_ptr + r[:, None] * splits + c[None, :], mask=ok, other=0.0), axis=1)
+
+
+@triton.jit
+def _merged_rows(part_lse_ptr, part_pos_ptr, r, splits, rows, BLOCK_S: tl.constexpr):
+    """(lse, pos) of rows ``r`` from (rows, splits) partials: logsumexp over the splits, and their sum."""
+    return _merged_lse(part_lse_ptr, r, splits, rows, BLOCK_S), _summed(part_pos_ptr, r, splits, rows, BLOCK_S)
+
+
+@triton.jit
+def _logaddexp(x, y):
+    """log(exp(x) + exp(y)), −inf when both are."""
+    mx = tl.maximum(x, y)
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    out = mx_safe + tl.log(tl.exp(x - mx_safe) + tl.exp(y - mx_safe))
+    return tl.where(mx == float("-inf"), float("-inf"), out)
+
+
+@triton.jit
+def _paired_fwd_kernel(a_ptr, b_ptr, scale_ptr, kv_ptr, row_part_ptr, col_part_ptr, pos_part_ptr,
+                       m, d, group, stride_m, stride_d,
+                       HAS_KEY_VALID: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Both directions of the paired loss from ONE pass over z = s·A·Bᵀ (half the forward's matrix work of
+    # the BOTH_WAYS launch): z_ij is a logit of query a_i (row direction) and of query b_j (column
+    # direction). Program (g, h) owns rows [g·group, (g + 1)·group) × columns [h·group, (h + 1)·group)
+    # and walks its tiles row tile by row tile. Row LSE: online in registers over the program's columns,
+    # stored to row_part[i, h] (m, C) with the positive z_ii to pos_part[i, h] (0 off the diagonal
+    # group). Column LSE: each tile's column LSE is folded (logaddexp) into col_part[j, g] (m, R), which
+    # only this program touches; a barrier orders its store before the next row tile's load. Masked
+    # pairs are no keys of the row direction (columns) and no keys of the column direction (rows).
+    # Partials stay O(m·(R + C)) with R, C ≤ a few dozen; the autotuner's reruns rewrite everything.
+    g = tl.program_id(0)
+    h = tl.program_id(1)
+    n_col_groups = tl.num_programs(1)
+    n_row_groups = tl.num_programs(0)
+    s = tl.load(scale_ptr).to(tl.float32)
+    row_lo = g * group
+    col_lo = h * group
+    for row0 in range(row_lo, tl.minimum(row_lo + group, m), BLOCK_M):
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < m
+        row_live = _live_columns(kv_ptr, rows, row_ok, HAS_KEY_VALID)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        pos = tl.zeros([BLOCK_M], tl.float32)
+        for col0 in range(col_lo, tl.minimum(col_lo + group, m), BLOCK_N):
+            cols = col0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < m
+            z = s * _dot_tile(a_ptr, b_ptr, rows, cols, row_ok, col_ok, d, stride_m, stride_d, stride_m,
+                              stride_d, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)  # (BM, BN)
+            pos += tl.sum(tl.where(cols[None, :] == rows[:, None], z, 0.0), axis=1)
+            # row direction: online LSE over live columns
+            zr = tl.where(_live_columns(kv_ptr, cols, col_ok, HAS_KEY_VALID)[None, :], z, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(zr, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(zr - m_safe[:, None]), axis=1)
+            m_i = m_new
+            # column direction: this tile's LSE over live rows, folded into the program's partial
+            zc = tl.where(row_live[:, None], z, float("-inf"))
+            c_max = tl.max(zc, axis=0)
+            c_safe = tl.where(c_max == float("-inf"), 0.0, c_max)
+            c_sum = tl.sum(tl.exp(zc - c_safe[None, :]), axis=0)
+            c_lse = tl.where(c_max == float("-inf"), float("-inf"), c_safe + tl.log(tl.maximum(c_sum, 1e-30)))
+            slot = col_part_ptr + cols * n_row_groups + g
+            old = tl.load(slot, mask=col_ok, other=float("-inf"))  # not yet written on the first row tile
+            old = tl.where(row0 == row_lo, float("-inf"), old)
+            tl.store(slot, _logaddexp(old, c_lse), mask=col_ok)
+            tl.debug_barrier()
+        out = rows * n_col_groups + h
+        tl.store(row_part_ptr + out, m_i + tl.log(tl.maximum(l_i, 1e-30)), mask=row_ok)
+        tl.store(pos_part_ptr + out, pos, mask=row_ok)
 
 
 @triton.jit
@@ -231,22 +313,26 @@ def _merge_splits_kernel(part_lse_ptr, part_pos_ptr, lse_ptr, pos_ptr, rows, spl
 
 
 @triton.jit
-def _paired_loss_kernel(part_lse_ptr, part_pos_ptr, kv_ptr, lse_ptr, stats_ptr, m, splits,
-                        HAS_KEY_VALID: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
-    # One program ends the paired loss's forward without a torch op: merges both directions' (2, m,
-    # splits) partials into the (2, m) row LSE, and writes stats = [count, loss], count = max(#live pairs,
-    # 1), loss = ½·Σ_live Σ_ways (lse − pos) / count. Its read is O(m·splits) floats, microseconds next to
-    # the forward kernel even at m = 128k; the row loop keeps the sum order fixed.
+def _paired_loss_kernel(lse0_ptr, lse1_ptr, lse1_offset, pos_ptr, kv_ptr, lse_ptr, stats_ptr, m, splits0,
+                        splits1, HAS_KEY_VALID: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S0: tl.constexpr,
+                        BLOCK_S1: tl.constexpr):
+    # One program ends the paired loss's forward without a torch op: merges the two directions' partial
+    # LSEs, (m, splits0) at lse0_ptr and (m, splits1) at lse1_ptr + lse1_offset, into the (2, m) row LSE,
+    # sums the (m, splits0) positive partials (z_ii: the same logit for both directions), and writes
+    # stats = [count, loss], count = max(#live pairs, 1), loss = ½·Σ_live (lse0 + lse1 − 2·pos) / count.
+    # Its read is O(m·splits) floats, microseconds next to the forward kernel even at m = 128k; the row
+    # loop keeps the sum order fixed.
     total = tl.zeros([BLOCK_R], tl.float32)
     count = tl.zeros([BLOCK_R], tl.float32)
     for r0 in range(0, m, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
         live = _live_columns(kv_ptr, r, r < m, HAS_KEY_VALID)  # a masked pair is no query either
-        for way in tl.static_range(2):
-            lse, pos = _merged_rows(part_lse_ptr + way * m * splits, part_pos_ptr + way * m * splits, r,
-                                    splits, m, BLOCK_S)
-            tl.store(lse_ptr + way * m + r, lse, mask=r < m)
-            total += tl.where(live, lse - pos, 0.0)
+        pos = _summed(pos_ptr, r, splits0, m, BLOCK_S0)
+        lse0 = _merged_lse(lse0_ptr, r, splits0, m, BLOCK_S0)
+        lse1 = _merged_lse(lse1_ptr + lse1_offset, r, splits1, m, BLOCK_S1)
+        tl.store(lse_ptr + r, lse0, mask=r < m)
+        tl.store(lse_ptr + m + r, lse1, mask=r < m)
+        total += tl.where(live, lse0 + lse1 - 2.0 * pos, 0.0)
         count += live.to(tl.float32)
     n_live = tl.maximum(tl.sum(count, axis=0), 1.0)
     tl.store(stats_ptr, n_live)
@@ -856,25 +942,55 @@ def infonce_triton(q, k, logit_scale, targets=None, *, key_valid=None, backward=
     return InfoNCEFunction.apply(q, k, logit_scale, targets, key_valid, backward)
 
 
-def _paired_loss(a, b, logit_scale, valid):
+def _paired_loss(a, b, logit_scale, valid, forward="tiled"):
     """(loss, lse (2, m), stats): the paired loss's forward in two launches (the forward kernel both
     ways, then ``_paired_loss_kernel``) and no other torch op; stats (2,) fp32 = [count, loss]."""
     m = a.shape[0]
     if m == 0:
         stats = torch.tensor([1.0, 0.0], device=a.device)
         return stats[1], torch.empty(2, 0, dtype=torch.float32, device=a.device), stats
-    part_lse, part_pos = _forward_partials(a, b, logit_scale, None, valid, None, ways=2, diag=True)
+    if forward == "tiled":
+        row_part, col_part, pos_part = _paired_tiled_partials(a, b, logit_scale, valid)
+        parts = (row_part, col_part, 0, pos_part, row_part.shape[1], col_part.shape[1])
+    else:  # the BOTH_WAYS launch: (2, m, splits) partials, way 1 at offset m·splits
+        part_lse, part_pos = _forward_partials(a, b, logit_scale, None, valid, None, ways=2, diag=True)
+        splits = part_lse.shape[2]
+        parts = (part_lse, part_lse, m * splits, part_pos, splits, splits)
     lse = torch.empty(2, m, dtype=torch.float32, device=a.device)
     stats = torch.empty(2, dtype=torch.float32, device=a.device)
-    splits = part_lse.shape[2]
-    block_s = triton.next_power_of_2(splits)
+    block_s0, block_s1 = (triton.next_power_of_2(x) for x in parts[4:])
     if _interpreting(a):  # small row blocks: the CPU tests walk the row loop
         kernel, block_r = _interpreted(_paired_loss_kernel), 64
     else:
-        kernel, block_r = _paired_loss_kernel, max(1, 2048 // block_s)
-    kernel[(1,)](part_lse, part_pos, _mask_bytes(valid, a), lse, stats, m, splits,
-                 HAS_KEY_VALID=valid is not None, BLOCK_R=block_r, BLOCK_S=block_s)  # fmt: skip
+        kernel, block_r = _paired_loss_kernel, max(1, 2048 // max(block_s0, block_s1))
+    kernel[(1,)](*parts[:4], _mask_bytes(valid, a), lse, stats, m, *parts[4:], HAS_KEY_VALID=valid is not None,
+                 BLOCK_R=block_r, BLOCK_S0=block_s0, BLOCK_S1=block_s1)  # fmt: skip
     return stats[1], lse, stats
+
+
+def paired_groups(m: int, device: torch.device) -> tuple[int, int]:
+    """(groups per axis, rows per group) of ``_paired_fwd_kernel``: about 4 programs per SM (4 "SMs" in
+    the interpreter) in a square grid, groups whole multiples of the widest tile."""
+    unit = _INTERPRET_META["BLOCK_M"] if device.type != "cuda" else 128
+    sms = _sm_count(device) if device.type == "cuda" else 4
+    tiles = triton.cdiv(m, unit)
+    per_axis = max(1, min(tiles, math.isqrt(4 * sms)))
+    group = triton.cdiv(tiles, per_axis) * unit
+    return triton.cdiv(m, group), group
+
+
+def _paired_tiled_partials(a, b, logit_scale, valid):
+    """(row LSE (m, C), column LSE (m, R), positive (m, C)) partials of ``_paired_fwd_kernel`` (m > 0)."""
+    m, d = a.shape
+    groups, group = paired_groups(m, a.device)
+    row_part = torch.empty(m, groups, dtype=torch.float32, device=a.device)
+    col_part = torch.empty(m, groups, dtype=torch.float32, device=a.device)
+    pos_part = torch.empty(m, groups, dtype=torch.float32, device=a.device)
+    kv, strides = _mask_bytes(valid, a), (a.stride(0), a.stride(1))  # a and b: same (contiguous) strides
+    args = (a, b, logit_scale, kv, row_part, col_part, pos_part, m, d, group, *strides)
+    meta = {"HAS_KEY_VALID": valid is not None, "PRECISION": _precision(a)}
+    _launch(_paired_fwd_kernel, lambda c: (groups, groups), a, args, meta, _PAIRED_FWD_CONFIGS)
+    return row_part, col_part, pos_part
 
 
 def _paired_gemm_backward(grad_output, a, b, logit_scale, lse, valid, stats):
@@ -902,8 +1018,8 @@ class SymmetricInfoNCEFunction(torch.autograd.Function):
     saves a, b, the (2, m) LSE and the [count, loss] stats."""
 
     @staticmethod
-    def forward(ctx, a, b, logit_scale, valid, method="auto"):
-        loss, lse, stats = _paired_loss(a, b, logit_scale, valid)
+    def forward(ctx, a, b, logit_scale, valid, method="auto", forward="tiled"):
+        loss, lse, stats = _paired_loss(a, b, logit_scale, valid, forward)
         ctx.save_for_backward(a, b, logit_scale, lse, valid, stats)
         ctx.method = method
         return loss
@@ -912,13 +1028,13 @@ class SymmetricInfoNCEFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         a, b, logit_scale, lse, valid, stats = ctx.saved_tensors
         if a.shape[0] == 0:
-            return torch.zeros_like(a), torch.zeros_like(b), torch.zeros_like(logit_scale), None, None
+            return torch.zeros_like(a), torch.zeros_like(b), torch.zeros_like(logit_scale), None, None, None
         backward = _paired_gemm_backward if _resolve_method(ctx.method, a) == "gemm" else _paired_fused_backward
         da, db, ds = backward(grad_output, a, b, logit_scale, lse, valid, stats)
-        return da, db, ds.reshape(logit_scale.shape).to(logit_scale.dtype), None, None
+        return da, db, ds.reshape(logit_scale.shape).to(logit_scale.dtype), None, None, None
 
 
-def symmetric_infonce_triton(a, b, logit_scale, *, valid=None, backward="auto"):
+def symmetric_infonce_triton(a, b, logit_scale, *, valid=None, backward="auto", forward="tiled"):
     """Fused CLIP loss for paired rows, 0.5·(InfoNCE(a, b) + InfoNCE(b, a)), positives on the diagonal.
 
     Equal to ``0.5 * (infonce_triton(a, b, s, t, key_valid=valid) + infonce_triton(b, a, s, t,
@@ -931,13 +1047,17 @@ def symmetric_infonce_triton(a, b, logit_scale, *, valid=None, backward="auto"):
         a, b: (m, d) paired embeddings, same dtype (fp32/fp16/bf16). logit_scale: s, shape [] or [1].
         valid: optional (m,) bool; an invalid pair is neither a query nor a key in either direction.
         backward: "auto", "fused" (two on-chip backwards, no workspace) or "gemm".
+        forward: "tiled" (one pass over z = s·A·Bᵀ gives both directions' LSE: half the matrix work) or
+            "split" (one launch, each tile computed once per direction, key axis split for small batches).
     Returns:
         0-dim fp32 loss, the mean over valid pairs of both directions (0 when none is valid).
     """
+    if forward not in ("tiled", "split"):
+        raise ValueError(f"forward must be 'tiled' or 'split'; got {forward!r}")
     _check(a, b, logit_scale, None, valid)
     if a.shape != b.shape:
         raise ValueError(f"paired rows need equal shapes; got {tuple(a.shape)} and {tuple(b.shape)}")
     if valid is not None and valid.shape != a.shape[:1]:
         raise ValueError(f"valid must have shape ({a.shape[0]},); got {tuple(valid.shape)}")
     # the forward swaps a and b inside one launch: both need the same (row-major) strides
-    return SymmetricInfoNCEFunction.apply(a.contiguous(), b.contiguous(), logit_scale, valid, backward)
+    return SymmetricInfoNCEFunction.apply(a.contiguous(), b.contiguous(), logit_scale, valid, backward, forward)

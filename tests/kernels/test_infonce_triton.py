@@ -17,6 +17,7 @@ from kernels.infonce_triton import (  # noqa: E402
     interpreter_ready,
     paired_block_backward,
     paired_block_lse,
+    paired_groups,
     symmetric_infonce_triton,
 )
 
@@ -247,6 +248,14 @@ def test_forward_splits_fill_the_device_and_stay_bounded():
     assert forward_splits(64, 300, cpu) == 2  # at least 256 columns per split
 
 
+def test_paired_groups_cover_the_rows_with_a_bounded_grid():
+    cpu = torch.device("cpu")  # 4 "SMs": at most isqrt(16) = 4 groups per axis, 32-row units
+    assert paired_groups(300, cpu) == (4, 96)
+    assert paired_groups(5, cpu) == (1, 32)
+    groups, group = paired_groups(2**17, cpu)
+    assert groups == 4 and group % 32 == 0 and (groups - 1) * group < 2**17 <= groups * group
+
+
 def test_empty_query_set():
     q, k, s, _ = _inputs(0, 9, 6, torch.float32)
     loss, (dq, dk, ds) = _run(infonce_triton, q, k, s)
@@ -304,17 +313,21 @@ def test_symmetric_loss_and_grads_match_float64_reference(shape, dtype, backward
     _assert_close(loss, grads, ref_loss, ref_grads, (a, b, s), dtype)
 
 
+@pytest.mark.parametrize("forward", ["tiled", "split"])
 @pytest.mark.parametrize("masked", [False, True], ids=["all-pairs", "masked"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_symmetric_loss_over_splits_chunks_and_row_blocks(dtype, masked):
-    """300 pairs at d = 8: the forward splits the keys in two, the loss kernel walks its rows in several
-    blocks, and the gemm backward runs three chunks of 128 columns (the last ragged) with the targets,
-    weights and mask computed in the kernel."""
+def test_symmetric_loss_over_splits_chunks_and_row_blocks(dtype, masked, forward):
+    """300 pairs at d = 8, both paired forwards: the one-pass kernel over a 4×4 grid of 96-row groups
+    (several row and column tiles per program, a ragged last group), or the BOTH_WAYS launch with the
+    keys split in two; the loss kernel walks its rows in several blocks, and the gemm backward runs three
+    chunks of 128 columns (the last ragged) with the targets, weights and mask computed in the kernel."""
     m, d = 300, 8
-    assert forward_splits(2 * m, m, torch.device(DEVICE)) == 2 or DEVICE == "cuda"
+    if DEVICE == "cpu":
+        assert paired_groups(m, torch.device(DEVICE)) == (4, 96)
+        assert forward_splits(2 * m, m, torch.device(DEVICE)) == 2
     assert gemm_chunk_columns(m, d, torch.tensor([], dtype=dtype).element_size()) == 128
     a, b, s, valid = _paired_inputs(m, d, dtype, seed=25, masked=masked)
-    loss, grads = _run(symmetric_infonce_triton, a, b, s, valid=valid, backward="gemm")
+    loss, grads = _run(symmetric_infonce_triton, a, b, s, valid=valid, backward="gemm", forward=forward)
     ref_loss, ref_grads = _run(reference_symmetric, a, b, s, valid)
     _assert_close(loss, grads, ref_loss, ref_grads, (a, b, s), dtype)
 
@@ -371,6 +384,8 @@ def test_symmetric_empty_batch_and_validation():
         symmetric_infonce_triton(a, b, s)
     with pytest.raises(ValueError, match="valid"):
         symmetric_infonce_triton(a, a, s, valid=torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="forward"):
+        symmetric_infonce_triton(a, a, s, forward="both")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels at many-tile sizes: GPU only")
