@@ -2,9 +2,10 @@
 
 Paths (each computes 0.5 · (infonce(a, b) + infonce(b, a)) over a batch of b pairs of dimension d):
   triton   kernels.infonce_triton.symmetric_infonce_triton (GPU only: the interpreter is not a speed):
-           both directions from one pass over the similarity tiles and, with the gemm backward, one
-           shared backward
-  triton-split   the same with the BOTH_WAYS forward (each tile computed once per direction)
+           both directions from one forward (launch or pass over the tiles) and, with the gemm
+           backward, one shared backward
+  triton-split / triton-tiled   the same with its forward forced: the BOTH_WAYS launch (each tile
+           computed once per direction) or the one-pass kernel ("auto" picks by batch size)
   triton-fused / triton-gemm   the same with its backward method forced ("auto" is gemm on CUDA)
   triton-unpaired   two kernels.infonce_triton.infonce_triton calls, one per direction (auto backward):
            what the gathered loss runs per rank, and this path before the paired kernels existed
@@ -46,7 +47,7 @@ sys.path.insert(0, str(REPO))
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PATHS = ("triton", "chunked", "eager")
-EXTRA_PATHS = ("triton-fused", "triton-gemm", "triton-unpaired", "triton-split")
+EXTRA_PATHS = ("triton-fused", "triton-gemm", "triton-unpaired", "triton-split", "triton-tiled")
 
 
 def device_name(device: torch.device) -> str:
@@ -71,11 +72,11 @@ def _loss_fn(path: str, local_rows: int | None = None):
         from kernels.infonce_triton import infonce_triton, symmetric_infonce_triton
 
         method = path.partition("-")[2] or "auto"
-        if local_rows is None and method == "split":
-            return functools.partial(symmetric_infonce_triton, forward="split")
+        if local_rows is None and method in ("split", "tiled"):
+            return functools.partial(symmetric_infonce_triton, forward=method)
         if local_rows is None and method != "unpaired":
             return functools.partial(symmetric_infonce_triton, backward=method)
-        fn = functools.partial(infonce_triton, backward="auto" if method in ("unpaired", "split") else method)
+        fn = functools.partial(infonce_triton, backward="auto" if method in ("unpaired", "split", "tiled") else method)
     else:
         from kernels.infonce_reference import infonce_eager, infonce_torch
 

@@ -42,7 +42,11 @@ z = s·A·Bᵀ and zᵀ. The forward runs both in one launch (a third grid axis 
 backward adds the swapped direction's gradient into the same G tile (column j is that direction's query
 row: G_ij += w_j·(p'_ij − [i = t_j]), p'_ij = exp(z_ij − lse'_j)), so one tile, one workspace and two
 cuBLAS products serve both directions: 12·m²·d of work instead of 16, and half the launches. The gathered
-loss cannot do this: on a rank its two directions have different key sets.
+loss cannot do this: on a rank its two directions have different key sets. With forward="tiled"
+(``_paired_fwd_kernel``, the default from ``_TILED_FORWARD_MIN_ROWS`` pairs on) the forward computes
+each tile once for both directions too: its programs own square groups of rows × columns, keep the row
+LSE online in registers and fold each tile's column LSE into a per-program (m, groups) partial, so
+10·m²·d in all; it measured faster than the two-way launch only at the largest batches (H200).
 
 Host time: at b ≤ 4096 a step is bound by the host (launches and small torch ops, tens of µs each on
 the H200 machine), not by the GPU. The paired loss therefore does its bookkeeping in the kernels: the
@@ -942,7 +946,7 @@ def infonce_triton(q, k, logit_scale, targets=None, *, key_valid=None, backward=
     return InfoNCEFunction.apply(q, k, logit_scale, targets, key_valid, backward)
 
 
-def _paired_loss(a, b, logit_scale, valid, forward="tiled"):
+def _paired_loss(a, b, logit_scale, valid, forward):
     """(loss, lse (2, m), stats): the paired loss's forward in two launches (the forward kernel both
     ways, then ``_paired_loss_kernel``) and no other torch op; stats (2,) fp32 = [count, loss]."""
     m = a.shape[0]
@@ -966,6 +970,20 @@ def _paired_loss(a, b, logit_scale, valid, forward="tiled"):
     kernel[(1,)](*parts[:4], _mask_bytes(valid, a), lse, stats, m, *parts[4:], HAS_KEY_VALID=valid is not None,
                  BLOCK_R=block_r, BLOCK_S0=block_s0, BLOCK_S1=block_s1)  # fmt: skip
     return stats[1], lse, stats
+
+
+# forward="auto" takes the one-pass kernel from this many pairs on. H200, bf16 (BENCHMARKS.md): at
+# b = 16384 the BOTH_WAYS launch was faster (fwd+bwd 3.6 vs 5.4 ms at d = 512, 6.0 vs 7.5 at d = 1024),
+# at b = 131072, d = 1024 the one-pass kernel (378.3 vs 401.3 ms); sizes in between were not measured.
+_TILED_FORWARD_MIN_ROWS = 131072
+
+
+def _paired_forward(forward: str, m: int) -> str:
+    if forward not in ("auto", "tiled", "split"):
+        raise ValueError(f"forward must be 'auto', 'tiled' or 'split'; got {forward!r}")
+    if forward == "auto":
+        return "tiled" if m >= _TILED_FORWARD_MIN_ROWS else "split"
+    return forward
 
 
 def paired_groups(m: int, device: torch.device) -> tuple[int, int]:
@@ -1018,8 +1036,8 @@ class SymmetricInfoNCEFunction(torch.autograd.Function):
     saves a, b, the (2, m) LSE and the [count, loss] stats."""
 
     @staticmethod
-    def forward(ctx, a, b, logit_scale, valid, method="auto", forward="tiled"):
-        loss, lse, stats = _paired_loss(a, b, logit_scale, valid, forward)
+    def forward(ctx, a, b, logit_scale, valid, method="auto", forward="auto"):
+        loss, lse, stats = _paired_loss(a, b, logit_scale, valid, _paired_forward(forward, a.shape[0]))
         ctx.save_for_backward(a, b, logit_scale, lse, valid, stats)
         ctx.method = method
         return loss
@@ -1034,7 +1052,7 @@ class SymmetricInfoNCEFunction(torch.autograd.Function):
         return da, db, ds.reshape(logit_scale.shape).to(logit_scale.dtype), None, None, None
 
 
-def symmetric_infonce_triton(a, b, logit_scale, *, valid=None, backward="auto", forward="tiled"):
+def symmetric_infonce_triton(a, b, logit_scale, *, valid=None, backward="auto", forward="auto"):
     """Fused CLIP loss for paired rows, 0.5·(InfoNCE(a, b) + InfoNCE(b, a)), positives on the diagonal.
 
     Equal to ``0.5 * (infonce_triton(a, b, s, t, key_valid=valid) + infonce_triton(b, a, s, t,
@@ -1047,13 +1065,13 @@ def symmetric_infonce_triton(a, b, logit_scale, *, valid=None, backward="auto", 
         a, b: (m, d) paired embeddings, same dtype (fp32/fp16/bf16). logit_scale: s, shape [] or [1].
         valid: optional (m,) bool; an invalid pair is neither a query nor a key in either direction.
         backward: "auto", "fused" (two on-chip backwards, no workspace) or "gemm".
-        forward: "tiled" (one pass over z = s·A·Bᵀ gives both directions' LSE: half the matrix work) or
-            "split" (one launch, each tile computed once per direction, key axis split for small batches).
+        forward: "tiled" (one pass over z = s·A·Bᵀ gives both directions' LSE: half the matrix work),
+            "split" (one launch, each tile computed once per direction, key axis split for small batches)
+            or "auto" (tiled from ``_TILED_FORWARD_MIN_ROWS`` pairs on, where it measured faster).
     Returns:
         0-dim fp32 loss, the mean over valid pairs of both directions (0 when none is valid).
     """
-    if forward not in ("tiled", "split"):
-        raise ValueError(f"forward must be 'tiled' or 'split'; got {forward!r}")
+    _paired_forward(forward, a.shape[0])  # validates before anything runs
     _check(a, b, logit_scale, None, valid)
     if a.shape != b.shape:
         raise ValueError(f"paired rows need equal shapes; got {tuple(a.shape)} and {tuple(b.shape)}")

@@ -332,6 +332,15 @@ def test_symmetric_loss_over_splits_chunks_and_row_blocks(dtype, masked, forward
     _assert_close(loss, grads, ref_loss, ref_grads, (a, b, s), dtype)
 
 
+@pytest.mark.parametrize("shape", PAIRED_SHAPES[:2], ids=lambda s: "x".join(map(str, s)))
+def test_tiled_forward_on_one_and_few_tiles(shape):
+    """The one-pass forward where a group is a single (partial) tile: 1 pair, and 37 pairs without a mask."""
+    a, b, s, valid = _paired_inputs(*shape, torch.float16, seed=26, masked=shape[0] == 1)
+    loss, grads = _run(symmetric_infonce_triton, a, b, s, valid=valid, forward="tiled")
+    ref_loss, ref_grads = _run(reference_symmetric, a, b, s, valid)
+    _assert_close(loss, grads, ref_loss, ref_grads, (a, b, s), torch.float16)
+
+
 @pytest.mark.parametrize("splits", [1, 3])
 def test_paired_block_lse_is_both_directions(splits):
     a, b, s, valid = _paired_inputs(300, 24, torch.float32, seed=21, masked=True)
