@@ -52,7 +52,7 @@ Host time: at b ≤ 4096 a step is bound by the host (launches and small torch o
 the H200 machine), not by the GPU. The paired loss therefore does its bookkeeping in the kernels: the
 forward ends in ``_paired_loss_kernel`` (merge, row LSE, live-pair count and the loss itself), and with
 DIAG the kernels take t_i = i and the row weight ½·grad_output / count from the saved count, so a paired
-fwd+bwd is 4 Triton launches, 2 cuBLAS products and about 50 torch ops (110 before; profile with
+fwd+bwd is 3 Triton launches, 2 cuBLAS products and about 50 torch ops (110 before; profile with
 ``benchmarks/infonce_breakdown.py --host``).
 
 CPU: kernels run under the Triton interpreter, which Triton only enables when TRITON_INTERPRET=1 is set
