@@ -171,6 +171,24 @@ def _live_columns(kv_ptr, cols, col_ok, HAS_KEY_VALID: tl.constexpr):
 
 
 @triton.jit
+def _online_lse(m_i, l_i, z):
+    """One step of the online log-sum-exp over the columns of tile ``z`` (BM, BN): running row max m_i
+    and sum l_i of exp(z − m_i); −inf entries count as absent."""
+    m_new = tl.maximum(m_i, tl.max(z, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a fully masked tile must not give nan
+    return m_new, l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
+
+
+@triton.jit
+def _row_step(m_i, l_i, pos, z, cols, tgt, col_live):
+    """Row-direction update by tile ``z``: the positive logit where column == target, and the online LSE
+    over the live columns."""
+    pos += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
+    m_i, l_i = _online_lse(m_i, l_i, tl.where(col_live[None, :], z, float("-inf")))
+    return m_i, l_i, pos
+
+
+@triton.jit
 def _infonce_fwd_kernel(q_ptr, k_ptr, scale_ptr, tgt_ptr, kv_ptr, lse_ptr, pos_ptr,
                         m, n, d, split_n, stride_qm, stride_qd, stride_kn, stride_kd,
                         HAS_KEY_VALID: tl.constexpr, BOTH_WAYS: tl.constexpr, DIAG: tl.constexpr,
@@ -202,12 +220,7 @@ def _infonce_fwd_kernel(q_ptr, k_ptr, scale_ptr, tgt_ptr, kv_ptr, lse_ptr, pos_p
         col_ok = cols < hi
         z = s * _dot_tile(q_ptr, k_ptr, rows, cols, row_ok, col_ok, d, stride_qm, stride_qd, stride_kn,
                           stride_kd, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)  # (BM, BN)
-        pos += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
-        z = tl.where(_live_columns(kv_ptr, cols, col_ok, HAS_KEY_VALID)[None, :], z, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(z, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a fully masked tile must not give nan
-        l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
-        m_i = m_new
+        m_i, l_i, pos = _row_step(m_i, l_i, pos, z, cols, tgt, _live_columns(kv_ptr, cols, col_ok, HAS_KEY_VALID))
     out = (tl.program_id(2) * m + rows) * tl.num_programs(1) + tl.program_id(1)
     # l_i >= 1 when a column is valid; otherwise m_i = -inf and so is the LSE (no log(0) warning)
     tl.store(lse_ptr + out, m_i + tl.log(tl.maximum(l_i, 1e-30)), mask=row_ok)
@@ -282,13 +295,8 @@ def _paired_fwd_kernel(a_ptr, b_ptr, scale_ptr, kv_ptr, row_part_ptr, col_part_p
             col_ok = cols < m
             z = s * _dot_tile(a_ptr, b_ptr, rows, cols, row_ok, col_ok, d, stride_m, stride_d, stride_m,
                               stride_d, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)  # (BM, BN)
-            pos += tl.sum(tl.where(cols[None, :] == rows[:, None], z, 0.0), axis=1)
-            # row direction: online LSE over live columns
-            zr = tl.where(_live_columns(kv_ptr, cols, col_ok, HAS_KEY_VALID)[None, :], z, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(zr, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(zr - m_safe[:, None]), axis=1)
-            m_i = m_new
+            col_live = _live_columns(kv_ptr, cols, col_ok, HAS_KEY_VALID)
+            m_i, l_i, pos = _row_step(m_i, l_i, pos, z, cols, rows, col_live)  # row direction
             # column direction: this tile's LSE over live rows, folded into the program's partial
             zc = tl.where(row_live[:, None], z, float("-inf"))
             c_max = tl.max(zc, axis=0)
