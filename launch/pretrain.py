@@ -37,14 +37,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _report_config_error(error: ConfigError, rank: int, local_rank: int) -> None:
+    """One line per node: the ranks of a node see the same files and environment, so their errors are
+    the same; another node's (a missing mount, other credentials) may differ and is printed by its first
+    rank, tagged with the rank."""
+    if rank == 0:
+        print(f"align-pro: error: {error}", file=sys.stderr, flush=True)
+    elif local_rank == 0:
+        print(f"align-pro: error (rank {rank}): {error}", file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
     try:
         plan = prepare(args.recipe, args.overrides, args.config, args.run_dir, int(os.environ.get("WORLD_SIZE", 1)))
     except ConfigError as e:
-        if rank == 0:
-            print(f"align-pro: error: {e}", file=sys.stderr, flush=True)
+        _report_config_error(e, rank, args.local_rank)
         return 2
     if plan.finished_step is not None:
         if rank == 0:

@@ -124,3 +124,24 @@ def test_bad_configuration_fails_before_any_process_group(tmp_path, small_demo, 
     assert message in p.stderr
     assert p.stderr.count("align-pro: error") == 1
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "rank, local_rank, printed",
+    [(0, 0, "align-pro: error: "), (8, 0, "align-pro: error (rank 8): "), (9, 1, None)],
+)
+def test_config_errors_are_printed_once_per_node(monkeypatch, capsys, tmp_path, rank, local_rank, printed):
+    """Rank 0 prints the error, and so does the first rank of every other node (its files and environment
+    may differ: a missing mount is only that node's error); the other ranks of a node stay quiet."""
+    from launch import pretrain as launcher
+
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    argv = ["--run-dir", str(tmp_path / "run"), "--set", "data.train_shards=/missing/on/this/node"]
+    assert launcher.main(argv) == 2
+    err = capsys.readouterr().err
+    if printed is None:
+        assert err == ""
+    else:
+        assert err.count("align-pro: error") == 1 and printed in err and "/missing/on/this/node" in err
