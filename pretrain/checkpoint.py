@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from data_shards.storage import write_text
 from pretrain.collectives import all_reduce_numbers
 from pretrain.errors import RunStopped
 
@@ -96,15 +97,6 @@ class _RecordWriteErrors:
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -225,8 +217,8 @@ def save(
     if rank == 0:
         world = dist.get_world_size() if dist.is_initialized() else 1
         try:
-            _atomic_write_text(ckpt_dir / tag / COMPLETE, json.dumps({"step": step, "world_size": world}))
-            _atomic_write_text(ckpt_dir / "latest", tag)
+            write_text(ckpt_dir / tag / COMPLETE, json.dumps({"step": step, "world_size": world}))
+            write_text(ckpt_dir / "latest", tag)
         except WRITE_ERRORS as e:
             errors.append(f"{ckpt_dir / tag}: publishing failed: {e}")
     _fail_together(ckpt_dir, tag, errors, rank)
@@ -324,7 +316,7 @@ def _convert_to_universal(ckpt_dir: Path, tag: str, workers: int = 1) -> Path:
     with weights_only_loads():  # the files were verified; this closes the gap until they are read
         ds_to_universal(args)
     meta = json.loads((ckpt_dir / tag / COMPLETE).read_text())
-    _atomic_write_text(out / UNIVERSAL_COMPLETE, json.dumps({"source": tag, **meta}))
+    write_text(out / UNIVERSAL_COMPLETE, json.dumps({"source": tag, **meta}))
     os.replace(out, final)
     shutil.rmtree(work, ignore_errors=True)
     return final

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from data_shards.manifest import load_manifest
+from data_shards.storage import write_text
 from pretrain import checkpoint, checkpoint_store
 from pretrain.collectives import all_reduce_numbers
 from pretrain.config import Config
@@ -503,9 +504,7 @@ def _truncate_jsonl(path: Path, step: int) -> None:
     if not path.is_file():
         return
     kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _fmt_seconds(s: float) -> str:
