@@ -16,8 +16,9 @@ s·Q·Kᵀ on chip (d in BLOCK_D chunks, fp32 accumulation) with an online log-s
 row LSE and positive logit (picked out of the tile that holds column t_i) of its split; a small kernel
 merges the (m, splits) partials. Splits (FlashDecoding's split-KV) keep small batches from leaving SMs idle. The
 column LSE the symmetric loss needs is the row LSE of the swapped call ``infonce_block_lse(k, q, ...)``:
-a column reduction inside the row kernel would need either atomics on (max, sum) pairs or an
-(m / BLOCK_M)×n buffer, which is O(B²).
+a column reduction inside this row-tile layout would need either atomics on (max, sum) pairs or an
+(m / BLOCK_M)×n buffer, which is O(B²); the paired one-pass kernel (below) avoids both by giving each
+program a square group of rows × columns, so its column partials are (m, groups).
 
 Backward, with G_ij = w_i·(p_ij − [j = t_i]), p_ij = exp(s·q_i·k_j − lse_i), w_i = g·valid_i / #valid:
 dq = s·G·K, dk = s·Gᵀ·Q, ds = Σ_ij G_ij·(q_i·k_j). Tiles are recomputed from the saved LSE, in two
