@@ -326,13 +326,13 @@ def _merge_splits_kernel(part_lse_ptr, part_pos_ptr, lse_ptr, pos_ptr, rows, spl
 
 
 @triton.jit
-def _paired_loss_kernel(lse0_ptr, lse1_ptr, lse1_offset, pos_ptr, kv_ptr, lse_ptr, stats_ptr, m, splits0,
-                        splits1, HAS_KEY_VALID: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S0: tl.constexpr,
-                        BLOCK_S1: tl.constexpr):
+def _paired_loss_kernel(lse0_ptr, lse1_ptr, lse1_offset, pos_ptr, kv_ptr, lse_ptr, count_ptr, loss_ptr, m,
+                        splits0, splits1, HAS_KEY_VALID: tl.constexpr, BLOCK_R: tl.constexpr,
+                        BLOCK_S0: tl.constexpr, BLOCK_S1: tl.constexpr):
     # One program ends the paired loss's forward without a torch op: merges the two directions' partial
     # LSEs, (m, splits0) at lse0_ptr and (m, splits1) at lse1_ptr + lse1_offset, into the (2, m) row LSE,
     # sums the (m, splits0) positive partials (z_ii: the same logit for both directions), and writes
-    # stats = [count, loss], count = max(#live pairs, 1), loss = ½·Σ_live (lse0 + lse1 − 2·pos) / count.
+    # count = max(#live pairs, 1) and loss = ½·Σ_live (lse0 + lse1 − 2·pos) / count.
     # Its read is O(m·splits) floats, microseconds next to the forward kernel even at m = 128k; the row
     # loop keeps the sum order fixed.
     total = tl.zeros([BLOCK_R], tl.float32)
@@ -348,8 +348,8 @@ def _paired_loss_kernel(lse0_ptr, lse1_ptr, lse1_offset, pos_ptr, kv_ptr, lse_pt
         total += tl.where(live, lse0 + lse1 - 2.0 * pos, 0.0)
         count += live.to(tl.float32)
     n_live = tl.maximum(tl.sum(count, axis=0), 1.0)
-    tl.store(stats_ptr, n_live)
-    tl.store(stats_ptr + 1, 0.5 * tl.sum(total, axis=0) / n_live)
+    tl.store(count_ptr, n_live)
+    tl.store(loss_ptr, 0.5 * tl.sum(total, axis=0) / n_live)
 
 
 @triton.jit
@@ -956,12 +956,13 @@ def infonce_triton(q, k, logit_scale, targets=None, *, key_valid=None, backward=
 
 
 def _paired_loss(a, b, logit_scale, valid, forward):
-    """(loss, lse (2, m), stats): the paired loss's forward in two launches (the forward kernel both
-    ways, then ``_paired_loss_kernel``) and no other torch op; stats (2,) fp32 = [count, loss]."""
+    """(loss 0-dim, lse (2, m), count (1,)): the paired loss's forward in two launches (the forward
+    kernel, then ``_paired_loss_kernel``) and no other torch op; count = max(#live pairs, 1), fp32. The
+    loss is a tensor of its own (not a view), so callers may modify it in place."""
     m = a.shape[0]
     if m == 0:
-        stats = torch.tensor([1.0, 0.0], device=a.device)
-        return stats[1], torch.empty(2, 0, dtype=torch.float32, device=a.device), stats
+        f32 = functools.partial(torch.full, dtype=torch.float32, device=a.device)
+        return f32((), 0.0), torch.empty(2, 0, dtype=torch.float32, device=a.device), f32((1,), 1.0)
     if forward == "tiled":
         row_part, col_part, pos_part = _paired_tiled_partials(a, b, logit_scale, valid)
         parts = (row_part, col_part, 0, pos_part, row_part.shape[1], col_part.shape[1])
@@ -970,15 +971,16 @@ def _paired_loss(a, b, logit_scale, valid, forward):
         splits = part_lse.shape[2]
         parts = (part_lse, part_lse, m * splits, part_pos, splits, splits)
     lse = torch.empty(2, m, dtype=torch.float32, device=a.device)
-    stats = torch.empty(2, dtype=torch.float32, device=a.device)
+    count = torch.empty(1, dtype=torch.float32, device=a.device)
+    loss = torch.empty((), dtype=torch.float32, device=a.device)
     block_s0, block_s1 = (triton.next_power_of_2(x) for x in parts[4:])
     if _interpreting(a):  # small row blocks: the CPU tests walk the row loop
         kernel, block_r = _interpreted(_paired_loss_kernel), 64
     else:
         kernel, block_r = _paired_loss_kernel, max(1, 2048 // max(block_s0, block_s1))
-    kernel[(1,)](*parts[:4], _mask_bytes(valid, a), lse, stats, m, *parts[4:], HAS_KEY_VALID=valid is not None,
+    kernel[(1,)](*parts[:4], _mask_bytes(valid, a), lse, count, loss, m, *parts[4:], HAS_KEY_VALID=valid is not None,
                  BLOCK_R=block_r, BLOCK_S0=block_s0, BLOCK_S1=block_s1)  # fmt: skip
-    return stats[1], lse, stats
+    return loss, lse, count
 
 
 # forward="auto" takes the one-pass kernel from this many pairs on. H200, bf16 (BENCHMARKS.md): at
@@ -1020,19 +1022,19 @@ def _paired_tiled_partials(a, b, logit_scale, valid):
     return row_part, col_part, pos_part
 
 
-def _paired_gemm_backward(grad_output, a, b, logit_scale, lse, valid, stats):
+def _paired_gemm_backward(grad_output, a, b, logit_scale, lse, valid, count):
     """(da, db, ds) of the paired loss in a's dtype: one gradient-chunk launch per chunk with the DIAG rows
     (targets, weights and mask computed in the kernel) and two cuBLAS products."""
     meta = {"HAS_KEY_VALID": valid is not None, "PRECISION": _precision(a), "PAIRED": True, "DIAG": True}
     kv = _mask_bytes(valid, a)
-    return _gemm_backward(a, b, logit_scale, a, kv, lse, grad_output, meta, cnt=stats, out_dtype=a.dtype)
+    return _gemm_backward(a, b, logit_scale, a, kv, lse, grad_output, meta, cnt=count, out_dtype=a.dtype)
 
 
-def _paired_fused_backward(grad_output, a, b, logit_scale, lse, valid, stats):
+def _paired_fused_backward(grad_output, a, b, logit_scale, lse, valid, count):
     """(da, db, ds) of the paired loss from the two directions' fused backwards (no workspace)."""
     rows = torch.arange(a.shape[0], device=a.device)
     targets = rows if valid is None else torch.where(valid, rows, -1)
-    weight = (grad_output.to(torch.float32) * 0.5 / stats[0]).reshape(1)
+    weight = grad_output.to(torch.float32) * 0.5 / count  # (1,)
     weight = weight.expand(a.shape[0]).contiguous() if valid is None else weight * valid  # (m,): the kernels index it
     da, db, ds = _block_backward(a, b, logit_scale, lse[0], weight, targets, valid, "fused")
     db2, da2, ds2 = _block_backward(b, a, logit_scale, lse[1], weight, targets, valid, "fused")
@@ -1042,22 +1044,22 @@ def _paired_fused_backward(grad_output, a, b, logit_scale, lse, valid, stats):
 class SymmetricInfoNCEFunction(torch.autograd.Function):
     """Autograd for the paired loss 0.5·(InfoNCE(a, b) + InfoNCE(b, a)): two forward launches for both
     directions (no torch op on the loss), and (method "gemm") one backward whose tiles serve both;
-    saves a, b, the (2, m) LSE and the [count, loss] stats."""
+    saves a, b, the (2, m) LSE and the live-pair count."""
 
     @staticmethod
     def forward(ctx, a, b, logit_scale, valid, method="auto", forward="auto"):
-        loss, lse, stats = _paired_loss(a, b, logit_scale, valid, _paired_forward(forward, a.shape[0]))
-        ctx.save_for_backward(a, b, logit_scale, lse, valid, stats)
+        loss, lse, count = _paired_loss(a, b, logit_scale, valid, _paired_forward(forward, a.shape[0]))
+        ctx.save_for_backward(a, b, logit_scale, lse, valid, count)
         ctx.method = method
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        a, b, logit_scale, lse, valid, stats = ctx.saved_tensors
+        a, b, logit_scale, lse, valid, count = ctx.saved_tensors
         if a.shape[0] == 0:
             return torch.zeros_like(a), torch.zeros_like(b), torch.zeros_like(logit_scale), None, None, None
         backward = _paired_gemm_backward if _resolve_method(ctx.method, a) == "gemm" else _paired_fused_backward
-        da, db, ds = backward(grad_output, a, b, logit_scale, lse, valid, stats)
+        da, db, ds = backward(grad_output, a, b, logit_scale, lse, valid, count)
         return da, db, ds.reshape(logit_scale.shape).to(logit_scale.dtype), None, None, None
 
 

@@ -341,6 +341,20 @@ def test_tiled_forward_on_one_and_few_tiles(shape):
     _assert_close(loss, grads, ref_loss, ref_grads, (a, b, s), torch.float16)
 
 
+@pytest.mark.parametrize("backward", ["gemm", "fused"])
+def test_symmetric_loss_may_be_modified_in_place(backward):
+    """The loss is a tensor of its own, not a view of the kernel's buffers: ``loss.mul_(3)`` (what a
+    loss-weighting caller may do) works and scales every gradient by 3."""
+    a, b, s, valid = _paired_inputs(37, 24, torch.float32, seed=27, masked=True)
+    _, want = _run(symmetric_infonce_triton, a, b, s, valid=valid, backward=backward)
+    leaves = [t.detach().clone().requires_grad_() for t in (a, b, s)]
+    loss = symmetric_infonce_triton(*leaves, valid=valid, backward=backward)
+    loss.mul_(3.0)
+    loss.backward(torch.tensor(GRAD_OUT, device=DEVICE))
+    for leaf, w in zip(leaves, want):
+        assert _rel(leaf.grad, 3.0 * w) <= 1e-5
+
+
 @pytest.mark.parametrize("splits", [1, 3])
 def test_paired_block_lse_is_both_directions(splits):
     a, b, s, valid = _paired_inputs(300, 24, torch.float32, seed=21, masked=True)
