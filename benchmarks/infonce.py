@@ -71,12 +71,12 @@ def _loss_fn(path: str, local_rows: int | None = None):
     if path.startswith("triton"):
         from kernels.infonce_triton import infonce_triton, symmetric_infonce_triton
 
-        method = path.partition("-")[2] or "auto"
-        if local_rows is None and method in ("split", "tiled"):
-            return functools.partial(symmetric_infonce_triton, forward=method)
-        if local_rows is None and method != "unpaired":
-            return functools.partial(symmetric_infonce_triton, backward=method)
-        fn = functools.partial(infonce_triton, backward="auto" if method in ("unpaired", "split", "tiled") else method)
+        variant = path.partition("-")[2]  # "", fused/gemm (backward), split/tiled (forward), unpaired
+        forward = variant if variant in ("split", "tiled") else "auto"
+        backward = variant if variant in ("fused", "gemm") else "auto"
+        if local_rows is None and variant != "unpaired":
+            return functools.partial(symmetric_infonce_triton, backward=backward, forward=forward)
+        fn = functools.partial(infonce_triton, backward=backward)
     else:
         from kernels.infonce_reference import infonce_eager, infonce_torch
 
