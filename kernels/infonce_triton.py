@@ -113,9 +113,10 @@ def _gpu_configs(shapes):
 # BLOCK_OUT, num_warps, num_stages), BLOCK_OUT the gradient columns a program keeps on chip.
 _FWD_CONFIGS = _gpu_configs([(128, 64, 64, 8, 3), (128, 128, 32, 8, 3), (64, 64, 64, 4, 4),
                              (64, 128, 64, 4, 3), (128, 128, 64, 8, 3)])
-# The paired one-pass forward (groups are multiples of 128 rows, so every block divides them).
+# The paired one-pass forward (groups are multiples of its widest block, so every block divides them).
 _PAIRED_FWD_CONFIGS = _gpu_configs([(128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 128, 64, 4, 3),
                                     (64, 64, 64, 4, 4), (128, 128, 32, 8, 3)])
+_PAIRED_GROUP_UNIT = max(c.kwargs[key] for c in _PAIRED_FWD_CONFIGS for key in ("BLOCK_M", "BLOCK_N"))
 _BWD_CONFIGS = _gpu_configs([(64, 64, 64, 64, 4, 3), (128, 64, 64, 128, 8, 3), (64, 64, 64, 256, 8, 3),
                              (128, 128, 64, 128, 8, 2)])
 # Gradient chunks (GEMM-shaped tiles): (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages).
@@ -675,14 +676,17 @@ def forward_splits(m: int, n: int, device: torch.device) -> int:
     """Key-axis splits of the forward so that small batches still fill the GPU: enough programs for
     about four per SM (four "SMs" in the interpreter), each split at least 256 key columns. The (m, splits)
     partial buffers stay O(m): splits never exceeds 4·SMs."""
-    sms = _sm_count(device) if device.type == "cuda" else 4
+    sms = _sm_count(device)
     row_tiles = triton.cdiv(m, 64)  # the narrowest BLOCK_M of the configs
     return max(1, min(triton.cdiv(4 * sms, row_tiles), triton.cdiv(n, 256)))
 
 
 @functools.cache
 def _sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (asked once: the forward runs on a hot path)."""
+    """Streaming multiprocessors of a CUDA device (asked once: the forward runs on a hot path); 4
+    pretend SMs in the interpreter, so that the CPU tests see several programs per grid axis."""
+    if device.type != "cuda":
+        return 4
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
@@ -708,15 +712,16 @@ def infonce_block_backward(
     """
     _check(q, k, logit_scale, targets, key_valid)
     method = _resolve_method(method, q)
-    m, n, d = q.shape[0], k.shape[0], q.shape[1]
-    if m == 0 or n == 0:
-        zeros = functools.partial(torch.zeros, dtype=torch.float32, device=q.device)
-        return zeros(m, d), zeros(n, d), zeros(())
     return _block_backward(q, k, logit_scale, lse, row_weight, targets, key_valid, method, chunk)
 
 
 def _block_backward(q, k, logit_scale, lse, row_weight, targets, key_valid, method, chunk=None, out_dtype=None):
-    """``infonce_block_backward`` after its checks (m, n > 0); dq and dk in ``out_dtype`` (default fp32)."""
+    """``infonce_block_backward`` after its checks; dq and dk in ``out_dtype`` (default fp32), zeros when
+    there is no row or no key."""
+    m, n, d = q.shape[0], k.shape[0], q.shape[1]
+    if m == 0 or n == 0:
+        zeros = functools.partial(torch.zeros, dtype=out_dtype or torch.float32, device=q.device)
+        return zeros(m, d), zeros(n, d), zeros((), dtype=torch.float32)
     scale, tgt, kv = _args_common(q, logit_scale, targets, key_valid)
     w, lse = _fp32(row_weight), _fp32(lse)  # dead rows: handled in the kernels
     meta = {"HAS_KEY_VALID": key_valid is not None, "PRECISION": _precision(q)}
@@ -910,8 +915,6 @@ def infonce_backward(grad_output, q, k, logit_scale, lse, targets=None, *, key_v
 
 
 def _backward(grad_output, q, k, logit_scale, lse, targets, valid, count, key_valid, method):
-    if q.shape[0] == 0 or k.shape[0] == 0:  # (checked by the forward, or by infonce_backward)
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(logit_scale)
     row_weight = valid * (grad_output.to(torch.float32) / count)  # (m,) fp32
     method = _resolve_method(method, q)
     dq, dk, ds = _block_backward(q, k, logit_scale, lse, row_weight, targets, key_valid, method, out_dtype=q.dtype)
@@ -963,23 +966,24 @@ def _paired_loss(a, b, logit_scale, valid, forward):
     if m == 0:
         f32 = functools.partial(torch.full, dtype=torch.float32, device=a.device)
         return f32((), 0.0), torch.empty(2, 0, dtype=torch.float32, device=a.device), f32((1,), 1.0)
-    if forward == "tiled":
-        row_part, col_part, pos_part = _paired_tiled_partials(a, b, logit_scale, valid)
-        parts = (row_part, col_part, 0, pos_part, row_part.shape[1], col_part.shape[1])
-    else:  # the BOTH_WAYS launch: (2, m, splits) partials, way 1 at offset m·splits
-        part_lse, part_pos = _forward_partials(a, b, logit_scale, None, valid, None, ways=2, diag=True)
-        splits = part_lse.shape[2]
-        parts = (part_lse, part_lse, m * splits, part_pos, splits, splits)
+    if forward == "tiled":  # row LSE (m, C), column LSE (m, R), positives (m, C)
+        lse0, lse1, pos = _paired_tiled_partials(a, b, logit_scale, valid)
+        lse1_offset = 0
+    else:  # the BOTH_WAYS launch: (2, m, splits) partials of each, way 1 at offset m·splits
+        lse0, pos = _forward_partials(a, b, logit_scale, None, valid, None, ways=2, diag=True)
+        lse1, lse1_offset = lse0, m * lse0.shape[2]
+    splits0, splits1 = lse0.shape[-1], lse1.shape[-1]
     lse = torch.empty(2, m, dtype=torch.float32, device=a.device)
     count = torch.empty(1, dtype=torch.float32, device=a.device)
     loss = torch.empty((), dtype=torch.float32, device=a.device)
-    block_s0, block_s1 = (triton.next_power_of_2(x) for x in parts[4:])
+    block_s0, block_s1 = triton.next_power_of_2(splits0), triton.next_power_of_2(splits1)
     if _interpreting(a):  # small row blocks: the CPU tests walk the row loop
         kernel, block_r = _interpreted(_paired_loss_kernel), 64
     else:
         kernel, block_r = _paired_loss_kernel, max(1, 2048 // max(block_s0, block_s1))
-    kernel[(1,)](*parts[:4], _mask_bytes(valid, a), lse, count, loss, m, *parts[4:], HAS_KEY_VALID=valid is not None,
-                 BLOCK_R=block_r, BLOCK_S0=block_s0, BLOCK_S1=block_s1)  # fmt: skip
+    kernel[(1,)](lse0, lse1, lse1_offset, pos, _mask_bytes(valid, a), lse, count, loss, m, splits0, splits1,
+                 HAS_KEY_VALID=valid is not None, BLOCK_R=block_r, BLOCK_S0=block_s0,
+                 BLOCK_S1=block_s1)  # fmt: skip
     return loss, lse, count
 
 
@@ -1000,10 +1004,9 @@ def _paired_forward(forward: str, m: int) -> str:
 def paired_groups(m: int, device: torch.device) -> tuple[int, int]:
     """(groups per axis, rows per group) of ``_paired_fwd_kernel``: about 4 programs per SM (4 "SMs" in
     the interpreter) in a square grid, groups whole multiples of the widest tile."""
-    unit = _INTERPRET_META["BLOCK_M"] if device.type != "cuda" else 128
-    sms = _sm_count(device) if device.type == "cuda" else 4
+    unit = _INTERPRET_META["BLOCK_M"] if device.type != "cuda" else _PAIRED_GROUP_UNIT
     tiles = triton.cdiv(m, unit)
-    per_axis = max(1, min(tiles, math.isqrt(4 * sms)))
+    per_axis = max(1, min(tiles, math.isqrt(4 * _sm_count(device))))
     group = triton.cdiv(tiles, per_axis) * unit
     return triton.cdiv(m, group), group
 
