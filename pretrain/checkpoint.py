@@ -99,6 +99,43 @@ class _RecordWriteErrors:
         return getattr(self.inner, name)
 
 
+@contextlib.contextmanager
+def _recording_write_errors(engine):
+    """Inside the block, every file ``engine.save_checkpoint`` writes records its failure instead of raising.
+
+    Yields the list of error descriptions. Besides the checkpoint engine (the sharded states),
+    rank 0's DeepSpeed engine copies its recovery scripts (``zero_to_fp32.py``, ...) into the
+    checkpoint directory with ``shutil.copyfile``, outside the checkpoint engine and over the
+    previous save's copies: on a full disk that copy is what fails. Here the copy goes to a
+    temporary directory first and is renamed into place, so a failure is recorded and leaves the
+    previous scripts whole.
+    """
+    recorder = _RecordWriteErrors(engine.checkpoint_engine)
+    engine.checkpoint_engine = recorder
+    copy_scripts = getattr(engine, "_copy_recovery_script", None)
+    if copy_scripts is not None:
+
+        def copy_scripts_atomically(save_path: str) -> None:
+            tmp = Path(save_path) / f".recovery_scripts.tmp{os.getpid()}"
+            try:
+                tmp.mkdir(exist_ok=True)
+                copy_scripts(str(tmp))
+                for script in tmp.iterdir():
+                    os.replace(script, Path(save_path) / script.name)
+            except OSError as e:
+                recorder.errors.append(_describe_write_error(tmp / "zero_to_fp32.py", e))
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+        engine._copy_recovery_script = copy_scripts_atomically
+    try:
+        yield recorder.errors
+    finally:
+        engine.checkpoint_engine = recorder.inner
+        if copy_scripts is not None:
+            del engine._copy_recovery_script  # the class's method again
+
+
 def rng_state() -> dict[str, torch.Tensor]:
     """Every random generator the training loop uses (data randomness is keyed by cursor)."""
     state = {"torch_cpu": torch.get_rng_state()}
@@ -198,13 +235,8 @@ def save(
     tag = f"step{step:08d}"
     rank = dist.get_rank() if dist.is_initialized() else 0
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    recorder = _RecordWriteErrors(engine.checkpoint_engine)
-    engine.checkpoint_engine = recorder
-    try:
+    with _recording_write_errors(engine) as errors:
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    finally:
-        engine.checkpoint_engine = recorder.inner
-    errors = recorder.errors
     if not errors:
         rank_file = ckpt_dir / tag / f"rank_{rank}.pt"
         tmp = rank_file.with_name(f".{rank_file.name}.tmp")

@@ -105,6 +105,17 @@ def _worker(rank: int, port: int, out: str, ckpt: str, stage: int, mode: str) ->
             return  # not reached: rank 1 is killed, rank 0 fails on the lost connection or is killed
         if mode == "one_rank_enospc" and rank == 1:
             torch.save = _failing_save(torch.save, "step00000002")
+        elif mode == "script_copy_enospc" and rank == 0:
+            # DeepSpeed's rank 0 copies zero_to_fp32.py (into ckpt_dir, over step 1's copy) with
+            # shutil.copyfile, outside the checkpoint engine: on a full disk that copy can be the
+            # write that fails. Here it writes half of the file, then fails.
+            import deepspeed.runtime.engine as ds_engine
+
+            def copyfile(src, dst):
+                Path(dst).write_text(Path(src).read_text()[:100])
+                raise OSError(errno.ENOSPC, "No space left on device", os.fspath(dst))
+
+            ds_engine.copyfile = copyfile
         elif mode == "publish_fails" and rank == 0:
             real_replace = os.replace
 
@@ -180,6 +191,18 @@ def test_one_rank_failing_to_write_keeps_the_previous_checkpoint(tmp_path, stage
     results = _run(tmp_path, ckpt, stage, "one_rank_enospc")
     _assert_previous_checkpoint_intact(results, ckpt, "No space left on device")
     assert "another rank failed" in results[0]["error"]  # rank 0 wrote fine and says so
+
+
+@pytest.mark.slow
+def test_failing_to_copy_the_recovery_script_keeps_the_previous_checkpoint(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    script = ckpt / "zero_to_fp32.py"
+    results = _run(tmp_path, ckpt, 3, "script_copy_enospc")
+    _assert_previous_checkpoint_intact(results, ckpt, "zero_to_fp32.py: [Errno 28] No space left on device")
+    import deepspeed.utils
+
+    assert script.read_text() == (Path(deepspeed.utils.__file__).parent / "zero_to_fp32.py").read_text()
+    assert not list(ckpt.glob(".recovery_scripts*")), "the temporary copy must be removed"
 
 
 @pytest.mark.slow
