@@ -113,6 +113,7 @@ def _ray_init(args: argparse.Namespace, env: dict) -> None:
         ray.init(address=args.address, runtime_env={"env_vars": env})
     else:
         ray.init(
+            address="local",  # as documented: a new local Ray, not a `ray start` cluster found on the node
             num_cpus=args.num_cpus or max(4, 2 * (os.cpu_count() or 1)),
             include_dashboard=False,
             object_store_memory=256 * 1024**2,

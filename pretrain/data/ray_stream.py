@@ -105,8 +105,9 @@ def connect_ray() -> str:
     Returns ``"external"`` when Ray was already initialised (a Ray Train worker: leave it alone),
     ``"started"`` on the rank that started it, ``"joined"`` on the ranks that joined it.
 
-    ``RAY_ADDRESS`` set: every rank joins that cluster. Otherwise rank 0 starts a local Ray (more
-    logical CPUs than cores, small object store) and broadcasts its GCS address; the other ranks
+    ``RAY_ADDRESS`` set: every rank joins that cluster. Otherwise rank 0 starts a new local Ray (more
+    logical CPUs than cores, small object store; never a cluster that ``ray start`` left on the node,
+    which a bare ``ray.init()`` would join) and broadcasts its GCS address; the other ranks
     join that exact address. Ray >= 2.59 enables token authentication for local clusters and a
     process joining by address must be in token mode (``RAY_AUTH_MODE=token`` before Ray is
     imported, as ``launch/pretrain.py`` sets it; token read from ``~/.ray/auth_token``) or it is
@@ -123,6 +124,7 @@ def connect_ray() -> str:
     info: list[dict] = [{}]
     if rank == 0:
         ctx = ray.init(
+            address="local",  # a new instance: without it ray.init joins a `ray start` cluster it finds on the node
             num_cpus=max(4, (os.cpu_count() or 1) * 2),
             include_dashboard=False,
             object_store_memory=256 * 1024**2,

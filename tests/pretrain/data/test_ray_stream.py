@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import signal
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
 from data_shards.reader import ShardReader
 from pretrain.data.stream import Cursor, local_stream
+from tests.conftest import free_port
 from tests.pretrain.data.test_stream import VIEWS, _cfg, _plans
 
 pytestmark = pytest.mark.slow
@@ -65,3 +69,23 @@ def test_killed_readers_are_replaced_and_the_epoch_is_exact_by_ids(small_demo):
 
     local = list(itertools.islice(local_stream(cfg, plan, Cursor(), VIEWS), nb))
     assert [b["ids"] for b, _, _ in local] == [b["ids"] for b, _, _ in got]
+
+
+def test_connect_ray_starts_a_new_instance_where_ray_start_left_an_address(monkeypatch):
+    """Without RAY_ADDRESS the launcher's rank 0 starts its own Ray, even on a node where ``ray start``
+    recorded a cluster (here one that is gone): a bare ``ray.init(num_cpus=...)`` would try to join
+    that cluster and refuse to start."""
+    ray = pytest.importorskip("ray")
+    from pretrain.data.ray_stream import connect_ray
+
+    temp = Path(tempfile.mkdtemp(prefix="ap-ray-"))  # short: Ray's socket paths have a length limit
+    try:
+        (temp / "ray").mkdir()
+        (temp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
+        monkeypatch.setenv("RAY_TMPDIR", str(temp))
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        assert connect_ray() == "started"
+        assert ray.cluster_resources()["CPU"] >= 4  # the new instance, with our logical CPUs
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
