@@ -33,7 +33,7 @@ demo: install data
 	$(PY) -m pretrain.summary --run-dir $(RUN_DIR)
 
 test: install
-	$(CPU_ENV) $(PY) -m pytest -q --durations=25 tests
+	$(CPU_ENV) $(PY) -m pytest -q -n 2 --durations=25 tests
 
 test-fast: install
 	$(CPU_ENV) $(PY) -m pytest -q -m "not slow" tests

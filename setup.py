@@ -37,7 +37,14 @@ setup(
     extras_require={
         # shards, checkpoints and exports on object storage (s3:// and any fsspec URL; add gcsfs for gs://)
         "cloud": CLOUD_REQUIRES,
-        # the tests run a local S3 API (moto's server) on 127.0.0.1
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", *CLOUD_REQUIRES, "moto[server]==5.2.5"],
+        # the tests run a local S3 API (moto's server) on 127.0.0.1; make test runs 2 xdist workers
+        "dev": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "pytest-xdist>=3.6",
+            "ruff>=0.6",
+            *CLOUD_REQUIRES,
+            "moto[server]==5.2.5",
+        ],
     },
 )

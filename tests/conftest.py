@@ -21,6 +21,48 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+# Under ``make test`` (``pytest -n 2``) the tests of these modules run one after another, as one
+# unit, on one xdist worker: they start Ray or the real launcher (which starts Ray readers), and
+# a test's ``ray start`` cluster would be found by another test's ``ray.init`` on the same node;
+# the session-scoped ``reference_run`` cache is per worker, so its users must share one.
+# Every other test (unit tests, interpreter kernels, in-process gloo ranks) is its own unit.
+RAY_GROUP_MODULES = {
+    "tests/launch/test_bad_data.py",
+    "tests/launch/test_elastic.py",
+    "tests/launch/test_multinode.py",
+    "tests/launch/test_object_storage.py",
+    "tests/launch/test_pretrain.py",
+    "tests/launch/test_protclip_launch.py",
+    "tests/launch/test_ray_cluster.py",
+    "tests/launch/test_ray_job.py",
+    "tests/launch/test_real_recipes_launch.py",
+    "tests/launch/test_resume.py",
+    "tests/launch/test_soak.py",
+    "tests/pretrain/data/test_ray_stream.py",
+    "tests/pretrain/data/test_stream.py",
+    "tests/pretrain/test_two_pass_zero3.py",
+}
+
+
+def work_unit(nodeid: str) -> str:
+    """The xdist work unit of a test: ``"ray"`` for the serial group, else the test itself."""
+    return "ray" if nodeid.split("::", 1)[0] in RAY_GROUP_MODULES else nodeid
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's scope scheduler with :func:`work_unit` as the scope; the largest unit (the serial
+    group) is handed out first. (``--dist loadgroup`` would read ``xdist_group`` marks, but it tags
+    node ids in a way pytest 9.2 ignores, so the group was split over workers.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class _SerialRayScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return _SerialRayScheduling(config, log)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

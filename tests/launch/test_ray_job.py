@@ -4,7 +4,8 @@ A worker killed mid-run (the ALIGN_PRO_KILL_AT_STEP testing aid) is restarted by
 the latest checkpoint and the run ends with the per-step losses of an uninterrupted
 ``launch/pretrain.py`` run; a deliberate stop (RunStopped) is not retried and exits 3.
 
-Run under ``flock /tmp/align_pro_ray.lock``: a second Ray instance on the node breaks the others.
+``make test`` runs it in the serial Ray group (``tests/conftest.py``); run by hand beside other Ray
+tests, under ``flock /tmp/align_pro_ray.lock``: a second Ray instance on the node can break the others.
 """
 
 from __future__ import annotations
