@@ -123,7 +123,7 @@ def _recording_write_errors(engine):
                 for script in tmp.iterdir():
                     os.replace(script, Path(save_path) / script.name)
             except OSError as e:
-                recorder.errors.append(_describe_write_error(tmp / "zero_to_fp32.py", e))
+                recorder.errors.append(_describe_write_error(Path(save_path) / "zero_to_fp32.py", e))
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
 
