@@ -30,8 +30,10 @@ them, so the local mean is rescaled: ``L_r = (W · N_r / N) · (local masked mea
 ``mean_r L_r = L`` and every statement above. ``N`` comes from the gathered mask: no extra
 collective and no host sync.
 
-All ranks must hold the same number of rows ``b`` (checked with one tiny collective); ragged global
-batches are out of scope.
+All ranks must hold the same number of rows ``b``; ragged global batches are out of scope.
+:func:`check_equal_rows` verifies it with one tiny collective and a host sync. The losses run it by
+default; a caller with several terms per step (``pretrain.losses.align_pro``) checks once and passes
+``check_rows=False`` to each term, so a step pays for one sync, not one per term.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import torch.distributed as dist
 
 from kernels.functional import infonce, symmetric_infonce
 
-__all__ = ["gather_with_grad", "gathered_symmetric_infonce"]
+__all__ = ["check_equal_rows", "gather_with_grad", "gathered_symmetric_infonce"]
 
 _STRATEGIES = ("allgather", "ring")
 
@@ -102,8 +104,22 @@ def _gather_no_grad(x: torch.Tensor, group) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-def _check_equal_rows(rows: int, device: torch.device, group) -> None:
-    """Fails clearly (instead of hanging or mis-slicing) when ranks hold different batch sizes."""
+def check_equal_rows(rows: int, device: torch.device, group=None) -> None:
+    """Fail clearly (instead of hanging or mis-slicing) when ranks hold different batch sizes.
+
+    A collective: every rank of ``group`` must call it. Costs one all_gather of one int64 per rank and a
+    host sync (``.tolist()``); a no-op without torch.distributed or with one rank.
+
+    Args:
+        rows: this rank's local batch size.
+        device: where the collective's tensor lives (the process group's device: CUDA for NCCL).
+        group: process group (default: the world).
+
+    Raises:
+        ValueError: naming every rank's size, on every rank, when they differ.
+    """
+    if _world(group)[0] == 1:
+        return
     sizes = _gather_no_grad(torch.tensor([rows], dtype=torch.int64, device=device), group).tolist()
     if len(set(sizes)) != 1:
         raise ValueError(f"gathered InfoNCE needs the same local batch on every rank; got sizes {sizes}")
@@ -129,6 +145,7 @@ def gathered_symmetric_infonce(
     strategy: str = "allgather",
     backend: str = "auto",
     valid_local: torch.Tensor | None = None,
+    check_rows: bool = True,
 ) -> torch.Tensor:
     """This rank's share ``L_r`` of the symmetric InfoNCE over the global (all-rank) batch.
 
@@ -148,6 +165,8 @@ def gathered_symmetric_infonce(
         backend: InfoNCE backend, as for :func:`kernels.infonce`.
         valid_local: optional mask of usable local pairs; invalid pairs are neither queries nor
             negatives on any rank.
+        check_rows: run :func:`check_equal_rows` first (one tiny collective and a host sync). Pass
+            ``False`` only when the caller has already checked this step's batch on every rank.
 
     Shapes:
         a_local ``(b, d)``, b_local ``(b, d)``, valid_local ``(b,)`` bool; ``b`` equal on all ranks.
@@ -166,11 +185,12 @@ def gathered_symmetric_infonce(
     world, rank = _world(group)
     if world == 1:
         return symmetric_infonce(a_local, b_local, logit_scale, valid=valid_local, backend=backend)
+    rows = a_local.shape[0]
+    if check_rows:
+        check_equal_rows(rows, a_local.device, group)
     if strategy == "ring":
         return _ring_loss(a_local, b_local, logit_scale, group, backend, valid_local)
 
-    rows = a_local.shape[0]
-    _check_equal_rows(rows, a_local.device, group)
     a_all = gather_with_grad(a_local, group)  # (W·b, d)
     b_all = gather_with_grad(b_local, group)  # (W·b, d)
     targets = rank * rows + torch.arange(rows, device=a_local.device)  # (b,) global column of each positive

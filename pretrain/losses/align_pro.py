@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kernels import gathered_symmetric_infonce
+from kernels import check_equal_rows, gathered_symmetric_infonce
 from pretrain.config import LossConfig
 from pretrain.losses.false_negatives import grouped_symmetric_infonce
 
@@ -83,6 +83,9 @@ class AlignProLoss:
                 f"loss.false_negatives={self.cfg.false_negatives!r} needs the batch's 'text_group' "
                 "(pretrain.losses.false_negatives.group_ids, added by the collate)"
             )
+        # Every term gathers B rows from each rank: check that once per step, not in each term
+        # (the check is a collective plus a host sync; up to six terms run per step).
+        check_equal_rows(emb["sequence"].shape[0], emb["sequence"].device)
         out: dict[str, Tensor] = {}
         total = emb["sequence"].new_zeros(())
         for name, a, b, attr in _PAIR_TERMS:
@@ -107,10 +110,16 @@ class AlignProLoss:
         """One symmetric InfoNCE term over every rank's rows, grouped when ``name`` contrasts texts."""
         if self.cfg.false_negatives != "none" and name in _GROUPED_TERMS:
             return grouped_symmetric_infonce(
-                a, b, logit_scale, groups.to(a.device), valid_local=valid, backend=self.cfg.backend
+                a, b, logit_scale, groups.to(a.device), valid_local=valid, backend=self.cfg.backend, check_rows=False
             )
         return gathered_symmetric_infonce(
-            a, b, logit_scale, valid_local=valid, backend=self.cfg.backend, strategy=self.cfg.strategy
+            a,
+            b,
+            logit_scale,
+            valid_local=valid,
+            backend=self.cfg.backend,
+            strategy=self.cfg.strategy,
+            check_rows=False,
         )
 
 

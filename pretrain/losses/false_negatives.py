@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from kernels import gather_with_grad, infonce
+from kernels import check_equal_rows, gather_with_grad, infonce
 from pretrain.data.text_augment import canonical_text
 
 NO_GROUP = -1  # group id of a row that shares its class with nobody (no text, empty GO set)
@@ -148,6 +148,7 @@ def grouped_symmetric_infonce(
     valid_local: Tensor | None = None,
     group=None,
     backend: str = "auto",
+    check_rows: bool = True,
 ) -> Tensor:
     """This rank's share of the symmetric InfoNCE with same-group rows deduplicated (module doc).
 
@@ -162,6 +163,8 @@ def grouped_symmetric_infonce(
         valid_local: optional mask of usable pairs (both modalities present).
         group: process group (default: the world).
         backend: ``kernels.infonce`` backend.
+        check_rows: run ``kernels.check_equal_rows`` first (a tiny collective and a host sync);
+            ``False`` when the caller already checked this step's batch on every rank.
 
     Shapes:
         a_local, b_local (b, d); groups_local (b,) int64; valid_local (b,) bool; b equal on all ranks.
@@ -179,10 +182,8 @@ def grouped_symmetric_infonce(
     if valid_local is None:
         valid_local = torch.ones(rows, dtype=torch.bool, device=a_local.device)
     world, rank = _world(group)
-    if world > 1:  # ragged batches would mis-slice the gathered keys: fail clearly instead
-        sizes = _gather_no_grad(torch.tensor([rows], device=a_local.device), group).tolist()
-        if len(set(sizes)) != 1:
-            raise ValueError(f"grouped InfoNCE needs the same local batch on every rank; got sizes {sizes}")
+    if check_rows:  # ragged batches would mis-slice the gathered keys: fail clearly instead
+        check_equal_rows(rows, a_local.device, group)
     a_all = gather_with_grad(a_local, group)  # (W·b, d)
     b_all = gather_with_grad(b_local, group)
     groups_all = _gather_no_grad(groups_local.to(device=a_local.device, dtype=torch.int64), group)

@@ -81,10 +81,12 @@ def _rank_results(rank: int) -> dict:
     y = gather_with_grad(x)
     (y * (rank + 1)).sum().backward()  # rank r weights every gathered row by r + 1
     out["gather"] = {"y": y.detach(), "x_grad": x.grad}
-    try:
-        gathered_symmetric_infonce(torch.zeros(3 + rank, DIM), torch.zeros(3 + rank, DIM), s.detach())
-    except ValueError as err:
-        out["ragged_error"] = str(err)
+    for strategy in ("allgather", "ring"):
+        try:
+            ragged = torch.zeros(3 + rank, DIM)
+            gathered_symmetric_infonce(ragged, ragged, s.detach(), strategy=strategy, backend="torch")
+        except ValueError as err:
+            out[f"ragged_error_{strategy}"] = str(err)
     return out
 
 
@@ -177,8 +179,12 @@ def test_gather_with_grad_sums_gradients_across_ranks(rank_results):
         torch.testing.assert_close(res["gather"]["x_grad"], torch.full((3, 2), 3.0, dtype=torch.float64))
 
 
-def test_ragged_local_batches_fail_clearly(rank_results):
-    assert all("same local batch" in r["ragged_error"] for r in rank_results)
+@pytest.mark.parametrize("strategy", ["allgather", "ring"])
+def test_ragged_local_batches_fail_clearly(rank_results, strategy):
+    """Every rank raises, naming both sizes, instead of hanging in a mismatched collective."""
+    for r in rank_results:
+        assert "same local batch" in r[f"ragged_error_{strategy}"]
+        assert "[3, 4]" in r[f"ragged_error_{strategy}"]
 
 
 def test_single_process_fallbacks():

@@ -161,6 +161,18 @@ def _two_rank_cfg(strategy: str) -> LossConfig:
     return replace(CFG, false_negatives="text")
 
 
+def _count_row_checks() -> list[int]:
+    """Count (in the returned one-element list) the all_gathers of one int64: the equal-rows checks."""
+    count, all_gather = [0], dist.all_gather
+
+    def counting(tensors, tensor, *args, **kwargs):
+        count[0] += int(tensor.dtype == torch.int64 and tensor.numel() == 1)
+        return all_gather(tensors, tensor, *args, **kwargs)
+
+    dist.all_gather = counting
+    return count
+
+
 def _worker(rank: int, init_file: str, out_dir: str, strategy: str = "allgather") -> None:
     torch.set_num_threads(1)
     try:
@@ -172,8 +184,10 @@ def _worker(rank: int, init_file: str, out_dir: str, strategy: str = "allgather"
         emb = {k: v[local] for k, v in _emb().items()}
         present = {k: v[local] for k, v in PRESENT.items()}
         cfg = _two_rank_cfg(strategy)
+        row_checks = _count_row_checks()
         loss, grads, s_grad = _loss_and_grads(lambda e, s: AlignProLoss(cfg)(e, present, s, GROUPS[local])["loss"], emb)
-        torch.save({"loss": loss, "grads": grads, "s": s_grad}, os.path.join(out_dir, f"r{rank}.pt"))
+        result = {"loss": loss, "grads": grads, "s": s_grad, "row_checks": row_checks[0]}
+        torch.save(result, os.path.join(out_dir, f"r{rank}.pt"))
     except BaseException:
         Path(out_dir, f"r{rank}.err").write_text(traceback.format_exc())
         raise
@@ -198,3 +212,5 @@ def test_two_gloo_ranks_match_the_global_reference(strategy, tmp_path):
         for k, g in r["grads"].items():  # gather_with_grad convention: W x the global gradient
             torch.testing.assert_close(g, WORLD * ref[1][k][local], rtol=10 * rtol, atol=atol, msg=k)
     torch.testing.assert_close(sum(r["s"] for r in res), WORLD * ref[2], rtol=10 * rtol, atol=atol)
+    # six terms, one equal-rows check (a collective and a host sync) for the step, not one per term
+    assert [r["row_checks"] for r in res] == [1, 1]
