@@ -8,7 +8,8 @@ Paths (each computes 0.5 · (infonce(a, b) + infonce(b, a)) over a batch of b pa
            computed once per direction) or the one-pass kernel ("auto" picks by batch size)
   triton-fused / triton-gemm   the same with its backward method forced ("auto" is gemm on CUDA)
   triton-unpaired   two kernels.infonce_triton.infonce_triton calls, one per direction (auto backward):
-           what the gathered loss runs per rank, and this path before the paired kernels existed
+           this path before the paired kernels existed, and (--world) the gathered loss's rank share
+           before kernels.infonce_triton.gathered_symmetric_infonce_triton, which "triton" runs there
   chunked  kernels.infonce_reference.infonce_torch  (bounded memory, chunked torch)
   eager    kernels.infonce_reference.infonce_eager  (materialised logits + F.cross_entropy)
 
@@ -69,13 +70,18 @@ def _loss_fn(path: str, local_rows: int | None = None):
     loss: its first ``local_rows`` rows of a and b as queries against every row of the other (the keys
     a rank holds after the all-gather), positives on the diagonal."""
     if path.startswith("triton"):
-        from kernels.infonce_triton import infonce_triton, symmetric_infonce_triton
+        from kernels.infonce_triton import gathered_symmetric_infonce_triton, infonce_triton, symmetric_infonce_triton
 
         variant = path.partition("-")[2]  # "", fused/gemm (backward), split/tiled (forward), unpaired
         forward = variant if variant in ("split", "tiled") else "auto"
         backward = variant if variant in ("fused", "gemm") else "auto"
         if local_rows is None and variant != "unpaired":
             return functools.partial(symmetric_infonce_triton, backward=backward, forward=forward)
+        if local_rows is not None and variant != "unpaired":  # rank 0's share: a, b are views of a_all, b_all
+            world = lambda a: a.shape[0] // local_rows  # noqa: E731
+            return lambda a, b, s: gathered_symmetric_infonce_triton(
+                a[:local_rows], b[:local_rows], a, b, s, offset=0, world=world(a), backward=backward
+            )
         fn = functools.partial(infonce_triton, backward=backward)
     else:
         from kernels.infonce_reference import infonce_eager, infonce_torch

@@ -30,6 +30,10 @@ them, so the local mean is rescaled: ``L_r = (W · N_r / N) · (local masked mea
 ``mean_r L_r = L`` and every statement above. ``N`` comes from the gathered mask: no extra
 collective and no host sync.
 
+``L_r`` itself is :func:`kernels.functional.rank_symmetric_infonce`: two unpaired losses and the
+rescale on the torch backend; on Triton one fused function (both directions in one forward launch,
+the rescale in its loss kernel).
+
 All ranks must hold the same number of rows ``b``; ragged global batches are out of scope.
 :func:`check_equal_rows` verifies it with one tiny collective and a host sync. The losses run it by
 default; a caller with several terms per step (``pretrain.losses.align_pro``) checks once and passes
@@ -41,7 +45,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from kernels.functional import infonce, symmetric_infonce
+from kernels.functional import rank_symmetric_infonce, symmetric_infonce
 
 __all__ = ["check_equal_rows", "gather_with_grad", "gathered_symmetric_infonce"]
 
@@ -193,18 +197,15 @@ def gathered_symmetric_infonce(
 
     a_all = gather_with_grad(a_local, group)  # (W·b, d)
     b_all = gather_with_grad(b_local, group)  # (W·b, d)
-    targets = rank * rows + torch.arange(rows, device=a_local.device)  # (b,) global column of each positive
-    if valid_local is None:
-        loss_ab = infonce(a_local, b_all, logit_scale, targets, backend=backend)
-        loss_ba = infonce(b_local, a_all, logit_scale, targets, backend=backend)
-        return 0.5 * (loss_ab + loss_ba)
-
-    key_valid = _gather_no_grad(valid_local.to(torch.uint8), group).bool()  # (W·b,)
-    targets = torch.where(valid_local, targets, -1)
-    loss_ab = infonce(a_local, b_all, logit_scale, targets, key_valid=key_valid, backend=backend)
-    loss_ba = infonce(b_local, a_all, logit_scale, targets, key_valid=key_valid, backend=backend)
-    loss = 0.5 * (loss_ab + loss_ba)
-    # Local means are over N_r rows; rescale so that mean_r L_r is the mean over all N valid rows.
-    n_local = valid_local.sum().to(loss.dtype)
-    n_global = key_valid.sum().clamp(min=1).to(loss.dtype)
-    return loss * (world * n_local / n_global)
+    key_valid = None if valid_local is None else _gather_no_grad(valid_local.to(torch.uint8), group).bool()  # (W·b,)
+    return rank_symmetric_infonce(
+        a_local,
+        b_local,
+        a_all,
+        b_all,
+        logit_scale,
+        offset=rank * rows,
+        world=world,
+        key_valid=key_valid,
+        backend=backend,
+    )

@@ -21,16 +21,19 @@ import torch
 
 from kernels.infonce_reference import infonce_torch
 
-__all__ = ["infonce", "symmetric_infonce"]
+__all__ = ["infonce", "rank_symmetric_infonce", "symmetric_infonce"]
 
 _BACKENDS = ("auto", "torch", "triton")
 
 
-def _load_triton(paired: bool = False):
-    """Returns ``infonce_triton``, or ``symmetric_infonce_triton`` when ``paired`` (raises ImportError
-    when Triton is unavailable)."""
-    from kernels.infonce_triton import infonce_triton, symmetric_infonce_triton
+def _load_triton(paired: bool = False, gathered: bool = False):
+    """Returns ``infonce_triton``, ``symmetric_infonce_triton`` when ``paired``, or
+    ``gathered_symmetric_infonce_triton`` when ``gathered`` (raises ImportError when Triton is
+    unavailable)."""
+    from kernels.infonce_triton import gathered_symmetric_infonce_triton, infonce_triton, symmetric_infonce_triton
 
+    if gathered:
+        return gathered_symmetric_infonce_triton
     return symmetric_infonce_triton if paired else infonce_triton
 
 
@@ -125,3 +128,57 @@ def symmetric_infonce(
     loss_ab = infonce(a, b, logit_scale, targets, key_valid=valid, backend=backend)
     loss_ba = infonce(b, a, logit_scale, targets, key_valid=valid, backend=backend)
     return 0.5 * (loss_ab + loss_ba)
+
+
+def rank_symmetric_infonce(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_all: torch.Tensor,
+    b_all: torch.Tensor,
+    logit_scale: torch.Tensor,
+    *,
+    offset: int,
+    world: int,
+    key_valid: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """One rank's share ``L_r`` of the symmetric loss over a gathered batch (``kernels.distributed``).
+
+    ``L_r = (world · N_r / N) · 0.5 · (infonce(a, b_all, t) + infonce(b, a_all, t))`` with
+    ``t_i = offset + i``: the rank's rows as queries against every rank's rows as keys, N the live keys
+    and N_r the live local pairs (``N_r = m``, ``N = world · m`` unmasked), so that ``mean_r L_r`` is
+    the single-process loss. The Triton backend runs both directions in one forward launch and computes
+    the rescale in its loss kernel.
+
+    Args:
+        a, b: this rank's paired rows. a_all, b_all: every rank's rows in rank order, so that
+            ``a_all[offset + i]`` is ``a[i]``. logit_scale: ``s``, shape ``[]`` or ``[1]``.
+        offset: this rank's first global row. world: number of ranks.
+        key_valid: optional gathered mask of usable pairs; a masked pair is neither a query nor a key.
+        backend: as for :func:`infonce`.
+
+    Shapes:
+        a, b ``(m, d)``; a_all, b_all ``(world · m, d)``; key_valid ``(world · m,)`` bool.
+
+    Returns:
+        Scalar ``L_r``.
+    """
+    m = a.shape[0]
+    if _resolve_backend(backend, a) == "triton":
+        fn = _load_triton(gathered=True)
+        return fn(a, b, a_all, b_all, logit_scale, offset=offset, world=world, key_valid=key_valid)
+    targets = offset + torch.arange(m, device=a.device)  # (m,) global column of each positive
+    if key_valid is None:
+        return 0.5 * (
+            infonce(a, b_all, logit_scale, targets, backend="torch")
+            + infonce(b, a_all, logit_scale, targets, backend="torch")
+        )
+    live = key_valid[offset : offset + m]  # (m,) this rank's usable pairs
+    targets = torch.where(live, targets, -1)
+    loss_ab = infonce(a, b_all, logit_scale, targets, key_valid=key_valid, backend="torch")
+    loss_ba = infonce(b, a_all, logit_scale, targets, key_valid=key_valid, backend="torch")
+    loss = 0.5 * (loss_ab + loss_ba)
+    # Local means are over N_r rows; rescale so that mean_r L_r is the mean over all N valid rows.
+    n_local = live.sum().to(loss.dtype)
+    n_global = key_valid.sum().clamp(min=1).to(loss.dtype)
+    return loss * (world * n_local / n_global)

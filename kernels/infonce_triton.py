@@ -9,7 +9,8 @@ Layering (Liger-Kernel style):
     about the mean or the ignored rows; the ring strategy in ``kernels/ring.py`` uses them directly)
   → ``infonce_forward`` / ``infonce_backward`` → ``InfoNCEFunction`` → ``infonce_triton``;
   paired rows (the single-process symmetric loss): ``paired_block_lse`` / ``paired_block_backward``
-  → ``SymmetricInfoNCEFunction`` → ``symmetric_infonce_triton``.
+  → ``SymmetricInfoNCEFunction`` → ``symmetric_infonce_triton``; one rank's share of the gathered loss
+  (``kernels.distributed``): ``GatheredSymmetricInfoNCEFunction`` → ``gathered_symmetric_infonce_triton``.
 
 Forward: each program owns BLOCK_M rows and one split of the key axis, walks over its key tiles computing
 s·Q·Kᵀ on chip (d in BLOCK_D chunks, fp32 accumulation) with an online log-sum-exp; it writes the partial
@@ -43,15 +44,19 @@ z = s·A·Bᵀ and zᵀ. The forward runs both in one launch (a third grid axis 
 backward adds the swapped direction's gradient into the same G tile (column j is that direction's query
 row: G_ij += w_j·(p'_ij − [i = t_j]), p'_ij = exp(z_ij − lse'_j)), so one tile, one workspace and two
 cuBLAS products serve both directions: 12·m²·d of work instead of 16, and half the launches. The gathered
-loss cannot do this: on a rank its two directions have different key sets. With forward="tiled"
-(``_paired_fwd_kernel``, the default from ``_TILED_FORWARD_MIN_ROWS`` pairs on) the forward computes
-each tile once for both directions too: its programs own square groups of rows × columns, keep the row
-LSE online in registers and fold each tile's column LSE into a per-program (m, groups) partial, so
-10·m²·d in all; it measured faster than the two-way launch only at the largest batches (H200).
+loss cannot share tiles: on a rank its two directions have different key sets (rows of a against the
+gathered b, rows of b against the gathered a). It still shares launches: BOTH_WAYS with the second way's
+own pointers gives both directions' LSE in one forward launch, the loss kernel merges them, counts the
+live keys and applies the rank's rescale, and the DIAG rows take their positive at the rank's offset.
+With forward="tiled" (``_paired_fwd_kernel``, the default from ``_TILED_FORWARD_MIN_ROWS`` pairs on) the
+paired forward computes each tile once for both directions too: its programs own square groups of
+rows × columns, keep the row LSE online in registers and fold each tile's column LSE into a per-program
+(m, groups) partial, so 10·m²·d in all; it measured faster than the two-way launch only at the largest
+batches (H200).
 
 Host time: at b ≤ 4096 a step is bound by the host (launches and small torch ops, tens of µs each on
 the H200 machine), not by the GPU. The paired loss therefore does its bookkeeping in the kernels: the
-forward ends in ``_paired_loss_kernel`` (merge, row LSE, live-pair count and the loss itself), and with
+forward ends in ``_symmetric_loss_kernel`` (merge, row LSE, live-pair count and the loss itself), and with
 DIAG the kernels take t_i = i and the row weight ½·grad_output / count from the saved count, so a paired
 fwd+bwd is 3 Triton launches, 2 cuBLAS products and about 50 torch ops (110 before; profile with
 ``benchmarks/infonce_breakdown.py --host``).
@@ -82,9 +87,11 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 __all__ = [
+    "GatheredSymmetricInfoNCEFunction",
     "InfoNCEFunction",
     "SymmetricInfoNCEFunction",
     "forward_splits",
+    "gathered_symmetric_infonce_triton",
     "gemm_chunk_columns",
     "infonce_backward",
     "infonce_block_backward",
@@ -191,27 +198,28 @@ def _row_step(m_i, l_i, pos, z, cols, tgt, col_live):
 
 
 @triton.jit
-def _infonce_fwd_kernel(q_ptr, k_ptr, scale_ptr, tgt_ptr, kv_ptr, lse_ptr, pos_ptr,
-                        m, n, d, split_n, stride_qm, stride_qd, stride_kn, stride_kd,
+def _infonce_fwd_kernel(q_ptr, k_ptr, q1_ptr, k1_ptr, scale_ptr, tgt_ptr, kv_ptr, lse_ptr, pos_ptr,
+                        m, n, d, split_n, tgt_offset, stride_qm, stride_qd, stride_kn, stride_kd,
                         HAS_KEY_VALID: tl.constexpr, BOTH_WAYS: tl.constexpr, DIAG: tl.constexpr,
                         UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # Program (i, c, w) owns row tile i against the key columns [c·split_n, (c + 1)·split_n) and writes
     # the partial LSE and positive logit of its rows to column c of (ways, m, splits) buffers (merged by
-    # ``_merge_splits_kernel`` or ``_paired_loss_kernel``). BOTH_WAYS (paired rows: m == n, equal strides,
-    # shared targets and key mask): programs with w = 1 run the swapped call, rows of k against the keys
-    # q, so one launch gives both directions.
-    # DIAG: row i's positive is column i (tgt_ptr is not read).
+    # ``_merge_splits_kernel`` or ``_symmetric_loss_kernel``). BOTH_WAYS (the symmetric loss: shared
+    # targets and key mask): programs with w = 1 run rows of q1 against the keys k1 (q1 shaped and strided
+    # like q, k1 like k), so one launch gives both directions: paired rows pass q1 = k, k1 = q; a rank of
+    # the gathered loss passes its local rows of each modality and the other modality's gathered keys.
+    # DIAG: row i's positive is column tgt_offset + i (tgt_ptr is not read).
     if BOTH_WAYS:
         if tl.program_id(2) == 1:
-            q_ptr, k_ptr = k_ptr, q_ptr
+            q_ptr, k_ptr = q1_ptr, k1_ptr
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < m
     lo = tl.program_id(1) * split_n
     hi = tl.minimum(lo + split_n, n)
     s = tl.load(scale_ptr).to(tl.float32)
     if DIAG:
-        tgt = rows
+        tgt = rows + tgt_offset
     else:
         tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -327,28 +335,33 @@ def _merge_splits_kernel(part_lse_ptr, part_pos_ptr, lse_ptr, pos_ptr, rows, spl
 
 
 @triton.jit
-def _paired_loss_kernel(lse0_ptr, lse1_ptr, lse1_offset, pos_ptr, kv_ptr, lse_ptr, count_ptr, loss_ptr, m,
-                        splits0, splits1, HAS_KEY_VALID: tl.constexpr, BLOCK_R: tl.constexpr,
-                        BLOCK_S0: tl.constexpr, BLOCK_S1: tl.constexpr):
-    # One program ends the paired loss's forward without a torch op: merges the two directions' partial
+def _symmetric_loss_kernel(lse0_ptr, lse1_ptr, lse1_offset, pos_ptr, kv_ptr, lse_ptr, count_ptr, loss_ptr, m,
+                           splits0, splits1, row_offset, n, world, HAS_KEY_VALID: tl.constexpr,
+                           BLOCK_R: tl.constexpr, BLOCK_S0: tl.constexpr, BLOCK_S1: tl.constexpr):
+    # One program ends the symmetric loss's forward without a torch op: merges the two directions' partial
     # LSEs, (m, splits0) at lse0_ptr and (m, splits1) at lse1_ptr + lse1_offset, into the (2, m) row LSE,
-    # sums the (m, splits0) positive partials (z_ii: the same logit for both directions), and writes
-    # count = max(#live pairs, 1) and loss = ½·Σ_live (lse0 + lse1 − 2·pos) / count.
+    # sums the (m, splits0) positive partials (the pair's logit, the same for both directions), and writes
+    # count = max(N, 1) / world and loss = ½·Σ_live (lse0 + lse1 − 2·pos) / count, N = #live keys of the
+    # (n,) key mask. Row i is the pair of key row_offset + i. Paired rows: row_offset = 0, n = m, world = 1
+    # (the mean over live pairs). A rank of the gathered loss: its rows start at row_offset of the world·m
+    # gathered keys, and ½·world·Σ / N is its share L_r (``kernels.distributed``: mean_r L_r = L).
     # Its read is O(m·splits) floats, microseconds next to the forward kernel even at m = 128k; the row
     # loop keeps the sum order fixed.
     total = tl.zeros([BLOCK_R], tl.float32)
     count = tl.zeros([BLOCK_R], tl.float32)
     for r0 in range(0, m, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
-        live = _live_columns(kv_ptr, r, r < m, HAS_KEY_VALID)  # a masked pair is no query either
+        live = _live_columns(kv_ptr, row_offset + r, r < m, HAS_KEY_VALID)  # a masked pair is no query
         pos = _summed(pos_ptr, r, splits0, m, BLOCK_S0)
         lse0 = _merged_lse(lse0_ptr, r, splits0, m, BLOCK_S0)
         lse1 = _merged_lse(lse1_ptr + lse1_offset, r, splits1, m, BLOCK_S1)
         tl.store(lse_ptr + r, lse0, mask=r < m)
         tl.store(lse_ptr + m + r, lse1, mask=r < m)
         total += tl.where(live, lse0 + lse1 - 2.0 * pos, 0.0)
-        count += live.to(tl.float32)
-    n_live = tl.maximum(tl.sum(count, axis=0), 1.0)
+    for c0 in range(0, n, BLOCK_R):
+        c = c0 + tl.arange(0, BLOCK_R)
+        count += _live_columns(kv_ptr, c, c < n, HAS_KEY_VALID).to(tl.float32)
+    n_live = tl.maximum(tl.sum(count, axis=0), 1.0) / world
     tl.store(count_ptr, n_live)
     tl.store(loss_ptr, 0.5 * tl.sum(total, axis=0) / n_live)
 
@@ -369,14 +382,15 @@ def _row_stats(lse_ptr, w_ptr, idx, ok):
 
 
 @triton.jit
-def _targets_weights(tgt_ptr, w_ptr, cnt_ptr, kv_ptr, idx, ok, HAS_KEY_VALID: tl.constexpr, DIAG: tl.constexpr):
-    """(t, w) of rows ``idx``: loaded, or DIAG (the paired loss's own rows): t_i = i and one weight
-    ½·grad_output / count (w_ptr: the upstream gradient, cnt_ptr: the forward's live-pair count) on live
-    rows, 0 on masked ones."""
+def _targets_weights(tgt_ptr, w_ptr, cnt_ptr, kv_ptr, idx, ok, tgt_offset, HAS_KEY_VALID: tl.constexpr,
+                     DIAG: tl.constexpr):
+    """(t, w) of rows ``idx``: loaded, or DIAG (the symmetric loss's own rows): t_i = tgt_offset + i and one
+    weight ½·grad_output / count (w_ptr: the upstream gradient, cnt_ptr: the forward's count) on rows
+    whose pair is live (key t_i), 0 on masked ones."""
     if DIAG:
-        tgt = idx
+        tgt = idx + tgt_offset
         w = tl.load(w_ptr).to(tl.float32) * 0.5 / tl.load(cnt_ptr)
-        w = tl.where(_live_columns(kv_ptr, idx, ok, HAS_KEY_VALID), w, 0.0)
+        w = tl.where(_live_columns(kv_ptr, tgt, ok, HAS_KEY_VALID), w, 0.0)
     else:
         tgt = tl.load(tgt_ptr + idx, mask=ok, other=-1)
         w = tl.load(w_ptr + idx, mask=ok, other=0.0)
@@ -451,7 +465,8 @@ def _infonce_bwd_dk_kernel(q_ptr, k_ptr, scale_ptr, tgt_ptr, kv_ptr, lse_ptr, w_
 
 @triton.jit
 def _infonce_grad_chunk_kernel(q_ptr, k_ptr, scale_ptr, tgt_ptr, kv_ptr, lse_ptr, w_ptr, cnt_ptr, g_ptr, ds_ptr,
-                               m, n, d, col0, chunk_n, stride_qm, stride_qd, stride_kn, stride_kd, stride_gm,
+                               m, n, d, col0, chunk_n, tgt_offset, stride_qm, stride_qd, stride_kn, stride_kd,
+                               stride_gm,
                                HAS_KEY_VALID: tl.constexpr, PAIRED: tl.constexpr, DIAG: tl.constexpr,
                                UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -463,20 +478,20 @@ def _infonce_grad_chunk_kernel(q_ptr, k_ptr, scale_ptr, tgt_ptr, kv_ptr, lse_ptr
     # PAIRED (m == n; the swapped loss over zᵀ shares targets, key mask and weights; its row LSE is row 1
     # of the (2, m) lse): G also gets that loss's gradient, w_j·(p'_ij − [i = t_j]) with
     # p'_ij = exp(z_ij − lse'_j) over live rows i, so one tile serves both directions of the symmetric
-    # loss. DIAG: targets and weights come from ``_targets_weights``'s paired-loss rule.
+    # loss (tgt_offset is 0 then). DIAG: targets and weights come from ``_targets_weights``'s rule.
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < m
     local = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = col0 + local
     col_ok = (local < chunk_n) & (cols < n)
     s = tl.load(scale_ptr).to(tl.float32)
-    tgt, w = _targets_weights(tgt_ptr, w_ptr, cnt_ptr, kv_ptr, rows, row_ok, HAS_KEY_VALID, DIAG)
+    tgt, w = _targets_weights(tgt_ptr, w_ptr, cnt_ptr, kv_ptr, rows, row_ok, tgt_offset, HAS_KEY_VALID, DIAG)
     lse = _live_lse(lse_ptr, w, rows, row_ok)
     dots = _dot_tile(q_ptr, k_ptr, rows, cols, row_ok, col_ok, d, stride_qm, stride_qd, stride_kn, stride_kd,
                      UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)  # (BM, BN)
     g = _grad_tile(dots, s, lse, w, tgt, cols, _live_columns(kv_ptr, cols, col_ok, HAS_KEY_VALID))
     if PAIRED:  # the swapped direction's gradient, laid out as this tile (column j is its query row)
-        tgt2, w2 = _targets_weights(tgt_ptr, w_ptr, cnt_ptr, kv_ptr, cols, col_ok, HAS_KEY_VALID, DIAG)
+        tgt2, w2 = _targets_weights(tgt_ptr, w_ptr, cnt_ptr, kv_ptr, cols, col_ok, 0, HAS_KEY_VALID, DIAG)
         lse2 = _live_lse(lse_ptr + m, w2, cols, col_ok)
         live_rows = _live_columns(kv_ptr, rows, row_ok, HAS_KEY_VALID)
         p2 = tl.where(live_rows[:, None], tl.exp(dots * s - lse2[None, :]), 0.0)
@@ -643,17 +658,20 @@ def _block_lse(q, k, logit_scale, targets, key_valid, splits, both_ways):
     return _merge_splits(lse, pos)
 
 
-def _forward_partials(q, k, logit_scale, targets, key_valid, splits, ways, diag=False):
+def _forward_partials(q, k, logit_scale, targets, key_valid, splits, ways, diag=False, second=None, tgt_offset=0):
     """The forward kernel's (ways, m, splits) partial LSE and positive logits (m > 0); ``diag``: row i's
-    positive is column i (``targets`` unused)."""
+    positive is column tgt_offset + i (``targets`` unused). ways = 2 runs ``second`` = (q1, k1) too, rows
+    of q1 against keys k1 (same shapes and strides as q, k); default (k, q), the paired swap (m == n)."""
     m, n, d = q.shape[0], k.shape[0], q.shape[1]
+    q1, k1 = second or (k, q)
     splits = splits or forward_splits(ways * m, n, q.device)
     split_n = triton.cdiv(triton.cdiv(max(n, 1), splits), 128) * 128  # whole widest key tiles per split
     splits = max(1, triton.cdiv(n, split_n))
     lse = torch.empty(ways, m, splits, dtype=torch.float32, device=q.device)  # partial LSE per split
     pos = torch.empty(ways, m, splits, dtype=torch.float32, device=q.device)
     scale, tgt, kv = _args_common(q, logit_scale, targets, key_valid, diag)
-    args = (q, k, scale, tgt, kv, lse, pos, m, n, d, split_n, q.stride(0), q.stride(1), k.stride(0), k.stride(1))
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1))
+    args = (q, k, q1, k1, scale, tgt, kv, lse, pos, m, n, d, split_n, tgt_offset, *strides)
     meta = {"HAS_KEY_VALID": key_valid is not None, "BOTH_WAYS": ways == 2, "DIAG": diag, "PRECISION": _precision(q)}
     grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]), splits, ways)  # noqa: E731
     _launch(_infonce_fwd_kernel, grid, q, args, meta, _FWD_CONFIGS)
@@ -838,15 +856,15 @@ def _ds_slots(m: int, chunk: int, ref: torch.Tensor) -> int:
     return triton.cdiv(m, bm) * triton.cdiv(chunk, bn)
 
 
-def _gemm_backward(q, k, scale, tgt, kv, lse, w, meta, chunk=None, cnt=None, out_dtype=None):
+def _gemm_backward(q, k, scale, tgt, kv, lse, w, meta, chunk=None, cnt=None, out_dtype=None, tgt_offset=0):
     """s·dL/dz in column chunks G (m, chunk) in the input dtype, then dq = Σ G·K_c, dk_c = Gᵀ·Q by cuBLAS.
 
     ds = Σ_ij dL/dz_ij·(q_i·k_j) is summed by the chunk kernel into per-program slots (no extra pass).
     meta["PAIRED"] (paired rows, m == n, ``lse`` (2, m)): G also holds the swapped direction's gradient
-    (``paired_block_backward``); meta["DIAG"]: the paired loss's own rows, ``w`` is the upstream gradient
-    and ``cnt`` the forward's live-pair count (``_targets_weights``). dq and dk come back in ``out_dtype``
-    (default fp32); with one chunk cuBLAS writes them in that dtype directly. Each chunk's kernel writes
-    every workspace element of that chunk once; all sums have a fixed order.
+    (``paired_block_backward``); meta["DIAG"]: the symmetric loss's own rows, ``w`` is the upstream
+    gradient, ``cnt`` the forward's count, row i's pair is key tgt_offset + i (``_targets_weights``). dq and
+    dk come back in ``out_dtype`` (default fp32); with one chunk cuBLAS writes them in that dtype directly.
+    Each chunk's kernel writes every workspace element of that chunk once; all sums have a fixed order.
     """
     m, n, d = q.shape[0], k.shape[0], q.shape[1]
     out_dtype = out_dtype or torch.float32
@@ -860,7 +878,8 @@ def _gemm_backward(q, k, scale, tgt, kv, lse, w, meta, chunk=None, cnt=None, out
     meta = {"PAIRED": False, "DIAG": False, **meta}
     for col0 in range(0, n, chunk):
         cols = min(chunk, n - col0)
-        args = (q, k, scale, tgt, kv, lse, w, w if cnt is None else cnt, g, ds_slots, m, n, d, col0, cols, *strides)
+        cnt_or_w = w if cnt is None else cnt
+        args = (q, k, scale, tgt, kv, lse, w, cnt_or_w, g, ds_slots, m, n, d, col0, cols, tgt_offset, *strides)
         grid = lambda c, cols=cols: (triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(cols, c["BLOCK_N"]))  # noqa: E731
         _launch(_infonce_grad_chunk_kernel, grid, q, args, meta, _GRAD_CONFIGS, reset=("ds_ptr",))
         if chunk == n:  # one chunk: every key column, products straight into out_dtype
@@ -960,7 +979,7 @@ def infonce_triton(q, k, logit_scale, targets=None, *, key_valid=None, backward=
 
 def _paired_loss(a, b, logit_scale, valid, forward):
     """(loss 0-dim, lse (2, m), count (1,)): the paired loss's forward in two launches (the forward
-    kernel, then ``_paired_loss_kernel``) and no other torch op; count = max(#live pairs, 1), fp32. The
+    kernel, then ``_symmetric_loss_kernel``) and no other torch op; count = max(#live pairs, 1), fp32. The
     loss is a tensor of its own (not a view), so callers may modify it in place."""
     m = a.shape[0]
     if m == 0:
@@ -972,17 +991,25 @@ def _paired_loss(a, b, logit_scale, valid, forward):
     else:  # the BOTH_WAYS launch: (2, m, splits) partials of each, way 1 at offset m·splits
         lse0, pos = _forward_partials(a, b, logit_scale, None, valid, None, ways=2, diag=True)
         lse1, lse1_offset = lse0, m * lse0.shape[2]
-    splits0, splits1 = lse0.shape[-1], lse1.shape[-1]
-    lse = torch.empty(2, m, dtype=torch.float32, device=a.device)
-    count = torch.empty(1, dtype=torch.float32, device=a.device)
-    loss = torch.empty((), dtype=torch.float32, device=a.device)
+    return _symmetric_loss(lse0, lse1, lse1_offset, pos, valid, a, m)
+
+
+def _symmetric_loss(lse0, lse1, lse1_offset, pos, key_valid, ref, n, row_offset=0, world=1):
+    """(loss 0-dim, lse (2, m), count (1,)) from the two directions' partials by ``_symmetric_loss_kernel``
+    (one launch, no torch op); m rows, row i the pair of key row_offset + i of the n keys; count is
+    max(#live keys, 1) / world (``ref``: a tensor on the device)."""
+    m, splits0, splits1 = pos.shape[-2], lse0.shape[-1], lse1.shape[-1]
+    lse = torch.empty(2, m, dtype=torch.float32, device=ref.device)
+    count = torch.empty(1, dtype=torch.float32, device=ref.device)
+    loss = torch.empty((), dtype=torch.float32, device=ref.device)
     block_s0, block_s1 = triton.next_power_of_2(splits0), triton.next_power_of_2(splits1)
-    if _interpreting(a):  # small row blocks: the CPU tests walk the row loop
-        kernel, block_r = _interpreted(_paired_loss_kernel), 64
+    if _interpreting(ref):  # small row blocks: the CPU tests walk the row loop
+        kernel, block_r = _interpreted(_symmetric_loss_kernel), 64
     else:
-        kernel, block_r = _paired_loss_kernel, max(1, 2048 // max(block_s0, block_s1))
-    kernel[(1,)](lse0, lse1, lse1_offset, pos, _mask_bytes(valid, a), lse, count, loss, m, splits0, splits1,
-                 HAS_KEY_VALID=valid is not None, BLOCK_R=block_r, BLOCK_S0=block_s0,
+        kernel, block_r = _symmetric_loss_kernel, max(1, 2048 // max(block_s0, block_s1))
+    kv = _mask_bytes(key_valid, ref)
+    kernel[(1,)](lse0, lse1, lse1_offset, pos, kv, lse, count, loss, m, splits0, splits1, row_offset, n, world,
+                 HAS_KEY_VALID=key_valid is not None, BLOCK_R=block_r, BLOCK_S0=block_s0,
                  BLOCK_S1=block_s1)  # fmt: skip
     return loss, lse, count
 
@@ -1093,3 +1120,103 @@ def symmetric_infonce_triton(a, b, logit_scale, *, valid=None, backward="auto", 
         raise ValueError(f"valid must have shape ({a.shape[0]},); got {tuple(valid.shape)}")
     # the forward swaps a and b inside one launch: both need the same (row-major) strides
     return SymmetricInfoNCEFunction.apply(a.contiguous(), b.contiguous(), logit_scale, valid, backward, forward)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One rank's share of the gathered symmetric loss (``kernels.distributed``, strategy "allgather").
+
+
+def _gathered_loss(a, b, a_all, b_all, logit_scale, key_valid, offset, world):
+    """(loss, lse (2, m), count (1,)) of a rank's share in two launches: the BOTH_WAYS forward (rows of a
+    against keys b_all, rows of b against keys a_all, positives at offset + i) and the loss kernel."""
+    m = a.shape[0]
+    parts, pos = _forward_partials(
+        a, b_all, logit_scale, None, key_valid, None, ways=2, diag=True, second=(b, a_all), tgt_offset=offset
+    )
+    return _symmetric_loss(parts, parts, m * parts.shape[2], pos, key_valid, a, b_all.shape[0], offset, world)
+
+
+def _gathered_gemm_backward(grad_output, a, b, a_all, b_all, logit_scale, lse, key_valid, count, offset):
+    """(da, db, da_all, db_all, ds) in the inputs' dtype: one gemm backward per direction, targets and row
+    weights (½·grad_output / count on live rows) computed in the chunk kernel."""
+    meta = {"HAS_KEY_VALID": key_valid is not None, "PRECISION": _precision(a), "DIAG": True}
+    kv = _mask_bytes(key_valid, a)
+    common = {"cnt": count, "out_dtype": a.dtype, "tgt_offset": offset}
+    da, db_all, ds0 = _gemm_backward(a, b_all, logit_scale, a, kv, lse[0], grad_output, meta, **common)
+    db, da_all, ds1 = _gemm_backward(b, a_all, logit_scale, b, kv, lse[1], grad_output, meta, **common)
+    return da, db, da_all, db_all, ds0 + ds1
+
+
+def _gathered_fused_backward(grad_output, a, b, a_all, b_all, logit_scale, lse, key_valid, count, offset):
+    """(da, db, da_all, db_all, ds) from the two directions' fused backwards (no workspace)."""
+    m = a.shape[0]
+    targets = offset + torch.arange(m, device=a.device)
+    weight = (grad_output.to(torch.float32) * 0.5 / count).expand(m)  # (m,)
+    if key_valid is not None:
+        live = key_valid[offset : offset + m]
+        targets, weight = torch.where(live, targets, -1), weight * live
+    weight = weight.contiguous()  # the kernels index it
+    da, db_all, ds0 = _block_backward(a, b_all, logit_scale, lse[0], weight, targets, key_valid, "fused")
+    db, da_all, ds1 = _block_backward(b, a_all, logit_scale, lse[1], weight, targets, key_valid, "fused")
+    cast = lambda x: x.to(a.dtype)  # noqa: E731
+    return cast(da), cast(db), cast(da_all), cast(db_all), ds0 + ds1
+
+
+class GatheredSymmetricInfoNCEFunction(torch.autograd.Function):
+    """Autograd for one rank's share of the gathered symmetric loss: one forward launch for both
+    directions plus the loss kernel (no torch op on the loss), one gemm backward per direction; saves the
+    four inputs, the (2, m) LSE and the count. Gradients reach the local rows directly and the gathered
+    keys (``gather_with_grad`` sums those over ranks)."""
+
+    @staticmethod
+    def forward(ctx, a, b, a_all, b_all, logit_scale, key_valid, offset, world, method="auto"):
+        loss, lse, count = _gathered_loss(a, b, a_all, b_all, logit_scale, key_valid, offset, world)
+        ctx.save_for_backward(a, b, a_all, b_all, logit_scale, lse, key_valid, count)
+        ctx.offset, ctx.method = offset, method
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        a, b, a_all, b_all, logit_scale, lse, key_valid, count = ctx.saved_tensors
+        gemm = _resolve_method(ctx.method, a) == "gemm"
+        backward = _gathered_gemm_backward if gemm else _gathered_fused_backward
+        grads = backward(grad_output, a, b, a_all, b_all, logit_scale, lse, key_valid, count, ctx.offset)
+        da, db, da_all, db_all, ds = grads
+        return da, db, da_all, db_all, ds.reshape(logit_scale.shape).to(logit_scale.dtype), None, None, None, None
+
+
+def gathered_symmetric_infonce_triton(
+    a, b, a_all, b_all, logit_scale, *, offset, world, key_valid=None, backward="auto"
+):
+    """One rank's share ``L_r`` of the symmetric loss over the global batch, fused (``kernels.distributed``).
+
+    Equal to ``(world·N_r / N) · 0.5 · (infonce_triton(a, b_all, s, t, key_valid=key_valid) +
+    infonce_triton(b, a_all, s, t, key_valid=key_valid))`` with t_i = offset + i (−1 where the pair is
+    masked), N the live keys, N_r the live local rows; in two forward launches and no torch op on the
+    loss, instead of two unpaired losses and the rescale.
+
+    Args:
+        a, b: (m, d) this rank's paired rows (row i of a pairs with row i of b), same dtype.
+        a_all, b_all: (world·m, d) every rank's rows in rank order (``gather_with_grad``), so that
+            a_all[offset + i] is a[i]. logit_scale: s, shape [] or [1].
+        offset: this rank's first global row (rank·m). world: the number of ranks.
+        key_valid: optional (world·m,) bool, the gathered presence mask; a masked pair is neither a
+            query nor a key in either direction.
+        backward: "auto", "fused" or "gemm" (as ``infonce_triton``).
+    Returns:
+        0-dim fp32 ``L_r``; ``mean_r L_r`` is the single-process loss on the global batch.
+    """
+    _check(a, b_all, logit_scale, None, key_valid)
+    _check(b, a_all, logit_scale, None, key_valid)
+    m = a.shape[0]
+    if a.shape != b.shape or a_all.shape != b_all.shape or a_all.shape[0] != world * m:
+        raise ValueError(
+            f"gathered rows need a, b (m, d) and a_all, b_all (world·m, d) with world={world}; got "
+            f"{tuple(a.shape)}, {tuple(b.shape)}, {tuple(a_all.shape)}, {tuple(b_all.shape)}"
+        )
+    if not 0 <= offset <= a_all.shape[0] - m:
+        raise ValueError(f"offset {offset} leaves the gathered rows (world·m = {a_all.shape[0]}, m = {m})")
+    if m == 0:
+        return (a.sum() + b.sum() + a_all.sum() + b_all.sum() + logit_scale.sum()).float() * 0.0
+    a, b, a_all, b_all = (x.contiguous() for x in (a, b, a_all, b_all))  # one launch: equal strides per role
+    return GatheredSymmetricInfoNCEFunction.apply(a, b, a_all, b_all, logit_scale, key_valid, offset, world, backward)

@@ -22,6 +22,23 @@ def test_rank_share_is_the_gathered_loss_of_the_local_rows():
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("path", ["triton", "triton-unpaired"])
+def test_triton_rank_share_equals_eager_with_gradients(path):
+    """The fused rank share ("triton") and the two unpaired calls time the same loss (Triton interpreter)."""
+    pytest.importorskip("triton")
+    b, world, d = 6, 3, 8
+    results = []
+    for name in ("eager", path):
+        leaves = bench._inputs(world * b, d, torch.float32, torch.device("cpu"))
+        loss = bench._loss_fn(name, local_rows=b)(*leaves)
+        loss.backward()
+        results.append((loss.detach(), [t.grad for t in leaves]))
+    (want, want_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
 def test_cpu_run_writes_one_row_per_torch_path_and_counts_the_gathered_flops(tmp_path):
     out = tmp_path / "BENCH.md"
     argv = ["--sizes", "32", "--dims", "16", "--dtypes", "fp32", "--paths", "eager,chunked,triton-gemm"]
