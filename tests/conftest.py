@@ -22,37 +22,44 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 # Under ``make test`` (``pytest -n 2``) the tests of these modules run one after another, as one
-# unit, on one xdist worker: they start Ray or the real launcher (which starts Ray readers), and
-# a test's ``ray start`` cluster would be found by another test's ``ray.init`` on the same node;
-# the session-scoped ``reference_run`` cache is per worker, so its users must share one.
-# Every other test (unit tests, interpreter kernels, in-process gloo ranks) is its own unit.
+# unit, on one xdist worker: they start Ray (the launcher's Ray readers, launch/ray_job.py, ``ray
+# start`` clusters), and two Ray instances on one node have broken each other; or they share a
+# session-cached ``reference_run`` (the cache is per worker) with a module that does.
 RAY_GROUP_MODULES = {
     "tests/launch/test_bad_data.py",
-    "tests/launch/test_elastic.py",
-    "tests/launch/test_multinode.py",
     "tests/launch/test_object_storage.py",
     "tests/launch/test_pretrain.py",
-    "tests/launch/test_protclip_launch.py",
     "tests/launch/test_ray_cluster.py",
     "tests/launch/test_ray_job.py",
-    "tests/launch/test_real_recipes_launch.py",
     "tests/launch/test_resume.py",
     "tests/launch/test_soak.py",
     "tests/pretrain/data/test_ray_stream.py",
     "tests/pretrain/data/test_stream.py",
+}
+# Launcher runs without Ray (``data.loader=local``) that use the cached reference runs: a unit of
+# their own, which runs beside the Ray unit. Other launcher modules without Ray and without a
+# reference run (test_protclip_launch, test_real_recipes_launch) spread like unit tests.
+# ``tests/test_xdist_groups.py`` keeps these lists complete.
+REFERENCE_GROUP_MODULES = {
+    "tests/launch/test_elastic.py",
+    "tests/launch/test_multinode.py",
     "tests/pretrain/test_two_pass_zero3.py",
 }
 
 
 def work_unit(nodeid: str) -> str:
-    """The xdist work unit of a test: ``"ray"`` for the serial group, else the test itself."""
-    return "ray" if nodeid.split("::", 1)[0] in RAY_GROUP_MODULES else nodeid
+    """The xdist work unit of a test: ``"ray"`` or ``"reference"`` for the serial groups, else the
+    test itself."""
+    module = nodeid.split("::", 1)[0]
+    if module in RAY_GROUP_MODULES:
+        return "ray"
+    return "reference" if module in REFERENCE_GROUP_MODULES else nodeid
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """xdist's scope scheduler with :func:`work_unit` as the scope; the largest unit (the serial
-    group) is handed out first. (``--dist loadgroup`` would read ``xdist_group`` marks, but it tags
+    """xdist's scope scheduler with :func:`work_unit` as the scope; the largest units (the serial
+    groups) are handed out first. (``--dist loadgroup`` would read ``xdist_group`` marks, but it tags
     node ids in a way pytest 9.2 ignores, so the group was split over workers.)"""
     from xdist.scheduler import LoadScopeScheduling
 

@@ -1,26 +1,50 @@
-"""Every test module that starts Ray or the launcher is in the serial xdist group (tests/conftest.py)."""
+"""The xdist work units of tests/conftest.py stay complete: Ray starters serial, reference-run users together."""
 
 from __future__ import annotations
 
 import re
 
-from tests.conftest import RAY_GROUP_MODULES, REPO
+from tests.conftest import RAY_GROUP_MODULES, REFERENCE_GROUP_MODULES, REPO, work_unit
 
-# A module that does any of these starts Ray (directly, through launch/ray_job.py, or through the
-# launcher's Ray readers) or uses the per-worker reference-run cache.
-STARTS_RAY = re.compile(
-    r"run_launcher\(|reference_run|ray\.init|connect_ray|ray_job\.py|RayBatchSource|\"ray\", \"start\""
-)
+# A module that does any of these starts Ray directly, through launch/ray_job.py, a `ray start`
+# cluster or the launcher's Ray readers (``data.loader=ray``).
+STARTS_RAY = re.compile(r"ray\.init|connect_ray|ray_job\.py|RayBatchSource|\"ray\", \"start\"|data\.loader=ray")
+# A module that does any of these runs the real launcher, whose default loader starts Ray readers.
+LAUNCHES = re.compile(r"run_launcher\(|reference_run\(")
+MENTIONS_RAY = re.compile(r"\bray\b", re.IGNORECASE)
 
 
-def test_every_ray_or_launcher_module_is_in_the_serial_group():
-    found = set()
+def _test_modules() -> dict[str, str]:
+    modules = {}
     for path in sorted((REPO / "tests").rglob("test_*.py")):
-        text = path.read_text()
-        if STARTS_RAY.search(text):
-            found.add(path.relative_to(REPO).as_posix())
-    found.discard("tests/test_xdist_groups.py")
-    assert found, "the pattern no longer finds the launcher tests"
-    assert found <= RAY_GROUP_MODULES, sorted(found - RAY_GROUP_MODULES)
-    missing = [m for m in RAY_GROUP_MODULES if not (REPO / m).is_file()]
+        rel = path.relative_to(REPO).as_posix()
+        if rel != "tests/test_xdist_groups.py":
+            modules[rel] = path.read_text()
+    return modules
+
+
+def test_every_ray_module_is_in_the_serial_ray_group():
+    starts = {m for m, text in _test_modules().items() if STARTS_RAY.search(text)}
+    assert starts, "the pattern no longer finds the Ray tests"
+    assert starts <= RAY_GROUP_MODULES, sorted(starts - RAY_GROUP_MODULES)
+
+
+def test_launcher_modules_outside_the_ray_group_keep_ray_off():
+    """Outside the Ray unit a launcher module must pass data.loader=local and not touch Ray at all,
+    and one that uses the per-worker reference-run cache must be in the reference unit."""
+    outside = {m: t for m, t in _test_modules().items() if LAUNCHES.search(t) and m not in RAY_GROUP_MODULES}
+    assert REFERENCE_GROUP_MODULES <= set(outside), sorted(REFERENCE_GROUP_MODULES - set(outside))
+    for module, text in outside.items():
+        assert "data.loader=local" in text and not MENTIONS_RAY.search(text), module
+        if "reference_run(" in text:
+            assert module in REFERENCE_GROUP_MODULES, module
+
+
+def test_groups_are_listed_files_and_disjoint():
+    modules = _test_modules()
+    missing = [m for m in RAY_GROUP_MODULES | REFERENCE_GROUP_MODULES if m not in modules]
     assert not missing, f"listed but gone: {missing}"
+    assert not RAY_GROUP_MODULES & REFERENCE_GROUP_MODULES
+    assert work_unit("tests/launch/test_ray_job.py::test_x") == "ray"
+    assert work_unit("tests/launch/test_multinode.py::test_x") == "reference"
+    assert work_unit("tests/kernels/test_ring.py::test_x[a]") == "tests/kernels/test_ring.py::test_x[a]"
