@@ -165,6 +165,8 @@ def rank_symmetric_infonce(
     """
     m = a.shape[0]
     if _resolve_backend(backend, a) == "triton":
+        if not isinstance(logit_scale, torch.Tensor):
+            logit_scale = torch.tensor(float(logit_scale), dtype=torch.float32, device=a.device)
         fn = _load_triton(gathered=True)
         return fn(a, b, a_all, b_all, logit_scale, offset=offset, world=world, key_valid=key_valid)
     targets = offset + torch.arange(m, device=a.device)  # (m,) global column of each positive

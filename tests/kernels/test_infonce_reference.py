@@ -13,7 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kernels import functional
-from kernels.functional import infonce, symmetric_infonce
+from kernels.functional import infonce, rank_symmetric_infonce, symmetric_infonce
 from kernels.infonce_reference import infonce_eager, infonce_torch
 
 SHAPES = [(1, 7, 5), (37, 53, 24), (129, 300, 64)]  # (m, n, d)
@@ -222,6 +222,24 @@ def test_triton_backend_routes_to_the_kernel_with_masks(monkeypatch):
 def test_float_logit_scale_is_accepted():
     q, k, s, targets = _inputs(5, 7, 4, torch.float32)
     torch.testing.assert_close(infonce(q, k, 14.0, targets), infonce(q, k, s, targets))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_rank_share_backends_agree_and_take_a_float_scale(backend):
+    """kernels.rank_symmetric_infonce: rank 1 of 2 (offset 4), a presence mask; the Triton backend (the
+    interpreter on CPU) and a float logit scale give the torch backend's share."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    a_all, b_all, s, _ = _inputs(8, 8, 6, torch.float32)
+    valid = torch.tensor([1, 1, 0, 1, 1, 0, 1, 1], dtype=torch.bool)
+    want = rank_symmetric_infonce(
+        a_all[4:], b_all[4:], a_all, b_all, s, offset=4, world=2, key_valid=valid, backend="torch"
+    )
+    got = rank_symmetric_infonce(
+        a_all[4:], b_all[4:], a_all, b_all, 14.0, offset=4, world=2, key_valid=valid, backend=backend
+    )
+    assert float(s) == 14.0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def _symmetric_oracle(a, b, s, valid):
