@@ -1060,15 +1060,26 @@ def _paired_gemm_backward(grad_output, a, b, logit_scale, lse, valid, count):
     return _gemm_backward(a, b, logit_scale, a, kv, lse, grad_output, meta, cnt=count, out_dtype=a.dtype)
 
 
+def _two_way_fused_backward(grad_output, a, b, a_keys, b_keys, logit_scale, lse, key_valid, count, offset=0):
+    """fp32 (da, db, da_keys, db_keys, ds) of the symmetric loss's two directions, rows of a against the
+    keys b_keys and rows of b against a_keys (row i's pair: key offset + i), from fused backwards (no
+    workspace). Paired rows pass the rows themselves as keys; a rank of the gathered loss the gathered ones."""
+    m = a.shape[0]
+    targets = offset + torch.arange(m, device=a.device)
+    weight = (grad_output.to(torch.float32) * 0.5 / count).expand(m)  # (m,)
+    if key_valid is not None:
+        live = key_valid[offset : offset + m]
+        targets, weight = torch.where(live, targets, -1), weight * live
+    weight = weight.contiguous()  # the kernels index it
+    da, db_keys, ds0 = _block_backward(a, b_keys, logit_scale, lse[0], weight, targets, key_valid, "fused")
+    db, da_keys, ds1 = _block_backward(b, a_keys, logit_scale, lse[1], weight, targets, key_valid, "fused")
+    return da, db, da_keys, db_keys, ds0 + ds1
+
+
 def _paired_fused_backward(grad_output, a, b, logit_scale, lse, valid, count):
     """(da, db, ds) of the paired loss from the two directions' fused backwards (no workspace)."""
-    rows = torch.arange(a.shape[0], device=a.device)
-    targets = rows if valid is None else torch.where(valid, rows, -1)
-    weight = grad_output.to(torch.float32) * 0.5 / count  # (1,)
-    weight = weight.expand(a.shape[0]).contiguous() if valid is None else weight * valid  # (m,): the kernels index it
-    da, db, ds = _block_backward(a, b, logit_scale, lse[0], weight, targets, valid, "fused")
-    db2, da2, ds2 = _block_backward(b, a, logit_scale, lse[1], weight, targets, valid, "fused")
-    return (da + da2).to(a.dtype), (db + db2).to(b.dtype), ds + ds2
+    da, db, da_keys, db_keys, ds = _two_way_fused_backward(grad_output, a, b, a, b, logit_scale, lse, valid, count)
+    return (da + da_keys).to(a.dtype), (db + db_keys).to(b.dtype), ds
 
 
 class SymmetricInfoNCEFunction(torch.autograd.Function):
@@ -1149,17 +1160,10 @@ def _gathered_gemm_backward(grad_output, a, b, a_all, b_all, logit_scale, lse, k
 
 def _gathered_fused_backward(grad_output, a, b, a_all, b_all, logit_scale, lse, key_valid, count, offset):
     """(da, db, da_all, db_all, ds) from the two directions' fused backwards (no workspace)."""
-    m = a.shape[0]
-    targets = offset + torch.arange(m, device=a.device)
-    weight = (grad_output.to(torch.float32) * 0.5 / count).expand(m)  # (m,)
-    if key_valid is not None:
-        live = key_valid[offset : offset + m]
-        targets, weight = torch.where(live, targets, -1), weight * live
-    weight = weight.contiguous()  # the kernels index it
-    da, db_all, ds0 = _block_backward(a, b_all, logit_scale, lse[0], weight, targets, key_valid, "fused")
-    db, da_all, ds1 = _block_backward(b, a_all, logit_scale, lse[1], weight, targets, key_valid, "fused")
-    cast = lambda x: x.to(a.dtype)  # noqa: E731
-    return cast(da), cast(db), cast(da_all), cast(db_all), ds0 + ds1
+    da, db, da_all, db_all, ds = _two_way_fused_backward(
+        grad_output, a, b, a_all, b_all, logit_scale, lse, key_valid, count, offset
+    )
+    return da.to(a.dtype), db.to(a.dtype), da_all.to(a.dtype), db_all.to(a.dtype), ds
 
 
 class GatheredSymmetricInfoNCEFunction(torch.autograd.Function):
