@@ -76,11 +76,12 @@ def _check_against_reference(q, k, s, targets, dtype, key_valid=None, **kwargs):
     _assert_close(loss, grads, ref_loss, ref_grads, (q, k, s), dtype)
 
 
-def _assert_close(loss, grads, ref_loss, ref_grads, inputs, dtype):
+def _assert_close(loss, grads, ref_loss, ref_grads, inputs, dtype, names=("dq", "dk", "ds")):
     loss_tol, grad_tol = TOL[dtype]
     assert loss.dtype == torch.float32 and loss.shape == ()
     assert _rel(loss, ref_loss) <= loss_tol, (loss, ref_loss)
-    for name, got, want, inp in zip(("dq", "dk", "ds"), grads, ref_grads, inputs):
+    assert len(names) == len(grads) == len(ref_grads) == len(inputs)
+    for name, got, want, inp in zip(names, grads, ref_grads, inputs):
         assert got.dtype == inp.dtype and got.shape == inp.shape, name
         assert _rel(got, want) <= grad_tol, (name, _rel(got, want))
 
@@ -428,15 +429,18 @@ def reference_rank_share(a, b, a_all, b_all, s, offset, world, key_valid=None):
     return loss * (world * int(live.sum()) / n_global)
 
 
-def _gathered_inputs(m, world, d, dtype, seed, masked):
-    a_all, b_all, s, valid = _paired_inputs(world * m, d, dtype, seed, masked)
-    return a_all, b_all, s, valid
+SHARE_INPUTS = ("a", "b", "a_all", "b_all", "s")
+
+
+def _share_inputs(a_all, b_all, s, rank, m):
+    """The inputs of rank ``rank``'s share, named as SHARE_INPUTS: its m rows of each, the keys, s."""
+    local = slice(rank * m, (rank + 1) * m)
+    return a_all[local], b_all[local], a_all, b_all, s
 
 
 def _run_share(fn, a_all, b_all, s, rank, m, world, valid, **kwargs):
-    """Loss and grads (a, b, a_all, b_all, s) of one rank's share, every input a leaf of its own."""
-    local = slice(rank * m, (rank + 1) * m)
-    leaves = [t.detach().clone().requires_grad_() for t in (a_all[local], b_all[local], a_all, b_all, s)]
+    """Loss and grads (SHARE_INPUTS) of one rank's share, every input a leaf of its own."""
+    leaves = [t.detach().clone().requires_grad_() for t in _share_inputs(a_all, b_all, s, rank, m)]
     loss = fn(*leaves, offset=rank * m, world=world, key_valid=valid, **kwargs)
     loss.backward(torch.tensor(GRAD_OUT, dtype=loss.dtype, device=loss.device))
     return loss.detach(), [t.grad for t in leaves]
@@ -453,20 +457,14 @@ def test_gathered_rank_share_matches_float64_reference(shape, dtype, backward):
     """The last rank's share (a positive offset), with a presence mask except at 37 rows; loss and the
     gradients of the local rows, the gathered keys and the logit scale."""
     m, world, d = shape
-    a_all, b_all, s, valid = _gathered_inputs(m, world, d, dtype, seed=30, masked=m != 37)
+    a_all, b_all, s, valid = _paired_inputs(world * m, d, dtype, seed=30, masked=m != 37)
     rank = world - 1
     loss, grads = _run_share(
         gathered_symmetric_infonce_triton, a_all, b_all, s, rank, m, world, valid, backward=backward
     )
     ref_loss, ref_grads = _run_share(_reference_share, a_all, b_all, s, rank, m, world, valid)
-    local = slice(rank * m, (rank + 1) * m)
-    loss_tol, grad_tol = TOL[dtype]
-    assert loss.dtype == torch.float32 and loss.shape == () and _rel(loss, ref_loss) <= loss_tol, (loss, ref_loss)
-    for name, got, want, inp in zip(
-        ("a", "b", "a_all", "b_all", "s"), grads, ref_grads, (a_all[local], b_all[local], a_all, b_all, s)
-    ):
-        assert got.dtype == inp.dtype and got.shape == inp.shape, name
-        assert _rel(got, want) <= grad_tol, (name, _rel(got, want))
+    inputs = _share_inputs(a_all, b_all, s, rank, m)
+    _assert_close(loss, grads, ref_loss, ref_grads, inputs, dtype, SHARE_INPUTS)
 
 
 @pytest.mark.parametrize(
@@ -480,7 +478,7 @@ def test_rank_shares_add_up_to_the_global_symmetric_loss(dtype, masked):
     fp32 copies of ``dtype`` values, cast inside, so that autograd sums the six bf16 gradient parts of
     each row in fp32 (summed in bf16 they round six times: ~1.0e-2 of error, none of it the kernel's)."""
     m, world, d = 100, 3, 8
-    a_all, b_all, s, valid = _gathered_inputs(m, world, d, dtype, seed=31, masked=masked)
+    a_all, b_all, s, valid = _paired_inputs(world * m, d, dtype, seed=31, masked=masked)
     a_all, b_all = a_all.float(), b_all.float()
 
     def mean_share(a_all, b_all, s):
@@ -496,16 +494,13 @@ def test_rank_shares_add_up_to_the_global_symmetric_loss(dtype, masked):
 
     loss, grads = _run(mean_share, a_all, b_all, s)
     ref_loss, ref_grads = _run(reference_symmetric, a_all, b_all, s, valid)
-    loss_tol, grad_tol = TOL[dtype]
-    assert _rel(loss, ref_loss) <= loss_tol, (loss, ref_loss)
-    for name, got, want in zip(("a", "b", "s"), grads, ref_grads):
-        assert _rel(got, want) <= grad_tol, (name, _rel(got, want))
+    _assert_close(loss, grads, ref_loss, ref_grads, (a_all, b_all, s), dtype, ("a", "b", "s"))
 
 
 @pytest.mark.parametrize("backward", ["gemm", "fused"])
 def test_gathered_path_never_allocates_m_by_n(backward):
     m, world, d = 64, 3, 8  # m·n = 12288 elements; the gemm workspace is m × 128
-    a_all, b_all, s, valid = _gathered_inputs(m, world, d, torch.float32, seed=32, masked=True)
+    a_all, b_all, s, valid = _paired_inputs(world * m, d, torch.float32, seed=32, masked=True)
     _run_share(gathered_symmetric_infonce_triton, a_all, b_all, s, 1, m, world, valid, backward=backward)  # autotune
     with _AllocationRecorder() as rec:
         _run_share(gathered_symmetric_infonce_triton, a_all, b_all, s, 1, m, world, valid, backward=backward)
@@ -558,10 +553,8 @@ def test_gathered_many_tiles_on_gpu_match_float64_reference(dtype):
     """A rank's share over many tiles of every autotune config: 1031 local rows against 3 ranks' keys
     (the default gemm chunk at d = 200 ends inside a key tile), a presence mask, a middle rank."""
     m, world, d = 1031, 3, 200
-    a_all, b_all, s, valid = _gathered_inputs(m, world, d, dtype, seed=33, masked=True)
+    a_all, b_all, s, valid = _paired_inputs(world * m, d, dtype, seed=33, masked=True)
     loss, grads = _run_share(gathered_symmetric_infonce_triton, a_all, b_all, s, 1, m, world, valid)
     ref_loss, ref_grads = _run_share(_reference_share, a_all, b_all, s, 1, m, world, valid)
-    loss_tol, grad_tol = TOL[dtype]
-    assert _rel(loss, ref_loss) <= loss_tol, (loss, ref_loss)
-    for name, got, want in zip(("a", "b", "a_all", "b_all", "s"), grads, ref_grads):
-        assert _rel(got, want) <= grad_tol, (name, _rel(got, want))
+    inputs = _share_inputs(a_all, b_all, s, 1, m)
+    _assert_close(loss, grads, ref_loss, ref_grads, inputs, dtype, SHARE_INPUTS)
