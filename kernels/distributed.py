@@ -47,12 +47,12 @@ import torch.distributed as dist
 
 from kernels.functional import rank_symmetric_infonce, symmetric_infonce
 
-__all__ = ["check_equal_rows", "gather_with_grad", "gathered_symmetric_infonce"]
+__all__ = ["check_equal_rows", "gather_no_grad", "gather_with_grad", "gathered_symmetric_infonce", "world_and_rank"]
 
 _STRATEGIES = ("allgather", "ring")
 
 
-def _world(group) -> tuple[int, int]:
+def world_and_rank(group=None) -> tuple[int, int]:
     """``(world_size, rank)`` in ``group``; ``(1, 0)`` when torch.distributed is not initialised."""
     if not (dist.is_available() and dist.is_initialized()):
         return 1, 0
@@ -64,7 +64,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group):
-        world, rank = _world(group)
+        world, rank = world_and_rank(group)
         ctx.group, ctx.rank, ctx.rows = group, rank, x.shape[0]
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(world)]
@@ -97,12 +97,17 @@ def gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
         The concatenation over ranks; ``x`` itself when torch.distributed is not initialised or the
         world size is 1.
     """
-    if _world(group)[0] == 1:
+    if world_and_rank(group)[0] == 1:
         return x
     return _GatherWithGrad.apply(x, group)
 
 
-def _gather_no_grad(x: torch.Tensor, group) -> torch.Tensor:
+def gather_no_grad(x: torch.Tensor, group=None) -> torch.Tensor:
+    """All-gather ``x`` along dim 0 without autograd: ``(b, ...)`` → ``(world_size · b, ...)``, ranks in
+    group-rank order; ``x`` itself without torch.distributed or with one rank. Every rank must pass the
+    same shape."""
+    if world_and_rank(group)[0] == 1:
+        return x
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts, dim=0)
@@ -122,9 +127,9 @@ def check_equal_rows(rows: int, device: torch.device, group=None) -> None:
     Raises:
         ValueError: naming every rank's size, on every rank, when they differ.
     """
-    if _world(group)[0] == 1:
+    if world_and_rank(group)[0] == 1:
         return
-    sizes = _gather_no_grad(torch.tensor([rows], dtype=torch.int64, device=device), group).tolist()
+    sizes = gather_no_grad(torch.tensor([rows], dtype=torch.int64, device=device), group).tolist()
     if len(set(sizes)) != 1:
         raise ValueError(f"gathered InfoNCE needs the same local batch on every rank; got sizes {sizes}")
 
@@ -186,7 +191,7 @@ def gathered_symmetric_infonce(
         )
     if valid_local is not None and (valid_local.shape != a_local.shape[:1] or valid_local.dtype != torch.bool):
         raise ValueError(f"valid_local must be a bool tensor of shape ({a_local.shape[0]},)")
-    world, rank = _world(group)
+    world, rank = world_and_rank(group)
     if world == 1:
         return symmetric_infonce(a_local, b_local, logit_scale, valid=valid_local, backend=backend)
     rows = a_local.shape[0]
@@ -197,7 +202,7 @@ def gathered_symmetric_infonce(
 
     a_all = gather_with_grad(a_local, group)  # (W·b, d)
     b_all = gather_with_grad(b_local, group)  # (W·b, d)
-    key_valid = None if valid_local is None else _gather_no_grad(valid_local.to(torch.uint8), group).bool()  # (W·b,)
+    key_valid = None if valid_local is None else gather_no_grad(valid_local.to(torch.uint8), group).bool()  # (W·b,)
     return rank_symmetric_infonce(
         a_local,
         b_local,

@@ -46,10 +46,10 @@ import hashlib
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from kernels import check_equal_rows, gather_with_grad, infonce
+from kernels.distributed import gather_no_grad, world_and_rank
 from pretrain.data.text_augment import canonical_text
 
 NO_GROUP = -1  # group id of a row that shares its class with nobody (no text, empty GO set)
@@ -125,20 +125,6 @@ def representatives(groups: Tensor, valid: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- losses
 
 
-def _world(group) -> tuple[int, int]:
-    if not (dist.is_available() and dist.is_initialized()):
-        return 1, 0
-    return dist.get_world_size(group), dist.get_rank(group)
-
-
-def _gather_no_grad(x: Tensor, group) -> Tensor:
-    if _world(group)[0] == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=0)
-
-
 def grouped_symmetric_infonce(
     a_local: Tensor,
     b_local: Tensor,
@@ -181,13 +167,13 @@ def grouped_symmetric_infonce(
         raise ValueError(f"groups_local must have shape ({rows},), got {tuple(groups_local.shape)}")
     if valid_local is None:
         valid_local = torch.ones(rows, dtype=torch.bool, device=a_local.device)
-    world, rank = _world(group)
+    world, rank = world_and_rank(group)
     if check_rows:  # ragged batches would mis-slice the gathered keys: fail clearly instead
         check_equal_rows(rows, a_local.device, group)
     a_all = gather_with_grad(a_local, group)  # (W·b, d)
     b_all = gather_with_grad(b_local, group)
-    groups_all = _gather_no_grad(groups_local.to(device=a_local.device, dtype=torch.int64), group)
-    valid_all = _gather_no_grad(valid_local.to(device=a_local.device, dtype=torch.uint8), group).bool()
+    groups_all = gather_no_grad(groups_local.to(device=a_local.device, dtype=torch.int64), group)
+    valid_all = gather_no_grad(valid_local.to(device=a_local.device, dtype=torch.uint8), group).bool()
     rep = representatives(groups_all, valid_all)  # (W·b,)
     key_valid = valid_all & (rep == torch.arange(rep.shape[0], device=rep.device))
     targets = rep[rank * rows : (rank + 1) * rows]  # -1 on invalid rows
