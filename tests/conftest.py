@@ -111,6 +111,36 @@ def cpu_env() -> dict:
     return env
 
 
+def launcher_cmd(
+    launcher_args: list[str],
+    run_dir: Path,
+    shards: Path,
+    overrides: list[str],
+    *,
+    config: str = "zero3.json",
+    recipe: Path | None = None,
+) -> list[str]:
+    """``deepspeed <launcher_args> launch/pretrain.py ...`` on ``shards`` (its train/ and heldout/) with
+    ``TINY_OVERRIDES`` + ``overrides``; ``launcher_args`` pick the ranks and nodes (``--num_gpus 2 ...``)."""
+    cmd = [
+        str(Path(sys.executable).with_name("deepspeed")),
+        *launcher_args,
+        str(REPO / "launch" / "pretrain.py"),
+        "--config",
+        config,
+        "--run-dir",
+        str(run_dir),
+        *(["--recipe", str(recipe)] if recipe is not None else []),
+        "--set",
+        f"data.train_shards={shards / 'train'}",
+        "--set",
+        f"data.eval_shards={shards / 'heldout'}",
+    ]
+    for o in TINY_OVERRIDES + overrides:
+        cmd += ["--set", o]
+    return cmd
+
+
 def run_launcher(
     run_dir: Path,
     shards: Path,
@@ -128,26 +158,8 @@ def run_launcher(
     ``recipe`` picks ``--recipe`` (default: the launcher's, the demo recipe).
     Returns the finished ``CompletedProcess``, or with ``background`` the running ``Popen``.
     """
-    deepspeed = Path(sys.executable).with_name("deepspeed")
-    cmd = [
-        str(deepspeed),
-        "--num_gpus",
-        str(ranks),
-        "--master_port",
-        str(free_port()),
-        str(REPO / "launch" / "pretrain.py"),
-        "--config",
-        config,
-        "--run-dir",
-        str(run_dir),
-        *(["--recipe", str(recipe)] if recipe is not None else []),
-        "--set",
-        f"data.train_shards={shards / 'train'}",
-        "--set",
-        f"data.eval_shards={shards / 'heldout'}",
-    ]
-    for o in TINY_OVERRIDES + overrides:
-        cmd += ["--set", o]
+    launcher_args = ["--num_gpus", str(ranks), "--master_port", str(free_port())]
+    cmd = launcher_cmd(launcher_args, run_dir, shards, overrides, config=config, recipe=recipe)
     full_env = {**cpu_env(), **(env or {})}
     if background:
         return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -10,7 +10,7 @@ from tests.conftest import RAY_GROUP_MODULES, REFERENCE_GROUP_MODULES, REPO, wor
 # cluster or the launcher's Ray readers (``data.loader=ray``).
 STARTS_RAY = re.compile(r"ray\.init|connect_ray|ray_job\.py|RayBatchSource|\"ray\", \"start\"|data\.loader=ray")
 # A module that does any of these runs the real launcher, whose default loader starts Ray readers.
-LAUNCHES = re.compile(r"run_launcher\(|reference_run\(")
+LAUNCHES = re.compile(r"run_launcher\(|launcher_cmd\(|reference_run\(")
 MENTIONS_RAY = re.compile(r"\bray\b", re.IGNORECASE)
 
 

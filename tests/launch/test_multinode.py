@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TINY_OVERRIDES, cpu_env, free_port
+from tests.conftest import REPO, cpu_env, free_port, launcher_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -36,30 +35,8 @@ def _losses(run_dir: Path) -> dict[int, dict]:
 
 
 def _node_cmd(hostfile: Path, node_rank: int, port: int, run_dir: Path, shards: Path, overrides: list[str]) -> list:
-    cmd = [
-        str(Path(sys.executable).with_name("deepspeed")),
-        "--hostfile",
-        str(hostfile),
-        "--no_ssh",
-        "--node_rank",
-        str(node_rank),
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(port),
-        str(REPO / "launch" / "pretrain.py"),
-        "--config",
-        "zero3.json",
-        "--run-dir",
-        str(run_dir),
-        "--set",
-        f"data.train_shards={shards / 'train'}",
-        "--set",
-        f"data.eval_shards={shards / 'heldout'}",
-    ]
-    for o in TINY_OVERRIDES + overrides:
-        cmd += ["--set", o]
-    return cmd
+    node = ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank)]
+    return launcher_cmd([*node, "--master_addr", "127.0.0.1", "--master_port", str(port)], run_dir, shards, overrides)
 
 
 def test_two_nodes_match_one_node_with_two_ranks(tmp_path, small_demo, reference_run):
