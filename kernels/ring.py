@@ -29,6 +29,14 @@ another collective. With N_r valid local rows the loss is the all-gather strateg
 so ``mean_r L_r`` is the mean over the N valid global rows; unmasked, N = W·b and this is the plain
 mean. Each row's weight w_i = 0.5·W/N·valid_i is what the block backward receives (0 for invalid rows).
 
+Retargeted rows (``targets``, ``key_valid``: the false-negative deduplication of
+``pretrain.losses.false_negatives``): row i's positive is the global key t_i, possibly another rank's,
+and only the global rows marked in ``key_valid`` (W·b bools, the same on every rank) are keys. The
+block of rank src masks its key columns with its slice of ``key_valid``; a row's positive logit
+s·a_i·b_{t_i} (and s·b_i·a_{t_i}) is taken when t_i's block comes by, and in the backward its key's
+gradient goes into that block's travelling accumulator. The presence mask still travels, to count the
+N valid query rows.
+
 Order of point-to-point messages on each link r → r+1 (identical on both ends, as NCCL requires):
 features(0) [+ mask(0)], grads(0), features(1) [+ mask(1)], grads(1), …; gloo additionally gets
 distinct tags.
@@ -151,8 +159,25 @@ def _wait(works):
         work.wait()
 
 
-def ring_forward(a, b, scale, ring, ops, valid=None):
+class _Positives(NamedTuple):
+    """Which local rows have their positive key in the block of one source rank."""
+
+    hit: torch.Tensor  # (b,) bool: t_i is a row of this block
+    index: torch.Tensor  # (b,) int64: its row in the block (clamped to 0 where not hit)
+
+
+def _positives_in_block(targets, src, n_local) -> _Positives:
+    """No host sync: rows without a hit get index 0 and must be weighted out by the caller."""
+    local = targets - src * n_local
+    hit = (local >= 0) & (local < n_local)
+    return _Positives(hit, torch.where(hit, local, torch.zeros_like(local)))
+
+
+def ring_forward(a, b, scale, ring, ops, valid=None, targets=None, key_valid=None):
     """LSE of local rows against every rank's block, and the loss.
+
+    With ``targets`` (b,) int64 global key indices (−1: not a query) and optionally ``key_valid`` (W·b,)
+    bool, rows are retargeted and keys masked (module docstring); ``valid`` is then the query mask.
 
     Returns (loss 0-dim fp32, lse_a (b,), lse_b (b,), row_weight (b,) fp32, masks): ``row_weight`` is
     each local row's weight in the loss (0.5·W/N, 0 for an invalid row), ``masks`` the key mask (bool or
@@ -161,36 +186,49 @@ def ring_forward(a, b, scale, ring, ops, valid=None):
     n_local = a.shape[0]
     lse_a = torch.full((n_local,), float("-inf"), dtype=torch.float32, device=a.device)
     lse_b = torch.full_like(lse_a, float("-inf"))
+    pos_a, pos_b = torch.zeros_like(lse_a), torch.zeros_like(lse_a)  # retargeted positives, block by block
+    af, bf = a.float(), b.float()
     block = torch.cat([a, b])  # (2b, d): what travels, in the input dtype
     mask = None if valid is None else valid.to(torch.uint8).contiguous()  # travels with its block
-    masks = []
+    masks, counts = [], []
     for step in range(ring.world):
         (incoming, incoming_mask), works = (
             ring.shift_features(block, mask) if step < ring.world - 1 else ((None, None), None)
         )
         a_src, b_src = block[:n_local], block[n_local:]
-        key_valid = None if mask is None else mask.bool()
-        masks.append(key_valid)
-        lse_a = torch.logaddexp(lse_a, ops.lse(a, b_src, scale, key_valid))
-        lse_b = torch.logaddexp(lse_b, ops.lse(b, a_src, scale, key_valid))
+        src = ring.source(step)
+        if mask is not None:
+            counts.append(mask.sum())
+        if targets is None:
+            key_mask = None if mask is None else mask.bool()
+        else:
+            key_mask = None if key_valid is None else key_valid[src * n_local : (src + 1) * n_local]
+            hit, index = _positives_in_block(targets, src, n_local)
+            pos_a += torch.where(hit, (af * b_src[index].float()).sum(dim=1), 0.0)  # a_i · b_{t_i}
+            pos_b += torch.where(hit, (bf * a_src[index].float()).sum(dim=1), 0.0)  # b_i · a_{t_i}
+        masks.append(key_mask)
+        lse_a = torch.logaddexp(lse_a, ops.lse(a, b_src, scale, key_mask))
+        lse_b = torch.logaddexp(lse_b, ops.lse(b, a_src, scale, key_mask))
         _wait(works)
         block, mask = incoming, incoming_mask
-    pos = scale * (a.float() * b.float()).sum(dim=1)
+    if targets is None:
+        pos_a = pos_b = (af * bf).sum(dim=1)
+    per_row = lse_a + lse_b - scale * (pos_a + pos_b)
     if valid is None:
         row_weight = torch.full((n_local,), 0.5 / max(n_local, 1), dtype=torch.float32, device=a.device)
-        per_row = lse_a + lse_b - 2 * pos
     else:
-        n_global = torch.stack([m.sum() for m in masks]).sum().clamp(min=1).to(torch.float32)
+        n_global = torch.stack(counts).sum().clamp(min=1).to(torch.float32)
         row_weight = valid.to(torch.float32) * (0.5 * ring.world / n_global)
-        per_row = torch.where(valid, lse_a + lse_b - 2 * pos, 0.0)  # an invalid row's lse may be −inf
+        per_row = torch.where(valid, per_row, 0.0)  # an invalid row's lse may be −inf
     loss = (row_weight * per_row).sum()
     return loss, lse_a, lse_b, row_weight, masks
 
 
-def ring_backward(grad, a, b, scale, lse_a, lse_b, row_weight, masks, ring, ops):
+def ring_backward(grad, a, b, scale, lse_a, lse_b, row_weight, masks, ring, ops, targets=None):
     """Returns (da, db fp32 (b, d): Σ over ranks' losses; ds 0-dim fp32: of this rank's loss).
 
-    ``row_weight`` and ``masks`` are what ``ring_forward`` returned (the blocks come by in the same order).
+    ``row_weight`` and ``masks`` are what ``ring_forward`` returned (the blocks come by in the same order);
+    ``targets`` what it was given.
     """
     n_local = a.shape[0]
     grad = grad.float()
@@ -199,6 +237,7 @@ def ring_backward(grad, a, b, scale, lse_a, lse_b, row_weight, masks, ring, ops)
     db = torch.zeros_like(da)
     ds = torch.zeros((), dtype=torch.float32, device=a.device)
     block = torch.cat([a, b])
+    af, bf = a.float(), b.float()
     pending_send, sent = None, None  # keep the sent accumulator alive until its send completes
     for step in range(ring.world):
         acc_in, acc_work = (
@@ -213,6 +252,15 @@ def ring_backward(grad, a, b, scale, lse_a, lse_b, row_weight, masks, ring, ops)
         da += dq_a
         db += dq_b
         ds = ds + ds_a + ds_b
+        if targets is not None:  # retargeted positives in this block: −w_i·s·a_i·b_{t_i} − w_i·s·b_i·a_{t_i}
+            hit, index = _positives_in_block(targets, ring.source(step), n_local)
+            w_hit = torch.where(hit, w, 0.0)[:, None]  # (b, 1)
+            b_pos, a_pos = b_src[index].float(), a_src[index].float()  # (b, d): each row's positive keys
+            da -= w_hit * scale * b_pos
+            db -= w_hit * scale * a_pos
+            ds = ds - (w_hit * (af * b_pos + bf * a_pos)).sum()
+            dk_b.index_add_(0, index, -w_hit * scale * af)
+            dk_a.index_add_(0, index, -w_hit * scale * bf)
         acc = torch.cat([dk_a, dk_b])  # gradient of block src's (a, b) rows from this rank's loss
         if acc_work is not None:
             acc_work.wait()
@@ -229,10 +277,11 @@ def ring_backward(grad, a, b, scale, lse_a, lse_b, row_weight, masks, ring, ops)
         work.wait()
         pending_send.wait()
         del sent
+    if targets is not None:  # the positives were taken block by block
+        return da + own[:n_local], db + own[n_local:], ds
     # Positive logits s·a_i·b_i, in both directions: the loss holds −2·w_i·s·a_i·b_i, so
     # d/da_i = −2·w_i·s·b_i (w_i = 0.5/b unmasked), and symmetrically.
     coef = (2 * w)[:, None]
-    af, bf = a.float(), b.float()
     da += own[:n_local] - coef * scale * bf
     db += own[n_local:] - coef * scale * af
     ds = ds - (coef * af * bf).sum()
@@ -240,27 +289,30 @@ def ring_backward(grad, a, b, scale, lse_a, lse_b, row_weight, masks, ring, ops)
 
 
 class RingInfoNCEFunction(torch.autograd.Function):
-    """Autograd wrapper around ``ring_forward`` / ``ring_backward``; saves only (b, d) and (b,) tensors."""
+    """Autograd wrapper around ``ring_forward`` / ``ring_backward``; saves only (b, d) and (b,) tensors
+    (and, with retargeted rows, the (W·b,) key mask)."""
 
     @staticmethod
-    def forward(ctx, a, b, logit_scale, valid, ring, ops):
+    def forward(ctx, a, b, logit_scale, valid, ring, ops, targets=None, key_valid=None):
         scale = logit_scale.detach().reshape(()).float()
-        loss, lse_a, lse_b, row_weight, masks = ring_forward(a, b, scale, ring, ops, valid)
+        loss, lse_a, lse_b, row_weight, masks = ring_forward(a, b, scale, ring, ops, valid, targets, key_valid)
         ctx.save_for_backward(a, b, logit_scale, lse_a, lse_b, row_weight)
         ctx.masks = masks  # W bool (b,) tensors or Nones: no autograd history
-        ctx.ring, ctx.ops = ring, ops
+        ctx.ring, ctx.ops, ctx.targets = ring, ops, targets
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
         a, b, logit_scale, lse_a, lse_b, row_weight = ctx.saved_tensors
         scale = logit_scale.detach().reshape(()).float()
-        da, db, ds = ring_backward(grad_output, a, b, scale, lse_a, lse_b, row_weight, ctx.masks, ctx.ring, ctx.ops)
+        da, db, ds = ring_backward(
+            grad_output, a, b, scale, lse_a, lse_b, row_weight, ctx.masks, ctx.ring, ctx.ops, ctx.targets
+        )
         ds = ds.reshape(logit_scale.shape).to(logit_scale.dtype)
-        return da.to(a.dtype), db.to(b.dtype), ds, None, None, None
+        return da.to(a.dtype), db.to(b.dtype), ds, None, None, None, None, None
 
 
-def ring_symmetric_infonce(a, b, logit_scale, *, group=None, backend="auto", valid=None):
+def ring_symmetric_infonce(a, b, logit_scale, *, group=None, backend="auto", valid=None, targets=None, key_valid=None):
     """Symmetric InfoNCE with negatives from every rank, features passed around a ring.
 
     Every rank of ``group`` must call it (and its backward) with the same b_local and d.
@@ -274,8 +326,14 @@ def ring_symmetric_infonce(a, b, logit_scale, *, group=None, backend="auto", val
             (triton on CUDA, torch otherwise).
         valid: optional (b_local,) bool presence mask; an invalid pair is neither a query nor a key on
             any rank (``gathered_symmetric_infonce``'s ``valid_local``). Every rank passes one or none.
+        targets: optional (b_local,) int64: the global row (rank-major) of each local row's positive key,
+            −1 for a row that is no query (retargeted rows, module docstring). Every rank passes one or none.
+        key_valid: optional (world · b_local,) bool, with ``targets`` only: which global rows are keys
+            (the same tensor on every rank); without it every row is a key. With ``targets``, ``valid``
+            masks queries only.
     Returns:
-        0-dim fp32 loss L_r = 0.5·(infonce(a, B_global, r·b + arange(b)) + infonce(b, A_global, same));
+        0-dim fp32 loss L_r = 0.5·(infonce(a, B_global, r·b + arange(b)) + infonce(b, A_global, same))
+        (with ``targets``: those targets, and only the ``key_valid`` rows as keys);
         with ``valid``, (W·N_r/N)·0.5·(the two masked means), so that mean_r L_r is the mean over the N
         valid global rows (0 when none is valid).
         Gradients reaching a and b are d(Σ_r L_r)/d(local rows) = world · d(global loss)/d(local rows).
@@ -288,5 +346,15 @@ def ring_symmetric_infonce(a, b, logit_scale, *, group=None, backend="auto", val
         raise TypeError(f"a and b must share a dtype; got {a.dtype} and {b.dtype}")
     if valid is not None and (valid.shape != a.shape[:1] or valid.dtype != torch.bool):
         raise ValueError(f"valid must be a bool tensor of shape ({a.shape[0]},)")
+    ring = _Ring(group)
+    if targets is not None:
+        if targets.shape != a.shape[:1] or targets.dtype != torch.int64:
+            raise ValueError(f"targets must be an int64 tensor of shape ({a.shape[0]},)")
+        query = targets >= 0
+        valid = query if valid is None else valid & query
+        if key_valid is not None and (key_valid.shape != (ring.world * a.shape[0],) or key_valid.dtype != torch.bool):
+            raise ValueError(f"key_valid must be a bool tensor of shape ({ring.world * a.shape[0]},)")
+    elif key_valid is not None:
+        raise ValueError("key_valid masks the keys of retargeted rows: pass targets with it")
     ops = _block_ops(backend, a.device)
-    return RingInfoNCEFunction.apply(a.contiguous(), b.contiguous(), logit_scale, valid, _Ring(group), ops)
+    return RingInfoNCEFunction.apply(a.contiguous(), b.contiguous(), logit_scale, valid, ring, ops, targets, key_valid)

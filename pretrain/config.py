@@ -352,10 +352,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"loss.backend={lo.backend!r}: expected 'auto', 'torch' or 'triton'")
     if lo.strategy not in ("allgather", "ring"):
         raise ConfigError(f"loss.strategy={lo.strategy!r}: expected 'allgather' or 'ring'")
-    if lo.strategy == "ring" and lo.objective == "align_pro" and lo.false_negatives != "none":
-        # The grouped (false-negative) terms gather every rank's keys; they have no ring form and would
-        # silently fall back to the all-gather's memory (protclip refuses the same combination).
-        raise ConfigError(f"loss.false_negatives={lo.false_negatives!r} needs loss.strategy='allgather'")
     if lo.objective not in ("align_pro", "protclip"):
         raise ConfigError(f"loss.objective={lo.objective!r}: expected 'align_pro' or 'protclip'")
     if lo.false_negatives not in ("none", *GROUP_MODES):
@@ -367,7 +363,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("loss weights must be >= 0 and at least one must be > 0")
     if lo.objective == "protclip":
         try:
-            validate_protclip_config(lo.protclip, lo.strategy)
+            validate_protclip_config(lo.protclip)
         except ValueError as e:
             raise ConfigError(f"loss.protclip: {e}") from None
     if t.max_steps < 1:

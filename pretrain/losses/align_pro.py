@@ -110,7 +110,14 @@ class AlignProLoss:
         """One symmetric InfoNCE term over every rank's rows, grouped when ``name`` contrasts texts."""
         if self.cfg.false_negatives != "none" and name in _GROUPED_TERMS:
             return grouped_symmetric_infonce(
-                a, b, logit_scale, groups.to(a.device), valid_local=valid, backend=self.cfg.backend, check_rows=False
+                a,
+                b,
+                logit_scale,
+                groups.to(a.device),
+                valid_local=valid,
+                backend=self.cfg.backend,
+                strategy=self.cfg.strategy,
+                check_rows=False,
             )
         return gathered_symmetric_infonce(
             a,

@@ -32,7 +32,9 @@ need a kernel extension (per-row and per-column group ids, masking ``j`` for row
 ``gid_j == gid_i`` and ``j != t_i``); that is a follow-up.
 
 Distributed: group ids and validity are gathered (no gradient) so every rank sees the same
-representatives; keys come from ``kernels.gather_with_grad``. The local mean is rescaled by
+representatives; keys come from ``kernels.gather_with_grad`` (``strategy="allgather"``), or travel
+rank to rank (``"ring"``, ``kernels.ring``: each block's key columns masked by its slice of the key
+mask, a row's positive taken when its representative's block comes by). The local mean is rescaled by
 ``W · N_r / N`` with ``N`` the valid *query* rows (not keys), so ``mean_r L_r`` is the global loss
 and DeepSpeed's gradient averaging gives the single-process gradient, as in
 ``kernels.distributed``.
@@ -134,13 +136,14 @@ def grouped_symmetric_infonce(
     valid_local: Tensor | None = None,
     group=None,
     backend: str = "auto",
+    strategy: str = "allgather",
     check_rows: bool = True,
 ) -> Tensor:
     """This rank's share of the symmetric InfoNCE with same-group rows deduplicated (module doc).
 
-    Drop-in for ``kernels.gathered_symmetric_infonce`` (allgather strategy): ``mean_r L_r`` is the
-    single-process loss on the global batch and gradients follow the same ``W ×`` rule; without
-    torch.distributed (or world size 1) it is the single-process loss itself.
+    Drop-in for ``kernels.gathered_symmetric_infonce``: ``mean_r L_r`` is the single-process loss on
+    the global batch and gradients follow the same ``W ×`` rule; without torch.distributed (or world
+    size 1) it is the single-process loss itself.
 
     Args:
         a_local, b_local: paired unit-norm embeddings of this rank (row i pairs with row i).
@@ -149,6 +152,9 @@ def grouped_symmetric_infonce(
         valid_local: optional mask of usable pairs (both modalities present).
         group: process group (default: the world).
         backend: ``kernels.infonce`` backend.
+        strategy: ``"allgather"`` (gather every rank's keys with gradient) or ``"ring"`` (pass key
+            blocks around, ``kernels.ring``: O(b·d) feature memory; only the group ids and masks,
+            O(W·b) numbers, are gathered).
         check_rows: run ``kernels.check_equal_rows`` first (a tiny collective and a host sync);
             ``False`` when the caller already checked this step's batch on every rank.
 
@@ -170,13 +176,21 @@ def grouped_symmetric_infonce(
     world, rank = world_and_rank(group)
     if check_rows:  # ragged batches would mis-slice the gathered keys: fail clearly instead
         check_equal_rows(rows, a_local.device, group)
-    a_all = gather_with_grad(a_local, group)  # (W·b, d)
-    b_all = gather_with_grad(b_local, group)
+    if strategy not in ("allgather", "ring"):
+        raise ValueError(f"strategy must be 'allgather' or 'ring'; got {strategy!r}")
     groups_all = gather_no_grad(groups_local.to(device=a_local.device, dtype=torch.int64), group)
     valid_all = gather_no_grad(valid_local.to(device=a_local.device, dtype=torch.uint8), group).bool()
     rep = representatives(groups_all, valid_all)  # (W·b,)
     key_valid = valid_all & (rep == torch.arange(rep.shape[0], device=rep.device))
     targets = rep[rank * rows : (rank + 1) * rows]  # -1 on invalid rows
+    if strategy == "ring":  # the ring's L_r has the same W·N_r/N scaling (N: valid query rows)
+        from kernels.ring import ring_symmetric_infonce
+
+        return ring_symmetric_infonce(
+            a_local, b_local, logit_scale, group=group, backend=backend, targets=targets, key_valid=key_valid
+        )
+    a_all = gather_with_grad(a_local, group)  # (W·b, d)
+    b_all = gather_with_grad(b_local, group)
     loss = 0.5 * (
         infonce(a_local, b_all, logit_scale, targets, key_valid=key_valid, backend=backend)
         + infonce(b_local, a_all, logit_scale, targets, key_valid=key_valid, backend=backend)

@@ -60,7 +60,7 @@ class ProtCLIPLossConfig:
     false_negatives: str = "none"  # GC deduplication by group: "none", "text" (same text) or "go" (same GO set)
 
 
-def validate_protclip_config(cfg: ProtCLIPLossConfig, strategy: str = "allgather") -> None:
+def validate_protclip_config(cfg: ProtCLIPLossConfig) -> None:
     """Cross-field checks; raises ValueError naming the field (wrap it in the caller's error type)."""
     weights = {"gc": cfg.gc, "mlm": cfg.mlm, "bsr": cfg.bsr, "pda": cfg.pda, "pda_vq": cfg.pda_vq}
     for name, w in weights.items():
@@ -83,8 +83,6 @@ def validate_protclip_config(cfg: ProtCLIPLossConfig, strategy: str = "allgather
             raise ValueError(f"{name}={getattr(cfg, name)}: must be > 0")
     if cfg.false_negatives not in ("none", *GROUP_MODES):
         raise ValueError(f"false_negatives={cfg.false_negatives!r}: expected 'none', 'text' or 'go'")
-    if cfg.false_negatives != "none" and strategy != "allgather":
-        raise ValueError(f"false_negatives={cfg.false_negatives!r} needs loss.strategy='allgather'")
 
 
 def masked_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
@@ -140,11 +138,12 @@ class ProtCLIPLoss:
     Args:
         cfg: loss weights and settings.
         backend: ``kernels.infonce`` backend of GC (``loss.backend``).
-        strategy: cross-rank negatives of GC (``loss.strategy``; deduplication needs "allgather").
+        strategy: cross-rank negatives of GC (``loss.strategy``: "allgather" or "ring", with or without
+            deduplication).
     """
 
     def __init__(self, cfg: ProtCLIPLossConfig, *, backend: str = "auto", strategy: str = "allgather"):
-        validate_protclip_config(cfg, strategy)
+        validate_protclip_config(cfg)
         self.cfg = cfg
         self.backend = backend
         self.strategy = strategy
@@ -182,6 +181,7 @@ class ProtCLIPLoss:
                     targets["text_group"].to(out["sequence"].device),
                     valid_local=pair_ok,
                     backend=self.backend,
+                    strategy=self.strategy,
                 )
             else:
                 gc = gathered_symmetric_infonce(

@@ -231,3 +231,36 @@ def test_rejects_mismatched_inputs():
         ring_symmetric_infonce(torch.ones(3, 4), torch.ones(3, 4), torch.ones(()), valid=torch.ones(3))
     with pytest.raises(ValueError, match="backend"):
         ring_symmetric_infonce(torch.ones(3, 4), torch.ones(3, 4), torch.ones(()), backend="cuda")
+    ones = torch.ones(3, 4), torch.ones(3, 4), torch.ones(())
+    with pytest.raises(ValueError, match="targets must be an int64"):
+        ring_symmetric_infonce(*ones, targets=torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"key_valid must be a bool tensor of shape \(3,\)"):
+        ring_symmetric_infonce(
+            *ones, targets=torch.zeros(3, dtype=torch.int64), key_valid=torch.ones(6, dtype=torch.bool)
+        )
+    with pytest.raises(ValueError, match="pass targets with it"):
+        ring_symmetric_infonce(*ones, key_valid=torch.ones(3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton_runtime)])
+def test_world_of_one_with_diagonal_targets_is_the_symmetric_loss(backend):
+    """Retargeted rows with t_i = i and every key valid are the plain loss (positives taken from the
+    block, not locally), loss and gradients."""
+    from kernels import symmetric_infonce
+
+    a, b, s = _global_inputs(1)
+    outs = []
+    for targets in (None, torch.arange(B_LOCAL)):
+        leaves = [t.float().to(DEVICE).requires_grad_() for t in (a, b, s)]
+        extra = (
+            {}
+            if targets is None
+            else {"targets": targets.to(DEVICE), "key_valid": torch.ones(B_LOCAL, dtype=torch.bool, device=DEVICE)}
+        )
+        loss = ring_symmetric_infonce(*leaves, backend=backend, **extra)
+        loss.backward(torch.tensor(0.8, device=DEVICE))
+        outs.append([loss.detach(), *(t.grad for t in leaves)])
+    want = symmetric_infonce(*(t.float().to(DEVICE) for t in (a, b, s)), backend="torch")
+    torch.testing.assert_close(outs[1][0], want, rtol=1e-6, atol=1e-6)
+    for got, ref in zip(outs[1], outs[0]):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)

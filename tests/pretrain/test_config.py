@@ -62,11 +62,13 @@ def test_fingerprint_changes_with_model_only():
     assert a.fingerprint() != b.fingerprint()
 
 
-def test_ring_strategy_accepted_for_align_pro_but_not_with_false_negatives():
+def test_ring_strategy_accepted_with_and_without_false_negatives():
     cfg = load_config(overrides=["loss.strategy=ring"])
     assert cfg.loss.objective == "align_pro" and cfg.loss.strategy == "ring"  # presence masks ride the ring
-    with pytest.raises(ConfigError, match="needs loss.strategy='allgather'"):
-        load_config(overrides=["loss.strategy=ring", "loss.false_negatives=text"])
+    cfg = load_config(overrides=["loss.strategy=ring", "loss.false_negatives=text"])  # retargeted rows too
+    assert cfg.loss.false_negatives == "text"
+    cfg = load_config(overrides=["loss.strategy=ring", "loss.objective=protclip", "loss.protclip.false_negatives=go"])
+    assert cfg.loss.protclip.false_negatives == "go"
 
 
 def test_run_config_rewrite_never_shows_readers_a_partial_file(tmp_path):

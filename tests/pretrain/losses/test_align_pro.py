@@ -155,10 +155,8 @@ def test_collate_adds_group_ids_only_when_switched_on(tmp_path):
 
 
 def _two_rank_cfg(strategy: str) -> LossConfig:
-    """allgather: with the text false-negative groups; ring: plain terms (groups need the all-gather)."""
-    if strategy == "ring":
-        return replace(CFG, strategy="ring")
-    return replace(CFG, false_negatives="text")
+    """Either strategy with the text false-negative groups (the text terms grouped, the others plain)."""
+    return replace(CFG, strategy=strategy, false_negatives="text")
 
 
 def _count_row_checks() -> list[int]:
