@@ -195,6 +195,22 @@ def test_protclip_loss_on_a_tiny_demo_batch(tiny):
         assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0, name
 
 
+def test_deduplicated_gc_runs_on_the_ring_with_the_same_loss(tiny, monkeypatch):
+    """loss.strategy=ring reaches the grouped GC term (rows 2 and 5 share a text): same loss on one process."""
+    import kernels.ring
+
+    model, batch = tiny
+    heads = ProtCLIPHeads.for_model(TINY_LOSS, model)
+    with torch.no_grad():
+        out = protclip_forward(model, heads, batch)
+    calls, ring = [], kernels.ring.ring_symmetric_infonce
+    monkeypatch.setattr(kernels.ring, "ring_symmetric_infonce", lambda *a, **k: calls.append(k) or ring(*a, **k))
+    want = ProtCLIPLoss(TINY_LOSS, backend="torch")(out, batch["present"], batch["protclip"])["loss_gc"]
+    got = ProtCLIPLoss(TINY_LOSS, backend="torch", strategy="ring")(out, batch["present"], batch["protclip"])["loss_gc"]
+    assert len(calls) == 1 and calls[0]["targets"] is not None  # the ring, with retargeted rows
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-6)
+
+
 def test_zero_weights_skip_their_passes(tiny):
     model, batch = tiny
     cfg = replace(TINY_LOSS, mlm=0.0, bsr=0.0, false_negatives="none")
