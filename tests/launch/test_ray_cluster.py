@@ -43,11 +43,15 @@ def _ray_env() -> dict:
     return {**cpu_env(), "RAY_AUTH_MODE": "token", "RAY_DEDUP_LOGS": "0", "PYTHONPATH": str(REPO)}
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def _stop(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """SIGTERM a node's process group, then SIGKILL it after ``grace_s``: on SIGTERM the head's
+    ``ray start --block`` waits about 30 s for its idle workers before it exits (measured on the 2-core
+    CI machine), time the serial Ray test unit would spend doing nothing. The group holds every process
+    of the node (GCS, raylet, workers), so nothing outlives the kill."""
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(60)
+            proc.wait(grace_s)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
