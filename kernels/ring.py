@@ -49,6 +49,8 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from kernels.distributed import world_and_rank
+
 __all__ = ["ring_symmetric_infonce"]
 
 _FEATURE_TAG, _GRAD_TAG, _MASK_TAG = 11, 12, 13
@@ -120,9 +122,7 @@ class _Ring:
 
     def __init__(self, group):
         self.group = group
-        on = dist.is_available() and dist.is_initialized()
-        self.world = dist.get_world_size(group) if on else 1
-        self.rank = dist.get_rank(group) if on else 0
+        self.world, self.rank = world_and_rank(group)
         self.next, self.prev = (self.rank + 1) % self.world, (self.rank - 1) % self.world
 
     def source(self, step):
