@@ -46,7 +46,7 @@ def _ray_env() -> dict:
 def _stop(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
     """SIGTERM a node's process group, then SIGKILL it after ``grace_s``: on SIGTERM the head's
     ``ray start --block`` waits about 30 s for its idle workers before it exits (measured on the 2-core
-    CI machine), time the serial Ray test unit would spend doing nothing. The group holds every process
+    dev machine), time the serial Ray test unit would spend doing nothing. The group holds every process
     of the node (GCS, raylet, workers), so nothing outlives the kill."""
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
