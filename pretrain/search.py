@@ -116,12 +116,7 @@ class SearchIndex:
             s = q @ block.T  # (Q, b)
             if self.valid is not None:
                 s[:, ~self.valid[start : start + len(block)]] = -np.inf
-            kb = min(k, s.shape[1])
-            part = (
-                np.argpartition(-s, kb - 1, axis=1)[:, :kb]
-                if kb < s.shape[1]
-                else np.tile(np.arange(s.shape[1]), (len(q), 1))
-            )
+            part = _first_best(s, min(k, s.shape[1]))
             cand_s = np.concatenate([best_s, np.take_along_axis(s, part, 1)], 1)
             cand_r = np.concatenate([best_r, part + start], 1)
             best_s, best_r = _top(cand_s, cand_r, k)
@@ -146,6 +141,22 @@ class SearchIndex:
 
     def ids_of(self, rows: np.ndarray) -> list[str]:
         return [self.ids[int(r)] for r in rows]
+
+
+def _first_best(s: np.ndarray, k: int) -> np.ndarray:
+    """Column indices of the k best scores of each row of ``s`` (Q, b), lower columns first among ties.
+
+    ``argpartition`` alone keeps an arbitrary subset of the scores tied at the cut-off, which
+    would make the rows returned depend on ``block_rows``; here every score above the k-th best
+    is kept, then the lowest columns tied with it. O(b) per row, no sort. Returns (Q, k), ascending.
+    """
+    if k >= s.shape[1]:
+        return np.tile(np.arange(s.shape[1]), (len(s), 1))
+    s = np.where(np.isnan(s), -np.inf, s)  # a NaN score (a broken embedding) ranks last, never breaks the count
+    kth = -np.partition(-s, k - 1, axis=1)[:, k - 1 : k]  # (Q, 1) the k-th best score
+    above, tied = s > kth, s == kth
+    keep = above | (tied & (np.cumsum(tied, axis=1) <= k - above.sum(axis=1, keepdims=True)))
+    return np.nonzero(keep)[1].reshape(len(s), k)
 
 
 def _top(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -42,6 +42,22 @@ def test_k_larger_than_n_valid_rows_and_ties():
         index.search(np.zeros((1, 3), np.float32), 1)
 
 
+@pytest.mark.parametrize("block_rows", [1, 5, 97, 65_536])
+def test_ties_at_the_cut_off_keep_the_lowest_rows(block_rows):
+    """Identical embeddings (identical texts, identical sequences) tie exactly; the rows returned
+    must be the lowest tied ones whatever the block size (argpartition alone kept any of them)."""
+    rng = np.random.default_rng(0)
+    base = rng.integers(-2, 3, size=(40, 8)).astype(np.float32)  # integer dot products: exact in any block shape
+    emb = base[rng.integers(0, 40, 3000)]
+    q = 4 * base[:3] + base[3:6]
+    index = SearchIndex(emb, [str(i) for i in range(3000)], block_rows=block_rows, backend="exact")
+    for k in (1, 10, 50, 100):
+        scores, rows = index.search(q, k)
+        ref_s, ref_r = _brute(emb, q, k)
+        np.testing.assert_array_equal(rows, ref_r)
+        np.testing.assert_allclose(scores, ref_s, rtol=1e-5)
+
+
 def test_load_memory_maps_and_faiss_optional(tmp_path):
     rng = np.random.default_rng(1)
     emb = _unit(rng.normal(size=(30, 8)))
