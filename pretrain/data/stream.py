@@ -2,12 +2,20 @@
 
 Order rule (the same on every launch, whatever the actors do):
 
-* epoch e permutes the shard list with seed (seed, e); rank r takes every world-th shard
-  starting at r (shard-level split: ranks never read the same shard in one epoch);
-* the rank's samples (all samples of its shards) are permuted with seed (seed, e, r), and
-  batch i of the epoch is the slice [i*B, (i+1)*B) of that permutation;
-* every rank runs ``min over ranks of (samples // B)`` batches per epoch, so all ranks step
-  together (the few leftover samples of the largest ranks wait for the next epoch's shuffle);
+* epoch e permutes the shard list with seed (seed, e) and deals it like cards: rank r's
+  shards are every world-th shard starting at r. The samples of those shards, rank 0's shards
+  first, then rank 1's, ..., are cut into ``world`` equal contiguous shares of
+  ``N // world`` samples (N: the epoch's samples); rank r gets share r. With shards of equal
+  size whose number divides by ``world`` a rank reads exactly its own shards; otherwise a
+  rank's share spills over into its neighbour's shards, so that shards of unequal size (the
+  last shard of a set is usually smaller) or fewer shards than ranks never leave samples out
+  of an epoch. The fewer than ``world`` samples beyond the last share wait for the next epoch;
+* with ``data.property_sampling`` the kept samples are drawn (seed (seed, e, ``_KEEP_STREAM``))
+  before the shares are cut, so the shares stay equal;
+* the rank's share is permuted with seed (seed, e, r), and batch i of the epoch is the slice
+  [i*B, (i+1)*B) of that permutation;
+* every rank runs ``(N // world) // B`` batches per epoch, so all ranks step together (the
+  fewer than B samples left in each share wait for the next epoch's shuffle);
 * the randomness of batch i (crops, augmentations, second views) comes from seed
   (seed, e, i, r), so a batch is a pure function of its cursor.
 
@@ -94,6 +102,7 @@ class _Segment:
 
 
 _REMAP_STREAM = 0x5E6  # distinguishes the remainder permutations' seeds from the normal plan's
+_KEEP_STREAM = 0x7EE9_0001  # seeds property sampling's draws (far above any rank index)
 
 
 class EpochPlan:
@@ -108,41 +117,35 @@ class EpochPlan:
         seed: int,
         property_sampling: bool = False,
     ):
-        if len(manifest.shards) < world_size:
-            raise ConfigError(
-                f"shard set {manifest.root} has {len(manifest.shards)} shards, fewer than the "
-                f"{world_size} ranks: each rank needs at least one shard"
-            )
         self.manifest, self.world_size, self.rank = manifest, world_size, rank
         self.batch_size, self.seed = batch_size, seed
         self._keep_prob = [_keep_probabilities(s) for s in manifest.shards] if property_sampling else None
         self._cache: dict[tuple, _Segment] = {}
 
-    def _layout(self, epoch: int, world: int) -> list[np.ndarray]:
-        """The normal plan's per-rank rows (shard index, sample index) of ``epoch`` at ``world`` ranks."""
-        if len(self.manifest.shards) < world:
-            raise ConfigError(
-                f"shard set {self.manifest.root} has {len(self.manifest.shards)} shards, fewer than the "
-                f"{world} ranks: each rank needs at least one shard"
-            )
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.manifest.shards))
-        per_rank = []
-        for r in range(world):
-            shards = order[r::world]
-            refs = np.concatenate(
-                [
-                    np.stack([np.full(s.num_samples, i), np.arange(s.num_samples)], axis=1)
-                    for i in shards
-                    for s in [self.manifest.shards[i]]
-                ]
-            )
-            perm = np.random.default_rng([self.seed, epoch, r]).permutation(len(refs))
-            refs = refs[perm]
-            if self._keep_prob is not None:  # ProtCLIP property-driven sampling, redrawn per epoch
-                p = np.array([self._keep_prob[s][i] for s, i in refs])
-                refs = refs[np.random.default_rng([self.seed, epoch, r, 1]).random(len(refs)) < p]
-            per_rank.append(refs)
-        return per_rank
+    def _layout(self, epoch: int, world: int) -> tuple[list[np.ndarray], np.ndarray]:
+        """The normal plan of ``epoch`` at ``world`` ranks (see the module docstring).
+
+        Returns:
+            (per_rank, tail): rank r's rows (shard index, sample index) in the order its batches
+            take them, each (N // world, 2), and the (N % world, 2) rows beyond the last share.
+        """
+        shards = self.manifest.shards
+        if not shards:
+            raise ConfigError(f"shard set {self.manifest.root} has no shards")
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(shards))
+        dealt = [int(i) for r in range(world) for i in order[r::world]]  # rank 0's shards, then rank 1's, ...
+        refs = np.concatenate(
+            [np.stack([np.full(shards[i].num_samples, i), np.arange(shards[i].num_samples)], axis=1) for i in dealt]
+        )  # (N, 2)
+        if self._keep_prob is not None:  # ProtCLIP property-driven sampling, redrawn per epoch
+            p = np.concatenate([self._keep_prob[i] for i in dealt])
+            refs = refs[np.random.default_rng([self.seed, epoch, _KEEP_STREAM]).random(len(refs)) < p]
+        n = len(refs) // world
+        per_rank = [
+            refs[r * n : (r + 1) * n][np.random.default_rng([self.seed, epoch, r]).permutation(n)]
+            for r in range(world)
+        ]
+        return per_rank, refs[world * n :]
 
     def _segment(self, epoch: int, resized: tuple[tuple[int, int], ...], world: int) -> _Segment:
         """Segment ``len(resized)`` of ``epoch`` run at ``world`` ranks after the segments ``resized``."""
@@ -151,14 +154,14 @@ class EpochPlan:
             return self._cache[key]
         B = self.batch_size
         if not resized:
-            per_rank = self._layout(epoch, world)
-            nb = min(len(p) for p in per_rank) // B
+            per_rank, tail = self._layout(epoch, world)
+            nb = len(per_rank[0]) // B
             if nb == 0:
                 raise ConfigError(
-                    f"data.batch_size={B} is impossible: the smallest rank share of "
-                    f"{self.manifest.root} holds {min(len(p) for p in per_rank)} samples in epoch {epoch}"
+                    f"data.batch_size={B} is impossible: a rank's share of {self.manifest.root} at "
+                    f"{world} ranks holds {len(per_rank[0])} samples in epoch {epoch}"
                 )
-            seg = _Segment(per_rank, nb, np.zeros((0, 2), dtype=np.int64))
+            seg = _Segment(per_rank, nb, tail)
         else:
             (prev_world, consumed), k = resized[-1], len(resized)
             prev = self._segment(epoch, resized[:-1], prev_world)
@@ -239,7 +242,7 @@ def _keep_probabilities(shard) -> np.ndarray:
 def check_plan(cfg: Config, world_size: int) -> None:
     """Fail early (before any process group starts) on a missing shard set or impossible batch."""
     manifest = load_manifest(cfg.data.train_shards)  # a path or a URL (data_shards.storage)
-    # One plan is enough: every rank's plan lays out all ranks' shares and checks the smallest.
+    # One plan is enough: every rank gets an equal share of the epoch.
     plan_for(cfg, manifest, world_size, 0).batches_per_epoch(0)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
@@ -34,12 +35,51 @@ def test_ranks_partition_each_epoch_without_repeats(small_demo):
     assert plans[0].batch_refs(0, 0) != plans[0].batch_refs(1, 0)  # reshuffled per epoch
 
 
-def test_too_few_shards_or_samples_is_a_config_error(small_demo):
+def test_too_large_a_batch_is_a_config_error(small_demo):
     m = load_manifest(small_demo / "train")
-    with pytest.raises(ConfigError, match="fewer than"):
-        EpochPlan(m, len(m.shards) + 1, 0, 8, 0)
     with pytest.raises(ConfigError, match="impossible"):
         EpochPlan(m, 2, 0, 10_000, 0).batches_per_epoch(0)
+    with pytest.raises(ConfigError, match="impossible"):  # 384 samples: 48 per rank at 8 ranks
+        EpochPlan(m, 8, 0, 49, 0).batches_per_epoch(0)
+
+
+def _write_shards(root, num_samples, per_shard):
+    from data_shards.schema import ProteinRecord
+    from data_shards.writer import ShardWriter
+
+    with ShardWriter(root, samples_per_shard=per_shard) as w:
+        for i in range(num_samples):
+            w.write(ProteinRecord(id=f"P{i:03d}", sequence="MKV" * 5, backbone=None, text=None, meta={"source": "test"}))
+    return load_manifest(root)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_unequal_shards_leave_only_a_remainder_out_of_each_epoch(tmp_path, world):
+    """Shards of unequal size (or fewer shards than ranks) still fill every rank's share: an epoch
+    delivers all its samples but fewer than B per rank and fewer than ``world`` beyond the shares."""
+    m = _write_shards(tmp_path / "train", 93, per_shard=40)
+    assert [s.num_samples for s in m.shards] == [40, 40, 13]
+    B, N = 4, 93
+    plans = [EpochPlan(m, world, r, B, seed=3) for r in range(world)]
+    for epoch in range(3):
+        nb = plans[0].batches_per_epoch(epoch)
+        assert all(p.batches_per_epoch(epoch) == nb for p in plans)
+        assert nb == (N // world) // B
+        seen = [ref for p in plans for i in range(nb) for ref in p.batch_refs(epoch, i)]
+        left = plans[0].leftovers(epoch)
+        assert len(seen) == len(set(seen)) == world * nb * B
+        assert sorted(seen + left) == sorted((str(s.path), i) for s in m.shards for i in range(s.num_samples))
+        assert len(left) < world * B + world
+
+
+def test_balanced_shards_keep_the_shard_level_split(small_demo):
+    """Eight equal shards over two ranks: each rank reads exactly the shards dealt to it."""
+    m = load_manifest(small_demo / "train")
+    order = np.random.default_rng([0, 0]).permutation(len(m.shards))
+    for r in range(2):
+        plan = EpochPlan(m, 2, r, 8, seed=0)
+        shards = {ref[0] for i in range(plan.batches_per_epoch(0)) for ref in plan.batch_refs(0, i)}
+        assert shards == {str(m.shards[i].path) for i in order[r::2]}
 
 
 def _same_batch(a, b):
