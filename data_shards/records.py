@@ -37,6 +37,9 @@ _PDB_ID_RES = (
     re.compile(r"(?:^|[_.\-])(?:pdb)?([0-9][a-z0-9]{3})(?=$|[_.\-])"),
 )
 
+# Docking Benchmark unbound partners (1EZU_r_u, 1EZU_l_u): the name carries the complex's id
+_DOCKING_UNBOUND_RE = re.compile(r"_[rl]_u$", re.IGNORECASE)
+
 SkipFn = Callable[[str, str], None]
 
 
@@ -224,7 +227,13 @@ class RecordMaker:
                 )
                 self.skip(reason, where)
                 continue
-            pdb_id = (row.pdb_id if row is not None else "") or parsed.pdb_id or guess_pdb_id(stem)
+            # A chain-table row is authoritative: an empty pdb_id there means "unknown". Never guess
+            # the id of a Docking Benchmark unbound file (1EZU_r_u is not entry 1EZU, and its chain
+            # letters are not 1EZU's): a SIFTS/DeepFRI join on it attaches another protein.
+            if row is not None:
+                pdb_id = row.pdb_id or parsed.pdb_id
+            else:
+                pdb_id = parsed.pdb_id or ("" if _DOCKING_UNBOUND_RE.search(stem) else guess_pdb_id(stem))
             extras = self.index.chain(pdb_id, chain_id) if pdb_id else None
             accession = (row.uniprot if row is not None else "") or (extras.accession if extras else "")
             if predicted and stem.startswith("AF-"):

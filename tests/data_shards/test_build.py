@@ -266,6 +266,39 @@ def test_structures_without_table_and_split(crafted):
         assert load_manifest(root / "split" / split).extra["split"] == split
 
 
+SIFTS_HEADER = "# SIFTS excerpt\nPDB\tCHAIN\tSP_PRIMARY\tRES_BEG\tRES_END\tPDB_BEG\tPDB_END\tSP_BEG\tSP_END\n"
+
+
+def test_pdb_ids_are_not_guessed_where_the_name_misleads(tmp_path):
+    """Docking Benchmark unbound partners (1EZU_r_u) are another entry than 1EZU, with other chain
+    letters; a table row with no pdb_id means "unknown". Joining SIFTS on a guessed id would attach
+    another protein's accession (and its GO / EC) to the chain."""
+    structures = tmp_path / "structures"
+    structures.mkdir()
+    for name in ("1EZU_r_u.pdb", "2ABC_model.pdb", "3DEF.pdb"):
+        (structures / name).write_text(pdb_text({"A": "MKVLA"}))
+    sifts = tmp_path / "sifts.tsv"
+    sifts.write_text(
+        SIFTS_HEADER
+        + "".join(
+            f"{pdb}\tA\t{acc}\t1\t5\t1\t5\t1\t5\n"
+            for pdb, acc in (("1ezu", "P23827"), ("2abc", "Q11111"), ("3def", "Q22222"))
+        )
+    )
+    table = tmp_path / "chains.tsv"
+    table.write_text("structure_file\tchain\tpdb_id\tuniprot\nstructures/2ABC_model.pdb\tA\t\t\n")
+
+    def accessions(out, **inputs):
+        build_shards(BuildConfig(out=out, sifts=[str(sifts)], **inputs))
+        return {r.id: (r.meta.get("pdb_id", ""), r.meta.get("accession", "")) for r in all_records(out)}
+
+    no_table = accessions(tmp_path / "a", structures=[str(structures)])
+    assert no_table["1EZU_r_u_A"] == ("", "")  # never the complex's chain A
+    assert no_table["3DEF_A"] == ("3DEF", "Q22222")  # a plain id-named file still joins
+    with_table = accessions(tmp_path / "b", annotations=[str(table)])
+    assert with_table == {"2ABC_model_A": ("", "")}  # the row says: id unknown
+
+
 # ----------------------------------------------------------------------------- real data
 
 
