@@ -216,6 +216,10 @@ class RecordMaker:
         if parsed.repaired:
             base["repaired"] = parsed.repaired
         targets = [(row.chain, row) for row in rows] if rows is not None else [(c.chain, None) for c in parsed.chains]
+        if rows is None and not parsed.chains:  # every input file is accounted for in the manifest
+            other = f" (only non-protein chains {', '.join(parsed.other_chains)})" if parsed.other_chains else ""
+            self.skip("no protein chain in structure file", unit.display + other)
+            return
         for chain_id, row in targets:
             chain = parsed.chain(chain_id)
             where = f"{unit.display} chain {chain_id}"

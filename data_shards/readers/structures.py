@@ -236,8 +236,10 @@ def read_structure(path: str | Path, plddt: str = "auto", chains: set[str] | Non
     data = _read_bytes(path)
     text = data.decode("utf-8", errors="replace")
     structure, fmt, repaired = _parse(path, text)
-    if len(structure) == 0:
-        raise StructureError(f"{path}: no model with atoms")
+    # gemmi returns one empty model for text without any ATOM/HETATM record (an HTML error page,
+    # a header-only file): that is not a structure
+    if len(structure) == 0 or not any(len(residue) for chain in structure[0] for residue in chain):
+        raise StructureError(f"{path}: no model with atoms (not a PDB/mmCIF coordinate file?)")
     structure.remove_alternative_conformations()  # keep the first altloc (and residue variant)
     structure.merge_chain_parts()  # e.g. waters listed as a second "chain A" after chain B
     info = dict(structure.info)

@@ -266,6 +266,26 @@ def test_structures_without_table_and_split(crafted):
         assert load_manifest(root / "split" / split).extra["split"] == split
 
 
+def test_files_without_protein_coordinates_are_counted_not_lost(tmp_path):
+    """gemmi reads any text as one empty model: an HTML error page saved as .pdb, a header-only file
+    or a ligand-only file must show up among the skipped inputs, not vanish."""
+    structures = tmp_path / "structures"
+    structures.mkdir()
+    (structures / "good.pdb").write_text(pdb_text({"A": "MKVLA"}))
+    (structures / "404.pdb").write_text("<html><body><h1>404 Not Found</h1></body></html>\n")
+    (structures / "header_only.pdb").write_text(
+        "HEADER    HYDROLASE                               01-JAN-00   9ZZZ\nEND\n"
+    )
+    (structures / "water.pdb").write_text(pdb_text({}, water_chain="W"))
+    summary = build_shards(BuildConfig(out=tmp_path / "out", structures=[str(structures)]))
+    assert [r.id for r in all_records(tmp_path / "out")] == ["good_A"]
+    skipped = summary["skipped"]
+    assert skipped["unreadable structure file"]["count"] == 2
+    assert any("404.pdb" in e and "no model with atoms" in e for e in skipped["unreadable structure file"]["examples"])
+    assert skipped["no protein chain in structure file"]["count"] == 1
+    assert "water.pdb (only non-protein chains W)" in skipped["no protein chain in structure file"]["examples"]
+
+
 SIFTS_HEADER = "# SIFTS excerpt\nPDB\tCHAIN\tSP_PRIMARY\tRES_BEG\tRES_END\tPDB_BEG\tPDB_END\tSP_BEG\tSP_END\n"
 
 
