@@ -117,10 +117,21 @@ def _read_bytes(path: Path) -> bytes:
         with open(path, "rb") as handle:
             data = handle.read(MAX_STRUCTURE_BYTES + 1)
         if data[:2] == b"\x1f\x8b":
-            inflater = zlib.decompressobj(wbits=47)  # gzip (and zlib) container
-            data = inflater.decompress(data, MAX_STRUCTURE_BYTES + 1)
-            if not inflater.eof and len(data) <= MAX_STRUCTURE_BYTES:
-                raise StructureError(f"{path}: truncated gzip stream")
+            # a gzip file may hold several members (bgzip, pigz -i, cat a.gz b.gz): read them all
+            out, rest = bytearray(), data
+            while rest and len(out) <= MAX_STRUCTURE_BYTES:
+                inflater = zlib.decompressobj(wbits=47)  # gzip (and zlib) container
+                out += inflater.decompress(rest, MAX_STRUCTURE_BYTES + 1 - len(out))
+                if not inflater.eof:
+                    if len(out) <= MAX_STRUCTURE_BYTES:
+                        raise StructureError(f"{path}: truncated gzip stream")
+                    break
+                rest = inflater.unused_data
+                if rest[:2] != b"\x1f\x8b":
+                    if rest.strip(b"\x00"):
+                        raise StructureError(f"{path}: trailing garbage after the gzip stream")
+                    break
+            data = bytes(out)
     except (OSError, zlib.error, EOFError, gzip.BadGzipFile) as exc:
         raise StructureError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
     if len(data) > MAX_STRUCTURE_BYTES:

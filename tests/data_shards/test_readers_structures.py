@@ -151,6 +151,37 @@ def test_bad_structure_files_raise_structure_error(tmp_path):
             read_structure(path)
 
 
+def _backbone_pdb(chains: dict[str, int]) -> str:
+    """A PDB text with one straight glycine backbone of the given length per chain."""
+    lines = []
+    for chain, length in chains.items():
+        for i in range(1, length + 1):
+            for name, dx in (("N", 0.0), ("CA", 1.46), ("C", 2.0), ("O", 2.6)):
+                x = 3.8 * i + dx
+                lines.append(
+                    f"ATOM  {len(lines) + 1:>5}  {name:<3} GLY {chain}{i:>4}    {x:8.3f}{0.0:8.3f}{0.0:8.3f}"
+                    f"  1.00 20.00           {name[0]}"
+                )
+    return "\n".join(lines) + "\nEND\n"
+
+
+def test_every_member_of_a_multi_member_gzip_is_read(tmp_path):
+    """bgzip, ``pigz -i`` and ``cat a.gz b.gz`` write several gzip members; zcat reads them all, and
+    so must we (the first member alone was two and a half chains of four, without an error)."""
+    text = _backbone_pdb({"A": 30, "B": 30, "C": 30, "D": 30}).encode()
+    cut = len(text) // 2 + 7  # mid-line, mid-chain
+    path = tmp_path / "multi.pdb.gz"
+    path.write_bytes(gzip.compress(text[:cut]) + gzip.compress(text[cut:]))
+    assert gzip.decompress(path.read_bytes()) == text
+    parsed = read_structure(path)
+    assert [(c.chain, len(c.sequence)) for c in parsed.chains] == [("A", 30), ("B", 30), ("C", 30), ("D", 30)]
+    path.write_bytes(gzip.compress(text[:cut]) + gzip.compress(text[cut:]) + b"\0\0")  # zero padding is fine
+    assert len(read_structure(path).chains) == 4
+    path.write_bytes(gzip.compress(text) + b"not gzip")
+    with pytest.raises(StructureError, match="multi.pdb.gz: trailing garbage"):
+        read_structure(path)
+
+
 def test_unknown_residues_ligands_and_non_protein_chains(tmp_path):
     def atom(serial, record, name, res, seq, x):
         coords = f"{x:8.3f}{0.0:8.3f}{0.0:8.3f}"
