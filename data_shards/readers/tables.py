@@ -291,7 +291,7 @@ def iter_deepfri(path: str | Path) -> Iterator[DeepFriRow]:
 
 def load_sifts_uniprot(path: str | Path) -> dict[tuple[str, str], str]:
     """{(pdb_id lower case, chain): accession}; for chimeric chains the accession covering most residues."""
-    best: dict[tuple[str, str], tuple[int, str]] = {}
+    covered: dict[tuple[str, str], dict[str, int]] = {}  # residues per accession (segments summed)
     with open_text(path) as handle:
         lines = (line for line in handle if not line.startswith("#"))
         for row in _reader(lines):
@@ -301,9 +301,11 @@ def load_sifts_uniprot(path: str | Path) -> dict[tuple[str, str], str]:
             except (KeyError, ValueError, AttributeError):
                 continue
             accession = row.get("SP_PRIMARY", "")
-            if accession and span > best.get(key, (-1, ""))[0]:
-                best[key] = (span, accession)
-    return {key: accession for key, (_, accession) in best.items()}
+            if accession:
+                per_acc = covered.setdefault(key, {})
+                per_acc[accession] = per_acc.get(accession, 0) + max(span, 0)
+    # most residues wins; ties go to the accession listed first (dicts keep insertion order)
+    return {key: max(per_acc, key=per_acc.get) for key, per_acc in covered.items()}
 
 
 def load_sifts_enzyme(path: str | Path) -> dict[tuple[str, str], list[str]]:

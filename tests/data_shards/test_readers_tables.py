@@ -77,6 +77,22 @@ def test_real_tables():
     assert len(entries) == 128 and entries[0].accession == "P15455" and entries[0].entry_name == "CRU4_ARATH"
 
 
+def test_sifts_chimeric_chain_takes_the_accession_covering_most_residues(tmp_path):
+    """Residues are summed over an accession's segments: 49 + 31 of P0A7Y4 beat one 76-residue
+    segment of P29253 (real case: 1jl2 A-D)."""
+    table = tmp_path / "sifts.tsv"
+    header = "# excerpt\nPDB\tCHAIN\tSP_PRIMARY\tRES_BEG\tRES_END\tPDB_BEG\tPDB_END\tSP_BEG\tSP_END\n"
+    rows = [
+        ("1jl2", "A", "P0A7Y4", 1, 49),
+        ("1jl2", "A", "P29253", 50, 125),
+        ("1jl2", "A", "P0A7Y4", 126, 156),
+        ("2tie", "A", "Q11111", 1, 10),  # a tie goes to the accession listed first
+        ("2tie", "A", "Q22222", 1, 10),
+    ]
+    table.write_text(header + "".join(f"{p}\t{c}\t{a}\t1\t2\t1\t2\t{b}\t{e}\n" for p, c, a, b, e in rows))
+    assert load_sifts_uniprot(table) == {("1jl2", "A"): "P0A7Y4", ("2tie", "A"): "Q11111"}
+
+
 @needs_data
 def test_sifts_uniprot_excerpt(tmp_path):
     with gzip.open(ANN / "pdb_chain_uniprot.tsv.gz", "rt") as handle:
