@@ -18,8 +18,9 @@ shards are written to a local temporary directory and uploaded, every ``manifest
 reader never finds a manifest whose shards are not there yet. ``inspect`` and ``validate`` read
 URLs directly.
 
-Exit codes: 0 success, 1 validation found problems (build, rewrite: nothing usable was written), 2
-the input could not be read at all (rewrite: also the model or endpoint failed).
+Exit codes: 0 success, 1 validation found problems (inspect: some samples could not be read, listed
+in ``problems``; build, rewrite: nothing usable was written), 2 the input could not be read at all
+(rewrite: also the model or endpoint failed).
 
 Adding a command: write a ``_cmd_<name>(args) -> (dict, exit_code)`` function and register its
 parser in ``_parser``.
@@ -185,7 +186,8 @@ def _cmd_inspect(args) -> tuple[dict, int]:
     from data_shards.validate import inspect_dir
 
     try:
-        return inspect_dir(args.dir, samples=args.samples, limit=args.limit), 0
+        report = inspect_dir(args.dir, samples=args.samples, limit=args.limit)
+        return report, 1 if report["bad_samples"] else 0
     except ManifestError as exc:
         return {"ok": False, "error": str(exc)}, 2
 

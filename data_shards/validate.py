@@ -136,7 +136,9 @@ def _stats(values: list[int]) -> dict | None:
     }
 
 
-def _readable_records(manifest, on_bad: Callable[[int], None], stop: Callable[[], bool] = lambda: False):
+def _readable_records(
+    manifest, on_bad: Callable[[int], None], stop: Callable[[], bool] = lambda: False, problems: list | None = None
+):
     """(shard info, sample key, record) of every readable sample in manifest order.
 
     An unreadable shard reports all its listed samples to ``on_bad``, an unreadable sample one;
@@ -147,8 +149,10 @@ def _readable_records(manifest, on_bad: Callable[[int], None], stop: Callable[[]
             return
         try:
             reader = ShardReader(info.path)
-        except BadShardError:
+        except BadShardError as exc:
             on_bad(info.num_samples)
+            if problems is not None:
+                problems.append({"shard": info.name, "reason": str(exc)})
             continue
         with reader:
             keys = reader.keys()
@@ -157,8 +161,10 @@ def _readable_records(manifest, on_bad: Callable[[int], None], stop: Callable[[]
                     return
                 try:
                     record = reader.read(i)
-                except BadSampleError:
+                except BadSampleError as exc:
                     on_bad(1)
+                    if problems is not None and len(problems) < MAX_REPORTED_BAD_SAMPLES:
+                        problems.append({"shard": info.name, "key": exc.key, "reason": exc.reason})
                     continue
                 yield info, keys[i], record
 
@@ -189,7 +195,8 @@ def inspect_dir(dir: str | Path, samples: int = 3, limit: int | None = None) -> 
     def full() -> bool:
         return limit is not None and counts["read"] >= limit
 
-    for info, key, record in _readable_records(manifest, bad, stop=full):
+    problems: list[dict] = []
+    for info, key, record in _readable_records(manifest, bad, stop=full, problems=problems):
         counts["read"] += 1
         sources[str(record.meta.get("source"))] = sources.get(str(record.meta.get("source")), 0) + 1
         if record.sequence is not None:
@@ -215,6 +222,7 @@ def inspect_dir(dir: str | Path, samples: int = 3, limit: int | None = None) -> 
         "extra": manifest.extra,
         "read": counts["read"],
         "bad_samples": counts["bad"],
+        "problems": problems,  # which shard / sample is bad and why
         "sequence_length": _stats(seq_lengths),
         "structure_length": _stats(struct_lengths),
         "structures_with_plddt": counts["plddt"],

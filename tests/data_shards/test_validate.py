@@ -73,6 +73,9 @@ def test_truncated_or_missing_shard_fails_validation(heldout_copy):
     shard.write_bytes(shard.read_bytes()[:5000])
     report = validate_dir(heldout_copy)
     assert not report["ok"] and any("shard-000000.tar" in e for e in report["shards"][0]["errors"])
+    code, summary = cli("inspect", heldout_copy)  # inspect names the bad shard too, and says so by its exit code
+    assert code == 1 and summary["bad_samples"] == 48
+    assert [p["shard"] for p in summary["problems"]] == ["shard-000000.tar"] and summary["problems"][0]["reason"]
     shard.unlink()
     code, report = cli("validate", heldout_copy)
     assert code == 1 and "missing" in report["shards"][0]["errors"][0]
