@@ -37,7 +37,7 @@ import torch
 
 from data_shards.schema import ProteinRecord
 from pretrain.config import Config
-from pretrain.data.featurize import backbone_graph, collate_graphs, edge_s_dim
+from pretrain.data.featurize import backbone_graph, collate_graphs, edge_s_dim, peptide_bonds
 from pretrain.data.masking import protclip_inputs
 from pretrain.data.text_augment import augment_text, canonical_text
 from pretrain.losses.false_negatives import group_ids
@@ -147,7 +147,7 @@ class BatchBuilder:
         filled = [s if s else _PLACEHOLDER_SEQUENCE for s in seqs]
         return tokenize_sequences(self.alphabet, filled, self.cfg.model.sequence.max_length)
 
-    def _graph(self, bb, drop: torch.Tensor | None = None):
+    def _graph(self, bb, drop: torch.Tensor | None = None, bonded: torch.Tensor | None = None):
         """GVP graph of one (coords, atom_mask); residues in ``drop`` are marked missing.
 
         Dropping by mask (not by slicing) keeps dihedrals and sequence offsets honest: nothing
@@ -160,7 +160,12 @@ class BatchBuilder:
             mask = mask & ~drop[:, None]
         s = self.cfg.model.structure
         return backbone_graph(
-            coords, mask, k_neighbors=s.k_neighbors, num_rbf=s.num_rbf, num_positional=s.num_positional
+            coords,
+            mask,
+            k_neighbors=s.k_neighbors,
+            num_rbf=s.num_rbf,
+            num_positional=s.num_positional,
+            bonded=bonded,
         )
 
     @property
@@ -211,7 +216,8 @@ class BatchBuilder:
                 drop = torch.from_numpy(rng.random(coords.shape[0]) < d.residue_drop_prob)
                 if (~drop).sum() < 2:
                     drop[:] = False
-                graphs.append(self._graph((coords + noise, mask), drop))
+                # chain breaks from the clean coordinates: noise must not open or close them
+                graphs.append(self._graph((coords + noise, mask), drop, peptide_bonds(coords, mask)))
             views["graph"] = collate_graphs(graphs, edge_dim=self._edge_dim)
         if self.views.text:
             rewrites = [self._augment(f, rng) for f in texts]

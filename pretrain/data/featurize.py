@@ -12,7 +12,11 @@ Networks for 3D Macromolecular Structure", 2021), written in pure torch for CPU 
 Residues whose N, CA or C is missing (mask False or non-finite coordinates) are dropped.
 Features that depend on a missing atom or a missing neighbour residue (a dihedral across a
 gap, the forward vector of a residue before a gap, chain ends) are set to zero rather than
-computed across the gap. The O atom is not used by these features, so a missing O changes
+computed across the gap. Readers keep only the observed residues, so two neighbours in a record
+may lie far apart with a disordered loop between them: where C(i)-N(i+1) (> 2 Å) or CA(i)-CA(i+1)
+(> 4.5 Å) is too long for a peptide bond, the chain counts as broken and nothing is measured across
+it either (``peptide_bonds``). Edge sequence offsets still count record positions (the schema stores
+no residue numbers), so they under-count the residues of a missing loop. The O atom is not used by these features, so a missing O changes
 nothing. Every division is guarded, so L=1, L=2 and degenerate (coincident / collinear)
 coordinates give finite features.
 """
@@ -30,6 +34,10 @@ EDGE_V_DIM = 1  # unit direction source -> target
 
 _EPS = 1e-8
 _RBF_MAX_DISTANCE = 20.0  # Angstrom; RBF centres span [0, 20]
+# Consecutive residues farther apart than this are not bonded (unobserved residues between them):
+# C(i)-N(i+1) is 1.33 A in a peptide bond, CA(i)-CA(i+1) 3.8 A (2.9 A cis).
+_MAX_PEPTIDE_BOND = 2.0
+_MAX_CA_STEP = 4.5
 
 
 def edge_s_dim(num_rbf: int = 16, num_positional: int = 16) -> int:
@@ -42,7 +50,28 @@ def _normalize(x: Tensor, dim: int = -1) -> Tensor:
     return x / x.norm(dim=dim, keepdim=True).clamp_min(_EPS)
 
 
-def _dihedral_features(bb: Tensor, atom_ok: Tensor) -> Tensor:
+def peptide_bonds(coords: Tensor, atom_mask: Tensor) -> Tensor:
+    """Whether residues i and i+1 are bonded: False where C(i)-N(i+1) or CA(i)-CA(i+1) is too long.
+
+    Readers keep observed residues only, so a disordered loop leaves two record-adjacent residues
+    that are not bonded. Unknown (an atom missing) counts as bonded.
+
+    Shapes:
+        coords (L, 4, 3), atom_mask (L, 4) -> (max(L - 1, 0),) bool
+    """
+    coords = torch.as_tensor(coords, dtype=torch.float32)
+    ok = torch.as_tensor(atom_mask, dtype=torch.bool) & torch.isfinite(coords).all(-1)
+    if coords.shape[0] < 2:
+        return torch.ones(0, dtype=torch.bool)
+    peptide = (coords[:-1, 2] - coords[1:, 0]).norm(dim=-1)
+    step = (coords[:-1, 1] - coords[1:, 1]).norm(dim=-1)
+    broken = (ok[:-1, 2] & ok[1:, 0] & ~(peptide <= _MAX_PEPTIDE_BOND)) | (
+        ok[:-1, 1] & ok[1:, 1] & ~(step <= _MAX_CA_STEP)
+    )
+    return ~broken
+
+
+def _dihedral_features(bb: Tensor, atom_ok: Tensor, bonded: Tensor) -> Tensor:
     """sin/cos of phi, psi, omega for every residue of the full chain.
 
     Args:
@@ -70,6 +99,9 @@ def _dihedral_features(bb: Tensor, atom_ok: Tensor) -> Tensor:
     # The torsion over atoms (a, a+1, a+2, a+3) is valid iff all four atoms exist and the two
     # planes are well defined (non-zero normals).
     valid = ok[:-3] & ok[1:-2] & ok[2:-1] & ok[3:]
+    link = torch.ones(3 * length - 1, dtype=torch.bool)  # atom a -> a+1 bonded
+    link[2::3] = bonded  # C(i) -> N(i+1)
+    valid = valid & link[:-2] & link[1:-1] & link[2:]
     valid = valid & (n2.norm(dim=-1) > 0.5) & (n1.norm(dim=-1) > 0.5)
     cos = torch.where(valid, cos, torch.zeros_like(cos))
     sin = torch.where(valid, sin, torch.zeros_like(sin))
@@ -80,7 +112,7 @@ def _dihedral_features(bb: Tensor, atom_ok: Tensor) -> Tensor:
     return torch.cat([cos, sin], dim=-1)  # (L, 6)
 
 
-def _orientation_features(ca: Tensor, ca_ok: Tensor) -> Tensor:
+def _orientation_features(ca: Tensor, ca_ok: Tensor, bonded: Tensor) -> Tensor:
     """Unit vectors to the next and previous CA; zero at chain ends and gaps.
 
     Shapes:
@@ -89,7 +121,7 @@ def _orientation_features(ca: Tensor, ca_ok: Tensor) -> Tensor:
     forward = torch.zeros_like(ca)
     backward = torch.zeros_like(ca)
     if ca.shape[0] > 1:
-        pair_ok = (ca_ok[1:] & ca_ok[:-1]).unsqueeze(-1)  # (L-1, 1)
+        pair_ok = (ca_ok[1:] & ca_ok[:-1] & bonded).unsqueeze(-1)  # (L-1, 1)
         step = _normalize(ca[1:] - ca[:-1]) * pair_ok  # (L-1, 3)
         forward[:-1] = step
         backward[1:] = -step
@@ -149,6 +181,7 @@ def backbone_graph(
     k_neighbors: int = 16,
     num_rbf: int = 16,
     num_positional: int = 16,
+    bonded: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Featurise one protein backbone as a GVP graph.
 
@@ -158,6 +191,8 @@ def backbone_graph(
         k_neighbors: neighbours per residue (capped at ``N - 1``).
         num_rbf: radial basis functions for edge distances.
         num_positional: sinusoidal channels for the sequence offset (must be even).
+        bonded: (L - 1,) chain continuity (default :func:`peptide_bonds` of ``coords``); pass the
+            clean chain's when ``coords`` carry augmentation noise.
 
     Shapes:
         coords (L, 4, 3), atom_mask (L, 4)
@@ -181,10 +216,13 @@ def backbone_graph(
     coords = torch.where(atom_ok.unsqueeze(-1), coords, torch.zeros_like(coords))  # (L, 4, 3)
     bb, bb_ok = coords[:, :3], atom_ok[:, :3]  # (L, 3, 3), (L, 3)
     n, ca, c = bb.unbind(dim=1)  # (L, 3) each
+    if bonded is None:
+        bonded = peptide_bonds(coords, atom_ok)
+    bonded = torch.as_tensor(bonded, dtype=torch.bool)
 
     # Computed on the full chain so that nothing is measured across a dropped residue.
-    dihedrals = _dihedral_features(bb, bb_ok)  # (L, 6)
-    orientations = _orientation_features(ca, bb_ok[:, 1])  # (L, 2, 3)
+    dihedrals = _dihedral_features(bb, bb_ok, bonded)  # (L, 6)
+    orientations = _orientation_features(ca, bb_ok[:, 1], bonded)  # (L, 2, 3)
     cb = _cb_direction(n, ca, c).unsqueeze(-2)  # (L, 1, 3)
 
     keep = bb_ok.all(-1)  # (L,)

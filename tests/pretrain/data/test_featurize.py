@@ -57,7 +57,7 @@ def test_k_capped_at_n_minus_one():
 
 def test_dihedrals_match_textbook_formula():
     coords = random_backbone(6, seed=2)
-    s = backbone_graph(coords, _all_present(6))["node_s"]
+    s = backbone_graph(coords, _all_present(6), bonded=torch.ones(5, dtype=torch.bool))["node_s"]
     bb = coords[:, :3]
     for i in range(1, 5):
         phi = _reference_dihedral(bb[i - 1, 2], bb[i, 0], bb[i, 1], bb[i, 2])
@@ -118,7 +118,7 @@ def test_missing_atoms():
     mask[3, 1] = False
     mask[5, 3] = False  # O missing: residue kept
     coords[6, 0] = float("inf")  # non-finite N counts as missing even with mask True
-    g = backbone_graph(coords, mask, k_neighbors=3)
+    g = backbone_graph(coords, mask, k_neighbors=3, bonded=torch.ones(7, dtype=torch.bool))
     assert g["residue_index"].tolist() == [0, 1, 2, 4, 5, 7]
     assert all(torch.isfinite(v.float()).all() for v in g.values())
     s, v = g["node_s"], g["node_v"]
@@ -159,3 +159,14 @@ def test_collate_all_missing_and_empty():
     assert batch["batch"].shape == (0,) and batch["edge_index"].shape == (2, 0)
     nothing = collate_graphs([])
     assert int(nothing["num_graphs"]) == 0 and nothing["edge_s"].shape == (0, edge_s_dim())
+
+
+def test_nothing_is_measured_across_a_chain_break():
+    """Unobserved residues between two observed ones (C-N far apart) zero the spanning features."""
+    t = torch.arange(40, dtype=torch.float32) * 0.9
+    coords = torch.stack([2.3 * torch.cos(t), 2.3 * torch.sin(t), 0.5 * t], -1).reshape(10, 4, 3)
+    coords[5:] += torch.tensor([15.0, 0.0, 0.0])  # residues 5.. moved away: a break after residue 4
+    g = backbone_graph(coords, _all_present(10))
+    s, v = g["node_s"], g["node_v"]
+    assert s[4, [1, 2, 4, 5]].abs().sum() == 0 and v[4, 0].abs().sum() == 0  # psi, omega, forward
+    assert s[5, [0, 3]].abs().sum() == 0 and v[5, 1].abs().sum() == 0  # phi, backward
