@@ -214,7 +214,9 @@ class BatchBuilder:
                 coords, mask = bb
                 noise = torch.from_numpy(rng.normal(0.0, d.coord_noise, coords.shape).astype(np.float32))
                 drop = torch.from_numpy(rng.random(coords.shape[0]) < d.residue_drop_prob)
-                if (~drop).sum() < 2:
+                # keep at least two nodes (or all there are): count the residues that become nodes
+                complete = (mask[:, :3] & torch.isfinite(coords[:, :3]).all(-1)).all(-1)
+                if (complete & ~drop).sum() < min(2, int(complete.sum())):
                     drop[:] = False
                 # chain breaks from the clean coordinates: noise must not open or close them
                 graphs.append(self._graph((coords + noise, mask), drop, peptide_bonds(coords, mask)))

@@ -56,3 +56,23 @@ def test_stored_rewrites_and_definitions_follow_the_config():
 def test_probabilities_are_checked(name):
     with pytest.raises(ConfigError, match=f"data.{name}"):
         load_config(overrides=TINY_OVERRIDES + [f"data.{name}=1.5"])
+
+
+def test_second_structure_view_keeps_nodes_of_a_chain_with_few_complete_residues():
+    """Residue dropping in the second view keeps two nodes: counted over the residues that become
+    nodes (N, CA and C present), not over all residues, or a mostly CA-only chain could lose every
+    node while present["structure"] stays True (the empty graph's embedding as positive)."""
+    from data_shards.schema import Backbone
+
+    length = 30
+    coords = np.random.default_rng(0).normal(size=(length, 4, 3)).astype(np.float32) * 5
+    mask = np.zeros((length, 4), bool)
+    mask[:, 1] = True  # CA-only chain ...
+    mask[[3, 17], :] = True  # ... with two complete residues
+    record = ProteinRecord("P1", "A" * length, Backbone(coords, mask), {"name": "x"}, {"source": "test"})
+    cfg = load_config(overrides=TINY_OVERRIDES + ["data.residue_drop_prob=0.5"])
+    builder = BatchBuilder(cfg, views={"structure": True})
+    for seed in range(50):
+        batch = builder.build([record], np.random.default_rng(seed), train=True)
+        assert batch["present"]["structure"].tolist() == [True]
+        assert batch["views"]["graph"]["node_s"].shape[0] == 2
