@@ -16,9 +16,9 @@ computed across the gap. Readers keep only the observed residues, so two neighbo
 may lie far apart with a disordered loop between them: where C(i)-N(i+1) (> 2 Å) or CA(i)-CA(i+1)
 (> 4.5 Å) is too long for a peptide bond, the chain counts as broken and nothing is measured across
 it either (``peptide_bonds``). Edge sequence offsets still count record positions (the schema stores
-no residue numbers), so they under-count the residues of a missing loop. The O atom is not used by these features, so a missing O changes
-nothing. Every division is guarded, so L=1, L=2 and degenerate (coincident / collinear)
-coordinates give finite features.
+no residue numbers), so they under-count the residues of a missing loop. The O atom is not used
+by these features, so a missing O changes nothing. Every division is guarded, so L=1, L=2 and
+degenerate (coincident / collinear) coordinates give finite features.
 """
 
 from __future__ import annotations
