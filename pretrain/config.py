@@ -100,7 +100,7 @@ class LossConfig:
 class OptimConfig:
     lr: float = 1e-3  # peak learning rate of the projection heads and logit scale
     encoder_lr: float = 3e-4  # peak learning rate of the encoders in stage 2
-    weight_decay: float = 0.01
+    weight_decay: float = 0.01  # AdamW decay of weight matrices; biases, norm gains and the logit scale get none
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
     warmup_steps: int = 10  # linear warm-up from 0, then cosine decay to min_lr_ratio x peak

@@ -4,7 +4,8 @@ Two-stage freezing follows the verified recipe in DESIGN.md: every parameter is 
 ``deepspeed.initialize`` in named groups; during stage 1 the encoder groups get lr = 0 and
 weight_decay = 0 (so AdamW cannot move them) and ``requires_grad`` False (so their
 backward is skipped); stage 2 restores both. The per-group factor is applied after the
-learning-rate schedule each step.
+learning-rate schedule each step. Groups named ``*_no_decay`` (biases, norm gains, the logit
+scale: ``TriModalModel.parameter_groups``) always get weight_decay = 0.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from pretrain.export import export_engine
 from pretrain.logging_backends import MetricsLogger
 from pretrain.losses.align_pro import AlignProLoss, detach_terms
 from pretrain.losses.protclip import ProtCLIPLoss
-from pretrain.models.trimodal import TriModalModel
+from pretrain.models.trimodal import NO_DECAY, TriModalModel
 from pretrain.precision import embeddings_to_fp32, forward_autocast, resolve_precision
 from pretrain.two_pass import two_pass_step
 
@@ -99,7 +100,10 @@ class Trainer:
         seed_everything(self.cfg.train.seed)
         model = TriModalModel.from_config(self.cfg)
         groups = model.parameter_groups()
-        param_groups = [{"params": ps, "name": name} for name, ps in groups.items()]
+        param_groups = [
+            {"params": ps, "name": name, **({"weight_decay": 0.0} if name.endswith(NO_DECAY) else {})}
+            for name, ps in groups.items()
+        ]
         # Resuming on another number of ranks goes through a DeepSpeed universal checkpoint, which
         # the engine must be configured for when it is built (see checkpoint.load).
         if self.cfg.train.remote_dir:
@@ -183,14 +187,15 @@ class Trainer:
         base = lr_factor(self.step, self.cfg)
         o = self.cfg.optim
         for g in self.engine.optimizer.param_groups:
-            is_encoder = str(g.get("name", "")).startswith("encoder")
-            if is_encoder:
+            name = str(g.get("name", ""))
+            decay = 0.0 if name.endswith(NO_DECAY) else o.weight_decay
+            if name.startswith("encoder"):
                 factor = 0.0 if self.stage == 1 else 1.0
                 g["lr"] = o.encoder_lr * base * factor
-                g["weight_decay"] = o.weight_decay * factor
+                g["weight_decay"] = decay * factor
             else:
                 g["lr"] = o.lr * base
-                g["weight_decay"] = o.weight_decay
+                g["weight_decay"] = decay
         return o.lr * base
 
     # ------------------------------------------------------------------ steps

@@ -24,6 +24,7 @@ from pretrain.models.structure_encoder import StructureEncoder
 from pretrain.models.text_encoder import TextEncoder
 
 MODALITIES = ("sequence", "structure", "text")
+NO_DECAY = "_no_decay"  # suffix of the parameter groups AdamW does not decay (see parameter_groups)
 
 
 class TriModalModel(nn.Module):
@@ -117,17 +118,28 @@ class TriModalModel(nn.Module):
 
     # ------------------------------------------------------------------ parameter groups
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Named groups for the two-stage schedule: the three encoders, and the heads + scale
-        (with the ProtCLIP heads, when built)."""
+        """Named groups for the two-stage schedule and weight decay.
+
+        The three encoders (``encoder_*``) and the heads + scale (``heads``, with the ProtCLIP heads
+        when built), each split in two: ``<name>`` holds the matrices, which AdamW decays, and
+        ``<name>_no_decay`` every parameter with fewer than two dimensions (biases, norm gains, the
+        logit scale), which it must not: decay would pull layer-norm gains and the temperature
+        toward 0 (the rule of BERT and open_clip). Empty groups are left out.
+        """
         heads = list(self.heads.parameters()) + [self.log_logit_scale]
         if self.protclip is not None:
             heads += list(self.protclip.parameters())
-        return {
+        by_part = {
             "encoder_sequence": list(self.sequence_encoder.parameters()),
             "encoder_structure": list(self.structure_encoder.parameters()),
             "encoder_text": list(self.text_encoder.parameters()),
             "heads": heads,
         }
+        groups = {}
+        for name, params in by_part.items():
+            groups[name] = [p for p in params if p.ndim >= 2]
+            groups[name + NO_DECAY] = [p for p in params if p.ndim < 2]
+        return {name: params for name, params in groups.items() if params}
 
     def encoders(self) -> list[nn.Module]:
         return [self.sequence_encoder, self.structure_encoder, self.text_encoder]

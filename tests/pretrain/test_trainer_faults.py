@@ -95,6 +95,7 @@ def _worker(
             "nonfinite_steps": trainer.nonfinite_steps,
             "skipped": trainer.engine.skipped_steps,
             "sums": sums,
+            "groups": {g["name"]: (g["lr"], g["weight_decay"]) for g in trainer.engine.optimizer.param_groups},
         }
         torch.save(result, Path(out) / f"rank{rank}.pt")
     except Exception:  # noqa: BLE001 - reported to the parent
@@ -146,6 +147,9 @@ def test_non_finite_loss_and_gradients_skip_the_update_and_training_goes_on(tmp_
         assert sums[2] == sums[1] and sums[3] == sums[1], "a skipped step changed the weights"
         assert sums[4] != sums[3] and sums[1] != sums[0], "good steps must train"
     assert results[0]["sums"] == results[1]["sums"]
+    groups = results[0]["groups"]  # stage 2: everything trains; AdamW decays matrices only
+    assert set(groups) >= {"heads", "heads_no_decay", "encoder_text", "encoder_text_no_decay"}
+    assert all((wd == 0.0) == name.endswith("_no_decay") and lr > 0 for name, (lr, wd) in groups.items())
     rows = [r for r in _metrics(tmp_path / "run") if "loss" in r]
     assert rows[2]["loss"] is None  # NaN is logged as null (strict JSON)
     assert rows[3]["loss"] is not None  # the gradient-only fault leaves the loss finite
