@@ -202,13 +202,15 @@ class PDAHead(nn.Module):
         sim = z @ bank.T  # (B, S, K)
         codes = sim.argmax(-1)
         if self.quantize == "soft":
-            q = torch.softmax(sim / self.assign_temperature, dim=-1) @ bank
-            z_q = q
+            z_q = torch.softmax(sim / self.assign_temperature, dim=-1) @ bank
+            # the codebook term moves the prototypes only: its soft assignment must not carry z's gradient
+            q_bank = torch.softmax(z.detach() @ bank.T / self.assign_temperature, dim=-1) @ bank
+            q = z_q
         else:
-            q = bank[codes]
+            q = q_bank = bank[codes]
             z_q = z + (q - z).detach()  # straight-through: value of q, gradient of z
         weight = present.to(z.dtype)
-        per_segment = ((z.detach() - q) ** 2).sum(-1) + self.commitment * ((z - q.detach()) ** 2).sum(-1)
+        per_segment = ((z.detach() - q_bank) ** 2).sum(-1) + self.commitment * ((z - q.detach()) ** 2).sum(-1)
         vq_loss = (per_segment * weight).sum() / weight.sum().clamp(min=1.0)
         return z_q, vq_loss, codes
 

@@ -74,6 +74,21 @@ def _pda_loss(head, residues, residue_mask, text, seg):
 
 
 @pytest.mark.parametrize("quantize", ["soft", "ste"])
+def test_vq_codebook_term_moves_the_prototypes_only(quantize):
+    """|sg(z) - q|^2 trains the bank; only the commitment term may pull the segment vectors (with a
+    soft assignment, q depends on z, so the codebook term must use an assignment of sg(z))."""
+    torch.manual_seed(0)
+    head = PDAHead(12, 10, proj_dim=8, num_prototypes=6, num_segments=4, quantize=quantize, commitment=0.0)
+    z = F.normalize(torch.randn(3, 4, 8), dim=-1).requires_grad_(True)
+    _, vq_loss, _ = head.quantise(z, torch.ones(3, 4, dtype=torch.bool))
+    dz, dbank = torch.autograd.grad(vq_loss, [z, head.prototypes])
+    assert dz.abs().max() == 0 and dbank.abs().max() > 0
+    head.commitment = 0.25
+    _, with_commitment, _ = head.quantise(z, torch.ones(3, 4, dtype=torch.bool))
+    assert torch.autograd.grad(with_commitment, z)[0].abs().max() > 0
+
+
+@pytest.mark.parametrize("quantize", ["soft", "ste"])
 def test_pda_pooling_ignores_padding(quantize):
     torch.manual_seed(0)
     head = PDAHead(12, 10, proj_dim=8, num_prototypes=6, num_segments=8, quantize=quantize)
