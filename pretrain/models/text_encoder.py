@@ -153,10 +153,14 @@ class TextEncoder(nn.Module):
         self.cfg = cfg
         if cfg.pretrained_dir is not None:
             # No pooler: it is trained for next-sentence prediction and would sit unused.
+            # dtype: transformers 5 keeps the checkpoint's dtype by default ("auto"); every other
+            # module is fp32 (DeepSpeed casts to bf16 itself), so a half-precision directory must
+            # not leave bf16 / fp16 parameters in front of the fp32 projection head.
             self.bert = BertModel.from_pretrained(
                 cfg.pretrained_dir,
                 local_files_only=True,
                 weights_only=True,
+                dtype=torch.float32,
                 add_pooling_layer=False,
                 hidden_dropout_prob=cfg.dropout,
                 attention_probs_dropout_prob=cfg.dropout,

@@ -141,6 +141,23 @@ def test_pretrained_dir_round_trip(tmp_path, safetensors):
     assert enc.output_dim == 32 and enc.bert.config.hidden_dropout_prob == cfg.dropout
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_directory_loads_as_fp32(tmp_path, dtype):
+    """A re-saved bf16 / fp16 checkpoint must not leave half-precision parameters in the model
+    (its fp32 projection head would then fail on the encoder's output)."""
+    reference = _save_tiny_hf(tmp_path).to(dtype)
+    reference.save_pretrained(tmp_path)
+    cfg = TextEncoderConfig(pretrained_dir=str(tmp_path), max_length=64)
+    enc = TextEncoder(cfg).eval()
+    assert {p.dtype for p in enc.parameters()} == {torch.float32}
+    ids, mask = tokenize_texts(build_tokenizer(cfg), TEXTS, cfg.max_length)
+    head = torch.nn.Linear(enc.output_dim, 8)
+    assert head(enc(ids, mask)).dtype == torch.float32
+    state = reference.state_dict()
+    for name, p in enc.bert.state_dict().items():
+        torch.testing.assert_close(p, state[name].float())  # the stored values, widened exactly
+
+
 def test_pretrained_dir_checks(tmp_path):
     _save_tiny_hf(tmp_path)
     with pytest.raises(ValueError, match="hidden_size=64 vs 32"):
