@@ -1,15 +1,21 @@
 """Consolidated export: one safetensors file + the recipe, usable without DeepSpeed.
 
 ``RUN/export/model.safetensors`` holds the full fp32 state dict (ZeRO-3 partitions are
-gathered first) and ``RUN/export/config.yaml`` the run's full recipe. :func:`load_exported`
-rebuilds the :class:`TriModalModel` from those two files alone (with the ProtCLIP heads when
-the recipe's ``loss.objective`` is protclip). With ``train.remote_dir`` set the export is also
-uploaded to ``<remote_dir>/export`` (config.yaml last), and :func:`load_exported` accepts such a
-URL (it downloads the two files to a temporary directory first).
+gathered first), ``RUN/export/config.yaml`` the run's full recipe, and ``RUN/export/text/`` the
+text encoder's tokenizer and ``config.json`` when the run used a pretrained text directory or a
+vocabulary file of its own (never their weights). :func:`load_exported` rebuilds the
+:class:`TriModalModel` from the export alone (with the ProtCLIP heads when the recipe's
+``loss.objective`` is protclip): the pretrained ESM-2 ``.pt`` and BERT weights the run started from
+are not read again (they may be gigabytes, on another machine), and the returned config points
+the text encoder at ``text/``, so the tokenizer comes from the export too. With
+``train.remote_dir`` set the export is also uploaded to ``<remote_dir>/export`` (config.yaml
+last), and :func:`load_exported` accepts such a URL (weights go to a temporary directory, the
+few kilobytes of ``text/`` to a directory that outlives the call, for the tokenizer).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -22,6 +28,8 @@ from pretrain.config import Config, load_run_config, save_config
 from pretrain.models.trimodal import TriModalModel
 
 MODEL_FILE = "model.safetensors"
+TEXT_DIR = "text"  # the text encoder's tokenizer files and config.json, never its weights
+TEXT_FILES = ("config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def export_engine(engine, cfg: Config, out_dir: Path) -> Path | None:
@@ -62,6 +70,7 @@ def write_export(state: dict[str, torch.Tensor], cfg: Config, out_dir: Path) -> 
     tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     save_file(state, str(tmp / MODEL_FILE), metadata={"format": "pt", "producer": "align-pro"})
+    _copy_text_files(cfg, tmp / TEXT_DIR)
     save_config(cfg, tmp / "config.yaml")
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
@@ -73,23 +82,76 @@ def write_export(state: dict[str, torch.Tensor], cfg: Config, out_dir: Path) -> 
     return out_dir
 
 
+def _copy_text_files(cfg: Config, dest: Path) -> None:
+    """Copy the text encoder's tokenizer files (and config.json) into the export, if it has any."""
+    text = cfg.model.text
+    if text.pretrained_dir is not None:
+        sources = [Path(text.pretrained_dir) / name for name in TEXT_FILES]
+        sources = [p for p in sources if p.is_file()]
+        required = Path(text.pretrained_dir) / "config.json"
+    elif text.vocab_file is not None:
+        required = Path(text.vocab_file)
+        sources = [required]
+    else:
+        return  # the bundled demo vocabulary ships with the package
+    if not required.is_file():
+        raise FileNotFoundError(f"{required} is missing: the export needs the text encoder's config and vocabulary")
+    dest.mkdir()
+    for src in sources:
+        shutil.copyfile(src, dest / ("vocab.txt" if text.pretrained_dir is None else src.name))
+
+
+def _with_export_text(cfg: Config, export_dir: Path) -> Config:
+    """``cfg`` with the text encoder's directory / vocabulary taken from the export's ``text/``."""
+    text_dir = (export_dir / TEXT_DIR).resolve()  # past the link a downloaded export has
+    if not text_dir.is_dir():
+        return cfg
+    text = cfg.model.text
+    if text.pretrained_dir is not None:
+        cfg.model.text = dataclasses.replace(text, pretrained_dir=str(text_dir))
+    elif text.vocab_file is not None:
+        cfg.model.text = dataclasses.replace(text, vocab_file=str(text_dir / "vocab.txt"))
+    return cfg
+
+
+def _download_export(url: str, tmp: Path) -> Path:
+    """Fetch an exported model to ``tmp``; ``text/`` goes to a directory that outlives ``tmp``."""
+    import tempfile
+
+    from data_shards import storage
+
+    for name in (MODEL_FILE, "config.yaml"):
+        storage.write_bytes(tmp / name, storage.read_bytes(storage.join(url, name)))
+    remote_text = storage.join(url, TEXT_DIR)
+    if storage.exists(remote_text):  # remotely: any object under the prefix
+        kept = Path(tempfile.mkdtemp(prefix="align-pro-export-text-"))
+        storage.download_dir(remote_text, kept)
+        os.symlink(kept, tmp / TEXT_DIR)
+    return tmp
+
+
 def load_exported(export_dir: Path | str, device: str = "cpu") -> tuple[TriModalModel, Config]:
-    """Rebuild the model from an export directory or URL (safetensors only: nothing is unpickled)."""
+    """Rebuild the model from an export directory or URL (safetensors only: nothing is unpickled).
+
+    Returns the model in eval mode and the run's config, whose text encoder points at the
+    export's own tokenizer files (see the module docstring).
+    """
     from data_shards import storage
 
     if storage.is_url(export_dir):
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="align-pro-export-") as tmp:
-            for name in (MODEL_FILE, "config.yaml"):
-                storage.write_bytes(Path(tmp) / name, storage.read_bytes(storage.join(export_dir, name)))
-            return load_exported(Path(tmp), device)
+            return load_exported(_download_export(str(export_dir), Path(tmp)), device)
     export_dir = Path(export_dir)
     weights = export_dir / MODEL_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"no {MODEL_FILE} in export directory {export_dir}")
     cfg, _ = load_run_config(export_dir)
-    model = TriModalModel.from_config(cfg)
+    cfg = _with_export_text(cfg, export_dir)
+    # Every weight comes from model.safetensors: the pretrained ESM-2 .pt / BERT weights the run
+    # started from are not read again (relative paths, up to 30 GB for esm2_t48_15B).
+    model = TriModalModel.from_config(cfg, load_pretrained=False)
     state = load_file(str(weights), device=device)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

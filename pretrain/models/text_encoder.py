@@ -136,12 +136,14 @@ class TextEncoder(nn.Module):
         cfg: preset / overrides for a fresh model, or ``pretrained_dir``.
         vocab_size: embedding rows of a fresh model (default: the tokenizer's size; must not be
             smaller); with ``pretrained_dir`` it must equal the checkpoint's, if given.
+        load_weights: with ``pretrained_dir``, read its weights; False builds the architecture
+            from its ``config.json`` alone (an export's weights are loaded afterwards).
 
     Shapes:
         input_ids, attention_mask (B, L) -> (B, H)
     """
 
-    def __init__(self, cfg: TextEncoderConfig, vocab_size: int | None = None):
+    def __init__(self, cfg: TextEncoderConfig, vocab_size: int | None = None, load_weights: bool = True):
         super().__init__()
         # Imported here, not at module level: the model code loads torch._dynamo and DTensor (~4 s
         # of CPU), which processes that only tokenise or read the config (Ray reader actors,
@@ -152,19 +154,23 @@ class TextEncoder(nn.Module):
             raise ValueError(f"text pooling must be 'cls' or 'mean', got {cfg.pooling!r}")
         self.cfg = cfg
         if cfg.pretrained_dir is not None:
-            # No pooler: it is trained for next-sentence prediction and would sit unused.
-            # dtype: transformers 5 keeps the checkpoint's dtype by default ("auto"); every other
-            # module is fp32 (DeepSpeed casts to bf16 itself), so a half-precision directory must
-            # not leave bf16 / fp16 parameters in front of the fp32 projection head.
-            self.bert = BertModel.from_pretrained(
-                cfg.pretrained_dir,
-                local_files_only=True,
-                weights_only=True,
-                dtype=torch.float32,
-                add_pooling_layer=False,
-                hidden_dropout_prob=cfg.dropout,
-                attention_probs_dropout_prob=cfg.dropout,
-            )
+            dropout = {"hidden_dropout_prob": cfg.dropout, "attention_probs_dropout_prob": cfg.dropout}
+            if load_weights:
+                # No pooler: it is trained for next-sentence prediction and would sit unused.
+                # dtype: transformers 5 keeps the checkpoint's dtype by default ("auto"); every other
+                # module is fp32 (DeepSpeed casts to bf16 itself), so a half-precision directory must
+                # not leave bf16 / fp16 parameters in front of the fp32 projection head.
+                self.bert = BertModel.from_pretrained(
+                    cfg.pretrained_dir,
+                    local_files_only=True,
+                    weights_only=True,
+                    dtype=torch.float32,
+                    add_pooling_layer=False,
+                    **dropout,
+                )
+            else:  # the architecture only (config.json): the caller loads every weight itself
+                config = BertConfig.from_pretrained(cfg.pretrained_dir, local_files_only=True, **dropout)
+                self.bert = BertModel(config, add_pooling_layer=False)
             _check_overrides(cfg, self.bert.config)
             if vocab_size is not None and vocab_size != self.bert.config.vocab_size:
                 raise ValueError(

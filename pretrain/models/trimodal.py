@@ -9,6 +9,7 @@ carry ``protclip`` targets (training batches of ``loss.objective: protclip``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -35,16 +36,23 @@ class TriModalModel(nn.Module):
         text_vocab_size: overrides the text encoder's vocabulary size.
         protclip: with a ``ProtCLIPLossConfig``, also build the ProtCLIP heads (BSR decoder, PDA
             head) as ``self.protclip``; None (Align-Pro) builds none.
+        load_pretrained: read ``sequence.weights`` and ``text.pretrained_dir``'s weights; False
+            builds the same architecture without them (the caller loads a full state dict).
     """
 
     def __init__(
-        self, cfg: ModelConfig, text_vocab_size: int | None = None, protclip: ProtCLIPLossConfig | None = None
+        self,
+        cfg: ModelConfig,
+        text_vocab_size: int | None = None,
+        protclip: ProtCLIPLossConfig | None = None,
+        load_pretrained: bool = True,
     ):
         super().__init__()
         self.cfg = cfg
-        self.sequence_encoder = SequenceEncoder(cfg.sequence)
+        seq_cfg = cfg.sequence if load_pretrained else dataclasses.replace(cfg.sequence, weights=None)
+        self.sequence_encoder = SequenceEncoder(seq_cfg)
         self.structure_encoder = StructureEncoder(cfg.structure)
-        self.text_encoder = TextEncoder(cfg.text, vocab_size=text_vocab_size)
+        self.text_encoder = TextEncoder(cfg.text, vocab_size=text_vocab_size, load_weights=load_pretrained)
         heads = {}
         for name, enc in (
             ("sequence", self.sequence_encoder),
@@ -59,9 +67,13 @@ class TriModalModel(nn.Module):
         self.protclip = ProtCLIPHeads.for_model(protclip, self) if protclip is not None else None
 
     @classmethod
-    def from_config(cls, cfg: Config) -> TriModalModel:
+    def from_config(cls, cfg: Config, load_pretrained: bool = True) -> TriModalModel:
         """The model a run's full recipe trains: with the ProtCLIP heads when ``loss.objective`` is protclip."""
-        model = cls(cfg.model, protclip=cfg.loss.protclip if cfg.loss.objective == "protclip" else None)
+        model = cls(
+            cfg.model,
+            protclip=cfg.loss.protclip if cfg.loss.objective == "protclip" else None,
+            load_pretrained=load_pretrained,
+        )
         model.set_activation_checkpointing(cfg.train.activation_checkpointing)
         return model
 

@@ -1,0 +1,94 @@
+"""The consolidated export (pretrain/export.py) stands on its own: no pretrained files needed to load it."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import BertConfig, BertModel
+
+from pretrain.checkpoint_store import publish_export
+from pretrain.config import load_config
+from pretrain.export import load_exported, write_export
+from pretrain.models.text_encoder import DEMO_VOCAB, build_tokenizer, tokenize_texts
+from pretrain.models.trimodal import TriModalModel
+from tests.conftest import TINY_OVERRIDES
+from tests.s3_server import s3  # noqa: F401 - the fixture
+
+TEXTS = ["ATP binding protein kinase", "located in the mitochondrial membrane"]
+
+
+def _bert_dir(directory: Path) -> None:
+    """A local BERT directory of the demo recipe's text shape (weights, config, vocabulary)."""
+    tok = build_tokenizer(dataclasses.replace(load_config().model.text, preset="pubmedbert-base"))
+    config = BertConfig(
+        vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128
+    )
+    torch.manual_seed(5)
+    BertModel(config).save_pretrained(directory)
+    tok.save_pretrained(directory)
+
+
+def _embed_texts(model: TriModalModel, cfg) -> torch.Tensor:
+    ids, mask = tokenize_texts(build_tokenizer(cfg.model.text), TEXTS, cfg.model.text.max_length)
+    with torch.no_grad():
+        return model.encode_text(ids, mask)
+
+
+def _pretrained_run(tmp_path: Path):
+    """A model built from a pretrained text directory and an ESM-2 .pt, and its config."""
+    bert = tmp_path / "pubmedbert"
+    _bert_dir(bert)
+    cfg = load_config(overrides=[*TINY_OVERRIDES, "model.text.num_layers=2", f"model.text.pretrained_dir={bert}"])
+    torch.manual_seed(0)
+    model = TriModalModel.from_config(cfg).eval()
+    esm = tmp_path / "esm2_tiny.pt"
+    torch.save(model.sequence_encoder.esm.state_dict(), esm)
+    cfg.model.sequence = dataclasses.replace(cfg.model.sequence, weights=str(esm))
+    return model, cfg, [bert, esm]
+
+
+def test_export_loads_without_the_pretrained_files_it_started_from(tmp_path, monkeypatch):
+    model, cfg, sources = _pretrained_run(tmp_path)
+    out = write_export(model.state_dict(), cfg, tmp_path / "export")
+    names = {p.name for p in (out / "text").iterdir()}
+    assert "config.json" in names and names & {"vocab.txt", "tokenizer.json"}
+    assert not any("safetensors" in p.name or p.suffix == ".bin" for p in (out / "text").iterdir())
+    want = _embed_texts(model, cfg)
+    for path in sources:  # another machine: neither the BERT directory nor the ESM-2 .pt is there
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    loaded, loaded_cfg = load_exported(out)
+    assert Path(loaded_cfg.model.text.pretrained_dir) == (out / "text").resolve()
+    torch.testing.assert_close(_embed_texts(loaded, loaded_cfg), want, rtol=0, atol=0)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v, rtol=0, atol=0, msg=k)
+
+
+def test_export_carries_a_custom_vocabulary_file(tmp_path):
+    vocab = tmp_path / "my_vocab.txt"
+    shutil.copyfile(DEMO_VOCAB, vocab)
+    cfg = load_config(overrides=[*TINY_OVERRIDES, f"model.text.vocab_file={vocab}"])
+    model = TriModalModel.from_config(cfg).eval()
+    out = write_export(model.state_dict(), cfg, tmp_path / "export")
+    want = _embed_texts(model, cfg)
+    vocab.unlink()
+    loaded, loaded_cfg = load_exported(out)
+    assert loaded_cfg.model.text.vocab_file == str((out / "text" / "vocab.txt").resolve())
+    torch.testing.assert_close(_embed_texts(loaded, loaded_cfg), want, rtol=0, atol=0)
+
+
+def test_export_from_object_storage_brings_its_tokenizer(tmp_path, s3):  # noqa: F811
+    model, cfg, sources = _pretrained_run(tmp_path)
+    out = write_export(model.state_dict(), cfg, tmp_path / "export")
+    url = publish_export(out, s3.url("run"))
+    want = _embed_texts(model, cfg)
+    for path in [*sources, out]:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    loaded, loaded_cfg = load_exported(url)
+    assert (Path(loaded_cfg.model.text.pretrained_dir) / "config.json").is_file()  # outlives the download
+    torch.testing.assert_close(_embed_texts(loaded, loaded_cfg), want, rtol=0, atol=0)
