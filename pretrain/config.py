@@ -20,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -39,6 +41,21 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIGS_DIR = REPO_ROOT / "configs"
 DEFAULT_RECIPE = CONFIGS_DIR / "recipes" / "demo.yaml"
 CHECKPOINTABLE_ENCODERS = ("sequence", "structure", "text")  # names accepted by train.activation_checkpointing
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads ``1e-4`` / ``5E3`` (no dot: YAML 1.1 leaves them strings) as floats."""
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
 class ConfigError(ValueError):
@@ -240,7 +257,9 @@ def _merge(base: dict, key_path: str, value: Any) -> None:
     keys = key_path.split(".")
     node = base
     for k in keys[:-1]:
-        nxt = node.setdefault(k, {})
+        if node.get(k) is None:  # absent, or an empty section (``train:`` with nothing under it)
+            node[k] = {}
+        nxt = node[k]
         if not isinstance(nxt, dict):
             raise ConfigError(f"override '{key_path}': '{k}' is not a section")
         node = nxt
@@ -256,14 +275,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key:
         raise ConfigError(f"override '{text}' has no key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml(raw) if raw.strip() else ""  # "1e-4" is a float, here as in recipe files
     except yaml.YAMLError as e:
         raise ConfigError(f"override '{text}': value is not valid YAML ({e})") from None
-    if isinstance(value, str):
-        try:  # YAML 1.1 reads "1e-4" (no dot) as a string; users mean the number
-            value = float(value) if any(c in value.lower() for c in ".e") and "inf" not in value.lower() else value
-        except ValueError:
-            pass
     return key, value
 
 
@@ -271,6 +285,8 @@ def _overlay(base: dict, overlay: dict) -> dict:
     """``base`` with ``overlay`` merged in: mappings recursively, any other value replaces."""
     out = dict(base)
     for key, value in overlay.items():
+        if value is None and isinstance(out.get(key), dict):
+            continue  # an empty section (every key commented out) changes nothing; it must not wipe the base's
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _overlay(out[key], value)
         else:
@@ -292,7 +308,7 @@ def read_recipe(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     if path.resolve() in _chain:
         raise ConfigError(f"recipe {path}: 'base' chain loops ({' -> '.join(str(p) for p in (*_chain, path))})")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _load_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
@@ -395,6 +411,32 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.remote_dir={t.remote_dir!r}: expected a writable URL or path (pipe: is read-only)")
     if t.max_nonfinite_steps < 1 or t.max_failed_checkpoints < 1:
         raise ConfigError("train.max_nonfinite_steps and train.max_failed_checkpoints must be >= 1")
+    o, m, e = cfg.optim, cfg.model, cfg.eval
+    for name in ("lr", "eps"):
+        if not (math.isfinite(getattr(o, name)) and getattr(o, name) > 0):
+            raise ConfigError(f"optim.{name}={getattr(o, name)}: must be a finite number > 0")
+    for name in ("encoder_lr", "weight_decay"):  # encoder_lr 0: encoders stay frozen in stage 2
+        if not (math.isfinite(getattr(o, name)) and getattr(o, name) >= 0):
+            raise ConfigError(f"optim.{name}={getattr(o, name)}: must be a finite number >= 0")
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError(f"optim.betas={o.betas}: expected two values in [0, 1)")
+    if o.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps}: must be >= 0")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio}: expected a value in [0, 1]")
+    if not (math.isfinite(o.grad_clip) and o.grad_clip >= 0):
+        raise ConfigError(f"optim.grad_clip={o.grad_clip}: must be >= 0 (0 turns clipping off)")
+    for name in ("seq_mask_prob", "residue_drop_prob"):
+        if not 0.0 <= getattr(d, name) <= 1.0:
+            raise ConfigError(f"data.{name}={getattr(d, name)}: expected a value in [0, 1]")
+    if d.coord_noise < 0 or d.ray_timeout_s <= 0:
+        raise ConfigError("data.coord_noise must be >= 0 and data.ray_timeout_s > 0")
+    if not 0.0 <= m.head_dropout < 1.0:
+        raise ConfigError(f"model.head_dropout={m.head_dropout}: expected a value in [0, 1)")
+    if m.init_temperature <= 0 or m.max_logit_scale <= 0:
+        raise ConfigError("model.init_temperature and model.max_logit_scale must be > 0")
+    if e.batch_size < 1 or e.validation_samples < 1 or (e.max_samples is not None and e.max_samples < 1):
+        raise ConfigError("eval.batch_size, eval.validation_samples and eval.max_samples (when set) must be >= 1")
     if cfg.model.embed_dim < 1:
         raise ConfigError(f"model.embed_dim={cfg.model.embed_dim}: must be >= 1")
     if not cfg.eval.ks or any(k < 1 for k in cfg.eval.ks):
@@ -427,7 +469,12 @@ def load_run_config(run_dir: Path) -> tuple[Config, dict | None]:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"no config.yaml in run directory {run_dir}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML (a damaged run record?): {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
     ds = raw.pop("deepspeed", None)
     try:
         return config_from_dict(raw), ds

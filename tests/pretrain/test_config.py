@@ -1,6 +1,6 @@
 import pytest
 
-from pretrain.config import Config, ConfigError, config_from_dict, load_config, parse_override
+from pretrain.config import Config, ConfigError, config_from_dict, load_config, load_run_config, parse_override
 
 
 def test_demo_recipe_loads_and_round_trips():
@@ -101,3 +101,56 @@ def test_run_config_rewrite_never_shows_readers_a_partial_file(tmp_path):
         writer.join()
     assert not errors, errors[:3]
     assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]  # no temporary file left behind
+
+
+def test_an_empty_overlay_section_changes_nothing(tmp_path):
+    """``train:`` with every key commented out is null in YAML; it must not reset the base's section."""
+    (tmp_path / "base.yaml").write_text("train:\n  max_steps: 50\n  stage1_steps: 5\n")
+    (tmp_path / "overlay.yaml").write_text("base: base.yaml\ntrain:\n  # max_steps: 60\n")
+    cfg = load_config(tmp_path / "overlay.yaml")
+    assert (cfg.train.max_steps, cfg.train.stage1_steps) == (50, 5)
+    (tmp_path / "empty.yaml").write_text("train:\n")
+    assert load_config(tmp_path / "empty.yaml", overrides=["train.max_steps=60"]).train.max_steps == 60
+
+
+def test_exponent_floats_read_the_same_in_files_and_overrides(tmp_path):
+    """YAML 1.1 reads 1e-4 (no dot) as a string; a recipe, an override and a list all mean the number."""
+    (tmp_path / "r.yaml").write_text("optim:\n  lr: 1e-4\n  encoder_lr: 5E-5\n")
+    cfg = load_config(tmp_path / "r.yaml", overrides=["optim.betas=[0.9, 1e-1]"])
+    assert (cfg.optim.lr, cfg.optim.encoder_lr, cfg.optim.betas) == (1e-4, 5e-5, [0.9, 0.1])
+    assert parse_override("optim.eps=1e-8") == ("optim.eps", 1e-8)
+    assert parse_override("train.wandb_project=v1.2a") == ("train.wandb_project", "v1.2a")
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "optim.lr=0",
+        "optim.encoder_lr=-3e-4",
+        "optim.min_lr_ratio=-0.5",
+        "optim.grad_clip=-1",
+        "optim.betas=[0.9]",
+        "optim.betas=[2, -1]",
+        "optim.warmup_steps=-5",
+        "data.seq_mask_prob=1.5",
+        "data.residue_drop_prob=-0.2",
+        "model.head_dropout=2",
+        "eval.batch_size=0",
+        "eval.max_samples=-3",
+    ],
+)
+def test_out_of_range_values_are_errors_naming_the_field(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
+        load_config(overrides=[override])
+
+
+def test_allowed_edge_values():
+    cfg = load_config(overrides=["optim.encoder_lr=0", "optim.grad_clip=0", "optim.warmup_steps=0"])
+    assert (cfg.optim.encoder_lr, cfg.optim.grad_clip) == (0, 0)
+
+
+@pytest.mark.parametrize("text", ["train: [unclosed\n", "- a list\n"])
+def test_a_damaged_run_config_is_a_config_error(tmp_path, text):
+    (tmp_path / "config.yaml").write_text(text)
+    with pytest.raises(ConfigError, match="config.yaml"):
+        load_run_config(tmp_path)
