@@ -46,9 +46,10 @@ def resolve_deepspeed_config(raw: dict, cfg: Config, world_size: int, use_cuda: 
     """
     ds = copy.deepcopy(raw)
     source = ds.pop("_source", "DeepSpeed config")
-    if "zero_optimization" not in ds or "stage" not in ds["zero_optimization"]:
+    if not isinstance(ds.get("zero_optimization"), dict) or "stage" not in ds["zero_optimization"]:
         raise ConfigError(f"{source}: needs zero_optimization.stage (0-3)")
-    if ds["zero_optimization"]["stage"] not in (0, 1, 2, 3):
+    stage = ds["zero_optimization"]["stage"]
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
         raise ConfigError(f"{source}: zero_optimization.stage must be 0, 1, 2 or 3")
     if "scheduler" in ds:
         raise ConfigError(f"{source}: remove 'scheduler'; the recipe's optim section schedules the learning rate")
@@ -72,12 +73,34 @@ def resolve_deepspeed_config(raw: dict, cfg: Config, world_size: int, use_cuda: 
     ds["gradient_accumulation_steps"] = 1
     o = cfg.optim
     opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    if not isinstance(opt, dict) or not isinstance(opt.setdefault("params", {}), dict):
+        raise ConfigError(f"{source}: 'optimizer' must be an object with a 'params' object")
     opt.setdefault("type", "AdamW")
-    params = opt.setdefault("params", {})
-    params.update(
-        {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay, "torch_adam": True}
-    )
+    if str(opt["type"]).lower() not in ("adam", "adamw"):
+        # the recipe's optim section (betas, eps, torch_adam) and the trainer's param groups are AdamW's
+        raise ConfigError(f"{source}: optimizer.type={opt['type']!r} is not supported; use AdamW (or Adam)")
+    params = opt["params"]
+    owned = {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
+    for key, want_value in {**owned, "gradient_clipping": o.grad_clip}.items():
+        have = ds.get(key) if key == "gradient_clipping" else params.get(key)
+        if have is not None and have != want_value:
+            field_name = "grad_clip" if key == "gradient_clipping" else key
+            raise ConfigError(
+                f"{source}: {key}={have!r} contradicts optim.{field_name}={want_value!r}; "
+                f"remove it from the JSON and set it in the recipe"
+            )
+    params.update({**owned, "torch_adam": True})
     ds["gradient_clipping"] = o.grad_clip
+    for key in ("fp16", "bf16"):
+        if key in ds and not isinstance(ds[key], dict):
+            raise ConfigError(f"{source}: '{key}' must be an object like {{\"enabled\": true}}")
+    if ds.get("fp16", {}).get("enabled") and ds.get("bf16", {}).get("enabled"):
+        raise ConfigError(f"{source}: fp16 and bf16 cannot both be enabled")
+    if use_cuda and cfg.train.precision == "fp32" and any(ds.get(k, {}).get("enabled") for k in ("fp16", "bf16")):
+        raise ConfigError(
+            f"{source}: train.precision='fp32' but the JSON enables half-precision parameters "
+            f"(fp16/bf16 block); disable it there or use train.precision=auto/bf16"
+        )
     if not use_cuda:
         for key in ("fp16", "bf16"):
             if ds.get(key, {}).get("enabled"):
