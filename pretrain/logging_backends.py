@@ -23,6 +23,24 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a ``metrics.jsonl`` ([] when absent); a half-written last line (a live run) is skipped.
+
+    A non-finite value was written as null, so a row's ``loss`` may be None.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
 def _tensorboard_writer(logdir: Path, purge_step: int | None):
     try:
         from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package

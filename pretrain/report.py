@@ -22,25 +22,13 @@ from pathlib import Path
 
 import matplotlib
 
+from pretrain.logging_backends import read_metrics
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 DIRECTIONS = ("seq->struct", "struct->seq", "seq->text", "text->seq", "struct->text", "text->struct")
 _DPI = 110
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a half-written last line of a live run
-    return rows
 
 
 def _series(rows: list[dict], key: str) -> tuple[list, list]:
@@ -227,9 +215,11 @@ def _markdown(run_dir: Path, rows: list[dict], ev: dict, images: dict[str, Path]
     lines = [f"# Report: `{run_dir}`", ""]
     train = [r for r in rows if "loss" in r]
     if train:
-        first, last = train[0], train[-1]
+        last = train[-1]
+        first = next((r for r in train if r["loss"] is not None), last)  # a non-finite loss is logged as null
         lines += [
-            f"Training: {last['step']} steps, loss {first['loss']:.3f} (step {first['step']}) → {last['loss']:.3f}"
+            f"Training: {last['step']} steps, loss {_fmt(first['loss'])} (step {first['step']}) → "
+            f"{_fmt(last['loss']) if last['loss'] is not None else 'non-finite'}"
             + (f", {last['samples_per_s']:.1f} samples/s at the end." if "samples_per_s" in last else "."),
             "",
         ]
@@ -299,7 +289,7 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir else run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    rows = _read_metrics(run_dir / "metrics.jsonl")
+    rows = read_metrics(run_dir / "metrics.jsonl")
     ev_path = run_dir / "eval.json"
     ev = json.loads(ev_path.read_text()) if ev_path.is_file() else {}
     plots = {

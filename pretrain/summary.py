@@ -12,19 +12,22 @@ import sys
 from pathlib import Path
 
 from pretrain.checkpoint import latest_tag
+from pretrain.logging_backends import read_metrics
 
 
 def summarize(run_dir: Path) -> str:
     run_dir = Path(run_dir)
     lines = [f"run: {run_dir}"]
-    metrics_path = run_dir / "metrics.jsonl"
-    rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x] if metrics_path.is_file() else []
-    train_rows = [r for r in rows if "loss" in r]
+    train_rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
     if train_rows:
-        first, last = train_rows[0], train_rows[-1]
+        last = train_rows[-1]
+        first = next((r for r in train_rows if r["loss"] is not None), last)  # a non-finite loss is logged as null
+        loss = "non-finite" if last["loss"] is None else f"{last['loss']:.3f}"
+        start = f"{first['loss']:.3f} (step {first['step']}) -> " if first["loss"] is not None else ""
+        rate = last.get("samples_per_s")
         lines.append(
-            f"steps: {last['step']}  loss: {first['loss']:.3f} (step {first['step']}) -> {last['loss']:.3f} "
-            f"(step {last['step']})  throughput: {last['samples_per_s']:.1f} samples/s"
+            f"steps: {last['step']}  loss: {start}{loss} (step {last['step']})"
+            + (f"  throughput: {rate:.1f} samples/s" if rate is not None else "")
         )
     eval_path = run_dir / "eval.json"
     if eval_path.is_file():

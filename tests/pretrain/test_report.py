@@ -87,3 +87,15 @@ def test_report_on_an_empty_run_and_errors(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["files"] == ["README.md"]
     assert "Nothing to report" in (tmp_path / "rep" / "README.md").read_text()
     assert main(["--run-dir", str(tmp_path / "missing")]) == 2
+
+
+def test_a_run_stopped_on_non_finite_steps_is_reported(tmp_path, capsys):
+    """The logger writes NaN as null; the runs stopped on non-finite losses are the ones people inspect."""
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": 1, "loss": None, "lr": 1e-3}, {"step": 2, "loss": 9.5, "lr": 1e-3, "samples_per_s": 20.0}]
+    rows += [{"step": 3, "loss": None, "lr": 1e-3, "samples_per_s": 20.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "lo')
+    assert main(["--run-dir", str(run)]) == 0
+    capsys.readouterr()
+    assert "loss 9.500 (step 2) → non-finite" in (run / "report" / "README.md").read_text()
