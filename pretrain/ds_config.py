@@ -83,7 +83,7 @@ def resolve_deepspeed_config(raw: dict, cfg: Config, world_size: int, use_cuda: 
     owned = {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
     for key, want_value in {**owned, "gradient_clipping": o.grad_clip}.items():
         have = ds.get(key) if key == "gradient_clipping" else params.get(key)
-        if have is not None and have != want_value:
+        if have not in (None, "auto") and have != want_value:  # "auto": the HF-integration placeholder
             field_name = "grad_clip" if key == "gradient_clipping" else key
             raise ConfigError(
                 f"{source}: {key}={have!r} contradicts optim.{field_name}={want_value!r}; "

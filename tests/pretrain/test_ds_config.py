@@ -54,7 +54,11 @@ def test_zero_stage_must_be_a_stage(zero):
 
 def test_agreeing_values_and_fp32_precision():
     ds = _resolve(
-        {"zero_optimization": {"stage": 1}, "gradient_clipping": 1.0, "optimizer": {"params": {"lr": 1e-3}}},
+        {
+            "zero_optimization": {"stage": 1},
+            "gradient_clipping": 1.0,
+            "optimizer": {"params": {"lr": 1e-3, "eps": "auto"}},
+        },
         "optim.lr=1e-3",
         "optim.grad_clip=1.0",
     )
