@@ -89,6 +89,9 @@ class DataConfig:
     seq_mask_prob: float = 0.15  # token masking of the second sequence view (intra-modal loss)
     coord_noise: float = 0.5  # Gaussian noise (angstrom) on the second structure view
     residue_drop_prob: float = 0.1  # residues dropped from the second structure view
+    # Predicted models (AlphaFold): residues whose pLDDT is below this leave the structure graph
+    # (SaProt masks below 70); None keeps every residue. Experimental structures carry no pLDDT.
+    min_plddt: float | None = None
     max_bad_sample_ratio: float = 0.05  # stop the run when more samples than this were unreadable
     bad_ratio_min_samples: int = 1000  # the ratio is of at least this many samples (early batches)
     ray_timeout_s: float = 300.0  # hard timeout on any wait for a reader actor
@@ -429,6 +432,8 @@ def validate(cfg: Config) -> None:
     for name in ("seq_mask_prob", "residue_drop_prob"):
         if not 0.0 <= getattr(d, name) <= 1.0:
             raise ConfigError(f"data.{name}={getattr(d, name)}: expected a value in [0, 1]")
+    if d.min_plddt is not None and not 0.0 <= d.min_plddt <= 100.0:
+        raise ConfigError(f"data.min_plddt={d.min_plddt}: expected a pLDDT in [0, 100] or null")
     if d.coord_noise < 0 or d.ray_timeout_s <= 0:
         raise ConfigError("data.coord_noise must be >= 0 and data.ray_timeout_s > 0")
     if not 0.0 <= m.head_dropout < 1.0:

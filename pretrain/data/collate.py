@@ -136,6 +136,9 @@ class BatchBuilder:
         if bb is not None:
             coords = torch.from_numpy(np.asarray(bb.coords[start:stop], dtype=np.float32))
             mask = torch.from_numpy(np.asarray(bb.atom_mask[start:stop], dtype=bool))
+            min_plddt = self.cfg.data.min_plddt
+            if min_plddt is not None and bb.plddt is not None:  # low-confidence residues: as if unobserved
+                mask = mask & torch.from_numpy(np.asarray(bb.plddt[start:stop]) >= min_plddt).unsqueeze(-1)
         return seq, (coords, mask) if coords is not None else None, rec.text
 
     def _augment(self, fields: dict | None, rng: np.random.Generator) -> str:

@@ -76,3 +76,26 @@ def test_second_structure_view_keeps_nodes_of_a_chain_with_few_complete_residues
         batch = builder.build([record], np.random.default_rng(seed), train=True)
         assert batch["present"]["structure"].tolist() == [True]
         assert batch["views"]["graph"]["node_s"].shape[0] == 2
+
+
+def test_min_plddt_drops_low_confidence_residues_from_the_structure_graph():
+    """Predicted models: residues under data.min_plddt leave the graph (sequence untouched); an
+    experimental structure (no pLDDT) keeps every residue."""
+    from data_shards.schema import Backbone
+
+    length = 8
+    t = np.arange(4 * length, dtype=np.float32) * 0.9
+    coords = np.stack([2.3 * np.cos(t), 2.3 * np.sin(t), 0.5 * t], -1).reshape(length, 4, 3).astype(np.float32)
+    mask = np.ones((length, 4), bool)
+    plddt = np.array([90, 50, 95, 69.9, 70, 88, 30, 91], np.float32)
+    predicted = ProteinRecord("AF1", "MKVLAGSK", Backbone(coords, mask, plddt), {"name": "x"}, {"source": "alphafold"})
+    experimental = ProteinRecord("PDB1", "MKVLAGSK", Backbone(coords, mask), {"name": "x"}, {"source": "pdb"})
+    for min_plddt, kept in ((None, list(range(length))), (70, [0, 2, 4, 5, 7])):
+        cfg = load_config(overrides=[*TINY_OVERRIDES, f"data.min_plddt={'null' if min_plddt is None else min_plddt}"])
+        batch = BatchBuilder(cfg).build([predicted, experimental], np.random.default_rng(0), train=False)
+        graph = batch["graph"]
+        assert graph["residue_index"][graph["batch"] == 0].tolist() == kept
+        assert graph["residue_index"][graph["batch"] == 1].tolist() == list(range(length))
+        assert (batch["seq_tokens"][0] != BatchBuilder(cfg).alphabet.padding_idx).sum() == length + 2
+    with pytest.raises(ConfigError, match="data.min_plddt"):
+        load_config(overrides=[*TINY_OVERRIDES, "data.min_plddt=170"])
