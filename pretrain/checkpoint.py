@@ -158,6 +158,20 @@ def complete_tags(ckpt_dir: Path) -> list[str]:
     return sorted(tags, key=lambda t: json.loads((ckpt_dir / t / COMPLETE).read_text())["step"])
 
 
+def retired_tags(complete: list[tuple[int, str]], step: int, keep: int) -> list[str]:
+    """The complete checkpoints retention removes once the one at ``step`` is published.
+
+    ``complete`` lists (step, tag), oldest first. Kept: the checkpoint at ``step`` and the
+    ``keep - 1`` complete ones before it. A complete one with a higher step belongs to a timeline
+    that a resume abandoned (killed between COMPLETE and ``latest``, resumed from the previous
+    one): it goes too, so neither it nor a fallback to it can outlive ``latest``. Sorting all tags
+    and keeping the newest ``keep`` would delete the checkpoint just written instead.
+    """
+    older = [tag for s, tag in complete if s < step]
+    newer = [tag for s, tag in complete if s > step]
+    return newer + older[: max(0, len(older) - (keep - 1))]
+
+
 def latest_tag(ckpt_dir: Path) -> str | None:
     """The tag ``latest`` names if that checkpoint is complete, else the newest complete one."""
     latest = ckpt_dir / "latest"
@@ -255,7 +269,8 @@ def save(
             errors.append(f"{ckpt_dir / tag}: publishing failed: {e}")
     _fail_together(ckpt_dir, tag, errors, rank)
     if rank == 0:
-        for old in complete_tags(ckpt_dir)[:-keep]:
+        complete = [(json.loads((ckpt_dir / t / COMPLETE).read_text())["step"], t) for t in complete_tags(ckpt_dir)]
+        for old in retired_tags(complete, step, keep):
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
             shutil.rmtree(ckpt_dir / f"{old}{UNIVERSAL_SUFFIX}", ignore_errors=True)  # its elastic-resume form
     _barrier()
@@ -312,6 +327,20 @@ def universal_config(ds_config: dict) -> dict:
     when loading; nothing else in the engine depends on it.
     """
     return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+
+
+def engine_config(ds_config: dict, ckpt_dir: Path, world: int) -> dict:
+    """The DeepSpeed config to build the engine with before :func:`load` on ``world`` ranks.
+
+    :func:`universal_config` when the checkpoint to resume was written by another number of ranks
+    under ZeRO 1-3. ZeRO-0 checkpoints hold whole copies and load directly: an engine built for a
+    universal load would skip restoring the module and fail in ``update_lp_params``.
+    """
+    saved = saved_world_size(ckpt_dir)
+    stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    if saved is not None and saved != world and stage > 0:
+        return universal_config(ds_config)
+    return ds_config
 
 
 def _convert_to_universal(ckpt_dir: Path, tag: str, workers: int = 1) -> Path:

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from data_shards import storage
+from pretrain.checkpoint import retired_tags
 from pretrain.collectives import all_reduce_numbers
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def _prune(remote: str, keep: int, step: int) -> None:
     """Delete complete tags beyond the newest ``keep`` and incomplete ones older than ``step``."""
     root = storage.join(remote, "checkpoints")
     complete = remote_complete_tags(remote)
-    doomed = [tag for _, tag in complete[:-keep]]
+    doomed = retired_tags(complete, step, keep)
     known = {tag for _, tag in complete}
     for name in storage.listdir(root):
         if name not in known and name != LATEST and name.startswith("step") and name[4:].isdigit():

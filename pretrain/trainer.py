@@ -111,10 +111,7 @@ class Trainer:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)  # the fetch broadcasts over NCCL before DeepSpeed does
             checkpoint_store.fetch(self.ckpt_dir, self.cfg.train.remote_dir, self.run_dir)
-        saved_world = checkpoint.saved_world_size(self.ckpt_dir)
-        ds_config = self.ds_config
-        if saved_world is not None and saved_world != self.world_size:
-            ds_config = checkpoint.universal_config(ds_config)
+        ds_config = checkpoint.engine_config(self.ds_config, self.ckpt_dir, self.world_size)
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=ds_config)
         self.model = model
         resumed = checkpoint.load(self.engine, self.ckpt_dir)

@@ -382,3 +382,12 @@ def test_no_unsafe_torch_load_in_the_code_base():
                     if not (isinstance(ap, ast.Constant) and ap.value is False):
                         offenders.append(where)
     assert not offenders, "\n".join(offenders)
+
+
+def test_retention_never_removes_the_checkpoint_just_written():
+    """Killed between COMPLETE and `latest` at step 10, the run resumed from 5 and saved 7: keeping
+    the newest `keep` by step would delete 7 (the new `latest`) and fall back to the abandoned 10."""
+    complete = [(5, "step5"), (7, "step7"), (10, "step10")]
+    assert checkpoint.retired_tags(complete, 7, keep=1) == ["step10", "step5"]
+    assert checkpoint.retired_tags(complete, 7, keep=2) == ["step10"]
+    assert checkpoint.retired_tags([(2, "a"), (4, "b"), (6, "c")], 6, keep=2) == ["a"]  # the ordinary case

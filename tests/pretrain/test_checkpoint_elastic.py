@@ -36,9 +36,7 @@ def _engine(stage: int, world: int, ckpt_dir: Path):
         "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "torch_adam": True}},
         "zero_optimization": {"stage": stage},
     }
-    saved = checkpoint.saved_world_size(ckpt_dir)
-    if saved is not None and saved != world:
-        cfg = checkpoint.universal_config(cfg)
+    cfg = checkpoint.engine_config(cfg, ckpt_dir, world)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=cfg)
     return engine
 
@@ -119,6 +117,19 @@ def test_two_ranks_resume_on_one_then_two_through_universal_checkpoints(tmp_path
         for name, want in one[0]["saved"].items():
             assert torch.equal(two[r]["loaded"][name], want), (r, name)
         assert two[r]["rank_state"]["cursors"] == [{"epoch": 0, "batch": 4}]
+
+
+@pytest.mark.slow
+def test_a_zero0_checkpoint_resumes_on_another_number_of_ranks_directly(tmp_path):
+    """ZeRO-0 keeps whole copies: no universal conversion (an engine built for one would fail)."""
+    ckpt = tmp_path / "ckpt"
+    first = _run(tmp_path, ckpt, 0, world=2, step=0)
+    one = _run(tmp_path, ckpt, 0, world=1, step=2)
+    assert one[0]["client_step"] == 2 and one[0]["client_world"] == 2
+    for name, want in first[0]["saved"].items():
+        assert torch.equal(one[0]["loaded"][name], want), name
+    assert one[0]["rank_state"]["cursors"] == [{"epoch": 0, "batch": 2}] * 2
+    assert not (ckpt / "step00000002_universal").exists()
 
 
 @pytest.mark.slow
