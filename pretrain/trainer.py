@@ -264,7 +264,10 @@ class Trainer:
         """Run until ``train.max_steps``; returns the last logged metrics."""
         t_cfg = self.cfg.train
         if self.step >= t_cfg.max_steps:
-            self._print(f"run already finished at step {self.step}; nothing to train")
+            # The final checkpoint exists but the export may not (killed while exporting, e.g. by a
+            # SIGTERM deadline): run.prepare only skips training when the export exists.
+            self._print(f"run already finished at step {self.step}; nothing to train, exporting")
+            self.export()
             return {}
         global_batch = self.cfg.data.batch_size * self.world_size
         last: dict = {}
@@ -338,10 +341,8 @@ class Trainer:
             )
         self.logger.log({"step": self.step, **val})
         score = val.get("val/mean_R@10", val.get(f"val/mean_R@{self.cfg.eval.ks[-1]}", 0.0))
-        best_path = self.run_dir / "best.json"
-        best = json.loads(best_path.read_text()) if best_path.is_file() else None
-        if self.rank == 0 and (best is None or score > best["score"]):
-            best_path.write_text(json.dumps({"step": self.step, "score": score, "metric": "val/mean_R@10"}))
+        if self.rank == 0:  # only rank 0 reads or writes it (a peer could read it half-written)
+            update_best(self.run_dir / "best.json", self.step, score)
         self._print(f"step {self.step}: validation mean R@10 {score:.3f}")
 
     def _bad_ratio_exceeded(self) -> str | None:
@@ -501,11 +502,34 @@ def _maybe_inject_fault(step: int, rank: int, run_dir: Path) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def update_best(path: Path, step: int, score: float, metric: str = "val/mean_R@10") -> bool:
+    """Record ``score`` at ``step`` in ``path`` (``RUN/best.json``) when it beats the stored score.
+
+    Written atomically; a file that does not parse (cut by a kill before writes were atomic) counts
+    as absent rather than stopping every later validation. Returns whether it was written.
+    """
+    try:
+        best = json.loads(path.read_text()) if path.is_file() else None
+    except json.JSONDecodeError:
+        best = None
+    if best is not None and score <= best.get("score", float("-inf")):
+        return False
+    write_text(path, json.dumps({"step": step, "score": score, "metric": metric}))
+    return True
+
+
 def _truncate_jsonl(path: Path, step: int) -> None:
     """Keep the lines of ``path`` whose ``step`` is at most ``step`` (atomic rewrite)."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:  # a line cut by a crash (SIGKILL mid-flush, ENOSPC): drop it
+            continue
+        if row is not None and row.get("step", 0) <= step:
+            kept.append(line)
     write_text(path, "".join(line + "\n" for line in kept))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 
@@ -40,6 +41,21 @@ def test_sigkill_then_relaunch_gives_the_uninterrupted_losses(tmp_path, small_de
     for step in range(1, 6):
         for term in TERMS:
             assert got[step][term] == pytest.approx(want[step][term], rel=1e-6, abs=1e-6), (step, term)
+
+
+def test_a_run_killed_after_its_final_checkpoint_exports_on_relaunch(tmp_path, small_demo, reference_run):
+    """Killed while exporting (after the last checkpoint): the relaunch has nothing to train but must
+    still write the export, or the run could never finish (evaluation reads the export)."""
+    over = ["train.max_steps=5", *COMMON]
+    run = tmp_path / "run"
+    shutil.copytree(reference_run(over), run)
+    shutil.rmtree(run / "export")
+    again = run_launcher(run, small_demo, over)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "nothing to train, exporting" in again.stdout
+    assert (run / "export" / "model.safetensors").is_file()
+    again = run_launcher(run, small_demo, over)  # and now the run reads as finished
+    assert again.returncode == 0 and "already finished at step 5" in again.stdout
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path, small_demo):
