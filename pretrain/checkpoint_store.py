@@ -133,7 +133,8 @@ def publish(ckpt_dir: Path, remote: str, tag: str, complete: dict, keep: int, ru
 
 
 def _prune(remote: str, keep: int, step: int) -> None:
-    """Delete complete tags beyond the newest ``keep`` and incomplete ones older than ``step``."""
+    """Delete the complete tags retention retires (``checkpoint.retired_tags``: all but the one at
+    ``step`` and the ``keep - 1`` before it) and incomplete ones older than ``step``."""
     root = storage.join(remote, "checkpoints")
     complete = remote_complete_tags(remote)
     doomed = retired_tags(complete, step, keep)
