@@ -25,8 +25,8 @@ import io
 import logging
 import os
 import re
-import shlex
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -72,7 +72,10 @@ def join(base: str | Path, *names: str) -> str | Path:
     if is_pipe(base):
         if len(names) != 1 or "{name}" not in str(base):
             raise StorageError(str(base), "a pipe: location must be a template with one {name} placeholder")
-        return str(base).replace("{name}", shlex.quote(names[0]))
+        name = names[0]
+        if not re.fullmatch(r"[A-Za-z0-9._/-]+", name):  # quoting cannot be right inside a quoted template
+            raise StorageError(str(base), f"unsafe file name for a pipe: command: {name!r}")
+        return str(base).replace("{name}", name)
     if is_url(base):
         return "/".join([str(base).rstrip("/"), *(n.strip("/") for n in names)])
     return Path(_local(base), *names)
@@ -235,7 +238,7 @@ def write_bytes(location: str | Path, data: bytes) -> None:
     if not is_url(location):
         path = Path(_local(location))
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
         try:
             with open(tmp, "wb") as f:
                 f.write(data)

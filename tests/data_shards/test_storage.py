@@ -26,10 +26,36 @@ def local_demo(tmp_path_factory):
 def test_join_keeps_urls_intact_and_fills_pipe_templates(tmp_path):
     assert storage.join("s3://b/x/", "manifest.json") == "s3://b/x/manifest.json"
     assert storage.join(tmp_path, "a.tar") == tmp_path / "a.tar"
-    assert storage.join("pipe:cat /d/{name}", "a b.tar") == "pipe:cat /d/'a b.tar'"
+    assert storage.join("pipe:cat /d/{name}", "shard-000001.tar") == "pipe:cat /d/shard-000001.tar"
+    # A name comes from a manifest that may be remote: nothing in it may reach the shell as code
+    # (quoting cannot be right inside a template that quotes {name} itself, "pipe:cat '/d/{name}'").
+    for name in ("a b.tar", "x-$(touch pwned).tar", "a'b.tar", "a;b.tar"):
+        with pytest.raises(storage.StorageError, match="unsafe file name"):
+            storage.join('pipe:cat "/d/{name}"', name)
     assert storage.is_url("gs://b/x") and storage.is_url("pipe:cat x") and not storage.is_url("file:///x")
     with pytest.raises(storage.StorageError, match="placeholder"):
         storage.join("pipe:cat /d/x.tar", "a.tar")
+
+
+def test_threads_writing_one_file_do_not_collide(tmp_path):
+    import threading
+
+    target, errors = tmp_path / "latest", []
+
+    def write(n):
+        try:
+            for i in range(50):
+                storage.write_text(target, f"{n}-{i}")
+        except OSError as e:  # a shared temporary file vanished under the other writer
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and target.read_text() in ("0-49", "1-49")
+    assert [p.name for p in tmp_path.iterdir()] == ["latest"]  # no temporary file left behind
 
 
 def test_transient_errors_are_retried_and_permanent_ones_are_not(monkeypatch):
