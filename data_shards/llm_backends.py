@@ -17,6 +17,7 @@ model in cache keys, and ``generate(prompts, params) -> [text]``.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import threading
 import time
@@ -149,6 +150,7 @@ class HFBackend:
             raise BackendError(f"{model_dir}: cannot load the model or tokenizer ({exc})") from exc
         self.model.to(device).eval()
         self.tokenizer.padding_side = "left"  # decoder-only models generate after the last token
+        self.tokenizer.truncation_side = "left"  # keep the generation cue at the end of the prompt
         if self.tokenizer.pad_token is None:
             if self.tokenizer.eos_token is None:
                 raise BackendError(f"{model_dir}: the tokenizer has neither a pad nor an eos token")
@@ -312,7 +314,7 @@ class OpenAIBackend:
                 retry_after = exc.headers.get("Retry-After") if exc.headers else None
                 if retry_after and retry_after.strip().replace(".", "", 1).isdigit():
                     delay = min(max(delay, float(retry_after)), MAX_RETRY_AFTER_S)
-            except (urllib.error.URLError, OSError) as exc:  # refused, DNS, reset, timeout
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:  # refused, reset, cut body
                 last = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
             if attempt + 1 < attempts:
                 self._sleep(delay)

@@ -35,6 +35,7 @@ class ServerState:
     retry_after: str | None = None
     fail_after: int | None = None
     raw_reply: bytes | None = None  # answer these bytes verbatim (malformed responses)
+    cut_first: int = 0  # the first N answers announce more bytes than they send, then hang up
     requests: list[tuple[str, dict]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -55,6 +56,14 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(500, {"error": {"message": "crashed"}})
         if state.raw_reply is not None:
             return self._send_bytes(200, state.raw_reply)
+        if count <= state.cut_first:  # a connection dropped mid-body
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b'{"choices": [')
+            self.close_connection = True
+            return None
         text = state.reply(body)
         if self.path.endswith("/chat/completions"):
             payload = {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}

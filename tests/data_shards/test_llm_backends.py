@@ -80,6 +80,14 @@ def test_retries_with_backoff_then_succeeds():
     assert delays == [0.5, 1.0]  # exponential
 
 
+def test_an_answer_cut_mid_body_is_retried():
+    """http.client.IncompleteRead is no OSError: it escaped the retries and the endpoint-naming error."""
+    with LocalLLMServer(ServerState(cut_first=1)) as server:
+        backend = OpenAIBackend(server.url, "m", retries=3, backoff_s=0.0, concurrency=1, sleep=lambda s: None)
+        assert backend.generate(PROMPTS[:1], GREEDY) == ["This protein (Kinase A) is described in variant 0."]
+        assert len(server.state.requests) == 2
+
+
 def test_retry_after_is_honoured_and_capped():
     delays = []
     with LocalLLMServer(ServerState(fail_first=2, fail_status=429, retry_after="7")) as server:
@@ -151,6 +159,15 @@ def test_hf_backend_generates_deterministically(tiny_model):
     assert backend.model_id == HFBackend(tiny_model).model_id and backend.model_id.startswith("hf:")
     # the prompt text reaches the model: single-prompt generation equals its row of the batch
     assert HFBackend(tiny_model, batch_size=1).generate(PROMPTS[:1], GREEDY)[0] == outputs[0]
+
+
+def test_hf_backend_truncates_long_prompts_from_the_start(tiny_model):
+    """A prompt over the model's length keeps its end (the generation cue), not its beginning."""
+    backend = HFBackend(tiny_model)
+    cue = " Description:"
+    ids = backend.tokenizer("kinase " * 500 + cue, truncation=True, max_length=16)["input_ids"]
+    want = backend.tokenizer(cue, add_special_tokens=False)["input_ids"]
+    assert len(ids) == 16 and ids[-len(want) :] == want
 
 
 def test_hf_backend_uses_the_chat_template(tmp_path):
