@@ -324,6 +324,8 @@ def _rewrite_records(
         fields = record.text
         if not fields or not annotation_text(fields):
             stats.records_without_text += 1
+            if fields and TEXT_REWRITES_FIELD in fields:  # stale rewrites are replaced, here by none
+                record.text = {k: v for k, v in fields.items() if k != TEXT_REWRITES_FIELD}
             continue
         for variant in range(config.variants):
             prompt = make_prompt(fields, variant, config.params)

@@ -282,3 +282,21 @@ def test_rerunning_on_rewritten_shards_replaces_the_old_rewrites(shards, tmp_pat
     after = {r.id: r for r in records_on_disk(tmp_path / "b")}
     assert len(before["P3"].text["rewrites"]) == 1 and "rewrites" not in after["P3"].text  # fallback dropped
     assert after["P1"].text["rewrites"] == before["P1"].text["rewrites"]  # same reply, same prompt
+
+
+def test_a_record_without_annotation_text_loses_its_stale_rewrites(tmp_path):
+    """Rewrites are replaced on every record: one with nothing to rewrite (a GO term without a name)
+    must not keep the rewrites of an earlier run."""
+    root = tmp_path / "in"
+    stale = {"go": [{"id": "GO:0004672", "aspect": "F", "name": ""}], "rewrites": ["STALE rewrite from an older run."]}
+    with ShardWriter(root, samples_per_shard=3, extra={"split": "train"}) as writer:
+        writer.write(ProteinRecord("P0", "MKVLA", None, {"name": "Kinase 0"}, {"source": "test"}))
+        writer.write(ProteinRecord("P1", "MKVLA", None, stale, {"source": "test"}))
+    with LocalLLMServer(ServerState(reply=scripted_reply)) as server:
+        summary = rewrite_shards(
+            RewriteConfig(shards=root, out=tmp_path / "out", variants=1), OpenAIBackend(server.url, "m")
+        )
+    after = {r.id: r for r in records_on_disk(tmp_path / "out")}
+    assert summary["records_without_text"] == 1
+    assert "rewrites" not in after["P1"].text and after["P1"].text["go"] == stale["go"]
+    assert after["P0"].text["rewrites"]
