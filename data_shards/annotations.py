@@ -227,21 +227,23 @@ def canonical_terms(
     """
     merged: dict[str, list] = {}
     dropped: set[str] = set()  # one skip per (record, term), however many sources repeat the term
+
+    def drop(reason: str, go_id: str) -> None:
+        if go_id not in dropped:
+            dropped.add(go_id)
+            skip(reason, f"{owner}:{go_id}")
+
     for go_id, aspect, evidence, name in terms:
         if ontology is not None:
             primary = ontology.canonical(go_id)
             if primary is None:
-                if go_id not in dropped:
-                    dropped.add(go_id)
-                    skip("obsolete GO id" if go_id in ontology else "unknown GO id", f"{owner}:{go_id}")
+                drop("obsolete GO id" if go_id in ontology else "unknown GO id", go_id)
                 continue
             aspect, name = ontology.aspect(primary) or "", ontology.name(primary)
         else:
             primary = go_id
         if aspect not in _ASPECT_ORDER:
-            if go_id not in dropped:
-                dropped.add(go_id)
-                skip("GO id without aspect (give --go-obo)", f"{owner}:{go_id}")
+            drop("GO id without aspect (give --go-obo)", go_id)
             continue
         entry = merged.setdefault(primary, [aspect, set(), name])
         entry[1] |= set(evidence)
