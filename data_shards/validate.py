@@ -136,13 +136,12 @@ def _stats(values: list[int]) -> dict | None:
     }
 
 
-def _readable_records(
-    manifest, on_bad: Callable[[int], None], stop: Callable[[], bool] = lambda: False, problems: list | None = None
-):
+def _readable_records(manifest, on_bad: Callable[[int, dict], None], stop: Callable[[], bool] = lambda: False):
     """(shard info, sample key, record) of every readable sample in manifest order.
 
-    An unreadable shard reports all its listed samples to ``on_bad``, an unreadable sample one;
-    both are skipped. ``stop()`` is asked before each read (a sample limit).
+    An unreadable shard reports all its listed samples to ``on_bad(count, problem)``, an unreadable
+    sample one; ``problem`` is {"shard", "reason"} (+ "key" for a sample). Both are skipped.
+    ``stop()`` is asked before each read (a sample limit).
     """
     for info in manifest.shards:
         if stop():
@@ -150,9 +149,7 @@ def _readable_records(
         try:
             reader = ShardReader(info.path)
         except BadShardError as exc:
-            on_bad(info.num_samples)
-            if problems is not None:
-                problems.append({"shard": info.name, "reason": str(exc)})
+            on_bad(info.num_samples, {"shard": info.name, "reason": str(exc)})
             continue
         with reader:
             keys = reader.keys()
@@ -162,9 +159,7 @@ def _readable_records(
                 try:
                     record = reader.read(i)
                 except BadSampleError as exc:
-                    on_bad(1)
-                    if problems is not None and len(problems) < MAX_REPORTED_BAD_SAMPLES:
-                        problems.append({"shard": info.name, "key": exc.key, "reason": exc.reason})
+                    on_bad(1, {"shard": info.name, "key": exc.key, "reason": exc.reason})
                     continue
                 yield info, keys[i], record
 
@@ -189,14 +184,17 @@ def inspect_dir(dir: str | Path, samples: int = 3, limit: int | None = None) -> 
     sources: dict[str, int] = {}
     shown = []
 
-    def bad(count: int) -> None:
+    problems: list[dict] = []  # every unreadable shard, and the first MAX_REPORTED_BAD_SAMPLES bad samples
+
+    def bad(count: int, problem: dict) -> None:
         counts["bad"] += count
+        if "key" not in problem or len(problems) < MAX_REPORTED_BAD_SAMPLES:
+            problems.append(problem)
 
     def full() -> bool:
         return limit is not None and counts["read"] >= limit
 
-    problems: list[dict] = []
-    for info, key, record in _readable_records(manifest, bad, stop=full, problems=problems):
+    for info, key, record in _readable_records(manifest, bad, stop=full):
         counts["read"] += 1
         sources[str(record.meta.get("source"))] = sources.get(str(record.meta.get("source")), 0) + 1
         if record.sequence is not None:
@@ -274,7 +272,7 @@ def write_fasta(dir: str | Path, out: str | Path, width: int = 60) -> dict:
     tmp = out.with_name(f".{out.name}.tmp")
     counts = {"sequences": 0, "without_sequence": 0, "bad_samples": 0}
 
-    def bad(count: int) -> None:
+    def bad(count: int, problem: dict) -> None:
         counts["bad_samples"] += count
 
     with open(tmp, "w", encoding="utf-8") as f:
