@@ -18,9 +18,26 @@ import json
 import logging
 import math
 import numbers
+from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
+    """(line, row) of every complete line of a JSONL file (nothing when absent).
+
+    A line cut by a crash or still being written (a live run) does not parse and is skipped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                yield line, json.loads(line)
+            except json.JSONDecodeError:
+                continue
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -28,17 +45,7 @@ def read_metrics(path: Path) -> list[dict]:
 
     A non-finite value was written as null, so a row's ``loss`` may be None.
     """
-    path = Path(path)
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
+    return [row for _, row in iter_jsonl(path)]
 
 
 def _tensorboard_writer(logdir: Path, purge_step: int | None):

@@ -36,7 +36,7 @@ from pretrain.data.stream import UNREADABLE_SHARD, Cursor, local_stream, plan_fo
 from pretrain.errors import RunStopped
 from pretrain.eval.validation import validate_model
 from pretrain.export import export_engine
-from pretrain.logging_backends import MetricsLogger
+from pretrain.logging_backends import MetricsLogger, iter_jsonl
 from pretrain.losses.align_pro import AlignProLoss, detach_terms
 from pretrain.losses.protclip import ProtCLIPLoss
 from pretrain.models.trimodal import NO_DECAY, TriModalModel
@@ -522,14 +522,7 @@ def _truncate_jsonl(path: Path, step: int) -> None:
     """Keep the lines of ``path`` whose ``step`` is at most ``step`` (atomic rewrite)."""
     if not path.is_file():
         return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line) if line.strip() else None
-        except json.JSONDecodeError:  # a line cut by a crash (SIGKILL mid-flush, ENOSPC): drop it
-            continue
-        if row is not None and row.get("step", 0) <= step:
-            kept.append(line)
+    kept = [line for line, row in iter_jsonl(path) if row.get("step", 0) <= step]  # a line cut by a crash goes
     write_text(path, "".join(line + "\n" for line in kept))
 
 
