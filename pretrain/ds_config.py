@@ -81,10 +81,11 @@ def resolve_deepspeed_config(raw: dict, cfg: Config, world_size: int, use_cuda: 
         raise ConfigError(f"{source}: optimizer.type={opt['type']!r} is not supported; use AdamW (or Adam)")
     params = opt["params"]
     owned = {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
-    for key, want_value in {**owned, "gradient_clipping": o.grad_clip}.items():
-        have = ds.get(key) if key == "gradient_clipping" else params.get(key)
+    # (JSON key, its value there, recipe field, recipe value)
+    checks = [(key, params.get(key), key, value) for key, value in owned.items()]
+    checks.append(("gradient_clipping", ds.get("gradient_clipping"), "grad_clip", o.grad_clip))
+    for key, have, field_name, want_value in checks:
         if have not in (None, "auto") and have != want_value:  # "auto": the HF-integration placeholder
-            field_name = "grad_clip" if key == "gradient_clipping" else key
             raise ConfigError(
                 f"{source}: {key}={have!r} contradicts optim.{field_name}={want_value!r}; "
                 f"remove it from the JSON and set it in the recipe"
