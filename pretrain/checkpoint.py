@@ -150,12 +150,21 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state(state["torch_cuda"])
 
 
-def complete_tags(ckpt_dir: Path) -> list[str]:
-    """Tags of complete checkpoints, oldest first (by their step)."""
+def complete_steps(ckpt_dir: Path) -> list[tuple[int, str]]:
+    """(step, tag) of every complete checkpoint, oldest first."""
     if not ckpt_dir.is_dir():
         return []
-    tags = [p.name for p in ckpt_dir.iterdir() if p.is_dir() and (p / COMPLETE).is_file()]
-    return sorted(tags, key=lambda t: json.loads((ckpt_dir / t / COMPLETE).read_text())["step"])
+    found = [
+        (json.loads((p / COMPLETE).read_text())["step"], p.name)
+        for p in ckpt_dir.iterdir()
+        if p.is_dir() and (p / COMPLETE).is_file()
+    ]
+    return sorted(found, key=lambda st: st[0])
+
+
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    """Tags of complete checkpoints, oldest first (by their step)."""
+    return [tag for _, tag in complete_steps(ckpt_dir)]
 
 
 def retired_tags(complete: list[tuple[int, str]], step: int, keep: int) -> list[str]:
@@ -269,8 +278,7 @@ def save(
             errors.append(f"{ckpt_dir / tag}: publishing failed: {e}")
     _fail_together(ckpt_dir, tag, errors, rank)
     if rank == 0:
-        complete = [(json.loads((ckpt_dir / t / COMPLETE).read_text())["step"], t) for t in complete_tags(ckpt_dir)]
-        for old in retired_tags(complete, step, keep):
+        for old in retired_tags(complete_steps(ckpt_dir), step, keep):
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
             shutil.rmtree(ckpt_dir / f"{old}{UNIVERSAL_SUFFIX}", ignore_errors=True)  # its elastic-resume form
     _barrier()
