@@ -37,7 +37,7 @@ import torch
 
 from data_shards.schema import ProteinRecord
 from pretrain.config import Config
-from pretrain.data.featurize import backbone_graph, collate_graphs, edge_s_dim, peptide_bonds
+from pretrain.data.featurize import backbone_graph, collate_graphs, edge_s_dim, graph_residues, peptide_bonds
 from pretrain.data.masking import protclip_inputs
 from pretrain.data.text_augment import augment_text, canonical_text
 from pretrain.losses.false_negatives import group_ids
@@ -218,7 +218,7 @@ class BatchBuilder:
                 noise = torch.from_numpy(rng.normal(0.0, d.coord_noise, coords.shape).astype(np.float32))
                 drop = torch.from_numpy(rng.random(coords.shape[0]) < d.residue_drop_prob)
                 # keep at least two nodes (or all there are): count the residues that become nodes
-                complete = (mask[:, :3] & torch.isfinite(coords[:, :3]).all(-1)).all(-1)
+                complete = graph_residues(coords, mask)
                 if (complete & ~drop).sum() < min(2, int(complete.sum())):
                     drop[:] = False
                 # chain breaks from the clean coordinates: noise must not open or close them

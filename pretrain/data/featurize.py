@@ -50,6 +50,24 @@ def _normalize(x: Tensor, dim: int = -1) -> Tensor:
     return x / x.norm(dim=dim, keepdim=True).clamp_min(_EPS)
 
 
+def usable_atoms(coords: Tensor, atom_mask: Tensor) -> Tensor:
+    """Atoms that exist (mask True) and have finite coordinates.
+
+    Shapes:
+        coords (L, 4, 3), atom_mask (L, 4) -> (L, 4) bool
+    """
+    return torch.as_tensor(atom_mask, dtype=torch.bool) & torch.isfinite(torch.as_tensor(coords)).all(-1)
+
+
+def graph_residues(coords: Tensor, atom_mask: Tensor) -> Tensor:
+    """Residues that become graph nodes: N, CA and C usable (:func:`backbone_graph`).
+
+    Shapes:
+        coords (L, 4, 3), atom_mask (L, 4) -> (L,) bool
+    """
+    return usable_atoms(coords, atom_mask)[:, :3].all(-1)
+
+
 def peptide_bonds(coords: Tensor, atom_mask: Tensor) -> Tensor:
     """Whether residues i and i+1 are bonded: False where C(i)-N(i+1) or CA(i)-CA(i+1) is too long.
 
@@ -60,7 +78,7 @@ def peptide_bonds(coords: Tensor, atom_mask: Tensor) -> Tensor:
         coords (L, 4, 3), atom_mask (L, 4) -> (max(L - 1, 0),) bool
     """
     coords = torch.as_tensor(coords, dtype=torch.float32)
-    ok = torch.as_tensor(atom_mask, dtype=torch.bool) & torch.isfinite(coords).all(-1)
+    ok = usable_atoms(coords, atom_mask)
     if coords.shape[0] < 2:
         return torch.ones(0, dtype=torch.bool)
     peptide = (coords[:-1, 2] - coords[1:, 0]).norm(dim=-1)
@@ -212,7 +230,7 @@ def backbone_graph(
             f"expected coords (L, 4, 3) and atom_mask (L, 4), got {tuple(coords.shape)} "
             f"and {tuple(atom_mask.shape)}"
         )
-    atom_ok = atom_mask & torch.isfinite(coords).all(-1)  # (L, 4)
+    atom_ok = usable_atoms(coords, atom_mask)  # (L, 4)
     coords = torch.where(atom_ok.unsqueeze(-1), coords, torch.zeros_like(coords))  # (L, 4, 3)
     bb, bb_ok = coords[:, :3], atom_ok[:, :3]  # (L, 3, 3), (L, 3)
     n, ca, c = bb.unbind(dim=1)  # (L, 3) each
@@ -225,7 +243,7 @@ def backbone_graph(
     orientations = _orientation_features(ca, bb_ok[:, 1], bonded)  # (L, 2, 3)
     cb = _cb_direction(n, ca, c).unsqueeze(-2)  # (L, 1, 3)
 
-    keep = bb_ok.all(-1)  # (L,)
+    keep = bb_ok.all(-1)  # (L,) as graph_residues
     residue_index = keep.nonzero().squeeze(-1)  # (N,)
     ca = ca[residue_index]  # (N, 3)
     edge_index = _knn_edges(ca, k_neighbors)  # (2, E)
