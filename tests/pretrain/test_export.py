@@ -37,6 +37,11 @@ def _embed_texts(model: TriModalModel, cfg) -> torch.Tensor:
         return model.encode_text(ids, mask)
 
 
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 def _pretrained_run(tmp_path: Path):
     """A model built from a pretrained text directory and an ESM-2 .pt, and its config."""
     bert = tmp_path / "pubmedbert"
@@ -57,8 +62,7 @@ def test_export_loads_without_the_pretrained_files_it_started_from(tmp_path, mon
     assert "config.json" in names and names & {"vocab.txt", "tokenizer.json"}
     assert not any("safetensors" in p.name or p.suffix == ".bin" for p in (out / "text").iterdir())
     want = _embed_texts(model, cfg)
-    for path in sources:  # another machine: neither the BERT directory nor the ESM-2 .pt is there
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    _remove(sources)  # another machine: neither the BERT directory nor the ESM-2 .pt is there
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -87,8 +91,7 @@ def test_export_from_object_storage_brings_its_tokenizer(tmp_path, s3):  # noqa:
     out = write_export(model.state_dict(), cfg, tmp_path / "export")
     url = publish_export(out, s3.url("run"))
     want = _embed_texts(model, cfg)
-    for path in [*sources, out]:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    _remove([*sources, out])
     loaded, loaded_cfg = load_exported(url)
     assert (Path(loaded_cfg.model.text.pretrained_dir) / "config.json").is_file()  # outlives the download
     torch.testing.assert_close(_embed_texts(loaded, loaded_cfg), want, rtol=0, atol=0)
