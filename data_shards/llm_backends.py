@@ -24,7 +24,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -34,11 +34,23 @@ _RETRY_STATUSES = {408, 409, 429}
 
 
 class BackendError(RuntimeError):
-    """A backend cannot produce text; the message names the model directory or the endpoint."""
+    """A backend cannot produce text; the message names the model directory or the endpoint.
+
+    ``partial`` maps positions in the failed call's prompt list to the answers that did arrive
+    before the failure, so a caller can keep them (the rewrite cache does).
+    """
+
+    def __init__(self, message: str, *, partial: dict[int, str] | None = None):
+        super().__init__(message)
+        self.partial: dict[int, str] = dict(partial or {})
 
 
 class EndpointError(BackendError):
     """An HTTP endpoint is unreachable or answers with an error or an unusable body."""
+
+
+class _Abandoned(EndpointError):
+    """A request not (re)sent because another request of the same call failed."""
 
 
 @dataclass(frozen=True)
@@ -295,7 +307,7 @@ class OpenAIBackend:
         last = ""
         for attempt in range(attempts):
             if self._dead.is_set():
-                raise EndpointError(f"{self.url}: giving up, another request to this endpoint failed")
+                raise _Abandoned(f"{self.url}: giving up, another request to this endpoint failed")
             delay = self.backoff_s * (2**attempt)
             try:
                 request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
@@ -335,18 +347,38 @@ class OpenAIBackend:
         return text
 
     def generate(self, prompts: list[Prompt], params: GenerationParams) -> list[str]:
-        """One request per prompt, ``concurrency`` at a time; raises EndpointError on failure."""
+        """One request per prompt, ``concurrency`` at a time.
+
+        Raises:
+            EndpointError: a request failed; its ``partial`` holds the answers received before
+                the other requests stopped (requests not yet sent are cancelled).
+        """
         self._dead.clear()
+        answers: dict[int, str] = {}
         if self.concurrency == 1 or len(prompts) <= 1:
-            return [self._one(p, params) for p in prompts]
+            try:
+                for index, prompt in enumerate(prompts):
+                    answers[index] = self._one(prompt, params)
+            except EndpointError as exc:
+                raise EndpointError(str(exc), partial=answers) from None
+            return [answers[index] for index in range(len(prompts))]
+        failures: list[EndpointError] = []
         with ThreadPoolExecutor(self.concurrency) as pool:
             futures = [pool.submit(self._one, p, params) for p in prompts]
-            try:
-                return [f.result() for f in futures]
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                raise
+            for index, future in enumerate(futures):
+                try:
+                    answers[index] = future.result()
+                except EndpointError as exc:
+                    failures.append(exc)
+                    self._dead.set()  # stop sending; requests in flight still finish
+                    for pending in futures:
+                        pending.cancel()
+                except CancelledError:
+                    pass
+        if failures:  # name the request that failed, not one abandoned because of it
+            cause = next((f for f in failures if not isinstance(f, _Abandoned)), failures[0])
+            raise EndpointError(str(cause), partial=answers) from None
+        return [answers[index] for index in range(len(prompts))]
 
 
 def make_backend(

@@ -23,7 +23,8 @@ are replaced). Training then picks a stored rewrite with probability ``data.text
 Output shards keep the input's shard prefixes and sample order; a sample that cannot be read is
 skipped and counted. An unreachable endpoint or an unloadable model stops the run with an error
 that names it; the shards of the prefix being written are discarded (those of prefixes already
-finished stay, listed in the manifest), and the cache keeps every answer received.
+finished stay, listed in the manifest), and the cache keeps every answer received, including
+those of the failed batch.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_shards.llm_backends import GenerationParams, LLMBackend, Prompt
+from data_shards.llm_backends import BackendError, GenerationParams, LLMBackend, Prompt
 from data_shards.manifest import ShardInfo, load_manifest, write_manifest
 from data_shards.reader import BadSampleError, BadShardError, ShardReader
 from data_shards.schema import MAX_REWRITES, TEXT_REWRITES_FIELD, ProteinRecord
@@ -336,7 +337,12 @@ def _rewrite_records(
     missing = list({key: prompt for _, _, prompt, key in items if key not in outputs}.items())
     for start in range(0, len(missing), config.batch_size):
         batch = missing[start : start + config.batch_size]
-        texts = backend.generate([prompt for _, prompt in batch], config.params)
+        try:
+            texts = backend.generate([prompt for _, prompt in batch], config.params)
+        except BackendError as exc:  # keep what did arrive: a rerun then asks only for the rest
+            received = [(batch[i][0], text) for i, text in sorted(exc.partial.items()) if 0 <= i < len(batch)]
+            cache.put_many(backend.model_id, received)
+            raise
         if len(texts) != len(batch):
             raise RewriteError(f"{backend.model_id}: returned {len(texts)} outputs for {len(batch)} prompts")
         pairs = [(key, text) for (key, _), text in zip(batch, texts)]

@@ -14,7 +14,7 @@ from data_shards.llm_backends import (
     make_backend,
     resolve_endpoint,
 )
-from tests.data_shards.local_llm_server import LocalLLMServer, ServerState
+from tests.data_shards.local_llm_server import LocalLLMServer, ServerState, default_reply
 from tests.data_shards.tiny_causal_lm import make_tiny_causal_lm
 
 PROMPTS = [
@@ -111,6 +111,18 @@ def test_persistent_server_errors_give_up_after_the_retries():
         with pytest.raises(EndpointError, match=r"after 3 attempt\(s\) \(HTTP 500"):
             backend.generate(PROMPTS[:1], GREEDY)
         assert len(server.state.requests) == 3
+
+
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_a_failed_call_hands_back_the_answers_that_arrived(concurrency):
+    with LocalLLMServer(ServerState(fail_after=2)) as server:  # two answers, then HTTP 500 for good
+        backend = OpenAIBackend(server.url, "m", retries=1, sleep=lambda s: None, concurrency=concurrency)
+        with pytest.raises(EndpointError, match=r"after 2 attempt\(s\) \(HTTP 500") as failed:
+            backend.generate(PROMPTS, GREEDY)
+    answered = [body for _, body in server.state.requests[:2]]  # the two requests that got an answer
+    position = {p.content: i for i, p in enumerate(PROMPTS)}
+    expected = {position[body["messages"][-1]["content"]]: default_reply(body) for body in answered}
+    assert len(expected) == 2 and failed.value.partial == expected
 
 
 def test_unreachable_endpoint_is_named():

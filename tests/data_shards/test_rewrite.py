@@ -195,6 +195,20 @@ def test_crash_midway_resumes_from_the_cache(shards, tmp_path):
     assert summary["ok"] and validate_dir(tmp_path / "out")["ok"]
 
 
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_answers_of_the_failed_batch_are_cached(shards, tmp_path, concurrency):
+    config = RewriteConfig(shards=shards, out=tmp_path / "out", variants=2, cache=tmp_path / "c.sqlite", batch_size=2)
+    with LocalLLMServer(ServerState(fail_after=5)) as server:  # dies inside the third batch
+        backend = OpenAIBackend(server.url, "tiny", retries=1, sleep=lambda s: None, concurrency=concurrency)
+        with pytest.raises(EndpointError, match=server.url):
+            rewrite_shards(config, backend)
+    with sqlite3.connect(tmp_path / "c.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM rewrites").fetchone()[0] == 5  # not 4: the fifth answer is kept
+    with LocalLLMServer() as server:
+        summary = rewrite_shards(config, OpenAIBackend(server.url, "tiny", concurrency=1))
+    assert summary["cache_hits"] == 5 and summary["model_calls"] == summary["items"] - 5
+
+
 def test_unreachable_endpoint_exits_2_naming_it(shards, tmp_path, capsys):
     from tests.data_shards.test_llm_backends import closed_port
 
