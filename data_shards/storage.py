@@ -38,6 +38,7 @@ T = TypeVar("T")
 
 RETRIES = 4  # attempts of one operation on transient errors
 BACKOFF_S = 0.5  # first wait; doubles each attempt
+_SHELL_CANNOT_RUN = (126, 127)  # not executable, command not found
 READ_BLOCK = 8 << 20  # fsspec read-ahead block of a remote shard handle
 _SCHEME_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.\-]*)://")
 
@@ -155,6 +156,8 @@ def _run_pipe(command: str) -> bytes:
         proc = subprocess.run(cmd, shell=True, capture_output=True, timeout=3600)
         if proc.returncode != 0:
             err = proc.stderr.decode("utf-8", "replace").strip()[-500:]
+            if proc.returncode in _SHELL_CANNOT_RUN:  # retrying cannot help
+                raise StorageError(command, f"the shell cannot run the command (status {proc.returncode}): {err}")
             raise ConnectionError(f"command exited with status {proc.returncode}: {err}")
         return proc.stdout
 
@@ -209,6 +212,8 @@ def exists(location: str | Path) -> bool:
 
 def listdir(location: str | Path) -> list[str]:
     """Names (not paths) of the entries directly under a directory or prefix; [] when there is none."""
+    if is_pipe(location):
+        raise StorageError(str(location), "cannot list a pipe: location")
     if not is_url(location):
         local = Path(_local(location))
         return sorted(p.name for p in local.iterdir()) if local.is_dir() else []

@@ -37,6 +37,18 @@ def test_join_keeps_urls_intact_and_fills_pipe_templates(tmp_path):
         storage.join("pipe:cat /d/x.tar", "a.tar")
 
 
+def test_pipe_locations_cannot_be_listed_and_unrunnable_commands_fail_at_once(monkeypatch, caplog):
+    with pytest.raises(storage.StorageError, match="cannot list a pipe"):
+        storage.listdir("pipe:cat /d/{name}")
+    monkeypatch.setattr(storage, "BACKOFF_S", 0.0)
+    with pytest.raises(storage.StorageError, match=r"cannot run the command \(status 127\)"):
+        storage.read_bytes("pipe:no-such-command-align-pro /d/a.tar")
+    assert "retry" not in caplog.text
+    with pytest.raises(storage.StorageError, match=r"status 3.*after 4 attempts"):
+        storage.read_bytes("pipe:exit 3")  # any other failure may be transient (a network fetch)
+    assert caplog.text.count("retry") == storage.RETRIES - 1
+
+
 def test_threads_writing_one_file_do_not_collide(tmp_path):
     import threading
 
