@@ -73,14 +73,14 @@ def go_label_sets(go_lists: Iterable[list[dict]], aspect: str, ontology=None) ->
             if not go_id:
                 continue
             if ontology is not None and go_id in ontology:
+                if (ontology.aspect(go_id) or term.get("aspect")) != aspect:
+                    continue  # counted by the call for its own aspect
                 out.known_ids += 1
                 if term.get("name") and term["name"].strip().lower() != ontology.name(go_id).strip().lower():
                     out.name_mismatches += 1
                 primary = ontology.canonical(go_id)
                 if primary is None:
                     out.obsolete_ids += 1
-                    continue
-                if ontology.aspect(primary) != aspect:
                     continue
                 for t in ontology.propagate([primary]):
                     if ontology.aspect(t) == aspect:

@@ -29,8 +29,10 @@ def test_go_propagation_with_a_tiny_obo(tiny_obo):
     assert mf.sets == [{"GO:0008270", "GO:0043167", "GO:0005488"}, set(), {"GO:9999999"}, set()]
     assert mf.obsolete_ids == 1 and mf.unknown_ids == 1
     assert mf.names["GO:0043167"] == "ion binding" and mf.names["GO:9999999"] == "made-up activity"
+    assert mf.known_ids == 2  # the alt id and the obsolete term, not cytosol (a CC term)
     cc = go_label_sets(proteins, "C", onto)
     assert cc.sets[1] == {"GO:0005829", "GO:0005737"}  # root GO:0005575 removed
+    assert (cc.obsolete_ids, cc.known_ids, cc.unknown_ids) == (0, 1, 0)  # the obsolete term is an MF one
     anc = go_ancestors_in(["GO:0005488", "GO:0043167", "GO:0008270"], onto)
     assert anc == {"GO:0005488": [], "GO:0043167": ["GO:0005488"], "GO:0008270": ["GO:0005488", "GO:0043167"]}
 
