@@ -12,7 +12,9 @@ Tasks (``--tasks``, comma-separated, default ``all``):
 * ``baseline``: nearest training protein by 3-mer similarity donates its labels.
 
 ``zeroshot`` / ``baseline`` add their method to the label tasks named; alone they apply to all of
-go, ec (and fold for the baseline) without training probes. Tasks whose labels are missing from
+go, ec (and fold for the baseline) without training probes. ``settings.train_test_shared_ids``
+counts held-out proteins whose id is also in the training shards (a warning says so: their probe
+and baseline scores are not predictions). Tasks whose labels are missing from
 the shards report ``skipped``. With ``--run-dir`` the full result goes to ``RUN/eval.json`` and
 the probes to ``RUN/probes/<task>/`` (``labels.json`` + ``<features>.safetensors``).
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from dataclasses import asdict
@@ -34,8 +37,16 @@ from pretrain.eval.probes import ProbeConfig
 from pretrain.eval.retrieval import retrieval_metrics, text_groups
 from pretrain.export import load_exported
 
+log = logging.getLogger(__name__)
+
 ALL_TASKS = ("retrieval", "go", "ec", "fold", "zeroshot", "baseline")
 LABEL_TASKS = ("go", "ec", "fold")
+
+
+def shared_ids(train_ids: list[str], test_ids: list[str]) -> int:
+    """How many held-out rows carry an id that is also a training id ("" marks an unreadable row)."""
+    train = set(train_ids) - {""}
+    return sum(1 for i in test_ids if i and i in train)
 
 
 def parse_tasks(text: str | list[str] | tuple[str, ...]) -> set[str]:
@@ -106,6 +117,16 @@ def evaluate_export(
         else:  # zero-shot alone needs no training set
             train = {"annotations": Annotations()}
         timing["embed_train_s"] = time.perf_counter() - t0
+        overlap = shared_ids(train["annotations"].ids, ann.ids)
+        if overlap:
+            log.warning(
+                "%d of the %d held-out proteins in %s are also in the probe training shards %s: "
+                "probe and baseline scores on them measure memorisation, not prediction",
+                overlap,
+                len(ann.ids),
+                shard_dir,
+                train_dir,
+            )
         ontology = None
         if go_obo and "go" in label_tasks:
             from data_shards.readers.obo import load_obo
@@ -136,6 +157,7 @@ def evaluate_export(
         result["settings"] = {
             "train_shards": str(train_dir),
             "num_train_proteins": len(train["annotations"]),
+            "train_test_shared_ids": overlap,
             "methods": sorted(methods),
             "probe": asdict(settings.probe),
             "go_obo": str(go_obo) if go_obo else None,

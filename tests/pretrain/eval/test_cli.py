@@ -82,6 +82,16 @@ def test_model_dir_with_baseline_only_and_errors(tiny_export, capsys, tmp_path):
     assert "error" in capsys.readouterr().err
 
 
+def test_held_out_proteins_also_in_the_training_shards_are_counted(tiny_export, capsys, caplog):
+    assert main(["--model", str(tiny_export), "--tasks", "baseline", "--no-progress"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["settings"]["train_test_shared_ids"] == 0 and "memorisation" not in caplog.text
+    argv = ["--model", str(tiny_export), "--tasks", "baseline", "--train-shards", res["shards"], "--no-progress"]
+    assert main([*argv, "--max-samples", "12"]) == 0  # the held-out shards against themselves
+    assert json.loads(capsys.readouterr().out)["settings"]["train_test_shared_ids"] == 12
+    assert "12 of the 12 held-out proteins" in caplog.text
+
+
 def test_fold_key_absent_is_skipped(tiny_export, capsys):
     rc = main(
         [
