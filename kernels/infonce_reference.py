@@ -72,7 +72,8 @@ def _infonce_forward(
     for start in range(0, m, chunk_size):
         end = min(start + chunk_size, m)
         logits = (q[start:end].to(ct) @ kf.T).mul_(s)  # (c, n): the only chunk x n buffer
-        pos[start:end] = logits.gather(1, safe_t[start:end, None]).squeeze(1)
+        # n = 0 (every row ignored): nothing to gather
+        pos[start:end] = logits.gather(1, safe_t[start:end, None]).squeeze(1) if k.shape[0] else 0.0
         if col_masked is not None:
             logits.masked_fill_(col_masked, float("-inf"))
         lse[start:end] = torch.logsumexp(logits, dim=1)
@@ -120,7 +121,8 @@ def _infonce_backward(
         if col_masked is not None:
             d.masked_fill_(col_masked, float("-inf"))
         d.sub_(lse[start:end, None]).exp_().mul_(wc)  # w_i * P_ij (0 on ignored rows and masked cols)
-        d.scatter_add_(1, safe_t[start:end, None], -wc)  # - w_i [j = t_i]
+        if k.shape[0]:  # n = 0: no positive column to subtract from
+            d.scatter_add_(1, safe_t[start:end, None], -wc)  # - w_i [j = t_i]
         d_at_k = d @ kf  # (c, d) = (D k) for this chunk
         if need_s:
             ds += (qc * d_at_k).sum()

@@ -899,10 +899,17 @@ def _gemm_backward(q, k, scale, tgt, kv, lse, w, meta, chunk=None, cnt=None, out
 # Loss-level launchers, autograd, functional wrapper.
 
 
-def _valid_rows(q, targets, key_valid):
+def _valid_rows(q, targets, key_valid, n):
     """(targets, valid): targets default to the diagonal; valid rows have t >= 0 and a valid positive."""
     if targets is None:
+        if q.shape[0] > n:
+            raise ValueError(f"default targets arange(m) need m <= n; got m={q.shape[0]}, n={n}")
         targets = torch.arange(q.shape[0], device=q.device)
+    elif not targets.is_cuda:  # free off the GPU; on CUDA an async device assert (no host sync)
+        if targets.numel() and int(targets.max()) >= n:
+            raise ValueError(f"targets must lie in [-1, n={n}); got max {int(targets.max())}")
+    else:
+        torch._assert_async((targets < n).all(), "infonce: targets must lie in [-1, n)")
     valid = targets >= 0
     if key_valid is not None:
         valid = valid & key_valid.bool()[targets.clamp_min(0)]
@@ -918,7 +925,7 @@ def infonce_forward(q, k, logit_scale, targets=None, *, key_valid=None):
 def _forward(q, k, logit_scale, targets, key_valid):
     """(loss, lse, targets, valid, count): the row bookkeeping is kept for the backward."""
     _check(q, k, logit_scale, targets, key_valid)
-    targets, valid = _valid_rows(q, targets, key_valid)
+    targets, valid = _valid_rows(q, targets, key_valid, k.shape[0])
     count = valid.sum().clamp_min(1)
     lse, pos = infonce_block_lse(q, k, logit_scale, targets, key_valid=key_valid)
     return torch.where(valid, lse - pos, 0.0).sum() / count, lse, targets, valid, count
@@ -929,7 +936,7 @@ def infonce_backward(grad_output, q, k, logit_scale, lse, targets=None, *, key_v
 
     ``method``: as ``infonce_block_backward``."""
     _check(q, k, logit_scale, targets, key_valid)
-    targets, valid = _valid_rows(q, targets, key_valid)
+    targets, valid = _valid_rows(q, targets, key_valid, k.shape[0])
     return _backward(grad_output, q, k, logit_scale, lse, targets, valid, valid.sum().clamp_min(1), key_valid, method)
 
 
@@ -965,7 +972,8 @@ def infonce_triton(q, k, logit_scale, targets=None, *, key_valid=None, backward=
         q: (m, d) queries; k: (n, d) keys; fp32, fp16 or bf16 (same dtype), any d, any m and n.
         logit_scale: s, the multiplier (already exponentiated), shape [] or [1]; gets a gradient.
         targets: (m,) int64 positive column per row, default arange(m); −1 ignores the row
-            (mean over valid rows, 0 when none is valid). Targets ≥ n are not checked (positive = 0).
+            (mean over valid rows, 0 when none is valid). Targets ≥ n raise ValueError (on CUDA a
+            device-side assert instead, so that no host sync is needed).
         key_valid: optional (n,) bool, False columns are excluded from every row's LSE, and a row whose
             positive is such a column is ignored (same semantics as ``infonce_torch``).
         backward: "auto", "fused" or "gemm": the backward method (``infonce_block_backward``).

@@ -111,6 +111,9 @@ def test_all_rows_ignored_gives_zero_loss_and_zero_grads(fn):
     assert loss.item() == 0.0
     for g in (dq, dk, ds):
         assert g is not None and torch.all(g == 0)
+    q, k = q[:3], k[:0]  # no keys at all: still a defined, zero loss
+    loss, dq, dk, ds = _loss_and_grads(fn, q, k, s, torch.full((3,), -1))
+    assert loss.item() == 0.0 and not dq.any() and dk.shape == (0, 8) and ds.item() == 0.0
 
 
 def test_key_valid_masks_columns_and_rows_without_positive():

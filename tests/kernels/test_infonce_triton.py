@@ -274,6 +274,11 @@ def test_input_validation():
         infonce_triton(q, k, s, targets, key_valid=torch.ones(5, dtype=torch.bool))
     with pytest.raises(ValueError, match="logit_scale"):
         infonce_triton(q, k, torch.ones(2))
+    # A positive past the last key is an error, as on the torch backend, not a row with positive 0.
+    with pytest.raises(ValueError, match="m <= n"):
+        infonce_triton(*_inputs(7, 5, 8, torch.float32)[:3])
+    with pytest.raises(ValueError, match=r"targets must lie in \[-1, n=6\)"):
+        infonce_triton(q, k, s, torch.tensor([0, 1, 6, -1], device=q.device))
     huge = torch.empty(2**20, 2**11, device="meta")  # 2^31 elements, allocated nowhere
     with pytest.raises(ValueError, match="32-bit offsets"):
         infonce_block_lse(huge, huge, s)
