@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 __all__ = ["InfoNCEFunction", "infonce_torch", "infonce_eager"]
 
@@ -137,6 +136,16 @@ def _infonce_backward(
     )
 
 
+def refuse_double_backward(name: str) -> None:
+    """Raise inside an autograd backward run with ``create_graph=True``.
+
+    These losses' backward passes are hand-written and not differentiable themselves: without this
+    check a second-order term (a gradient penalty) would silently get no contribution from them.
+    """
+    if torch.is_grad_enabled():  # autograd runs backward in grad mode exactly when create_graph=True
+        raise RuntimeError(f"{name}: double backward (create_graph=True) is not supported")
+
+
 class InfoNCEFunction(torch.autograd.Function):
     """Autograd wrapper around the chunked forward / backward; holds no logic of its own."""
 
@@ -150,8 +159,8 @@ class InfoNCEFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output):
+        refuse_double_backward("infonce (torch)")
         q, k, logit_scale, targets, key_valid, lse, valid, n_valid = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
         with torch.autocast(q.device.type, enabled=False):

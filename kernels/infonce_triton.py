@@ -86,6 +86,8 @@ if "triton" not in sys.modules and not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from kernels.infonce_reference import refuse_double_backward  # noqa: E402
+
 __all__ = [
     "GatheredSymmetricInfoNCEFunction",
     "InfoNCEFunction",
@@ -960,6 +962,7 @@ class InfoNCEFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        refuse_double_backward("infonce (triton)")
         q, k, logit_scale, lse, targets, key_valid, valid, count = ctx.saved_tensors
         dq, dk, ds = _backward(grad_output, q, k, logit_scale, lse, targets, valid, count, key_valid, ctx.method)
         return dq, dk, ds, None, None, None
@@ -1104,6 +1107,7 @@ class SymmetricInfoNCEFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        refuse_double_backward("symmetric infonce (triton)")
         a, b, logit_scale, lse, valid, count = ctx.saved_tensors
         if a.shape[0] == 0:
             return torch.zeros_like(a), torch.zeros_like(b), torch.zeros_like(logit_scale), None, None, None
@@ -1189,6 +1193,7 @@ class GatheredSymmetricInfoNCEFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        refuse_double_backward("gathered symmetric infonce (triton)")
         a, b, a_all, b_all, logit_scale, lse, key_valid, count = ctx.saved_tensors
         gemm = _resolve_method(ctx.method, a) == "gemm"
         backward = _gathered_gemm_backward if gemm else _gathered_fused_backward

@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 
 from kernels.distributed import world_and_rank
+from kernels.infonce_reference import refuse_double_backward
 
 __all__ = ["ring_symmetric_infonce"]
 
@@ -303,6 +304,7 @@ class RingInfoNCEFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        refuse_double_backward("ring infonce")
         a, b, logit_scale, lse_a, lse_b, row_weight = ctx.saved_tensors
         scale = logit_scale.detach().reshape(()).float()
         da, db, ds = ring_backward(

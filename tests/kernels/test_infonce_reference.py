@@ -275,3 +275,10 @@ def test_package_attribute_infonce_is_the_function():
     import kernels
 
     assert kernels.infonce is functional.infonce
+
+
+def test_double_backward_is_refused_not_silently_dropped():
+    q, k, s, targets = _inputs(5, 7, 8, torch.float32)
+    q.requires_grad_()
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(infonce_torch(q, k, s, targets), q, create_graph=True)

@@ -563,3 +563,22 @@ def test_gathered_many_tiles_on_gpu_match_float64_reference(dtype):
     ref_loss, ref_grads = _run_share(_reference_share, a_all, b_all, s, 1, m, world, valid)
     inputs = _share_inputs(a_all, b_all, s, 1, m)
     _assert_close(loss, grads, ref_loss, ref_grads, inputs, dtype, SHARE_INPUTS)
+
+
+@needs_triton_runtime
+@pytest.mark.parametrize(
+    "loss_fn",
+    [
+        lambda a, b, s: infonce_triton(a, b, s),
+        lambda a, b, s: symmetric_infonce_triton(a, b, s),
+        lambda a, b, s: gathered_symmetric_infonce_triton(a, b, a, b, s, offset=0, world=1),
+    ],
+    ids=["single", "symmetric", "gathered"],
+)
+def test_double_backward_is_refused_not_silently_dropped(loss_fn):
+    a, b, s, _ = _inputs(5, 5, 8, torch.float32)
+    a.requires_grad_()
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss_fn(a, b, s), a, create_graph=True)
+    (grad,) = torch.autograd.grad(loss_fn(a, b, s), a)  # the first-order gradient is unaffected
+    assert torch.isfinite(grad).all()

@@ -264,3 +264,9 @@ def test_world_of_one_with_diagonal_targets_is_the_symmetric_loss(backend):
     torch.testing.assert_close(outs[1][0], want, rtol=1e-6, atol=1e-6)
     for got, ref in zip(outs[1], outs[0]):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_double_backward_is_refused_not_silently_dropped():
+    a = torch.randn(4, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(ring_symmetric_infonce(a, torch.randn(4, 8), torch.ones(())), a, create_graph=True)
