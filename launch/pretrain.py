@@ -71,6 +71,10 @@ def main(argv=None) -> int:
             print(f"align-pro: stopped: {e}", file=sys.stderr, flush=True)
         close_process_group()
         return 3
+    except ConfigError as e:  # found in the checkpoint every rank reads (a resume the run cannot take)
+        _report_config_error(e, rank, args.local_rank)
+        close_process_group()
+        return 2
     # Only on these orderly exits: after an unexpected error, peers may still be inside a collective.
     close_process_group()
     return 0

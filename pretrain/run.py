@@ -28,11 +28,11 @@ def prepare(recipe: str | None, overrides: list[str], ds_config: str, run_dir: s
 
     Raises:
         ConfigError: unknown keys, wrong types, missing shard directories, an impossible batch
-            size for this world size, a DeepSpeed JSON contradicting the recipe, or a run
-            directory holding a different model.
+            size for this world size, a DeepSpeed JSON contradicting the recipe, a run
+            directory holding a different model, or a resume under another data sampling plan.
     """
     from pretrain.checkpoint import finished_step
-    from pretrain.data.stream import check_plan
+    from pretrain.data.stream import check_plan, check_resumable_plan, plan_settings
     from pretrain.ds_config import load_deepspeed_config, resolve_deepspeed_config
 
     run_dir = Path(run_dir)
@@ -46,18 +46,17 @@ def prepare(recipe: str | None, overrides: list[str], ds_config: str, run_dir: s
         raise ConfigError(str(e)) from None
     if cfg.train.eval_at_end and not _shard_set_exists(cfg.data.eval_shards):
         raise ConfigError(f"data.eval_shards: directory not found: {cfg.data.eval_shards}")
-    if (run_dir / "config.yaml").is_file():
-        previous, _ = load_run_config(run_dir)
-        if previous.fingerprint() != cfg.fingerprint():
-            raise ConfigError(
-                f"{run_dir} holds a run of a different model (model section differs); use a new --run-dir"
-            )
+    previous = load_run_config(run_dir)[0] if (run_dir / "config.yaml").is_file() else None
+    if previous is not None and previous.fingerprint() != cfg.fingerprint():
+        raise ConfigError(f"{run_dir} holds a run of a different model (model section differs); use a new --run-dir")
     remote = cfg.train.remote_dir
     try:
         done = finished_step(run_dir / "checkpoints", remote=remote)
         exported = (run_dir / "export").is_dir() or bool(remote and _exported_to(remote))
     except OSError as e:  # data_shards.storage.StorageError: wrong credentials, missing bucket
         raise ConfigError(f"train.remote_dir: {e}") from None
+    if previous is not None and done is not None:  # the trainer checks the checkpoint's own record too
+        check_resumable_plan(plan_settings(previous), cfg, str(run_dir / "config.yaml"))
     finished = done if done is not None and done >= cfg.train.max_steps and exported else None
     return RunPlan(cfg, ds, run_dir, finished)
 

@@ -32,7 +32,14 @@ from pretrain import checkpoint, checkpoint_store
 from pretrain.collectives import all_reduce_numbers
 from pretrain.config import Config
 from pretrain.data.collate import batch_to_device
-from pretrain.data.stream import UNREADABLE_SHARD, Cursor, local_stream, plan_for
+from pretrain.data.stream import (
+    UNREADABLE_SHARD,
+    Cursor,
+    check_resumable_plan,
+    local_stream,
+    plan_for,
+    plan_settings,
+)
 from pretrain.errors import RunStopped
 from pretrain.eval.validation import validate_model
 from pretrain.export import export_engine
@@ -120,6 +127,7 @@ class Trainer:
             self.step, self.stage = int(client["step"]), int(client["stage"])
             self.samples_seen, self.bad_samples = int(client["samples_seen"]), int(client["bad_samples"])
             self.nonfinite_steps = int(client.get("nonfinite_steps", 0))
+            check_resumable_plan(client.get("data_plan"), self.cfg, f"{self.ckpt_dir} (step {self.step})")
             self.cursor = self._resume_cursor(client, rank_state)
             checkpoint.set_rng_state(rank_state["rng"])
             self._truncate_metrics(self.step)
@@ -415,6 +423,7 @@ class Trainer:
             "nonfinite_steps": self.nonfinite_steps,
             "config_fingerprint": self.cfg.fingerprint(),
             "world_size": self.world_size,
+            "data_plan": plan_settings(self.cfg),
         }
 
     def save(self, must_succeed: bool = False) -> None:

@@ -246,6 +246,37 @@ def check_plan(cfg: Config, world_size: int) -> None:
     plan_for(cfg, manifest, world_size, 0).batches_per_epoch(0)
 
 
+def plan_settings(cfg: Config) -> dict:
+    """The recipe values a saved cursor (epoch, batch number) is counted in; a resume needs the same."""
+    return {
+        "data.batch_size": cfg.data.batch_size,
+        "data.property_sampling": cfg.data.property_sampling,
+        "train.seed": cfg.train.seed,
+    }
+
+
+def check_resumable_plan(saved: dict | None, cfg: Config, source: str) -> None:
+    """Refuse to resume a cursor under other plan settings (it would skip or repeat samples).
+
+    Args:
+        saved: :func:`plan_settings` of the run being resumed; None for checkpoints written before
+            they were recorded (accepted).
+        source: where ``saved`` comes from, for the message.
+
+    Raises:
+        ConfigError: a setting differs.
+    """
+    if saved is None:
+        return
+    now = plan_settings(cfg)
+    changed = [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in now.items() if saved.get(key) != value]
+    if changed:
+        raise ConfigError(
+            f"{source}: the run's data cursor counts batches of another sampling plan ({', '.join(changed)}); "
+            "resuming would skip or repeat samples. Relaunch with the run's values, or use a new --run-dir"
+        )
+
+
 def plan_for(cfg: Config, manifest: Manifest, world_size: int, rank: int) -> EpochPlan:
     """The :class:`EpochPlan` a recipe asks for."""
     return EpochPlan(

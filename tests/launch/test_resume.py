@@ -58,6 +58,21 @@ def test_a_run_killed_after_its_final_checkpoint_exports_on_relaunch(tmp_path, s
     assert again.returncode == 0 and "already finished at step 5" in again.stdout
 
 
+def test_a_resume_under_another_batch_size_is_refused(tmp_path, small_demo, reference_run):
+    """The cursor counts batches: resumed with another data.batch_size it would skip or repeat samples."""
+    over = ["train.max_steps=5", *COMMON]
+    run = tmp_path / "run"
+    shutil.copytree(reference_run(over), run)
+    longer = ["train.max_steps=7", *COMMON, "data.batch_size=4"]
+    refused = run_launcher(run, small_demo, longer)  # caught by prepare from RUN/config.yaml
+    assert refused.returncode == 2 and "data.batch_size 8 -> 4" in refused.stderr, refused.stderr[-3000:]
+    (run / "config.yaml").unlink()  # as on a fresh machine resuming from object storage: the checkpoint says it
+    refused = run_launcher(run, small_demo, longer)
+    assert refused.returncode == 2 and "step 5" in refused.stderr and "data.batch_size 8 -> 4" in refused.stderr
+    assert refused.stderr.count("align-pro: error") == 1
+    assert (run / "checkpoints" / "latest").read_text() == "step00000005"  # nothing was trained or saved
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path, small_demo):
     run = tmp_path / "run"
     proc = run_launcher(run, small_demo, ["train.max_steps=500", *COMMON], background=True)
