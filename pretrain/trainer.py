@@ -188,6 +188,31 @@ class Trainer:
             for p in enc.parameters():
                 p.requires_grad_(not frozen)
 
+    def _reset_encoder_optimizer_state(self) -> None:
+        """Give the encoder groups a fresh AdamW state at the switch to stage 2.
+
+        Under ZeRO 1-3 the frozen encoders sit in flat partitions that get zero gradients during
+        stage 1, and AdamW still counts those steps: its moments stay 0 but the bias corrections
+        of stage 2 would start at t = stage1_steps + 1 and shrink the first encoder updates about
+        twofold. ZeRO-0 skips parameters without gradients; resetting makes every stage the same.
+        """
+        opt = self.engine.optimizer
+        inner = getattr(opt, "optimizer", opt)
+        is_encoder = [str(g.get("name", "")).startswith("encoder") for g in inner.param_groups]
+        if hasattr(opt, "sub_group_to_group_id"):  # ZeRO-3: state keyed by each sub-group's fp32 partition
+            keys = [
+                opt.fp32_partitioned_groups_flat[i] for i, gid in opt.sub_group_to_group_id.items() if is_encoder[gid]
+            ]
+        else:
+            keys = [p for g, enc in zip(inner.param_groups, is_encoder) if enc for p in g["params"]]
+        for key in keys:
+            state = inner.state.get(key) or {}
+            for name, value in state.items():
+                if torch.is_tensor(value):
+                    value.zero_()
+                elif name == "step":
+                    state[name] = 0
+
     def _set_lr(self) -> float:
         base = lr_factor(self.step, self.cfg)
         o = self.cfg.optim
@@ -285,6 +310,7 @@ class Trainer:
             if self.stage == 1 and self.step >= t_cfg.stage1_steps:
                 self.stage = 2
                 self._apply_stage()
+                self._reset_encoder_optimizer_state()
                 self._print(f"step {self.step}: stage 2, encoders unfrozen")
             lr = self._set_lr()
             self._record_bad_samples(bad)
