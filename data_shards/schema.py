@@ -281,7 +281,7 @@ def decode_json(data: bytes, what: str) -> dict:
     """Decode a JSON member that must hold an object."""
     try:
         obj = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, int digit limit
         raise SchemaError(f"{what}: invalid JSON ({exc})") from None
     if not isinstance(obj, dict):
         raise SchemaError(f"{what}: expected a JSON object, got {type(obj).__name__}")
@@ -323,7 +323,16 @@ def decode_backbone(data: bytes) -> Backbone:
                     arrays[name[:-4]] = np.lib.format.read_array(handle, allow_pickle=False)
             except SchemaError:
                 raise
-            except (ValueError, OSError, EOFError, zipfile.BadZipFile, MemoryError) as exc:
+            # RuntimeError: an encrypted entry; NotImplementedError: an unknown compression method or flag
+            except (
+                ValueError,
+                OSError,
+                EOFError,
+                zipfile.BadZipFile,
+                MemoryError,
+                RuntimeError,
+                NotImplementedError,
+            ) as exc:
                 raise SchemaError(f"backbone npz entry {name!r} is unreadable ({exc})") from None
     if "coords" not in arrays or "atom_mask" not in arrays:
         raise SchemaError(f"backbone npz must hold coords and atom_mask, has {sorted(arrays)}")

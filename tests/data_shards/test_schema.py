@@ -2,6 +2,7 @@
 
 import io
 import json
+import struct
 
 import numpy as np
 import pytest
@@ -132,6 +133,36 @@ def test_decoder_is_lenient_on_sequence_case_and_whitespace():
 def test_bad_members_are_rejected(member, payload, message):
     members = encode_record(make_record())
     members[member] = payload
+    with pytest.raises(SchemaError, match=message):
+        decode_sample(members)
+
+
+def _zip_headers_patched(data: bytes, flags: int = 0, method: int | None = None) -> bytes:
+    """``data`` (a zip archive) with ``flags`` OR-ed into, and ``method`` written over, every entry header."""
+    out = bytearray(data)
+    for signature, flag_at, method_at in ((b"PK\x01\x02", 8, 10), (b"PK\x03\x04", 6, 8)):
+        at = out.find(signature)
+        while at >= 0:
+            struct.pack_into("<H", out, at + flag_at, struct.unpack_from("<H", out, at + flag_at)[0] | flags)
+            if method is not None:
+                struct.pack_into("<H", out, at + method_at, method)
+            at = out.find(signature, at + 4)
+    return bytes(out)
+
+
+@pytest.mark.parametrize(
+    "member, damage, message",
+    [
+        ("backbone.npz", lambda d: _zip_headers_patched(d, flags=1), "encrypted"),
+        ("backbone.npz", lambda d: _zip_headers_patched(d, method=99), "compression method"),
+        ("meta.json", lambda d: d[:-1] + b', "evidence": ' + b"1" * 5000 + b"}", "invalid JSON"),  # int digit limit
+    ],
+    ids=["encrypted-zip-entry", "unknown-compression", "5000-digit-int"],
+)
+def test_members_damaged_past_the_usual_errors_are_schema_errors(member, damage, message):
+    """Anything else would escape the reader's skip-and-count and stop a training run."""
+    members = encode_record(make_record())
+    members[member] = damage(members[member])
     with pytest.raises(SchemaError, match=message):
         decode_sample(members)
 
