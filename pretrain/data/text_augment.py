@@ -61,6 +61,14 @@ def _go_name(term: dict) -> str:
     return (term.get("name") or term.get("id") or "").strip()
 
 
+def _go_phrase(phrase: str, name: str) -> str:
+    """``phrase`` filled with a GO term name, without doubling the "activity" that most molecular
+    function names already end with ("Has protein kinase activity.", not "... activity activity.")."""
+    if phrase.endswith(" activity.") and name.endswith("activity"):
+        phrase = phrase[: -len(" activity.")] + "."
+    return phrase.format(name)
+
+
 def _definition_clause(definition: str) -> str:
     """A GO definition made fit for the middle of a sentence: no final period, lower-case start.
 
@@ -86,7 +94,7 @@ def _go_sentence(term: dict, rng: np.random.Generator, function: str, definition
             phrase = phrases[int(rng.integers(len(phrases)))]
             return phrase.format(name=_go_name(term), definition=_definition_clause(definition))
     phrases = _GO_PHRASES.get(aspect, _GO_PHRASES["F"])
-    return phrases[int(rng.integers(len(phrases)))].format(_go_name(term))
+    return _go_phrase(phrases[int(rng.integers(len(phrases)))], _go_name(term))
 
 
 def stored_rewrites(fields: dict | None) -> list[str]:
@@ -105,7 +113,7 @@ def canonical_text(fields: dict | None) -> str:
     for aspect in ("F", "P", "C"):
         for term in fields.get("go") or []:
             if term.get("aspect") == aspect and _go_name(term):
-                parts.append(_GO_PHRASES[aspect][0].format(_go_name(term)))
+                parts.append(_go_phrase(_GO_PHRASES[aspect][0], _go_name(term)))
     if fields.get("location"):
         parts.append(_sentence("Subcellular location: " + fields["location"]))
     for ec in fields.get("ec") or []:

@@ -21,6 +21,15 @@ def test_canonical_text_is_deterministic_and_complete():
     assert t == canonical_text(dict(FIELDS))
     for piece in ("Serine kinase X", "protein phosphorylation", "2.7.11.1", "Cytoplasm"):
         assert piece in t
+    assert "Has protein serine kinase activity." in t  # MF names ending in "activity": not doubled
+    other = {**FIELDS, "go": [{"id": "GO:0005515", "aspect": "F", "name": "protein binding"}]}
+    assert "Has protein binding activity." in canonical_text(other)
+
+
+def test_augmented_go_phrases_never_double_activity():
+    texts = [augment_text(FIELDS, np.random.default_rng(s)) for s in range(200)]
+    assert any("Has protein serine kinase activity." in t for t in texts)
+    assert not any("activity activity" in t for t in texts)
 
 
 def test_augment_is_seeded_and_varied():
