@@ -10,7 +10,7 @@ Order rule (the same on every launch, whatever the actors do):
   rank's share spills over into its neighbour's shards, so that shards of unequal size (the
   last shard of a set is usually smaller) or fewer shards than ranks never leave samples out
   of an epoch. The fewer than ``world`` samples beyond the last share wait for the next epoch;
-* with ``data.property_sampling`` the kept samples are drawn (seed (seed, e, ``_KEEP_STREAM``))
+* with ``data.property_sampling`` the kept samples are drawn (seed (seed, e))
   before the shares are cut, so the shares stay equal;
 * the rank's share is permuted with seed (seed, e, r), and batch i of the epoch is the slice
   [i*B, (i+1)*B) of that permutation;
@@ -20,7 +20,8 @@ Order rule (the same on every launch, whatever the actors do):
   (seed, e, i, r), so a batch is a pure function of its cursor.
 
 The cursor ``(epoch, batch)`` is therefore all a checkpoint needs to resume with exactly the
-samples an uninterrupted run would have seen.
+samples an uninterrupted run would have seen. (Every seed written (seed, ...) here also carries a
+word naming its purpose, so that no two random streams coincide.)
 
 Elastic resume (the rule when a run resumes on a different number of ranks mid-epoch):
 
@@ -101,8 +102,10 @@ class _Segment:
         return np.concatenate([p[b:] for p in self.per_rank] + [self.tail])
 
 
-_REMAP_STREAM = 0x5E6  # distinguishes the remainder permutations' seeds from the normal plan's
-_KEEP_STREAM = 0x7EE9_0001  # seeds property sampling's draws (far above any rank index)
+# Each random stream's seed is [seed, purpose, ...] with one fixed length per purpose. numpy's
+# SeedSequence pads its entropy with zeros, so keys that differ only by trailing zeros ([s, e] and
+# [s, e, 0]) would give one and the same stream: the purpose word keeps the streams apart.
+_SHARD_ORDER, _KEEP, _SHARE, _REMAP, _BATCH = 1, 2, 3, 4, 5
 
 
 class EpochPlan:
@@ -122,6 +125,16 @@ class EpochPlan:
         self._keep_prob = [_keep_probabilities(s) for s in manifest.shards] if property_sampling else None
         self._cache: dict[tuple, _Segment] = {}
 
+    def _key(self, purpose: int, *parts: int) -> list[int]:
+        return [self.seed, purpose, *parts]
+
+    def _rng(self, purpose: int, *parts: int) -> np.random.Generator:
+        return np.random.default_rng(self._key(purpose, *parts))
+
+    def shard_order(self, epoch: int) -> np.ndarray:
+        """The permutation of the shard list that ``epoch`` deals to the ranks."""
+        return self._rng(_SHARD_ORDER, epoch).permutation(len(self.manifest.shards))
+
     def _layout(self, epoch: int, world: int) -> tuple[list[np.ndarray], np.ndarray]:
         """The normal plan of ``epoch`` at ``world`` ranks (see the module docstring).
 
@@ -132,17 +145,17 @@ class EpochPlan:
         shards = self.manifest.shards
         if not shards:
             raise ConfigError(f"shard set {self.manifest.root} has no shards")
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(shards))
+        order = self.shard_order(epoch)
         dealt = [int(i) for r in range(world) for i in order[r::world]]  # rank 0's shards, then rank 1's, ...
         refs = np.concatenate(
             [np.stack([np.full(shards[i].num_samples, i), np.arange(shards[i].num_samples)], axis=1) for i in dealt]
         )  # (N, 2)
         if self._keep_prob is not None:  # ProtCLIP property-driven sampling, redrawn per epoch
             p = np.concatenate([self._keep_prob[i] for i in dealt])
-            refs = refs[np.random.default_rng([self.seed, epoch, _KEEP_STREAM]).random(len(refs)) < p]
+            refs = refs[self._rng(_KEEP, epoch).random(len(refs)) < p]
         n = len(refs) // world
         per_rank = [
-            refs[r * n : (r + 1) * n][np.random.default_rng([self.seed, epoch, r]).permutation(n)]
+            refs[r * n : (r + 1) * n][self._rng(_SHARE, epoch, r).permutation(n)]
             for r in range(world)
         ]
         return per_rank, refs[world * n :]
@@ -171,7 +184,7 @@ class EpochPlan:
                     f"not {consumed}"
                 )
             rest = prev.unconsumed(consumed, B)
-            pool = rest[np.random.default_rng([self.seed, epoch, _REMAP_STREAM, k]).permutation(len(rest))]
+            pool = rest[self._rng(_REMAP, epoch, k).permutation(len(rest))]
             nb = len(pool) // (world * B)
             dealt = pool[: nb * world * B].reshape(nb, world, B, 2)  # (batch, rank, row, 2)
             per_rank = [dealt[:, r].reshape(-1, 2) for r in range(world)]
@@ -191,8 +204,9 @@ class EpochPlan:
         return [(str(self.manifest.shards[int(s)].path), int(i)) for s, i in rows]
 
     def rng_key(self, epoch: int, index: int, resized: tuple[tuple[int, int], ...] = ()) -> list[int]:
-        key = [self.seed, epoch, index, self.rank]
-        return key + [len(resized)] if resized else key
+        """Seed of the randomness (crops, augmentations, views) of batch ``index`` of ``epoch``."""
+        key = self._key(_BATCH, epoch, index, self.rank)
+        return key + [len(resized)] if resized else key  # segment k >= 1: never a trailing zero
 
     def leftovers(self, epoch: int, resized: tuple[tuple[int, int], ...] = ()) -> list[SampleRef]:
         """Samples of the current segment that no rank's batch delivers in ``epoch`` (all ranks)."""

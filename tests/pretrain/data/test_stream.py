@@ -10,6 +10,7 @@ import torch
 
 from data_shards.manifest import load_manifest
 from pretrain.config import ConfigError, load_config
+from pretrain.data import stream
 from pretrain.data.stream import BatchStream, Cursor, EpochPlan, local_stream
 
 VIEWS = {"sequence": True, "structure": True, "text": True}
@@ -75,11 +76,24 @@ def test_unequal_shards_leave_only_a_remainder_out_of_each_epoch(tmp_path, world
 def test_balanced_shards_keep_the_shard_level_split(small_demo):
     """Eight equal shards over two ranks: each rank reads exactly the shards dealt to it."""
     m = load_manifest(small_demo / "train")
-    order = np.random.default_rng([0, 0]).permutation(len(m.shards))
+    order = EpochPlan(m, 2, 0, 8, seed=0).shard_order(0)
     for r in range(2):
         plan = EpochPlan(m, 2, r, 8, seed=0)
         shards = {ref[0] for i in range(plan.batches_per_epoch(0)) for ref in plan.batch_refs(0, i)}
         assert shards == {str(m.shards[i].path) for i in order[r::2]}
+
+
+def test_no_two_random_streams_of_a_plan_coincide(small_demo):
+    """numpy pads seed entropy with zeros: keys like [s, e] and [s, e, 0] would give one stream."""
+    plan = EpochPlan(load_manifest(small_demo / "train"), 2, 0, 8, seed=0)
+    keys = [plan._key(stream._SHARD_ORDER, e) for e in range(3)]
+    keys += [plan._key(stream._KEEP, e) for e in range(3)]
+    keys += [plan._key(stream._SHARE, e, r) for e in range(3) for r in range(3)]
+    keys += [plan._key(stream._REMAP, e, k) for e in range(3) for k in range(1, 3)]
+    keys += [EpochPlan(plan.manifest, 3, r, 8, seed=0).rng_key(e, i, resized) for e in range(3) for i in range(3)
+             for r in range(3) for resized in ((), ((2, 1),), ((2, 1), (3, 1)))]
+    states = {tuple(np.random.SeedSequence(k).generate_state(4)) for k in keys}
+    assert len(states) == len(keys) == len({tuple(k) for k in keys})
 
 
 def _same_batch(a, b):
