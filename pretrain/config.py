@@ -82,7 +82,7 @@ class DataConfig:
     loader: str = "ray"  # "ray" (reader actors) or "local" (same code, in-process; tests, eval)
     readers_per_rank: int = 2  # Ray reader actors owned by each training rank
     prefetch_batches: int = 4  # batches kept in flight per rank
-    text_augment: bool = True  # rewrite annotations into varied descriptions (train only)
+    text_augment: bool = True  # varied descriptions of the annotations (train; protclip uses its own text)
     text_rewrite_prob: float = 0.5  # with text_augment: chance of a stored LLM rewrite (text.rewrites) when present
     text_definition_prob: float = 0.3  # with text_augment: chance per GO term with a stored definition of using it
     property_sampling: bool = False  # ProtCLIP property-driven sampling from the shards' sample_props

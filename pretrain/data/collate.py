@@ -93,9 +93,9 @@ class BatchBuilder:
             backbones.append(bb)
             texts.append(fields)
         text_max = self.cfg.model.text.max_length
-        main_texts = [
-            (self._augment(f, rng) if train and self.cfg.data.text_augment else canonical_text(f)) for f in texts
-        ]
+        protclip = train and self.cfg.loss.objective == "protclip"
+        augment = train and self.cfg.data.text_augment and not protclip  # protclip replaces this text
+        main_texts = [(self._augment(f, rng) if augment else canonical_text(f)) for f in texts]
         text_ids, text_attn = tokenize_texts(self.tokenizer, main_texts, text_max)
         batch = {
             "ids": ids,
@@ -109,7 +109,7 @@ class BatchBuilder:
         }
         # A backbone with no residue that has N, CA and C is as good as no structure.
         batch["present"]["structure"] &= batch["graph"]["present"]
-        if train and self.cfg.loss.objective == "protclip":
+        if protclip:
             batch["protclip"] = self._protclip(batch, texts, rng)
         elif train:
             batch["views"] = self._second_views(seqs, backbones, texts, rng)

@@ -52,6 +52,14 @@ def test_stored_rewrites_and_definitions_follow_the_config():
     assert all("phosphate group" in text and "rewritten" not in text for text in decoded)
 
 
+def test_protclip_batches_do_not_augment_the_text_they_replace(monkeypatch):
+    cfg = load_config(overrides=TINY_OVERRIDES + ["loss.objective=protclip", "data.text_augment=true"])
+    builder = BatchBuilder(cfg)
+    monkeypatch.setattr(builder, "_augment", lambda *a: pytest.fail("augmented a text protclip discards"))
+    batch = builder.build(_records(), np.random.default_rng(0), train=True)
+    assert "protclip" in batch and batch["text_ids"].shape[0] == 4
+
+
 @pytest.mark.parametrize("name", ["text_rewrite_prob", "text_definition_prob"])
 def test_probabilities_are_checked(name):
     with pytest.raises(ConfigError, match=f"data.{name}"):
