@@ -27,7 +27,9 @@ _CACHE_SIZE = 2
 
 def _batches(cfg: Config, shard_dir: str | Path, max_samples: int, batch_size: int) -> list[dict]:
     where = str(shard_dir) if is_url(shard_dir) else str(Path(shard_dir).resolve())  # Path() folds s3:// to s3:/
-    key = (where, max_samples, batch_size, cfg.fingerprint(("model",)), cfg.train.seed)
+    # Everything that shapes a batch: the model section (tokenisers, crops), the data section
+    # (min_plddt, ...) and the seed.
+    key = (where, max_samples, batch_size, cfg.fingerprint(("model", "data")), cfg.train.seed)
     if key not in _CACHE:
         _CACHE[key] = [b for b, _bad in iter_eval_batches(cfg, shard_dir, batch_size, max_samples)]
         while len(_CACHE) > _CACHE_SIZE:

@@ -25,6 +25,14 @@ def test_validate_model_keys_mode_and_cache(tiny_export, tiny_corpus):
     assert not model.training and other["v_mean_R@1"] == pytest.approx(out["val/mean_R@1"])
 
 
+def test_the_batch_cache_tells_data_settings_apart(tiny_export, tiny_corpus):
+    _, cfg = load_exported(tiny_export)
+    first = validation._batches(cfg, tiny_corpus / "heldout", 16, 16)
+    assert validation._batches(cfg, tiny_corpus / "heldout", 16, 16) is first
+    cfg.data.min_plddt = 70.0  # reshapes the structure graphs of predicted models
+    assert validation._batches(cfg, tiny_corpus / "heldout", 16, 16) is not first
+
+
 def test_validate_model_reads_held_out_shards_from_s3(tiny_export, tiny_corpus, s3):  # noqa: F811
     """The same numbers from an S3 copy of the held-out shards; the batch cache is keyed by the URL
     itself (a Path would fold s3:// into s3:/ and resolve it against the working directory)."""
