@@ -8,7 +8,8 @@ member                 content
 =====================  ===================================================================
 ``<key>.seq.txt``      one-letter amino acids, utf-8 (optional)
 ``<key>.backbone.npz`` ``np.savez`` archive: ``coords`` (L, 4, 3) float32 (N, CA, C, O, in Å),
-                       ``atom_mask`` (L, 4) bool, optional ``plddt`` (L,) float32 (optional)
+                       ``atom_mask`` (L, 4) bool, optional ``plddt`` (L,) float32 and optional
+                       ``residue_number`` (L,) int32 (author numbering)
 ``<key>.text.json``    function text fields, see :data:`TEXT_STR_FIELDS` (optional)
 ``<key>.meta.json``    ``{"id": ..., "source": ..., ...}`` (always present)
 =====================  ===================================================================
@@ -34,6 +35,7 @@ MODALITIES = ("sequence", "structure", "text")
 BACKBONE_ATOMS = ("N", "CA", "C", "O")
 SEQ_EXT = "seq.txt"
 BACKBONE_EXT = "backbone.npz"
+_BACKBONE_ARRAYS = ("coords", "atom_mask", "plddt", "residue_number")
 TEXT_EXT = "text.json"
 META_EXT = "meta.json"
 MEMBER_EXTS = (SEQ_EXT, BACKBONE_EXT, TEXT_EXT, META_EXT)
@@ -72,11 +74,15 @@ class Backbone:
             meaningless (writers store 0).
         atom_mask: (L, 4) bool, True where the atom was observed.
         plddt: (L,) float32 per-residue confidence for predicted models, else None.
+        residue_number: (L,) int32 author residue numbers (PDB/mmCIF ``auth_seq_id``), else None.
+            Readers keep observed residues only; the numbers tell how many residues a gap between
+            two of them hides (``pretrain.data.featurize.chain_positions``).
     """
 
     coords: np.ndarray
     atom_mask: np.ndarray
     plddt: np.ndarray | None = None
+    residue_number: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.coords.shape[0])
@@ -148,6 +154,12 @@ def validate_backbone(backbone: Backbone) -> None:
             raise SchemaError(f"plddt must have shape ({length},), got {plddt.shape}")
         if not np.isfinite(plddt).all():
             raise SchemaError("plddt is not finite")
+    numbers = backbone.residue_number
+    if numbers is not None:
+        if not isinstance(numbers, np.ndarray) or numbers.dtype != np.int32:
+            raise SchemaError(f"residue_number must be an int32 array, got {getattr(numbers, 'dtype', type(numbers))}")
+        if numbers.shape != (length,):
+            raise SchemaError(f"residue_number must have shape ({length},), got {numbers.shape}")
 
 
 def validate_text(text: dict) -> None:
@@ -265,6 +277,8 @@ def encode_record(record: ProteinRecord) -> dict[str, bytes]:
         arrays = {"coords": record.backbone.coords, "atom_mask": record.backbone.atom_mask}
         if record.backbone.plddt is not None:
             arrays["plddt"] = record.backbone.plddt
+        if record.backbone.residue_number is not None:
+            arrays["residue_number"] = record.backbone.residue_number
         stream = io.BytesIO()
         np.savez(stream, **arrays)
         members[BACKBONE_EXT] = stream.getvalue()
@@ -312,7 +326,7 @@ def decode_backbone(data: bytes) -> Backbone:
         names = archive.namelist()
         arrays = {}
         for name in names:
-            if not name.endswith(".npy") or name[:-4] not in ("coords", "atom_mask", "plddt"):
+            if not name.endswith(".npy") or name[:-4] not in _BACKBONE_ARRAYS:
                 raise SchemaError(f"backbone npz holds an unexpected entry {name!r}")
             if name[:-4] in arrays:
                 raise SchemaError(f"backbone npz holds {name!r} twice")
@@ -336,7 +350,7 @@ def decode_backbone(data: bytes) -> Backbone:
                 raise SchemaError(f"backbone npz entry {name!r} is unreadable ({exc})") from None
     if "coords" not in arrays or "atom_mask" not in arrays:
         raise SchemaError(f"backbone npz must hold coords and atom_mask, has {sorted(arrays)}")
-    backbone = Backbone(arrays["coords"], arrays["atom_mask"], arrays.get("plddt"))
+    backbone = Backbone(arrays["coords"], arrays["atom_mask"], arrays.get("plddt"), arrays.get("residue_number"))
     validate_backbone(backbone)
     return backbone
 

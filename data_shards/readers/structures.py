@@ -206,8 +206,9 @@ def _residue_letter(residue: gemmi.Residue, backbone: dict) -> tuple[str, str] |
     return letter
 
 
-def _chain_residues(chain: gemmi.Chain) -> list[tuple[str, str, str, dict]]:
-    """[(letter, kind, het_flag, {atom name: gemmi.Atom})] of the observed amino-acid residues."""
+def _chain_residues(chain: gemmi.Chain) -> list[tuple[str, str, str, dict, int]]:
+    """[(letter, kind, het_flag, {atom name: gemmi.Atom}, author residue number)] of the observed
+    amino-acid residues."""
     picked = []
     for residue in chain:
         backbone = {}
@@ -218,7 +219,7 @@ def _chain_residues(chain: gemmi.Chain) -> list[tuple[str, str, str, dict]]:
             continue
         letter = _residue_letter(residue, backbone)
         if letter is not None:
-            picked.append((*letter, residue.het_flag, backbone))
+            picked.append((*letter, residue.het_flag, backbone, residue.seqid.num))
     # HETATM residues after the chain's last ATOM residue are ligands (a free amino acid, SAH...)
     # unless they are modified amino acids (a C-terminal MSE)
     last_atom = max((i for i, item in enumerate(picked) if item[2] == "A"), default=-1)
@@ -290,7 +291,7 @@ def _chain_arrays(chain_id: str, residues: list, with_plddt: bool) -> StructureC
     flat = [0.0] * (length * 12)
     present = [False] * (length * 4)
     plddt = [0.0] * length if with_plddt else None
-    for i, (_, _, _, backbone) in enumerate(residues):
+    for i, (_, _, _, backbone, _) in enumerate(residues):
         for name, atom in backbone.items():
             j = i * 4 + _ATOM_INDEX[name]
             pos = atom.pos
@@ -304,11 +305,12 @@ def _chain_arrays(chain_id: str, residues: list, with_plddt: bool) -> StructureC
     if bad.any():  # never trust a non-finite coordinate: treat it as a missing atom
         mask &= ~bad
         coords[bad] = 0.0
-    kinds = [kind for _, kind, _, _ in residues]
+    kinds = [kind for _, kind, _, _, _ in residues]
+    numbers = np.asarray([number for *_, number in residues], dtype=np.int32)
     return StructureChain(
         chain=chain_id,
-        sequence="".join(letter for letter, _, _, _ in residues),
-        backbone=Backbone(coords, mask, None if plddt is None else np.asarray(plddt, dtype=np.float32)),
+        sequence="".join(letter for letter, *_ in residues),
+        backbone=Backbone(coords, mask, None if plddt is None else np.asarray(plddt, dtype=np.float32), numbers),
         num_modified=kinds.count("modified"),
         num_unknown=kinds.count("unknown"),
     )

@@ -132,14 +132,15 @@ class BatchBuilder:
         stop = start + limit
         if seq:
             seq = seq[start:stop]
-        coords = mask = None
-        if bb is not None:
-            coords = torch.from_numpy(np.asarray(bb.coords[start:stop], dtype=np.float32))
-            mask = torch.from_numpy(np.asarray(bb.atom_mask[start:stop], dtype=bool))
-            min_plddt = self.cfg.data.min_plddt
-            if min_plddt is not None and bb.plddt is not None:  # low-confidence residues: as if unobserved
-                mask = mask & torch.from_numpy(np.asarray(bb.plddt[start:stop]) >= min_plddt).unsqueeze(-1)
-        return seq, (coords, mask) if coords is not None else None, rec.text
+        if bb is None:
+            return seq, None, rec.text
+        coords = torch.from_numpy(np.asarray(bb.coords[start:stop], dtype=np.float32))
+        mask = torch.from_numpy(np.asarray(bb.atom_mask[start:stop], dtype=bool))
+        min_plddt = self.cfg.data.min_plddt
+        if min_plddt is not None and bb.plddt is not None:  # low-confidence residues: as if unobserved
+            mask = mask & torch.from_numpy(np.asarray(bb.plddt[start:stop]) >= min_plddt).unsqueeze(-1)
+        numbers = None if bb.residue_number is None else torch.from_numpy(bb.residue_number[start:stop].astype(np.int64))
+        return seq, (coords, mask, numbers), rec.text
 
     def _augment(self, fields: dict | None, rng: np.random.Generator) -> str:
         """One augmented description (stored rewrites and GO definitions as the config says)."""
@@ -151,14 +152,15 @@ class BatchBuilder:
         return tokenize_sequences(self.alphabet, filled, self.cfg.model.sequence.max_length)
 
     def _graph(self, bb, drop: torch.Tensor | None = None, bonded: torch.Tensor | None = None):
-        """GVP graph of one (coords, atom_mask); residues in ``drop`` are marked missing.
+        """GVP graph of one (coords, atom_mask, residue numbers or None); residues in ``drop`` are
+        marked missing.
 
         Dropping by mask (not by slicing) keeps dihedrals and sequence offsets honest: nothing
         is measured across a dropped residue.
         """
         if bb is None:
             return None
-        coords, mask = bb
+        coords, mask, numbers = bb
         if drop is not None:
             mask = mask & ~drop[:, None]
         s = self.cfg.model.structure
@@ -169,6 +171,7 @@ class BatchBuilder:
             num_rbf=s.num_rbf,
             num_positional=s.num_positional,
             bonded=bonded,
+            numbers=numbers,
         )
 
     @property
@@ -214,7 +217,7 @@ class BatchBuilder:
                 if bb is None:
                     graphs.append(None)
                     continue
-                coords, mask = bb
+                coords, mask, numbers = bb
                 noise = torch.from_numpy(rng.normal(0.0, d.coord_noise, coords.shape).astype(np.float32))
                 drop = torch.from_numpy(rng.random(coords.shape[0]) < d.residue_drop_prob)
                 # keep at least two nodes (or all there are): count the residues that become nodes
@@ -222,7 +225,7 @@ class BatchBuilder:
                 if (complete & ~drop).sum() < min(2, int(complete.sum())):
                     drop[:] = False
                 # chain breaks from the clean coordinates: noise must not open or close them
-                graphs.append(self._graph((coords + noise, mask), drop, peptide_bonds(coords, mask)))
+                graphs.append(self._graph((coords + noise, mask, numbers), drop, peptide_bonds(coords, mask)))
             views["graph"] = collate_graphs(graphs, edge_dim=self._edge_dim)
         if self.views.text:
             rewrites = [self._augment(f, rng) for f in texts]

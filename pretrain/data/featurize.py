@@ -15,8 +15,8 @@ gap, the forward vector of a residue before a gap, chain ends) are set to zero r
 computed across the gap. Readers keep only the observed residues, so two neighbours in a record
 may lie far apart with a disordered loop between them: where C(i)-N(i+1) (> 2 Å) or CA(i)-CA(i+1)
 (> 4.5 Å) is too long for a peptide bond, the chain counts as broken and nothing is measured across
-it either (``peptide_bonds``). Edge sequence offsets still count record positions (the schema stores
-no residue numbers), so they under-count the residues of a missing loop. The O atom is not used
+it either (``peptide_bonds``). Edge sequence offsets count the residues of such a gap from the
+author numbering when the shard stores it (``chain_positions``). The O atom is not used
 by these features, so a missing O changes nothing. Every division is guarded, so L=1, L=2 and
 degenerate (coincident / collinear) coordinates give finite features.
 """
@@ -87,6 +87,25 @@ def peptide_bonds(coords: Tensor, atom_mask: Tensor) -> Tensor:
         ok[:-1, 1] & ok[1:, 1] & ~(step <= _MAX_CA_STEP)
     )
     return ~broken
+
+
+def chain_positions(bonded: Tensor, numbers: Tensor | None = None) -> Tensor:
+    """Each residue's position along the chain, counting the unobserved residues of gaps.
+
+    Record neighbours joined by a peptide bond are one residue apart. Across a chain break the
+    author numbering tells how many residues the gap hides (at least one step); without numbers
+    (``None``: shards written before they were stored) every step counts one.
+
+    Shapes:
+        bonded (L - 1,) bool, numbers (L,) int -> (L,) long, starting at 0
+    """
+    bonded = torch.as_tensor(bonded, dtype=torch.bool)
+    steps = torch.ones(bonded.shape[0], dtype=torch.long)  # (L - 1,)
+    if numbers is not None:
+        numbers = torch.as_tensor(numbers, dtype=torch.long)
+        jump = (numbers[1:] - numbers[:-1]).clamp_min(1)  # insertion codes / renumbering: one step
+        steps = torch.where(bonded, steps, jump)
+    return torch.cat([torch.zeros(1, dtype=torch.long), steps.cumsum(0)])
 
 
 def _dihedral_features(bb: Tensor, atom_ok: Tensor, bonded: Tensor) -> Tensor:
@@ -200,6 +219,7 @@ def backbone_graph(
     num_rbf: int = 16,
     num_positional: int = 16,
     bonded: Tensor | None = None,
+    numbers: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Featurise one protein backbone as a GVP graph.
 
@@ -211,6 +231,8 @@ def backbone_graph(
         num_positional: sinusoidal channels for the sequence offset (must be even).
         bonded: (L - 1,) chain continuity (default :func:`peptide_bonds` of ``coords``); pass the
             clean chain's when ``coords`` carry augmentation noise.
+        numbers: (L,) author residue numbers, which size the gaps at chain breaks for the edge
+            sequence offsets (:func:`chain_positions`); None counts record positions.
 
     Shapes:
         coords (L, 4, 3), atom_mask (L, 4)
@@ -249,7 +271,8 @@ def backbone_graph(
     edge_index = _knn_edges(ca, k_neighbors)  # (2, E)
     src, dst = edge_index
     vectors = ca[src] - ca[dst]  # (E, 3)
-    offset = residue_index[src] - residue_index[dst]  # (E,) signed sequence separation
+    position = chain_positions(bonded, numbers)[residue_index]  # (N,)
+    offset = position[src] - position[dst]  # (E,) signed sequence separation
     edge_s = torch.cat([_rbf(vectors.norm(dim=-1), num_rbf), _positional(offset, num_positional)], -1)
     node_v = torch.cat([orientations, cb], dim=-2)[residue_index]  # (N, 3, 3)
     return {

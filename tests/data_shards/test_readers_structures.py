@@ -37,7 +37,11 @@ def test_plain_pdb_matches_the_table_and_schema():
     assert chain.sequence == table_sequences()[("1acj.pdb.gz", "A")]
     validate_backbone(chain.backbone)
     assert chain.backbone.plddt is None and len(chain.backbone) == len(chain.sequence)
-    first_ca = atom_lines(STRUCTURES / "plip" / "1acj.pdb.gz")[0]
+    ca_lines = atom_lines(STRUCTURES / "plip" / "1acj.pdb.gz")
+    numbers = [int(line[22:26]) for line in ca_lines if line[21] == "A" and line.startswith("ATOM")]
+    assert chain.backbone.residue_number.tolist() == numbers  # author numbering, gaps included
+    assert chain.backbone.residue_number.dtype == np.int32 and (np.diff(numbers) > 1).any()
+    first_ca = ca_lines[0]
     expected = [float(first_ca[30:38]), float(first_ca[38:46]), float(first_ca[46:54])]
     np.testing.assert_allclose(chain.backbone.coords[0, 1], expected, atol=1e-3)
 
@@ -215,6 +219,7 @@ def test_unknown_residues_ligands_and_non_protein_chains(tmp_path):
     assert [c.chain for c in parsed.chains] == ["A"] and parsed.other_chains == ["B"]
     chain = parsed.chain("A")
     assert chain.sequence == "AXG" and chain.num_unknown == 1
+    assert chain.backbone.residue_number.tolist() == [1, 2, 3]
     assert chain.backbone.atom_mask.tolist() == [[True, True, True, False]] * 2 + [[True] * 4]
     assert isinstance(chain.backbone, Backbone)
 

@@ -78,6 +78,14 @@ def test_nan_coordinates_allowed_only_where_unobserved():
             {"backbone": Backbone(np.zeros((5, 4, 3), np.float32), np.ones((5, 4), bool), np.ones(4, np.float32))},
             "plddt must have shape",
         ),
+        (
+            {"backbone": Backbone(np.zeros((5, 4, 3), np.float32), np.ones((5, 4), bool), None, np.arange(5))},
+            "residue_number must be an int32",
+        ),
+        (
+            {"backbone": Backbone(np.zeros((5, 4, 3), np.float32), np.ones((5, 4), bool), None, np.ones(4, np.int32))},
+            "residue_number must have shape",
+        ),
         ({"text": ["not", "a", "dict"]}, "text must be a dict"),
         ({"text": {"name": 3}}, "text.name"),
         ({"text": {"go": [{"id": "GO:12", "aspect": "F"}]}}, "GO:0005524"),
@@ -108,6 +116,10 @@ def test_codec_round_trip_and_text_normalisation():
     assert decoded.id == record.id and decoded.sequence == record.sequence
     np.testing.assert_array_equal(decoded.backbone.coords, record.backbone.coords)
     np.testing.assert_array_equal(decoded.backbone.plddt, record.backbone.plddt)
+    assert decoded.backbone.residue_number is None  # optional: absent stays absent
+    record.backbone.residue_number = np.array([3, 4, 9, 10, 10], np.int32)
+    numbered = decode_sample(encode_record(record)).backbone.residue_number
+    assert numbered.dtype == np.int32 and numbered.tolist() == [3, 4, 9, 10, 10]
     assert decoded.text == normalize_text(record.text)
     assert decoded.text["function"] == "" and decoded.text["location"] == ""
     assert decoded.meta == {**record.meta, "id": record.id}

@@ -107,3 +107,32 @@ def test_min_plddt_drops_low_confidence_residues_from_the_structure_graph():
         assert (batch["seq_tokens"][0] != BatchBuilder(cfg).alphabet.padding_idx).sum() == length + 2
     with pytest.raises(ConfigError, match="data.min_plddt"):
         load_config(overrides=[*TINY_OVERRIDES, "data.min_plddt=170"])
+
+
+def test_stored_residue_numbers_reach_the_edge_offsets_of_both_structure_views():
+    """A chain break whose gap the author numbering sizes: the batch's graphs (main and second
+    view) carry the offsets backbone_graph computes from those numbers, cropped with the window."""
+    from data_shards.schema import Backbone
+    from pretrain.data.featurize import backbone_graph
+
+    length = 12
+    t = np.arange(4 * length, dtype=np.float32) * 0.9
+    coords = np.stack([2.3 * np.cos(t), 2.3 * np.sin(t), 0.5 * t], -1).reshape(length, 4, 3).astype(np.float32)
+    coords[6:] += np.array([6.0, 0.0, 0.0], np.float32)  # a break after residue 5
+    mask = np.ones((length, 4), bool)
+    numbers = np.array([1, 2, 3, 4, 5, 6, 30, 31, 32, 33, 34, 35], np.int32)
+    record = ProteinRecord("P1", "A" * length, Backbone(coords, mask, None, numbers), {"name": "x"}, {"source": "t"})
+    cfg = load_config(overrides=[*TINY_OVERRIDES, "data.coord_noise=0.0", "data.residue_drop_prob=0.0"])
+    s = cfg.model.structure
+    want = backbone_graph(
+        coords, mask, s.k_neighbors, s.num_rbf, s.num_positional, numbers=torch.from_numpy(numbers).long()
+    )
+    batch = BatchBuilder(cfg, views={"structure": True}).build([record], np.random.default_rng(0), train=True)
+    for graph in (batch["graph"], batch["views"]["graph"]):
+        torch.testing.assert_close(graph["edge_s"], want["edge_s"])
+    cfg = load_config(overrides=[*TINY_OVERRIDES, "model.sequence.max_length=8"])  # the window [0, 8) at eval
+    cropped = BatchBuilder(cfg).build([record], np.random.default_rng(0), train=False)["graph"]
+    want = backbone_graph(
+        coords[:8], mask[:8], s.k_neighbors, s.num_rbf, s.num_positional, numbers=torch.from_numpy(numbers[:8]).long()
+    )
+    torch.testing.assert_close(cropped["edge_s"], want["edge_s"])

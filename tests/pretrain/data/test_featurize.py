@@ -7,7 +7,9 @@ from pretrain.data.featurize import (
     EDGE_V_DIM,
     NODE_S_DIM,
     NODE_V_DIM,
+    _positional,
     backbone_graph,
+    chain_positions,
     collate_graphs,
     edge_s_dim,
 )
@@ -170,3 +172,28 @@ def test_nothing_is_measured_across_a_chain_break():
     s, v = g["node_s"], g["node_v"]
     assert s[4, [1, 2, 4, 5]].abs().sum() == 0 and v[4, 0].abs().sum() == 0  # psi, omega, forward
     assert s[5, [0, 3]].abs().sum() == 0 and v[5, 1].abs().sum() == 0  # phi, backward
+
+
+def test_chain_positions_count_the_residues_a_break_hides():
+    bonded = torch.tensor([True, False, True, False, False])
+    assert chain_positions(bonded).tolist() == [0, 1, 2, 3, 4, 5]  # no numbers: record positions
+    numbers = torch.tensor([10, 11, 20, 21, 21, 5])  # a 9-residue gap, an insertion code, renumbering
+    assert chain_positions(bonded, numbers).tolist() == [0, 1, 10, 11, 12, 13]
+    # bonded by geometry: one step, whatever the numbering says (a renumbered construct)
+    assert chain_positions(torch.ones(5, dtype=torch.bool), numbers).tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_edge_offsets_across_a_break_follow_the_author_numbering():
+    t = torch.arange(40, dtype=torch.float32) * 0.9
+    coords = torch.stack([2.3 * torch.cos(t), 2.3 * torch.sin(t), 0.5 * t], -1).reshape(10, 4, 3)
+    coords[5:] += torch.tensor([6.0, 0.0, 0.0])  # a break after residue 4, close enough for k-NN edges
+    numbers = torch.tensor([1, 2, 3, 4, 5, 17, 18, 19, 20, 21])  # 11 residues unobserved in between
+    g = backbone_graph(coords, _all_present(10), num_rbf=16, num_positional=16, numbers=numbers)
+    src, dst = g["edge_index"]
+    position = torch.tensor([0, 1, 2, 3, 4, 16, 17, 18, 19, 20])
+    expected = _positional(position[src] - position[dst], 16)
+    torch.testing.assert_close(g["edge_s"][:, 16:], expected)
+    across = (src < 5) != (dst < 5)
+    assert across.any() and ((position[src] - position[dst])[across].abs() >= 12).all()
+    plain = backbone_graph(coords, _all_present(10), num_rbf=16, num_positional=16)
+    assert not torch.allclose(plain["edge_s"][across, 16:], g["edge_s"][across, 16:])
