@@ -93,6 +93,10 @@ def _worker(config: dict) -> None:
     from pretrain.errors import RunStopped
     from pretrain.run import init_process_group, train_and_evaluate
 
+    if config.get("cwd") and os.path.isdir(config["cwd"]):
+        # Ray Train starts workers in RAY_SESSION/artifacts/<name>: relative paths of the recipe
+        # (--recipe, shards, weights) must mean what they meant to the driver, which validated them.
+        os.chdir(config["cwd"])
     init_process_group()  # DeepSpeed adopts Ray's group (and skips its CPU shm op build)
     rank = dist.get_rank()
     node = ray.get_runtime_context().get_node_id()
@@ -151,6 +155,7 @@ def main(argv=None) -> int:
             "overrides": args.overrides,
             "ds": str(Path(args.config).resolve()) if Path(args.config).is_file() else args.config,
             "run_dir": str(run_dir),
+            "cwd": os.getcwd(),
         },
         torch_config=TorchConfig(backend="nccl" if args.use_gpu else "gloo"),
         scaling_config=ScalingConfig(

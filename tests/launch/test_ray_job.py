@@ -40,12 +40,14 @@ def _ray_job(run_dir, shards, overrides, env=None, timeout=540) -> subprocess.Co
         "--run-dir",
         str(run_dir),
     ]
-    for o in [f"data.train_shards={shards / 'train'}", f"data.eval_shards={shards / 'heldout'}"]:
+    # Shard paths relative to the driver's directory: Ray Train starts workers elsewhere
+    # (RAY_SESSION/artifacts/...), and they must still mean what the driver validated.
+    for o in [f"data.train_shards={shards.name}/train", f"data.eval_shards={shards.name}/heldout"]:
         cmd += ["--set", o]
     for o in TINY_OVERRIDES + overrides:
         cmd += ["--set", o]
     return subprocess.run(
-        cmd, cwd=REPO, env={**cpu_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout
+        cmd, cwd=shards.parent, env={**cpu_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout
     )
 
 
