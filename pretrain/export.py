@@ -16,8 +16,10 @@ few kilobytes of ``text/`` to a directory that outlives the call, for the tokeni
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
+import struct
 from pathlib import Path
 
 import torch
@@ -29,29 +31,48 @@ from pretrain.models.trimodal import TriModalModel
 
 MODEL_FILE = "model.safetensors"
 TEXT_DIR = "text"  # the text encoder's tokenizer files and config.json, never its weights
+_MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 TEXT_FILES = ("config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def export_engine(engine, cfg: Config, out_dir: Path) -> Path | None:
+def export_engine(engine, cfg: Config, out_dir: Path, step: int | None = None) -> Path | None:
     """Gather the (possibly ZeRO-3 partitioned) parameters and write the export on rank 0.
 
-    Collective: call on every rank. Returns the directory on rank 0, None elsewhere.
+    Collective: call on every rank. Returns the directory on rank 0, None elsewhere. ``step`` (the
+    training step the weights are from) is recorded in the safetensors metadata (:func:`export_step`).
     """
     import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
 
     module = engine.module
     params = list(module.parameters())
     rank = dist.get_rank() if dist.is_initialized() else 0
+    # A bf16/fp16 engine trains fp32 master weights and keeps a rounded copy in the module: export the
+    # masters (what zero_to_fp32 and a resume read). Collective under ZeRO: every rank, same order.
+    masters: dict[str, torch.Tensor] = {}
+    if any(p.dtype != torch.float32 for p in params):
+        tied: dict[int, tuple] = {}
+        for name, p in module.named_parameters(remove_duplicate=False):
+            tied.setdefault(id(p), (p, []))[1].append(name)
+        for p, names in tied.values():
+            full = safe_get_full_fp32_param(p)
+            if full is not None and rank == 0:
+                for name in names:
+                    masters[name] = full.detach().to("cpu", torch.float32)
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         if rank == 0:
             state = {
-                k: v.detach().to("cpu", torch.float32).clone().contiguous() for k, v in module.state_dict().items()
+                k: (masters[k].reshape(v.shape) if k in masters else v.detach())
+                .to("cpu", torch.float32)
+                .clone()
+                .contiguous()
+                for k, v in module.state_dict().items()
             }
     if dist.is_initialized():
         dist.barrier()
     if rank != 0:
         return None
-    out = write_export(state, cfg, out_dir)
+    out = write_export(state, cfg, out_dir, step=step)
     if cfg.train.remote_dir:
         from pretrain.checkpoint_store import publish_export
 
@@ -59,7 +80,7 @@ def export_engine(engine, cfg: Config, out_dir: Path) -> Path | None:
     return out
 
 
-def write_export(state: dict[str, torch.Tensor], cfg: Config, out_dir: Path) -> Path:
+def write_export(state: dict[str, torch.Tensor], cfg: Config, out_dir: Path, step: int | None = None) -> Path:
     """Write ``state`` (as fp32 copies) and ``cfg`` to ``out_dir`` atomically (temp dir, then rename).
 
     Copies also untie shared tensors (ESM-2's lm_head shares the token embedding), which
@@ -69,7 +90,10 @@ def write_export(state: dict[str, torch.Tensor], cfg: Config, out_dir: Path) -> 
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(tmp / MODEL_FILE), metadata={"format": "pt", "producer": "align-pro"})
+    metadata = {"format": "pt", "producer": "align-pro"}
+    if step is not None:
+        metadata["step"] = str(int(step))
+    save_file(state, str(tmp / MODEL_FILE), metadata=metadata)
     _copy_text_files(cfg, tmp / TEXT_DIR)
     save_config(cfg, tmp / "config.yaml")
     if out_dir.exists():
@@ -80,6 +104,28 @@ def write_export(state: dict[str, torch.Tensor], cfg: Config, out_dir: Path) -> 
     else:
         os.replace(tmp, out_dir)
     return out_dir
+
+
+def export_step(export_dir: Path | str) -> int | None:
+    """The training step a complete export (directory or URL) holds, from its safetensors header.
+
+    None when there is no complete export (``config.yaml`` is written last) or it records no step
+    (exports written before steps were recorded). Storage errors other than absence propagate.
+    """
+    from data_shards import storage
+
+    if not storage.exists(storage.join(export_dir, "config.yaml")):
+        return None
+    try:
+        with storage.open_read(storage.join(export_dir, MODEL_FILE)) as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if size > _MAX_HEADER_BYTES:
+                return None
+            header = json.loads(f.read(size))
+        step = header.get("__metadata__", {}).get("step")
+        return int(step) if step is not None else None
+    except (FileNotFoundError, ValueError, struct.error, AttributeError):  # absent or not a safetensors file
+        return None
 
 
 def _copy_text_files(cfg: Config, dest: Path) -> None:
@@ -178,7 +224,10 @@ def export_checkpoint(run_dir: Path, tag: str | None = None, out_dir: Path | Non
     cfg, _ = load_run_config(run_dir)
     with weights_only_loads():
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    return write_export(state, cfg, Path(out_dir) if out_dir else run_dir / "export")
+    step = None
+    if (ckpt_dir / tag / "COMPLETE").is_file():
+        step = int(json.loads((ckpt_dir / tag / "COMPLETE").read_text())["step"])
+    return write_export(state, cfg, Path(out_dir) if out_dir else run_dir / "export", step=step)
 
 
 def main(argv=None) -> int:

@@ -31,9 +31,11 @@ def prepare(recipe: str | None, overrides: list[str], ds_config: str, run_dir: s
             size for this world size, a DeepSpeed JSON contradicting the recipe, a run
             directory holding a different model, or a resume under another data sampling plan.
     """
+    from data_shards.storage import join
     from pretrain.checkpoint import finished_step
     from pretrain.data.stream import check_plan, check_resumable_plan, plan_settings
     from pretrain.ds_config import load_deepspeed_config, resolve_deepspeed_config
+    from pretrain.export import export_step
 
     run_dir = Path(run_dir)
     try:
@@ -52,7 +54,11 @@ def prepare(recipe: str | None, overrides: list[str], ds_config: str, run_dir: s
     remote = cfg.train.remote_dir
     try:
         done = finished_step(run_dir / "checkpoints", remote=remote)
-        exported = (run_dir / "export").is_dir() or bool(remote and _exported_to(remote))
+        # The export must hold the weights of that very step: an export left by an earlier, shorter
+        # run in this directory (max_steps raised since) does not make the longer run finished.
+        exported = done is not None and (
+            export_step(run_dir / "export") == done or bool(remote) and export_step(join(remote, "export")) == done
+        )
     except OSError as e:  # data_shards.storage.StorageError: wrong credentials, missing bucket
         raise ConfigError(f"train.remote_dir: {e}") from None
     if previous is not None and done is not None:  # the trainer checks the checkpoint's own record too
@@ -73,12 +79,6 @@ def _shard_set_exists(location: str) -> bool:
         return storage.exists(storage.join(location, "manifest.json"))
     except storage.StorageError as e:
         raise ConfigError(f"data.eval_shards: {e}") from None
-
-
-def _exported_to(remote: str) -> bool:
-    from data_shards import storage
-
-    return storage.exists(storage.join(remote, "export", "config.yaml"))
 
 
 def write_run_config(plan: RunPlan) -> None:

@@ -298,7 +298,8 @@ class Trainer:
         t_cfg = self.cfg.train
         if self.step >= t_cfg.max_steps:
             # The final checkpoint exists but the export may not (killed while exporting, e.g. by a
-            # SIGTERM deadline): run.prepare only skips training when the export exists.
+            # SIGTERM deadline), or hold an earlier step: run.prepare only skips training when the
+            # export holds this very step.
             self._print(f"run already finished at step {self.step}; nothing to train, exporting")
             self.export()
             return {}
@@ -480,7 +481,7 @@ class Trainer:
         self._print(f"checkpoint {self.ckpt_dir / tag}")
 
     def export(self) -> None:
-        export_engine(self.engine, self.cfg, self.run_dir / "export")
+        export_engine(self.engine, self.cfg, self.run_dir / "export", step=self.step)
 
     def close(self) -> None:
         if getattr(self, "logger", None) is not None:

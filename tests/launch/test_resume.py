@@ -10,7 +10,10 @@ import time
 
 import psutil
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
+from pretrain.export import export_step
 from tests.conftest import run_launcher
 
 pytestmark = pytest.mark.slow
@@ -43,17 +46,27 @@ def test_sigkill_then_relaunch_gives_the_uninterrupted_losses(tmp_path, small_de
             assert got[step][term] == pytest.approx(want[step][term], rel=1e-6, abs=1e-6), (step, term)
 
 
-def test_a_run_killed_after_its_final_checkpoint_exports_on_relaunch(tmp_path, small_demo, reference_run):
+@pytest.mark.parametrize("export", ["missing", "of an earlier step"])
+def test_a_run_killed_after_its_final_checkpoint_exports_on_relaunch(tmp_path, small_demo, reference_run, export):
     """Killed while exporting (after the last checkpoint): the relaunch has nothing to train but must
-    still write the export, or the run could never finish (evaluation reads the export)."""
+    still write the export, or the run could never finish (evaluation reads the export). The export
+    left behind may also be an earlier, shorter run's (max_steps raised since): it does not count."""
     over = ["train.max_steps=5", *COMMON]
     run = tmp_path / "run"
     shutil.copytree(reference_run(over), run)
-    shutil.rmtree(run / "export")
+    assert export_step(run / "export") == 5
+    final = load_file(str(run / "export" / "model.safetensors"))
+    if export == "missing":
+        shutil.rmtree(run / "export")
+    else:
+        stale = {name: tensor + 1.0 for name, tensor in final.items()}
+        save_file(stale, str(run / "export" / "model.safetensors"), metadata={"format": "pt", "step": "2"})
     again = run_launcher(run, small_demo, over)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "nothing to train, exporting" in again.stdout
-    assert (run / "export" / "model.safetensors").is_file()
+    assert export_step(run / "export") == 5
+    exported = load_file(str(run / "export" / "model.safetensors"))
+    assert all(torch.equal(exported[name], final[name]) for name in final)
     again = run_launcher(run, small_demo, over)  # and now the run reads as finished
     assert again.returncode == 0 and "already finished at step 5" in again.stdout
 

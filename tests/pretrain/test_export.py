@@ -6,6 +6,7 @@ import dataclasses
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import BertConfig, BertModel
 
@@ -95,3 +96,58 @@ def test_export_from_object_storage_brings_its_tokenizer(tmp_path, s3):  # noqa:
     loaded, loaded_cfg = load_exported(url)
     assert (Path(loaded_cfg.model.text.pretrained_dir) / "config.json").is_file()  # outlives the download
     torch.testing.assert_close(_embed_texts(loaded, loaded_cfg), want, rtol=0, atol=0)
+
+
+def _bf16_export_worker(rank: int, port: int, out: str, zero: int) -> None:
+    """One gloo rank: a bf16 ZeRO engine trained 5 steps, exported, checkpointed."""
+    import os
+
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from pretrain.export import export_engine
+    from pretrain.run import close_process_group, init_process_group
+
+    init_process_group()
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 4))
+        ds = {
+            "train_batch_size": 4,
+            "train_micro_batch_size_per_gpu": 4,
+            "zero_optimization": {"stage": zero},
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+            "bf16": {"enabled": True},
+        }
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+        for _ in range(5):
+            engine.backward(engine(torch.randn(4, 16, dtype=torch.bfloat16)).float().pow(2).mean())
+            engine.step()
+        exported = export_engine(engine, load_config(), Path(out) / "export", step=5)
+        masters = {n: safe_get_full_fp32_param(p).clone() for n, p in engine.module.named_parameters()}
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            modules = {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
+        torch.save({"masters": masters, "module": modules, "dir": str(exported)}, Path(out) / "rank0.pt")
+    finally:
+        close_process_group()
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_a_bf16_engine_exports_its_fp32_master_weights(tmp_path, zero):
+    """The module of a bf16 engine holds rounded copies; the export must hold what training updates."""
+    from safetensors.torch import load_file
+
+    from pretrain.export import export_step
+    from tests.conftest import free_port
+    from tests.spawn_ranks import run_ranks
+
+    (result,) = run_ranks(
+        _bf16_export_worker, lambda r: (r, free_port(), str(tmp_path), zero), 1, tmp_path, 300.0, "rank"
+    )
+    exported = load_file(str(Path(result["dir"]) / "model.safetensors"))
+    assert export_step(result["dir"]) == 5
+    for name, master in result["masters"].items():
+        assert torch.equal(exported[name], master.reshape(exported[name].shape)), name
+    assert any(not torch.equal(result["module"][n].reshape(m.shape), m) for n, m in exported.items())  # bf16 differs
