@@ -13,6 +13,28 @@ from pathlib import Path
 import torch
 
 
+def join_group(rank: int, world: int, port: int) -> None:
+    """The environment a spawned worker needs before it starts the gloo group (CPU DeepSpeed)."""
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def trainer_overrides(shards: str | Path) -> list[str]:
+    """Recipe overrides for a Trainer built inside a spawned worker on a demo corpus at ``shards``."""
+    from tests.conftest import TINY_OVERRIDES
+
+    return [
+        f"data.train_shards={shards}/train",
+        f"data.eval_shards={shards}/heldout",
+        "data.loader=local",
+        "train.eval_at_end=false",
+        "train.tensorboard=false",
+        *TINY_OVERRIDES,
+    ]
+
+
 def _run_then_exit(target: Callable, args: tuple) -> None:
     """Run one rank's worker, then leave through ``os._exit``.
 

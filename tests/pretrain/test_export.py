@@ -100,10 +100,9 @@ def test_export_from_object_storage_brings_its_tokenizer(tmp_path, s3):  # noqa:
 
 def _bf16_export_worker(rank: int, port: int, out: str, zero: int) -> None:
     """One gloo rank: a bf16 ZeRO engine trained 5 steps, exported, checkpointed."""
-    import os
+    from tests.spawn_ranks import join_group
 
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    join_group(rank, 1, port)
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 

@@ -9,7 +9,6 @@ update must be skipped on every rank, counted, and the run stopped after
 from __future__ import annotations
 
 import json
-import os
 import traceback
 from pathlib import Path
 
@@ -17,8 +16,8 @@ import pytest
 import torch
 
 from pretrain.run import close_process_group
-from tests.conftest import TINY_OVERRIDES, free_port
-from tests.spawn_ranks import run_ranks
+from tests.conftest import free_port
+from tests.spawn_ranks import join_group, run_ranks, trainer_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -36,10 +35,7 @@ def _poison(kind: str, loss: torch.Tensor) -> torch.Tensor:
 def _worker(
     rank: int, port: int, out: str, shards: str, run_dir: str, overrides: list, faults: dict, ds_json: str
 ) -> None:
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    join_group(rank, WORLD, port)
     try:
         import deepspeed
 
@@ -47,16 +43,7 @@ def _worker(
         from pretrain.run import init_process_group, prepare
         from pretrain.trainer import Trainer
 
-        over = [
-            f"data.train_shards={shards}/train",
-            f"data.eval_shards={shards}/heldout",
-            "data.loader=local",
-            "train.eval_at_end=false",
-            "train.tensorboard=false",
-            "train.stage1_steps=0",
-            *TINY_OVERRIDES,
-            *overrides,
-        ]
+        over = [*trainer_overrides(shards), "train.stage1_steps=0", *overrides]
         plan = prepare(None, over, ds_json, run_dir, WORLD)
         init_process_group()
         trainer = Trainer(plan.cfg, plan.deepspeed_config, plan.run_dir)

@@ -12,7 +12,6 @@ move of one of them on the first stage-2 step must equal that group's learning r
 from __future__ import annotations
 
 import json
-import os
 import traceback
 from pathlib import Path
 
@@ -20,8 +19,8 @@ import pytest
 import torch
 
 from pretrain.run import close_process_group
-from tests.conftest import TINY_OVERRIDES, free_port
-from tests.spawn_ranks import run_ranks
+from tests.conftest import free_port
+from tests.spawn_ranks import join_group, run_ranks, trainer_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -30,8 +29,7 @@ GROUP = "encoder_sequence_no_decay"
 
 
 def _worker(rank: int, port: int, out: str, shards: str, run_dir: str, ds_json: str) -> None:
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    join_group(rank, 1, port)
     try:
         import deepspeed
 
@@ -39,12 +37,7 @@ def _worker(rank: int, port: int, out: str, shards: str, run_dir: str, ds_json: 
         from pretrain.trainer import Trainer
 
         over = [
-            f"data.train_shards={shards}/train",
-            f"data.eval_shards={shards}/heldout",
-            "data.loader=local",
-            "train.eval_at_end=false",
-            "train.tensorboard=false",
-            *TINY_OVERRIDES,
+            *trainer_overrides(shards),
             "optim.warmup_steps=2",
             f"train.stage1_steps={STAGE1}",
             f"train.max_steps={STAGE1 + 1}",
