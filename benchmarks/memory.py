@@ -180,7 +180,8 @@ def parameter_counts(cfg: Config) -> dict[str, int]:
 
 
 def encoder_passes(cfg: Config) -> list[Transformer]:
-    """The transformer passes one training step of this recipe makes (GVP-GNN not included)."""
+    """The transformer passes one training step of this recipe makes that keep activations for
+    backward (GVP-GNN not included)."""
     lo, m = cfg.loss, cfg.model
     if lo.objective == "protclip":
         seq_passes = 1 + (lo.protclip.mlm > 0) + (lo.protclip.bsr > 0)
@@ -188,6 +189,10 @@ def encoder_passes(cfg: Config) -> list[Transformer]:
     else:
         seq_passes = 1 + (lo.intra_seq > 0)
         text_passes = 1 + (lo.intra_text > 0)
+    # A frozen encoder (train.frozen_encoders) runs without autograd history: nothing is kept for backward.
+    frozen = set(cfg.train.frozen_encoders)
+    seq_passes *= "sequence" not in frozen
+    text_passes *= "text" not in frozen
     s = m.sequence
     layers, width, heads = resolve_preset(s.preset)
     layers, width, heads = s.num_layers or layers, s.embed_dim or width, s.attention_heads or heads

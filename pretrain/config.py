@@ -152,6 +152,9 @@ class TrainConfig:
     # Encoders whose layers recompute their activations in backward (torch.utils.checkpoint):
     # any of "sequence" (ESM-2 layers), "structure" (GVP layers), "text" (BERT layers).
     activation_checkpointing: list[str] = field(default_factory=list)
+    # Encoders frozen for the whole run, stage 2 included (e.g. [text]: ProtCLIP's frozen
+    # PubMedBERT): same names as activation_checkpointing.
+    frozen_encoders: list[str] = field(default_factory=list)
     precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; "bf16" (CUDA only); "fp32"
 
 
@@ -398,12 +401,10 @@ def validate(cfg: Config) -> None:
             "train.grad_cache_chunk > 0 (two-pass step) is not supported with loss.objective='protclip'; "
             "set train.grad_cache_chunk=0"
         )
-    bad = sorted(set(t.activation_checkpointing) - set(CHECKPOINTABLE_ENCODERS))
-    if bad or len(set(t.activation_checkpointing)) != len(t.activation_checkpointing):
-        raise ConfigError(
-            f"train.activation_checkpointing={t.activation_checkpointing}: expected distinct names "
-            f"from {list(CHECKPOINTABLE_ENCODERS)}"
-        )
+    for key in ("activation_checkpointing", "frozen_encoders"):
+        names = getattr(t, key)
+        if set(names) - set(CHECKPOINTABLE_ENCODERS) or len(set(names)) != len(names):
+            raise ConfigError(f"train.{key}={names}: expected distinct names from {list(CHECKPOINTABLE_ENCODERS)}")
     if t.precision not in ("auto", "bf16", "fp32"):
         raise ConfigError(f"train.precision={t.precision!r}: expected 'auto', 'bf16' or 'fp32'")
     if t.validate_every < 0:

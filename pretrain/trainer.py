@@ -182,9 +182,18 @@ class Trainer:
             self.stream.record = self.run_dir / "consumed" / f"rank_{self.rank}.jsonl"
 
     # ------------------------------------------------------------------ stages
+    def _encoder_frozen(self, name: str) -> bool:
+        """Whether encoder ``name`` ("sequence", "structure", "text") is frozen at this step."""
+        return self.stage == 1 or name in self.cfg.train.frozen_encoders
+
     def _apply_stage(self) -> None:
-        frozen = self.stage == 1
-        for enc in self.model.encoders():
+        m = self.model
+        for name, enc in (
+            ("sequence", m.sequence_encoder),
+            ("structure", m.structure_encoder),
+            ("text", m.text_encoder),
+        ):
+            frozen = self._encoder_frozen(name)
             for p in enc.parameters():
                 p.requires_grad_(not frozen)
 
@@ -219,8 +228,9 @@ class Trainer:
         for g in self.engine.optimizer.param_groups:
             name = str(g.get("name", ""))
             decay = 0.0 if name.endswith(NO_DECAY) else o.weight_decay
-            if name.startswith("encoder"):
-                factor = 0.0 if self.stage == 1 else 1.0
+            if name.startswith("encoder"):  # encoder_<sequence|structure|text>[_no_decay]
+                encoder = name.removeprefix("encoder_").removesuffix(NO_DECAY)
+                factor = 0.0 if self._encoder_frozen(encoder) else 1.0
                 g["lr"] = o.encoder_lr * base * factor
                 g["weight_decay"] = decay * factor
             else:

@@ -94,6 +94,7 @@ def test_plans_match_the_recipes_and_the_big_ones_fit():
         assert rows[name].total_gb <= mem.GPU_MEMORY_GB - mem.RESERVE_GB  # fits without activation checkpointing
     assert 2.8e9 < rows["align_pro_3B"].counts["total"] < 3.1e9
     assert 15.0e9 < rows["align_pro_15B"].counts["total"] < 15.5e9
+    assert "bert×0" in rows["protclip_650M"].passes  # its text encoder is frozen: no activations kept
     c = rows["align_pro_650M"].counts
     assert c["total"] == c["sequence"] + c["structure"] + c["text"] + c["heads"]
     assert 105e6 < c["text"] < 112e6  # BERT-base without pooler, 30522-token vocabulary

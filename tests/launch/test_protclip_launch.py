@@ -17,6 +17,10 @@ TERMS = ["loss", "loss_gc", "loss_mlm", "loss_bsr", "loss_pda"]
 def test_two_rank_zero2_protclip_trains_and_exports(tmp_path, small_demo):
     run = tmp_path / "run"
     over = ["loss.objective=protclip", "data.loader=local", "train.max_steps=3", "train.stage1_steps=1"]
+    over += [
+        "train.frozen_encoders=[text]",
+        "train.activation_checkpointing=[sequence, text]",
+    ]  # as the recipe, and more
     p = run_launcher(run, small_demo, over, config="zero2.json")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]

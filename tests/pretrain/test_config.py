@@ -137,6 +137,9 @@ def test_exponent_floats_read_the_same_in_files_and_overrides(tmp_path):
         "model.head_dropout=2",
         "eval.batch_size=0",
         "eval.max_samples=-3",
+        "train.frozen_encoders=[txt]",
+        "train.frozen_encoders=[text, text]",
+        "train.activation_checkpointing=[esm]",
     ],
 )
 def test_out_of_range_values_are_errors_naming_the_field(override):

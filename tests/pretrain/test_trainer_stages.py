@@ -92,3 +92,48 @@ def test_first_stage2_encoder_update_is_the_scheduled_learning_rate(tmp_path, sm
     assert all(lr == 0.0 and moved == 0.0 for lr, moved in moves[:STAGE1])  # stage 1: frozen, bit for bit
     lr, moved = moves[STAGE1]
     assert lr > 0 and moved == pytest.approx(lr, rel=0.02), f"ZeRO-{zero}: moved {moved:.3e}, lr {lr:.3e}"
+
+
+def _frozen_worker(rank: int, port: int, out: str, shards: str, run_dir: str) -> None:
+    join_group(rank, 1, port)
+    try:
+        import deepspeed
+
+        from pretrain.run import init_process_group, prepare
+        from pretrain.trainer import Trainer
+
+        over = [*trainer_overrides(shards), "train.stage1_steps=1", "train.max_steps=3", "train.checkpoint_every=1000"]
+        plan = prepare(None, [*over, "train.frozen_encoders=[text]"], "zero3.json", run_dir, 1)
+        init_process_group()
+        trainer = Trainer(plan.cfg, plan.deepspeed_config, plan.run_dir)
+        trainer.setup()
+        encoders = {"sequence": trainer.model.sequence_encoder, "text": trainer.model.text_encoder}
+
+        def snapshot() -> dict[str, list[torch.Tensor]]:
+            params = [p for enc in encoders.values() for p in enc.parameters()]
+            with deepspeed.zero.GatheredParameters(params):
+                return {name: [p.detach().clone() for p in enc.parameters()] for name, enc in encoders.items()}
+
+        before = snapshot()
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+        after = snapshot()
+        moved = {name: max(float((a - b).abs().max()) for a, b in zip(after[name], before[name])) for name in encoders}
+        torch.save({"moved": moved, "step": trainer.step}, Path(out) / f"rank{rank}.pt")
+    except Exception:  # noqa: BLE001 - reported to the parent
+        (Path(out) / f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+    finally:
+        close_process_group()
+
+
+def test_frozen_encoders_stay_frozen_in_stage_2(tmp_path, small_demo):
+    """train.frozen_encoders=[text] (ProtCLIP's frozen PubMedBERT): bit-identical text encoder after
+    two stage-2 steps under ZeRO-3, while the sequence encoder trains."""
+    port = free_port()
+    args = (0, port, str(tmp_path), str(small_demo), str(tmp_path / "run"))
+    (result,) = run_ranks(_frozen_worker, lambda r: args, 1, tmp_path, 300.0, "rank")
+    assert result["step"] == 3
+    assert result["moved"]["text"] == 0.0 and result["moved"]["sequence"] > 0.0
