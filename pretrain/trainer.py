@@ -46,7 +46,7 @@ from pretrain.export import export_engine
 from pretrain.logging_backends import MetricsLogger, iter_jsonl
 from pretrain.losses.align_pro import AlignProLoss, detach_terms
 from pretrain.losses.protclip import ProtCLIPLoss
-from pretrain.models.trimodal import NO_DECAY, TriModalModel
+from pretrain.models.trimodal import MODALITIES, NO_DECAY, TriModalModel
 from pretrain.precision import embeddings_to_fp32, forward_autocast, resolve_precision
 from pretrain.two_pass import two_pass_step
 
@@ -187,12 +187,7 @@ class Trainer:
         return self.stage == 1 or name in self.cfg.train.frozen_encoders
 
     def _apply_stage(self) -> None:
-        m = self.model
-        for name, enc in (
-            ("sequence", m.sequence_encoder),
-            ("structure", m.structure_encoder),
-            ("text", m.text_encoder),
-        ):
+        for name, enc in zip(MODALITIES, self.model.encoders()):  # as TriModalModel pairs them
             frozen = self._encoder_frozen(name)
             for p in enc.parameters():
                 p.requires_grad_(not frozen)
