@@ -150,14 +150,17 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state(state["torch_cuda"])
 
 
+def complete_record(tag_dir: Path) -> dict:
+    """The ``COMPLETE`` marker of a checkpoint directory: at least ``step`` and ``world_size``."""
+    return json.loads((Path(tag_dir) / COMPLETE).read_text())
+
+
 def complete_steps(ckpt_dir: Path) -> list[tuple[int, str]]:
     """(step, tag) of every complete checkpoint, oldest first."""
     if not ckpt_dir.is_dir():
         return []
     found = [
-        (json.loads((p / COMPLETE).read_text())["step"], p.name)
-        for p in ckpt_dir.iterdir()
-        if p.is_dir() and (p / COMPLETE).is_file()
+        (complete_record(p)["step"], p.name) for p in ckpt_dir.iterdir() if p.is_dir() and (p / COMPLETE).is_file()
     ]
     return sorted(found, key=lambda st: st[0])
 
@@ -325,7 +328,7 @@ def saved_world_size(ckpt_dir: Path) -> int | None:
     tag = latest_tag(Path(ckpt_dir))
     if tag is None:
         return None
-    return int(json.loads((Path(ckpt_dir) / tag / COMPLETE).read_text())["world_size"])
+    return int(complete_record(Path(ckpt_dir) / tag)["world_size"])
 
 
 def universal_config(ds_config: dict) -> dict:
@@ -384,7 +387,7 @@ def _convert_to_universal(ckpt_dir: Path, tag: str, workers: int = 1) -> Path:
     )
     with weights_only_loads():  # the files were verified; this closes the gap until they are read
         ds_to_universal(args)
-    meta = json.loads((ckpt_dir / tag / COMPLETE).read_text())
+    meta = complete_record(ckpt_dir / tag)
     write_text(out / UNIVERSAL_COMPLETE, json.dumps({"source": tag, **meta}))
     os.replace(out, final)
     shutil.rmtree(work, ignore_errors=True)
@@ -454,7 +457,7 @@ def load(engine, ckpt_dir: Path) -> tuple[dict, dict] | None:
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None
-    meta = json.loads((ckpt_dir / tag / COMPLETE).read_text())
+    meta = complete_record(ckpt_dir / tag)
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     saved_world = int(meta["world_size"])

@@ -213,7 +213,7 @@ def export_checkpoint(run_dir: Path, tag: str | None = None, out_dir: Path | Non
     """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from pretrain.checkpoint import latest_tag, verify_safe, weights_only_loads
+    from pretrain.checkpoint import COMPLETE, complete_record, latest_tag, verify_safe, weights_only_loads
 
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
@@ -224,9 +224,7 @@ def export_checkpoint(run_dir: Path, tag: str | None = None, out_dir: Path | Non
     cfg, _ = load_run_config(run_dir)
     with weights_only_loads():
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    step = None
-    if (ckpt_dir / tag / "COMPLETE").is_file():
-        step = int(json.loads((ckpt_dir / tag / "COMPLETE").read_text())["step"])
+    step = int(complete_record(ckpt_dir / tag)["step"]) if (ckpt_dir / tag / COMPLETE).is_file() else None
     return write_export(state, cfg, Path(out_dir) if out_dir else run_dir / "export", step=step)
 
 
