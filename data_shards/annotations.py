@@ -316,7 +316,7 @@ def _go_entry(go_id: str, aspect: str, name: str, ontology: Ontology | None) -> 
     """One ``text["go"]`` entry; carries the OBO definition when the ontology has one.
 
     The definition travels with the term so that training-time augmentation can paraphrase it
-    (``pretrain.data.text_augment``) without needing the OBO file.
+    (``data_shards.text_rules``) without needing the OBO file.
     """
     entry = {"id": go_id, "aspect": aspect, "name": name}
     definition = ontology.definition(go_id).strip() if ontology is not None else ""

@@ -5,7 +5,7 @@ offline as a batch over a shard set and writes a new shard set whose records car
 ``variants`` rewrites in ``text["rewrites"]`` (the schema's optional field); everything else,
 including the manifest's ``sample_props`` and ``extra``, is copied (rewrites already in the input
 are replaced). Training then picks a stored rewrite with probability ``data.text_rewrite_prob``
-(``pretrain.data.text_augment``).
+(``data_shards.text_rules``).
 
 * Prompts: the record's annotations as plain "field: value" lines (name, function, location,
   similarity, GO term names by aspect, EC numbers; never the stored rewrites), with one of
@@ -45,6 +45,7 @@ from data_shards.llm_backends import BackendError, GenerationParams, LLMBackend,
 from data_shards.manifest import ShardInfo, load_manifest, write_manifest
 from data_shards.reader import BadSampleError, BadShardError, ShardReader
 from data_shards.schema import MAX_REWRITES, TEXT_REWRITES_FIELD, ProteinRecord
+from data_shards.text_rules import augment_text  # the rule-based descriptions training uses too
 from data_shards.writer import ShardWriter
 
 CACHE_FORMAT = 1  # bump when the cache key's layout changes
@@ -196,7 +197,7 @@ def check_rewrite(text: str, fields: dict, min_chars: int, max_chars: int) -> tu
 
 
 def _rule_fallback(fields: dict, key: str) -> str:
-    from pretrain.data.text_augment import augment_text  # the rule-based descriptions of training
+    from data_shards.text_rules import augment_text  # the rule-based descriptions training uses too
 
     rng = np.random.default_rng(int(key[:16], 16))
     plain = {k: v for k, v in fields.items() if k != TEXT_REWRITES_FIELD}

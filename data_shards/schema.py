@@ -46,7 +46,7 @@ TEXT_LIST_FIELDS = ("go", "ec")
 # never filled in by normalize_text, so records without them encode to the same bytes as before
 # and older shards decode unchanged:
 #   text["rewrites"]          list of non-empty strings: alternative descriptions written offline
-#                             (``python -m data_shards rewrite``), picked by pretrain.data.text_augment
+#                             (``python -m data_shards rewrite``), picked by data_shards.text_rules
 #   text["go"][i]["definition"]  the GO term's definition from the OBO (``build --go-obo``)
 TEXT_REWRITES_FIELD = "rewrites"
 MAX_REWRITES = 64

@@ -39,7 +39,7 @@ from data_shards.schema import ProteinRecord
 from pretrain.config import Config
 from pretrain.data.featurize import backbone_graph, collate_graphs, edge_s_dim, graph_residues, peptide_bonds
 from pretrain.data.masking import protclip_inputs
-from pretrain.data.text_augment import augment_text, canonical_text
+from data_shards.text_rules import augment_text, canonical_text
 from pretrain.losses.false_negatives import group_ids
 from pretrain.models.sequence_encoder import tokenize_sequences
 from pretrain.models.text_encoder import build_tokenizer, tokenize_texts

@@ -20,7 +20,7 @@ from data_shards.reader import BadSampleError, BadShardError, ShardReader
 from data_shards.schema import ProteinRecord
 from pretrain.config import Config
 from pretrain.data.collate import BatchBuilder
-from pretrain.data.text_augment import canonical_text
+from data_shards.text_rules import canonical_text
 from pretrain.models.text_encoder import build_tokenizer, tokenize_texts
 from pretrain.models.trimodal import MODALITIES, TriModalModel
 

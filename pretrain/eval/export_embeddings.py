@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pretrain.data.text_augment import canonical_text
+from data_shards.text_rules import canonical_text
 from pretrain.eval.embed import count_samples, iter_embedded_batches, resolve_device
 from pretrain.export import load_exported
 from pretrain.models.trimodal import MODALITIES

@@ -52,7 +52,7 @@ from torch import Tensor
 
 from kernels import check_equal_rows, gather_with_grad, infonce
 from kernels.distributed import gather_no_grad, world_and_rank
-from pretrain.data.text_augment import canonical_text
+from data_shards.text_rules import canonical_text
 
 NO_GROUP = -1  # group id of a row that shares its class with nobody (no text, empty GO set)
 GROUP_MODES = ("text", "go")

@@ -24,7 +24,7 @@ from data_shards.rewrite import (
 from data_shards.schema import ProteinRecord
 from data_shards.validate import inspect_dir, validate_dir
 from data_shards.writer import ShardWriter
-from pretrain.data.text_augment import augment_text
+from data_shards.text_rules import augment_text
 from tests.data_shards.local_llm_server import LocalLLMServer, ServerState, default_reply
 from tests.data_shards.tiny_causal_lm import make_tiny_causal_lm
 

@@ -7,7 +7,7 @@ import torch
 from data_shards.schema import ProteinRecord
 from pretrain.config import ConfigError, load_config
 from pretrain.data.collate import BatchBuilder
-from pretrain.data.text_augment import canonical_text
+from data_shards.text_rules import canonical_text
 from pretrain.models.text_encoder import tokenize_texts
 from tests.conftest import TINY_OVERRIDES
 

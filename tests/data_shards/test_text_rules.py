@@ -1,6 +1,6 @@
 import numpy as np
 
-from pretrain.data.text_augment import augment_text, canonical_text
+from data_shards.text_rules import augment_text, canonical_text
 
 FIELDS = {
     "name": "Serine kinase X",

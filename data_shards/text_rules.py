@@ -1,4 +1,5 @@
-"""Function text: a canonical description, and augmented rewrites of terse annotations.
+"""Function text rules shared by the shard tools and training: a canonical description, and augmented
+rewrites of terse annotations.
 
 Annotations arrive as fields (protein name, free-text function, location, similarity,
 GO terms with aspects, EC numbers). Align-Pro's augmentation turns terse GO lists into
