@@ -4,7 +4,7 @@ Techniques (rows of the table), all on the recipe's model with a plain AdamW ste
   one-pass (eager loss)        plain step; the loss materialises the b x b logits (``infonce_eager``)
   one-pass                    plain step; the recipe's loss backend (CPU: chunked torch; GPU: Triton)
   one-pass + checkpointing    plain step; every encoder's layers checkpointed
-  two-pass                    GradCache step (``pretrain/two_pass.py``), ``--chunk`` rows per chunk
+  two-pass                    GradCache step (``pretrain/engine/two_pass.py``), ``--chunk`` rows per chunk
   two-pass + checkpointing    both
 
 Memory is what the step allocates on top of what exists before it (model, batch): CUDA
@@ -81,7 +81,7 @@ def _long_records(records: list, length: int, count: int) -> list:
 def _tile(batch: dict, rows: int) -> dict:
     """The collated ``batch`` repeated row-wise to ``rows`` rows (graphs re-collated)."""
     from pretrain.data.featurize import collate_graphs
-    from pretrain.two_pass import slice_graph
+    from pretrain.engine.two_pass import slice_graph
 
     k = batch["seq_tokens"].shape[0]
     idx = [i % k for i in range(rows)]
@@ -120,15 +120,15 @@ def _use_eager_loss(enabled: bool) -> None:
 def _train_step(cfg, batch: dict, device: torch.device, two_pass: bool, chunk: int, measure: bool) -> dict:
     """Build a fresh model and AdamW, run one step on ``batch``; peak MiB (when ``measure``) and seconds."""
     from pretrain.data.collate import batch_to_device
-    from pretrain.losses.align_pro import AlignProLoss
-    from pretrain.models.trimodal import TriModalModel
-    from pretrain.precision import embeddings_to_fp32, forward_autocast, resolve_precision
-    from pretrain.two_pass import two_pass_step
+    from pretrain.engine.builder import build_model
+    from pretrain.engine.precision import embeddings_to_fp32, forward_autocast, resolve_precision
+    from pretrain.engine.two_pass import two_pass_step
+    from pretrain.losses.registry import build_objective
 
     torch.manual_seed(0)
-    model = TriModalModel.from_config(cfg).to(device).train()
+    objective = build_objective(cfg.loss)
+    model = build_model(cfg, objective=objective).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    loss_fn = AlignProLoss(cfg.loss)
     dtype = resolve_precision(cfg.train.precision, device)
     batch = batch_to_device(batch, device)
     peak = _PeakMemory(device) if measure else None
@@ -137,12 +137,12 @@ def _train_step(cfg, batch: dict, device: torch.device, two_pass: bool, chunk: i
     t0 = time.perf_counter()
     with peak if peak is not None else _Nothing():
         if two_pass:
-            terms, _ = two_pass_step(model, batch, loss_fn, chunk, autocast_dtype=dtype)
+            terms, _ = two_pass_step(model, batch, objective, chunk, autocast_dtype=dtype)
         else:
             with forward_autocast(dtype, device):
                 emb = model(batch)
             emb = embeddings_to_fp32(emb)
-            terms = loss_fn(emb, batch["present"], emb["logit_scale"])
+            terms = objective(emb, batch)
             terms["loss"].backward()
         opt.step()
         if device.type == "cuda":
@@ -284,15 +284,15 @@ def main(argv: list[str] | None = None) -> None:
     from data_shards.reader import iter_records
     from pretrain.config import load_config
     from pretrain.data.collate import BatchBuilder
-    from pretrain.losses.align_pro import AlignProLoss
-    from pretrain.precision import resolve_precision
+    from pretrain.losses.registry import build_objective
+    from pretrain.engine.precision import resolve_precision
 
     with tempfile.TemporaryDirectory() as tmp:  # a small demo corpus, a few seconds to build
         build_demo_corpus(Path(tmp), num_train=96, num_heldout=48, samples_per_shard=48, seed=0)
         demo = list(iter_records(sorted((Path(tmp) / "train").glob("*.tar"))[0]))
     cfg = load_config(args.recipe, args.set)
     records = _long_records(demo, args.length, args.distinct)
-    builder = BatchBuilder(cfg, views=AlignProLoss(cfg.loss).needs_views())
+    builder = BatchBuilder(cfg, views=build_objective(cfg.loss).needs_views())
     base_batch = builder.build(records, np.random.default_rng(0), train=True)
 
     results = []

@@ -160,13 +160,13 @@ def parameter_counts(cfg: Config) -> dict[str, int]:
         ``sequence``, ``structure``, ``text``, ``heads`` (projection heads, logit scale and, in
         protclip mode, the BSR / PDA heads) and ``total`` (shared tensors counted once).
     """
+    from pretrain.losses.registry import build_objective
     from pretrain.models.trimodal import TriModalModel
 
     cfg = _buildable(cfg)
     vocab = TEXT_PRESETS[cfg.model.text.preset]["vocab_size"]  # the pretrained vocabulary, not the demo one
-    protclip = cfg.loss.protclip if cfg.loss.objective == "protclip" else None
-    with torch.device("meta"):
-        model = TriModalModel(cfg.model, text_vocab_size=vocab, protclip=protclip)
+    with torch.device("meta"):  # with the modules the objective adds (ProtCLIP's BSR / PDA heads)
+        model = TriModalModel(cfg.model, text_vocab_size=vocab, objective=build_objective(cfg.loss))
     parts = {
         "sequence": model.sequence_encoder,
         "structure": model.structure_encoder,

@@ -197,7 +197,6 @@ def check_rewrite(text: str, fields: dict, min_chars: int, max_chars: int) -> tu
 
 
 def _rule_fallback(fields: dict, key: str) -> str:
-    from data_shards.text_rules import augment_text  # the rule-based descriptions training uses too
 
     rng = np.random.default_rng(int(key[:16], 16))
     plain = {k: v for k, v in fields.items() if k != TEXT_REWRITES_FIELD}

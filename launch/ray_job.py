@@ -26,7 +26,7 @@ Python cannot install signal handlers.
 
 Testing aid (never for real runs): ``ALIGN_PRO_KILL_AT_STEP=N`` in the driver's environment
 makes rank 0 SIGKILL its own worker process once per run directory right after step N (see
-``pretrain.trainer._maybe_inject_fault``); Ray Train sees a dead worker and restarts the group.
+``pretrain.engine.run_files.maybe_inject_fault``); Ray Train sees a dead worker and restarts the group.
 """
 
 from __future__ import annotations

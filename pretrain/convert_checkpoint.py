@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1:
         p.error("--workers must be at least 1")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the conversion itself runs on the CPU
-    from pretrain import checkpoint
+    from pretrain.engine import checkpoint
 
     ckpt_dir = args.run_dir / "checkpoints"
     start = time.monotonic()

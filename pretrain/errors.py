@@ -9,3 +9,7 @@ class RunStopped(RuntimeError):
     Raised on every rank together; the launchers print the message once and exit with code 3.
     The latest complete checkpoint is intact, so fixing the cause and relaunching resumes.
     """
+
+
+class ConfigError(ValueError):
+    """A recipe, override or DeepSpeed config is invalid; the message names the field or file."""

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import matplotlib
 
-from pretrain.logging_backends import read_metrics
+from pretrain.engine.logging_backends import read_metrics
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

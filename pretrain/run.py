@@ -32,10 +32,10 @@ def prepare(recipe: str | None, overrides: list[str], ds_config: str, run_dir: s
             directory holding a different model, or a resume under another data sampling plan.
     """
     from data_shards.storage import join
-    from pretrain.checkpoint import finished_step
     from pretrain.data.stream import check_plan, check_resumable_plan, plan_settings
-    from pretrain.ds_config import load_deepspeed_config, resolve_deepspeed_config
-    from pretrain.export import export_step
+    from pretrain.engine.checkpoint import finished_step
+    from pretrain.engine.ds_config import load_deepspeed_config, resolve_deepspeed_config
+    from pretrain.engine.export import export_step
 
     run_dir = Path(run_dir)
     try:
@@ -118,9 +118,11 @@ def train_and_evaluate(plan: RunPlan, rank: int) -> bool:
     """
     import torch.distributed as dist
 
-    from pretrain.trainer import Trainer
+    from pretrain.engine.trainer import Trainer
+    from pretrain.eval.validation import validator_for
 
-    trainer = Trainer(plan.cfg, plan.deepspeed_config, plan.run_dir)
+    validator = validator_for(plan.cfg) if plan.cfg.train.validate_every else None
+    trainer = Trainer(plan.cfg, plan.deepspeed_config, plan.run_dir, validator=validator)
     try:
         trainer.setup()
         trainer.train()

@@ -189,8 +189,8 @@ def search_text(
     query: str, index_dir: Path, export_dir: Path | str, target: str, k: int, backend: str = "auto"
 ) -> dict:
     """Embed ``query`` with the export's text encoder; top-k proteins by ``target`` embedding."""
+    from pretrain.engine.export import load_exported
     from pretrain.eval.embed import embed_texts, resolve_device
-    from pretrain.export import load_exported
 
     model, cfg = load_exported(export_dir, device=resolve_device("auto"))
     index = SearchIndex.load(index_dir, target, backend=backend)

@@ -11,8 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from pretrain.checkpoint import latest_tag
-from pretrain.logging_backends import read_metrics
+from pretrain.engine.checkpoint_tags import latest_tag
+from pretrain.engine.logging_backends import read_metrics
 
 
 def summarize(run_dir: Path) -> str:

@@ -43,7 +43,7 @@ RAY_GROUP_MODULES = {
 REFERENCE_GROUP_MODULES = {
     "tests/launch/test_elastic.py",
     "tests/launch/test_multinode.py",
-    "tests/pretrain/test_two_pass_zero3.py",
+    "tests/pretrain/engine/test_two_pass_zero3.py",
 }
 
 

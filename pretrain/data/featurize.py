@@ -28,9 +28,8 @@ import math
 import torch
 from torch import Tensor
 
-NODE_S_DIM = 6  # sin/cos of phi, psi, omega
-NODE_V_DIM = 3  # forward CA, backward CA, imputed CB direction
-EDGE_V_DIM = 1  # unit direction source -> target
+from pretrain.models.graph_format import EDGE_V_DIM, NODE_S_DIM, NODE_V_DIM, edge_s_dim  # noqa: F401 (the format built here)
+
 
 _EPS = 1e-8
 _RBF_MAX_DISTANCE = 20.0  # Angstrom; RBF centres span [0, 20]
@@ -38,11 +37,6 @@ _RBF_MAX_DISTANCE = 20.0  # Angstrom; RBF centres span [0, 20]
 # C(i)-N(i+1) is 1.33 A in a peptide bond, CA(i)-CA(i+1) 3.8 A (2.9 A cis).
 _MAX_PEPTIDE_BOND = 2.0
 _MAX_CA_STEP = 4.5
-
-
-def edge_s_dim(num_rbf: int = 16, num_positional: int = 16) -> int:
-    """Width of the scalar edge features produced by :func:`backbone_graph`."""
-    return num_rbf + num_positional
 
 
 def _normalize(x: Tensor, dim: int = -1) -> Tensor:

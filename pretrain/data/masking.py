@@ -28,11 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = -100  # label of positions without a prediction target (torch cross_entropy default)
+from pretrain.models.protclip_modules import IGNORE_INDEX, NUM_SEGMENTS, SEGMENTS
 
-# Property segments of a function text, in slot order: segment id k always means SEGMENTS[k].
-SEGMENTS = ("name", "function", "location", "similarity", "go_f", "go_p", "go_c", "ec")
-NUM_SEGMENTS = len(SEGMENTS)
 _GO_PREFIX = {"F": "Molecular function: ", "P": "Biological process: ", "C": "Cellular component: "}
 CANONICAL_AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"  # BERT's 10% random replacements draw from these
 

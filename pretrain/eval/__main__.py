@@ -31,11 +31,11 @@ from pathlib import Path
 
 import torch
 
+from pretrain.engine.export import load_exported
 from pretrain.eval.embed import Annotations, embed_shards, embed_texts, read_annotations, resolve_device
 from pretrain.eval.function import FunctionSettings, evaluate_function
 from pretrain.eval.probes import ProbeConfig
 from pretrain.eval.retrieval import retrieval_metrics, text_groups
-from pretrain.export import load_exported
 
 log = logging.getLogger(__name__)
 

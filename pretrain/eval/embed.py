@@ -18,9 +18,9 @@ import torch
 from data_shards.manifest import load_manifest
 from data_shards.reader import BadSampleError, BadShardError, ShardReader
 from data_shards.schema import ProteinRecord
+from data_shards.text_rules import canonical_text
 from pretrain.config import Config
 from pretrain.data.collate import BatchBuilder
-from data_shards.text_rules import canonical_text
 from pretrain.models.text_encoder import build_tokenizer, tokenize_texts
 from pretrain.models.trimodal import MODALITIES, TriModalModel
 

@@ -26,8 +26,8 @@ import pyarrow.parquet as pq
 import torch
 
 from data_shards.text_rules import canonical_text
+from pretrain.engine.export import load_exported
 from pretrain.eval.embed import count_samples, iter_embedded_batches, resolve_device
-from pretrain.export import load_exported
 from pretrain.models.trimodal import MODALITIES
 
 

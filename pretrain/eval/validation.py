@@ -7,8 +7,10 @@ passes gather partitioned parameters collectively); each rank computes the same 
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -92,3 +94,11 @@ def validate_model(
         out[f"{prefix}{name}/median_rank"] = d["median_rank"]
     out[f"{prefix}time_s"] = time.perf_counter() - t0
     return out
+
+
+def validator_for(cfg: Config) -> Callable[[torch.nn.Module], dict[str, float]]:
+    """The trainer's validation (``train.validate_every``): :func:`validate_model` on the first
+    ``eval.validation_samples`` proteins of ``data.eval_shards``."""
+    return functools.partial(
+        validate_model, cfg=cfg, shard_dir=cfg.data.eval_shards, max_samples=cfg.eval.validation_samples
+    )

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from kernels import check_equal_rows, gathered_symmetric_infonce
-from pretrain.config import LossConfig
+from pretrain.errors import ConfigError
+from pretrain.losses.config import LossConfig
 from pretrain.losses.false_negatives import grouped_symmetric_infonce
+from pretrain.losses.objective import Objective
 
 # (metric name, first embedding, second embedding, presence key a, presence key b, weight attribute)
 _PAIR_TERMS = (
@@ -46,16 +47,31 @@ _GROUPED_TERMS = frozenset({"loss_seq_text", "loss_struct_text", "loss_intra_tex
 
 
 @dataclass
-class AlignProLoss:
-    """Callable computing the total loss and its named terms for one rank's batch."""
+class AlignProLoss(Objective):
+    """The Align-Pro objective (``loss.objective: align_pro``): total loss and named terms of one rank's batch."""
 
+    name = "align_pro"
     cfg: LossConfig
+
+    @classmethod
+    def from_config(cls, cfg: LossConfig) -> AlignProLoss:
+        return cls(cfg)
+
+    @classmethod
+    def validate_config(cls, cfg: LossConfig) -> None:
+        if not any(w > 0 for w in (cfg.alpha, cfg.beta, cfg.gamma, cfg.intra_seq, cfg.intra_struct, cfg.intra_text)):
+            raise ConfigError("loss weights must be >= 0 and at least one must be > 0")
+
+    def __call__(self, out: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
+        """:meth:`compute` on the model's output (its ``logit_scale``) and the batch's ``present`` /
+        ``text_group`` (the :class:`~pretrain.losses.objective.Objective` call)."""
+        return self.compute(out, batch["present"], out["logit_scale"], batch.get("text_group"))
 
     def needs_views(self) -> dict[str, bool]:
         """Which modalities need a second stochastic view (intra-modal weight > 0)."""
         return {mod: getattr(self.cfg, attr) > 0 for _, mod, attr in _INTRA_TERMS}
 
-    def __call__(
+    def compute(
         self,
         emb: dict[str, Tensor],
         present: dict[str, Tensor],
@@ -128,9 +144,3 @@ class AlignProLoss:
             strategy=self.cfg.strategy,
             check_rows=False,
         )
-
-
-def detach_terms(terms: dict[str, Tensor]) -> dict[str, float]:
-    """Loss terms as Python floats for logging."""
-    with torch.no_grad():
-        return {k: float(v.detach().float().reshape(-1)[0]) for k, v in terms.items()}

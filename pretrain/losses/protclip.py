@@ -25,12 +25,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from kernels import gathered_symmetric_infonce
+from pretrain.errors import ConfigError
 from pretrain.losses.false_negatives import GROUP_MODES, grouped_symmetric_infonce
-
-IGNORE_INDEX = -100
+from pretrain.losses.objective import LossSection, Objective
+from pretrain.models.protclip_modules import IGNORE_INDEX, ProtCLIPHeads
 
 
 @dataclass
@@ -132,8 +133,13 @@ def segment_infonce(
     return loss
 
 
-class ProtCLIPLoss:
-    """Callable computing the ProtCLIP total and its named terms for one rank's batch.
+class ProtCLIPLoss(Objective):
+    """The ProtCLIP objective (``loss.objective: protclip``): total and named terms of one rank's batch.
+
+    It adds :class:`~pretrain.models.protclip_modules.ProtCLIPHeads` to the model as ``protclip``
+    (:meth:`build_heads`); its training batches carry ``protclip`` targets and no second views. Its
+    MLM / BSR / PDA terms read per-token states, not only pooled embeddings, so the two-pass step
+    cannot compute it (``two_pass = False``).
 
     Args:
         cfg: loss weights and settings.
@@ -148,7 +154,35 @@ class ProtCLIPLoss:
         self.backend = backend
         self.strategy = strategy
 
-    def __call__(self, out: dict[str, Tensor], present: dict[str, Tensor], targets: dict) -> dict[str, Tensor]:
+    name = "protclip"
+    two_pass = False
+
+    @classmethod
+    def from_config(cls, cfg: LossSection) -> ProtCLIPLoss:
+        """From the ``loss`` section: its ``protclip`` subsection, GC's ``backend`` and ``strategy``."""
+        return cls(cfg.protclip, backend=cfg.backend, strategy=cfg.strategy)
+
+    @classmethod
+    def validate_config(cls, cfg: LossSection) -> None:
+        if cfg.false_negatives != "none":
+            raise ConfigError(
+                "loss.false_negatives is the align_pro objective's switch; use loss.protclip.false_negatives"
+            )
+        try:
+            validate_protclip_config(cfg.protclip)
+        except ValueError as e:
+            raise ConfigError(f"loss.protclip: {e}") from None
+
+    def build_heads(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The BSR decoder and PDA head, sized for ``model``'s encoders, as ``model.protclip``."""
+        return {"protclip": ProtCLIPHeads.for_model(self.cfg, model)}
+
+    def __call__(self, out: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
+        """:meth:`compute` on the batch's ``present`` and ``protclip`` targets (the
+        :class:`~pretrain.losses.objective.Objective` call)."""
+        return self.compute(out, batch["present"], batch["protclip"])
+
+    def compute(self, out: dict[str, Tensor], present: dict[str, Tensor], targets: dict) -> dict[str, Tensor]:
         """Compute the loss.
 
         Args:

@@ -24,6 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+IGNORE_INDEX = -100  # label of positions without a prediction target (torch cross_entropy default)
+
+# Property segments of a function text, in slot order: segment id k always means SEGMENTS[k].
+SEGMENTS = ("name", "function", "location", "similarity", "go_f", "go_p", "go_c", "ec")
+NUM_SEGMENTS = len(SEGMENTS)
+
 
 def _safe_key_mask(valid: Tensor) -> Tensor:
     """``valid`` with position 0 switched on in rows that have no valid position at all.
@@ -136,7 +142,7 @@ class PDAHead(nn.Module):
         protein_dim, text_dim: encoder widths.
         proj_dim: width of segment vectors and prototypes.
         num_prototypes: size of the memory bank.
-        num_segments: property slots S (``pretrain.data.masking.NUM_SEGMENTS``).
+        num_segments: property slots S (``NUM_SEGMENTS``).
         quantize: ``"soft"`` or ``"ste"``.
         assign_temperature: softmax temperature of the soft assignment.
         pool_temperature: softmax temperature of residue pooling.
@@ -240,9 +246,9 @@ class PDAHead(nn.Module):
 class ProtCLIPHeads(nn.Module):
     """The modules ProtCLIP adds to a :class:`~pretrain.models.trimodal.TriModalModel`.
 
-    Built from a ``ProtCLIPLossConfig`` (``pretrain.losses.protclip``) and the encoder widths;
-    attach as ``model.protclip`` and put its parameters in the "heads" group (trained in both
-    stages). A submodule whose weight is 0 is not built.
+    Built from a ``ProtCLIPLossConfig`` (``pretrain.losses.protclip``) and the encoder widths by
+    ``ProtCLIPLoss.build_heads``; the model holds it as ``model.protclip`` and puts its parameters
+    in the "heads" group (trained in both stages). A submodule whose weight is 0 is not built.
     """
 
     def __init__(self, cfg, protein_dim: int, text_dim: int, vocab_size: int, num_segments: int = 8):
@@ -281,10 +287,16 @@ class ProtCLIPHeads(nn.Module):
     @classmethod
     def for_model(cls, cfg, model: nn.Module) -> ProtCLIPHeads:
         """Heads sized for ``model``'s sequence and text encoders."""
-        from pretrain.data.masking import NUM_SEGMENTS
-
         seq = model.sequence_encoder
         return cls(cfg, seq.output_dim, model.text_encoder.output_dim, len(seq.alphabet), NUM_SEGMENTS)
+
+    def claims(self, batch: dict) -> bool:
+        """Whether the model's forward on ``batch`` is ProtCLIP's (a training batch with ``protclip`` targets)."""
+        return "protclip" in batch
+
+    def run(self, model: nn.Module, batch: dict) -> dict[str, Tensor]:
+        """:func:`protclip_forward` of ``model`` with these heads (called inside the model's forward)."""
+        return protclip_forward(model, self, batch)
 
 
 def _pool_text(text_encoder: nn.Module, hidden: Tensor, attention_mask: Tensor) -> Tensor:

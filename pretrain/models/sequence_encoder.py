@@ -21,7 +21,7 @@ import torch
 from esm.model.esm2 import ESM2
 from torch import Tensor, nn
 
-from pretrain.models.checkpointing import is_layer_checkpointed, set_layer_checkpointing
+from pretrain.models.activation_checkpointing import is_layer_checkpointed, set_layer_checkpointing
 
 # name -> (num_layers, embed_dim, attention_heads), as published by fair-esm.
 ESM2_PRESETS: dict[str, tuple[int, int, int]] = {
@@ -231,7 +231,7 @@ class SequenceEncoder(nn.Module):
             load_esm2_weights(self.esm, cfg.weights)
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
-        """Recompute each ESM-2 transformer layer's activations in backward (``pretrain.models.checkpointing``)."""
+        """Recompute each ESM-2 layer's activations in backward (``pretrain.models.activation_checkpointing``)."""
         set_layer_checkpointing(self.esm.layers, enabled)
 
     @property

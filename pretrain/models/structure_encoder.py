@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pretrain.data.featurize import EDGE_V_DIM, NODE_S_DIM, NODE_V_DIM, edge_s_dim
-from pretrain.models.checkpointing import is_layer_checkpointed, set_layer_checkpointing
+from pretrain.models.activation_checkpointing import is_layer_checkpointed, set_layer_checkpointing
+from pretrain.models.graph_format import EDGE_V_DIM, NODE_S_DIM, NODE_V_DIM, edge_s_dim
 
 Dims = tuple[int, int]  # (scalar channels, vector channels)
 ScalarVector = tuple[Tensor, Tensor]  # (s (N, S), v (N, V, 3))
@@ -261,7 +261,7 @@ class StructureEncoder(nn.Module):
         self.output_dim = node_h[0]
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
-        """Recompute each GVPConvLayer's activations in backward (``pretrain.models.checkpointing``)."""
+        """Recompute each GVPConvLayer's activations in backward (``pretrain.models.activation_checkpointing``)."""
         set_layer_checkpointing(self.layers, enabled)
 
     @property

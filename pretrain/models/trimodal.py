@@ -2,30 +2,50 @@
 
 ``encode_*`` return L2-normalised embeddings in the shared space (open_clip style); the
 learned log logit scale starts at log(1 / T0) and is clamped at ``max_logit_scale``.
-Built with a ``ProtCLIPLossConfig`` the model also owns the ProtCLIP heads (``self.protclip``)
-and its forward runs :func:`~pretrain.models.protclip_modules.protclip_forward` on batches that
-carry ``protclip`` targets (training batches of ``loss.objective: protclip``).
+An objective may add modules of its own (``objective.build_heads``, e.g. ProtCLIP's heads as
+``self.protclip``); the forward hands a batch such a module claims to it (ProtCLIP's training
+batches, which carry ``protclip`` targets). The model knows no objective by name.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pretrain.config import Config, ModelConfig
-from pretrain.losses.protclip import ProtCLIPLossConfig
+from pretrain.errors import ConfigError
 from pretrain.models.heads import ProjectionHead
-from pretrain.models.protclip_modules import ProtCLIPHeads, protclip_forward
-from pretrain.models.sequence_encoder import SequenceEncoder
-from pretrain.models.structure_encoder import StructureEncoder
-from pretrain.models.text_encoder import TextEncoder
+from pretrain.models.sequence_encoder import SequenceEncoder, SequenceEncoderConfig
+from pretrain.models.structure_encoder import StructureEncoder, StructureEncoderConfig
+from pretrain.models.text_encoder import TextEncoder, TextEncoderConfig
 
 MODALITIES = ("sequence", "structure", "text")
 NO_DECAY = "_no_decay"  # suffix of the parameter groups AdamW does not decay (see parameter_groups)
+
+
+@dataclass
+class ModelConfig:
+    sequence: SequenceEncoderConfig = field(default_factory=SequenceEncoderConfig)
+    structure: StructureEncoderConfig = field(default_factory=StructureEncoderConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    embed_dim: int = 256  # shared embedding dimension of the three projection heads
+    head_hidden_dim: int | None = None  # hidden width of each 2-layer head (None: the encoder width)
+    head_dropout: float = 0.0  # dropout between the two head layers
+    init_temperature: float = 0.07  # CLIP's initial softmax temperature; logit scale = 1 / T
+    max_logit_scale: float = 100.0  # clamp of the learned logit scale (CLIP)
+
+    def validate(self) -> None:
+        """Cross-field checks of the ``model`` section; raises ConfigError naming the field."""
+        if not 0.0 <= self.head_dropout < 1.0:
+            raise ConfigError(f"model.head_dropout={self.head_dropout}: expected a value in [0, 1)")
+        if self.init_temperature <= 0 or self.max_logit_scale <= 0:
+            raise ConfigError("model.init_temperature and model.max_logit_scale must be > 0")
+        if self.embed_dim < 1:
+            raise ConfigError(f"model.embed_dim={self.embed_dim}: must be >= 1")
 
 
 class TriModalModel(nn.Module):
@@ -34,8 +54,9 @@ class TriModalModel(nn.Module):
     Args:
         cfg: the model recipe.
         text_vocab_size: overrides the text encoder's vocabulary size.
-        protclip: with a ``ProtCLIPLossConfig``, also build the ProtCLIP heads (BSR decoder, PDA
-            head) as ``self.protclip``; None (Align-Pro) builds none.
+        objective: the training objective (``pretrain.losses.objective.Objective``) whose
+            ``build_heads(model)`` modules the model adds (e.g. ProtCLIP's BSR decoder and PDA
+            head as ``self.protclip``); None adds none.
         load_pretrained: read ``sequence.weights`` and ``text.pretrained_dir``'s weights; False
             builds the same architecture without them (the caller loads a full state dict).
     """
@@ -44,7 +65,7 @@ class TriModalModel(nn.Module):
         self,
         cfg: ModelConfig,
         text_vocab_size: int | None = None,
-        protclip: ProtCLIPLossConfig | None = None,
+        objective=None,
         load_pretrained: bool = True,
     ):
         super().__init__()
@@ -64,18 +85,10 @@ class TriModalModel(nn.Module):
         self.heads = nn.ModuleDict(heads)
         # Shape [1], not []: deepspeed 0.19.8 fails at start-up on 0-dim parameters.
         self.log_logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / cfg.init_temperature)))
-        self.protclip = ProtCLIPHeads.for_model(protclip, self) if protclip is not None else None
-
-    @classmethod
-    def from_config(cls, cfg: Config, load_pretrained: bool = True) -> TriModalModel:
-        """The model a run's full recipe trains: with the ProtCLIP heads when ``loss.objective`` is protclip."""
-        model = cls(
-            cfg.model,
-            protclip=cfg.loss.protclip if cfg.loss.objective == "protclip" else None,
-            load_pretrained=load_pretrained,
-        )
-        model.set_activation_checkpointing(cfg.train.activation_checkpointing)
-        return model
+        extra = objective.build_heads(self) if objective is not None else {}
+        for name, module in extra.items():
+            self.add_module(name, module)
+        self.objective_heads = tuple(extra)  # attribute names of the objective's modules, in build order
 
     def set_activation_checkpointing(self, encoders: list[str] | tuple[str, ...]) -> None:
         """Checkpoint the layers of the named encoders (``sequence``, ``structure``, ``text``), not the others."""
@@ -107,11 +120,13 @@ class TriModalModel(nn.Module):
 
         Returns a dict with ``sequence``, ``structure``, ``text`` (B, E) embeddings, and
         ``sequence_view2`` / ``structure_view2`` / ``text_view2`` when the batch carries
-        second stochastic views for the intra-modal losses. A batch with ``protclip`` targets on
-        a model with ProtCLIP heads gets :func:`protclip_forward`'s output instead.
+        second stochastic views for the intra-modal losses. A batch that one of the objective's
+        modules claims (ProtCLIP's, with ``protclip`` targets) gets that module's output instead.
         """
-        if self.protclip is not None and "protclip" in batch:
-            return protclip_forward(self, self.protclip, batch)
+        for name in self.objective_heads:
+            module = getattr(self, name)
+            if module.claims(batch):
+                return module.run(self, batch)
         out = {
             "sequence": self.encode_sequence(batch["seq_tokens"]),
             "structure": self.encode_structure(batch["graph"]),
@@ -132,15 +147,15 @@ class TriModalModel(nn.Module):
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Named groups for the two-stage schedule and weight decay.
 
-        The three encoders (``encoder_*``) and the heads + scale (``heads``, with the ProtCLIP heads
-        when built), each split in two: ``<name>`` holds the matrices, which AdamW decays, and
+        The three encoders (``encoder_*``) and the heads + scale (``heads``, with the objective's
+        modules when it added any), each split in two: ``<name>`` holds the matrices, which AdamW decays, and
         ``<name>_no_decay`` every parameter with fewer than two dimensions (biases, norm gains, the
         logit scale), which it must not: decay would pull layer-norm gains and the temperature
         toward 0 (the rule of BERT and open_clip). Empty groups are left out.
         """
         heads = list(self.heads.parameters()) + [self.log_logit_scale]
-        if self.protclip is not None:
-            heads += list(self.protclip.parameters())
+        for name in self.objective_heads:
+            heads += list(getattr(self, name).parameters())
         by_part = {
             "encoder_sequence": list(self.sequence_encoder.parameters()),
             "encoder_structure": list(self.structure_encoder.parameters()),

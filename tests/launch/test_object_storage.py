@@ -64,7 +64,7 @@ def test_s3_shards_train_and_a_checkpoint_round_trips_through_s3(tmp_path, small
     assert {"runs/r1/checkpoints/step00000005/COMPLETE", "runs/r1/checkpoints/step00000005/rank_1.pt"} <= set(keys)
     assert {"runs/r1/export/model.safetensors", "runs/r1/export/config.yaml", "runs/r1/config.yaml"} <= set(keys)
 
-    from pretrain.export import load_exported
+    from pretrain.engine.export import load_exported
 
     model, cfg = load_exported(s3.url("runs", "r1", "export"))
     assert cfg.train.remote_dir == s3.url("runs", "r1")

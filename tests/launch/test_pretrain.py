@@ -72,7 +72,7 @@ def test_two_rank_zero3_ray_smoke_resume_and_eval(tmp_path, small_demo):
 def test_stage1_keeps_encoders_bit_identical(tmp_path, small_demo, zero):
     from pretrain.config import load_config
     from pretrain.models.trimodal import TriModalModel
-    from pretrain.trainer import seed_everything
+    from pretrain.engine.schedule import seed_everything
 
     run = tmp_path / "run"
     over = ["train.max_steps=2", "train.stage1_steps=2", "train.eval_at_end=false", "data.loader=local"]
@@ -90,7 +90,7 @@ def test_stage1_keeps_encoders_bit_identical(tmp_path, small_demo, zero):
     assert any(not torch.equal(init[k], trained[k]) for k in heads), "heads did not train"
     # `python -m pretrain.export --run-dir` consolidates the sharded checkpoint offline (DeepSpeed's
     # zero_to_fp32 under weights-only loads) into the same weights the engine exported.
-    from pretrain.export import export_checkpoint
+    from pretrain.engine.export import export_checkpoint
 
     offline = load_file(str(export_checkpoint(run, out_dir=tmp_path / "offline") / "model.safetensors"))
     assert offline.keys() == trained.keys()

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pretrain.export import load_exported
+from pretrain.engine.export import load_exported
 from tests.conftest import run_launcher
 
 pytestmark = pytest.mark.slow

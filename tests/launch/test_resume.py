@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pretrain.export import export_step
+from pretrain.engine.export import export_step
 from tests.conftest import run_launcher
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,8 @@ import torch
 from pretrain.config import load_config
 from pretrain.data.collate import BatchBuilder
 from pretrain.data.masking import NUM_SEGMENTS
-from pretrain.export import load_exported, write_export
+from pretrain.engine.builder import build_model
+from pretrain.engine.export import load_exported, write_export
 from pretrain.losses.protclip import ProtCLIPLoss
 from pretrain.models.trimodal import TriModalModel
 from tests.conftest import TINY_OVERRIDES
@@ -87,15 +88,17 @@ def test_align_pro_batches_have_no_protclip_targets(records):
 
 def test_tiny_model_forward_loss_backward(cfg, batch):
     torch.manual_seed(0)
-    model = TriModalModel.from_config(cfg)
-    assert model.protclip is not None and TriModalModel(cfg.model).protclip is None
+    model = build_model(cfg)
+    assert model.protclip is not None and not hasattr(TriModalModel(cfg.model), "protclip")
     heads = {id(p) for name, ps in model.parameter_groups().items() if name.startswith("heads") for p in ps}
     assert all(id(p) in heads for p in model.protclip.parameters())
     grouped = sum(len(ps) for ps in model.parameter_groups().values())
     assert grouped == len(list(model.parameters()))  # every parameter in exactly one group
     out = model(batch)
     lo = cfg.loss
-    terms = ProtCLIPLoss(lo.protclip, backend="torch", strategy=lo.strategy)(out, batch["present"], batch["protclip"])
+    terms = ProtCLIPLoss(lo.protclip, backend="torch", strategy=lo.strategy).compute(
+        out, batch["present"], batch["protclip"]
+    )
     for key in ("loss", "loss_gc", "loss_mlm", "loss_bsr", "loss_pda"):
         assert torch.isfinite(terms[key]), key
     terms["loss"].backward()
@@ -116,7 +119,7 @@ def test_tiny_model_forward_loss_backward(cfg, batch):
 
 def test_export_round_trip_of_a_protclip_model(cfg, tmp_path):
     torch.manual_seed(1)
-    model = TriModalModel.from_config(cfg)
+    model = build_model(cfg)
     out = write_export(model.state_dict(), cfg, tmp_path / "export")
     loaded, loaded_cfg = load_exported(out)
     assert loaded_cfg.loss.objective == "protclip" and loaded_cfg.loss.protclip == cfg.loss.protclip

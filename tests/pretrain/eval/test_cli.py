@@ -6,11 +6,11 @@ import shutil
 import numpy as np
 import pytest
 
+from pretrain.engine.export import load_exported
 from pretrain.eval.__main__ import main, parse_tasks
 from pretrain.eval.embed import embed_shards
 from pretrain.eval.labels import LabelSpace
 from pretrain.eval.probes import load_probe, predict
-from pretrain.export import load_exported
 
 METHODS = {
     "probe/sequence",

@@ -3,9 +3,9 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 
+from pretrain.engine.export import load_exported
 from pretrain.eval.embed import embed_shards
 from pretrain.eval.export_embeddings import main
-from pretrain.export import load_exported
 
 
 def test_export_all_modalities_matches_embed_shards(tiny_export, tiny_corpus, tmp_path, capsys):

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from pretrain.config import ConfigError
-from pretrain.export import MODEL_FILE, load_exported
+from pretrain.engine.export import MODEL_FILE, load_exported
 
 
 class _Payload:

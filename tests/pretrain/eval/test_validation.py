@@ -1,9 +1,9 @@
 import pytest
 
 from data_shards import storage
+from pretrain.engine.export import load_exported
 from pretrain.eval import validation
 from pretrain.eval.validation import validate_model
-from pretrain.export import load_exported
 from tests.s3_server import s3  # noqa: F401 - the fixture
 
 

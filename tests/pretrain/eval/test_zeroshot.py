@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
+from pretrain.engine.export import load_exported
 from pretrain.eval.embed import Annotations, embed_texts
 from pretrain.eval.function import FunctionSettings, evaluate_function
 from pretrain.eval.zeroshot import ec_dashed, ec_prompt, go_prompt, load_ec_names, zero_shot_scores
-from pretrain.export import load_exported
 
 
 def test_prompts():

@@ -87,7 +87,7 @@ def build_corpus(out: Path) -> Path:
 def build_export(corpus: Path, out: Path, seed: int = 0) -> Path:
     """An untrained tiny TriModalModel of the demo recipe (1-layer encoders) exported to ``out``."""
     from pretrain.config import load_config
-    from pretrain.export import write_export
+    from pretrain.engine.export import write_export
     from pretrain.models.trimodal import TriModalModel
 
     cfg = load_config(

@@ -80,7 +80,7 @@ def test_terms_and_total_on_a_hand_checkable_pair():
     present = {m: torch.ones(2, dtype=torch.bool) for m in MODS}
     cfg = LossConfig(alpha=0.0, beta=2.0, gamma=0.0, intra_seq=0.0, intra_struct=0.0, intra_text=0.0, backend="torch")
     s = torch.tensor([3.0])
-    terms = AlignProLoss(cfg)(e, present, s)
+    terms = AlignProLoss(cfg).compute(e, present, s)
     assert set(terms) == {"loss", "loss_seq_text"}
     # seq->text: row 0 logits (3, 1.8), row 1 (0, 2.4); text->seq: row 0 (3, 0), row 1 (1.8, 2.4)
     lse = lambda x, y: torch.logsumexp(torch.tensor([x, y]), 0)  # noqa: E731
@@ -93,7 +93,7 @@ def test_terms_and_total_on_a_hand_checkable_pair():
 def test_matches_the_term_by_term_reference(mode):
     cfg = replace(CFG, false_negatives=mode)
     emb = _emb()
-    got = _loss_and_grads(lambda e, s: AlignProLoss(cfg)(e, PRESENT, s, GROUPS)["loss"], emb)
+    got = _loss_and_grads(lambda e, s: AlignProLoss(cfg).compute(e, PRESENT, s, GROUPS)["loss"], emb)
     ref = _loss_and_grads(lambda e, s: _reference(e, PRESENT, s, cfg, GROUPS), emb)
     torch.testing.assert_close(got[0], ref[0], rtol=1e-10, atol=1e-12)
     for k in emb:
@@ -104,15 +104,15 @@ def test_matches_the_term_by_term_reference(mode):
 def test_groups_change_only_the_text_terms():
     emb = _emb(1)
     s = torch.tensor([4.0], dtype=torch.float64)
-    plain = AlignProLoss(CFG)(emb, PRESENT, s)
-    grouped = AlignProLoss(replace(CFG, false_negatives="text"))(emb, PRESENT, s, GROUPS)
+    plain = AlignProLoss(CFG).compute(emb, PRESENT, s)
+    grouped = AlignProLoss(replace(CFG, false_negatives="text")).compute(emb, PRESENT, s, GROUPS)
     for name in ("loss_seq_struct", "loss_intra_seq", "loss_intra_struct"):
         torch.testing.assert_close(grouped[name], plain[name], rtol=0, atol=0, msg=name)
     for name in ("loss_seq_text", "loss_struct_text", "loss_intra_text"):
         assert not torch.isclose(grouped[name], plain[name]), name
     # Without duplicates the grouped loss is the plain one.
     singles = torch.arange(N, dtype=torch.int64) + 1000
-    again = AlignProLoss(replace(CFG, false_negatives="text"))(emb, PRESENT, s, singles)
+    again = AlignProLoss(replace(CFG, false_negatives="text")).compute(emb, PRESENT, s, singles)
     for name, value in plain.items():
         torch.testing.assert_close(again[name], value, rtol=1e-12, atol=1e-12, msg=name)
 
@@ -121,7 +121,7 @@ def test_missing_groups_and_bad_modes_are_clear_errors():
     cfg = replace(CFG, false_negatives="go")
     emb = _emb()
     with pytest.raises(KeyError, match="text_group"):
-        AlignProLoss(cfg)(emb, PRESENT, torch.tensor([4.0], dtype=torch.float64))
+        AlignProLoss(cfg).compute(emb, PRESENT, torch.tensor([4.0], dtype=torch.float64))
     with pytest.raises(ConfigError, match="loss.false_negatives='texts'"):
         load_config(overrides=["loss.false_negatives=texts"])
     with pytest.raises(ConfigError, match="protclip.false_negatives"):
@@ -183,7 +183,9 @@ def _worker(rank: int, init_file: str, out_dir: str, strategy: str = "allgather"
         present = {k: v[local] for k, v in PRESENT.items()}
         cfg = _two_rank_cfg(strategy)
         row_checks = _count_row_checks()
-        loss, grads, s_grad = _loss_and_grads(lambda e, s: AlignProLoss(cfg)(e, present, s, GROUPS[local])["loss"], emb)
+        loss, grads, s_grad = _loss_and_grads(
+            lambda e, s: AlignProLoss(cfg).compute(e, present, s, GROUPS[local])["loss"], emb
+        )
         result = {"loss": loss, "grads": grads, "s": s_grad, "row_checks": row_checks[0]}
         torch.save(result, os.path.join(out_dir, f"r{rank}.pt"))
     except BaseException:

@@ -13,8 +13,8 @@ import torch
 
 from pretrain.config import load_config
 from pretrain.data.collate import BatchBuilder
+from pretrain.engine.builder import build_model
 from pretrain.losses.protclip import ProtCLIPLoss
-from pretrain.models.trimodal import TriModalModel
 from tests.conftest import TINY_OVERRIDES
 
 BSR_ONLY = TINY_OVERRIDES + [
@@ -52,7 +52,7 @@ def test_one_step_of_bsr_alone_changes_both_encoders(records):
     cfg = load_config(overrides=BSR_ONLY)
     batch = BatchBuilder(cfg).build(records, np.random.default_rng(0), train=True)
     torch.manual_seed(0)
-    model = TriModalModel.from_config(cfg)
+    model = build_model(cfg)
     model.train()
     assert model.protclip.bsr is not None and model.protclip.pda is None
     parts = {
@@ -65,7 +65,7 @@ def test_one_step_of_bsr_alone_changes_both_encoders(records):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)  # no weight decay, no momentum: moves iff grad != 0
 
     out = model(batch)
-    terms = ProtCLIPLoss(cfg.loss.protclip, backend="torch")(out, batch["present"], batch["protclip"])
+    terms = ProtCLIPLoss(cfg.loss.protclip, backend="torch").compute(out, batch["present"], batch["protclip"])
     assert set(terms) == {"loss", "loss_bsr"} and terms["loss"].requires_grad
     terms["loss"].backward()
     optimizer.step()

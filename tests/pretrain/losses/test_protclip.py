@@ -191,7 +191,7 @@ def test_protclip_loss_on_a_tiny_demo_batch(tiny):
     heads = ProtCLIPHeads.for_model(TINY_LOSS, model)
     model.zero_grad()
     out = protclip_forward(model, heads, batch)
-    terms = ProtCLIPLoss(TINY_LOSS, backend="torch")(out, batch["present"], batch["protclip"])
+    terms = ProtCLIPLoss(TINY_LOSS, backend="torch").compute(out, batch["present"], batch["protclip"])
     assert set(terms) == {"loss", "loss_gc", "loss_mlm", "loss_bsr", "loss_pda", "loss_pda_nce", "loss_pda_vq"}
     assert all(torch.isfinite(v) for v in terms.values())
     w = TINY_LOSS
@@ -220,8 +220,10 @@ def test_deduplicated_gc_runs_on_the_ring_with_the_same_loss(tiny, monkeypatch):
         out = protclip_forward(model, heads, batch)
     calls, ring = [], kernels.ring.ring_symmetric_infonce
     monkeypatch.setattr(kernels.ring, "ring_symmetric_infonce", lambda *a, **k: calls.append(k) or ring(*a, **k))
-    want = ProtCLIPLoss(TINY_LOSS, backend="torch")(out, batch["present"], batch["protclip"])["loss_gc"]
-    got = ProtCLIPLoss(TINY_LOSS, backend="torch", strategy="ring")(out, batch["present"], batch["protclip"])["loss_gc"]
+    want = ProtCLIPLoss(TINY_LOSS, backend="torch").compute(out, batch["present"], batch["protclip"])["loss_gc"]
+    got = ProtCLIPLoss(TINY_LOSS, backend="torch", strategy="ring").compute(out, batch["present"], batch["protclip"])[
+        "loss_gc"
+    ]
     assert len(calls) == 1 and calls[0]["targets"] is not None  # the ring, with retargeted rows
     torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-6)
 
@@ -233,7 +235,7 @@ def test_zero_weights_skip_their_passes(tiny):
     assert heads.bsr is None and heads.pda is not None
     with torch.no_grad():
         out = protclip_forward(model, heads, batch)
-        terms = ProtCLIPLoss(cfg, backend="torch")(out, batch["present"], batch["protclip"])
+        terms = ProtCLIPLoss(cfg, backend="torch").compute(out, batch["present"], batch["protclip"])
     assert "mlm_logits" not in out and "bsr_logits" not in out
     assert set(terms) == {"loss", "loss_gc", "loss_pda", "loss_pda_nce", "loss_pda_vq"}
 

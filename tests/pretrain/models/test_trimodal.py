@@ -1,12 +1,13 @@
 """TriModalModel's parameter groups (pretrain/models/trimodal.py): the two-stage schedule and weight decay."""
 
 from pretrain.config import load_config
-from pretrain.models.trimodal import NO_DECAY, TriModalModel
+from pretrain.engine.builder import build_model
+from pretrain.models.trimodal import NO_DECAY
 from tests.conftest import TINY_OVERRIDES
 
 
 def test_every_parameter_is_in_one_group_and_only_matrices_decay():
-    model = TriModalModel.from_config(load_config(overrides=TINY_OVERRIDES))
+    model = build_model(load_config(overrides=TINY_OVERRIDES))
     groups = model.parameter_groups()
     assert set(groups) == {
         f"{part}{suffix}"

@@ -1,4 +1,4 @@
-"""The stage-1 -> stage-2 switch (pretrain/trainer.py) on one spawned gloo rank, real DeepSpeed engines.
+"""The stage-1 -> stage-2 switch (pretrain/engine/trainer.py) on one spawned gloo rank, real DeepSpeed engines.
 
 In stage 1 the encoders stay in the optimizer with lr 0 and no gradient. Under ZeRO their flat
 partitions still get (zero) gradients, so AdamW counts those steps; unless the trainer resets the
@@ -33,8 +33,8 @@ def _worker(rank: int, port: int, out: str, shards: str, run_dir: str, ds_json: 
     try:
         import deepspeed
 
+        from pretrain.engine.trainer import Trainer
         from pretrain.run import init_process_group, prepare
-        from pretrain.trainer import Trainer
 
         over = [
             *trainer_overrides(shards),
@@ -99,8 +99,8 @@ def _frozen_worker(rank: int, port: int, out: str, shards: str, run_dir: str) ->
     try:
         import deepspeed
 
+        from pretrain.engine.trainer import Trainer
         from pretrain.run import init_process_group, prepare
-        from pretrain.trainer import Trainer
 
         over = [*trainer_overrides(shards), "train.stage1_steps=1", "train.max_steps=3", "train.checkpoint_every=1000"]
         plan = prepare(None, [*over, "train.frozen_encoders=[text]"], "zero3.json", run_dir, 1)

@@ -10,7 +10,7 @@
 Whatever the forward dtype, the embeddings are cast to fp32 before the contrastive loss, so
 log-sum-exps and the loss sum accumulate in fp32 (:func:`embeddings_to_fp32`). This is
 separate from the DeepSpeed JSON's ``bf16`` block, which stores parameters and gradients in bf16
-(and is switched off on CPU by ``pretrain.ds_config``).
+(and is switched off on CPU by ``pretrain.engine.ds_config``).
 """
 
 from __future__ import annotations

@@ -45,11 +45,11 @@ def _worker(rank: int, mode: str, init_file: str, port: int, demo_root: str, out
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
         from pretrain.config import load_config
-        from pretrain.ds_config import load_deepspeed_config, resolve_deepspeed_config
+        from pretrain.engine.builder import build_model
+        from pretrain.engine.ds_config import load_deepspeed_config, resolve_deepspeed_config
+        from pretrain.engine.two_pass import slice_model_batch, two_pass_step
         from pretrain.losses.align_pro import AlignProLoss
-        from pretrain.models.trimodal import TriModalModel
-        from pretrain.two_pass import slice_model_batch, two_pass_step
-        from tests.pretrain.two_pass_helpers import demo_batch
+        from tests.pretrain.engine.two_pass_helpers import demo_batch
 
         dist.init_process_group(
             "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120)
@@ -58,7 +58,7 @@ def _worker(rank: int, mode: str, init_file: str, port: int, demo_root: str, out
         cfg = load_config(overrides=OVERRIDES)
         ds = resolve_deepspeed_config(load_deepspeed_config("zero3.json"), cfg, WORLD, use_cuda=False)
         torch.manual_seed(0)
-        model = TriModalModel.from_config(cfg).train()
+        model = build_model(cfg).train()
         groups = [{"params": ps, "name": name} for name, ps in model.parameter_groups().items()]
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds)
         batch = demo_batch(cfg, Path(demo_root), ROWS, offset=ROWS * rank)
@@ -76,7 +76,7 @@ def _worker(rank: int, mode: str, init_file: str, port: int, demo_root: str, out
         else:
             parts = [engine(slice_model_batch(batch, s, s + CHUNK)) for s in range(0, ROWS, CHUNK)]
             emb = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k != "logit_scale"}
-            terms = loss_fn(emb, batch["present"], parts[0]["logit_scale"])
+            terms = loss_fn.compute(emb, batch["present"], parts[0]["logit_scale"])
             engine.backward(terms["loss"])
         grads = {n: safe_get_full_grad(p) for n, p in model.named_parameters()}
         engine.step()

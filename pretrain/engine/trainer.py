@@ -1,11 +1,8 @@
-"""The training loop on a DeepSpeed engine: two-stage schedule, logging, checkpoints.
+"""The training loop on a DeepSpeed engine: steps, logging, checkpoints, stopping on faults.
 
-Two-stage freezing follows the verified recipe in DESIGN.md: every parameter is given to
-``deepspeed.initialize`` in named groups; during stage 1 the encoder groups get lr = 0 and
-weight_decay = 0 (so AdamW cannot move them) and ``requires_grad`` False (so their
-backward is skipped); stage 2 restores both. The per-group factor is applied after the
-learning-rate schedule each step. Groups named ``*_no_decay`` (biases, norm gains, the logit
-scale: ``TriModalModel.parameter_groups``) always get weight_decay = 0.
+The two-stage schedule (encoder freezing, per-group learning rates) is :mod:`pretrain.engine.schedule`;
+the loss is the run's objective (:mod:`pretrain.losses.objective`), called the same way for every
+objective, in the one-pass step here and in the two-pass step (:mod:`pretrain.engine.two_pass`).
 """
 
 from __future__ import annotations
@@ -15,21 +12,17 @@ import json
 import logging
 import math
 import os
-import random
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from data_shards.manifest import load_manifest
-from data_shards.storage import write_text
-from pretrain import checkpoint, checkpoint_store
-from pretrain.collectives import all_reduce_numbers
 from pretrain.config import Config
 from pretrain.data.collate import batch_to_device
 from pretrain.data.stream import (
@@ -40,38 +33,50 @@ from pretrain.data.stream import (
     plan_for,
     plan_settings,
 )
+from pretrain.engine import checkpoint, checkpoint_store
+from pretrain.engine.builder import build_model
+from pretrain.engine.collectives import all_reduce_numbers
+from pretrain.engine.export import export_engine
+from pretrain.engine.logging_backends import MetricsLogger
+from pretrain.engine.precision import embeddings_to_fp32, forward_autocast, resolve_precision
+from pretrain.engine.run_files import RECORD_ENV, maybe_inject_fault, truncate_jsonl, update_best
+from pretrain.engine.schedule import (
+    apply_freezing,
+    frozen_encoders,
+    reset_encoder_optimizer_state,
+    seed_everything,
+    set_group_lrs,
+)
+from pretrain.engine.two_pass import two_pass_step
 from pretrain.errors import RunStopped
-from pretrain.eval.validation import validate_model
-from pretrain.export import export_engine
-from pretrain.logging_backends import MetricsLogger, iter_jsonl
-from pretrain.losses.align_pro import AlignProLoss, detach_terms
-from pretrain.losses.protclip import ProtCLIPLoss
-from pretrain.models.trimodal import MODALITIES, NO_DECAY, TriModalModel
-from pretrain.precision import embeddings_to_fp32, forward_autocast, resolve_precision
-from pretrain.two_pass import two_pass_step
+from pretrain.losses.objective import detach_terms
+from pretrain.losses.registry import build_objective
+from pretrain.models.trimodal import NO_DECAY
 
 log = logging.getLogger(__name__)
-
-
-def lr_factor(step: int, cfg: Config) -> float:
-    """Linear warm-up then cosine decay to ``min_lr_ratio``; ``step`` counts from 0."""
-    o, total = cfg.optim, cfg.train.max_steps
-    if step < o.warmup_steps:
-        return (step + 1) / max(1, o.warmup_steps)
-    progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
-    return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 class Trainer:
     """One rank's view of a run: ``setup``, then ``train`` until ``train.max_steps``, ``close``."""
 
-    def __init__(self, cfg: Config, ds_config: dict, run_dir: Path):
+    def __init__(
+        self,
+        cfg: Config,
+        ds_config: dict,
+        run_dir: Path,
+        validator: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+    ):
+        """Args:
+        cfg: the run's full recipe.
+        ds_config: the resolved DeepSpeed config.
+        run_dir: the run directory (checkpoints, metrics, export).
+        validator: ``model -> metrics`` run every ``train.validate_every`` steps on every rank (the
+            forward gathers ZeRO-3 partitions), e.g. :func:`pretrain.eval.validation.validator_for`;
+            it must report ``val/mean_R@10`` (or ``val/mean_R@<last eval.ks>``), the score kept in
+            RUN/best.json. Given by the run layer: the engine does not import evaluation.
+        """
+        if cfg.train.validate_every and validator is None:
+            raise ValueError("train.validate_every > 0 needs a validator (pretrain.eval.validation.validator_for)")
         self.cfg, self.ds_config, self.run_dir = cfg, ds_config, Path(run_dir)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
@@ -94,18 +99,15 @@ class Trainer:
         self._ray_role = "none"  # "started" / "joined" / "external" (see connect_ray)
         self._stop_requested = False
         self.preempted = False
-        lo = cfg.loss
-        self.protclip = lo.objective == "protclip"
-        self.loss_fn = (
-            ProtCLIPLoss(lo.protclip, backend=lo.backend, strategy=lo.strategy) if self.protclip else AlignProLoss(lo)
-        )
+        self.objective = build_objective(cfg.loss)  # pretrain.losses.objective: one call for every objective
+        self.validator = validator
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         import deepspeed
 
         seed_everything(self.cfg.train.seed)
-        model = TriModalModel.from_config(self.cfg)
+        model = build_model(self.cfg, objective=self.objective)
         groups = model.parameter_groups()
         param_groups = [
             {"params": ps, "name": name, **({"weight_decay": 0.0} if name.endswith(NO_DECAY) else {})}
@@ -170,7 +172,7 @@ class Trainer:
 
     def _open_stream(self) -> None:
         plan = self._plan
-        views = {} if self.protclip else self.loss_fn.needs_views()  # ProtCLIP has no second views
+        views = self.objective.needs_views()
         if self.cfg.data.loader == "ray":
             from pretrain.data.ray_stream import RayBatchStream, connect_ray
 
@@ -182,67 +184,26 @@ class Trainer:
             self.stream.record = self.run_dir / "consumed" / f"rank_{self.rank}.jsonl"
 
     # ------------------------------------------------------------------ stages
-    def _encoder_frozen(self, name: str) -> bool:
-        """Whether encoder ``name`` ("sequence", "structure", "text") is frozen at this step."""
-        return self.stage == 1 or name in self.cfg.train.frozen_encoders
+    def _frozen(self) -> set[str]:
+        """The encoders frozen at this step (all in stage 1; ``train.frozen_encoders`` always)."""
+        return frozen_encoders(self.stage, self.cfg)
 
     def _apply_stage(self) -> None:
-        for name, enc in zip(MODALITIES, self.model.encoders()):  # as TriModalModel pairs them
-            frozen = self._encoder_frozen(name)
-            for p in enc.parameters():
-                p.requires_grad_(not frozen)
-
-    def _reset_encoder_optimizer_state(self) -> None:
-        """Give the encoder groups a fresh AdamW state at the switch to stage 2.
-
-        Under ZeRO 1-3 the frozen encoders sit in flat partitions that get zero gradients during
-        stage 1, and AdamW still counts those steps: its moments stay 0 but the bias corrections
-        of stage 2 would start at t = stage1_steps + 1 and shrink the first encoder updates about
-        twofold. ZeRO-0 skips parameters without gradients; resetting makes every stage the same.
-        """
-        opt = self.engine.optimizer
-        inner = getattr(opt, "optimizer", opt)
-        is_encoder = [str(g.get("name", "")).startswith("encoder") for g in inner.param_groups]
-        if hasattr(opt, "sub_group_to_group_id"):  # ZeRO-3: state keyed by each sub-group's fp32 partition
-            keys = [
-                opt.fp32_partitioned_groups_flat[i] for i, gid in opt.sub_group_to_group_id.items() if is_encoder[gid]
-            ]
-        else:
-            keys = [p for g, enc in zip(inner.param_groups, is_encoder) if enc for p in g["params"]]
-        for key in keys:
-            state = inner.state.get(key) or {}
-            for name, value in state.items():
-                if torch.is_tensor(value):
-                    value.zero_()
-                elif name == "step":
-                    state[name] = 0
+        apply_freezing(self.model, self._frozen())
 
     def _set_lr(self) -> float:
-        base = lr_factor(self.step, self.cfg)
-        o = self.cfg.optim
-        for g in self.engine.optimizer.param_groups:
-            name = str(g.get("name", ""))
-            decay = 0.0 if name.endswith(NO_DECAY) else o.weight_decay
-            if name.startswith("encoder"):  # encoder_<sequence|structure|text>[_no_decay]
-                encoder = name.removeprefix("encoder_").removesuffix(NO_DECAY)
-                factor = 0.0 if self._encoder_frozen(encoder) else 1.0
-                g["lr"] = o.encoder_lr * base * factor
-                g["weight_decay"] = decay * factor
-            else:
-                g["lr"] = o.lr * base
-                g["weight_decay"] = decay
-        return o.lr * base
+        return set_group_lrs(self.engine.optimizer, self.cfg, self.step, self._frozen())
 
     # ------------------------------------------------------------------ steps
     def train_step(self, batch: dict) -> dict[str, float]:
         """Forward, loss, backward and optimizer step on one rank's batch; returns logged terms."""
         batch = batch_to_device(batch, self.device)
         autocast_dtype = resolve_precision(self.cfg.train.precision, self.device)
-        if self.cfg.train.grad_cache_chunk > 0:  # GradCache two-pass step (pretrain/two_pass.py)
+        if self.cfg.train.grad_cache_chunk > 0:  # GradCache two-pass step (pretrain/engine/two_pass.py)
             terms, logit_scale = two_pass_step(
                 self.engine,
                 batch,
-                self.loss_fn,
+                self.objective,
                 self.cfg.train.grad_cache_chunk,
                 autocast_dtype=autocast_dtype,
                 backward=self.engine.backward,
@@ -252,10 +213,7 @@ class Trainer:
             with forward_autocast(autocast_dtype, self.device):
                 emb = self.engine(batch)
             emb = embeddings_to_fp32(emb)  # the loss accumulates in fp32 whatever the forward dtype
-            if self.protclip:
-                terms = self.loss_fn(emb, batch["present"], batch["protclip"])
-            else:
-                terms = self.loss_fn(emb, batch["present"], emb["logit_scale"], batch.get("text_group"))
+            terms = self.objective(emb, batch)
             self.engine.backward(terms["loss"])
             logit_scale = emb["logit_scale"]
         applied = self._optimizer_step()
@@ -316,7 +274,7 @@ class Trainer:
             if self.stage == 1 and self.step >= t_cfg.stage1_steps:
                 self.stage = 2
                 self._apply_stage()
-                self._reset_encoder_optimizer_state()
+                reset_encoder_optimizer_state(self.engine.optimizer)
                 self._print(f"step {self.step}: stage 2, encoders unfrozen")
             lr = self._set_lr()
             self._record_bad_samples(bad)
@@ -366,19 +324,17 @@ class Trainer:
                 self.preempted = True
                 self._print(f"SIGTERM: checkpoint saved at step {self.step}; exiting (relaunch to resume)")
                 return last
-            _maybe_inject_fault(self.step, self.rank, self.run_dir)
+            maybe_inject_fault(self.step, self.rank, self.run_dir)
             if self.step >= t_cfg.max_steps:
                 break
         self.export()
         return last
 
     def _validate(self) -> None:
-        """Retrieval on the first ``eval.validation_samples`` held-out proteins (every rank: the
-        forward gathers ZeRO-3 partitions); the best mean R@10 is remembered in RUN/best.json."""
+        """The validator's retrieval metrics (every rank: the forward gathers ZeRO-3 partitions);
+        the best mean R@10 is remembered in RUN/best.json."""
         with torch.no_grad():
-            val = validate_model(
-                self.engine, self.cfg, self.cfg.data.eval_shards, max_samples=self.cfg.eval.validation_samples
-            )
+            val = self.validator(self.engine)
         self.logger.log({"step": self.step, **val})
         score = val.get("val/mean_R@10", val.get(f"val/mean_R@{self.cfg.eval.ks[-1]}", 0.0))
         if self.rank == 0:  # only rank 0 reads or writes it (a peer could read it half-written)
@@ -512,59 +468,15 @@ class Trainer:
         """Drop metrics and bad-sample lines logged after the checkpoint we resume from (they
         will be redone)."""
         if self.rank == 0:
-            _truncate_jsonl(self.run_dir / "metrics.jsonl", step)
+            truncate_jsonl(self.run_dir / "metrics.jsonl", step)
             for f in (self.run_dir / "bad_samples").glob("rank_*.jsonl"):  # ranks of an earlier, wider run too
                 if int(f.stem.removeprefix("rank_")) >= self.world_size:
-                    _truncate_jsonl(f, step)
-        _truncate_jsonl(self.run_dir / "bad_samples" / f"rank_{self.rank}.jsonl", step)
+                    truncate_jsonl(f, step)
+        truncate_jsonl(self.run_dir / "bad_samples" / f"rank_{self.rank}.jsonl", step)
 
     def _print(self, msg: str) -> None:
         if self.rank == 0:
             print(msg, file=sys.stdout, flush=True)
-
-
-FAULT_ENV = "ALIGN_PRO_KILL_AT_STEP"
-# TESTING / DEBUGGING AID: when set, every rank appends the protein ids of each batch it consumes,
-# with the batch's cursor, to RUN/consumed/rank_<r>.jsonl (used to check the elastic-resume rule).
-RECORD_ENV = "ALIGN_PRO_RECORD_BATCHES"
-
-
-def _maybe_inject_fault(step: int, rank: int, run_dir: Path) -> None:
-    """TESTING AID: with ALIGN_PRO_KILL_AT_STEP=N, rank 0 SIGKILLs itself right after step N.
-
-    Used by the crash/resume tests to simulate a worker dying at a known moment; it fires once
-    per run directory (a marker file remembers it), so an automatic restart that replays step N
-    survives. Never set it in real runs.
-    """
-    target = os.environ.get(FAULT_ENV)
-    marker = run_dir / ".fault_injected"
-    if target and rank == 0 and step == int(target) and not marker.exists():
-        marker.write_text(str(step))
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def update_best(path: Path, step: int, score: float, metric: str = "val/mean_R@10") -> bool:
-    """Record ``score`` at ``step`` in ``path`` (``RUN/best.json``) when it beats the stored score.
-
-    Written atomically; a file that does not parse (cut by a kill before writes were atomic) counts
-    as absent rather than stopping every later validation. Returns whether it was written.
-    """
-    try:
-        best = json.loads(path.read_text()) if path.is_file() else None
-    except json.JSONDecodeError:
-        best = None
-    if best is not None and score <= best.get("score", float("-inf")):
-        return False
-    write_text(path, json.dumps({"step": step, "score": score, "metric": metric}))
-    return True
-
-
-def _truncate_jsonl(path: Path, step: int) -> None:
-    """Keep the lines of ``path`` whose ``step`` is at most ``step`` (atomic rewrite)."""
-    if not path.is_file():
-        return
-    kept = [line for line, row in iter_jsonl(path) if row.get("step", 0) <= step]  # a line cut by a crash goes
-    write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _fmt_seconds(s: float) -> str:

@@ -17,7 +17,7 @@ naming the previous checkpoint. Everything is read back with ``torch.load(weight
 (no arbitrary unpickling).
 
 With a ``remote`` location (``train.remote_dir``: an object-storage URL or a shared file system)
-this directory is local staging: :mod:`pretrain.checkpoint_store` publishes each checkpoint there
+this directory is local staging: :mod:`pretrain.engine.checkpoint_store` publishes each checkpoint there
 after it is complete here, and resuming fetches the remote one first.
 """
 
@@ -34,12 +34,14 @@ import torch
 import torch.distributed as dist
 
 from data_shards.storage import write_text
-from pretrain.collectives import all_reduce_numbers
+from pretrain.engine import checkpoint_store
+from pretrain.engine.checkpoint_store import retired_tags
+from pretrain.engine.checkpoint_tags import COMPLETE, complete_record, complete_steps, latest_tag
+from pretrain.engine.collectives import all_reduce_numbers
 from pretrain.errors import RunStopped
 
 log = logging.getLogger(__name__)
 
-COMPLETE = "COMPLETE"
 
 # What a failed write raises: OSError (ENOSPC, EIO, EACCES ...) from open/write, RuntimeError
 # from torch.save's zip writer ("PytorchStreamWriter failed writing file").
@@ -150,52 +152,6 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state(state["torch_cuda"])
 
 
-def complete_record(tag_dir: Path) -> dict:
-    """The ``COMPLETE`` marker of a checkpoint directory: at least ``step`` and ``world_size``."""
-    return json.loads((Path(tag_dir) / COMPLETE).read_text())
-
-
-def complete_steps(ckpt_dir: Path) -> list[tuple[int, str]]:
-    """(step, tag) of every complete checkpoint, oldest first."""
-    if not ckpt_dir.is_dir():
-        return []
-    found = [
-        (complete_record(p)["step"], p.name) for p in ckpt_dir.iterdir() if p.is_dir() and (p / COMPLETE).is_file()
-    ]
-    return sorted(found, key=lambda st: st[0])
-
-
-def complete_tags(ckpt_dir: Path) -> list[str]:
-    """Tags of complete checkpoints, oldest first (by their step)."""
-    return [tag for _, tag in complete_steps(ckpt_dir)]
-
-
-def retired_tags(complete: list[tuple[int, str]], step: int, keep: int) -> list[str]:
-    """The complete checkpoints retention removes once the one at ``step`` is published.
-
-    ``complete`` lists (step, tag), oldest first. Kept: the checkpoint at ``step`` and the
-    ``keep - 1`` complete ones before it. A complete one with a higher step belongs to a timeline
-    that a resume abandoned (killed between COMPLETE and ``latest``, resumed from the previous
-    one): it goes too, so neither it nor a fallback to it can outlive ``latest``. Sorting all tags
-    and keeping the newest ``keep`` would delete the checkpoint just written instead.
-    """
-    older = [tag for s, tag in complete if s < step]
-    newer = [tag for s, tag in complete if s > step]
-    return newer + older[: max(0, len(older) - (keep - 1))]
-
-
-def latest_tag(ckpt_dir: Path) -> str | None:
-    """The tag ``latest`` names if that checkpoint is complete, else the newest complete one."""
-    latest = ckpt_dir / "latest"
-    if latest.is_file():
-        tag = latest.read_text().strip()
-        if tag and tag == Path(tag).name and not tag.startswith(".") and (ckpt_dir / tag / COMPLETE).is_file():
-            return tag
-        log.warning("%s names %r, not a complete checkpoint in this directory; falling back", latest, tag)
-    tags = complete_tags(ckpt_dir)
-    return tags[-1] if tags else None
-
-
 def _safe_globals() -> list:
     """The only non-tensor classes DeepSpeed puts in its checkpoint files (plain data holders:
     the loss scaler, the ZeRO stage enum, ZeRO-1/2's (numel, start) fragment addresses)."""
@@ -250,7 +206,7 @@ def save(
     """Write checkpoint ``step<N>`` on every rank, then publish it; returns the tag.
 
     Must be called on every rank (DeepSpeed's save is collective). With ``remote``, the complete
-    local checkpoint is then uploaded there (see :mod:`pretrain.checkpoint_store`).
+    local checkpoint is then uploaded there (see :mod:`pretrain.engine.checkpoint_store`).
 
     Raises:
         CheckpointWriteError: on every rank, when any rank failed to write its files (disk
@@ -286,8 +242,6 @@ def save(
             shutil.rmtree(ckpt_dir / f"{old}{UNIVERSAL_SUFFIX}", ignore_errors=True)  # its elastic-resume form
     _barrier()
     if remote:
-        from pretrain import checkpoint_store
-
         world = dist.get_world_size() if dist.is_initialized() else 1
         try:
             checkpoint_store.publish(ckpt_dir, remote, tag, {"step": step, "world_size": world}, keep, ckpt_dir.parent)
@@ -515,8 +469,6 @@ def finished_step(ckpt_dir: Path, remote: str | None = None) -> int | None:
     Needs no process group.
     """
     if remote:
-        from pretrain import checkpoint_store
-
         found = checkpoint_store.remote_latest(remote)
         if found:
             return int(found[1]["step"])

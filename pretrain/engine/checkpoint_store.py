@@ -1,7 +1,7 @@
 """Publishing checkpoints to object storage (or a shared file system) and fetching them back.
 
 DeepSpeed writes every checkpoint to the local staging directory ``RUN/checkpoints`` first
-(:mod:`pretrain.checkpoint`); with ``train.remote_dir`` set, this module then mirrors it::
+(:mod:`pretrain.engine.checkpoint`); with ``train.remote_dir`` set, this module then mirrors it::
 
     <remote>/checkpoints/<tag>/...      every rank's files, uploaded by one process per node
     <remote>/checkpoints/<tag>/COMPLETE written by rank 0 once every node's upload finished
@@ -31,8 +31,7 @@ import torch
 import torch.distributed as dist
 
 from data_shards import storage
-from pretrain.checkpoint import retired_tags
-from pretrain.collectives import all_reduce_numbers
+from pretrain.engine.collectives import all_reduce_numbers
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +64,20 @@ def _everyone_ok(error: BaseException | None, what: str) -> None:
 
 def _step_of(complete: str) -> int:
     return int(json.loads(complete)["step"])
+
+
+def retired_tags(complete: list[tuple[int, str]], step: int, keep: int) -> list[str]:
+    """The complete checkpoints retention removes once the one at ``step`` is published.
+
+    ``complete`` lists (step, tag), oldest first. Kept: the checkpoint at ``step`` and the
+    ``keep - 1`` complete ones before it. A complete one with a higher step belongs to a timeline
+    that a resume abandoned (killed between COMPLETE and ``latest``, resumed from the previous
+    one): it goes too, so neither it nor a fallback to it can outlive ``latest``. Sorting all tags
+    and keeping the newest ``keep`` would delete the checkpoint just written instead.
+    """
+    older = [tag for s, tag in complete if s < step]
+    newer = [tag for s, tag in complete if s > step]
+    return newer + older[: max(0, len(older) - (keep - 1))]
 
 
 def remote_complete_tags(remote: str) -> list[tuple[int, str]]:
@@ -133,7 +146,7 @@ def publish(ckpt_dir: Path, remote: str, tag: str, complete: dict, keep: int, ru
 
 
 def _prune(remote: str, keep: int, step: int) -> None:
-    """Delete the complete tags retention retires (``checkpoint.retired_tags``: all but the one at
+    """Delete the complete tags retention retires (:func:`retired_tags`: all but the one at
     ``step`` and the ``keep - 1`` before it) and incomplete ones older than ``step``."""
     root = storage.join(remote, "checkpoints")
     complete = remote_complete_tags(remote)

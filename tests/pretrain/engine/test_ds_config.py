@@ -1,11 +1,11 @@
-"""Resolving a DeepSpeed JSON against the recipe (pretrain/ds_config.py): the recipe owns what it owns."""
+"""Resolving a DeepSpeed JSON against the recipe (pretrain/engine/ds_config.py): the recipe owns what it owns."""
 
 from __future__ import annotations
 
 import pytest
 
 from pretrain.config import ConfigError, load_config
-from pretrain.ds_config import load_deepspeed_config, resolve_deepspeed_config
+from pretrain.engine.ds_config import load_deepspeed_config, resolve_deepspeed_config
 
 
 def _resolve(raw: dict, *overrides: str, use_cuda: bool = False) -> dict:

@@ -10,9 +10,10 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from pretrain.checkpoint_store import publish_export
 from pretrain.config import load_config
-from pretrain.export import load_exported, write_export
+from pretrain.engine.builder import build_model
+from pretrain.engine.checkpoint_store import publish_export
+from pretrain.engine.export import load_exported, write_export
 from pretrain.models.text_encoder import DEMO_VOCAB, build_tokenizer, tokenize_texts
 from pretrain.models.trimodal import TriModalModel
 from tests.conftest import TINY_OVERRIDES
@@ -49,7 +50,7 @@ def _pretrained_run(tmp_path: Path):
     _bert_dir(bert)
     cfg = load_config(overrides=[*TINY_OVERRIDES, "model.text.num_layers=2", f"model.text.pretrained_dir={bert}"])
     torch.manual_seed(0)
-    model = TriModalModel.from_config(cfg).eval()
+    model = build_model(cfg).eval()
     esm = tmp_path / "esm2_tiny.pt"
     torch.save(model.sequence_encoder.esm.state_dict(), esm)
     cfg.model.sequence = dataclasses.replace(cfg.model.sequence, weights=str(esm))
@@ -78,7 +79,7 @@ def test_export_carries_a_custom_vocabulary_file(tmp_path):
     vocab = tmp_path / "my_vocab.txt"
     shutil.copyfile(DEMO_VOCAB, vocab)
     cfg = load_config(overrides=[*TINY_OVERRIDES, f"model.text.vocab_file={vocab}"])
-    model = TriModalModel.from_config(cfg).eval()
+    model = build_model(cfg).eval()
     out = write_export(model.state_dict(), cfg, tmp_path / "export")
     want = _embed_texts(model, cfg)
     vocab.unlink()
@@ -106,7 +107,7 @@ def _bf16_export_worker(rank: int, port: int, out: str, zero: int) -> None:
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from pretrain.export import export_engine
+    from pretrain.engine.export import export_engine
     from pretrain.run import close_process_group, init_process_group
 
     init_process_group()
@@ -138,7 +139,7 @@ def test_a_bf16_engine_exports_its_fp32_master_weights(tmp_path, zero):
     """The module of a bf16 engine holds rounded copies; the export must hold what training updates."""
     from safetensors.torch import load_file
 
-    from pretrain.export import export_step
+    from pretrain.engine.export import export_step
     from tests.conftest import free_port
     from tests.spawn_ranks import run_ranks
 

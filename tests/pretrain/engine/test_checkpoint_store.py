@@ -1,4 +1,4 @@
-"""Publishing checkpoints to object storage / a shared file system (pretrain/checkpoint_store.py)."""
+"""Publishing checkpoints to object storage / a shared file system (pretrain/engine/checkpoint_store.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from data_shards import storage
-from pretrain import checkpoint_store
-from pretrain.checkpoint import finished_step, latest_tag, saved_world_size
+from pretrain.engine import checkpoint_store
+from pretrain.engine.checkpoint import finished_step, latest_tag, saved_world_size
 from tests.s3_server import s3  # noqa: F401 - the fixture
 
 
@@ -23,7 +23,7 @@ def remote(request, tmp_path):
 
 
 def _local_checkpoint(run_dir, step: int) -> str:
-    """A staged checkpoint as pretrain.checkpoint.save leaves it (files of two ranks + COMPLETE)."""
+    """A staged checkpoint as pretrain.engine.checkpoint.save leaves it (files of two ranks + COMPLETE)."""
     tag = f"step{step:08d}"
     d = run_dir / "checkpoints" / tag
     d.mkdir(parents=True)

@@ -1,4 +1,4 @@
-"""pretrain.checkpoint: failed writes leave the previous checkpoint intact; hostile files are refused.
+"""pretrain.engine.checkpoint: failed writes leave the previous checkpoint intact; hostile files are refused.
 
 The write-failure tests run a real DeepSpeed ZeRO engine on 2 spawned gloo ranks. One test fills a
 real (tiny, freshly mounted) tmpfs so the second save meets ENOSPC; it is skipped where this
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain import checkpoint
+from pretrain.engine import checkpoint
 from pretrain.run import close_process_group
 from tests.conftest import free_port
 from tests.spawn_ranks import run_ranks
@@ -361,7 +361,7 @@ def test_no_unsafe_torch_load_in_the_code_base():
     or np.load(allow_pickle=True). (Parsed with ast: docstrings and comments do not count.)"""
     import ast
 
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[3]
     offenders = []
     for pkg in ("pretrain", "kernels", "data_shards", "launch"):
         for path in (repo / pkg).rglob("*.py"):

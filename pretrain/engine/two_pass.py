@@ -38,7 +38,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from pretrain.precision import embeddings_to_fp32, forward_autocast
+from pretrain.engine.precision import embeddings_to_fp32, forward_autocast
+from pretrain.losses.objective import Objective
 
 # Batch keys that the Align-Pro forward reads per row (``TriModalModel.forward``).
 _ROW_KEYS = ("seq_tokens", "text_ids", "text_attn")
@@ -106,7 +107,7 @@ def _num_rows(batch: dict) -> int:
 def two_pass_step(
     engine: Callable,
     batch: dict,
-    loss_fn: Callable[[dict[str, Tensor], dict[str, Tensor], Tensor], dict[str, Tensor]],
+    objective: Objective,
     chunk_size: int,
     *,
     autocast_dtype: torch.dtype | None = None,
@@ -117,10 +118,12 @@ def two_pass_step(
 
     Args:
         engine: the model forward (a DeepSpeed engine or a ``TriModalModel``), ``batch -> emb``.
-        batch: a collated batch on the model's device (``pretrain.data.collate``), no ``protclip``.
-        loss_fn: ``AlignProLoss``: ``(emb, present, logit_scale, text_group) -> terms`` with ``terms["loss"]``.
+        batch: a collated batch on the model's device (``pretrain.data.collate``).
+        objective: the run's objective (``pretrain.losses.objective``), one whose loss reads only the
+            pooled embeddings and the logit scale (``objective.two_pass``), called as
+            ``objective(emb, batch) -> terms`` with ``terms["loss"]``.
         chunk_size: rows embedded at once; ``>= B`` gives one chunk.
-        autocast_dtype: forward autocast dtype (``pretrain.precision.resolve_precision``); None: fp32.
+        autocast_dtype: forward autocast dtype (``pretrain.engine.precision.resolve_precision``); None: fp32.
         backward: how a surrogate scalar is back-propagated: ``engine.backward`` under DeepSpeed
             (default: ``Tensor.backward``).
         set_boundary: ``engine.set_gradient_accumulation_boundary`` under DeepSpeed, so that only
@@ -134,8 +137,11 @@ def two_pass_step(
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if "protclip" in batch:
-        raise ValueError("the two-pass step supports the Align-Pro objective only (batch has protclip targets)")
+    if "protclip" in batch or not objective.two_pass:
+        raise ValueError(
+            f"the two-pass step needs an objective of pooled embeddings; {type(objective).__name__} reads "
+            "per-token states (or the batch has protclip targets)"
+        )
     backward = backward or (lambda loss: loss.backward())
     device = batch["seq_tokens"].device
     rows = _num_rows(batch)
@@ -156,7 +162,7 @@ def two_pass_step(
     del parts
 
     # The loss and its gradient with respect to the cached embeddings.
-    terms = loss_fn(emb, batch["present"], scale, batch.get("text_group"))  # groups: false negatives
+    terms = objective({**emb, "logit_scale": scale}, batch)  # the batch also gives presence and groups
     leaves = [emb[k] for k in keys] + [scale]
     grads = torch.autograd.grad(terms["loss"], leaves, allow_unused=True)
     grad_of = {k: (g if g is not None else torch.zeros_like(emb[k])) for k, g in zip(keys, grads)}

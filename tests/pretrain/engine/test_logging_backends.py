@@ -4,7 +4,7 @@ import types
 
 import pytest
 
-from pretrain.logging_backends import MetricsLogger
+from pretrain.engine.logging_backends import MetricsLogger
 
 
 def test_jsonl_and_tensorboard(tmp_path):

@@ -8,13 +8,14 @@ import copy
 import pytest
 import torch
 
-from pretrain import two_pass
 from pretrain.config import ConfigError, load_config
+from pretrain.engine import two_pass
+from pretrain.engine.builder import build_model
+from pretrain.engine.precision import embeddings_to_fp32, resolve_precision
+from pretrain.engine.two_pass import slice_graph, slice_model_batch, two_pass_step
 from pretrain.losses.align_pro import AlignProLoss
-from pretrain.models.trimodal import TriModalModel
-from pretrain.precision import embeddings_to_fp32, resolve_precision
-from pretrain.two_pass import slice_graph, slice_model_batch, two_pass_step
-from tests.pretrain.two_pass_helpers import demo_batch, grads_of
+from pretrain.losses.protclip import ProtCLIPLoss, ProtCLIPLossConfig
+from tests.pretrain.engine.two_pass_helpers import demo_batch, grads_of
 
 ROWS = 6
 DROPOUT_ON = ["model.head_dropout=0.1"]  # text (0.1) and structure (0.1) dropout are on by default
@@ -30,7 +31,7 @@ def demo_root(tmp_path_factory):
 def _setup(overrides, demo_root):
     cfg = load_config(overrides=overrides)
     torch.manual_seed(0)
-    model = TriModalModel.from_config(cfg).train()
+    model = build_model(cfg).train()
     return cfg, model, demo_batch(cfg, demo_root, ROWS), AlignProLoss(cfg.loss)
 
 
@@ -42,7 +43,7 @@ def _one_pass(model, batch, loss_fn, chunk=None):
         parts = [model(slice_model_batch(batch, s, min(s + chunk, ROWS))) for s in range(0, ROWS, chunk)]
         emb = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k != "logit_scale"}
         emb["logit_scale"] = parts[0]["logit_scale"]
-    terms = loss_fn(emb, batch["present"], emb["logit_scale"])
+    terms = loss_fn.compute(emb, batch["present"], emb["logit_scale"])
     terms["loss"].backward()
     return float(terms["loss"].detach()), grads_of(model)
 
@@ -194,5 +195,11 @@ def test_config_errors_name_the_field(overrides, message):
 
 
 def test_two_pass_refuses_protclip_batches():
-    with pytest.raises(ValueError, match="Align-Pro objective only"):
+    with pytest.raises(ValueError, match="needs an objective of pooled embeddings"):
         two_pass_step(lambda b: {}, {"seq_tokens": torch.zeros(2, 3), "protclip": {}}, None, chunk_size=1)
+
+
+def test_two_pass_refuses_an_objective_of_token_states():
+    """ProtCLIP's MLM / BSR / PDA read per-token states: the cached pooled embeddings cannot give them."""
+    with pytest.raises(ValueError, match="ProtCLIPLoss reads per-token states"):
+        two_pass_step(lambda b: {}, {"seq_tokens": torch.zeros(2, 3)}, ProtCLIPLoss(ProtCLIPLossConfig()), chunk_size=1)

@@ -1,17 +1,17 @@
-"""The trainer's run-directory files (pretrain/trainer.py): what a crash can leave behind must not block a resume."""
+"""The run-directory files the trainer keeps (pretrain/engine/run_files.py): a crash must not block a resume."""
 
 import json
 
-from pretrain.trainer import _truncate_jsonl, update_best
+from pretrain.engine.run_files import truncate_jsonl, update_best
 
 
 def test_truncation_on_resume_drops_later_rows_and_a_line_cut_by_a_crash(tmp_path):
     path = tmp_path / "metrics.jsonl"
     rows = [{"step": s, "loss": 10.0 - s} for s in range(1, 6)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 6, "lo')  # SIGKILL mid-write
-    _truncate_jsonl(path, 3)
+    truncate_jsonl(path, 3)
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3]
-    _truncate_jsonl(tmp_path / "absent.jsonl", 3)  # nothing to do
+    truncate_jsonl(tmp_path / "absent.jsonl", 3)  # nothing to do
 
 
 def test_best_json_keeps_the_best_score_and_survives_a_file_cut_by_a_kill(tmp_path):

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from pretrain.config import load_config
-from pretrain.models.checkpointing import is_layer_checkpointed, set_layer_checkpointing
-from pretrain.models.trimodal import MODALITIES, TriModalModel
-from tests.pretrain.two_pass_helpers import demo_batch, grads_of
+from pretrain.engine.builder import build_model
+from pretrain.models.activation_checkpointing import is_layer_checkpointed, set_layer_checkpointing
+from pretrain.models.trimodal import MODALITIES
+from tests.pretrain.engine.two_pass_helpers import demo_batch, grads_of
 
 OVERRIDES = ["model.head_dropout=0.1"]  # dropout everywhere: the recomputation must replay the masks
 
@@ -19,7 +20,7 @@ OVERRIDES = ["model.head_dropout=0.1"]  # dropout everywhere: the recomputation 
 def setup(tmp_path_factory):
     cfg = load_config(overrides=OVERRIDES)
     torch.manual_seed(0)
-    model = TriModalModel.from_config(cfg).train()
+    model = build_model(cfg).train()
     batch = demo_batch(cfg, tmp_path_factory.mktemp("ckpt_demo"), rows=6)
     return cfg, model, batch
 
@@ -74,7 +75,7 @@ def test_checkpointed_encoder_gives_equal_outputs_and_gradients(setup, encoder):
 
 def test_all_encoders_from_config_and_toggle_off(tmp_path):
     cfg = load_config(overrides=["train.activation_checkpointing=[sequence, structure, text]"])
-    model = TriModalModel.from_config(cfg)
+    model = build_model(cfg)
     assert all(e.activation_checkpointing for e in model.encoders())
     model.set_activation_checkpointing([])
     assert not any(e.activation_checkpointing for e in model.encoders())

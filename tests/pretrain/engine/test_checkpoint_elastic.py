@@ -1,4 +1,4 @@
-"""pretrain.checkpoint elastic load: a checkpoint of N ranks resumes on M ranks through DeepSpeed's
+"""pretrain.engine.checkpoint elastic load: a checkpoint of N ranks resumes on M ranks through DeepSpeed's
 universal checkpoint conversion (real ZeRO engines on spawned gloo ranks, tiny model)."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain import checkpoint
+from pretrain.engine import checkpoint
 from pretrain.run import close_process_group
 from tests.conftest import free_port
-from tests.pretrain.test_checkpoint import _params  # full fp32 weights, ZeRO-3 gathered
+from tests.pretrain.engine.test_checkpoint import _params  # full fp32 weights, ZeRO-3 gathered
 from tests.spawn_ranks import run_ranks
 
 TIMEOUT_S = 240.0

@@ -39,16 +39,16 @@ def _worker(
     try:
         import deepspeed
 
+        from pretrain.engine.trainer import Trainer
         from pretrain.errors import RunStopped
         from pretrain.run import init_process_group, prepare
-        from pretrain.trainer import Trainer
 
         over = [*trainer_overrides(shards), "train.stage1_steps=0", *overrides]
         plan = prepare(None, over, ds_json, run_dir, WORLD)
         init_process_group()
         trainer = Trainer(plan.cfg, plan.deepspeed_config, plan.run_dir)
         trainer.setup()
-        real_loss = trainer.loss_fn
+        real_loss = trainer.objective
 
         def loss_fn(*args, **kwargs):
             terms = real_loss(*args, **kwargs)
@@ -57,7 +57,7 @@ def _worker(
                 terms["loss"] = _poison(kind, terms["loss"])
             return terms
 
-        trainer.loss_fn = loss_fn
+        trainer.objective = loss_fn
         sums = []
         real_step = trainer._optimizer_step
 

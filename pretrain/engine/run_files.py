@@ -1,0 +1,54 @@
+"""Small files of a run directory the trainer keeps: ``best.json``, JSONL truncation on resume, test aids."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+from data_shards.storage import write_text
+from pretrain.engine.logging_backends import iter_jsonl
+
+FAULT_ENV = "ALIGN_PRO_KILL_AT_STEP"
+# TESTING / DEBUGGING AID: when set, every rank appends the protein ids of each batch it consumes,
+# with the batch's cursor, to RUN/consumed/rank_<r>.jsonl (used to check the elastic-resume rule).
+RECORD_ENV = "ALIGN_PRO_RECORD_BATCHES"
+
+
+def maybe_inject_fault(step: int, rank: int, run_dir: Path) -> None:
+    """TESTING AID: with ALIGN_PRO_KILL_AT_STEP=N, rank 0 SIGKILLs itself right after step N.
+
+    Used by the crash/resume tests to simulate a worker dying at a known moment; it fires once
+    per run directory (a marker file remembers it), so an automatic restart that replays step N
+    survives. Never set it in real runs.
+    """
+    target = os.environ.get(FAULT_ENV)
+    marker = run_dir / ".fault_injected"
+    if target and rank == 0 and step == int(target) and not marker.exists():
+        marker.write_text(str(step))
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def update_best(path: Path, step: int, score: float, metric: str = "val/mean_R@10") -> bool:
+    """Record ``score`` at ``step`` in ``path`` (``RUN/best.json``) when it beats the stored score.
+
+    Written atomically; a file that does not parse (cut by a kill before writes were atomic) counts
+    as absent rather than stopping every later validation. Returns whether it was written.
+    """
+    try:
+        best = json.loads(path.read_text()) if path.is_file() else None
+    except json.JSONDecodeError:
+        best = None
+    if best is not None and score <= best.get("score", float("-inf")):
+        return False
+    write_text(path, json.dumps({"step": step, "score": score, "metric": metric}))
+    return True
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Keep the lines of ``path`` whose ``step`` is at most ``step`` (atomic rewrite)."""
+    if not path.is_file():
+        return
+    kept = [line for line, row in iter_jsonl(path) if row.get("step", 0) <= step]  # a line cut by a crash goes
+    write_text(path, "".join(line + "\n" for line in kept))

@@ -1,0 +1,49 @@
+"""The ``loss`` section of a recipe: the objective's name, Align-Pro's weights, the kernel settings.
+
+Align-Pro's weights sit at the top of the section (``loss.alpha`` ...) and ProtCLIP's in its own
+subsection (``loss.protclip``), as recipes have always written them. Which objective a run trains
+is ``loss.objective``, a name registered in :mod:`pretrain.losses.objective`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pretrain.errors import ConfigError
+from pretrain.losses.false_negatives import GROUP_MODES
+from pretrain.losses.protclip import ProtCLIPLossConfig
+
+BACKENDS = ("auto", "torch", "triton")  # kernels.infonce backends
+STRATEGIES = ("allgather", "ring")  # how negatives cross ranks (kernels.gathered_symmetric_infonce)
+
+
+@dataclass
+class LossConfig:
+    alpha: float = 1.0  # weight of L(seq, struct)
+    beta: float = 1.0  # weight of L(seq, text)
+    gamma: float = 1.0  # weight of L(struct, text)
+    intra_seq: float = 0.1  # intra-modal auxiliary contrastive weight, sequence views
+    intra_struct: float = 0.1  # ... structure views
+    intra_text: float = 0.1  # ... text views
+    backend: str = "auto"  # kernels.infonce backend: "auto", "torch" or "triton"
+    strategy: str = "allgather"  # negatives across ranks: "allgather" or "ring"
+    objective: str = "align_pro"  # "align_pro" (the weights above) or "protclip" (GC + MLM + BSR + PDA, below)
+    # Align-Pro false negatives: "none", "text" (proteins with identical canonical function text are one
+    # class) or "go" (identical GO-id set); applies to the text terms (seq-text, struct-text, intra-text)
+    false_negatives: str = "none"
+    protclip: ProtCLIPLossConfig = field(default_factory=ProtCLIPLossConfig)  # ProtCLIP terms (objective protclip)
+
+    def validate(self) -> None:
+        """Checks shared by every objective; raises ConfigError naming the field.
+
+        The objective's own checks are :func:`pretrain.losses.objective.validate_loss`.
+        """
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"loss.backend={self.backend!r}: expected 'auto', 'torch' or 'triton'")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"loss.strategy={self.strategy!r}: expected 'allgather' or 'ring'")
+        if self.false_negatives not in ("none", *GROUP_MODES):
+            raise ConfigError(f"loss.false_negatives={self.false_negatives!r}: expected 'none', 'text' or 'go'")
+        weights = [self.alpha, self.beta, self.gamma, self.intra_seq, self.intra_struct, self.intra_text]
+        if any(w < 0 for w in weights):
+            raise ConfigError("loss weights must be >= 0 and at least one must be > 0")
