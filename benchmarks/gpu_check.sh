@@ -38,7 +38,9 @@ EOF
   xdist=$($PY -c "import xdist" 2>/dev/null && echo "-n 4")
   # shellcheck disable=SC2086
   timeout 300 $PY -m pytest -q -p no:cacheprovider $xdist -m "not slow" --durations=8 \
-    tests/kernels/test_infonce_triton.py tests/kernels/test_ring.py 2>&1 | tee "$OUT/pytest.txt"
+    tests/kernels/test_infonce_triton.py tests/kernels/test_infonce_blocks.py \
+    tests/kernels/test_symmetric_infonce_triton.py tests/kernels/test_gathered_infonce_triton.py \
+    tests/kernels/test_ring.py 2>&1 | tee "$OUT/pytest.txt"
   echo "pytest exit ${PIPESTATUS[0]} after $(( $(date +%s) - start )) s" | tee -a "$OUT/pytest.txt"
 fi
 

@@ -1,7 +1,7 @@
 """Time and peak memory of the symmetric InfoNCE forward + backward: Triton kernel vs torch paths.
 
 Paths (each computes 0.5 · (infonce(a, b) + infonce(b, a)) over a batch of b pairs of dimension d):
-  triton   kernels.infonce_triton.symmetric_infonce_triton (GPU only: the interpreter is not a speed):
+  triton   kernels.symmetric_infonce_triton.symmetric_infonce_triton (GPU only: the interpreter is not a speed):
            both directions from one forward (launch or pass over the tiles) and, with the gemm
            backward, one shared backward
   triton-split / triton-tiled   the same with its forward forced: the BOTH_WAYS launch (each tile
@@ -9,7 +9,7 @@ Paths (each computes 0.5 · (infonce(a, b) + infonce(b, a)) over a batch of b pa
   triton-fused / triton-gemm   the same with its backward method forced ("auto" is gemm on CUDA)
   triton-unpaired   two kernels.infonce_triton.infonce_triton calls, one per direction (auto backward):
            this path before the paired kernels existed, and (--world) the gathered loss's rank share
-           before kernels.infonce_triton.gathered_symmetric_infonce_triton, which "triton" runs there
+           before kernels.gathered_infonce_triton.gathered_symmetric_infonce_triton, which "triton" runs there
   chunked  kernels.infonce_reference.infonce_torch  (bounded memory, chunked torch)
   eager    kernels.infonce_reference.infonce_eager  (materialised logits + F.cross_entropy)
 
@@ -70,7 +70,9 @@ def _loss_fn(path: str, local_rows: int | None = None):
     loss: its first ``local_rows`` rows of a and b as queries against every row of the other (the keys
     a rank holds after the all-gather), positives on the diagonal."""
     if path.startswith("triton"):
-        from kernels.infonce_triton import gathered_symmetric_infonce_triton, infonce_triton, symmetric_infonce_triton
+        from kernels.gathered_infonce_triton import gathered_symmetric_infonce_triton
+        from kernels.infonce_triton import infonce_triton
+        from kernels.symmetric_infonce_triton import symmetric_infonce_triton
 
         variant = path.partition("-")[2]  # "", fused/gemm (backward), split/tiled (forward), unpaired
         forward = variant if variant in ("split", "tiled") else "auto"

@@ -284,8 +284,8 @@ def main(argv: list[str] | None = None) -> None:
     from data_shards.reader import iter_records
     from pretrain.config import load_config
     from pretrain.data.collate import BatchBuilder
-    from pretrain.losses.registry import build_objective
     from pretrain.engine.precision import resolve_precision
+    from pretrain.losses.registry import build_objective
 
     with tempfile.TemporaryDirectory() as tmp:  # a small demo corpus, a few seconds to build
         build_demo_corpus(Path(tmp), num_train=96, num_heldout=48, samples_per_shard=48, seed=0)

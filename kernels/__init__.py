@@ -8,13 +8,32 @@ Public API:
 - :func:`gathered_symmetric_infonce`: this rank's share of the symmetric loss over all ranks' rows.
 - :func:`rank_symmetric_infonce`: that share given the gathered keys (backend dispatch; fused on Triton).
 - :func:`check_equal_rows`: the equal-local-batch check that loss runs (once per step is enough).
+- :func:`grouped_symmetric_infonce`: the gathered loss with same-group rows deduplicated (false negatives).
 
-The Triton kernel (``kernels.infonce_triton``) and the ring strategy (``kernels.ring``) are imported lazily,
-so this package imports on machines without Triton or a GPU.
+Files, one job each, in layers: every file imports only files listed above it (no cycle, lazy imports
+included), and nothing outside torch, Triton and the standard library.
+
+- ``infonce_reference.py``: pure-torch chunked InfoNCE and eager baseline (CPU fallback, test oracle).
+- ``triton_launch.py``: Triton plumbing: TRITON_INTERPRET on CPU, autotune configs, ``launch``, checks.
+- ``infonce_tiles.py``: the ``@triton.jit`` kernels (tile helpers, forward, merges, loss, backward).
+- ``infonce_blocks.py``: block primitives, block LSE / backward of one or both directions (the ring's).
+- ``infonce_triton.py``: op, single InfoNCE: launchers → ``InfoNCETritonFunction`` → ``infonce_triton``.
+- ``symmetric_infonce_triton.py``: op, the paired (symmetric) loss in shared launches.
+- ``gathered_infonce_triton.py``: op, one rank's share of the gathered symmetric loss.
+- ``functional.py``: backend dispatch, ``infonce`` / ``symmetric_infonce`` / ``rank_symmetric_infonce``.
+- ``gather.py``: collectives, ``world_and_rank``, gathers with and without gradient, the row check.
+- ``ring.py``: ring strategy, key blocks passed rank to rank (O(b·d) memory).
+- ``distributed.py``: ``gathered_symmetric_infonce``, choosing the all-gather (here) or the ring.
+- ``grouped.py``: ``grouped_symmetric_infonce``, false negatives deduplicated (one class per group).
+
+Outside themselves, the Triton files (``triton_launch.py`` to ``gathered_infonce_triton.py``) are imported
+only by ``functional.py`` and ``ring.py``, lazily, so this package imports without Triton or a GPU.
 """
 
-from kernels.distributed import check_equal_rows, gather_with_grad, gathered_symmetric_infonce
+from kernels.distributed import gathered_symmetric_infonce
 from kernels.functional import infonce, rank_symmetric_infonce, symmetric_infonce
+from kernels.gather import check_equal_rows, gather_with_grad
+from kernels.grouped import grouped_symmetric_infonce
 
 __all__ = [
     "infonce",
@@ -23,4 +42,5 @@ __all__ = [
     "gathered_symmetric_infonce",
     "rank_symmetric_infonce",
     "check_equal_rows",
+    "grouped_symmetric_infonce",
 ]

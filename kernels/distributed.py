@@ -1,5 +1,8 @@
 """Contrastive loss over negatives from every data-parallel rank.
 
+This module chooses the strategy: ``"allgather"`` runs here (keys gathered with gradient), ``"ring"`` in
+``kernels.ring`` (key blocks passed rank to rank); both stand on the collectives of ``kernels.gather``.
+
 Why the gradients come out right
 --------------------------------
 Take ``W`` ranks, each holding ``b`` paired rows (``a_r``, ``b_r``); the global batch is their
@@ -14,9 +17,9 @@ Rank ``r`` computes only its own rows as queries, against every rank's rows as k
 Each term is a mean over ``b`` rows, so ``mean_r L_r = L`` (the row sum splits by rank), i.e.
 ``sum_r L_r = W · L``.
 
-The keys ``A``, ``B`` come from :func:`gather_with_grad`, whose backward *sums* the gradient that every
-rank sends to the gathered tensor and hands each rank its own slice. So the gradient reaching ``a_r``
-is the direct term ``dL_r/da_r`` plus ``sum_r' dL_r'/dA[slice r]``, which is
+The keys ``A``, ``B`` come from :func:`gather_with_grad` (``kernels.gather``), whose backward *sums* the
+gradient that every rank sends to the gathered tensor and hands each rank its own slice. So the gradient
+reaching ``a_r`` is the direct term ``dL_r/da_r`` plus ``sum_r' dL_r'/dA[slice r]``, which is
 ``d(sum_r' L_r')/da_r = W · dL/da_r``. Replicated parameters then see, on rank ``r``, the gradient
 of ``L_r`` with the encoder's local contribution scaled by ``W``; summed over ranks this is
 ``W · dL/dθ``, and DeepSpeed's data-parallel *averaging* (divide by ``W``) yields exactly ``dL/dθ``,
@@ -43,106 +46,14 @@ default; a caller with several terms per step (``pretrain.losses.align_pro``) ch
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
+from kernels import ring  # the module: ring_symmetric_infonce is looked up when the loss runs
 from kernels.functional import rank_symmetric_infonce, symmetric_infonce
+from kernels.gather import check_equal_rows, gather_no_grad, gather_with_grad, world_and_rank
 
-__all__ = ["check_equal_rows", "gather_no_grad", "gather_with_grad", "gathered_symmetric_infonce", "world_and_rank"]
+__all__ = ["gathered_symmetric_infonce"]
 
 _STRATEGIES = ("allgather", "ring")
-
-
-def world_and_rank(group=None) -> tuple[int, int]:
-    """``(world_size, rank)`` in ``group``; ``(1, 0)`` when torch.distributed is not initialised."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return 1, 0
-    return dist.get_world_size(group), dist.get_rank(group)
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather along dim 0; backward all-reduces (SUM) the gradient and keeps this rank's slice."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        world, rank = world_and_rank(group)
-        ctx.group, ctx.rank, ctx.rows = group, rank, x.shape[0]
-        x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x, group=group)
-        return torch.cat(parts, dim=0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous().clone()  # all_reduce is in place; autograd may reuse ``grad``
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        start = ctx.rank * ctx.rows
-        return grad[start : start + ctx.rows], None
-
-
-def gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
-    """All-gather ``x`` along dim 0 with gradients flowing back to every rank's input.
-
-    The backward all-reduces (SUM) the incoming gradient and returns this rank's slice (open_clip's
-    ``gather_features(..., gather_with_grad=True)``), so the gradient of ``x`` on rank ``r`` is
-    ``sum_r' d(loss_r')/d(x_r)``. Works on gloo and NCCL. Every rank must pass the same shape.
-
-    Args:
-        x: this rank's rows.
-        group: process group (default: the world).
-
-    Shapes:
-        x ``(b, ...)`` → ``(world_size · b, ...)``, ranks in group-rank order.
-
-    Returns:
-        The concatenation over ranks; ``x`` itself when torch.distributed is not initialised or the
-        world size is 1.
-    """
-    if world_and_rank(group)[0] == 1:
-        return x
-    return _GatherWithGrad.apply(x, group)
-
-
-def gather_no_grad(x: torch.Tensor, group=None) -> torch.Tensor:
-    """All-gather ``x`` along dim 0 without autograd: ``(b, ...)`` → ``(world_size · b, ...)``, ranks in
-    group-rank order; ``x`` itself without torch.distributed or with one rank. Every rank must pass the
-    same shape."""
-    if world_and_rank(group)[0] == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=0)
-
-
-def check_equal_rows(rows: int, device: torch.device, group=None) -> None:
-    """Fail clearly (instead of hanging or mis-slicing) when ranks hold different batch sizes.
-
-    A collective: every rank of ``group`` must call it. Costs one all_gather of one int64 per rank and a
-    host sync (``.tolist()``); a no-op without torch.distributed or with one rank.
-
-    Args:
-        rows: this rank's local batch size.
-        device: where the collective's tensor lives (the process group's device: CUDA for NCCL).
-        group: process group (default: the world).
-
-    Raises:
-        ValueError: naming every rank's size, on every rank, when they differ.
-    """
-    if world_and_rank(group)[0] == 1:
-        return
-    sizes = gather_no_grad(torch.tensor([rows], dtype=torch.int64, device=device), group).tolist()
-    if len(set(sizes)) != 1:
-        raise ValueError(f"gathered InfoNCE needs the same local batch on every rank; got sizes {sizes}")
-
-
-def _ring_loss(a_local, b_local, logit_scale, group, backend, valid_local):
-    try:
-        from kernels.ring import ring_symmetric_infonce
-    except ImportError as err:
-        raise NotImplementedError(
-            "strategy='ring' needs kernels.ring.ring_symmetric_infonce, which could not be imported "
-            f"({err}); use strategy='allgather'"
-        ) from err
-    return ring_symmetric_infonce(a_local, b_local, logit_scale, group=group, backend=backend, valid=valid_local)
 
 
 def gathered_symmetric_infonce(
@@ -198,7 +109,9 @@ def gathered_symmetric_infonce(
     if check_rows:
         check_equal_rows(rows, a_local.device, group)
     if strategy == "ring":
-        return _ring_loss(a_local, b_local, logit_scale, group, backend, valid_local)
+        return ring.ring_symmetric_infonce(
+            a_local, b_local, logit_scale, group=group, backend=backend, valid=valid_local
+        )
 
     a_all = gather_with_grad(a_local, group)  # (W·b, d)
     b_all = gather_with_grad(b_local, group)  # (W·b, d)

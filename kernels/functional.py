@@ -5,8 +5,9 @@
 - ``"torch"``: :func:`kernels.infonce_reference.infonce_torch` (chunked, bounded memory, any device).
 - ``"triton"``: :func:`kernels.infonce_triton.infonce_triton` (never allocates ``m × n``), imported
   lazily so this package imports without Triton; ``symmetric_infonce`` uses
-  :func:`kernels.infonce_triton.symmetric_infonce_triton`, which shares launches and similarity tiles
-  between the two directions.
+  :func:`kernels.symmetric_infonce_triton.symmetric_infonce_triton`, which shares launches and similarity
+  tiles between the two directions, and ``rank_symmetric_infonce``
+  :func:`kernels.gathered_infonce_triton.gathered_symmetric_infonce_triton`.
 - ``"auto"``: Triton when ``q`` is on CUDA and the kernel imports, else torch.
 
 Both backends implement ignored rows (``targets == -1``) and ``key_valid`` natively, with the same
@@ -30,11 +31,17 @@ def _load_triton(paired: bool = False, gathered: bool = False):
     """Returns ``infonce_triton``, ``symmetric_infonce_triton`` when ``paired``, or
     ``gathered_symmetric_infonce_triton`` when ``gathered`` (raises ImportError when Triton is
     unavailable)."""
-    from kernels.infonce_triton import gathered_symmetric_infonce_triton, infonce_triton, symmetric_infonce_triton
-
     if gathered:
+        from kernels.gathered_infonce_triton import gathered_symmetric_infonce_triton
+
         return gathered_symmetric_infonce_triton
-    return symmetric_infonce_triton if paired else infonce_triton
+    if paired:
+        from kernels.symmetric_infonce_triton import symmetric_infonce_triton
+
+        return symmetric_infonce_triton
+    from kernels.infonce_triton import infonce_triton
+
+    return infonce_triton
 
 
 @functools.cache

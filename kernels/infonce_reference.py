@@ -2,7 +2,7 @@
 
 ``infonce_torch`` has the same semantics as the Triton kernel in ``kernels/infonce_triton.py`` and is the CPU
 fallback behind ``kernels.infonce(..., backend="torch")``. It follows the Liger-Kernel layering:
-``_infonce_forward`` / ``_infonce_backward`` do the work, ``InfoNCEFunction`` only calls them, and
+``_infonce_forward`` / ``_infonce_backward`` do the work, ``InfoNCETorchFunction`` only calls them, and
 ``infonce_torch`` validates arguments.
 
 Memory: rows of ``q`` are processed ``chunk_size`` at a time, so at most one ``chunk × n`` block of
@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["InfoNCEFunction", "infonce_torch", "infonce_eager"]
+__all__ = ["InfoNCETorchFunction", "infonce_torch", "infonce_eager", "refuse_double_backward"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -146,7 +146,7 @@ def refuse_double_backward(name: str) -> None:
         raise RuntimeError(f"{name}: double backward (create_graph=True) is not supported")
 
 
-class InfoNCEFunction(torch.autograd.Function):
+class InfoNCETorchFunction(torch.autograd.Function):
     """Autograd wrapper around the chunked forward / backward; holds no logic of its own."""
 
     @staticmethod
@@ -229,7 +229,7 @@ def infonce_torch(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
     targets = _check_args(q, k, logit_scale, targets, key_valid)
-    return InfoNCEFunction.apply(q, k, logit_scale, targets, key_valid, chunk_size)
+    return InfoNCETorchFunction.apply(q, k, logit_scale, targets, key_valid, chunk_size)
 
 
 def infonce_eager(

@@ -30,7 +30,7 @@ so ``mean_r L_r`` is the mean over the N valid global rows; unmasked, N = W·b a
 mean. Each row's weight w_i = 0.5·W/N·valid_i is what the block backward receives (0 for invalid rows).
 
 Retargeted rows (``targets``, ``key_valid``: the false-negative deduplication of
-``pretrain.losses.false_negatives``): row i's positive is the global key t_i, possibly another rank's,
+``kernels.grouped``): row i's positive is the global key t_i, possibly another rank's,
 and only the global rows marked in ``key_valid`` (W·b bools, the same on every rank) are keys. The
 block of rank src masks its key columns with its slice of ``key_valid``; a row's positive logit
 s·a_i·b_{t_i} (and s·b_i·a_{t_i}) is taken when t_i's block comes by, and in the backward its key's
@@ -49,7 +49,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from kernels.distributed import world_and_rank
+from kernels.gather import world_and_rank
 from kernels.infonce_reference import refuse_double_backward
 
 __all__ = ["ring_symmetric_infonce"]
@@ -97,7 +97,7 @@ def _torch_block_backward(q, k, s, lse, w, key_valid=None):
 
 
 def _triton_ops():
-    from kernels.infonce_triton import infonce_block_backward, infonce_block_lse
+    from kernels.infonce_blocks import infonce_block_backward, infonce_block_lse
 
     def lse(q, k, s, key_valid=None):
         return infonce_block_lse(q, k, s, key_valid=key_valid)[0]
@@ -324,7 +324,7 @@ def ring_symmetric_infonce(a, b, logit_scale, *, group=None, backend="auto", val
             fp32 / fp16 / bf16 (same dtype), already normalised if the model wants that.
         logit_scale: the multiplier s (already exponentiated), shape [] or [1]; gets a gradient.
         group: process group (default: the world; no process group initialised: a world of one).
-        backend: "torch" (chunked matmuls), "triton" (``kernels.infonce_triton`` block kernels) or "auto"
+        backend: "torch" (chunked matmuls), "triton" (``kernels.infonce_blocks`` block kernels) or "auto"
             (triton on CUDA, torch otherwise).
         valid: optional (b_local,) bool presence mask; an invalid pair is neither a query nor a key on
             any rank (``gathered_symmetric_infonce``'s ``valid_local``). Every rank passes one or none.

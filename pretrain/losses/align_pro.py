@@ -12,7 +12,7 @@ False negatives (``loss.false_negatives``: ``"text"`` or ``"go"``): different pr
 identical canonical function text (or the identical GO-id set) are one class in the terms that
 contrast *texts*, i.e. ``L(seq, text)``, ``L(struct, text)`` and the intra-modal text term; there
 they are never each other's negatives. The terms use
-:func:`pretrain.losses.false_negatives.grouped_symmetric_infonce` (one representative key per group,
+:func:`kernels.grouped_symmetric_infonce` (one representative key per group,
 every member's positive is the representative): per-row targets and a per-column key mask on the
 fused kernel, no B × B mask. ``L(seq, struct)`` and the intra sequence / structure terms keep every
 other protein as a negative: two proteins that share a description are still different molecules,
@@ -25,10 +25,9 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from kernels import check_equal_rows, gathered_symmetric_infonce
+from kernels import check_equal_rows, gathered_symmetric_infonce, grouped_symmetric_infonce
 from pretrain.errors import ConfigError
 from pretrain.losses.config import LossConfig
-from pretrain.losses.false_negatives import grouped_symmetric_infonce
 from pretrain.losses.objective import Objective
 
 # (metric name, first embedding, second embedding, presence key a, presence key b, weight attribute)

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels import gathered_symmetric_infonce
+from kernels import gathered_symmetric_infonce, grouped_symmetric_infonce
 from pretrain.errors import ConfigError
-from pretrain.losses.false_negatives import GROUP_MODES, grouped_symmetric_infonce
+from pretrain.losses.false_negatives import GROUP_MODES
 from pretrain.losses.objective import LossSection, Objective
 from pretrain.models.protclip_modules import IGNORE_INDEX, ProtCLIPHeads
 

@@ -1,5 +1,8 @@
 """kernels.distributed on 2 gloo ranks: gathered losses and gradients equal the single-process ones.
 
+The same spawned ranks also test ``kernels.gather`` (``gather_with_grad``, the ragged-batch check): one
+spawn serves both modules.
+
 Workers are spawned once per module (float64, so the comparisons are exact up to round-off), write
 their results to files, and the assertions run in the parent against a single-process computation
 on the global batch.
@@ -17,8 +20,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from kernels.distributed import gather_with_grad, gathered_symmetric_infonce
+from kernels.distributed import gathered_symmetric_infonce
 from kernels.functional import symmetric_infonce
+from kernels.gather import gather_with_grad
 from kernels.infonce_reference import infonce_eager
 from tests.spawn_ranks import run_ranks
 

@@ -17,7 +17,7 @@ TIMEOUT_S = 150
 
 def _triton_runnable():
     try:
-        from kernels.infonce_triton import interpreter_ready
+        from kernels.infonce_tiles import interpreter_ready
     except ImportError:
         return False
     return torch.cuda.is_available() or interpreter_ready()
@@ -25,7 +25,7 @@ def _triton_runnable():
 
 def _triton_interpretable():
     try:
-        from kernels.infonce_triton import interpreter_ready
+        from kernels.infonce_tiles import interpreter_ready
     except ImportError:
         return False
     return interpreter_ready()

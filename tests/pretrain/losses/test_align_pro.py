@@ -19,9 +19,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from kernels import symmetric_infonce
+from kernels.grouped import NO_GROUP, grouped_symmetric_infonce_reference
 from pretrain.config import ConfigError, LossConfig, load_config
 from pretrain.losses.align_pro import AlignProLoss
-from pretrain.losses.false_negatives import NO_GROUP, grouped_symmetric_infonce_reference
 from tests.spawn_ranks import run_ranks
 
 N, DIM, WORLD, TIMEOUT_S = 12, 6, 2, 120.0  # spawned ranks import transformers and fair-esm (slow on a busy host)
