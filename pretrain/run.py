@@ -111,6 +111,16 @@ def close_process_group() -> None:
         dist.destroy_process_group()
 
 
+def make_trainer(plan: RunPlan):
+    """The :class:`~pretrain.engine.trainer.Trainer` of ``plan``, wired to the held-out validation
+    (``train.validate_every``) that the engine does not import itself."""
+    from pretrain.engine.trainer import Trainer
+    from pretrain.eval.validation import validator_for
+
+    validator = validator_for(plan.cfg) if plan.cfg.train.validate_every else None
+    return Trainer(plan.cfg, plan.deepspeed_config, plan.run_dir, validator=validator)
+
+
 def train_and_evaluate(plan: RunPlan, rank: int) -> bool:
     """Train on this rank (collective), then evaluate the export on rank 0.
 
@@ -118,11 +128,7 @@ def train_and_evaluate(plan: RunPlan, rank: int) -> bool:
     """
     import torch.distributed as dist
 
-    from pretrain.engine.trainer import Trainer
-    from pretrain.eval.validation import validator_for
-
-    validator = validator_for(plan.cfg) if plan.cfg.train.validate_every else None
-    trainer = Trainer(plan.cfg, plan.deepspeed_config, plan.run_dir, validator=validator)
+    trainer = make_trainer(plan)
     try:
         trainer.setup()
         trainer.train()

@@ -47,7 +47,7 @@ from pretrain.engine.schedule import (
     seed_everything,
     set_group_lrs,
 )
-from pretrain.engine.two_pass import two_pass_step
+from pretrain.engine.two_pass import embed_no_grad, two_pass_step
 from pretrain.errors import RunStopped
 from pretrain.losses.objective import detach_terms
 from pretrain.losses.registry import build_objective
@@ -93,6 +93,7 @@ class Trainer:
         self.nonfinite_steps = 0  # steps whose update was skipped (non-finite loss or gradients)
         self._nonfinite_run = 0  # consecutive such steps up to now
         self._failed_saves = 0  # consecutive checkpoint saves that failed
+        self._saved_step = -1  # step of the last checkpoint this process wrote
         self._unreadable_shards: set[str] = set()  # logged once each
         self._zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
         self.stream = None
@@ -318,17 +319,62 @@ class Trainer:
                 raise RunStopped(stop_reason)
             if t_cfg.validate_every and (self.step % t_cfg.validate_every == 0 or self.step == t_cfg.max_steps):
                 self._validate()
-            if self.step % t_cfg.checkpoint_every == 0 or self.step == t_cfg.max_steps or stop_votes:
-                self.save(must_succeed=self.step == t_cfg.max_steps or bool(stop_votes))
+            final = self.step == t_cfg.max_steps
+            if self.step % t_cfg.checkpoint_every == 0 or final or stop_votes:
+                if self._state_is_finite(batch):
+                    self.save(must_succeed=final or bool(stop_votes))
+                else:
+                    self._refuse_nonfinite_save(final)
             if stop_votes and self.step < t_cfg.max_steps:
                 self.preempted = True
-                self._print(f"SIGTERM: checkpoint saved at step {self.step}; exiting (relaunch to resume)")
+                if self._saved_step == self.step:
+                    self._print(f"SIGTERM: checkpoint saved at step {self.step}; exiting (relaunch to resume)")
+                else:  # the weights were not finite: nothing saved
+                    self._print(f"SIGTERM: no checkpoint saved at step {self.step}; exiting; {self._last_good()}")
                 return last
             maybe_inject_fault(self.step, self.rank, self.run_dir)
             if self.step >= t_cfg.max_steps:
                 break
         self.export()
         return last
+
+    def _state_is_finite(self, batch: dict) -> bool:
+        """Whether the weights after this step give a finite loss on this step's batch (collective).
+
+        A checkpoint is written only from such a state. The step's own loss was computed before its
+        update, so it cannot tell whether the update broke the weights (a learning rate that
+        overflows them leaves finite but useless weights, and every later loss NaN); one forward
+        pass of the new weights, without gradients and with the random generators restored
+        afterwards (the data and dropout streams stay those of a run that never checks), can.
+        """
+        rng = checkpoint.rng_state()
+        try:
+            with torch.no_grad():
+                batch = batch_to_device(batch, self.device)
+                dtype = resolve_precision(self.cfg.train.precision, self.device)
+                emb = embed_no_grad(self.engine, batch, self.cfg.train.grad_cache_chunk, dtype)
+                loss = self.objective(emb, batch)["loss"]
+                bad = int(not bool(torch.isfinite(loss).all()))
+        finally:
+            checkpoint.set_rng_state(rng)
+        return self._sum_over_ranks([bad])[0] == 0
+
+    def _refuse_nonfinite_save(self, final: bool) -> None:
+        """A checkpoint was due but the weights give a non-finite loss: write none (retention would
+        otherwise replace good checkpoints with poisoned ones); at the last step, stop."""
+        where = self._last_good()
+        log.warning("step %d: the weights give a non-finite loss; no checkpoint written (%s)", self.step, where)
+        self._log_metrics({"step": self.step, "checkpoint_skipped_nonfinite": 1})
+        if final:
+            raise RunStopped(
+                f"the weights after the last step ({self.step}) give a non-finite loss; no checkpoint or export "
+                f"written: {where}. Lower optim.lr / optim.encoder_lr or check the data, then relaunch to resume."
+            )
+
+    def _last_good(self) -> str:
+        """Names the checkpoint a relaunch resumes from (only finite states are ever saved)."""
+        good = checkpoint.latest_tag(self.ckpt_dir)
+        return f"the last good checkpoint is {self.ckpt_dir / good}" if good else "no checkpoint was written yet"
 
     def _validate(self) -> None:
         """The validator's retrieval metrics (every rank: the forward gathers ZeRO-3 partitions);
@@ -376,8 +422,7 @@ class Trainer:
         )
         if self._nonfinite_run < limit:
             return None
-        good = checkpoint.latest_tag(self.ckpt_dir)
-        where = f"the last good checkpoint is {self.ckpt_dir / good}" if good else "no checkpoint was written yet"
+        where = self._last_good()
         return (
             f"{self._nonfinite_run} consecutive steps (up to step {self.step}) had a non-finite loss or "
             f"gradients (train.max_nonfinite_steps={limit}); stopping without saving: {where}. "
@@ -439,6 +484,7 @@ class Trainer:
             self._print(f"WARNING: {e} ({self._failed_saves} failed in a row, limit {limit}); training goes on")
             return
         self._failed_saves = 0
+        self._saved_step = self.step
         self._print(f"checkpoint {self.ckpt_dir / tag}")
 
     def export(self) -> None:

@@ -185,3 +185,33 @@ def two_pass_step(
         del out, surrogate
     _set_rng_state(rng_after, device)
     return terms, scale.detach()
+
+
+def embed_no_grad(
+    engine: Callable, batch: dict, chunk_size: int = 0, autocast_dtype: torch.dtype | None = None
+) -> dict[str, Tensor]:
+    """The model's forward output on ``batch`` without gradients, as the one-pass step sees it.
+
+    Args:
+        engine: the model forward (a DeepSpeed engine or a ``TriModalModel``), ``batch -> out``.
+        batch: a collated batch on the model's device.
+        chunk_size: rows embedded at once, as in :func:`two_pass_step` (the memory of a step that
+            needs chunks); 0 embeds the whole batch in one forward (every objective's output).
+        autocast_dtype: forward autocast dtype; None: fp32.
+
+    Shapes:
+        every embedding (B, E) in fp32; ``logit_scale`` [1].
+    """
+    device = batch["seq_tokens"].device
+    rows = _num_rows(batch)
+    with torch.no_grad():
+        if chunk_size < 1 or chunk_size >= rows:
+            with forward_autocast(autocast_dtype, device):
+                return embeddings_to_fp32(engine(batch))
+        parts = []
+        for start in range(0, rows, chunk_size):
+            with forward_autocast(autocast_dtype, device):
+                parts.append(embeddings_to_fp32(engine(slice_model_batch(batch, start, min(start + chunk_size, rows)))))
+    out = {k: torch.cat([p[k] for p in parts], dim=0) for k in parts[0] if k != "logit_scale"}
+    out["logit_scale"] = parts[0]["logit_scale"]
+    return out

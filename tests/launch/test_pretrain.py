@@ -71,8 +71,8 @@ def test_two_rank_zero3_ray_smoke_resume_and_eval(tmp_path, small_demo):
 @pytest.mark.parametrize("zero", ["zero1.json", "zero2.json", "zero3.json"])
 def test_stage1_keeps_encoders_bit_identical(tmp_path, small_demo, zero):
     from pretrain.config import load_config
-    from pretrain.models.trimodal import TriModalModel
     from pretrain.engine.schedule import seed_everything
+    from pretrain.models.trimodal import TriModalModel
 
     run = tmp_path / "run"
     over = ["train.max_steps=2", "train.stage1_steps=2", "train.eval_at_end=false", "data.loader=local"]

@@ -39,21 +39,21 @@ def _worker(
     try:
         import deepspeed
 
-        from pretrain.engine.trainer import Trainer
         from pretrain.errors import RunStopped
-        from pretrain.run import init_process_group, prepare
+        from pretrain.run import init_process_group, make_trainer, prepare
 
         over = [*trainer_overrides(shards), "train.stage1_steps=0", *overrides]
         plan = prepare(None, over, ds_json, run_dir, WORLD)
         init_process_group()
-        trainer = Trainer(plan.cfg, plan.deepspeed_config, plan.run_dir)
+        trainer = make_trainer(plan)
         trainer.setup()
         real_loss = trainer.objective
 
         def loss_fn(*args, **kwargs):
             terms = real_loss(*args, **kwargs)
             kind = faults.get(str(trainer.step + 1))  # the step about to run
-            if kind is not None and rank == faults["rank"]:
+            # Training steps only: the no-grad check of the weights before a checkpoint is not a step.
+            if kind is not None and rank == faults["rank"] and torch.is_grad_enabled():
                 terms["loss"] = _poison(kind, terms["loss"])
             return terms
 
@@ -156,3 +156,37 @@ def test_consecutive_non_finite_steps_stop_the_run_and_keep_the_last_good_checkp
     # The stop writes no checkpoint: step 6's was due, but the run stopped before saving it.
     assert (ckpt / "latest").read_text() == "step00000003"
     assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step00000003"]
+
+
+def test_weights_broken_by_an_update_are_never_checkpointed_and_the_good_one_resumes(tmp_path, small_demo):
+    """A learning rate that overflows the weights: the update of step 3 is applied (its gradients
+    were finite), every later loss is NaN. The checkpoints due at steps 4 and 6 must not be written
+    (with keep_checkpoints=1 they would delete the good step-2 one), the stop names step 2, and a
+    relaunch with a sane learning rate resumes from it and finishes."""
+    ckpt = tmp_path / "run" / "checkpoints"
+    base = ["train.checkpoint_every=2", "train.keep_checkpoints=1", "optim.warmup_steps=0"]
+    first = _run(tmp_path, small_demo, [*base, "train.max_steps=2"], {"rank": -1})
+    assert all(r["error"] == "" and r["step"] == 2 for r in first)
+    assert (ckpt / "latest").read_text() == "step00000002"
+
+    blown = _run(
+        tmp_path,
+        small_demo,
+        [*base, "train.max_steps=8", "train.max_nonfinite_steps=3", "optim.lr=1e30", "optim.encoder_lr=1e30"],
+        {"rank": -1},
+    )
+    for res in blown:
+        assert "3 consecutive steps (up to step 6)" in res["error"], res["error"]
+        assert f"the last good checkpoint is {ckpt / 'step00000002'}" in res["error"]
+    assert (ckpt / "latest").read_text() == "step00000002"
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step00000002"]
+    skipped = [r for r in _metrics(tmp_path / "run") if r.get("checkpoint_skipped_nonfinite")]
+    assert [r["step"] for r in skipped] == [4]  # step 6 stopped the run before its checkpoint
+
+    again = _run(tmp_path, small_demo, [*base, "train.max_steps=8"], {"rank": -1})
+    for res in again:
+        assert res["error"] == "" and res["step"] == 8
+        assert all(torch.isfinite(torch.tensor(res["sums"])))
+    losses = [r["loss"] for r in _metrics(tmp_path / "run") if "loss" in r and r["step"] > 2]
+    assert len(losses) == 6 and all(loss is not None for loss in losses)  # steps 3-8 redone, all finite
+    assert (ckpt / "latest").read_text() == "step00000008"

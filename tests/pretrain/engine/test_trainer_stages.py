@@ -33,8 +33,7 @@ def _worker(rank: int, port: int, out: str, shards: str, run_dir: str, ds_json: 
     try:
         import deepspeed
 
-        from pretrain.engine.trainer import Trainer
-        from pretrain.run import init_process_group, prepare
+        from pretrain.run import init_process_group, make_trainer, prepare
 
         over = [
             *trainer_overrides(shards),
@@ -45,7 +44,7 @@ def _worker(rank: int, port: int, out: str, shards: str, run_dir: str, ds_json: 
         ]
         plan = prepare(None, over, ds_json, run_dir, 1)
         init_process_group()
-        trainer = Trainer(plan.cfg, plan.deepspeed_config, plan.run_dir)
+        trainer = make_trainer(plan)
         trainer.setup()
         # Its parameters by their full shapes: ZeRO-3 leaves empty 1-D placeholders in the module.
         encoder = trainer.model.sequence_encoder.parameters()
@@ -99,13 +98,12 @@ def _frozen_worker(rank: int, port: int, out: str, shards: str, run_dir: str) ->
     try:
         import deepspeed
 
-        from pretrain.engine.trainer import Trainer
-        from pretrain.run import init_process_group, prepare
+        from pretrain.run import init_process_group, make_trainer, prepare
 
         over = [*trainer_overrides(shards), "train.stage1_steps=1", "train.max_steps=3", "train.checkpoint_every=1000"]
         plan = prepare(None, [*over, "train.frozen_encoders=[text]"], "zero3.json", run_dir, 1)
         init_process_group()
-        trainer = Trainer(plan.cfg, plan.deepspeed_config, plan.run_dir)
+        trainer = make_trainer(plan)
         trainer.setup()
         encoders = {"sequence": trainer.model.sequence_encoder, "text": trainer.model.text_encoder}
 
