@@ -47,6 +47,7 @@ Another change inside the remainder segment chains on (segment k+1 takes what se
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -269,19 +270,41 @@ def plan_settings(cfg: Config) -> dict:
     }
 
 
-def check_resumable_plan(saved: dict | None, cfg: Config, source: str) -> None:
+SHARD_SET_KEY = "data.train_shards content"  # key of :func:`shard_set_digest` in a checkpoint's data plan
+
+
+def shard_set_digest(manifest: Manifest) -> str:
+    """Content identity of a shard set: its shards' names, sample counts and checksums, in manifest order.
+
+    The same shards copied elsewhere (another directory, a bucket) give the same digest; a set with
+    any other shard, sample count or byte gives another. The path is not part of it.
+    """
+    listing = [[s.name, s.num_samples, s.sha256] for s in manifest.shards]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+
+
+def check_resumable_plan(saved: dict | None, cfg: Config, source: str, manifest: Manifest | None = None) -> None:
     """Refuse to resume a cursor under other plan settings (it would skip or repeat samples).
 
     Args:
-        saved: :func:`plan_settings` of the run being resumed; None for checkpoints written before
-            they were recorded (accepted).
+        saved: :func:`plan_settings` of the run being resumed, with :data:`SHARD_SET_KEY` when the
+            checkpoint recorded it; None for checkpoints written before they were recorded (accepted).
         source: where ``saved`` comes from, for the message.
+        manifest: the train shard set this launch reads; with it, a checkpoint's cursor that
+            counts batches of another shard set (other content, wherever it lives) is refused.
 
     Raises:
-        ConfigError: a setting differs.
+        ConfigError: a setting differs, or the shard set is another one.
     """
     if saved is None:
         return
+    if manifest is not None and saved.get(SHARD_SET_KEY) not in (None, shard_set_digest(manifest)):
+        raise ConfigError(
+            f"{source}: the run trained on another shard set than data.train_shards={cfg.data.train_shards} "
+            f"(content digest {saved[SHARD_SET_KEY]}, this one {shard_set_digest(manifest)}); its data cursor "
+            "would index unrelated samples. Point data.train_shards at the run's shards (a copy elsewhere is "
+            "fine), or use a new --run-dir"
+        )
     now = plan_settings(cfg)
     changed = [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in now.items() if saved.get(key) != value]
     if changed:

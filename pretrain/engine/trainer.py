@@ -26,12 +26,14 @@ from data_shards.manifest import load_manifest
 from pretrain.config import Config
 from pretrain.data.collate import batch_to_device
 from pretrain.data.stream import (
+    SHARD_SET_KEY,
     UNREADABLE_SHARD,
     Cursor,
     check_resumable_plan,
     local_stream,
     plan_for,
     plan_settings,
+    shard_set_digest,
 )
 from pretrain.engine import checkpoint, checkpoint_store
 from pretrain.engine.builder import build_model
@@ -130,7 +132,8 @@ class Trainer:
             self.step, self.stage = int(client["step"]), int(client["stage"])
             self.samples_seen, self.bad_samples = int(client["samples_seen"]), int(client["bad_samples"])
             self.nonfinite_steps = int(client.get("nonfinite_steps", 0))
-            check_resumable_plan(client.get("data_plan"), self.cfg, f"{self.ckpt_dir} (step {self.step})")
+            where = f"{self.ckpt_dir} (step {self.step})"
+            check_resumable_plan(client.get("data_plan"), self.cfg, where, manifest=self._plan.manifest)
             self.cursor = self._resume_cursor(client, rank_state)
             checkpoint.set_rng_state(rank_state["rng"])
             self._truncate_metrics(self.step)
@@ -456,7 +459,7 @@ class Trainer:
             "nonfinite_steps": self.nonfinite_steps,
             "config_fingerprint": self.cfg.fingerprint(),
             "world_size": self.world_size,
-            "data_plan": plan_settings(self.cfg),
+            "data_plan": {**plan_settings(self.cfg), SHARD_SET_KEY: shard_set_digest(self._plan.manifest)},
         }
 
     def save(self, must_succeed: bool = False) -> None:

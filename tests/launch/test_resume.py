@@ -86,6 +86,29 @@ def test_a_resume_under_another_batch_size_is_refused(tmp_path, small_demo, refe
     assert (run / "checkpoints" / "latest").read_text() == "step00000005"  # nothing was trained or saved
 
 
+def test_a_resume_on_another_shard_set_is_refused_and_a_moved_copy_resumes(tmp_path, small_demo, reference_run):
+    """The cursor indexes the run's shards: pointed at other shards (same layout, other content) a
+    resume would train on unrelated samples; the same shards copied elsewhere are the same data."""
+    from data_shards.demo_corpus import build_demo_corpus
+
+    over = ["train.max_steps=5", *COMMON]
+    run = tmp_path / "run"
+    shutil.copytree(reference_run(over), run)
+    other = tmp_path / "other"
+    build_demo_corpus(other, num_train=384, num_heldout=96, samples_per_shard=48, seed=1)
+    longer = ["train.max_steps=7", *COMMON]
+    refused = run_launcher(run, other, longer)
+    assert refused.returncode == 2 and "another shard set" in refused.stderr, refused.stderr[-3000:]
+    assert refused.stderr.count("align-pro: error") == 1 and "Traceback" not in refused.stderr
+    assert (run / "checkpoints" / "latest").read_text() == "step00000005"  # nothing was trained or saved
+    moved = tmp_path / "moved"
+    shutil.copytree(small_demo, moved)
+    resumed = run_launcher(run, moved, longer)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step 5" in resumed.stdout
+    assert (run / "checkpoints" / "latest").read_text() == "step00000007"
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path, small_demo):
     run = tmp_path / "run"
     proc = run_launcher(run, small_demo, ["train.max_steps=500", *COMMON], background=True)
