@@ -36,10 +36,10 @@ import numpy as np
 import torch
 
 from data_shards.schema import ProteinRecord
+from data_shards.text_rules import augment_text, canonical_text
 from pretrain.config import Config
 from pretrain.data.featurize import backbone_graph, collate_graphs, edge_s_dim, graph_residues, peptide_bonds
 from pretrain.data.masking import protclip_inputs
-from data_shards.text_rules import augment_text, canonical_text
 from pretrain.losses.false_negatives import group_ids
 from pretrain.models.sequence_encoder import tokenize_sequences
 from pretrain.models.text_encoder import build_tokenizer, tokenize_texts
@@ -139,7 +139,9 @@ class BatchBuilder:
         min_plddt = self.cfg.data.min_plddt
         if min_plddt is not None and bb.plddt is not None:  # low-confidence residues: as if unobserved
             mask = mask & torch.from_numpy(np.asarray(bb.plddt[start:stop]) >= min_plddt).unsqueeze(-1)
-        numbers = None if bb.residue_number is None else torch.from_numpy(bb.residue_number[start:stop].astype(np.int64))
+        numbers = (
+            None if bb.residue_number is None else torch.from_numpy(bb.residue_number[start:stop].astype(np.int64))
+        )
         return seq, (coords, mask, numbers), rec.text
 
     def _augment(self, fields: dict | None, rng: np.random.Generator) -> str:

@@ -30,7 +30,6 @@ from torch import Tensor
 
 from pretrain.models.graph_format import EDGE_V_DIM, NODE_S_DIM, NODE_V_DIM, edge_s_dim  # noqa: F401 (the format built here)
 
-
 _EPS = 1e-8
 _RBF_MAX_DISTANCE = 20.0  # Angstrom; RBF centres span [0, 20]
 # Consecutive residues farther apart than this are not bonded (unobserved residues between them):
@@ -243,8 +242,7 @@ def backbone_graph(
     atom_mask = torch.as_tensor(atom_mask, dtype=torch.bool)
     if coords.ndim != 3 or coords.shape[1:] != (4, 3) or atom_mask.shape != coords.shape[:2]:
         raise ValueError(
-            f"expected coords (L, 4, 3) and atom_mask (L, 4), got {tuple(coords.shape)} "
-            f"and {tuple(atom_mask.shape)}"
+            f"expected coords (L, 4, 3) and atom_mask (L, 4), got {tuple(coords.shape)} and {tuple(atom_mask.shape)}"
         )
     atom_ok = usable_atoms(coords, atom_mask)  # (L, 4)
     coords = torch.where(atom_ok.unsqueeze(-1), coords, torch.zeros_like(coords))  # (L, 4, 3)

@@ -155,10 +155,7 @@ class EpochPlan:
             p = np.concatenate([self._keep_prob[i] for i in dealt])
             refs = refs[self._rng(_KEEP, epoch).random(len(refs)) < p]
         n = len(refs) // world
-        per_rank = [
-            refs[r * n : (r + 1) * n][self._rng(_SHARE, epoch, r).permutation(n)]
-            for r in range(world)
-        ]
+        per_rank = [refs[r * n : (r + 1) * n][self._rng(_SHARE, epoch, r).permutation(n)] for r in range(world)]
         return per_rank, refs[world * n :]
 
     def _segment(self, epoch: int, resized: tuple[tuple[int, int], ...], world: int) -> _Segment:
