@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import numbers
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,6 +59,35 @@ def _tensorboard_writer(logdir: Path, purge_step: int | None):
             log.warning("neither tensorboard nor tensorboardX is installed: TensorBoard logging is off")
             return None
     return SummaryWriter(log_dir=str(logdir), purge_step=purge_step)
+
+
+def _quiet_writer_thread_errors() -> None:
+    """Report an OSError that kills a TensorBoard writer thread (a full disk) as one log line, not a
+    thread traceback on stderr; :meth:`MetricsLogger.log` then stops the mirror. Other threads'
+    errors go to the hook that was installed before."""
+    previous = threading.excepthook
+    if getattr(previous, "_align_pro_quiet", False):
+        return
+
+    def hook(args) -> None:
+        if isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_EventLoggerThread":
+            log.error("TensorBoard writer thread stopped: %s", args.exc_value)
+            return
+        previous(args)
+
+    hook._align_pro_quiet = True
+    threading.excepthook = hook
+
+
+def _writer_alive(writer) -> bool:
+    """False when a TensorBoard writer's background thread is known dead (tensorboardX keeps it at
+    ``file_writer.event_writer._worker``); True when alive or when the layout is unknown."""
+    worker = writer
+    for attr in ("file_writer", "event_writer", "_worker"):
+        worker = getattr(worker, attr, None)
+        if worker is None:
+            return True
+    return not hasattr(worker, "is_alive") or worker.is_alive()
 
 
 def _scalar(value) -> float | None:
@@ -118,11 +148,13 @@ class MetricsLogger:
         self.path = self.run_dir / "metrics.jsonl"
         self._tb = None
         self._wandb = None
+        self.dropped = 0  # metrics lines that could not be written (disk full, I/O error)
         if not self.enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if tensorboard:
             self._tb = _tensorboard_writer(self.run_dir / "tensorboard", resume_step)
+            _quiet_writer_thread_errors()
         if wandb:
             self._wandb = self._init_wandb(wandb_project, wandb_run_name or self.run_dir.name, config)
 
@@ -146,8 +178,17 @@ class MetricsLogger:
         if "step" not in record:
             raise ValueError(f"metrics record without 'step': {sorted(record)}")
         line = json.dumps(_jsonable(record), allow_nan=False)
-        with open(self.path, "a") as f:
-            f.write(line + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+        except OSError as e:
+            # A full disk must not end rank 0 with a traceback while its peers wait in a collective:
+            # the line is counted and reported, and the checkpoint that cannot be written either
+            # stops the run in order (train.max_failed_checkpoints).
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 100 == 0:
+                log.error("cannot write %s (%s): %d metrics line(s) lost so far", self.path, e, self.dropped)
+            self._drop_tensorboard("its run directory cannot be written")
         step = int(record["step"])
         scalars = {}
         for key, value in record.items():
@@ -155,20 +196,38 @@ class MetricsLogger:
             if key == "step" or v is None or not math.isfinite(v):
                 continue
             scalars[key if "/" in key else f"train/{key}"] = v
+        if self._tb is not None and not _writer_alive(self._tb):
+            self._drop_tensorboard("its writer thread died (disk full?)")
         if self._tb is not None:
-            for tag, v in scalars.items():
-                self._tb.add_scalar(tag, v, step)
+            try:
+                for tag, v in scalars.items():
+                    self._tb.add_scalar(tag, v, step)
+            except OSError as e:  # a mirror: metrics.jsonl stays the record
+                self._drop_tensorboard(str(e))
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
 
+    def _drop_tensorboard(self, why: str) -> None:
+        """Stop mirroring to TensorBoard without closing its writer: a writer whose thread died on a
+        full disk blocks forever in ``add_scalar`` (its queue fills) and in ``close`` (it joins)."""
+        if self._tb is not None:
+            log.error("TensorBoard mirror stopped: %s; metrics.jsonl stays the record", why)
+            self._tb = None
+
     def flush(self) -> None:
         if self._tb is not None:
-            self._tb.flush()
+            try:
+                self._tb.flush()
+            except OSError as e:
+                self._drop_tensorboard(str(e))
 
     def close(self) -> None:
         """Flush and close the backends (idempotent)."""
         if self._tb is not None:
-            self._tb.close()
+            try:
+                self._tb.close()
+            except OSError as e:
+                log.error("TensorBoard mirror could not be closed: %s", e)
             self._tb = None
         if self._wandb is not None:
             self._wandb.finish()

@@ -437,16 +437,19 @@ class Trainer:
         unreadable shard is logged once (its samples are still listed and counted)."""
         if not bad:
             return
-        out = self.run_dir / "bad_samples"
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / f"rank_{self.rank}.jsonl", "a") as f:
-            for b in bad:
-                f.write(json.dumps({"step": self.step + 1, **b}) + "\n")
-                if b["reason"] != UNREADABLE_SHARD:
-                    log.warning("skipped bad sample: shard %s key %s: %s", b["shard"], b["key"], b["reason"])
-                elif b["shard"] not in self._unreadable_shards:
-                    self._unreadable_shards.add(b["shard"])
-                    log.error("unreadable shard skipped: %s (all its samples are counted as bad)", b["shard"])
+        for b in bad:
+            if b["reason"] != UNREADABLE_SHARD:
+                log.warning("skipped bad sample: shard %s key %s: %s", b["shard"], b["key"], b["reason"])
+            elif b["shard"] not in self._unreadable_shards:
+                self._unreadable_shards.add(b["shard"])
+                log.error("unreadable shard skipped: %s (all its samples are counted as bad)", b["shard"])
+        path = self.run_dir / "bad_samples" / f"rank_{self.rank}.jsonl"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as f:
+                f.write("".join(json.dumps({"step": self.step + 1, **b}) + "\n" for b in bad))
+        except OSError as e:  # a full disk: the samples are still logged above and counted in metrics
+            log.error("cannot write %s (%s): %d bad-sample line(s) not listed there", path, e, len(bad))
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
