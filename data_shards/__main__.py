@@ -20,7 +20,8 @@ URLs directly.
 
 Exit codes: 0 success, 1 validation found problems (inspect: some samples could not be read, listed
 in ``problems``; build, rewrite: nothing usable was written), 2 the input could not be read at all
-(rewrite: also the model or endpoint failed).
+(rewrite: also the model or endpoint failed); with 2 the JSON is one line whose "error" names the
+file.
 
 Adding a command: write a ``_cmd_<name>(args) -> (dict, exit_code)`` function and register its
 parser in ``_parser``.
@@ -71,6 +72,8 @@ def _cmd_demo(args) -> tuple[dict, int]:
             summary = _point_at(_demo(build_demo_corpus, args, out), out, args.out)
     except storage.StorageError as exc:
         return {"ok": False, "error": str(exc)}, 2
+    except OSError as exc:  # e.g. --out names a file
+        return {"ok": False, "error": _os_error(exc, args.out, "cannot write the corpus")}, 2
     summary["seconds"] = round(time.perf_counter() - start, 2)
     return summary, 0
 
@@ -197,9 +200,16 @@ def _cmd_fasta(args) -> tuple[dict, int]:
 
     try:
         report = write_fasta(args.dir, args.out)
-    except (ManifestError, OSError) as exc:
+    except ManifestError as exc:
         return {"ok": False, "error": str(exc)}, 2
+    except OSError as exc:
+        return {"ok": False, "error": _os_error(exc, args.out, "cannot write the FASTA file")}, 2
     return report, 0 if report["ok"] else 1
+
+
+def _os_error(exc: OSError, path: str, what: str) -> str:
+    """One line naming ``path`` (the file the user gave) and the system's reason."""
+    return f"{path}: {what} ({exc.strerror or exc})"
 
 
 def _cmd_validate(args) -> tuple[dict, int]:
@@ -314,10 +324,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; prints its JSON result and returns the exit code."""
+    """Run one command; prints its JSON result and returns the exit code.
+
+    With exit code 2 (an input that cannot be read at all) the JSON is printed on one line, its
+    "error" naming the file and the problem: no traceback, nothing else to scroll through.
+    """
     args = _parser().parse_args(argv)
     result, code = args.run(args)
-    print(json.dumps(result, indent=2, default=str))
+    print(json.dumps(result, indent=None if code == 2 else 2, default=str))
     return code
 
 

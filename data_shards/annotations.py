@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_shards.readers.fasta import FastaRecord
-from data_shards.readers.gaf import iter_gaf
+from data_shards.readers.gaf import GafAnnotation, iter_gaf
 from data_shards.readers.obo import Ontology
-from data_shards.readers.tables import iter_deepfri, load_sifts_enzyme, load_sifts_uniprot
+from data_shards.readers.tables import DeepFriRow, iter_deepfri, load_sifts_enzyme, load_sifts_uniprot
 from data_shards.readers.uniprot import UniProtEntry
 from data_shards.sampling import property_coverage
 
@@ -156,25 +156,33 @@ class AnnotationIndex:
         """Merge a GAF file; returns the number of annotations read."""
         count = 0
         for ann in iter_gaf(path, skipped):
-            info = self._protein(ann.accession)
-            info.add_go(ann.go_id, ann.aspect, ann.evidence)
-            info.name = info.name or ann.name
-            info.taxon = info.taxon or ann.taxon
-            info.add_source("gaf")
+            self.add_gaf_annotation(ann)
             count += 1
         return count
+
+    def add_gaf_annotation(self, ann: GafAnnotation) -> None:
+        """Merge one GAF annotation."""
+        info = self._protein(ann.accession)
+        info.add_go(ann.go_id, ann.aspect, ann.evidence)
+        info.name = info.name or ann.name
+        info.taxon = info.taxon or ann.taxon
+        info.add_source("gaf")
 
     def add_deepfri(self, path: str | Path) -> int:
         """Merge a DeepFRI chain → EC/GO table; returns rows read."""
         count = 0
         for row in iter_deepfri(path):
-            extras = self.chains.setdefault((row.pdb_id.lower(), row.chain), ChainExtras())
-            extras.ec.extend(n for n in row.ec if n not in extras.ec)
-            extras.go.extend(t for t in row.go if t not in extras.go)
-            if "deepfri" not in extras.sources:
-                extras.sources.append("deepfri")
+            self.add_deepfri_row(row)
             count += 1
         return count
+
+    def add_deepfri_row(self, row: DeepFriRow) -> None:
+        """Merge one DeepFRI chain row."""
+        extras = self.chains.setdefault((row.pdb_id.lower(), row.chain), ChainExtras())
+        extras.ec.extend(n for n in row.ec if n not in extras.ec)
+        extras.go.extend(t for t in row.go if t not in extras.go)
+        if "deepfri" not in extras.sources:
+            extras.sources.append("deepfri")
 
     def add_sifts(self, path: str | Path, kind: str) -> int:
         """Merge SIFTS ``pdb_chain_uniprot`` (kind "sifts_uniprot") or ``pdb_chain_enzyme`` ("sifts_enzyme")."""

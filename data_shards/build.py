@@ -12,7 +12,8 @@ Pipeline (streaming, bounded memory, deterministic):
 3. Each chain is joined to its accession (table → SIFTS → AlphaFold file name), the accession to
    its annotations, and turned into a :class:`~data_shards.schema.ProteinRecord`: the sequence is
    the one observed in the structure (the UniProt sequence goes to ``meta["uniprot_sequence"]``).
-   UniProt / FASTA entries not attached to any structure become sequence(+text) samples.
+   Chain-table rows with an empty ``structure_file`` give sequence(+text) records from the table's
+   ``sequence``. UniProt / FASTA entries not attached to any structure become sequence(+text) samples.
 4. Records are written by :class:`~data_shards.writer.ShardWriter` with per-sample
    ``sample_props`` (existence level, ProtCLIP property coverage). With ``split_heldout`` they are
    first spooled to a temporary file, clustered (shared accession or identical sequence, union-find)
@@ -20,8 +21,15 @@ Pipeline (streaming, bounded memory, deterministic):
 
 Bad input never stops the build: the sample (or GO term) is skipped and the reason counted in the
 manifest's ``extra["skipped"]`` (``extra["skipped_terms"]`` for terms) with the first examples.
-Only configuration errors (an input file or the OBO that does not exist or cannot be read at
-all) raise :class:`BuildInputError` before anything is written.
+That includes a chain id used by two different chains in one structure file, and a structure
+file whose parsing process died (see :func:`_parsed`). Only configuration errors raise
+:class:`BuildInputError` before anything is written: an input file or the OBO that does not exist
+or cannot be read at all (not a single entry readable: empty, another format, damaged from the
+start; a file that breaks later keeps what was read and counts one skip).
+
+``--overwrite`` never destroys a good shard set: new shards become visible only when the build is
+complete (:class:`~data_shards.writer.ShardWriter`), and a build that raises or finds nothing
+usable leaves the previous output as it was.
 """
 
 from __future__ import annotations
@@ -35,21 +43,26 @@ import re
 import struct
 import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_shards.annotations import AnnotationIndex
 from data_shards.clusters import ClusterTableError, load_clusters
 from data_shards.readers.fasta import iter_fasta
+from data_shards.readers.gaf import iter_gaf
 from data_shards.readers.obo import load_obo
 from data_shards.readers.structures import StructureError, StructureFile, looks_like_structure_file, read_structure
-from data_shards.readers.tables import detect_table_format, iter_chain_table, iter_uniprot_tsv
+from data_shards.readers.tables import ChainRow, detect_table_format, iter_chain_table, iter_deepfri, iter_uniprot_tsv
 from data_shards.readers.uniprot import iter_uniprot
 from data_shards.records import BuiltRecord, RecordMaker, StructureUnit
 from data_shards.schema import ProteinRecord, decode_sample, encode_record
 from data_shards.writer import ShardWriter
 
 MAX_EXAMPLES = 5
+UNREADABLE = "unreadable structure file"
+WORKER_DIED = "worker process died while reading the structure file (e.g. out of memory)"
 _ANNOTATION_FORMATS = ("chains", "uniprot_tsv", "deepfri", "gaf", "sifts_uniprot", "sifts_enzyme")
 
 
@@ -152,6 +165,8 @@ def _expand_structures(specs: list[str]) -> tuple[list[tuple[Path, str]], list[P
         if path.is_dir():
             roots.append(path.resolve())
             found = sorted(p for p in path.rglob("*") if p.is_file() and looks_like_structure_file(p))
+            if not found:
+                raise BuildInputError(f"{spec}: no structure file (.pdb/.ent/.cif, gzipped or not) in this folder")
             pairs = [(p, p.relative_to(path).as_posix()) for p in found]
         elif path.is_file():
             roots.append(path.resolve().parent)
@@ -175,39 +190,42 @@ def _expand_structures(specs: list[str]) -> tuple[list[tuple[Path, str]], list[P
 def _load_annotations(
     config: BuildConfig, index: AnnotationIndex, skip: _Tally, skip_term: _Tally, inputs: dict
 ) -> list[Path]:
+    """Index every annotation and sequence file; returns the chain tables (read by :func:`_units`)."""
     tables: list[Path] = []
     forced = config.annotations_format
     if forced is not None and forced not in _ANNOTATION_FORMATS:
         raise BuildInputError(f"unknown annotations format {forced!r} (one of {', '.join(_ANNOTATION_FORMATS)})")
     for name in config.annotations:
         path = _need_file(name, "annotation file")
-        kind = forced or detect_table_format(path)
+        try:
+            kind = forced or detect_table_format(path)
+        except (ValueError, OSError, EOFError) as exc:
+            raise BuildInputError(_naming(path, "annotation file", exc)) from None
         if kind is None:
             raise BuildInputError(f"{path}: cannot tell the annotation format; pass --annotations-format")
         inputs.setdefault(kind, []).append(path.name)
-        try:
-            if kind == "chains":
-                tables.append(path)
-            elif kind == "uniprot_tsv":
-                for entry in iter_uniprot_tsv(path):
-                    index.add_uniprot(entry, "uniprot_tsv")
-            elif kind == "gaf":
-                counts: dict[str, int] = {}
-                index.add_gaf(path, counts)
-                skip_term.add_counts({f"GAF annotation dropped: {k}": v for k, v in counts.items()}, path.name)
-            elif kind == "deepfri":
-                index.add_deepfri(path)
-            else:
-                index.add_sifts(path, kind)
-        except (ValueError, OSError, EOFError) as exc:
-            skip("unreadable annotation file (rest of file ignored)", f"{path.name}: {exc}")
+        if kind == "chains":
+            tables.append(path)
+        elif kind == "uniprot_tsv":
+            _read_entries(path, "UniProt TSV", iter_uniprot_tsv, lambda e: index.add_uniprot(e, "uniprot_tsv"), skip)
+        elif kind == "gaf":
+            counts: dict[str, int] = {}
+            _read_entries(path, "GAF file", lambda p, c=counts: iter_gaf(p, c), index.add_gaf_annotation, skip)
+            skip_term.add_counts({f"GAF annotation dropped: {k}": v for k, v in counts.items()}, path.name)
+        elif kind == "deepfri":
+            _read_entries(path, "DeepFRI table", iter_deepfri, index.add_deepfri_row, skip)
+        else:
+            _load_whole(path, "SIFTS table", lambda p, k=kind: index.add_sifts(p, k))
     for name in config.sifts:
         path = _need_file(name, "SIFTS file")
-        kind = detect_table_format(path)
+        try:
+            kind = detect_table_format(path)
+        except (ValueError, OSError, EOFError) as exc:
+            raise BuildInputError(_naming(path, "SIFTS table", exc)) from None
         if kind not in ("sifts_uniprot", "sifts_enzyme"):
             raise BuildInputError(f"{path}: not a SIFTS pdb_chain_uniprot / pdb_chain_enzyme table")
         inputs.setdefault(kind, []).append(path.name)
-        index.add_sifts(path, kind)
+        _load_whole(path, "SIFTS table", lambda p, k=kind: index.add_sifts(p, k))
     sequence_sources = (
         ("uniprot", "UniProt file", config.uniprot, iter_uniprot, index.add_uniprot),
         ("fasta", "FASTA file", config.fasta, iter_fasta, index.add_fasta),
@@ -216,24 +234,72 @@ def _load_annotations(
         for name in names:
             path = _need_file(name, label)
             inputs.setdefault(kind, []).append(path.name)
-            try:
-                for record in read(path):
-                    add(record)
-            except (ValueError, OSError, EOFError) as exc:
-                skip(f"unreadable {label} (rest of file ignored)", f"{path.name}: {exc}")
+            _read_entries(path, label, read, add, skip)
     return tables
 
 
-def _units(config: BuildConfig, tables: list[Path], skip: _Tally) -> list[StructureUnit]:
+def _naming(path: Path, label: str, exc: BaseException) -> str:
+    """One line naming the file: the reader's message when it names the file already."""
+    return str(exc) if str(path) in str(exc) else f"{path}: unreadable {label} ({type(exc).__name__}: {exc})"
+
+
+def _load_whole(path: Path, label: str, load) -> None:
+    """``load(path)`` for whole-file loaders (SIFTS; returns the entries loaded): an error or
+    nothing loaded is a :class:`BuildInputError` naming the file."""
+    try:
+        count = load(path)
+    except (ValueError, OSError, EOFError) as exc:
+        raise BuildInputError(_naming(path, label, exc)) from None
+    if not count:
+        raise BuildInputError(f"{path}: no entries in this {label} (empty, or not a {label}?)")
+
+
+def _read_entries(path: Path, label: str, read, add, skip: _Tally) -> None:
+    """``add`` every entry of ``read(path)``.
+
+    A file that breaks after some entries keeps them and counts one skip ("unreadable <label>
+    (rest of file ignored)"); a file without a single readable entry (empty, another format,
+    damaged from the start) cannot be meant: :class:`BuildInputError` naming it.
+    """
+    count = 0
+    try:
+        for entry in read(path):
+            add(entry)
+            count += 1
+    except (ValueError, OSError, EOFError) as exc:
+        if count == 0:
+            raise BuildInputError(_naming(path, label, exc)) from None
+        skip(f"unreadable {label} (rest of file ignored)", f"{path.name}: {exc}")
+        return
+    if count == 0:
+        raise BuildInputError(f"{path}: no entries in this {label} (empty, or not a {label}?)")
+
+
+def _units(
+    config: BuildConfig, tables: list[Path], skip: _Tally
+) -> tuple[list[StructureUnit], list[tuple[ChainRow, str]]]:
+    """Structure files to parse (chain-table files first, in table order) and the table rows
+    without a structure file [(row, table name)] (records of sequence and text only)."""
     files, roots = _expand_structures(config.structures)
     roots += [Path(r).resolve() for r in config.data_roots]
     by_path: dict[Path, StructureUnit] = {}
-    seen_rows: set[tuple[Path, str]] = set()
+    seen_rows: set[tuple] = set()
+    no_structure: list[tuple[ChainRow, str]] = []
     for table in tables:
-        for row in iter_chain_table(table, roots):
+        for row in _table_rows(table, roots, skip):
             where = f"{table.name}:{row.line} {row.structure_file} {row.chain}"
+            if not row.structure_file:
+                key = ("", row.pdb_id, row.chain, row.uniprot, row.sequence)
+                if key in seen_rows:
+                    skip("duplicate table row", where)
+                else:
+                    seen_rows.add(key)
+                    no_structure.append((row, table.name))
+                continue
             if row.path is None:
-                skip("structure path escapes the allowed folders", f"{where} ({row.path_error})")
+                invalid = "\x00" in row.structure_file
+                reason = "invalid structure path" if invalid else "structure path escapes the allowed folders"
+                skip(reason, f"{where} ({row.path_error})")
                 continue
             if (row.path, row.chain) in seen_rows:
                 skip("duplicate table row", where)
@@ -248,7 +314,23 @@ def _units(config: BuildConfig, tables: list[Path], skip: _Tally) -> list[Struct
             unit.rows.append(row)
     units = list(by_path.values())
     units += [StructureUnit(path, display, None) for path, display in files if path not in by_path]
-    return units
+    return units, no_structure
+
+
+def _table_rows(table: Path, roots: list[Path], skip: _Tally) -> list[ChainRow]:
+    """The rows of a chain table; rows before a damaged part are kept (the rest is one counted
+    skip), a table without any readable row is a :class:`BuildInputError`."""
+    rows: list[ChainRow] = []
+    try:
+        for row in iter_chain_table(table, roots):
+            rows.append(row)
+    except (ValueError, OSError, EOFError) as exc:
+        if not rows:
+            raise BuildInputError(_naming(table, "chain table", exc)) from None
+        skip("unreadable chain table (rest of file ignored)", f"{table.name}: {exc}")
+    if not rows:
+        raise BuildInputError(f"{table}: chain table has no rows")
+    return rows
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -270,29 +352,90 @@ def _job(unit: StructureUnit, plddt: str) -> tuple[str, str, tuple[str, ...] | N
     return str(unit.path), plddt, chains
 
 
-def _parsed(
-    units: list[StructureUnit], workers: int, plddt: str
-) -> Iterator[tuple[StructureUnit, StructureFile | None, str | None]]:
-    """Parse ``units`` in order; a bounded window of jobs is in flight across ``workers`` processes."""
+# (unit, parsed file or None, error or None, skip reason when parsed is None)
+Parsed = tuple[StructureUnit, StructureFile | None, str | None, str]
+
+
+def _parsed(units: list[StructureUnit], workers: int, plddt: str) -> Iterator[Parsed]:
+    """Parse ``units`` in order; a bounded window of jobs is in flight across ``workers`` processes.
+
+    A worker process that dies (the OOM killer's SIGKILL, a crash in the C++ parser) breaks a
+    ``ProcessPoolExecutor`` at once, failing every job in flight, instead of hanging as a
+    ``multiprocessing.Pool`` would. The jobs in flight are then run again one at a time, each in a
+    fresh process, so that only the file that kills its process is skipped (reason
+    :data:`WORKER_DIED`); a new pool takes the rest. Results keep the unit order either way.
+    """
     if workers <= 1:
         for unit in units:
-            yield (unit, *_parse_unit(_job(unit, plddt)))
+            yield (unit, *_parse_unit(_job(unit, plddt)), UNREADABLE)
         return
+    todo = collections.deque(units)
+    while todo:
+        in_flight = yield from _pool_pass(todo, workers, plddt)
+        for unit, future in in_flight:  # the pool broke: find the file that kills its process
+            done = future is not None and future.done() and not future.cancelled() and future.exception() is None
+            if done:
+                yield (unit, *future.result(), UNREADABLE)
+            else:
+                yield (unit, *_parse_alone(_parse_unit, _job(unit, plddt)))
+
+
+def _pool_pass(todo: collections.deque, workers: int, plddt: str):
+    """Yield parsed units from ``todo`` (consumed) until it is empty or the pool breaks.
+
+    Returns:
+        [(unit, future or None)] still to be reported when the pool broke (in unit order), else [].
+    """
     window = 4 * workers
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
-    with ctx.Pool(workers) as pool:
-        pending: collections.deque = collections.deque()
-        queue = iter(units)
-        for unit in queue:
-            pending.append((unit, pool.apply_async(_parse_unit, (_job(unit, plddt),))))
-            if len(pending) >= window:
-                break
-        while pending:
-            unit, result = pending.popleft()
-            nxt = next(queue, None)
-            if nxt is not None:
-                pending.append((nxt, pool.apply_async(_parse_unit, (_job(nxt, plddt),))))
-            yield (unit, *result.get())
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    pending: collections.deque = collections.deque()
+    try:
+        while todo or pending:
+            while todo and len(pending) < window:
+                unit = todo.popleft()
+                try:
+                    pending.append((unit, pool.submit(_parse_unit, _job(unit, plddt))))
+                except BrokenProcessPool:
+                    pending.append((unit, None))
+                    return list(pending)
+            unit, future = pending[0]
+            try:
+                result = future.result()
+            except BrokenProcessPool:
+                return list(pending)
+            pending.popleft()
+            yield (unit, *result, UNREADABLE)
+        return []
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _parse_alone(parse, job: tuple) -> tuple[StructureFile | None, str | None, str]:
+    """Run ``parse(job)`` in a fresh process; (parsed, error, reason) with ``WORKER_DIED`` when it dies."""
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=_parse_into, args=(parse, job, send), daemon=True)
+    process.start()
+    send.close()  # the child holds the only write end: EOF as soon as it is gone
+    try:
+        parsed, error = receive.recv()
+    except EOFError:
+        parsed = error = None
+    finally:
+        receive.close()
+        process.join()
+    if parsed is None and error is None:
+        code = process.exitcode
+        how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        return None, f"worker died ({how}) while reading {job[0]}", WORKER_DIED
+    return parsed, error, UNREADABLE
+
+
+def _parse_into(parse, job: tuple, send) -> None:
+    """Child of :func:`_parse_alone`: parse and send the result back."""
+    send.send(parse(job))
+    send.close()
 
 
 # ----------------------------------------------------------------------------- split and writing
@@ -408,7 +551,8 @@ def build_shards(config: BuildConfig) -> dict:
     Returns:
         A JSON-able summary: {"ok", "out", "num_samples", "splits": {name: {"dir", "num_samples",
         "num_shards", "coverage"}}, "skipped", "skipped_terms", "stats", "seconds"}; "ok" is False
-        when nothing usable was written.
+        when nothing usable was found, and then nothing is written (a previous shard set in
+        ``out`` stays as it was, as it does when the build raises).
 
     Raises:
         BuildInputError: an input named in ``config`` is missing or unreadable as a whole.
@@ -437,13 +581,17 @@ def build_shards(config: BuildConfig) -> dict:
         inputs["go_obo"] = [Path(config.go_obo).name]
     index = AnnotationIndex()
     tables = _load_annotations(config, index, skip, skip_term, inputs)
-    units = _units(config, tables, skip)
+    units, no_structure = _units(config, tables, skip)
     inputs["structure_files"] = [str(len(units))]
     maker = RecordMaker(index, ontology, skip, skip_term)
 
     def stream() -> Iterator[BuiltRecord]:
-        for unit, parsed, error in _parsed(units, config.workers, config.plddt):
-            yield from maker.from_structure(unit, parsed, error)
+        for unit, parsed, error, reason in _parsed(units, config.workers, config.plddt):
+            yield from maker.from_structure(unit, parsed, error, reason)
+        for row, table in no_structure:  # before standalone entries, which skip used accessions
+            built = maker.from_row(row, table)
+            if built is not None:
+                yield built
         if config.standalone_sequences:
             yield from maker.standalone()
 
@@ -469,7 +617,11 @@ def build_shards(config: BuildConfig) -> dict:
             )
             for name in split_names
         }
-    except (FileExistsError, ValueError) as exc:  # existing shards, bad prefix, unsound manifest
+    except FileExistsError as exc:  # existing shards (names them), or a file where a folder should be
+        raise BuildInputError(str(exc) if exc.filename is None else f"{exc.filename}: not a folder") from None
+    except OSError as exc:  # an output folder that cannot be made
+        raise BuildInputError(f"{exc.filename or out}: cannot write the output ({exc.strerror or exc})") from None
+    except ValueError as exc:  # bad prefix, unsound manifest
         raise BuildInputError(str(exc)) from None
     split_info: dict = {}
     try:
@@ -500,6 +652,10 @@ def build_shards(config: BuildConfig) -> dict:
         for writer in writers.values():
             writer.abort()
         raise
+    total = sum(writer.num_samples for writer in writers.values())
+    if total == 0:  # a failed build publishes nothing: a previous shard set stays as it was
+        for writer in writers.values():
+            writer.abort()
     stats = {
         "structure_units": len(units),
         "table_sequence_mismatches": maker.table_mismatches,
@@ -516,8 +672,8 @@ def build_shards(config: BuildConfig) -> dict:
                 **split_info,
             }
         )
-        writer.close()
-    total = sum(writer.num_samples for writer in writers.values())
+        if total:
+            writer.close()
     return {
         "ok": total > 0,
         "out": str(out),

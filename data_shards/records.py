@@ -8,9 +8,14 @@ Everything it cannot use goes to the ``skip`` callback with a reason and an exam
 
 Record ids: ``<file stem>_<chain>`` for experimental structures (``1ACB_r_b_E``; the bare stem for
 per-chain files like ``1bdm_A``), ``AF-<accession>-F1`` for AlphaFold models, the accession (or
-FASTA id) for sequence-only entries; a repeated id gets ``#2``, ``#3``...
+FASTA id) for sequence-only entries, ``<PDB id>_<chain>`` for chain-table rows without a structure
+file (sequence and text only); a repeated id gets ``#2``, ``#3``...
 
-Metadata written: ``source`` (pdb / alphafold / uniprot / fasta), ``accession``, ``pdb_id``,
+A chain id the structure reader found used by two different chains (``StructureFile.ambiguous``)
+gives no record: one record would splice two molecules.
+
+Metadata written: ``source`` (pdb / alphafold / uniprot / fasta; chain_table for a table row
+without structure file or PDB id), ``accession``, ``pdb_id``,
 ``chain``, ``structure_file`` (as given, relative), ``evidence`` (UniProt existence level 1-5,
 only when known), ``go_evidence`` (sorted GAF / UniProt evidence codes), ``organism``, ``taxon``,
 ``reviewed``, ``property_coverage`` (ProtCLIP ``o``), ``text_derived``, ``annotation_sources``,
@@ -79,9 +84,11 @@ def guess_pdb_id(stem: str) -> str:
 
 
 def sequence_problem(sequence: str | None) -> str | None:
-    """The skip reason for an unusable sequence (empty, not amino acids, only X), else None."""
+    """The skip reason for an unusable sequence (empty, internal stop, not amino acids, only X), else None."""
     if not sequence:
         return "empty sequence"
+    if "*" in sequence:  # readers strip a trailing stop only: joining the fragments would splice them
+        return "internal stop '*' in sequence"
     if not re.fullmatch(r"[A-Z]+", sequence):
         return "non-amino-acid sequence (characters outside A-Z)"
     if len(sequence) >= 10 and set(sequence) <= set("ACGTUN"):
@@ -184,7 +191,7 @@ class RecordMaker:
         sources += [s for s in (extras.sources if extras else []) if s not in sources]
         if sources:
             meta["annotation_sources"] = sources
-        if backbone is not None and info is not None and info.sequence:
+        if backbone is not None and info is not None and sequence_problem(info.sequence) is None:
             meta["uniprot_sequence"] = info.sequence
         record = ProteinRecord(self._unique_id(record_id), sequence, backbone, text, meta)
         try:
@@ -201,28 +208,37 @@ class RecordMaker:
         return BuiltRecord(record, props, keys)
 
     def from_structure(
-        self, unit: StructureUnit, parsed: StructureFile | None, error: str | None
+        self,
+        unit: StructureUnit,
+        parsed: StructureFile | None,
+        error: str | None,
+        reason: str = "unreadable structure file",
     ) -> Iterator[BuiltRecord]:
-        """Records of one parsed structure file (its table rows, or every protein chain)."""
+        """Records of one parsed structure file (its table rows, or every protein chain); when
+        ``parsed`` is None every wanted chain is skipped with ``reason`` and ``error``."""
         rows = unit.rows
         if parsed is None:
             for row in rows or [None]:
                 where = unit.display + (f" chain {row.chain}" if row is not None else "")
-                self.skip("unreadable structure file", f"{where}: {error}")
+                self.skip(reason, f"{where}: {error}")
             return
         stem = stem_of(unit.path)
         predicted = parsed.predicted
         base = {"source": "alphafold" if predicted else "pdb", "structure_file": unit.display}
         if parsed.repaired:
             base["repaired"] = parsed.repaired
-        targets = [(row.chain, row) for row in rows] if rows is not None else [(c.chain, None) for c in parsed.chains]
-        if rows is None and not parsed.chains:  # every input file is accounted for in the manifest
+        found = [c.chain for c in parsed.chains] + list(parsed.ambiguous)
+        targets = [(row.chain, row) for row in rows] if rows is not None else [(chain, None) for chain in found]
+        if rows is None and not found:  # every input file is accounted for in the manifest
             other = f" (only non-protein chains {', '.join(parsed.other_chains)})" if parsed.other_chains else ""
             self.skip("no protein chain in structure file", unit.display + other)
             return
         for chain_id, row in targets:
             chain = parsed.chain(chain_id)
             where = f"{unit.display} chain {chain_id}"
+            if chain_id in parsed.ambiguous:  # never one record for two molecules
+                self.skip("chain id used by two different chains", f"{where}: {parsed.ambiguous[chain_id]}")
+                continue
             if chain is None:
                 reason = (
                     "chain has no amino-acid residues"
@@ -263,6 +279,39 @@ class RecordMaker:
             )
             if built is not None:
                 yield built
+
+    def from_row(self, row: ChainRow, table: str) -> BuiltRecord | None:
+        """A record without structure from a chain-table row with an empty ``structure_file``:
+        the table's sequence with the row's annotations (None and a skip when it has no sequence).
+
+        Args:
+            row: the row.
+            table: the table's file name (for skip examples).
+        """
+        where = f"{table}:{row.line} {row.pdb_id or '-'} {row.chain or '-'}"
+        if not row.sequence:
+            self.skip("no structure file and no sequence", where)
+            return None
+        if row.pdb_id and row.chain:
+            record_id = f"{row.pdb_id}_{row.chain}"
+        else:
+            record_id = row.uniprot or f"{stem_of(Path(table))}_{row.line}"
+        meta = {"source": "pdb" if row.pdb_id else "chain_table"}
+        if row.pdb_id:
+            meta["pdb_id"] = row.pdb_id
+        if row.chain:
+            meta["chain"] = row.chain
+        extras = self.index.chain(row.pdb_id, row.chain) if row.pdb_id else None
+        accession = row.uniprot or (extras.accession if extras else "")
+        return self.make(
+            record_id=record_id,
+            sequence=row.sequence,
+            backbone=None,
+            accession=accession,
+            row=row,
+            extras=extras,
+            base_meta=meta,
+        )
 
     def standalone(self) -> Iterator[BuiltRecord]:
         """Records of the UniProt / FASTA entries that no structure record used (input order)."""

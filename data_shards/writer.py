@@ -2,8 +2,14 @@
 
 Shards are real WebDataset tars written with ``webdataset.TarWriter`` (USTAR, sorted members per
 sample) with fixed mtime/uid/gid/uname/gname/mode, so that the same records give byte-identical
-shards and reproducible sha256 checksums. Each shard is written to a hidden temp file, fsynced and
-renamed into place when it is complete; the manifest is written last, also atomically.
+shards and reproducible sha256 checksums. Each shard is written to a hidden temp file and fsynced
+when it is complete; nothing in the directory changes until :meth:`ShardWriter.close`, which
+renames the finished shards into place, writes the manifest atomically and only then removes old
+shards of the prefix that the new set does not reuse. A build that fails before ``close`` (or
+calls ``abort``) leaves the previous shards and manifest as they were. While a set is rebuilt,
+the old and the new shards are both on disk. Only a crash inside ``close``, between its renames
+and the manifest write (milliseconds), can leave shards newer than the manifest; ``validate``
+reports that as checksum mismatches.
 
 Not safe for two writers on the same directory at the same time.
 """
@@ -61,8 +67,8 @@ class ShardWriter:
     Shards of other prefixes already listed in ``out_dir/manifest.json`` are kept in the updated
     manifest, so several writers (one per source) can fill one directory one after another.
     Keys are ``safe_key(record.id)``, made unique within this writer by a ``_2``, ``_3``... suffix.
-    If the ``with`` block raises, this writer's shards are removed and the manifest is untouched
-    (shards already replaced under ``overwrite=True`` are gone; ``validate`` will say so).
+    If the ``with`` block raises, this writer's new shards are removed and the directory is as it
+    was: with ``overwrite=True`` the previous shards are replaced only when ``close`` commits.
 
     Example::
 
@@ -96,6 +102,7 @@ class ShardWriter:
         self._previous = load_manifest(self.out_dir) if (self.out_dir / MANIFEST_NAME).exists() else None
         self._keys: set[str] = set()
         self._infos: list[ShardInfo] = []
+        self._staged: list[Path] = []  # finished shards under hidden names, same order as _infos
         self._tar = None
         self._closed = False
 
@@ -153,16 +160,15 @@ class ShardWriter:
         return key
 
     def close(self) -> None:
-        """Finish the open shard, drop replaced shards, and write/update manifest.json."""
+        """Finish the open shard, move the new shards into place, write/update manifest.json,
+        then remove the replaced shards the new set does not reuse."""
         if self._closed:
             return
         if self._tar is not None:
             self._finish_shard()
         self._closed = True
-        new_names = {info.name for info in self._infos}
-        for old in self._old:
-            if old.name not in new_names:
-                old.unlink(missing_ok=True)
+        for staged, info in zip(self._staged, self._infos):
+            os.replace(staged, info.path)
         kept, extra = [], {}
         if self._previous is not None:
             own = re.compile(re.escape(self.prefix) + r"-\d{6}\.tar")
@@ -170,9 +176,13 @@ class ShardWriter:
             extra = self._previous.extra
         infos = sorted(kept + self._infos, key=lambda s: s.name)
         write_manifest(self.out_dir, infos, {**extra, **self.extra})
+        new_names = {info.name for info in self._infos}
+        for old in self._old:  # only now: until the manifest is written the old set stays whole
+            if old.name not in new_names:
+                old.unlink(missing_ok=True)
 
     def abort(self) -> None:
-        """Discard everything this writer produced; the manifest is not touched."""
+        """Discard everything this writer produced; previous shards and the manifest are not touched."""
         if self._closed:
             return
         self._closed = True
@@ -181,8 +191,8 @@ class ShardWriter:
             self._handle.close()
             self._tmp.unlink(missing_ok=True)
             self._tar = None
-        for info in self._infos:
-            info.path.unlink(missing_ok=True)
+        for staged in self._staged:
+            staged.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ internals
 
@@ -221,7 +231,7 @@ class ShardWriter:
         self._handle.flush()
         os.fsync(self._handle.fileno())
         self._handle.close()
-        os.replace(self._tmp, self._path)
+        self._staged.append(self._tmp)  # renamed to self._path by close()
         self._infos.append(
             ShardInfo(
                 name=self._path.name,

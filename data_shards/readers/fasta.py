@@ -4,7 +4,10 @@
 gives accession P00750, entry name TPA_HUMAN, name "Tissue-type plasminogen activator", organism,
 taxon, existence level 1 and reviewed=True (``sp``; ``tr`` is unreviewed). Any other header keeps
 its first word as the id and the rest as the description. Sequences are uppercased with gaps,
-whitespace and a trailing ``*`` removed; validating the letters is the caller's job.
+whitespace and a trailing ``*`` (a terminal stop) removed; validating the letters is the caller's
+job. An internal ``*`` is kept: removing it would join the fragments on either side of a stop into
+one spliced sequence, so the record reaches the caller with it and is skipped there
+(:func:`data_shards.records.sequence_problem`: "internal stop '*' in sequence").
 """
 
 from __future__ import annotations
@@ -106,4 +109,6 @@ def iter_fasta(path: str | Path) -> Iterator[FastaRecord]:
 
 
 def _clean(sequence: str) -> str:
-    return re.sub(r"[\s\-.*]", "", sequence).upper()
+    """Uppercase letters without whitespace, gaps (``-``, ``.``) and a trailing stop; an internal
+    ``*`` stays (see the module docstring)."""
+    return re.sub(r"[\s\-.]", "", sequence).upper().rstrip("*")

@@ -17,6 +17,17 @@ What is read:
 * pLDDT from the B-factor column of CA (else the residue's first atom) for predicted models
   (AlphaFold: a title naming ALPHAFOLD or a file name starting with ``AF-``).
 
+Distinct chains are never merged. Some files reuse one chain id for two molecules (a second
+chain A after a TER record and another chain, or residue numbers that start again); reading them
+as one chain would splice two sequences and two backbones. Such a chain id is left out and listed
+in ``StructureFile.ambiguous`` with the reason (see :func:`_ambiguous_chains`). What counts as one
+chain: the amino-acid ATOM residues of one TER-delimited segment (PDB) or one ``label_asym_id``
+(mmCIF). A PDB chain id whose next segment directly follows the previous one (only a TER between
+them) and continues its residue numbering is one chain with a break (some programs write TER at
+gaps); any other reuse is ambiguous, and so is a residue number (with insertion code) that occurs
+twice among a chain's residues. Ligands and free amino acids (HETATM after the chain), waters and
+alternate locations are not segments.
+
 Real files are messy: old PDB files carry segment ids and line numbers in columns 73-80, and gemmi
 rejects some of those as charges ("Wrong format for charge"). Charges do not matter for a backbone,
 so on that error the PDB text is re-read with columns 79-80 of ATOM/HETATM lines blanked.
@@ -79,6 +90,7 @@ class StructureFile:
         predicted: True for predicted models (pLDDT is then set on every chain).
         chains: protein chains in file order (chains without amino-acid residues are left out).
         other_chains: ids of chains present in model 1 without any amino-acid residue (DNA, ligands).
+        ambiguous: {chain id: reason} for ids used by two different chains; they are not in ``chains``.
         repaired: notes on what had to be fixed to read the file (e.g. "blanked charge columns").
     """
 
@@ -89,6 +101,7 @@ class StructureFile:
     predicted: bool
     chains: list[StructureChain] = field(default_factory=list)
     other_chains: list[str] = field(default_factory=list)
+    ambiguous: dict[str, str] = field(default_factory=dict)
     repaired: list[str] = field(default_factory=list)
 
     def chain(self, chain_id: str) -> StructureChain | None:
@@ -164,13 +177,14 @@ def _parse(path: Path, text: str) -> tuple[gemmi.Structure, str, list[str]]:
         if _is_mmcif(text):
             block = gemmi.cif.read_string(text).sole_block()
             return gemmi.make_structure_from_block(block), "mmcif", repaired
+        # one chain part per TER-delimited segment, so that a reused chain id stays visible
         try:
-            return gemmi.read_pdb_string(text), "pdb", repaired
+            return gemmi.read_pdb_string(text, split_chain_on_ter=True), "pdb", repaired
         except (RuntimeError, ValueError) as exc:
             if "charge" not in str(exc).lower():
                 raise
             repaired.append(f"blanked charge columns 79-80 ({exc})")
-            return gemmi.read_pdb_string(_blank_charge_columns(text)), "pdb", repaired
+            return gemmi.read_pdb_string(_blank_charge_columns(text), split_chain_on_ter=True), "pdb", repaired
     except (RuntimeError, ValueError, IndexError) as exc:
         raise StructureError(f"{path}: cannot parse ({exc})") from None
 
@@ -206,24 +220,93 @@ def _residue_letter(residue: gemmi.Residue, backbone: dict) -> tuple[str, str] |
     return letter
 
 
-def _chain_residues(chain: gemmi.Chain) -> list[tuple[str, str, str, dict, int]]:
-    """[(letter, kind, het_flag, {atom name: gemmi.Atom}, author residue number)] of the observed
-    amino-acid residues."""
+def _backbone_atoms(residue: gemmi.Residue) -> dict:
+    """{atom name: gemmi.Atom} of the residue's first N, CA, C and O."""
+    backbone = {}
+    for atom in residue:
+        if atom.name in _ATOM_INDEX and atom.name not in backbone:
+            backbone[atom.name] = atom
+    return backbone
+
+
+def _chain_residues(chain: gemmi.Chain) -> list[tuple[str, str, str, dict, tuple[int, str]]]:
+    """[(letter, kind, het_flag, {atom name: gemmi.Atom}, (author residue number, insertion code))]
+    of the observed amino-acid residues."""
     picked = []
     for residue in chain:
-        backbone = {}
-        for atom in residue:
-            if atom.name in _ATOM_INDEX and atom.name not in backbone:
-                backbone[atom.name] = atom
+        backbone = _backbone_atoms(residue)
         if "CA" not in backbone:
             continue
         letter = _residue_letter(residue, backbone)
         if letter is not None:
-            picked.append((*letter, residue.het_flag, backbone, residue.seqid.num))
+            picked.append((*letter, residue.het_flag, backbone, (residue.seqid.num, residue.seqid.icode.strip())))
     # HETATM residues after the chain's last ATOM residue are ligands (a free amino acid, SAH...)
     # unless they are modified amino acids (a C-terminal MSE)
     last_atom = max((i for i, item in enumerate(picked) if item[2] == "A"), default=-1)
     return [item for i, item in enumerate(picked) if not (i > last_atom and item[2] == "H" and item[1] != "modified")]
+
+
+def _polymer_segments(model: gemmi.Model, fmt: str) -> list[tuple[str, str, list[int]]]:
+    """[(chain id, segment, author numbers)] in file order: the amino-acid ATOM residues of each
+    chain part (a TER-delimited segment in PDB) or, in mmCIF, of each label_asym_id."""
+    segments = []
+    for index, chain in enumerate(model):
+        by_key: dict[str, list[int]] = {}
+        for residue in chain:
+            if residue.het_flag != "A":
+                continue  # ligands, free amino acids and waters are HETATM
+            backbone = _backbone_atoms(residue)
+            if "CA" in backbone and _residue_letter(residue, backbone) is not None:
+                key = residue.subchain if fmt == "mmcif" else f"part {index}"
+                by_key.setdefault(key, []).append(residue.seqid.num)
+        segments += [(chain.name, key, numbers) for key, numbers in by_key.items()]
+    return segments
+
+
+def _ambiguous_chains(model: gemmi.Model, fmt: str) -> dict[str, str]:
+    """{chain id: reason} for ids that name more than one polymer chain (see the module docstring);
+    call before ``merge_chain_parts``."""
+    segments = _polymer_segments(model, fmt)
+    out: dict[str, str] = {}
+    seen: dict[str, tuple[int, str, int]] = {}  # chain id -> (position, segment, highest number)
+    for position, (name, key, numbers) in enumerate(segments):
+        if name in seen and name not in out:
+            last, last_key, highest = seen[name]
+            if fmt == "mmcif":
+                out[name] = f"chain {name} holds two polymer chains (label_asym_id {last_key} and {key})"
+            elif last != position - 1:
+                between = segments[position - 1][0]
+                out[name] = f"chain id {name} used again after chain {between} (from residue {numbers[0]})"
+            elif numbers[0] <= highest:
+                out[name] = f"chain {name} starts again after TER (residue {highest}, then {numbers[0]})"
+        highest = max(numbers) if name not in seen else max(seen[name][2], max(numbers))
+        seen[name] = (position, key, highest)
+    return out
+
+
+def _repeated_residues(model: gemmi.Model) -> dict[str, str]:
+    """{chain id: reason} for chains where one author residue number (with insertion code) names
+    two residues, or one residue holds a backbone atom twice; call before removing alternate locations,
+    which would silently keep the first copy. Two residues under one number whose atoms carry
+    alternate locations are microheterogeneity (point-mutation variants), not a repeat."""
+    out: dict[str, str] = {}
+    seen: dict[str, set[tuple[int, str]]] = {}
+    for chain in model:
+        numbers = seen.setdefault(chain.name, set())
+        for residue in chain:
+            backbone = _backbone_atoms(residue)
+            letter = _residue_letter(residue, backbone) if "CA" in backbone else None
+            if letter is None or (residue.het_flag != "A" and letter[1] != "modified"):
+                continue  # not a residue of the polymer (ligand, free amino acid, water)
+            number = (residue.seqid.num, residue.seqid.icode.strip())
+            variant = any(atom.altloc != "\0" for atom in residue)
+            # two copies of a residue read as one: a backbone atom twice (hydrogens of old files
+            # are often named alike, so only N, CA, C, O count)
+            atoms = [(atom.name, atom.altloc) for atom in residue if atom.name in _ATOM_INDEX]
+            if (number in numbers and not variant) or len(set(atoms)) < len(atoms):
+                out.setdefault(chain.name, f"residue number {number[0]}{number[1]} occurs twice in chain {chain.name}")
+            numbers.add(number)
+    return out
 
 
 def _is_predicted(path: Path, title: str) -> bool:
@@ -239,7 +322,8 @@ def read_structure(path: str | Path, plddt: str = "auto", chains: set[str] | Non
         chains: read only these author chain ids (default: all).
 
     Returns:
-        The :class:`StructureFile`; chains without amino-acid residues are left out.
+        The :class:`StructureFile`; chains without amino-acid residues are left out, chain ids
+        used by two different chains are listed in ``ambiguous`` instead of ``chains``.
 
     Raises:
         StructureError: unreadable, truncated, empty or unparsable file, or no model in it.
@@ -252,6 +336,9 @@ def read_structure(path: str | Path, plddt: str = "auto", chains: set[str] | Non
     # a header-only file): that is not a structure
     if len(structure) == 0 or not any(len(residue) for chain in structure[0] for residue in chain):
         raise StructureError(f"{path}: no model with atoms (not a PDB/mmCIF coordinate file?)")
+    # before altlocs are removed (which keeps the first of two residues with one number) and
+    # before the parts of one chain id are merged
+    ambiguous = {**_repeated_residues(structure[0]), **_ambiguous_chains(structure[0], fmt)}
     structure.remove_alternative_conformations()  # keep the first altloc (and residue variant)
     structure.merge_chain_parts()  # e.g. waters listed as a second "chain A" after chain B
     info = dict(structure.info)
@@ -267,13 +354,15 @@ def read_structure(path: str | Path, plddt: str = "auto", chains: set[str] | Non
         if chains is not None and chain.name not in chains:
             continue
         residues = _chain_residues(chain)
-        if out.chain(chain.name) is not None:
-            continue  # a repeated chain id that merge_chain_parts left apart: keep the first
-        if residues:
+        if out.chain(chain.name) is not None or chain.name in out.ambiguous:
+            continue  # merge_chain_parts leaves one part per id; never keep half of a reused id
+        if chain.name in ambiguous:
+            out.ambiguous[chain.name] = ambiguous[chain.name]
+        elif residues:
             out.chains.append(_chain_arrays(chain.name, residues, with_plddt))
         elif chain.name not in out.other_chains:
             out.other_chains.append(chain.name)
-    protein = {c.chain for c in out.chains}
+    protein = {c.chain for c in out.chains} | set(out.ambiguous)
     out.other_chains = [name for name in out.other_chains if name not in protein]
     return out
 
@@ -306,7 +395,7 @@ def _chain_arrays(chain_id: str, residues: list, with_plddt: bool) -> StructureC
         mask &= ~bad
         coords[bad] = 0.0
     kinds = [kind for _, kind, _, _, _ in residues]
-    numbers = np.asarray([number for *_, number in residues], dtype=np.int32)
+    numbers = np.asarray([number for *_, (number, _) in residues], dtype=np.int32)
     return StructureChain(
         chain=chain_id,
         sequence="".join(letter for letter, *_ in residues),

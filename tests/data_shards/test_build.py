@@ -9,12 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from data_shards import build
 from data_shards.__main__ import main
-from data_shards.build import BuildConfig, BuildInputError, build_shards
+from data_shards.build import WORKER_DIED, BuildConfig, BuildInputError, build_shards
 from data_shards.manifest import load_manifest
 from data_shards.reader import iter_records
 from data_shards.readers.obo import load_obo
 from data_shards.validate import inspect_dir, validate_dir
+from data_shards.writer import ShardWriter
+from tests.data_shards import crash_parser
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 ANN = SHARED / "annotations"
@@ -174,7 +177,8 @@ def test_truncated_sequence_files_are_skipped_and_counted(crafted):
     good = ">sp|Q99999|TEST_HUMAN Test protein OS=Homo sapiens OX=9606 PE=2 SV=1\nMSTNPKPQRKTKRNTNRRPQDVKFPGG\n"
     whole = gzip.compress((good + "".join(f">x{i}\n{'MKVLA' * 40}\n" for i in range(200))).encode())
     (data / "cut.fasta.gz").write_bytes(whole[: len(whole) // 2])
-    whole = gzip.compress(b"ID   TEST_HUMAN              Reviewed;          27 AA.\n" * 400)
+    entry = "ID   E{0}_HUMAN  Reviewed;  10 AA.\nAC   Q8{0:04d};\nOS   Homo sapiens.\nSQ   SEQUENCE\n     {1}\n//\n"
+    whole = gzip.compress("".join(entry.format(i, "MKVLAGGSKL" * (1 + i % 7)) for i in range(400)).encode())
     (data / "cut.dat.gz").write_bytes(whole[: len(whole) // 2])
     config = BuildConfig(
         out=crafted["root"] / "cut", fasta=[str(data / "cut.fasta.gz")], uniprot=[str(data / "cut.dat.gz")]
@@ -184,7 +188,7 @@ def test_truncated_sequence_files_are_skipped_and_counted(crafted):
     assert skipped["unreadable FASTA file (rest of file ignored)"] == 1
     assert skipped["unreadable UniProt file (rest of file ignored)"] == 1
     assert "cut.fasta.gz" in summary["skipped"]["unreadable FASTA file (rest of file ignored)"]["examples"][0]
-    assert summary["num_samples"] >= 1 and "Q99999" in {r.id for r in all_records(crafted["root"] / "cut")}
+    assert summary["num_samples"] >= 2 and {"Q99999", "Q80000"} <= {r.id for r in all_records(crafted["root"] / "cut")}
 
 
 def _sides(out) -> dict[str, str]:
@@ -317,6 +321,213 @@ def test_pdb_ids_are_not_guessed_where_the_name_misleads(tmp_path):
     assert no_table["3DEF_A"] == ("3DEF", "Q22222")  # a plain id-named file still joins
     with_table = accessions(tmp_path / "b", annotations=[str(table)])
     assert with_table == {"2ABC_model_A": ("", "")}  # the row says: id unknown
+
+
+# ----------------------------------------------------------------------------- failures mid-build
+
+
+@pytest.mark.timeout(180)
+def test_a_worker_killed_mid_build_costs_its_file_not_the_build(tmp_path, monkeypatch):
+    """The OOM killer SIGKILLs a parsing process: ``multiprocessing.Pool`` never returned that job
+    and the build hung forever. Now the file is skipped with the reason, every other file is
+    built, and the shards are the bytes a build without that file writes."""
+    structures = tmp_path / "structures"
+    structures.mkdir()
+    names = [f"m{i:02d}.pdb" for i in range(6)] + [crash_parser.KILLED_NAME] + [f"p{i:02d}.pdb" for i in range(6)]
+    for i, name in enumerate(names):
+        (structures / name).write_text(pdb_text({"A": "MKVLAGS"[: 3 + i % 5], "B": "GGSGG"}))
+    others = [str(structures / n) for n in names if n != crash_parser.KILLED_NAME]
+    reference = tmp_path / "reference"
+    build_shards(BuildConfig(out=reference, structures=others, samples_per_shard=4, workers=1))
+    monkeypatch.setattr(build, "_parse_unit", crash_parser.parse_or_die)
+    out = tmp_path / "out"
+    summary = build_shards(BuildConfig(out=out, structures=[str(structures)], samples_per_shard=4, workers=2))
+    assert list(summary["skipped"]) == [WORKER_DIED] and summary["skipped"][WORKER_DIED]["count"] == 1
+    (example,) = summary["skipped"][WORKER_DIED]["examples"]
+    assert example.startswith(f"{crash_parser.KILLED_NAME}: worker died (signal 9) while reading ")
+    assert load_manifest(out).extra["skipped"] == summary["skipped"]
+    assert summary["num_samples"] == 2 * len(others) and validate_dir(out)["ok"]
+    tars = {name: digest for name, digest in shard_hashes(out).items() if name.endswith(".tar")}
+    assert tars == {name: digest for name, digest in shard_hashes(reference).items() if name.endswith(".tar")}
+
+
+def test_a_failed_overwrite_rebuild_keeps_the_previous_shard_set(crafted, monkeypatch, capsys):
+    """``--overwrite`` replaced shard 0 as soon as the new shard 0 was done and the failure then
+    deleted it (and a rebuild that found nothing wrote an empty manifest over the old set): the
+    previous output was gone. Now the old set is replaced only by a complete new one."""
+    root, out = crafted["root"], crafted["root"] / "out"
+    inputs = ["--annotations", str(crafted["table"]), "--fasta", str(crafted["fasta"])]
+    assert main(["build", "--out", str(out), *inputs, "--samples-per-shard", "1"]) == 0
+    before, files = shard_hashes(out), sorted(os.listdir(out))
+    assert len(before) == 5  # 4 shards and the manifest
+
+    real_write = ShardWriter.write
+
+    def fail_on_the_third(self, record, props=None):
+        if self.num_samples == 2:  # two new shards are complete by now
+            raise OSError(28, "No space left on device")
+        return real_write(self, record, props)
+
+    monkeypatch.setattr(ShardWriter, "write", fail_on_the_third)
+    with pytest.raises(OSError, match="No space left"):
+        main(["build", "--out", str(out), *inputs, "--samples-per-shard", "1", "--overwrite"])
+    monkeypatch.undo()
+    assert shard_hashes(out) == before and sorted(os.listdir(out)) == files  # no leftovers either
+    capsys.readouterr()
+    assert main(["validate", str(out)]) == 0
+    # a rebuild that finds nothing usable (exit 1) publishes nothing either
+    nothing = root / "data" / "nothing.tsv"
+    nothing.write_text("structure_file\tchain\nstructures/absent.pdb\tA\n")
+    assert main(["build", "--out", str(out), "--annotations", str(nothing), "--overwrite"]) == 1
+    assert shard_hashes(out) == before and sorted(os.listdir(out)) == files
+    # a complete rebuild replaces the set; the old shards it does not reuse go
+    assert main(["build", "--out", str(out), *inputs, "--samples-per-shard", "3", "--overwrite"]) == 0
+    capsys.readouterr()
+    assert main(["validate", str(out)]) == 0
+    assert sorted(os.listdir(out)) == ["manifest.json", "shard-000000.tar", "shard-000001.tar"]
+    assert load_manifest(out).num_samples == 4
+
+
+def test_internal_stops_in_fasta_are_skipped_not_spliced(tmp_path):
+    fasta = tmp_path / "stops.fasta"
+    fasta.write_text(">frag\nMKVLAG*SKLMK\n>whole\nMKVLAGGSKL*\n")
+    summary = build_shards(BuildConfig(out=tmp_path / "out", fasta=[str(fasta)]))
+    assert summary["skipped"] == {"internal stop '*' in sequence": {"count": 1, "examples": ["frag"]}}
+    assert [(r.id, r.sequence) for r in all_records(tmp_path / "out")] == [("whole", "MKVLAGGSKL")]
+
+
+def test_a_chain_id_used_for_two_chains_is_skipped_and_counted(tmp_path):
+    """A second chain A after chain B (a different molecule under the same id) used to be read
+    as one chain A: one record with two molecules' sequence and backbone, nothing in ``skipped``."""
+    structures = tmp_path / "structures"
+    structures.mkdir()
+    text = pdb_text({"A": "MKVLA"}).replace("END\n", "TER\n") + pdb_text({"B": "GGSGG"}).replace("END\n", "TER\n")
+    (structures / "reused.pdb").write_text(text + pdb_text({"A": "SSSLLKK"}))
+    table = tmp_path / "chains.tsv"
+    table.write_text("structure_file\tchain\tpdb_id\nstructures/reused.pdb\tA\t9ZZZ\nstructures/reused.pdb\tB\t9ZZZ\n")
+    reason = "chain id used by two different chains"
+    for name, inputs in (("scan", {"structures": [str(structures)]}), ("table", {"annotations": [str(table)]})):
+        summary = build_shards(BuildConfig(out=tmp_path / name, **inputs))
+        assert list(summary["skipped"]) == [reason] and summary["skipped"][reason]["count"] == 1
+        assert "reused.pdb chain A: chain id A used again after chain B" in summary["skipped"][reason]["examples"][0]
+        assert [(r.id, r.sequence) for r in all_records(tmp_path / name)] == [("reused_B", "GGSGG")]
+
+
+def test_table_rows_without_a_structure_file_give_sequence_and_text_records(crafted):
+    """An empty ``structure_file`` was refused as a path escaping the allowed folders, and the
+    row's sequence and text were dropped; records with only some modalities are supported."""
+    data = crafted["root"] / "data"
+    table = data / "mixed.tsv"
+    header = ["structure_file", "chain", "pdb_id", "uniprot", "go_mf", "go_cc", "ec", "sequence"]
+    rows = [
+        ("structures/good.pdb", "A", "1ABC", "P12345", "", "", "", "MKVLA"),
+        ("", "B", "7XYZ", "Q77777", "GO:0004673", "GO:0005737", "2.7.11.1", "MSTNPKPQRK"),
+        ("", "C", "7XYZ", "", "", "", "", ""),  # nothing to build from
+        ("", "B", "7XYZ", "Q77777", "GO:0004673", "GO:0005737", "2.7.11.1", "MSTNPKPQRK"),  # the same row again
+    ]
+    table.write_text("\t".join(header) + "\n" + "".join("\t".join(r) + "\n" for r in rows))
+    out = crafted["root"] / "mixed"
+    summary = build_shards(BuildConfig(out=out, annotations=[str(table)], go_obo=str(crafted["obo"])))
+    assert summary["skipped"] == {
+        "duplicate table row": {"count": 1, "examples": ["mixed.tsv:5  B"]},
+        "no structure file and no sequence": {"count": 1, "examples": ["mixed.tsv:4 7XYZ C"]},
+    }
+    records = {r.id: r for r in all_records(out)}
+    assert set(records) == {"good_A", "7XYZ_B"}
+    record = records["7XYZ_B"]
+    assert record.sequence == "MSTNPKPQRK" and record.backbone is None
+    assert [t["id"] for t in record.text["go"]] == ["GO:0004672", "GO:0005737"] and record.text["ec"] == ["2.7.11.1"]
+    assert record.meta["accession"] == "Q77777" and (record.meta["pdb_id"], record.meta["chain"]) == ("7XYZ", "B")
+    assert "structure_file" not in record.meta and validate_dir(out)["ok"]
+
+
+def _cli_cases(root: Path) -> list[tuple[list[str], str]]:
+    """(arguments, the file the one-line error must name) for missing and malformed inputs."""
+    data = root / "data"
+    (data / "garbage.bin").write_bytes(b"\x00\xffgarbage\n")
+    (data / "empty.txt").write_text("")
+    (data / "not_gzip.tsv.gz").write_text("structure_file\tchain\n")
+    (data / "no_columns.tsv").write_text("a\tb\n1\t2\n")
+    (data / "empty_dir").mkdir()
+    (data / "ok.fasta").write_text(">a\nMKVLA\n")
+    (root / "broken_shards").mkdir()
+    (root / "broken_shards" / "manifest.json").write_text('{"shards": [')
+    missing, garbage, empty = str(data / "missing.tsv"), str(data / "garbage.bin"), str(data / "empty.txt")
+    out = ["--out", str(root / "cli_out")]
+    endpoint = ["--endpoint", "http://127.0.0.1:9", "--retries", "0"]  # never reached: the shards fail first
+    cases = []
+    for bad in (missing, garbage, empty):
+        cases += [
+            (["build", *out, "--annotations", bad], bad),
+            (["build", *out, "--annotations", bad, "--annotations-format", "chains"], bad),
+            (["build", *out, "--annotations", bad, "--annotations-format", "gaf"], bad),
+            (["build", *out, "--annotations", bad, "--annotations-format", "sifts_uniprot"], bad),
+            (["build", *out, "--annotations", bad, "--annotations-format", "deepfri"], bad),
+            (["build", *out, "--annotations", bad, "--annotations-format", "uniprot_tsv"], bad),
+            (["build", *out, "--uniprot", bad], bad),
+            (["build", *out, "--fasta", bad], bad),
+            (["build", *out, "--sifts", bad], bad),
+            (["build", *out, "--fasta", str(data / "ok.fasta"), "--go-obo", bad], bad),
+            (
+                ["build", *out, "--fasta", str(data / "ok.fasta"), "--split-heldout", "0.5", "--split-clusters", bad],
+                bad,
+            ),
+            (["inspect", bad], bad),
+            (["validate", bad], bad),
+            (["fasta", bad, "--out", str(root / "x.fasta")], bad),
+            (
+                [
+                    "rewrite",
+                    "--shards",
+                    bad,
+                    "--out",
+                    str(root / "rw"),
+                    "--backend",
+                    "openai",
+                    "--model",
+                    "m",
+                    *endpoint,
+                ],
+                bad,
+            ),
+        ]
+    cases += [
+        (["build", *out, "--annotations", str(data / "not_gzip.tsv.gz")], "not_gzip.tsv.gz"),
+        (
+            ["build", *out, "--annotations", str(data / "no_columns.tsv"), "--annotations-format", "chains"],
+            "no_columns",
+        ),
+        (["build", *out, "--structures", str(data / "empty_dir")], "empty_dir"),
+        (["build", "--out", garbage, "--fasta", str(data / "ok.fasta")], garbage),
+        (["build", "--out", f"{garbage}/sub", "--fasta", str(data / "ok.fasta")], garbage),
+        (["demo", "--out", garbage, "--num-train", "4", "--num-heldout", "2"], garbage),
+        (["inspect", str(root / "broken_shards")], "broken_shards"),
+        (["validate", str(root / "broken_shards")], "broken_shards"),
+        (["fasta", str(root / "broken_shards"), "--out", str(root / "x.fasta")], "broken_shards"),
+        (
+            ["rewrite", "--shards", str(root / "broken_shards"), "--out", str(root / "rw"), "--backend", "openai"]
+            + ["--model", "m", *endpoint],
+            "broken_shards",
+        ),
+    ]
+    return cases
+
+
+def test_cli_missing_or_malformed_inputs_print_one_line_and_exit_2(crafted, capsys):
+    """Every subcommand: a missing or malformed input file gives exit 2 and one line naming the
+    file (no traceback, no silently empty build)."""
+    failures = []
+    for args, named in _cli_cases(crafted["root"]):
+        try:
+            code = main(args)
+        except BaseException as exc:  # noqa: BLE001 - a traceback is the failure being tested
+            failures.append(f"{' '.join(args)}: raised {type(exc).__name__}: {exc}")
+            continue
+        printed = capsys.readouterr().out
+        lines = printed.strip().splitlines()
+        if code != 2 or len(lines) != 1 or named not in json.loads(lines[0]).get("error", ""):
+            failures.append(f"{' '.join(args)}: exit {code}, {len(lines)} lines: {printed[:200]}")
+    assert failures == []
 
 
 # ----------------------------------------------------------------------------- real data

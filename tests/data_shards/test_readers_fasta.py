@@ -37,3 +37,15 @@ def test_plain_headers_gaps_and_errors(tmp_path):
     bad.write_text("MKV\n>x\nMKV\n")
     with pytest.raises(ValueError, match="bad.fa:1"):
         list(iter_fasta(bad))
+
+
+def test_only_a_trailing_stop_is_stripped(tmp_path):
+    """An internal ``*`` is a stop between two fragments: deleting it spliced them into one sequence.
+    It stays, and the build skips the record with that reason (test_build.py)."""
+    path = tmp_path / "stops.fa"
+    path.write_text(">whole\nMKVLA*\n>spliced\nMKV*\nLAGG*\n>twice\nMK**\n")
+    assert [(r.id, r.sequence) for r in iter_fasta(path)] == [
+        ("whole", "MKVLA"),
+        ("spliced", "MKV*LAGG"),
+        ("twice", "MK"),
+    ]

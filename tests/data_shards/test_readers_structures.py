@@ -229,3 +229,128 @@ def test_structure_suffixes():
     assert looks_like_structure_file("1ABC.cif") and looks_like_structure_file("2hhb.ent.gz")
     assert not looks_like_structure_file("README.md") and not looks_like_structure_file("table.tsv.gz")
     assert not looks_like_structure_file("LICENSE") and not looks_like_structure_file(".hidden.pdb")
+
+
+_THREE = {"A": "ALA", "G": "GLY", "K": "LYS", "M": "MET", "V": "VAL", "L": "LEU", "S": "SER"}
+
+
+def _segments_pdb(*segments: tuple[str, int, str, str], ter: bool = True) -> str:
+    """PDB text from (chain id, first residue number, one-letter sequence, record) segments, each
+    followed by a TER record when ``record`` is "ATOM" and ``ter`` (HETATM segments are ligands)."""
+    lines, serial = [], 1
+    for chain, start, sequence, record in segments:
+        for i, letter in enumerate(sequence, start):
+            for name, dx in (("N", 0.0), ("CA", 1.46), ("C", 2.0), ("O", 2.6)):
+                x = 3.8 * i + dx
+                lines.append(
+                    f"{record:<6}{serial:>5}  {name:<3} {_THREE[letter]} {chain}{i:>4}    {x:8.3f}{0.0:8.3f}{0.0:8.3f}"
+                    f"  1.00 20.00           {name[0]}"
+                )
+                serial += 1
+        if record == "ATOM" and ter:
+            lines.append(f"TER   {serial:>5}      {_THREE[sequence[-1]]} {chain}{start + len(sequence) - 1:>4}")
+            serial += 1
+    return "\n".join(lines) + "\nEND\n"
+
+
+@pytest.mark.parametrize(
+    "segments, why",
+    [
+        # the same id again after another chain, numbering restarting (a second molecule)
+        ([("A", 1, "MKVLA", "ATOM"), ("B", 1, "GGSGG", "ATOM"), ("A", 1, "SSSLL", "ATOM")], "used again after chain B"),
+        # ... or numbered on (a peptide named like the protein)
+        ([("A", 1, "MKVLA", "ATOM"), ("B", 1, "GGSGG", "ATOM"), ("A", 901, "SSSLL", "ATOM")], "used again"),
+        # right after its own TER, numbering restarting
+        ([("A", 1, "MKVLA", "ATOM"), ("A", 1, "SSSLL", "ATOM")], "starts again after TER"),
+    ],
+)
+def test_a_chain_id_used_for_two_chains_is_never_merged(tmp_path, segments, why):
+    """Reading these as one chain A spliced two molecules into one sequence and one backbone."""
+    path = tmp_path / "reused.pdb"
+    path.write_text(_segments_pdb(*segments))
+    parsed = read_structure(path)
+    assert parsed.chain("A") is None and why in parsed.ambiguous["A"]
+    assert [c.chain for c in parsed.chains] == ["B"] * ("B" in {s[0] for s in segments})
+    assert "A" not in parsed.other_chains
+    assert read_structure(path, chains={"A"}).ambiguous.keys() == {"A"}
+
+
+def test_a_residue_number_twice_in_one_chain_is_not_merged(tmp_path):
+    """No TER, the numbering starts again: gemmi merges the two residue 4s and dropping alternate
+    locations then silently kept the first copy of every repeated number."""
+    path = tmp_path / "twice.pdb"
+    path.write_text(_segments_pdb(("A", 1, "MKVLA", "ATOM"), ("A", 1, "SSSLL", "ATOM"), ter=False))
+    parsed = read_structure(path)
+    assert parsed.chain("A") is None and "occurs twice in chain A" in parsed.ambiguous["A"]
+
+
+def test_one_chain_across_a_ter_and_ligands_after_it_stay_one_chain(tmp_path):
+    """Not ambiguous: a TER at a chain break with the numbering going on (some programs write
+    that), and free amino acids as HETATM ligands after the chain (as in 6r79)."""
+    path = tmp_path / "one.pdb"
+    path.write_text(
+        _segments_pdb(
+            ("A", 1, "MKVLA", "ATOM"), ("A", 10, "SSSLL", "ATOM"), ("A", 1, "G", "HETATM"), ("A", 301, "GG", "HETATM")
+        )
+    )
+    parsed = read_structure(path)
+    assert parsed.ambiguous == {}
+    chain = parsed.chain("A")
+    assert chain.sequence == "MKVLASSSLL" and chain.backbone.residue_number.tolist() == [1, 2, 3, 4, 5] + list(
+        range(10, 15)
+    )
+
+
+def test_mmcif_author_chain_over_two_polymer_chains_is_not_merged(tmp_path):
+    """mmCIF says it outright: one auth_asym_id, two label_asym_ids (two entities)."""
+    header = "data_x\nloop_\n" + "".join(
+        f"_atom_site.{name}\n"
+        for name in (
+            "group_PDB id type_symbol label_atom_id label_alt_id label_comp_id label_asym_id label_entity_id "
+            "label_seq_id pdbx_PDB_ins_code Cartn_x Cartn_y Cartn_z occupancy B_iso_or_equiv auth_seq_id "
+            "auth_asym_id pdbx_PDB_model_num"
+        ).split()
+    )
+    rows, serial = [], 1
+    for label, entity, residues in (("A", 1, ["MET", "LYS", "VAL"]), ("B", 2, ["GLY", "SER", "GLY"])):
+        for i, res in enumerate(residues, 1):
+            for name, dx in (("N", 0.0), ("CA", 1.46), ("C", 2.0), ("O", 2.6)):
+                x = 3.8 * i + dx
+                rows.append(f"ATOM {serial} {name[0]} {name} . {res} {label} {entity} {i} ? {x:.3f} 0 0 1 20 {i} A 1\n")
+                serial += 1
+    path = tmp_path / "two.cif"
+    path.write_text(header + "".join(rows))
+    parsed = read_structure(path)
+    assert parsed.format == "mmcif" and parsed.chains == []
+    assert parsed.ambiguous == {"A": "chain A holds two polymer chains (label_asym_id A and B)"}
+
+
+@needs_data
+def test_real_6r79_free_glycines_after_ter_are_ligands_not_a_second_chain():
+    """6r79 lists free glycines (HETATM GLY A 304...) after the TER of chain D, under chain ids A-D:
+    each chain id holds one beta-lactamase chain and its ligands, read exactly as in the table."""
+    path = STRUCTURES / "plip" / "6r79.pdb.gz"
+    glycines = [line for line in atom_lines(path) if line.startswith("HETATM") and line[17:20] == "GLY"]
+    assert glycines  # the real file does carry them
+    parsed = read_structure(path)
+    assert parsed.ambiguous == {} and [c.chain for c in parsed.chains] == ["A", "B", "C", "D"]
+    table = table_sequences()
+    for chain in parsed.chains:
+        assert chain.sequence == table[("6r79.pdb.gz", chain.chain)]
+        assert chain.backbone.residue_number.max() < 300  # no ligand residue in the chain
+
+
+@needs_data
+def test_no_real_structure_file_is_taken_for_reused_chain_ids():
+    """Over every file of the shared set (1,487 PDB/mmCIF files): none holds a reused chain id, so
+    the check costs no real chain (calibration against false positives)."""
+    files = sorted(p for p in STRUCTURES.rglob("*") if p.is_file() and looks_like_structure_file(p))
+    flagged = {}
+    for path in files:
+        try:
+            parsed = read_structure(path)
+        except StructureError:
+            continue
+        if parsed.ambiguous:
+            flagged[path.name] = parsed.ambiguous
+    assert len(files) > 1400 and flagged == {}

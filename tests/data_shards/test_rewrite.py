@@ -22,9 +22,9 @@ from data_shards.rewrite import (
     rewrite_shards,
 )
 from data_shards.schema import ProteinRecord
+from data_shards.text_rules import augment_text
 from data_shards.validate import inspect_dir, validate_dir
 from data_shards.writer import ShardWriter
-from data_shards.text_rules import augment_text
 from tests.data_shards.local_llm_server import LocalLLMServer, ServerState, default_reply
 from tests.data_shards.tiny_causal_lm import make_tiny_causal_lm
 
