@@ -36,9 +36,18 @@ import torch.distributed as dist
 from data_shards.storage import write_text
 from pretrain.engine import checkpoint_store
 from pretrain.engine.checkpoint_store import retired_tags
-from pretrain.engine.checkpoint_tags import COMPLETE, complete_record, complete_steps, latest_tag
+from pretrain.engine.checkpoint_tags import (
+    COMPLETE,
+    checkpoint_problem,
+    complete_record,
+    complete_steps,
+    complete_tags,
+    file_sizes,
+    latest_tag,
+    newest_whole_tag,
+)
 from pretrain.engine.collectives import all_reduce_numbers
-from pretrain.errors import RunStopped
+from pretrain.errors import ConfigError, RunStopped
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +240,8 @@ def save(
     if rank == 0:
         world = dist.get_world_size() if dist.is_initialized() else 1
         try:
-            write_text(ckpt_dir / tag / COMPLETE, json.dumps({"step": step, "world_size": world}))
+            record = {"step": step, "world_size": world, "files": file_sizes(ckpt_dir / tag)}
+            write_text(ckpt_dir / tag / COMPLETE, json.dumps(record))
             write_text(ckpt_dir / "latest", tag)
         except WRITE_ERRORS as e:
             errors.append(f"{ckpt_dir / tag}: publishing failed: {e}")
@@ -279,7 +289,7 @@ def saved_world_size(ckpt_dir: Path) -> int | None:
     ``"checkpoint": {"load_universal": true}`` in the config the engine is built with. Resuming from
     object storage, fetch first (``checkpoint_store.fetch``): a fresh machine has nothing local.
     """
-    tag = latest_tag(Path(ckpt_dir))
+    tag = newest_whole_tag(Path(ckpt_dir))
     if tag is None:
         return None
     return int(complete_record(Path(ckpt_dir) / tag)["world_size"])
@@ -387,6 +397,37 @@ def _param_group_names(engine) -> list:
     return [g.get("name") for g in engine.optimizer.param_groups] if engine.optimizer is not None else []
 
 
+class CheckpointsUnusable(ConfigError):
+    """Every complete checkpoint of a run lost a file or its marker: resuming would lose the run's
+    state, starting over would silently discard it (the launchers exit 2 with the message)."""
+
+
+def _whole_checkpoint(ckpt_dir: Path) -> str | None:
+    """The newest complete checkpoint that is still whole on every rank (collective), starting at
+    ``latest``; a damaged one is logged and the previous one taken. None when there is none at all.
+
+    Raises:
+        CheckpointsUnusable: complete checkpoints exist but none is whole.
+    """
+    newest = latest_tag(ckpt_dir)
+    if newest is None:
+        return None
+    candidates = [newest] + [t for t in reversed(complete_tags(ckpt_dir)) if t != newest]
+    problems = []
+    for tag in candidates:
+        problem = checkpoint_problem(ckpt_dir / tag)
+        if not _any_rank(problem is not None):
+            if problems:
+                log.warning("resuming from %s instead: %s", ckpt_dir / tag, "; ".join(problems))
+            return tag
+        problems.append(problem or f"{ckpt_dir / tag} is incomplete on another rank")
+        log.error("checkpoint %s cannot be resumed: %s", ckpt_dir / tag, problems[-1])
+    raise CheckpointsUnusable(
+        f"no checkpoint in {ckpt_dir} is whole ({'; '.join(problems)}); restore the missing files, or move "
+        f"{ckpt_dir} away to train from the start"
+    )
+
+
 def load(engine, ckpt_dir: Path) -> tuple[dict, dict] | None:
     """Load the newest complete checkpoint into ``engine``; returns (client_state, rank_state).
 
@@ -408,7 +449,7 @@ def load(engine, ckpt_dir: Path) -> tuple[dict, dict] | None:
     Resuming from object storage: ``checkpoint_store.fetch`` first brings the published checkpoint
     into ``ckpt_dir``.
     """
-    tag = latest_tag(ckpt_dir)
+    tag = _whole_checkpoint(ckpt_dir)
     if tag is None:
         return None
     meta = complete_record(ckpt_dir / tag)

@@ -89,3 +89,31 @@ def test_disk_full_mid_run_stops_with_one_line_and_exit_3(small_filesystem, smal
     assert err.count("align-pro: stopped:") == 1 and "could not be written" in err or "No space left" in err
     latest = (run / "checkpoints" / "latest").read_text()
     assert (run / "checkpoints" / latest / "COMPLETE").is_file()
+
+
+def test_a_checkpoint_that_lost_a_file_falls_back_to_the_previous_one(tmp_path, small_demo):
+    """A rank's file of the newest checkpoint deleted (or never synced): the relaunch resumes from
+    the checkpoint before it, with a warning, and finishes; the damaged one is retired."""
+    run = tmp_path / "run"
+    over = [*COMMON, "train.checkpoint_every=2", "train.keep_checkpoints=2"]
+    first = run_launcher(run, small_demo, [*over, "train.max_steps=4"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpt = run / "checkpoints"
+    assert (ckpt / "latest").read_text() == "step00000004"
+    (ckpt / "step00000004" / "rank_1.pt").unlink()
+    again = run_launcher(run, small_demo, [*over, "train.max_steps=6"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Traceback" not in again.stderr
+    assert "resumed from step 2" in again.stdout and "rank_1.pt is missing" in again.stderr
+    assert (ckpt / "latest").read_text() == "step00000006"
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step00000004", "step00000006"]
+    # The step-4 checkpoint written by the relaunch is whole again; a truncated file is caught too.
+    optim = sorted((ckpt / "step00000006").glob("*optim_states.pt"))[0]
+    optim.write_bytes(optim.read_bytes()[:100])
+    for marker in [ckpt / "step00000004" / "COMPLETE"]:
+        marker.write_text("{not json")
+    refused = run_launcher(run, small_demo, [*over, "train.max_steps=8"])
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "Traceback" not in refused.stderr
+    assert refused.stderr.count("align-pro: error") == 1 and "no checkpoint in" in refused.stderr
+    assert "were written" in refused.stderr
