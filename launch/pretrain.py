@@ -23,8 +23,17 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 from pretrain.config import ConfigError  # noqa: E402
+from pretrain.engine.launcher_watch import forward_sigint_once, watch_launcher  # noqa: E402
+from pretrain.engine.run_lock import RunDirBusy, agree_refused  # noqa: E402
 from pretrain.errors import RunStopped  # noqa: E402
-from pretrain.run import close_process_group, init_process_group, prepare, train_and_evaluate, write_run_config  # noqa: E402
+from pretrain.run import (  # noqa: E402
+    claim_run_dir,
+    close_process_group,
+    init_process_group,
+    prepare,
+    train_and_evaluate,
+    write_run_config,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,6 +59,10 @@ def _report_config_error(error: ConfigError, rank: int, local_rank: int) -> None
 def main(argv=None) -> int:
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
+    # Ctrl-C: the first SIGINT stops like SIGTERM (checkpoint after this step, exit 0). A SIGTERM or
+    # SIGINT to the `deepspeed` launcher, which passes nothing on, reaches the ranks through the watch.
+    forward_sigint_once()
+    watch_launcher()
     try:
         plan = prepare(args.recipe, args.overrides, args.config, args.run_dir, int(os.environ.get("WORLD_SIZE", 1)))
     except ConfigError as e:
@@ -61,9 +74,30 @@ def main(argv=None) -> int:
                 f"run in {plan.run_dir} already finished at step {plan.finished_step}; export in {plan.run_dir}/export"
             )
         return 0
+    # One live run per run directory: rank 0 takes the owner lock before anything is written and every
+    # rank learns the verdict in the first collective, so a refused launch exits 2 on all of them.
+    lock, refusal = None, None
     if rank == 0:
-        write_run_config(plan)
-    init_process_group()
+        try:
+            lock = claim_run_dir(plan)
+        except (RunDirBusy, ConfigError) as e:
+            refusal = str(e)
+    try:
+        if lock is not None:
+            write_run_config(plan)
+        init_process_group()
+        if agree_refused(refusal is not None):
+            if refusal is not None:
+                print(f"align-pro: error: {refusal}", file=sys.stderr, flush=True)
+            close_process_group()
+            return 2
+        return _train(plan, rank, args.local_rank)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(plan, rank: int, local_rank: int) -> int:
     try:
         train_and_evaluate(plan, rank)
     except RunStopped as e:  # raised on every rank together
@@ -72,7 +106,7 @@ def main(argv=None) -> int:
         close_process_group()
         return 3
     except ConfigError as e:  # found in the checkpoint every rank reads (a resume the run cannot take)
-        _report_config_error(e, rank, args.local_rank)
+        _report_config_error(e, rank, local_rank)
         close_process_group()
         return 2
     # Only on these orderly exits: after an unexpected error, peers may still be inside a collective.

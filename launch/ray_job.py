@@ -20,7 +20,9 @@ Failures: when a worker dies or raises, Ray Train restarts the whole worker grou
 checkpoint, exactly as a relaunch would. A deliberate stop (:class:`pretrain.errors.RunStopped`:
 too many bad samples or non-finite steps, failed checkpoints) is not a failure to retry: the
 workers catch it, rank 0 writes ``RUN/stopped.json``, the workers return, and the job exits
-with code 3 (2: configuration error, 1: failures beyond ``--max-failures``). SIGTERM handling
+with code 3 (2: configuration error or a run directory owned by another live run, 1: failures
+beyond ``--max-failures``). The driver holds the run directory's owner lock
+(:mod:`pretrain.engine.run_lock`) for the whole job. SIGTERM handling
 (checkpoint, exit 0) is for ``launch/pretrain.py``: Ray runs the loop in a worker thread, where
 Python cannot install signal handlers.
 
@@ -45,7 +47,8 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 from pretrain.config import ConfigError  # noqa: E402
-from pretrain.run import prepare, write_run_config  # noqa: E402
+from pretrain.engine.run_lock import RunDirBusy  # noqa: E402
+from pretrain.run import claim_run_dir, prepare, write_run_config  # noqa: E402
 
 # Passed on to every worker (a cluster's workers do not inherit the driver's environment).
 _WORKER_ENV = (
@@ -135,6 +138,18 @@ def main(argv=None) -> int:
     if plan.finished_step is not None:
         print(f"run in {plan.run_dir} already finished at step {plan.finished_step}; export in {plan.run_dir}/export")
         return 0
+    try:  # one live run per run directory: the driver owns it for the whole job (workers take nothing)
+        lock = claim_run_dir(plan)
+    except (RunDirBusy, ConfigError) as e:
+        print(f"align-pro: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    try:
+        return _run(args, plan)
+    finally:
+        lock.release()
+
+
+def _run(args: argparse.Namespace, plan) -> int:
     write_run_config(plan)
     run_dir = plan.run_dir.resolve()
     (run_dir / STOPPED).unlink(missing_ok=True)

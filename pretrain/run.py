@@ -38,6 +38,8 @@ def prepare(recipe: str | None, overrides: list[str], ds_config: str, run_dir: s
     from pretrain.engine.export import export_step
 
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--run-dir {run_dir}: exists and is not a directory")
     try:
         cfg = load_config(recipe, overrides)
         ds = resolve_deepspeed_config(
@@ -79,6 +81,26 @@ def _shard_set_exists(location: str) -> bool:
         return storage.exists(storage.join(location, "manifest.json"))
     except storage.StorageError as e:
         raise ConfigError(f"data.eval_shards: {e}") from None
+
+
+def claim_run_dir(plan: RunPlan):
+    """Take the run directory's owner lock (one live run per directory: :mod:`pretrain.engine.run_lock`);
+    returns the held :class:`~pretrain.engine.run_lock.RunLock` (``release()`` it on exit).
+
+    Raises:
+        RunDirBusy: another live run owns the directory (or its ``train.remote_dir``); the
+            message names it. The launchers exit with code 2.
+        ConfigError: ``ALIGN_PRO_LOCK_STALE_S`` is not a positive number, or the run directory
+            cannot be written.
+    """
+    from pretrain.engine.run_lock import RunLock
+
+    try:
+        return RunLock(plan.run_dir, remote=plan.cfg.train.remote_dir).acquire()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    except OSError as e:
+        raise ConfigError(f"run directory {plan.run_dir}: {e}") from None
 
 
 def write_run_config(plan: RunPlan) -> None:

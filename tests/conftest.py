@@ -31,6 +31,7 @@ RAY_GROUP_MODULES = {
     "tests/launch/test_pretrain.py",
     "tests/launch/test_ray_cluster.py",
     "tests/launch/test_ray_job.py",
+    "tests/launch/test_ray_job_lock.py",
     "tests/launch/test_resume.py",
     "tests/launch/test_soak.py",
     "tests/pretrain/data/test_ray_stream.py",
