@@ -27,17 +27,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1:
         p.error("--workers must be at least 1")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the conversion itself runs on the CPU
-    from pretrain.engine import checkpoint
+    from pretrain.engine import checkpoint_universal
 
     ckpt_dir = args.run_dir / "checkpoints"
     start = time.monotonic()
     try:
         with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's progress lines; stdout is the JSON report
-            out = checkpoint.convert_to_universal(ckpt_dir, args.tag, workers=args.workers)
+            out = checkpoint_universal.convert_to_universal(ckpt_dir, args.tag, workers=args.workers)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(json.dumps({"ok": False, "error": str(e)}), flush=True)
         return 2
-    marker = json.loads((out / checkpoint.UNIVERSAL_COMPLETE).read_text())
+    marker = json.loads((out / checkpoint_universal.UNIVERSAL_COMPLETE).read_text())
     report = {
         "ok": True,
         "universal": str(out),

@@ -7,7 +7,7 @@ Layout (``RUN/checkpoints``)::
     <tag>/COMPLETE         written by rank 0 after every rank finished writing
     latest                 the tag of the newest complete checkpoint, replaced atomically
     <tag>_universal/       DeepSpeed universal form of <tag>, made on the first resume on another
-                           number of ranks (rank 0, atomically, marker UNIVERSAL_COMPLETE)
+                           number of ranks (:mod:`pretrain.engine.checkpoint_universal`)
 
 A checkpoint without ``COMPLETE`` is never loaded; ``latest`` moves only after ``COMPLETE``
 exists, so a kill at any moment leaves the previous checkpoint usable. A write that fails on
@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from data_shards.storage import write_text
 from pretrain.engine import checkpoint_store
+from pretrain.engine.checkpoint_safety import verify_safe, weights_only_loads
 from pretrain.engine.checkpoint_store import retired_tags
 from pretrain.engine.checkpoint_tags import (
     COMPLETE,
@@ -44,8 +45,8 @@ from pretrain.engine.checkpoint_tags import (
     complete_tags,
     file_sizes,
     latest_tag,
-    newest_whole_tag,
 )
+from pretrain.engine.checkpoint_universal import UNIVERSAL_SUFFIX, convert_tag, remove_orphan_conversions
 from pretrain.engine.collectives import all_reduce_numbers
 from pretrain.errors import ConfigError, RunStopped
 
@@ -161,54 +162,6 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state(state["torch_cuda"])
 
 
-def _safe_globals() -> list:
-    """The only non-tensor classes DeepSpeed puts in its checkpoint files (plain data holders:
-    the loss scaler, the ZeRO stage enum, ZeRO-1/2's (numel, start) fragment addresses)."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, ZeroStageEnum, fragment_address]
-
-
-@contextlib.contextmanager
-def weights_only_loads():
-    """Inside the block every ``torch.load`` is a ``weights_only=True`` load with DeepSpeed's allowlist.
-
-    DeepSpeed's checkpoint loader and its universal conversion call ``torch.load(weights_only=False)``
-    in many places. :func:`verify_safe` checks the files beforehand, but a file replaced between
-    that check and DeepSpeed's read would still be unpickled; run inside this block, it cannot be.
-    Not thread-safe (it swaps ``torch.load`` for the duration): use it where nothing else loads.
-    """
-    real_load = torch.load
-
-    def load(f, map_location=None, pickle_module=None, *, weights_only=None, **kwargs):
-        return real_load(f, map_location, weights_only=True, **kwargs)
-
-    with torch.serialization.safe_globals(_safe_globals()):
-        torch.load = load
-        try:
-            yield
-        finally:
-            torch.load = real_load
-
-
-def verify_safe(tag_dir: Path, recursive: bool = False) -> None:
-    """Refuse a checkpoint whose files need arbitrary unpickling.
-
-    DeepSpeed's own loader and its universal conversion unpickle with ``weights_only=False``;
-    every file is first read with ``weights_only=True`` and an allowlist of DeepSpeed's state
-    classes, so a crafted file carrying a pickle payload is rejected before DeepSpeed touches it.
-    ``recursive`` also checks subdirectories (a universal checkpoint keeps one per parameter).
-    """
-    with torch.serialization.safe_globals(_safe_globals()):
-        for path in sorted(Path(tag_dir).glob("**/*.pt" if recursive else "*.pt")):
-            try:
-                torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:  # noqa: BLE001 - any failure means we must not unpickle it
-                raise RuntimeError(f"refusing checkpoint file {path}: not loadable safely ({e})") from None
-
-
 def save(
     engine, ckpt_dir: Path, step: int, client_state: dict, rank_state: dict, keep: int, remote: str | None = None
 ) -> str:
@@ -276,121 +229,6 @@ def _fail_together(ckpt_dir: Path, tag: str, errors: list[str], rank: int) -> No
     keeps = f"{ckpt_dir / 'latest'} still names {previous}" if previous else "no earlier checkpoint exists"
     detail = "; ".join(errors) if errors else "another rank failed to write its files"
     raise CheckpointWriteError(f"checkpoint {ckpt_dir / tag} was not saved ({detail}); {keeps}")
-
-
-UNIVERSAL_SUFFIX = "_universal"
-UNIVERSAL_COMPLETE = "UNIVERSAL_COMPLETE"
-
-
-def saved_world_size(ckpt_dir: Path) -> int | None:
-    """Number of ranks that wrote the checkpoint a resume would load, or None (no process group needed).
-
-    ``Trainer.setup`` asks before ``deepspeed.initialize``: a different world size needs
-    ``"checkpoint": {"load_universal": true}`` in the config the engine is built with. Resuming from
-    object storage, fetch first (``checkpoint_store.fetch``): a fresh machine has nothing local.
-    """
-    tag = newest_whole_tag(Path(ckpt_dir))
-    if tag is None:
-        return None
-    return int(complete_record(Path(ckpt_dir) / tag)["world_size"])
-
-
-def universal_config(ds_config: dict) -> dict:
-    """A copy of ``ds_config`` whose engine loads DeepSpeed universal checkpoints.
-
-    DeepSpeed reads ``checkpoint.load_universal`` from the config (``engine.load_universal_checkpoint()``)
-    when loading; nothing else in the engine depends on it.
-    """
-    return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
-
-
-def engine_config(ds_config: dict, ckpt_dir: Path, world: int) -> dict:
-    """The DeepSpeed config to build the engine with before :func:`load` on ``world`` ranks.
-
-    :func:`universal_config` when the checkpoint to resume was written by another number of ranks
-    under ZeRO 1-3. ZeRO-0 checkpoints hold whole copies and load directly: an engine built for a
-    universal load would skip restoring the module and fail in ``update_lp_params``.
-    """
-    saved = saved_world_size(ckpt_dir)
-    stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
-    if saved is not None and saved != world and stage > 0:
-        return universal_config(ds_config)
-    return ds_config
-
-
-def _convert_to_universal(ckpt_dir: Path, tag: str, workers: int = 1) -> Path:
-    """Rank 0: DeepSpeed's ``ds_to_universal`` of ``tag`` into ``<tag>_universal``, atomically.
-
-    The conversion runs in ``.<tag>_universal.tmp<pid>/`` (the script also drops a
-    ``latest_universal`` file beside its output: it stays in the temporary directory), gets a
-    ``UNIVERSAL_COMPLETE`` marker, then is renamed into place; a conversion killed half-way
-    leaves only a temporary directory, removed by the next attempt.
-    """
-    from argparse import Namespace
-
-    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
-    final = ckpt_dir / f"{tag}{UNIVERSAL_SUFFIX}"
-    if (final / UNIVERSAL_COMPLETE).is_file():
-        return final
-    shutil.rmtree(final, ignore_errors=True)  # never published (no marker): a leftover
-    for stale in ckpt_dir.glob(f".{tag}{UNIVERSAL_SUFFIX}.tmp*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    work = ckpt_dir / f".{tag}{UNIVERSAL_SUFFIX}.tmp{os.getpid()}"
-    out = work / final.name
-    args = Namespace(
-        input_folder=str(ckpt_dir / tag),
-        output_folder=str(out),
-        num_extract_workers=workers,  # > 1 forks a process pool (worth it for large models, offline)
-        num_merge_workers=workers,
-        keep_temp_folder=False,
-        strict=True,
-        # Data parallel only (no tensor / pipeline split): the script's required
-        # universal_checkpoint_info then holds nothing but a version, which it injects itself.
-        inject_missing_state=True,
-    )
-    with weights_only_loads():  # the files were verified; this closes the gap until they are read
-        ds_to_universal(args)
-    meta = complete_record(ckpt_dir / tag)
-    write_text(out / UNIVERSAL_COMPLETE, json.dumps({"source": tag, **meta}))
-    os.replace(out, final)
-    shutil.rmtree(work, ignore_errors=True)
-    return final
-
-
-def convert_to_universal(ckpt_dir: Path, tag: str | None = None, workers: int = 1) -> Path:
-    """Convert checkpoint ``tag`` (default: the latest complete one) into ``<tag>_universal`` ahead of time.
-
-    The elastic resume in :func:`load` reuses a finished conversion, so running this offline (one
-    process, no process group; ``python -m pretrain.convert_checkpoint``) keeps a long conversion of a
-    large model from running on rank 0 while the other ranks wait in a collective (and from
-    outlasting an NCCL timeout). Files are checked with ``weights_only=True`` first.
-
-    Raises:
-        FileNotFoundError: no such complete checkpoint. ValueError: a ZeRO-0 checkpoint (whole copies
-        on every rank: it resumes at any world size without conversion).
-    """
-    ckpt_dir = Path(ckpt_dir)
-    tag = tag or latest_tag(ckpt_dir)
-    if tag is None:
-        raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint to convert")
-    if not (ckpt_dir / tag / COMPLETE).is_file():
-        raise FileNotFoundError(f"{ckpt_dir / tag}: not a complete checkpoint (no {COMPLETE})")
-    if not any((ckpt_dir / tag).glob("*optim_states.pt")):
-        raise ValueError(
-            f"{ckpt_dir / tag}: written without ZeRO optimizer partitions (stage 0); it resumes at any "
-            "world size as it is"
-        )
-    verify_safe(ckpt_dir / tag)
-    _remove_orphan_conversions(ckpt_dir)
-    return _convert_to_universal(ckpt_dir, tag, workers)
-
-
-def _remove_orphan_conversions(ckpt_dir: Path) -> None:
-    """Rank 0: drop universal conversions whose source checkpoint retention has removed."""
-    for p in ckpt_dir.glob(f"*{UNIVERSAL_SUFFIX}"):
-        if p.is_dir() and not (ckpt_dir / p.name.removesuffix(UNIVERSAL_SUFFIX) / COMPLETE).is_file():
-            shutil.rmtree(p, ignore_errors=True)
 
 
 def _param_group_names(engine) -> list:
@@ -463,13 +301,13 @@ def load(engine, ckpt_dir: Path) -> tuple[dict, dict] | None:
         if not engine.load_universal_checkpoint():
             raise RuntimeError(
                 f"checkpoint {ckpt_dir / tag} was written by {saved_world} ranks, this run has {world}: build the "
-                "engine with checkpoint.universal_config(ds_config) to resume through a universal checkpoint"
+                "engine with checkpoint_universal.engine_config(...) to resume through a universal checkpoint"
             )
         error = ""
         if rank == 0:
             try:
-                _remove_orphan_conversions(ckpt_dir)
-                _convert_to_universal(ckpt_dir, tag)
+                remove_orphan_conversions(ckpt_dir)
+                convert_tag(ckpt_dir, tag)
             except Exception as e:  # noqa: BLE001 - reported on every rank below, never left hanging
                 error = f"{type(e).__name__}: {e}"
                 log.exception("universal conversion of %s failed", ckpt_dir / tag)

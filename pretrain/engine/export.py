@@ -210,11 +210,11 @@ def export_checkpoint(run_dir: Path, tag: str | None = None, out_dir: Path | Non
     """Consolidate a (ZeRO-sharded) checkpoint of ``run_dir`` into an export, without a process group.
 
     The checkpoint's files are verified loadable without arbitrary unpickling first
-    (:func:`pretrain.engine.checkpoint.verify_safe`), and DeepSpeed reads them with weights-only loads.
+    (:func:`pretrain.engine.checkpoint_safety.verify_safe`), and DeepSpeed reads them with weights-only loads.
     """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from pretrain.engine.checkpoint import verify_safe, weights_only_loads
+    from pretrain.engine.checkpoint_safety import verify_safe, weights_only_loads
     from pretrain.engine.checkpoint_tags import COMPLETE, complete_record, latest_tag
 
     run_dir = Path(run_dir)

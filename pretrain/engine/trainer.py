@@ -35,7 +35,7 @@ from pretrain.data.stream import (
     plan_settings,
     shard_set_digest,
 )
-from pretrain.engine import checkpoint, checkpoint_store
+from pretrain.engine import checkpoint, checkpoint_store, checkpoint_universal
 from pretrain.engine.builder import build_model
 from pretrain.engine.collectives import all_reduce_numbers
 from pretrain.engine.export import export_engine
@@ -123,7 +123,7 @@ class Trainer:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)  # the fetch broadcasts over NCCL before DeepSpeed does
             checkpoint_store.fetch(self.ckpt_dir, self.cfg.train.remote_dir, self.run_dir)
-        ds_config = checkpoint.engine_config(self.ds_config, self.ckpt_dir, self.world_size)
+        ds_config = checkpoint_universal.engine_config(self.ds_config, self.ckpt_dir, self.world_size)
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=ds_config)
         self.model = model
         resumed = checkpoint.load(self.engine, self.ckpt_dir)

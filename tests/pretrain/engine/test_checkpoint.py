@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.engine import checkpoint
+from pretrain.engine import checkpoint, checkpoint_safety
 from pretrain.run import close_process_group
 from tests.conftest import free_port
 from tests.spawn_ranks import run_ranks
@@ -312,7 +312,7 @@ def test_crafted_checkpoint_file_is_refused_and_its_payload_never_runs(tmp_path,
     marker = tmp_path / f"pwned-{uuid.uuid4().hex}"
     torch.save({"module": _Payload(marker)}, d / member)  # a valid torch zip whose pickle runs code
     with pytest.raises(RuntimeError, match=f"refusing checkpoint file .*{member}"):
-        checkpoint.verify_safe(d)
+        checkpoint_safety.verify_safe(d)
     assert not marker.exists(), "the pickle payload ran"
     # Sanity of the test itself: plain unpickling would have run it.
     torch.load(d / member, weights_only=False)
@@ -327,7 +327,7 @@ def test_deepspeeds_own_loads_are_weights_only_inside_the_guard(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"module": _Payload(marker)}, tmp_path / "swapped.pt")
     torch.save({"scaler": LossScaler(1.0), "w": torch.ones(2)}, tmp_path / "deepspeed_like.pt")
-    with checkpoint.weights_only_loads():
+    with checkpoint_safety.weights_only_loads():
         with pytest.raises(pickle.UnpicklingError):
             torch.load(tmp_path / "swapped.pt", map_location="cpu", weights_only=False)
         state = torch.load(tmp_path / "deepspeed_like.pt", map_location="cpu", weights_only=False)
@@ -342,7 +342,7 @@ def test_raw_pickle_file_posing_as_checkpoint_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     (d / "rank_0.pt").write_bytes(pickle.dumps(_Payload(marker)))
     with pytest.raises(RuntimeError, match="refusing checkpoint file"):
-        checkpoint.verify_safe(d)
+        checkpoint_safety.verify_safe(d)
     assert not marker.exists()
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.engine import checkpoint
+from pretrain.engine import checkpoint, checkpoint_universal
 from pretrain.run import close_process_group
 from tests.conftest import free_port
 from tests.pretrain.engine.test_checkpoint import _params  # full fp32 weights, ZeRO-3 gathered
@@ -36,7 +36,7 @@ def _engine(stage: int, world: int, ckpt_dir: Path):
         "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "torch_adam": True}},
         "zero_optimization": {"stage": stage},
     }
-    cfg = checkpoint.engine_config(cfg, ckpt_dir, world)
+    cfg = checkpoint_universal.engine_config(cfg, ckpt_dir, world)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=cfg)
     return engine
 
@@ -106,7 +106,7 @@ def test_two_ranks_resume_on_one_then_two_through_universal_checkpoints(tmp_path
     assert one[0]["rank_state"]["cursors"] == [{"epoch": 0, "batch": 2}] * 2
     tags = sorted(p.name for p in ckpt.iterdir() if p.is_dir())
     assert tags == ["step00000002", "step00000002_universal", "step00000004"]
-    marker = json.loads((ckpt / "step00000002_universal" / checkpoint.UNIVERSAL_COMPLETE).read_text())
+    marker = json.loads((ckpt / "step00000002_universal" / checkpoint_universal.UNIVERSAL_COMPLETE).read_text())
     assert marker["source"] == "step00000002" and marker["world_size"] == 2
     assert (ckpt / "latest").read_text() == "step00000004"
     assert not list(ckpt.glob(".*tmp*"))  # the conversion's work directory is gone
@@ -144,12 +144,12 @@ def test_offline_conversion_is_reused_by_the_elastic_resume(tmp_path, capsys):
     assert report["ok"] and report["source"] == "step00000002" and report["written_by_ranks"] == 2
     universal = ckpt / "step00000002_universal"
     assert report["universal"] == str(universal)
-    before = (universal / checkpoint.UNIVERSAL_COMPLETE).stat()
+    before = (universal / checkpoint_universal.UNIVERSAL_COMPLETE).stat()
     one = _run(tmp_path, ckpt, 2, world=1, step=2)
     assert one[0]["client_step"] == 2
     for name, want in first[0]["saved"].items():
         assert torch.equal(one[0]["loaded"][name], want), name
-    after = (universal / checkpoint.UNIVERSAL_COMPLETE).stat()
+    after = (universal / checkpoint_universal.UNIVERSAL_COMPLETE).stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # reused, not redone
     # Errors are one JSON line and exit 2: no checkpoint, a tag that is not complete.
     assert convert([str(tmp_path / "empty")]) == 2

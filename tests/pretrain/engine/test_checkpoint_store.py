@@ -9,7 +9,8 @@ import pytest
 
 from data_shards import storage
 from pretrain.engine import checkpoint_store
-from pretrain.engine.checkpoint import finished_step, latest_tag, saved_world_size
+from pretrain.engine.checkpoint import finished_step, latest_tag
+from pretrain.engine.checkpoint_universal import saved_world_size
 from tests.s3_server import s3  # noqa: F401 - the fixture
 
 
