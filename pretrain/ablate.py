@@ -120,7 +120,14 @@ def train_variant(recipe: str, run_dir: Path, overrides: list[str], ranks: int, 
     if evaluated.is_file() and evaluated.stat().st_mtime >= started:  # trained (or resumed) and evaluated now
         record.write_text(json.dumps({"wall_s": wall}))
         return wall
-    return json.loads(record.read_text())["wall_s"] if record.is_file() else None
+    if not record.is_file():
+        return None
+    try:
+        return float(json.loads(record.read_text())["wall_s"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"{record}: damaged ({type(e).__name__}: {e}); delete it to report the wall time as n/a"
+        ) from None
 
 
 def read_r10(run_dir: Path) -> tuple[dict[str, float], float]:
@@ -128,13 +135,19 @@ def read_r10(run_dir: Path) -> tuple[dict[str, float], float]:
     path = run_dir / "eval.json"
     if not path.is_file():
         raise RuntimeError(f"{path} is missing: the variant must train with train.eval_at_end=true")
-    directions = json.loads(path.read_text())["retrieval"]["directions"]
-    missing = [d for _, *ds in PAIRS for d in ds if "R@10" not in directions.get(d, {})]
+    try:
+        directions = json.loads(path.read_text())["retrieval"]["directions"]
+        missing = [d for _, *ds in PAIRS for d in ds if "R@10" not in directions.get(d, {})]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, or not pretrain.eval's result
+        raise ValueError(f"{path}: not a retrieval evaluation ({type(e).__name__}: {e})") from None
     if missing:
         raise RuntimeError(f"{path}: no R@10 for {missing} (eval.ks must include 10)")
-    r10 = {pair: 0.5 * (directions[a]["R@10"] + directions[b]["R@10"]) for pair, a, b in PAIRS}
-    r10["mean"] = sum(directions[d]["R@10"] for _, *ds in PAIRS for d in ds) / 6
-    return r10, max(directions[d]["chance_R@10"] for _, *ds in PAIRS for d in ds)
+    try:
+        r10 = {pair: 0.5 * (directions[a]["R@10"] + directions[b]["R@10"]) for pair, a, b in PAIRS}
+        r10["mean"] = sum(directions[d]["R@10"] for _, *ds in PAIRS for d in ds) / 6
+        return r10, max(directions[d]["chance_R@10"] for _, *ds in PAIRS for d in ds)
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a retrieval evaluation ({type(e).__name__}: {e})") from None
 
 
 def _seconds(wall: float | None) -> str:
@@ -149,13 +162,48 @@ def markdown_table(results: list[Result]) -> str:
     ]
     for r in results:
         cells = " | ".join(f"{r.r10[p]:.3f}" for p in ("seq<->struct", "seq<->text", "struct<->text", "mean"))
-        lines.append(f"| `{r.variant}` | {r.weights} | {r.steps} | {cells} | {r.chance_r10:.4f} | {r.wall_s:.0f} |")
+        lines.append(
+            f"| `{r.variant}` | {r.weights} | {r.steps} | {cells} | {r.chance_r10:.4f} | {_seconds(r.wall_s)} |"
+        )
     return "\n".join(lines)
 
 
 def write_readme(section: str, readme: Path) -> None:
     """Replace the text between the ablation markers (append a section when there are none)."""
     replace_section(readme, section, README_BEGIN, README_END, "### Ablations (measured)")
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse names the option and exits 2 otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _check_outputs(args) -> None:
+    """Everything the command reads or writes besides the recipes, checked before any variant trains.
+
+    Raises ConfigError (the DeepSpeed JSON), NotADirectoryError / FileNotFoundError (--run-root,
+    --readme) or ValueError (a README with a begin marker and no end marker).
+    """
+    from pretrain.engine.ds_config import load_deepspeed_config
+
+    load_deepspeed_config(args.config)
+    if args.run_root.exists() and not args.run_root.is_dir():
+        raise NotADirectoryError(f"--run-root {args.run_root} exists and is not a directory")
+    if args.readme is not None:
+        if not args.readme.is_file():
+            raise FileNotFoundError(f"--readme {args.readme}: no such file")
+        try:
+            text = args.readme.read_text()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--readme {args.readme}: not UTF-8 text ({e})") from None
+        if README_BEGIN in text and README_END not in text[text.index(README_BEGIN) :]:
+            raise ValueError(f"--readme {args.readme}: '{README_BEGIN}' without '{README_END}'")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipes", nargs="+", required=True, help="variant recipes (their file stems name the rows)")
     p.add_argument("--run-root", required=True, type=Path, help="one run directory per variant goes here")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--ranks", type=int, default=1, help="DeepSpeed ranks per variant (--num_gpus)")
+    p.add_argument("--ranks", type=_positive_int, default=1, help="DeepSpeed ranks per variant (--num_gpus)")
     p.add_argument("--config", default="zero3.json", help="DeepSpeed JSON (bare names resolve against configs/)")
     p.add_argument("--readme", type=Path, default=None, help="also write the table into this README")
     args = p.parse_args(argv)
@@ -176,8 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         plans = {r: _weights(r, args.overrides) for r in args.recipes}
-    except ConfigError as e:
-        print(f"align-pro ablate: error: {e}", file=sys.stderr)
+        _check_outputs(args)
+    except (ConfigError, OSError, ValueError) as e:
+        print(f"align-pro ablate: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     results = []
     for recipe, stem in zip(args.recipes, stems):
@@ -186,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             wall = train_variant(recipe, run_dir, args.overrides, args.ranks, args.config)
             r10, chance = read_r10(run_dir)
+        except ValueError as e:  # a damaged eval.json / ablate.json of a finished variant
+            print(f"align-pro ablate: error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 2
         except RuntimeError as e:
             print(f"align-pro ablate: error: {e}", file=sys.stderr)
             return 1

@@ -9,7 +9,8 @@ reads recipes and overrides, and runs the checks that span sections.
 A recipe is a YAML file whose top-level keys are the sections of :class:`Config`
 (``model``, ``data``, ``loss``, ``optim``, ``train``, ``eval``). Every key is checked
 against the dataclasses: an unknown key or a value of the wrong type is an error that
-names the field, so a typo never silently falls back to a default.
+names the field, so a typo never silently falls back to a default. No float field accepts
+``.nan`` / ``.inf`` (checked here for every field); each section's ``validate()`` checks ranges.
 
 Overrides use dotted paths, e.g. ``--set train.max_steps=50 --set model.text.num_layers=2``;
 the value is parsed as YAML (``true``, ``3``, ``1e-4``, ``[1, 5]``, ``null``).
@@ -26,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -120,7 +122,15 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        # No float field of any section means anything by nan or +-inf (a timeout, a clamp, a weight):
+        # refused here once for all of them, so a field added later is covered without its own check.
+        try:
+            number = float(value)
+        except OverflowError:  # an integer literal beyond the float range
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}={number}: must be a finite number")
+        return number
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
@@ -213,8 +223,10 @@ def read_recipe(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"recipe {path}: 'base' chain loops ({' -> '.join(str(p) for p in (*_chain, path))})")
     try:
         raw = _load_yaml(path.read_text()) or {}
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
+    except OSError as e:  # unreadable (permissions, a directory on some file systems)
+        raise ConfigError(f"recipe {path} cannot be read: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe {path}: top level must be a mapping of sections")
     base = raw.pop("base", None)
@@ -298,8 +310,10 @@ def load_run_config(run_dir: Path) -> tuple[Config, dict | None]:
         raise ConfigError(f"no config.yaml in run directory {run_dir}")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not valid YAML (a damaged run record?): {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{path} cannot be read: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     ds = raw.pop("deepspeed", None)

@@ -16,13 +16,14 @@ Reads ``RUN/metrics.jsonl`` and ``RUN/eval.json`` (whatever of them exists) and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
 
 import matplotlib
 
-from pretrain.engine.logging_backends import read_metrics
+from pretrain.summary import RUN_FILE_ERRORS, read_run_eval, read_run_metrics
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -211,8 +212,15 @@ def _fmt(v, digits=3) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
 
-def _markdown(run_dir: Path, rows: list[dict], ev: dict, images: dict[str, Path]) -> str:
-    lines = [f"# Report: `{run_dir}`", ""]
+def _markdown(run_dir: Path, training: list[str], evaluation: list[str], empty: bool) -> str:
+    lines = [f"# Report: `{run_dir}`", "", *training, *evaluation]
+    if empty:
+        lines.append("Nothing to report yet: no metrics.jsonl and no eval.json.")
+    return "\n".join(lines) + "\n"
+
+
+def _markdown_training(rows: list[dict], images: dict[str, Path]) -> list[str]:
+    lines = []
     train = [r for r in rows if "loss" in r]
     if train:
         last = train[-1]
@@ -226,6 +234,11 @@ def _markdown(run_dir: Path, rows: list[dict], ev: dict, images: dict[str, Path]
     for key, title in (("loss", "Loss"), ("validation", "Validation retrieval")):
         if key in images:
             lines += [f"## {title}", "", f"![{key}]({images[key].name})", ""]
+    return lines
+
+
+def _markdown_eval(ev: dict, images: dict[str, Path]) -> list[str]:
+    lines = []
     dirs = (ev.get("retrieval") or {}).get("directions") or {}
     if dirs:
         lines += [
@@ -279,30 +292,50 @@ def _markdown(run_dir: Path, rows: list[dict], ev: dict, images: dict[str, Path]
             lines += [f"![fold]({images['fold'].name})", ""]
     elif fold.get("skipped"):
         lines += [f"Fold classification skipped: {fold['skipped']}", ""]
-    if not (train or ev):
-        lines.append("Nothing to report yet: no metrics.jsonl and no eval.json.")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
-    """Write the plots and ``README.md``; returns the report directory."""
+    """Write the plots and ``README.md``; returns the report directory.
+
+    Raises:
+        ValueError: ``metrics.jsonl`` or ``eval.json`` is damaged or of another shape (names the file).
+        OSError: the report directory cannot be written.
+    """
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir else run_dir / "report"
+    metrics_path, ev_path = run_dir / "metrics.jsonl", run_dir / "eval.json"
+    rows = read_run_metrics(metrics_path)  # both read and checked before anything is written
+    ev = read_run_eval(ev_path)
     out.mkdir(parents=True, exist_ok=True)
-    rows = read_metrics(run_dir / "metrics.jsonl")
-    ev_path = run_dir / "eval.json"
-    ev = json.loads(ev_path.read_text()) if ev_path.is_file() else {}
-    plots = {
-        "loss": plot_loss(rows, out),
-        "validation": plot_validation(rows, out),
-        "recall": plot_recall(ev, out),
-        "function_fmax": plot_function_fmax(ev, out),
-        "function_pr": plot_function_pr(ev, out),
-        "fold": plot_fold(ev, out),
-    }
+    with _blame(metrics_path):
+        plots = {"loss": plot_loss(rows, out), "validation": plot_validation(rows, out)}
+    with _blame(ev_path):
+        plots |= {
+            "recall": plot_recall(ev, out),
+            "function_fmax": plot_function_fmax(ev, out),
+            "function_pr": plot_function_pr(ev, out),
+            "fold": plot_fold(ev, out),
+        }
     images = {k: v for k, v in plots.items() if v is not None}
-    (out / "README.md").write_text(_markdown(run_dir, rows, ev, images))
+    with _blame(metrics_path):
+        training = _markdown_training(rows, images)
+    with _blame(ev_path):
+        evaluation = _markdown_eval(ev, images)
+    empty = not (any("loss" in r for r in rows) or ev)
+    (out / "README.md").write_text(_markdown(run_dir, training, evaluation, empty))
     return out
+
+
+@contextlib.contextmanager
+def _blame(path: Path):
+    """Content of an unexpected shape in ``path`` (a key missing, a string where a number belongs, lists
+    of unequal length) becomes one ValueError naming the file, not a traceback from deep in the plots."""
+    try:
+        yield
+    except RUN_FILE_ERRORS as e:
+        plt.close("all")
+        raise ValueError(f"{path}: unexpected content ({type(e).__name__}: {e})") from None
 
 
 def main(argv=None) -> int:
@@ -315,7 +348,11 @@ def main(argv=None) -> int:
     if not Path(args.run_dir).is_dir():
         print(f"align-pro report: error: no run directory {args.run_dir}", file=sys.stderr)
         return 2
-    out = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
+    try:
+        out = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
+    except (OSError, ValueError) as e:  # a damaged metrics.jsonl / eval.json, an --out that is a file
+        print(f"align-pro report: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     print(json.dumps({"report": str(out), "files": sorted(p.name for p in out.iterdir())}))
     return 0
 

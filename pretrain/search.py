@@ -75,18 +75,42 @@ class SearchIndex:
 
     @classmethod
     def load(cls, index_dir: str | Path, modality: str, **kwargs) -> SearchIndex:
-        """Open ``<index_dir>/<modality>.npy`` memory-mapped, with ids and presence from the index."""
+        """Open ``<index_dir>/<modality>.npy`` memory-mapped, with ids and presence from the index.
+
+        Raises:
+            FileNotFoundError: the directory, the ``.npy`` or ``ids.json`` is missing.
+            ValueError: a file of the index is damaged or they disagree; the message names the file.
+        """
         d = Path(index_dir)
+        if not d.is_dir():
+            raise FileNotFoundError(
+                f"index directory {d} does not exist (write it with pretrain.eval.export_embeddings)"
+            )
         path = d / f"{modality}.npy"
         if not path.is_file():
             raise FileNotFoundError(f"no {modality} embeddings in {d} (expected {path.name})")
-        emb = np.load(path, mmap_mode="r", allow_pickle=False)
-        ids = json.loads((d / "ids.json").read_text())
+        try:
+            emb = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:  # truncated, another format, a pickle
+            raise ValueError(f"{path}: not a readable .npy embedding matrix ({e})") from None
+        if emb.ndim != 2:
+            raise ValueError(f"{path}: expected an (N, E) matrix, got shape {emb.shape}")
+        ids_path = d / "ids.json"
+        if not ids_path.is_file():
+            raise FileNotFoundError(f"no ids.json in {d}")
+        try:
+            ids = json.loads(ids_path.read_text())
+        except ValueError as e:  # not JSON, not UTF-8
+            raise ValueError(f"{ids_path}: not valid JSON ({e})") from None
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise ValueError(f"{ids_path}: expected a JSON list of protein id strings")
+        if len(ids) != emb.shape[0]:
+            raise ValueError(f"{ids_path} lists {len(ids)} ids but {path} has {emb.shape[0]} rows")
         valid = None
         if (d / "index.parquet").is_file():
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(d / "index.parquet")
+            table = _read_parquet(d / "index.parquet")
+            if table.num_rows != len(ids):
+                raise ValueError(f"{d / 'index.parquet'} has {table.num_rows} rows but {ids_path} lists {len(ids)} ids")
             if f"present_{modality}" in table.column_names:
                 valid = table.column(f"present_{modality}").to_numpy(zero_copy_only=False)
         return cls(emb, ids, valid, **kwargs)
@@ -165,13 +189,22 @@ def _top(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.n
     return np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
 
 
+def _read_parquet(path: Path):
+    """``index.parquet`` as a pyarrow table; ValueError naming the file when it is not one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:  # truncated, not parquet
+        raise ValueError(f"{path}: not a readable parquet table ({' '.join(str(e).split())})") from None
+
+
 def _texts(index_dir: Path) -> list[str] | None:
     path = index_dir / "index.parquet"
     if not path.is_file():
         return None
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path)
+    table = _read_parquet(path)
     return table.column("text").to_pylist() if "text" in table.column_names else None
 
 
@@ -192,8 +225,8 @@ def search_text(
     from pretrain.engine.export import load_exported
     from pretrain.eval.embed import embed_texts, resolve_device
 
+    index = SearchIndex.load(index_dir, target, backend=backend)  # before the model: a wrong --index fails fast
     model, cfg = load_exported(export_dir, device=resolve_device("auto"))
-    index = SearchIndex.load(index_dir, target, backend=backend)
     q = embed_texts(model, cfg, [query])
     scores, rows = index.search(q, k)
     return {
@@ -223,6 +256,17 @@ def search_protein(protein_id: str, index_dir: Path, source: str, text_index_dir
     }
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse names the option and exits 2 otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m pretrain.search", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -238,7 +282,7 @@ def main(argv=None) -> int:
     )
     p.add_argument("--source", choices=("sequence", "structure"), default="sequence", help="protein query embedding")
     p.add_argument("--text-index", help="text embeddings searched by --protein-id (default: --index)")
-    p.add_argument("-k", type=int, default=10)
+    p.add_argument("-k", type=_positive_int, default=10, help="results per query (>= 1)")
     p.add_argument("--backend", choices=("auto", "exact", "faiss"), default="auto")
     args = p.parse_args(argv)
     index_dir = Path(args.index)
@@ -254,8 +298,8 @@ def main(argv=None) -> int:
             result = search_protein(
                 args.protein_id, index_dir, args.source, Path(args.text_index or index_dir), args.k, args.backend
             )
-    except (FileNotFoundError, ValueError) as e:
-        print(f"align-pro search: error: {e}", file=sys.stderr)
+    except (OSError, ValueError) as e:  # FileNotFoundError, ConfigError, ExportError (a damaged --model), ...
+        print(f"align-pro search: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2))
     return 0

@@ -6,6 +6,7 @@ A section module of the config layer: it imports nothing above ``pretrain.models
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from pretrain.errors import ConfigError
@@ -42,16 +43,22 @@ class DataConfig:
             raise ConfigError(f"data.batch_size={d.batch_size}: contrastive training needs at least 2 per rank")
         if d.loader not in ("ray", "local"):
             raise ConfigError(f"data.loader={d.loader!r}: expected 'ray' or 'local'")
-        if d.readers_per_rank < 1 or d.prefetch_batches < 1:
-            raise ConfigError("data.readers_per_rank and data.prefetch_batches must be >= 1")
+        for name in ("readers_per_rank", "prefetch_batches"):
+            if getattr(d, name) < 1:
+                raise ConfigError(f"data.{name}={getattr(d, name)}: must be >= 1")
         if d.reader_resource is not None and not d.reader_resource.strip():
             raise ConfigError("data.reader_resource: expected a Ray resource name or null")
-        if not 0.0 <= d.max_bad_sample_ratio <= 1.0:
-            raise ConfigError(f"data.max_bad_sample_ratio={d.max_bad_sample_ratio}: expected a value in [0, 1]")
-        for name in ("text_rewrite_prob", "text_definition_prob", "seq_mask_prob", "residue_drop_prob"):
+        # 0 is meaningful: the bad-sample ratio is then taken from the first sample on.
+        if d.bad_ratio_min_samples < 0:
+            raise ConfigError(f"data.bad_ratio_min_samples={d.bad_ratio_min_samples}: must be >= 0")
+        # not (0 <= x <= 1) rather than (x < 0 or x > 1): nan fails it too (a section built in code).
+        probabilities = ("max_bad_sample_ratio", "text_rewrite_prob", "text_definition_prob", "seq_mask_prob")
+        for name in (*probabilities, "residue_drop_prob"):
             if not 0.0 <= getattr(d, name) <= 1.0:
                 raise ConfigError(f"data.{name}={getattr(d, name)}: expected a value in [0, 1]")
         if d.min_plddt is not None and not 0.0 <= d.min_plddt <= 100.0:
             raise ConfigError(f"data.min_plddt={d.min_plddt}: expected a pLDDT in [0, 100] or null")
-        if d.coord_noise < 0 or d.ray_timeout_s <= 0:
-            raise ConfigError("data.coord_noise must be >= 0 and data.ray_timeout_s > 0")
+        if not (math.isfinite(d.coord_noise) and d.coord_noise >= 0):
+            raise ConfigError(f"data.coord_noise={d.coord_noise}: must be a finite number >= 0 (angstrom)")
+        if not (math.isfinite(d.ray_timeout_s) and d.ray_timeout_s > 0):
+            raise ConfigError(f"data.ray_timeout_s={d.ray_timeout_s}: must be a finite number of seconds > 0")

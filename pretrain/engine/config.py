@@ -75,6 +75,8 @@ class TrainConfig:
     def validate(self) -> None:
         """Checks of the section's values; raises ConfigError naming the field."""
         t = self
+        if not 0 <= t.seed < 2**32:  # numpy's seeding refuses anything else
+            raise ConfigError(f"train.seed={t.seed}: expected an integer in [0, 2**32)")
         if t.max_steps < 1:
             raise ConfigError(f"train.max_steps={t.max_steps}: must be >= 1")
         if not 0 <= t.stage1_steps <= t.max_steps:
@@ -89,11 +91,17 @@ class TrainConfig:
             raise ConfigError(f"train.precision={t.precision!r}: expected 'auto', 'bf16' or 'fp32'")
         if t.validate_every < 0:
             raise ConfigError(f"train.validate_every={t.validate_every}: must be >= 0 (0 turns validation off)")
-        if t.log_every < 1 or t.checkpoint_every < 1 or t.keep_checkpoints < 1:
-            raise ConfigError("train.log_every, train.checkpoint_every and train.keep_checkpoints must be >= 1")
+        at_least_one = (
+            "log_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "max_nonfinite_steps",
+            "max_failed_checkpoints",
+        )
+        for name in at_least_one:
+            if getattr(t, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(t, name)}: must be >= 1")
         if t.remote_dir is not None and (not t.remote_dir.strip() or t.remote_dir.startswith("pipe:")):
             raise ConfigError(
                 f"train.remote_dir={t.remote_dir!r}: expected a writable URL or path (pipe: is read-only)"
             )
-        if t.max_nonfinite_steps < 1 or t.max_failed_checkpoints < 1:
-            raise ConfigError("train.max_nonfinite_steps and train.max_failed_checkpoints must be >= 1")

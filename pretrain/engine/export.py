@@ -177,32 +177,85 @@ def _download_export(url: str, tmp: Path) -> Path:
     return tmp
 
 
+class ExportError(ValueError, RuntimeError):
+    """An export that cannot be loaded: damaged, incomplete or not matching its config; names the file.
+
+    A ValueError (bad input: the command-line tools report it in one line and exit 2) and a
+    RuntimeError (what a weights / config mismatch raised before this class existed).
+    """
+
+
+def _read_weights(weights: Path, device: str) -> dict[str, torch.Tensor]:
+    """``model.safetensors`` as a state dict; :class:`ExportError` naming the file when it is not one."""
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(weights), device=device)
+    except SafetensorError as e:  # truncated, empty, another format (a pickle, a text file)
+        raise ExportError(
+            f"{weights}: not a complete safetensors file ({e}); the export is damaged or was not fully "
+            "copied: export it again (python -m pretrain.export --run-dir RUN)"
+        ) from None
+
+
+def check_device(device: str) -> None:
+    """ValueError naming ``device`` when torch cannot place tensors there (a typo, CUDA absent)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a torch device: {e}") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (dev.index is not None and dev.index >= count):
+            raise ValueError(f"device {device!r}: {count} CUDA device(s) visible")
+
+
 def load_exported(export_dir: Path | str, device: str = "cpu") -> tuple[TriModalModel, Config]:
     """Rebuild the model from an export directory or URL (safetensors only: nothing is unpickled).
 
     Returns the model in eval mode and the run's config, whose text encoder points at the
     export's own tokenizer files (see the module docstring).
+
+    Raises:
+        FileNotFoundError: the directory, its ``model.safetensors`` or its ``config.yaml`` is missing.
+        ConfigError: ``config.yaml`` is not YAML or not a valid recipe (the message names the file).
+        ExportError: ``model.safetensors`` is not a complete safetensors file, or the model that
+            ``config.yaml`` describes cannot be built or does not match the weights.
+        ValueError: ``device`` is not usable here.
+        Each is an OSError or a ValueError: a tool reports it in one line.
     """
     from data_shards import storage
 
+    check_device(device)
     if storage.is_url(export_dir):
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="align-pro-export-") as tmp:
             return load_exported(_download_export(str(export_dir), Path(tmp)), device)
     export_dir = Path(export_dir)
+    if not export_dir.is_dir():
+        raise FileNotFoundError(f"export directory {export_dir} does not exist (or is not a directory)")
     weights = export_dir / MODEL_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"no {MODEL_FILE} in export directory {export_dir}")
+    if not (export_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"no config.yaml in export directory {export_dir} (it is written last: incomplete?)")
     cfg, _ = load_run_config(export_dir)
     cfg = _with_export_text(cfg, export_dir)
+    state = _read_weights(weights, device)  # before the model: a damaged file fails fast
     # Every weight comes from model.safetensors: the pretrained ESM-2 .pt / BERT weights the run
     # started from are not read again (relative paths, up to 30 GB for esm2_t48_15B).
-    model = build_model(cfg, load_pretrained=False)
-    state = load_file(str(weights), device=device)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        model = build_model(cfg, load_pretrained=False)
+    except (OSError, ValueError) as e:  # e.g. a text/ directory without a usable config.json
+        raise ExportError(f"{export_dir / 'config.yaml'}: cannot build the model it describes: {e}") from None
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # tensors of the wrong shape
+        detail = " ".join(str(e).split())[:500]
+        raise ExportError(f"{weights}: does not match the model in config.yaml: {detail}") from None
     if missing or unexpected:
-        raise RuntimeError(f"{weights}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+        raise ExportError(f"{weights}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
     return model.to(device).eval(), cfg
 
 

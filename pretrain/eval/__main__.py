@@ -31,8 +31,15 @@ from pathlib import Path
 
 import torch
 
-from pretrain.engine.export import load_exported
-from pretrain.eval.embed import Annotations, embed_shards, embed_texts, read_annotations, resolve_device
+from pretrain.engine.export import check_device, load_exported
+from pretrain.eval.embed import (
+    Annotations,
+    count_samples,
+    embed_shards,
+    embed_texts,
+    read_annotations,
+    resolve_device,
+)
 from pretrain.eval.function import FunctionSettings, evaluate_function
 from pretrain.eval.probes import ProbeConfig
 from pretrain.eval.retrieval import retrieval_metrics, text_groups
@@ -86,9 +93,23 @@ def evaluate_export(
     ``directions`` and ``summary`` that the trainer and ``pretrain.summary`` read.
     """
     tasks = parse_tasks(tasks)
+    label_tasks = tasks & set(LABEL_TASKS)
+    methods = tasks & {"zeroshot", "baseline"}
+    if label_tasks:
+        methods |= {"probe"}
+    elif methods:
+        label_tasks = {"go", "ec", "fold"} if "baseline" in methods else {"go", "ec"}
+    # Every input is read (or at least opened) before the model embeds anything: a wrong path fails in
+    # seconds, not after the held-out set was embedded.
+    ontology = _load_input("--go-obo", go_obo, _read_obo) if go_obo and "go" in label_tasks else None
+    names = _load_input("--ec-names", ec_names, _read_ec_names) if ec_names and "ec" in label_tasks else None
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model, cfg = load_exported(export_dir, device=resolve_device(device))
     shard_dir = shards or cfg.data.eval_shards
+    train_dir = train_shards or cfg.data.train_shards
+    count_samples(shard_dir)  # a missing or damaged manifest: ManifestError naming the directory
+    if label_tasks and methods & {"probe", "baseline"}:
+        count_samples(train_dir)
     bs = batch_size or cfg.eval.batch_size
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -101,14 +122,7 @@ def evaluate_export(
         result["retrieval"] = retrieval_metrics(emb, cfg.eval.ks, groups=text_groups(ann.texts))
         timing["retrieval_s"] = time.perf_counter() - t0
 
-    label_tasks = tasks & set(LABEL_TASKS)
-    methods = tasks & {"zeroshot", "baseline"}
     if label_tasks:
-        methods |= {"probe"}
-    elif methods:
-        label_tasks = {"go", "ec", "fold"} if "baseline" in methods else {"go", "ec"}
-    if label_tasks:
-        train_dir = train_shards or cfg.data.train_shards
         t0 = time.perf_counter()
         if "probe" in methods:
             train = embed_shards(model, cfg, train_dir, bs, max_train_samples, progress=progress)
@@ -127,16 +141,6 @@ def evaluate_export(
                 shard_dir,
                 train_dir,
             )
-        ontology = None
-        if go_obo and "go" in label_tasks:
-            from data_shards.readers.obo import load_obo
-
-            ontology = load_obo(go_obo)
-        names = None
-        if ec_names and "ec" in label_tasks:
-            from pretrain.eval.zeroshot import load_ec_names
-
-            names = load_ec_names(ec_names)
         settings = FunctionSettings(
             methods=frozenset(methods),
             probe=ProbeConfig(kind=probe, steps=probe_steps, seed=cfg.train.seed),
@@ -168,6 +172,32 @@ def evaluate_export(
     return result
 
 
+def _read_obo(path: str):
+    from data_shards.readers.obo import load_obo
+
+    return load_obo(path)
+
+
+def _read_ec_names(path: str) -> dict[str, str]:
+    from pretrain.eval.zeroshot import load_ec_names
+
+    names = load_ec_names(path)
+    if not names:
+        raise ValueError("no EC_number rows with a name or hier1..3 columns (expected a tab-separated table)")
+    return names
+
+
+def _load_input(option: str, path: str, read):
+    """``read(path)``; a missing, unreadable or malformed file is a ValueError naming the option and file."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{option} {path}: no such file")
+    try:
+        return read(path)
+    except (OSError, ValueError) as e:  # UnicodeDecodeError included
+        text = str(e)
+        raise ValueError(text if str(path) in text else f"{option} {path}: {text}") from None
+
+
 def evaluate_run(run_dir: Path, shards: str | None = None, **kwargs) -> dict:
     """Evaluate ``RUN/export``, save probes under ``RUN/probes`` and write ``RUN/eval.json``."""
     run_dir = Path(run_dir)
@@ -177,6 +207,11 @@ def evaluate_run(run_dir: Path, shards: str | None = None, **kwargs) -> dict:
     return result
 
 
+def _one_line(error: BaseException) -> str:
+    """The error's message on one line (a YAML parser's message spans several)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def strip_curves(obj):
     """The result without the ``curve`` entries (for printing)."""
     if isinstance(obj, dict):
@@ -184,6 +219,17 @@ def strip_curves(obj):
     if isinstance(obj, list):
         return [strip_curves(v) for v in obj]
     return obj
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse names the option and exits 2 otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
 
 
 def main(argv=None) -> int:
@@ -199,12 +245,12 @@ def main(argv=None) -> int:
     p.add_argument("--go-obo", help="GO ontology (.obo / .obo.gz) used to propagate GO labels")
     p.add_argument("--ec-names", help="EC descriptions TSV (EC_number, name, hier1..3) for zero-shot prompts")
     p.add_argument("--probe", choices=("linear", "mlp"), default="linear")
-    p.add_argument("--probe-steps", type=int, default=300, help="full-batch optimizer steps per probe")
+    p.add_argument("--probe-steps", type=positive_int, default=300, help="full-batch optimizer steps per probe")
     p.add_argument("--fold-key", default="family", help="meta key of the fold / family class")
     p.add_argument("--baseline-metric", choices=("jaccard", "cosine"), default="jaccard")
-    p.add_argument("--max-samples", type=int, default=None, help="cap of held-out proteins")
-    p.add_argument("--max-train-samples", type=int, default=None, help="cap of training proteins")
-    p.add_argument("--batch-size", type=int, default=None, help="embedding batch (default: eval.batch_size)")
+    p.add_argument("--max-samples", type=positive_int, default=None, help="cap of held-out proteins")
+    p.add_argument("--max-train-samples", type=positive_int, default=None, help="cap of training proteins")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="embedding batch (default: eval.batch_size)")
     p.add_argument("--probes-dir", help="save probes here (default with --run-dir: RUN/probes)")
     p.add_argument("--out", help="also write the full JSON (with curves) to this file")
     p.add_argument("--curves", action="store_true", help="print the recall@k / precision-recall curves too")
@@ -230,17 +276,23 @@ def main(argv=None) -> int:
         kwargs["probes_dir"] = Path(args.probes_dir)
     try:
         parse_tasks(args.tasks)
+        check_device(resolve_device(args.device))
+        if args.out and Path(args.out).is_dir():
+            raise IsADirectoryError(f"--out {args.out} is a directory; expected a file name")
         if args.run_dir:
+            if not Path(args.run_dir).is_dir():
+                raise FileNotFoundError(f"run directory {args.run_dir} does not exist")
             if not (Path(args.run_dir) / "export").is_dir():
                 raise FileNotFoundError(f"no export in {args.run_dir}: train first (or the run did not finish)")
             result = evaluate_run(Path(args.run_dir), args.shards, **kwargs)
         else:
             result = evaluate_export(args.model, args.shards, **kwargs)  # a path or a URL
-    except (FileNotFoundError, ValueError) as e:
-        print(f"align-pro eval: error: {e}", file=sys.stderr)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=2))
+    except (OSError, ValueError) as e:  # FileNotFoundError, ConfigError, ExportError, ManifestError, ...
+        print(f"align-pro eval: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result if args.curves else strip_curves(result), indent=2))
     return 0
 

@@ -21,7 +21,11 @@ class EvalConfig:
     def validate(self) -> None:
         """Checks of the section's values; raises ConfigError naming the field."""
         e = self
-        if e.batch_size < 1 or e.validation_samples < 1 or (e.max_samples is not None and e.max_samples < 1):
-            raise ConfigError("eval.batch_size, eval.validation_samples and eval.max_samples (when set) must be >= 1")
+        for name in ("batch_size", "validation_samples", "max_samples"):
+            value = getattr(e, name)
+            if value is not None and value < 1:
+                raise ConfigError(
+                    f"eval.{name}={value}: must be >= 1" + (" (or null: all)" if name == "max_samples" else "")
+                )
         if not e.ks or any(k < 1 for k in e.ks):
             raise ConfigError(f"eval.ks={e.ks}: expected positive integers")

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import torch
 
 from data_shards.text_rules import canonical_text
-from pretrain.engine.export import load_exported
+from pretrain.engine.export import check_device, load_exported
 from pretrain.eval.embed import count_samples, iter_embedded_batches, resolve_device
 from pretrain.models.trimodal import MODALITIES
 
@@ -47,12 +47,14 @@ def export_embeddings(
     Returns the ``meta.json`` content.
     """
     modalities = tuple(modalities)
-    model, cfg = load_exported(export_dir, device=resolve_device(device))  # a path or a URL
-    bs = batch_size or cfg.eval.batch_size
-    n = count_samples(shard_dir, max_samples)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} exists and is not a directory")
+    n = count_samples(shard_dir, max_samples)  # before the model: a wrong --shards fails fast
     if n == 0:
         raise ValueError(f"shard set {shard_dir} holds no samples")
-    out = Path(out_dir)
+    model, cfg = load_exported(export_dir, device=resolve_device(device))  # a path or a URL
+    bs = batch_size or cfg.eval.batch_size
     out.mkdir(parents=True, exist_ok=True)
     dim = model.cfg.embed_dim
     arrays = {
@@ -95,6 +97,17 @@ def export_embeddings(
     return meta
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse names the option and exits 2 otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m pretrain.eval.export_embeddings",
@@ -105,14 +118,15 @@ def main(argv=None) -> int:
     p.add_argument("--shards", required=True, help="shard directory with manifest.json")
     p.add_argument("--modality", default="all", choices=(*MODALITIES, "all"))
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--max-samples", type=int, default=None)
+    p.add_argument("--batch-size", type=positive_int, default=None)
+    p.add_argument("--max-samples", type=positive_int, default=None)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--device", default="auto", help="torch device (auto: cuda if available)")
     args = p.parse_args(argv)
     modalities = MODALITIES if args.modality == "all" else (args.modality,)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
+        check_device(resolve_device(args.device))
         meta = export_embeddings(
             args.model,
             args.shards,
@@ -123,8 +137,8 @@ def main(argv=None) -> int:
             progress=not args.no_progress,
             device=args.device,
         )
-    except (FileNotFoundError, ValueError) as e:
-        print(f"align-pro export_embeddings: error: {e}", file=sys.stderr)
+    except (OSError, ValueError) as e:  # FileNotFoundError, ConfigError, ExportError, ManifestError, ...
+        print(f"align-pro export_embeddings: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print(json.dumps(meta, indent=2))
     return 0

@@ -7,6 +7,7 @@ is ``loss.objective``, a name registered in :mod:`pretrain.losses.objective`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from pretrain.errors import ConfigError
@@ -36,7 +37,10 @@ class LossConfig:
     def validate(self) -> None:
         """Checks shared by every objective; raises ConfigError naming the field.
 
-        The objective's own checks are :func:`pretrain.losses.objective.validate_loss`.
+        The ``protclip`` subsection's own values (ranges, choices) are checked whichever objective is
+        selected: a value out of range is wrong whether or not this run reads it. Checks that only
+        matter when an objective runs (at least one weight > 0, ...) are the objective's own
+        (:func:`pretrain.losses.registry.validate_loss`).
         """
         if self.backend not in BACKENDS:
             raise ConfigError(f"loss.backend={self.backend!r}: expected 'auto', 'torch' or 'triton'")
@@ -44,6 +48,8 @@ class LossConfig:
             raise ConfigError(f"loss.strategy={self.strategy!r}: expected 'allgather' or 'ring'")
         if self.false_negatives not in ("none", *GROUP_MODES):
             raise ConfigError(f"loss.false_negatives={self.false_negatives!r}: expected 'none', 'text' or 'go'")
-        weights = [self.alpha, self.beta, self.gamma, self.intra_seq, self.intra_struct, self.intra_text]
-        if any(w < 0 for w in weights):
-            raise ConfigError("loss weights must be >= 0 and at least one must be > 0")
+        for name in ("alpha", "beta", "gamma", "intra_seq", "intra_struct", "intra_text"):
+            w = getattr(self, name)
+            if not (math.isfinite(w) and w >= 0):
+                raise ConfigError(f"loss.{name}={w}: weights must be finite numbers >= 0")
+        self.protclip.validate("loss.protclip")

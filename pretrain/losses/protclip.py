@@ -21,6 +21,7 @@ equally), the usual data-parallel convention for MLM. Only GC uses cross-rank ne
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -60,30 +61,58 @@ class ProtCLIPLossConfig:
     shuffle_segments: bool = True  # random order of the text segments after the name (training)
     false_negatives: str = "none"  # GC deduplication by group: "none", "text" (same text) or "go" (same GO set)
 
+    def validate(self, where: str = "loss.protclip") -> None:
+        """Ranges and choices of each field; raises ConfigError (a ValueError) naming ``where.<field>``.
+
+        Checked whichever objective a run selects (:meth:`pretrain.losses.config.LossConfig.validate`);
+        :func:`validate_protclip_config` adds the checks that only matter when ProtCLIP trains.
+        """
+        for name in ("gc", "mlm", "bsr", "pda", "pda_vq", "pda_commitment"):
+            w = getattr(self, name)
+            if not (math.isfinite(w) and w >= 0):
+                raise ConfigError(f"{where}.{name}={w}: must be a finite number >= 0")
+        for name in ("pda_assign_temperature", "pda_pool_temperature", "pda_init_temperature"):
+            t = getattr(self, name)
+            if not (math.isfinite(t) and t > 0):
+                raise ConfigError(f"{where}.{name}={t}: must be a finite number > 0")
+        if not 0.0 < self.mlm_prob < 1.0:
+            raise ConfigError(f"{where}.mlm_prob={self.mlm_prob}: expected a value in (0, 1)")
+        if not 0.0 < self.bsr_ratio <= 1.0:
+            raise ConfigError(f"{where}.bsr_ratio={self.bsr_ratio}: expected a value in (0, 1]")
+        if not 0.0 <= self.bsr_dropout < 1.0:
+            raise ConfigError(f"{where}.bsr_dropout={self.bsr_dropout}: expected a value in [0, 1)")
+        sizes = (
+            "bsr_min_span",
+            "bsr_max_span",
+            "bsr_hidden",
+            "bsr_layers",
+            "bsr_heads",
+            "pda_proj_dim",
+            "pda_prototypes",
+        )
+        for name in sizes:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name}={getattr(self, name)}: must be >= 1")
+        if self.bsr_min_span > self.bsr_max_span:
+            raise ConfigError(
+                f"{where}.bsr_min_span={self.bsr_min_span} > {where}.bsr_max_span={self.bsr_max_span}: need min <= max"
+            )
+        if self.pda_quantize not in ("soft", "ste"):
+            raise ConfigError(f"{where}.pda_quantize={self.pda_quantize!r}: expected 'soft' or 'ste'")
+        if self.false_negatives not in ("none", *GROUP_MODES):
+            raise ConfigError(f"{where}.false_negatives={self.false_negatives!r}: expected 'none', 'text' or 'go'")
+
 
 def validate_protclip_config(cfg: ProtCLIPLossConfig) -> None:
-    """Cross-field checks; raises ValueError naming the field (wrap it in the caller's error type)."""
-    weights = {"gc": cfg.gc, "mlm": cfg.mlm, "bsr": cfg.bsr, "pda": cfg.pda, "pda_vq": cfg.pda_vq}
-    for name, w in weights.items():
-        if w < 0:
-            raise ValueError(f"{name}={w}: weights must be >= 0")
-    if not any(weights[k] > 0 for k in ("gc", "mlm", "bsr", "pda")):
+    """Field ranges (:meth:`ProtCLIPLossConfig.validate`), then the checks that matter when ProtCLIP trains.
+
+    Raises ValueError naming the field (wrap it in the caller's error type).
+    """
+    cfg.validate()
+    if not any(getattr(cfg, k) > 0 for k in ("gc", "mlm", "bsr", "pda")):
         raise ValueError("at least one of gc, mlm, bsr, pda must be > 0")
-    if not 0.0 < cfg.mlm_prob < 1.0:
-        raise ValueError(f"mlm_prob={cfg.mlm_prob}: expected a value in (0, 1)")
-    if not 1 <= cfg.bsr_min_span <= cfg.bsr_max_span:
-        raise ValueError(f"bsr_min_span={cfg.bsr_min_span}, bsr_max_span={cfg.bsr_max_span}: need 1 <= min <= max")
-    if not 0.0 < cfg.bsr_ratio <= 1.0:
-        raise ValueError(f"bsr_ratio={cfg.bsr_ratio}: expected a value in (0, 1]")
     if cfg.bsr_hidden % cfg.bsr_heads:
         raise ValueError(f"bsr_hidden={cfg.bsr_hidden} is not divisible by bsr_heads={cfg.bsr_heads}")
-    if cfg.pda_quantize not in ("soft", "ste"):
-        raise ValueError(f"pda_quantize={cfg.pda_quantize!r}: expected 'soft' or 'ste'")
-    for name in ("pda_assign_temperature", "pda_pool_temperature", "pda_init_temperature"):
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f"{name}={getattr(cfg, name)}: must be > 0")
-    if cfg.false_negatives not in ("none", *GROUP_MODES):
-        raise ValueError(f"false_negatives={cfg.false_negatives!r}: expected 'none', 'text' or 'go'")
 
 
 def masked_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:

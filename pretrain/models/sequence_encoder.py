@@ -21,6 +21,7 @@ import torch
 from esm.model.esm2 import ESM2
 from torch import Tensor, nn
 
+from pretrain.errors import ConfigError
 from pretrain.models.activation_checkpointing import is_layer_checkpointed, set_layer_checkpointing
 
 # name -> (num_layers, embed_dim, attention_heads), as published by fair-esm.
@@ -50,6 +51,24 @@ class SequenceEncoderConfig:
     token_dropout: bool = True  # ESM-2's rescaling of embeddings by the observed mask ratio
     max_length: int = 1022  # residues kept per sequence (cropped), excluding BOS / EOS
     weights: str | None = None  # local fair-esm .pt checkpoint or plain ESM2 state dict
+
+    def validate(self, where: str = "model.sequence") -> None:
+        """Checks of the subsection's values; raises ConfigError naming the field (``where`` + key)."""
+        try:
+            resolve_preset(self.preset)
+        except ValueError as e:
+            raise ConfigError(f"{where}.preset: {e}") from None
+        for name in ("num_layers", "embed_dim", "attention_heads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{where}.{name}={value}: must be >= 1 (or null for the preset's)")
+        if self.max_length < 1:
+            raise ConfigError(f"{where}.max_length={self.max_length}: must be >= 1")
+        _, dim, heads = resolve_preset(self.preset)
+        dim = self.embed_dim if self.embed_dim is not None else dim
+        heads = self.attention_heads if self.attention_heads is not None else heads
+        if dim % heads:
+            raise ConfigError(f"{where}.embed_dim={dim} is not divisible by {where}.attention_heads={heads}")
 
 
 def resolve_preset(name: str) -> tuple[int, int, int]:

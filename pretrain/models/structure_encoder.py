@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pretrain.errors import ConfigError
 from pretrain.models.activation_checkpointing import is_layer_checkpointed, set_layer_checkpointing
 from pretrain.models.graph_format import EDGE_V_DIM, NODE_S_DIM, NODE_V_DIM, edge_s_dim
 
@@ -39,6 +40,27 @@ class StructureEncoderConfig:
     num_positional: int = 16  # sinusoidal channels of sequence offsets (featuriser)
     drop_rate: float = 0.1  # dropout inside GVPConv layers (vector dropout drops whole channels)
     vector_gate: bool = True  # gate vector channels with learned scalar gates (Jing et al. 2021)
+
+    def validate(self, where: str = "model.structure") -> None:
+        """Checks of the subsection's values; raises ConfigError naming the field (``where`` + key).
+
+        Vector channels may be 0 (a GVP then carries scalars only); every other size must be >= 1.
+        """
+        for name in ("node_hidden", "edge_hidden"):
+            scalars, vectors = getattr(self, name)
+            if scalars < 1 or vectors < 0:
+                raise ConfigError(
+                    f"{where}.{name}={list(getattr(self, name))}: expected [scalar channels >= 1, vector channels >= 0]"
+                )
+        for name in ("num_layers", "k_neighbors", "num_rbf"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name}={getattr(self, name)}: must be >= 1")
+        if self.num_positional < 2 or self.num_positional % 2:
+            raise ConfigError(
+                f"{where}.num_positional={self.num_positional}: must be an even number >= 2 (cosine and sine pairs)"
+            )
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ConfigError(f"{where}.drop_rate={self.drop_rate}: expected a value in [0, 1)")
 
 
 def _norm_no_nan(x: Tensor, dim: int = -1, keepdim: bool = False, sqrt: bool = True) -> Tensor:

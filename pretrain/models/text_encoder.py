@@ -20,6 +20,8 @@ from torch import Tensor, nn
 from transformers import BertConfig, BertTokenizerFast
 from transformers.models.bert.tokenization_bert import load_vocab
 
+from pretrain.errors import ConfigError
+
 DEMO_VOCAB = Path(__file__).resolve().parent.parent / "assets" / "demo_vocab.txt"
 
 # Architectures by name; the vocabulary size of a non-pretrained model comes from its tokenizer.
@@ -64,6 +66,35 @@ class TextEncoderConfig:
     vocab_file: str | None = None  # WordPiece vocab for a fresh model (default: bundled demo vocab)
     pooling: str = "cls"  # "cls" (first token) or "mean" (over non-padding tokens)
     dropout: float = 0.1  # hidden and attention dropout (overrides a pretrained config's)
+
+    def validate(self, where: str = "model.text") -> None:
+        """Checks of the subsection's values that need no file; raises ConfigError naming the field."""
+        for name in _OVERRIDES:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{where}.{name}={value}: must be >= 1 (or null for the preset's)")
+        if self.max_length < 2:
+            raise ConfigError(f"{where}.max_length={self.max_length}: must be >= 2 ([CLS] and [SEP] included)")
+        if self.pooling not in ("cls", "mean"):
+            raise ConfigError(f"{where}.pooling={self.pooling!r}: expected 'cls' or 'mean'")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{where}.dropout={self.dropout}: expected a value in [0, 1)")
+        if self.pretrained_dir is not None and self.vocab_file is not None:
+            raise ConfigError(f"{where}: set either pretrained_dir or vocab_file, not both")
+        if self.pretrained_dir is not None:
+            return  # the architecture is the directory's config.json (checked when the encoder is built)
+        if self.preset not in TEXT_PRESETS:
+            raise ConfigError(f"{where}.preset={self.preset!r}: unknown; known: {sorted(TEXT_PRESETS)}")
+        arch = TEXT_PRESETS[self.preset]
+        hidden = self.hidden_size if self.hidden_size is not None else arch["hidden_size"]
+        heads = self.attention_heads if self.attention_heads is not None else arch["num_attention_heads"]
+        if hidden % heads:
+            raise ConfigError(f"{where}.hidden_size={hidden} is not divisible by {where}.attention_heads={heads}")
+        if self.max_length > arch["max_position_embeddings"]:
+            raise ConfigError(
+                f"{where}.max_length={self.max_length}: exceeds the preset's "
+                f"max_position_embeddings {arch['max_position_embeddings']}"
+            )
 
 
 def build_tokenizer(cfg: TextEncoderConfig) -> BertTokenizerFast:

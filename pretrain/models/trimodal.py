@@ -39,13 +39,22 @@ class ModelConfig:
     max_logit_scale: float = 100.0  # clamp of the learned logit scale (CLIP)
 
     def validate(self) -> None:
-        """Cross-field checks of the ``model`` section; raises ConfigError naming the field."""
-        if not 0.0 <= self.head_dropout < 1.0:
-            raise ConfigError(f"model.head_dropout={self.head_dropout}: expected a value in [0, 1)")
-        if self.init_temperature <= 0 or self.max_logit_scale <= 0:
-            raise ConfigError("model.init_temperature and model.max_logit_scale must be > 0")
+        """Checks of the ``model`` section and its encoder subsections; raises ConfigError naming the field."""
+        self.sequence.validate("model.sequence")
+        self.structure.validate("model.structure")
+        self.text.validate("model.text")
         if self.embed_dim < 1:
             raise ConfigError(f"model.embed_dim={self.embed_dim}: must be >= 1")
+        if self.head_hidden_dim is not None and self.head_hidden_dim < 1:
+            raise ConfigError(
+                f"model.head_hidden_dim={self.head_hidden_dim}: must be >= 1 (or null: the encoder width)"
+            )
+        if not 0.0 <= self.head_dropout < 1.0:
+            raise ConfigError(f"model.head_dropout={self.head_dropout}: expected a value in [0, 1)")
+        # isfinite too: the loader refuses nan / inf, but a section may be built in code.
+        for name in ("init_temperature", "max_logit_scale"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ConfigError(f"model.{name}={getattr(self, name)}: must be a finite number > 0")
 
 
 class TriModalModel(nn.Module):

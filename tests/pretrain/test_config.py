@@ -157,3 +157,152 @@ def test_a_damaged_run_config_is_a_config_error(tmp_path, text):
     (tmp_path / "config.yaml").write_text(text)
     with pytest.raises(ConfigError, match="config.yaml"):
         load_run_config(tmp_path)
+
+
+# --------------------------------------------------------------------------- every numeric field, swept
+# The sweep walks the dataclasses, so a field added later is covered without editing this test.
+
+# Integer fields for which 0 is a meaningful value (each says why); a negative value is an error for
+# every integer field (train.seed included: numpy's seeding refuses negative seeds).
+ZERO_IS_VALID = {
+    "optim.warmup_steps",  # no warm-up
+    "train.stage1_steps",  # no stage 1 (encoders train from the first step)
+    "train.seed",  # any seed in [0, 2**32)
+    "train.validate_every",  # validation off
+    "train.grad_cache_chunk",  # the plain one-pass step
+    "data.bad_ratio_min_samples",  # the bad-sample ratio is taken from the first sample on
+    "model.structure.node_hidden[1]",  # no vector channels: a GVP then carries scalars only
+    "model.structure.edge_hidden[1]",
+}
+# Float fields for which a negative value is meaningful: none today (every float is a rate, a weight, a
+# probability, a temperature, a size in angstrom or seconds, or a pLDDT in [0, 100]).
+NEGATIVE_IS_VALID: set[str] = set()
+
+
+def _yaml(value) -> str:
+    import math
+
+    if isinstance(value, float) and math.isnan(value):
+        return ".nan"
+    if isinstance(value, float) and math.isinf(value):
+        return ".inf" if value > 0 else "-.inf"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_yaml(v) for v in value) + "]"
+    return str(value)
+
+
+def _numeric_fields(cls, prefix: str = "", default=None):
+    """(dotted name, element index or None, scalar type, default value) of every int / float field, recursively."""
+    import dataclasses
+    import types
+    import typing
+
+    default = cls() if default is None else default
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}.{f.name}" if prefix else f.name
+        tp = hints[f.name]
+        value = getattr(default, f.name)
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        if dataclasses.is_dataclass(tp):
+            yield from _numeric_fields(tp, name, value)
+        elif tp in (int, float):
+            yield name, None, tp, value
+        elif typing.get_origin(tp) in (list, tuple):
+            (item, *_) = typing.get_args(tp)
+            if item in (int, float):
+                for i in range(len(value)):  # each element of the default (betas, ks, node_hidden, ...)
+                    yield name, i, item, value
+
+
+def _bad_numeric_overrides():
+    cases = []
+    for name, index, tp, default in _numeric_fields(Config):
+        label = name if index is None else f"{name}[{index}]"
+        bad = [float("nan"), float("inf"), float("-inf")] if tp is float else []
+        if tp is float and label not in NEGATIVE_IS_VALID:
+            bad.append(-1.5)
+        if tp is int:
+            bad.append(-1)
+            if label not in ZERO_IS_VALID:
+                bad.append(0)
+        for value in bad:
+            if index is not None:
+                value = [value if i == index else v for i, v in enumerate(default)]
+            cases.append(pytest.param(name, f"{name}={_yaml(value)}", id=f"{label}={_yaml(value)}"))
+    return cases
+
+
+BAD_NUMERIC = _bad_numeric_overrides()
+
+
+def test_the_sweep_sees_every_section():
+    names = {case.values[0] for case in BAD_NUMERIC}
+    for section in (
+        "model.sequence.",
+        "model.structure.",
+        "model.text.",
+        "data.",
+        "loss.protclip.",
+        "optim.",
+        "train.",
+    ):
+        assert any(n.startswith(section) for n in names), section
+    assert {"eval.ks", "optim.betas", "model.embed_dim", "loss.alpha"} <= names and len(names) > 60
+
+
+@pytest.mark.parametrize("name, override", BAD_NUMERIC)
+def test_every_numeric_field_refuses_non_finite_and_out_of_range_values(name, override):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[override])
+    assert name in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "data.text_rewrite_prob=1.5",
+        "data.max_bad_sample_ratio=2",
+        "data.min_plddt=101",
+        "model.structure.drop_rate=1",
+        "model.text.dropout=1.0",
+        "model.text.max_length=1",
+        "model.text.max_length=1000",  # beyond the preset's 512 positions
+        "model.text.pooling=max",
+        "model.text.preset=nope",
+        "model.sequence.preset=esm3",
+        "model.sequence.attention_heads=7",  # the preset's 320 wide is not divisible by 7
+        "model.structure.num_positional=7",  # cosine + sine pairs
+        "loss.protclip.bsr_dropout=1",
+        "loss.protclip.mlm_prob=1",
+        "loss.protclip.bsr_heads=0",  # was a ZeroDivisionError
+        "optim.betas=[0.9, 1.0]",
+        "optim.min_lr_ratio=1.5",
+        "train.seed=4294967296",
+        "eval.ks=[1, 0]",
+    ],
+)
+def test_more_out_of_range_values_name_the_field(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
+        load_config(overrides=[override])
+
+
+def test_non_finite_values_in_a_recipe_file_and_in_a_run_config(tmp_path):
+    (tmp_path / "r.yaml").write_text("optim:\n  lr: .nan\n")
+    with pytest.raises(ConfigError, match=r"optim\.lr=nan"):
+        load_config(tmp_path / "r.yaml")
+    (tmp_path / "big.yaml").write_text("loss:\n  alpha: 1" + "0" * 400 + "\n")  # an int beyond any float
+    with pytest.raises(ConfigError, match=r"loss\.alpha=inf"):
+        load_config(tmp_path / "big.yaml")
+    (tmp_path / "config.yaml").write_text("data:\n  coord_noise: .inf\n")
+    with pytest.raises(ConfigError, match=r"config\.yaml: data\.coord_noise=inf"):
+        load_run_config(tmp_path)
+
+
+def test_edge_values_that_stay_valid():
+    overrides = [f"{name}=0" for name in sorted(ZERO_IS_VALID) if "[" not in name]
+    overrides += ["model.structure.node_hidden=[16, 0]", "model.structure.edge_hidden=[8, 0]"]
+    overrides += ["data.min_plddt=0", "data.residue_drop_prob=1", "train.seed=4294967295", "loss.protclip.bsr_ratio=1"]
+    cfg = load_config(overrides=overrides)
+    assert cfg.train.seed == 2**32 - 1 and cfg.model.structure.node_hidden == (16, 0)

@@ -152,8 +152,11 @@ def test_offline_conversion_is_reused_by_the_elastic_resume(tmp_path, capsys):
     after = (universal / checkpoint_universal.UNIVERSAL_COMPLETE).stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # reused, not redone
     # Errors are one JSON line and exit 2: no checkpoint, a tag that is not complete.
+    (tmp_path / "empty").mkdir()
     assert convert([str(tmp_path / "empty")]) == 2
     assert "no complete checkpoint" in json.loads(capsys.readouterr().out)["error"]
+    assert convert([str(tmp_path / "absent")]) == 2
+    assert "does not exist" in json.loads(capsys.readouterr().out)["error"]
     assert convert([str(run), "--tag", "step00000003"]) == 2
     assert "not a complete checkpoint" in json.loads(capsys.readouterr().out)["error"]
 
