@@ -1,6 +1,7 @@
-"""``python -m pretrain.export --run-dir RUN``: consolidate a run's checkpoint into ``RUN/export``.
+"""``python -m pretrain.export --run-dir RUN [--format hf]``: consolidate a run's checkpoint into ``RUN/export``.
 
-The command only; the export itself is :mod:`pretrain.engine.export`.
+The command only; the export itself is :mod:`pretrain.engine.export`. ``--format hf`` also writes
+the Hugging Face directories and model card beside it (:mod:`pretrain.hf_export`, ``RUN/export_hf``).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from pretrain.config import load_run_config
 from pretrain.engine.export import export_checkpoint
 
 
@@ -19,13 +21,36 @@ def main(argv=None) -> int:
     p.add_argument("--run-dir", required=True)
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the latest complete one)")
     p.add_argument("--out", default=None, help="output directory (default: RUN/export)")
+    p.add_argument(
+        "--format",
+        choices=("safetensors", "hf"),
+        default="safetensors",
+        help="hf: also write transformers EsmModel / BertModel directories, the structure encoder and a "
+        "model card to RUN/export_hf (python -m pretrain.hf_export)",
+    )
     args = p.parse_args(argv)
+    run_dir = Path(args.run_dir)
     try:
-        out = export_checkpoint(Path(args.run_dir), args.tag, args.out)
-    except (FileNotFoundError, RuntimeError, ValueError) as e:
-        print(f"align-pro export: error: {e}", file=sys.stderr)
+        # The cheap checks first: a wrong argument or a damaged config.yaml is named before DeepSpeed
+        # reads gigabytes of partitions.
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"run directory {run_dir} does not exist")
+        if args.tag is not None and (not args.tag or args.tag != Path(args.tag).name or args.tag.startswith(".")):
+            raise ValueError(f"--tag {args.tag!r}: expected the name of a directory in {run_dir / 'checkpoints'}")
+        if args.tag is not None and not (run_dir / "checkpoints" / args.tag).is_dir():
+            raise FileNotFoundError(f"--tag {args.tag}: no checkpoint {run_dir / 'checkpoints' / args.tag}")
+        if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+            raise NotADirectoryError(f"--out {args.out} exists and is not a directory")
+        load_run_config(run_dir)  # ConfigError naming RUN/config.yaml: the export carries it
+        out = export_checkpoint(run_dir, args.tag, args.out)
+        print(f"exported {out}")
+        if args.format == "hf":
+            from pretrain.hf_export import export_hf
+
+            print(f"exported {export_hf(out, run_dir=run_dir)}")
+    except (OSError, RuntimeError, ValueError) as e:
+        print(f"align-pro export: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    print(f"exported {out}")
     return 0
 
 
