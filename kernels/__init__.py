@@ -9,6 +9,8 @@ Public API:
 - :func:`rank_symmetric_infonce`: that share given the gathered keys (backend dispatch; fused on Triton).
 - :func:`check_equal_rows`: the equal-local-batch check that loss runs (once per step is enough).
 - :func:`grouped_symmetric_infonce`: the gathered loss with same-group rows deduplicated (false negatives).
+- :func:`sigmoid_loss`: the SigLIP pairwise sigmoid loss with a learned bias (backend dispatch).
+- :func:`gathered_sigmoid_loss`: this rank's share of the sigmoid loss over all ranks' rows.
 
 Files, one job each, in layers: every file imports only files listed above it (no cycle, lazy imports
 included), and nothing outside torch, Triton and the standard library.
@@ -25,15 +27,23 @@ included), and nothing outside torch, Triton and the standard library.
 - ``ring.py``: ring strategy, key blocks passed rank to rank (O(b·d) memory).
 - ``distributed.py``: ``gathered_symmetric_infonce``, choosing the all-gather (here) or the ring.
 - ``grouped.py``: ``grouped_symmetric_infonce``, false negatives deduplicated (one class per group).
+- ``sigmoid_reference.py``: SigLIP sigmoid loss in pure torch, chunked over keys, and a float64 oracle.
+- ``sigmoid_triton.py``: op, the fused sigmoid loss in Triton (its kernels, launchers, autograd, wrapper).
+- ``sigmoid.py``: ``sigmoid_loss``, backend dispatch of the sigmoid loss (Triton lazily, like ``functional.py``).
+- ``sigmoid_ring.py``: ring strategy of the sigmoid loss, key blocks passed rank to rank (O(b·d) memory).
+- ``sigmoid_distributed.py``: ``gathered_sigmoid_loss``, choosing the all-gather (here) or the ring.
 
-Outside themselves, the Triton files (``triton_launch.py`` to ``gathered_infonce_triton.py``) are imported
-only by ``functional.py`` and ``ring.py``, lazily, so this package imports without Triton or a GPU.
+Outside themselves, the Triton files (``triton_launch.py`` to ``gathered_infonce_triton.py``, and
+``sigmoid_triton.py``) are imported only by ``functional.py``, ``ring.py`` and ``sigmoid.py``, lazily, so
+this package imports without Triton or a GPU.
 """
 
 from kernels.distributed import gathered_symmetric_infonce
 from kernels.functional import infonce, rank_symmetric_infonce, symmetric_infonce
 from kernels.gather import check_equal_rows, gather_with_grad
 from kernels.grouped import grouped_symmetric_infonce
+from kernels.sigmoid import sigmoid_loss
+from kernels.sigmoid_distributed import gathered_sigmoid_loss
 
 __all__ = [
     "infonce",
@@ -43,4 +53,6 @@ __all__ = [
     "rank_symmetric_infonce",
     "check_equal_rows",
     "grouped_symmetric_infonce",
+    "sigmoid_loss",
+    "gathered_sigmoid_loss",
 ]
