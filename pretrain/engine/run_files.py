@@ -1,14 +1,19 @@
-"""Small files of a run directory the trainer keeps: ``best.json``, JSONL truncation on resume, test aids."""
+"""Small files of a run directory the trainer keeps: ``best.json``, bad-sample lists, JSONL truncation on
+resume, test aids."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 from pathlib import Path
 
 from data_shards.storage import write_text
+from pretrain.data.stream import UNREADABLE_SHARD
 from pretrain.engine.logging_backends import iter_jsonl
+
+log = logging.getLogger(__name__)
 
 FAULT_ENV = "ALIGN_PRO_KILL_AT_STEP"
 # TESTING / DEBUGGING AID: when set, every rank appends the protein ids of each batch it consumes,
@@ -52,3 +57,25 @@ def truncate_jsonl(path: Path, step: int) -> None:
         return
     kept = [line for line, row in iter_jsonl(path) if row.get("step", 0) <= step]  # a line cut by a crash goes
     write_text(path, "".join(line + "\n" for line in kept))
+
+
+def append_bad_samples(path: Path, step: int, bad: list[dict], unreadable_seen: set[str]) -> None:
+    """Log skipped samples and append them to ``path`` (``RUN/bad_samples/rank_<r>.jsonl``) with ``step``.
+
+    Each ``bad`` entry holds ``shard``, ``key`` and ``reason``; the samples of a whole unreadable
+    shard are listed but the shard is logged once (``unreadable_seen`` remembers it). A line that
+    cannot be written (a full disk) is logged, never raised: the samples are still counted in
+    ``metrics.jsonl``.
+    """
+    for b in bad:
+        if b["reason"] != UNREADABLE_SHARD:
+            log.warning("skipped bad sample: shard %s key %s: %s", b["shard"], b["key"], b["reason"])
+        elif b["shard"] not in unreadable_seen:
+            unreadable_seen.add(b["shard"])
+            log.error("unreadable shard skipped: %s (all its samples are counted as bad)", b["shard"])
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write("".join(json.dumps({"step": step, **b}) + "\n" for b in bad))
+    except OSError as e:
+        log.error("cannot write %s (%s): %d bad-sample line(s) not listed there", path, e, len(bad))

@@ -8,7 +8,6 @@ objective, in the one-pass step here and in the two-pass step (:mod:`pretrain.en
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import os
@@ -27,7 +26,6 @@ from pretrain.config import Config
 from pretrain.data.collate import batch_to_device
 from pretrain.data.stream import (
     SHARD_SET_KEY,
-    UNREADABLE_SHARD,
     Cursor,
     check_resumable_plan,
     local_stream,
@@ -41,7 +39,7 @@ from pretrain.engine.collectives import all_reduce_numbers
 from pretrain.engine.export import export_engine
 from pretrain.engine.logging_backends import MetricsLogger
 from pretrain.engine.precision import embeddings_to_fp32, forward_autocast, resolve_precision
-from pretrain.engine.run_files import RECORD_ENV, maybe_inject_fault, truncate_jsonl, update_best
+from pretrain.engine.run_files import RECORD_ENV, append_bad_samples, maybe_inject_fault, truncate_jsonl, update_best
 from pretrain.engine.schedule import (
     apply_freezing,
     frozen_encoders,
@@ -49,7 +47,7 @@ from pretrain.engine.schedule import (
     seed_everything,
     set_group_lrs,
 )
-from pretrain.engine.two_pass import embed_no_grad, two_pass_step
+from pretrain.engine.two_pass import two_pass_step, weights_give_finite_loss
 from pretrain.errors import RunStopped
 from pretrain.losses.objective import detach_terms
 from pretrain.losses.registry import build_objective
@@ -342,25 +340,10 @@ class Trainer:
         return last
 
     def _state_is_finite(self, batch: dict) -> bool:
-        """Whether the weights after this step give a finite loss on this step's batch (collective).
-
-        A checkpoint is written only from such a state. The step's own loss was computed before its
-        update, so it cannot tell whether the update broke the weights (a learning rate that
-        overflows them leaves finite but useless weights, and every later loss NaN); one forward
-        pass of the new weights, without gradients and with the random generators restored
-        afterwards (the data and dropout streams stay those of a run that never checks), can.
-        """
-        rng = checkpoint.rng_state()
-        try:
-            with torch.no_grad():
-                batch = batch_to_device(batch, self.device)
-                dtype = resolve_precision(self.cfg.train.precision, self.device)
-                emb = embed_no_grad(self.engine, batch, self.cfg.train.grad_cache_chunk, dtype)
-                loss = self.objective(emb, batch)["loss"]
-                bad = int(not bool(torch.isfinite(loss).all()))
-        finally:
-            checkpoint.set_rng_state(rng)
-        return self._sum_over_ranks([bad])[0] == 0
+        """Whether the weights after this step give a finite loss on every rank (collective); a
+        checkpoint is written only from such a state (:func:`weights_give_finite_loss`)."""
+        ok = weights_give_finite_loss(self.engine, self.objective, batch, self.device, self.cfg.train)
+        return self._sum_over_ranks([int(not ok)])[0] == 0
 
     def _refuse_nonfinite_save(self, final: bool) -> None:
         """A checkpoint was due but the weights give a non-finite loss: write none (retention would
@@ -433,23 +416,11 @@ class Trainer:
         )
 
     def _record_bad_samples(self, bad: list[dict]) -> None:
-        """Append each skipped sample to ``RUN/bad_samples/rank_<r>.jsonl`` and log it; a whole
-        unreadable shard is logged once (its samples are still listed and counted)."""
-        if not bad:
-            return
-        for b in bad:
-            if b["reason"] != UNREADABLE_SHARD:
-                log.warning("skipped bad sample: shard %s key %s: %s", b["shard"], b["key"], b["reason"])
-            elif b["shard"] not in self._unreadable_shards:
-                self._unreadable_shards.add(b["shard"])
-                log.error("unreadable shard skipped: %s (all its samples are counted as bad)", b["shard"])
-        path = self.run_dir / "bad_samples" / f"rank_{self.rank}.jsonl"
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a") as f:
-                f.write("".join(json.dumps({"step": self.step + 1, **b}) + "\n" for b in bad))
-        except OSError as e:  # a full disk: the samples are still logged above and counted in metrics
-            log.error("cannot write %s (%s): %d bad-sample line(s) not listed there", path, e, len(bad))
+        """Log each skipped sample (a whole unreadable shard once) and list it in
+        ``RUN/bad_samples/rank_<r>.jsonl`` (:func:`append_bad_samples`)."""
+        if bad:
+            path = self.run_dir / "bad_samples" / f"rank_{self.rank}.jsonl"
+            append_bad_samples(path, self.step + 1, bad, self._unreadable_shards)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:

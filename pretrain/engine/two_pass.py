@@ -38,7 +38,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from pretrain.engine.precision import embeddings_to_fp32, forward_autocast
+from pretrain.data.collate import batch_to_device
+from pretrain.engine.precision import embeddings_to_fp32, forward_autocast, resolve_precision
 from pretrain.losses.objective import Objective
 
 # Batch keys that the Align-Pro forward reads per row (``TriModalModel.forward``).
@@ -215,3 +216,28 @@ def embed_no_grad(
     out = {k: torch.cat([p[k] for p in parts], dim=0) for k in parts[0] if k != "logit_scale"}
     out["logit_scale"] = parts[0]["logit_scale"]
     return out
+
+
+def weights_give_finite_loss(engine: Callable, objective: Objective, batch: dict, device: torch.device, train) -> bool:
+    """Whether the model's current weights give a finite loss on ``batch``, on this process.
+
+    A step's own loss is computed before its update, so it cannot tell whether the update broke
+    the weights (a learning rate that overflows them leaves finite but useless weights and every
+    later loss NaN). One forward pass without gradients can; the CPU and CUDA random generators are
+    restored afterwards, so the data and dropout streams stay those of a run that never checks.
+
+    Args:
+        engine: the model forward (DeepSpeed engine or ``TriModalModel``); collective under ZeRO-3.
+        objective: the run's objective (``pretrain.losses.objective``).
+        batch: the collated batch (moved to ``device`` here).
+        train: the ``train`` section (``precision``, ``grad_cache_chunk``: the step's memory layout).
+    """
+    state = _rng_state(device)
+    try:
+        with torch.no_grad():
+            batch = batch_to_device(batch, device)
+            dtype = resolve_precision(train.precision, device)
+            loss = objective(embed_no_grad(engine, batch, train.grad_cache_chunk, dtype), batch)["loss"]
+            return bool(torch.isfinite(loss).all())
+    finally:
+        _set_rng_state(state, device)
