@@ -79,9 +79,23 @@ class Config:
         return dataclasses.asdict(self)
 
     def fingerprint(self, keys: tuple[str, ...] = ("model",)) -> str:
-        """sha256 of the sections that must match for a checkpoint to be resumable."""
+        """sha256 of the sections that must match for a checkpoint to be resumable.
+
+        Fields that change how a result is computed but not the weights or their meaning
+        (:data:`NOT_FINGERPRINTED`) are left out, so toggling them (or adding them: an older run's
+        config.yaml lacks them) keeps a run resumable.
+        """
         payload = {k: dataclasses.asdict(getattr(self, k)) for k in keys}
+        for path in NOT_FINGERPRINTED:
+            node = payload
+            for key in path[:-1]:
+                node = node.get(key, {})
+            node.pop(path[-1], None)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Recipe fields outside the fingerprint: same weights, same outputs within rounding.
+NOT_FINGERPRINTED = (("model", "sequence", "attention"),)  # fused or reference ESM-2 attention
 
 
 # --------------------------------------------------------------------------- building

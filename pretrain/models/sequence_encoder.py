@@ -1,6 +1,9 @@
 """ESM-2 sequence encoder (fair-esm), with presets and safe local weight loading.
 
-The model is fair-esm's own ``esm.model.esm2.ESM2``; only the loading path is ours:
+The model is fair-esm's own ``esm.model.esm2.ESM2``; only the loading path and the attention kernel
+are ours. Attention runs through SDPA by default (``model.sequence.attention: fused``,
+:mod:`pretrain.models.esm_attention`: same weights and outputs, no L × L matrices kept); the
+loading path:
 ``esm.pretrained.load_model_and_alphabet_local`` unpickles the checkpoint with
 ``weights_only=False`` (arbitrary code execution, and an error on torch >= 2.6), so
 :func:`load_esm2_weights` reads it with ``weights_only=True``, allowing only
@@ -23,6 +26,7 @@ from torch import Tensor, nn
 
 from pretrain.errors import ConfigError
 from pretrain.models.activation_checkpointing import is_layer_checkpointed, set_layer_checkpointing
+from pretrain.models.esm_attention import ATTENTION_MODES, esm_attention_mode, set_esm_attention
 
 # name -> (num_layers, embed_dim, attention_heads), as published by fair-esm.
 ESM2_PRESETS: dict[str, tuple[int, int, int]] = {
@@ -51,6 +55,7 @@ class SequenceEncoderConfig:
     token_dropout: bool = True  # ESM-2's rescaling of embeddings by the observed mask ratio
     max_length: int = 1022  # residues kept per sequence (cropped), excluding BOS / EOS
     weights: str | None = None  # local fair-esm .pt checkpoint or plain ESM2 state dict
+    attention: str = "fused"  # "fused": SDPA (no L×L matrices kept); "reference": fair-esm's own bmm + softmax
 
     def validate(self, where: str = "model.sequence") -> None:
         """Checks of the subsection's values; raises ConfigError naming the field (``where`` + key)."""
@@ -64,6 +69,8 @@ class SequenceEncoderConfig:
                 raise ConfigError(f"{where}.{name}={value}: must be >= 1 (or null for the preset's)")
         if self.max_length < 1:
             raise ConfigError(f"{where}.max_length={self.max_length}: must be >= 1")
+        if self.attention not in ATTENTION_MODES:
+            raise ConfigError(f"{where}.attention={self.attention!r}: expected one of {list(ATTENTION_MODES)}")
         _, dim, heads = resolve_preset(self.preset)
         dim = self.embed_dim if self.embed_dim is not None else dim
         heads = self.attention_heads if self.attention_heads is not None else heads
@@ -248,6 +255,21 @@ class SequenceEncoder(nn.Module):
         self.output_dim = embed_dim
         if cfg.weights is not None:
             load_esm2_weights(self.esm, cfg.weights)
+        self.set_attention(cfg.attention)
+
+    def set_attention(self, mode: str) -> None:
+        """``"fused"`` (SDPA) or ``"reference"`` (fair-esm's) self-attention in every ESM-2 layer.
+
+        Calls that need attention probabilities (``self.esm(tokens, return_contacts=True)`` or
+        ``need_head_weights=True``) run the reference attention for that call in either mode,
+        since SDPA does not return them (:func:`pretrain.models.esm_attention.set_esm_attention`).
+        """
+        set_esm_attention(self.esm, mode)
+
+    @property
+    def attention(self) -> str:
+        """The attention path in use: ``"fused"`` or ``"reference"``."""
+        return esm_attention_mode(self.esm)
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute each ESM-2 layer's activations in backward (``pretrain.models.activation_checkpointing``)."""

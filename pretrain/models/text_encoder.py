@@ -8,6 +8,11 @@ by default the bundled ``pretrain/assets/demo_vocab.txt``), or a local Hugging F
 transformers 5.x notes: ``BertTokenizerFast`` is an alias of the tokenizers-backed
 ``BertTokenizer``, and its constructor silently ignores ``vocab_file=`` (every token becomes
 ``[UNK]``): the vocabulary must be passed as ``vocab=`` (a token -> id dict), as done here.
+
+Attention runs through ``torch.nn.functional.scaled_dot_product_attention`` (transformers'
+``attn_implementation="sdpa"``, requested explicitly on every construction path: an unsupported
+setup then fails loudly instead of falling back to the eager L × L softmax). It equals the eager
+implementation within fp32 rounding, padding included (tests/pretrain/models/test_text_encoder.py).
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ TEXT_PRESETS: dict[str, dict[str, int]] = {
         max_position_embeddings=512,
     ),
 }
+
+_ATTENTION = "sdpa"  # transformers' attn_implementation (see the module docstring)
 
 _OVERRIDES = {
     "hidden_size": "hidden_size",
@@ -146,7 +153,12 @@ def _fresh_config(cfg: TextEncoderConfig, vocab_size: int | None = None) -> Bert
     if vocab_size is not None and vocab_size < tokenizer_size:
         raise ValueError(f"text vocab_size {vocab_size} is smaller than the tokenizer ({tokenizer_size})")
     arch["vocab_size"] = tokenizer_size if vocab_size is None else vocab_size
-    return BertConfig(**arch, hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout)
+    return BertConfig(
+        **arch,
+        hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.dropout,
+        attn_implementation=_ATTENTION,
+    )
 
 
 def _check_overrides(cfg: TextEncoderConfig, config: BertConfig) -> None:
@@ -185,7 +197,11 @@ class TextEncoder(nn.Module):
             raise ValueError(f"text pooling must be 'cls' or 'mean', got {cfg.pooling!r}")
         self.cfg = cfg
         if cfg.pretrained_dir is not None:
-            dropout = {"hidden_dropout_prob": cfg.dropout, "attention_probs_dropout_prob": cfg.dropout}
+            overrides = {
+                "hidden_dropout_prob": cfg.dropout,
+                "attention_probs_dropout_prob": cfg.dropout,
+                "attn_implementation": _ATTENTION,
+            }
             if load_weights:
                 # No pooler: it is trained for next-sentence prediction and would sit unused.
                 # dtype: transformers 5 keeps the checkpoint's dtype by default ("auto"); every other
@@ -197,10 +213,10 @@ class TextEncoder(nn.Module):
                     weights_only=True,
                     dtype=torch.float32,
                     add_pooling_layer=False,
-                    **dropout,
+                    **overrides,
                 )
             else:  # the architecture only (config.json): the caller loads every weight itself
-                config = BertConfig.from_pretrained(cfg.pretrained_dir, local_files_only=True, **dropout)
+                config = BertConfig.from_pretrained(cfg.pretrained_dir, local_files_only=True, **overrides)
                 self.bert = BertModel(config, add_pooling_layer=False)
             _check_overrides(cfg, self.bert.config)
             if vocab_size is not None and vocab_size != self.bert.config.vocab_size:

@@ -306,3 +306,16 @@ def test_edge_values_that_stay_valid():
     overrides += ["data.min_plddt=0", "data.residue_drop_prob=1", "train.seed=4294967295", "loss.protclip.bsr_ratio=1"]
     cfg = load_config(overrides=overrides)
     assert cfg.train.seed == 2**32 - 1 and cfg.model.structure.node_hidden == (16, 0)
+
+
+def test_the_attention_implementation_keeps_the_model_fingerprint():
+    """Fused and reference ESM-2 attention are the same weights: a run resumes across the switch, and a
+    run whose config.yaml predates the field (no model.sequence.attention) keeps its fingerprint."""
+    fused = load_config(overrides=["model.sequence.attention=fused"])
+    reference = load_config(overrides=["model.sequence.attention=reference"])
+    assert fused.fingerprint() == reference.fingerprint()
+    assert fused.fingerprint(("model", "data")) == reference.fingerprint(("model", "data"))
+    old = fused.to_dict()
+    del old["model"]["sequence"]["attention"]
+    assert config_from_dict(old).fingerprint() == fused.fingerprint()
+    assert load_config(overrides=["model.embed_dim=32"]).fingerprint() != fused.fingerprint()  # others still count

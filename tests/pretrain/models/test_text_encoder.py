@@ -188,3 +188,41 @@ def test_pickled_bin_payload_is_refused(tmp_path):
     with pytest.raises(pickle.UnpicklingError):
         TextEncoder(TextEncoderConfig(pretrained_dir=str(tmp_path), max_length=64))
     assert not marker.exists()
+
+
+def _eager_twin(enc: TextEncoder) -> BertModel:
+    """The same BERT weights on transformers' eager attention (explicit softmax over L x L scores)."""
+    config = BertConfig.from_dict(enc.bert.config.to_dict())
+    config._attn_implementation = "eager"
+    twin = BertModel(config, add_pooling_layer=False)
+    twin.load_state_dict(enc.bert.state_dict())
+    assert twin.config._attn_implementation == "eager"
+    return twin.train(enc.training)
+
+
+@pytest.mark.parametrize("source", ["preset", "pretrained_dir", "architecture_only"])
+def test_attention_is_sdpa_and_equals_eager_with_padding(tmp_path, source):
+    if source == "preset":
+        enc = _tiny(dropout=0.0)
+    else:
+        _save_tiny_hf(tmp_path)
+        cfg = TextEncoderConfig(pretrained_dir=str(tmp_path), max_length=64, dropout=0.0)
+        enc = TextEncoder(cfg, load_weights=source == "pretrained_dir")
+    assert enc.bert.config._attn_implementation == "sdpa"
+    enc.train()  # dropout 0: training mode so gradients are compared on the training path
+    eager = _eager_twin(enc)
+    ids, mask = tokenize_texts(build_tokenizer(enc.cfg), TEXTS, 48)
+    assert (mask == 0).any() and (mask == 1).all(dim=0).any()  # mixed lengths: padding is masked
+    got = enc.token_representations(ids, mask)
+    want = eager(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    g = torch.randn(got.shape, generator=torch.Generator().manual_seed(0)) * mask.unsqueeze(-1)
+    (got * g).sum().backward()
+    (want * g).sum().backward()
+    own = dict(eager.named_parameters())
+    for name, p in enc.bert.named_parameters():
+        if p.grad is None:
+            assert own[name].grad is None, name
+            continue
+        scale = float(own[name].grad.abs().max()) + 1.0  # + 1: key biases' gradients are 0 analytically
+        torch.testing.assert_close(p.grad, own[name].grad, rtol=1e-5, atol=1e-5 * scale, msg=name)
