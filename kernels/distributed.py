@@ -49,11 +49,9 @@ import torch
 
 from kernels import ring  # the module: ring_symmetric_infonce is looked up when the loss runs
 from kernels.functional import rank_symmetric_infonce, symmetric_infonce
-from kernels.gather import check_equal_rows, gather_no_grad, gather_with_grad, world_and_rank
+from kernels.gather import check_equal_rows, check_paired_args, gather_no_grad, gather_with_grad, world_and_rank
 
 __all__ = ["gathered_symmetric_infonce"]
-
-_STRATEGIES = ("allgather", "ring")
 
 
 def gathered_symmetric_infonce(
@@ -94,14 +92,7 @@ def gathered_symmetric_infonce(
     Returns:
         Scalar ``L_r``. Log ``mean_r L_r`` (an all-reduce AVG of the detached value) as the loss.
     """
-    if strategy not in _STRATEGIES:
-        raise ValueError(f"strategy must be one of {_STRATEGIES}; got {strategy!r}")
-    if a_local.shape != b_local.shape:
-        raise ValueError(
-            f"paired embeddings must have equal shapes; got {tuple(a_local.shape)}, {tuple(b_local.shape)}"
-        )
-    if valid_local is not None and (valid_local.shape != a_local.shape[:1] or valid_local.dtype != torch.bool):
-        raise ValueError(f"valid_local must be a bool tensor of shape ({a_local.shape[0]},)")
+    check_paired_args(strategy, a_local, b_local, valid_local)
     world, rank = world_and_rank(group)
     if world == 1:
         return symmetric_infonce(a_local, b_local, logit_scale, valid=valid_local, backend=backend)

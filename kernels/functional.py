@@ -17,6 +17,7 @@ semantics, and neither syncs with the host.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 
@@ -53,12 +54,21 @@ def _triton_available() -> bool:
     return True
 
 
-def _resolve_backend(backend: str, q: torch.Tensor) -> str:
+def resolve_backend(
+    backend: str, x: torch.Tensor, triton_available: Callable[[], bool], dtypes: tuple | None = None
+) -> str:
+    """``"torch"`` or ``"triton"`` for an op on ``x``: ``"auto"`` is Triton for CUDA tensors (of
+    ``dtypes`` when given) when the op's Triton module imports, else torch; ValueError on a bad name."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}; got {backend!r}")
     if backend == "auto":
-        return "triton" if q.is_cuda and _triton_available() else "torch"
+        fused = x.is_cuda and (dtypes is None or x.dtype in dtypes)
+        return "triton" if fused and triton_available() else "torch"
     return backend
+
+
+def _resolve_backend(backend: str, q: torch.Tensor) -> str:
+    return resolve_backend(backend, q, _triton_available)
 
 
 def infonce(

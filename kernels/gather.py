@@ -94,3 +94,24 @@ def check_equal_rows(rows: int, device: torch.device, group=None) -> None:
     sizes = gather_no_grad(torch.tensor([rows], dtype=torch.int64, device=device), group).tolist()
     if len(set(sizes)) != 1:
         raise ValueError(f"gathered InfoNCE needs the same local batch on every rank; got sizes {sizes}")
+
+
+STRATEGIES = ("allgather", "ring")  # how a gathered loss gets the other ranks' keys
+
+
+def check_paired_args(
+    strategy: str, a_local: torch.Tensor, b_local: torch.Tensor, valid_local: torch.Tensor | None
+) -> None:
+    """The argument checks every gathered paired loss makes (InfoNCE, sigmoid); ValueError naming the problem.
+
+    Shapes:
+        a_local, b_local ``(b, d)`` equal; valid_local ``(b,)`` bool or None.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}")
+    if a_local.shape != b_local.shape:
+        raise ValueError(
+            f"paired embeddings must have equal shapes; got {tuple(a_local.shape)}, {tuple(b_local.shape)}"
+        )
+    if valid_local is not None and (valid_local.shape != a_local.shape[:1] or valid_local.dtype != torch.bool):
+        raise ValueError(f"valid_local must be a bool tensor of shape ({a_local.shape[0]},)")

@@ -16,11 +16,10 @@ import functools
 
 import torch
 
+from kernels.functional import resolve_backend
 from kernels.sigmoid_reference import sigmoid_loss_torch
 
 __all__ = ["sigmoid_loss"]
-
-_BACKENDS = ("auto", "torch", "triton")
 
 
 def _load_triton():
@@ -40,12 +39,7 @@ def _triton_available() -> bool:
 
 
 def _resolve_backend(backend: str, a: torch.Tensor) -> str:
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}; got {backend!r}")
-    if backend == "auto":
-        fused = a.is_cuda and a.dtype in (torch.float32, torch.float16, torch.bfloat16)
-        return "triton" if fused and _triton_available() else "torch"
-    return backend
+    return resolve_backend(backend, a, _triton_available, dtypes=(torch.float32, torch.float16, torch.bfloat16))
 
 
 def _as_tensor(x, like: torch.Tensor) -> torch.Tensor:

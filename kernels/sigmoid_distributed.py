@@ -33,13 +33,11 @@ from __future__ import annotations
 
 import torch
 
-from kernels.gather import check_equal_rows, gather_no_grad, gather_with_grad, world_and_rank
+from kernels.gather import check_equal_rows, check_paired_args, gather_no_grad, gather_with_grad, world_and_rank
 from kernels.sigmoid import sigmoid_loss
 from kernels.sigmoid_ring import ring_sigmoid_loss
 
 __all__ = ["gathered_sigmoid_loss", "rank_sigmoid_loss"]
-
-_STRATEGIES = ("allgather", "ring")
 
 
 def rank_sigmoid_loss(
@@ -119,14 +117,7 @@ def gathered_sigmoid_loss(
     Returns:
         Scalar ``L_r``. Log ``mean_r L_r`` (an all-reduce AVG of the detached value) as the loss.
     """
-    if strategy not in _STRATEGIES:
-        raise ValueError(f"strategy must be one of {_STRATEGIES}; got {strategy!r}")
-    if a_local.shape != b_local.shape:
-        raise ValueError(
-            f"paired embeddings must have equal shapes; got {tuple(a_local.shape)}, {tuple(b_local.shape)}"
-        )
-    if valid_local is not None and (valid_local.shape != a_local.shape[:1] or valid_local.dtype != torch.bool):
-        raise ValueError(f"valid_local must be a bool tensor of shape ({a_local.shape[0]},)")
+    check_paired_args(strategy, a_local, b_local, valid_local)
     logit_scale, bias = (
         x if isinstance(x, torch.Tensor) else torch.tensor(float(x), device=a_local.device) for x in (logit_scale, bias)
     )

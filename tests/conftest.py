@@ -195,3 +195,19 @@ def reference_run(tmp_path_factory, small_demo):
         return runs[key]
 
     return get
+
+
+def mount_small_tmpfs(directory: Path, size: str) -> Path:
+    """Mount a tmpfs of ``size`` (e.g. ``"6m"``) on a new ``directory``; skips the test where this
+    machine may not mount file systems (needs CAP_SYS_ADMIN). Unmount with :func:`unmount`."""
+    directory.mkdir()
+    p = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)], capture_output=True, text=True
+    )
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({p.stderr.strip()})")
+    return directory
+
+
+def unmount(directory: Path) -> None:
+    subprocess.run(["umount", "-l", str(directory)], capture_output=True)

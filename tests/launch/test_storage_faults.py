@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import run_launcher
+from tests.conftest import mount_small_tmpfs, run_launcher, unmount
 
 pytestmark = pytest.mark.slow
 
@@ -23,14 +23,10 @@ COMMON = ["train.stage1_steps=0", "train.eval_at_end=false", "data.loader=local"
 
 @pytest.fixture
 def small_filesystem(tmp_path):
-    """A 16 MiB tmpfs mounted for the test (needs CAP_SYS_ADMIN; skipped elsewhere)."""
-    mnt = tmp_path / "small_fs"
-    mnt.mkdir()
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if p.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here ({p.stderr.strip()})")
+    """A 16 MiB tmpfs mounted for the test."""
+    mnt = mount_small_tmpfs(tmp_path / "small_fs", "16m")
     yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    unmount(mnt)
 
 
 def _fill(directory: Path) -> None:
