@@ -22,7 +22,7 @@ Pipeline (streaming, bounded memory, deterministic):
 Bad input never stops the build: the sample (or GO term) is skipped and the reason counted in the
 manifest's ``extra["skipped"]`` (``extra["skipped_terms"]`` for terms) with the first examples.
 That includes a chain id used by two different chains in one structure file, and a structure
-file whose parsing process died (see :func:`_parsed`). Only configuration errors raise
+file whose parsing process died (see :func:`data_shards.parallel_parse.parsed_units`). Only configuration errors raise
 :class:`BuildInputError` before anything is written: an input file or the OBO that does not exist
 or cannot be read at all (not a single entry readable: empty, another format, damaged from the
 start; a file that breaks later keeps what was read and counts one skip).
@@ -34,409 +34,21 @@ usable leaves the previous output as it was.
 
 from __future__ import annotations
 
-import collections
-import glob
 import hashlib
-import multiprocessing
 import os
-import re
 import struct
 import time
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_shards.annotations import AnnotationIndex
+from data_shards.build_inputs import BuildConfig, BuildInputError, Tally, load_annotations, need_file, structure_units
 from data_shards.clusters import ClusterTableError, load_clusters
-from data_shards.readers.fasta import iter_fasta
-from data_shards.readers.gaf import iter_gaf
+from data_shards.parallel_parse import parsed_units
 from data_shards.readers.obo import load_obo
-from data_shards.readers.structures import StructureError, StructureFile, looks_like_structure_file, read_structure
-from data_shards.readers.tables import ChainRow, detect_table_format, iter_chain_table, iter_deepfri, iter_uniprot_tsv
-from data_shards.readers.uniprot import iter_uniprot
-from data_shards.records import BuiltRecord, RecordMaker, StructureUnit
+from data_shards.records import BuiltRecord, RecordMaker
 from data_shards.schema import ProteinRecord, decode_sample, encode_record
 from data_shards.writer import ShardWriter
-
-MAX_EXAMPLES = 5
-UNREADABLE = "unreadable structure file"
-WORKER_DIED = "worker process died while reading the structure file (e.g. out of memory)"
-_ANNOTATION_FORMATS = ("chains", "uniprot_tsv", "deepfri", "gaf", "sifts_uniprot", "sifts_enzyme")
-
-
-class BuildInputError(ValueError):
-    """An input named on the command line is missing or unreadable as a whole."""
-
-
-@dataclass
-class BuildConfig:
-    """What to build.
-
-    Attributes:
-        out: output directory (shards directly in it, or in ``out/train`` + ``out/heldout``).
-        structures: structure files, directories (searched recursively) or glob patterns.
-        annotations: chain tables, UniProt TSVs, GAF, DeepFRI or SIFTS files (auto-detected).
-        annotations_format: force one format for every ``annotations`` file.
-        uniprot: UniProt flat (.dat/.txt) or XML files.
-        fasta: FASTA files.
-        go_obo: GO ontology for canonical ids, aspects, names and definitions.
-        sifts: SIFTS pdb_chain_uniprot / pdb_chain_enzyme files.
-        data_roots: extra folders chain-table paths may point into (besides the table's own
-            folder and the ``structures`` folders).
-        samples_per_shard: samples per tar.
-        workers: structure-parsing processes (1 = in this process).
-        split_heldout: fraction of clusters for ``heldout/``; None writes one shard set.
-        split_seed: seed of the split hash.
-        split_clusters: optional sequence-cluster table (``data_shards.clusters``: MMseqs2's
-            ``representative<TAB>member`` TSV, members named by record id); records of one cluster
-            go to the same side. Needs ``split_heldout``.
-        prefix: shard file prefix.
-        plddt: "auto", "always" or "never" (pLDDT from B-factors).
-        standalone_sequences: also write UniProt/FASTA entries that no structure used.
-        overwrite: replace existing shards of the same prefix.
-    """
-
-    out: str | Path
-    structures: list[str] = field(default_factory=list)
-    annotations: list[str] = field(default_factory=list)
-    annotations_format: str | None = None
-    uniprot: list[str] = field(default_factory=list)
-    fasta: list[str] = field(default_factory=list)
-    go_obo: str | None = None
-    sifts: list[str] = field(default_factory=list)
-    data_roots: list[str] = field(default_factory=list)
-    samples_per_shard: int = 1000
-    workers: int = 1
-    split_heldout: float | None = None
-    split_seed: int = 0
-    split_clusters: str | None = None
-    prefix: str = "shard"
-    plddt: str = "auto"
-    standalone_sequences: bool = True
-    overwrite: bool = False
-
-
-class _Tally:
-    """Skip reasons with counts and the first examples."""
-
-    def __init__(self):
-        self.reasons: dict[str, dict] = {}
-
-    def __call__(self, reason: str, example: str) -> None:
-        entry = self.reasons.setdefault(reason, {"count": 0, "examples": []})
-        entry["count"] += 1
-        if len(entry["examples"]) < MAX_EXAMPLES:
-            entry["examples"].append(example)
-
-    def add_counts(self, counts: dict[str, int], example: str) -> None:
-        for reason, count in counts.items():
-            entry = self.reasons.setdefault(reason, {"count": 0, "examples": []})
-            entry["count"] += count
-            if len(entry["examples"]) < MAX_EXAMPLES:
-                entry["examples"].append(example)
-
-    def to_json(self) -> dict:
-        return {reason: self.reasons[reason] for reason in sorted(self.reasons)}
-
-    @property
-    def total(self) -> int:
-        return sum(entry["count"] for entry in self.reasons.values())
-
-
-# ----------------------------------------------------------------------------- inputs
-
-
-def _need_file(path: str, what: str) -> Path:
-    resolved = Path(path)
-    if not resolved.is_file():
-        raise BuildInputError(f"{path}: {what} not found")
-    return resolved
-
-
-def _expand_structures(specs: list[str]) -> tuple[list[tuple[Path, str]], list[Path]]:
-    """[(file, display path)] in a stable order, and the folders they were found under."""
-    files: list[tuple[Path, str]] = []
-    roots: list[Path] = []
-    seen: set[Path] = set()
-    for spec in specs:
-        path = Path(spec)
-        if path.is_dir():
-            roots.append(path.resolve())
-            found = sorted(p for p in path.rglob("*") if p.is_file() and looks_like_structure_file(p))
-            if not found:
-                raise BuildInputError(f"{spec}: no structure file (.pdb/.ent/.cif, gzipped or not) in this folder")
-            pairs = [(p, p.relative_to(path).as_posix()) for p in found]
-        elif path.is_file():
-            roots.append(path.resolve().parent)
-            pairs = [(path, path.name)]
-        else:
-            matches = sorted(glob.glob(spec, recursive=True))
-            if not matches:
-                raise BuildInputError(f"{spec}: no structure file or folder matches")
-            base = Path(re.split(r"[*?\[]", spec, maxsplit=1)[0] or ".")
-            base = base if base.is_dir() else base.parent
-            roots.append(base.resolve())
-            pairs = [(Path(m), Path(m).name) for m in matches if Path(m).is_file()]
-        for file, display in pairs:
-            key = file.resolve()
-            if key not in seen:
-                seen.add(key)
-                files.append((key, display))
-    return files, roots
-
-
-def _load_annotations(
-    config: BuildConfig, index: AnnotationIndex, skip: _Tally, skip_term: _Tally, inputs: dict
-) -> list[Path]:
-    """Index every annotation and sequence file; returns the chain tables (read by :func:`_units`)."""
-    tables: list[Path] = []
-    forced = config.annotations_format
-    if forced is not None and forced not in _ANNOTATION_FORMATS:
-        raise BuildInputError(f"unknown annotations format {forced!r} (one of {', '.join(_ANNOTATION_FORMATS)})")
-    for name in config.annotations:
-        path = _need_file(name, "annotation file")
-        try:
-            kind = forced or detect_table_format(path)
-        except (ValueError, OSError, EOFError) as exc:
-            raise BuildInputError(_naming(path, "annotation file", exc)) from None
-        if kind is None:
-            raise BuildInputError(f"{path}: cannot tell the annotation format; pass --annotations-format")
-        inputs.setdefault(kind, []).append(path.name)
-        if kind == "chains":
-            tables.append(path)
-        elif kind == "uniprot_tsv":
-            _read_entries(path, "UniProt TSV", iter_uniprot_tsv, lambda e: index.add_uniprot(e, "uniprot_tsv"), skip)
-        elif kind == "gaf":
-            counts: dict[str, int] = {}
-            _read_entries(path, "GAF file", lambda p, c=counts: iter_gaf(p, c), index.add_gaf_annotation, skip)
-            skip_term.add_counts({f"GAF annotation dropped: {k}": v for k, v in counts.items()}, path.name)
-        elif kind == "deepfri":
-            _read_entries(path, "DeepFRI table", iter_deepfri, index.add_deepfri_row, skip)
-        else:
-            _load_whole(path, "SIFTS table", lambda p, k=kind: index.add_sifts(p, k))
-    for name in config.sifts:
-        path = _need_file(name, "SIFTS file")
-        try:
-            kind = detect_table_format(path)
-        except (ValueError, OSError, EOFError) as exc:
-            raise BuildInputError(_naming(path, "SIFTS table", exc)) from None
-        if kind not in ("sifts_uniprot", "sifts_enzyme"):
-            raise BuildInputError(f"{path}: not a SIFTS pdb_chain_uniprot / pdb_chain_enzyme table")
-        inputs.setdefault(kind, []).append(path.name)
-        _load_whole(path, "SIFTS table", lambda p, k=kind: index.add_sifts(p, k))
-    sequence_sources = (
-        ("uniprot", "UniProt file", config.uniprot, iter_uniprot, index.add_uniprot),
-        ("fasta", "FASTA file", config.fasta, iter_fasta, index.add_fasta),
-    )
-    for kind, label, names, read, add in sequence_sources:
-        for name in names:
-            path = _need_file(name, label)
-            inputs.setdefault(kind, []).append(path.name)
-            _read_entries(path, label, read, add, skip)
-    return tables
-
-
-def _naming(path: Path, label: str, exc: BaseException) -> str:
-    """One line naming the file: the reader's message when it names the file already."""
-    return str(exc) if str(path) in str(exc) else f"{path}: unreadable {label} ({type(exc).__name__}: {exc})"
-
-
-def _load_whole(path: Path, label: str, load) -> None:
-    """``load(path)`` for whole-file loaders (SIFTS; returns the entries loaded): an error or
-    nothing loaded is a :class:`BuildInputError` naming the file."""
-    try:
-        count = load(path)
-    except (ValueError, OSError, EOFError) as exc:
-        raise BuildInputError(_naming(path, label, exc)) from None
-    if not count:
-        raise BuildInputError(f"{path}: no entries in this {label} (empty, or not a {label}?)")
-
-
-def _read_entries(path: Path, label: str, read, add, skip: _Tally) -> None:
-    """``add`` every entry of ``read(path)``.
-
-    A file that breaks after some entries keeps them and counts one skip ("unreadable <label>
-    (rest of file ignored)"); a file without a single readable entry (empty, another format,
-    damaged from the start) cannot be meant: :class:`BuildInputError` naming it.
-    """
-    count = 0
-    try:
-        for entry in read(path):
-            add(entry)
-            count += 1
-    except (ValueError, OSError, EOFError) as exc:
-        if count == 0:
-            raise BuildInputError(_naming(path, label, exc)) from None
-        skip(f"unreadable {label} (rest of file ignored)", f"{path.name}: {exc}")
-        return
-    if count == 0:
-        raise BuildInputError(f"{path}: no entries in this {label} (empty, or not a {label}?)")
-
-
-def _units(
-    config: BuildConfig, tables: list[Path], skip: _Tally
-) -> tuple[list[StructureUnit], list[tuple[ChainRow, str]]]:
-    """Structure files to parse (chain-table files first, in table order) and the table rows
-    without a structure file [(row, table name)] (records of sequence and text only)."""
-    files, roots = _expand_structures(config.structures)
-    roots += [Path(r).resolve() for r in config.data_roots]
-    by_path: dict[Path, StructureUnit] = {}
-    seen_rows: set[tuple] = set()
-    no_structure: list[tuple[ChainRow, str]] = []
-    for table in tables:
-        for row in _table_rows(table, roots, skip):
-            where = f"{table.name}:{row.line} {row.structure_file} {row.chain}"
-            if not row.structure_file:
-                key = ("", row.pdb_id, row.chain, row.uniprot, row.sequence)
-                if key in seen_rows:
-                    skip("duplicate table row", where)
-                else:
-                    seen_rows.add(key)
-                    no_structure.append((row, table.name))
-                continue
-            if row.path is None:
-                invalid = "\x00" in row.structure_file
-                reason = "invalid structure path" if invalid else "structure path escapes the allowed folders"
-                skip(reason, f"{where} ({row.path_error})")
-                continue
-            if (row.path, row.chain) in seen_rows:
-                skip("duplicate table row", where)
-                continue
-            seen_rows.add((row.path, row.chain))
-            if not row.path.is_file():
-                skip("structure file missing", where)
-                continue
-            unit = by_path.get(row.path)
-            if unit is None:
-                unit = by_path[row.path] = StructureUnit(row.path, row.structure_file, [])
-            unit.rows.append(row)
-    units = list(by_path.values())
-    units += [StructureUnit(path, display, None) for path, display in files if path not in by_path]
-    return units, no_structure
-
-
-def _table_rows(table: Path, roots: list[Path], skip: _Tally) -> list[ChainRow]:
-    """The rows of a chain table; rows before a damaged part are kept (the rest is one counted
-    skip), a table without any readable row is a :class:`BuildInputError`."""
-    rows: list[ChainRow] = []
-    try:
-        for row in iter_chain_table(table, roots):
-            rows.append(row)
-    except (ValueError, OSError, EOFError) as exc:
-        if not rows:
-            raise BuildInputError(_naming(table, "chain table", exc)) from None
-        skip("unreadable chain table (rest of file ignored)", f"{table.name}: {exc}")
-    if not rows:
-        raise BuildInputError(f"{table}: chain table has no rows")
-    return rows
-
-
-# ----------------------------------------------------------------------------- parsing
-
-
-def _parse_unit(job: tuple[str, str, tuple[str, ...] | None]) -> tuple[StructureFile | None, str | None]:
-    """Worker: parse one structure file; never raises."""
-    path, plddt, chains = job
-    try:
-        return read_structure(path, plddt=plddt, chains=set(chains) if chains is not None else None), None
-    except StructureError as exc:
-        return None, str(exc)
-    except Exception as exc:  # a parser bug must cost one file, not the build
-        return None, f"{path}: unexpected parser error ({type(exc).__name__}: {exc})"
-
-
-def _job(unit: StructureUnit, plddt: str) -> tuple[str, str, tuple[str, ...] | None]:
-    chains = tuple(sorted({row.chain for row in unit.rows})) if unit.rows is not None else None
-    return str(unit.path), plddt, chains
-
-
-# (unit, parsed file or None, error or None, skip reason when parsed is None)
-Parsed = tuple[StructureUnit, StructureFile | None, str | None, str]
-
-
-def _parsed(units: list[StructureUnit], workers: int, plddt: str) -> Iterator[Parsed]:
-    """Parse ``units`` in order; a bounded window of jobs is in flight across ``workers`` processes.
-
-    A worker process that dies (the OOM killer's SIGKILL, a crash in the C++ parser) breaks a
-    ``ProcessPoolExecutor`` at once, failing every job in flight, instead of hanging as a
-    ``multiprocessing.Pool`` would. The jobs in flight are then run again one at a time, each in a
-    fresh process, so that only the file that kills its process is skipped (reason
-    :data:`WORKER_DIED`); a new pool takes the rest. Results keep the unit order either way.
-    """
-    if workers <= 1:
-        for unit in units:
-            yield (unit, *_parse_unit(_job(unit, plddt)), UNREADABLE)
-        return
-    todo = collections.deque(units)
-    while todo:
-        in_flight = yield from _pool_pass(todo, workers, plddt)
-        for unit, future in in_flight:  # the pool broke: find the file that kills its process
-            done = future is not None and future.done() and not future.cancelled() and future.exception() is None
-            if done:
-                yield (unit, *future.result(), UNREADABLE)
-            else:
-                yield (unit, *_parse_alone(_parse_unit, _job(unit, plddt)))
-
-
-def _pool_pass(todo: collections.deque, workers: int, plddt: str):
-    """Yield parsed units from ``todo`` (consumed) until it is empty or the pool breaks.
-
-    Returns:
-        [(unit, future or None)] still to be reported when the pool broke (in unit order), else [].
-    """
-    window = 4 * workers
-    ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
-    pending: collections.deque = collections.deque()
-    try:
-        while todo or pending:
-            while todo and len(pending) < window:
-                unit = todo.popleft()
-                try:
-                    pending.append((unit, pool.submit(_parse_unit, _job(unit, plddt))))
-                except BrokenProcessPool:
-                    pending.append((unit, None))
-                    return list(pending)
-            unit, future = pending[0]
-            try:
-                result = future.result()
-            except BrokenProcessPool:
-                return list(pending)
-            pending.popleft()
-            yield (unit, *result, UNREADABLE)
-        return []
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _parse_alone(parse, job: tuple) -> tuple[StructureFile | None, str | None, str]:
-    """Run ``parse(job)`` in a fresh process; (parsed, error, reason) with ``WORKER_DIED`` when it dies."""
-    ctx = multiprocessing.get_context("spawn")
-    receive, send = ctx.Pipe(duplex=False)
-    process = ctx.Process(target=_parse_into, args=(parse, job, send), daemon=True)
-    process.start()
-    send.close()  # the child holds the only write end: EOF as soon as it is gone
-    try:
-        parsed, error = receive.recv()
-    except EOFError:
-        parsed = error = None
-    finally:
-        receive.close()
-        process.join()
-    if parsed is None and error is None:
-        code = process.exitcode
-        how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-        return None, f"worker died ({how}) while reading {job[0]}", WORKER_DIED
-    return parsed, error, UNREADABLE
-
-
-def _parse_into(parse, job: tuple, send) -> None:
-    """Child of :func:`_parse_alone`: parse and send the result back."""
-    send.send(parse(job))
-    send.close()
-
 
 # ----------------------------------------------------------------------------- split and writing
 
@@ -565,28 +177,28 @@ def build_shards(config: BuildConfig) -> dict:
         if config.split_heldout is None:
             raise BuildInputError("split_clusters needs split_heldout (a cluster table only steers the split)")
         try:
-            clusters = load_clusters(_need_file(config.split_clusters, "cluster table"))
+            clusters = load_clusters(need_file(config.split_clusters, "cluster table"))
         except ClusterTableError as exc:
             raise BuildInputError(str(exc)) from None
     if config.plddt not in ("auto", "always", "never"):
         raise BuildInputError(f"plddt must be auto, always or never, got {config.plddt!r}")
-    skip, skip_term = _Tally(), _Tally()
+    skip, skip_term = Tally(), Tally()
     inputs: dict[str, list[str]] = {}
     ontology = None
     if config.go_obo:
         try:
-            ontology = load_obo(_need_file(config.go_obo, "GO ontology"))
+            ontology = load_obo(need_file(config.go_obo, "GO ontology"))
         except ValueError as exc:
             raise BuildInputError(str(exc)) from None
         inputs["go_obo"] = [Path(config.go_obo).name]
     index = AnnotationIndex()
-    tables = _load_annotations(config, index, skip, skip_term, inputs)
-    units, no_structure = _units(config, tables, skip)
+    tables = load_annotations(config, index, skip, skip_term, inputs)
+    units, no_structure = structure_units(config, tables, skip)
     inputs["structure_files"] = [str(len(units))]
     maker = RecordMaker(index, ontology, skip, skip_term)
 
     def stream() -> Iterator[BuiltRecord]:
-        for unit, parsed, error, reason in _parsed(units, config.workers, config.plddt):
+        for unit, parsed, error, reason in parsed_units(units, config.workers, config.plddt):
             yield from maker.from_structure(unit, parsed, error, reason)
         for row, table in no_structure:  # before standalone entries, which skip used accessions
             built = maker.from_row(row, table)

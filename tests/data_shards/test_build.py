@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from data_shards import build
+from data_shards import parallel_parse
 from data_shards.__main__ import main
-from data_shards.build import WORKER_DIED, BuildConfig, BuildInputError, build_shards
+from data_shards.build import BuildConfig, BuildInputError, build_shards
 from data_shards.manifest import load_manifest
+from data_shards.parallel_parse import WORKER_DIED
 from data_shards.reader import iter_records
 from data_shards.readers.obo import load_obo
 from data_shards.validate import inspect_dir, validate_dir
@@ -339,7 +340,7 @@ def test_a_worker_killed_mid_build_costs_its_file_not_the_build(tmp_path, monkey
     others = [str(structures / n) for n in names if n != crash_parser.KILLED_NAME]
     reference = tmp_path / "reference"
     build_shards(BuildConfig(out=reference, structures=others, samples_per_shard=4, workers=1))
-    monkeypatch.setattr(build, "_parse_unit", crash_parser.parse_or_die)
+    monkeypatch.setattr(parallel_parse, "parse_unit", crash_parser.parse_or_die)
     out = tmp_path / "out"
     summary = build_shards(BuildConfig(out=out, structures=[str(structures)], samples_per_shard=4, workers=2))
     assert list(summary["skipped"]) == [WORKER_DIED] and summary["skipped"][WORKER_DIED]["count"] == 1
