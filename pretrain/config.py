@@ -86,6 +86,8 @@ class Config:
         config.yaml lacks them) keeps a run resumable.
         """
         payload = {k: dataclasses.asdict(getattr(self, k)) for k in keys}
+        if "model" in keys and self.loss.kind != "infonce":  # SigLIP adds parameters (the term biases)
+            payload["loss.kind"] = self.loss.kind
         for path in NOT_FINGERPRINTED:
             node = payload
             for key in path[:-1]:

@@ -41,6 +41,7 @@ from torch import Tensor
 from pretrain.data.collate import batch_to_device
 from pretrain.engine.precision import embeddings_to_fp32, forward_autocast, resolve_precision
 from pretrain.losses.objective import Objective
+from pretrain.models.trimodal import SHARED_OUTPUTS
 
 # Batch keys that the Align-Pro forward reads per row (``TriModalModel.forward``).
 _ROW_KEYS = ("seq_tokens", "text_ids", "text_attn")
@@ -157,17 +158,20 @@ def two_pass_step(
                 out = engine(slice_model_batch(batch, start, stop))
             parts.append(embeddings_to_fp32(out))
     rng_after = _rng_state(device)
-    keys = [k for k in parts[0] if k != "logit_scale"]
+    keys = [k for k in parts[0] if k not in SHARED_OUTPUTS]
     emb = {k: torch.cat([p[k] for p in parts], dim=0).requires_grad_() for k in keys}  # each (B, E)
-    scale = parts[0]["logit_scale"].detach().clone().requires_grad_()  # [1]
+    # The logit scale [1] (and SigLIP's term biases): the same parameters for every chunk.
+    shared = {k: parts[0][k].detach().clone().requires_grad_() for k in SHARED_OUTPUTS if k in parts[0]}
+    scale = shared["logit_scale"]
     del parts
 
-    # The loss and its gradient with respect to the cached embeddings.
-    terms = objective({**emb, "logit_scale": scale}, batch)  # the batch also gives presence and groups
-    leaves = [emb[k] for k in keys] + [scale]
+    # The loss and its gradient with respect to the cached embeddings and shared outputs.
+    terms = objective({**emb, **shared}, batch)  # the batch also gives presence and groups
+    leaves = [emb[k] for k in keys] + list(shared.values())
     grads = torch.autograd.grad(terms["loss"], leaves, allow_unused=True)
-    grad_of = {k: (g if g is not None else torch.zeros_like(emb[k])) for k, g in zip(keys, grads)}
-    grad_scale = grads[-1] if grads[-1] is not None else torch.zeros_like(scale)
+    grad_of = {
+        k: (g if g is not None else torch.zeros_like(v)) for (k, v), g in zip([*emb.items(), *shared.items()], grads)
+    }
     terms = {k: v.detach() for k, v in terms.items()}
     del emb, leaves, grads
 
@@ -180,8 +184,8 @@ def two_pass_step(
             out = engine(slice_model_batch(batch, start, stop))
         out = embeddings_to_fp32(out)
         surrogate = sum((out[k] * grad_of[k][start:stop]).sum() for k in keys)
-        if i == 0:
-            surrogate = surrogate + (out["logit_scale"] * grad_scale).sum()
+        if i == 0:  # the shared outputs' gradient is added once
+            surrogate = surrogate + sum((out[k] * grad_of[k]).sum() for k in shared)
         backward(surrogate)
         del out, surrogate
     _set_rng_state(rng_after, device)
@@ -213,8 +217,8 @@ def embed_no_grad(
         for start in range(0, rows, chunk_size):
             with forward_autocast(autocast_dtype, device):
                 parts.append(embeddings_to_fp32(engine(slice_model_batch(batch, start, min(start + chunk_size, rows)))))
-    out = {k: torch.cat([p[k] for p in parts], dim=0) for k in parts[0] if k != "logit_scale"}
-    out["logit_scale"] = parts[0]["logit_scale"]
+    out = {k: torch.cat([p[k] for p in parts], dim=0) for k in parts[0] if k not in SHARED_OUTPUTS}
+    out.update({k: parts[0][k] for k in SHARED_OUTPUTS if k in parts[0]})
     return out
 
 

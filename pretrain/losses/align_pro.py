@@ -25,10 +25,11 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from kernels import check_equal_rows, gathered_symmetric_infonce, grouped_symmetric_infonce
+from kernels import check_equal_rows, gathered_sigmoid_loss, gathered_symmetric_infonce, grouped_symmetric_infonce
 from pretrain.errors import ConfigError
 from pretrain.losses.config import LossConfig
 from pretrain.losses.objective import Objective
+from pretrain.models.term_bias import TermBias
 
 # (metric name, first embedding, second embedding, presence key a, presence key b, weight attribute)
 _PAIR_TERMS = (
@@ -41,6 +42,7 @@ _INTRA_TERMS = (
     ("loss_intra_struct", "structure", "intra_struct"),
     ("loss_intra_text", "text", "intra_text"),
 )
+TERMS = tuple(t[0] for t in _PAIR_TERMS + _INTRA_TERMS)  # every term, in the order of the sigmoid biases
 # Terms whose keys include texts: the ones where identical texts are false negatives.
 _GROUPED_TERMS = frozenset({"loss_seq_text", "loss_struct_text", "loss_intra_text"})
 
@@ -64,7 +66,13 @@ class AlignProLoss(Objective):
     def __call__(self, out: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
         """:meth:`compute` on the model's output (its ``logit_scale``) and the batch's ``present`` /
         ``text_group`` (the :class:`~pretrain.losses.objective.Objective` call)."""
-        return self.compute(out, batch["present"], out["logit_scale"], batch.get("text_group"))
+        return self.compute(out, batch["present"], out["logit_scale"], batch.get("text_group"), out.get("term_bias"))
+
+    def build_heads(self, model) -> dict:
+        """With ``loss.kind: sigmoid``, SigLIP's learned bias per term (``model.siglip``); else nothing."""
+        if self.cfg.kind != "sigmoid":
+            return {}
+        return {"siglip": TermBias(TERMS, self.cfg.sigmoid_init_bias)}
 
     def needs_views(self) -> dict[str, bool]:
         """Which modalities need a second stochastic view (intra-modal weight > 0)."""
@@ -76,6 +84,7 @@ class AlignProLoss(Objective):
         present: dict[str, Tensor],
         logit_scale: Tensor,
         groups: Tensor | None = None,
+        term_bias: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Compute the loss on this rank's embeddings.
 
@@ -87,6 +96,9 @@ class AlignProLoss(Objective):
             groups: (B,) int64 false-negative group ids
                 (:func:`pretrain.losses.false_negatives.group_ids`, the batch's ``text_group``);
                 required when ``cfg.false_negatives`` is not ``"none"``, ignored otherwise.
+            term_bias: (len(TERMS),) learned biases (the model's ``term_bias``), required with
+                ``cfg.kind == "sigmoid"``: each term is then SigLIP's pairwise sigmoid loss
+                (:func:`kernels.gathered_sigmoid_loss`) with its own bias.
 
         Returns:
             ``loss`` (the weighted total, this rank's share) and every named term (detached
@@ -101,13 +113,15 @@ class AlignProLoss(Objective):
         # Every term gathers B rows from each rank: check that once per step, not in each term
         # (the check is a collective plus a host sync; up to six terms run per step).
         check_equal_rows(emb["sequence"].shape[0], emb["sequence"].device)
+        if self.cfg.kind == "sigmoid" and term_bias is None:
+            raise KeyError("loss.kind=sigmoid needs the model's 'term_bias' output (built by AlignProLoss.build_heads)")
         out: dict[str, Tensor] = {}
         total = emb["sequence"].new_zeros(())
         for name, a, b, attr in _PAIR_TERMS:
             w = getattr(self.cfg, attr)
             if w <= 0:
                 continue
-            term = self._term(name, emb[a], emb[b], logit_scale, present[a] & present[b], groups)
+            term = self._term(name, emb[a], emb[b], logit_scale, present[a] & present[b], groups, term_bias)
             out[name] = term
             total = total + w * term
         for name, mod, attr in _INTRA_TERMS:
@@ -115,14 +129,36 @@ class AlignProLoss(Objective):
             key = f"{mod}_view2"
             if w <= 0 or key not in emb:
                 continue
-            term = self._term(name, emb[mod], emb[key], logit_scale, present[mod], groups)
+            term = self._term(name, emb[mod], emb[key], logit_scale, present[mod], groups, term_bias)
             out[name] = term
             total = total + w * term
         out["loss"] = total
         return out
 
-    def _term(self, name: str, a: Tensor, b: Tensor, logit_scale: Tensor, valid: Tensor, groups: Tensor | None):
-        """One symmetric InfoNCE term over every rank's rows, grouped when ``name`` contrasts texts."""
+    def _term(
+        self,
+        name: str,
+        a: Tensor,
+        b: Tensor,
+        logit_scale: Tensor,
+        valid: Tensor,
+        groups: Tensor | None,
+        term_bias: Tensor | None,
+    ) -> Tensor:
+        """One term over every rank's rows: symmetric InfoNCE (grouped when ``name`` contrasts texts), or
+        with ``kind: sigmoid`` the pairwise sigmoid loss with the term's bias (symmetric by construction)."""
+        if self.cfg.kind == "sigmoid":
+            i = TERMS.index(name)
+            return gathered_sigmoid_loss(
+                a,
+                b,
+                logit_scale.reshape(1),
+                term_bias[i : i + 1],
+                valid_local=valid,
+                backend=self.cfg.backend,
+                strategy=self.cfg.strategy,
+                check_rows=False,
+            )
         if self.cfg.false_negatives != "none" and name in _GROUPED_TERMS:
             return grouped_symmetric_infonce(
                 a,

@@ -16,6 +16,7 @@ from pretrain.losses.protclip import ProtCLIPLossConfig
 
 BACKENDS = ("auto", "torch", "triton")  # kernels.infonce backends
 STRATEGIES = ("allgather", "ring")  # how negatives cross ranks (kernels.gathered_symmetric_infonce)
+KINDS = ("infonce", "sigmoid")  # loss.kind
 
 
 @dataclass
@@ -33,6 +34,10 @@ class LossConfig:
     # class) or "go" (identical GO-id set); applies to the text terms (seq-text, struct-text, intra-text)
     false_negatives: str = "none"
     protclip: ProtCLIPLossConfig = field(default_factory=ProtCLIPLossConfig)  # ProtCLIP terms (objective protclip)
+    # Align-Pro's contrastive form: "infonce" (softmax over the negatives) or "sigmoid" (SigLIP's pairwise
+    # sigmoid, kernels.gathered_sigmoid_loss, with a learned bias per term; model.init_temperature sets s)
+    kind: str = "infonce"
+    sigmoid_init_bias: float = -10.0  # initial value of every term's learned bias with kind sigmoid (SigLIP)
 
     def validate(self) -> None:
         """Checks shared by every objective; raises ConfigError naming the field.
@@ -52,4 +57,8 @@ class LossConfig:
             w = getattr(self, name)
             if not (math.isfinite(w) and w >= 0):
                 raise ConfigError(f"loss.{name}={w}: weights must be finite numbers >= 0")
+        if self.kind not in KINDS:
+            raise ConfigError(f"loss.kind={self.kind!r}: expected 'infonce' or 'sigmoid'")
+        if self.kind == "sigmoid" and self.false_negatives != "none":
+            raise ConfigError("loss.false_negatives needs loss.kind=infonce (the sigmoid loss has no grouped form yet)")
         self.protclip.validate("loss.protclip")

@@ -193,6 +193,8 @@ class ProtCLIPLoss(Objective):
 
     @classmethod
     def validate_config(cls, cfg: LossSection) -> None:
+        if cfg.kind != "infonce":
+            raise ConfigError(f"loss.kind={cfg.kind!r}: the protclip objective's global contrast is InfoNCE")
         if cfg.false_negatives != "none":
             raise ConfigError(
                 "loss.false_negatives is the align_pro objective's switch; use loss.protclip.false_negatives"

@@ -24,6 +24,9 @@ from pretrain.models.structure_encoder import StructureEncoder, StructureEncoder
 from pretrain.models.text_encoder import TextEncoder, TextEncoderConfig
 
 MODALITIES = ("sequence", "structure", "text")
+# Outputs of the forward that are parameters shared by the batch, not rows: the two-pass step does not
+# split them into chunks and back-propagates them once (pretrain.engine.two_pass).
+SHARED_OUTPUTS = ("logit_scale", "term_bias")
 NO_DECAY = "_no_decay"  # suffix of the parameter groups AdamW does not decay (see parameter_groups)
 
 
@@ -143,6 +146,10 @@ class TriModalModel(nn.Module):
             # Computed inside forward: under ZeRO-3 parameters are only gathered during forward.
             "logit_scale": self.logit_scale(),
         }
+        for name in self.objective_heads:  # modules that add outputs (e.g. SigLIP's term biases)
+            module = getattr(self, name)
+            if getattr(module, "adds_outputs", False):
+                out.update(module())
         views = batch.get("views") or {}
         if "seq_tokens" in views:
             out["sequence_view2"] = self.encode_sequence(views["seq_tokens"])

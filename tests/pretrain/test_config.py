@@ -174,9 +174,11 @@ ZERO_IS_VALID = {
     "model.structure.node_hidden[1]",  # no vector channels: a GVP then carries scalars only
     "model.structure.edge_hidden[1]",
 }
-# Float fields for which a negative value is meaningful: none today (every float is a rate, a weight, a
+# Float fields for which a negative value is meaningful: only a logit offset (every other float is a rate, a weight, a
 # probability, a temperature, a size in angstrom or seconds, or a pLDDT in [0, 100]).
-NEGATIVE_IS_VALID: set[str] = set()
+NEGATIVE_IS_VALID: set[str] = {
+    "loss.sigmoid_init_bias",  # a logit offset: SigLIP starts it at -10
+}
 
 
 def _yaml(value) -> str:

@@ -203,3 +203,24 @@ def test_two_pass_refuses_an_objective_of_token_states():
     """ProtCLIP's MLM / BSR / PDA read per-token states: the cached pooled embeddings cannot give them."""
     with pytest.raises(ValueError, match="ProtCLIPLoss reads per-token states"):
         two_pass_step(lambda b: {}, {"seq_tokens": torch.zeros(2, 3)}, ProtCLIPLoss(ProtCLIPLossConfig()), chunk_size=1)
+
+
+@pytest.mark.parametrize("chunk", [2, ROWS])
+def test_sigmoid_loss_two_pass_equals_one_pass_and_trains_the_term_biases(demo_root, chunk):
+    """loss.kind=sigmoid: the learned term biases are shared outputs like the logit scale (cached once,
+    back-propagated once), so the two-pass gradients, the biases' included, equal the one-pass ones."""
+    cfg, model, batch, _ = _setup([*DROPOUT_OFF, "loss.kind=sigmoid"], demo_root)
+    objective = AlignProLoss(cfg.loss)
+    assert model.siglip.bias.shape == (6,)
+    ref_model = copy.deepcopy(model)
+    out = ref_model(batch)
+    ref_terms = objective(out, batch)
+    ref_terms["loss"].backward()
+    ref = grads_of(ref_model)
+    terms, _ = two_pass_step(model, batch, objective, chunk_size=chunk)
+    assert float(terms["loss"]) == pytest.approx(float(ref_terms["loss"]), rel=1e-6)
+    got = grads_of(model)
+    assert ref["siglip.bias"].abs().sum() > 0
+    for name in ref:
+        scale = float(ref[name].abs().max())
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-5 * scale + 1e-9, msg=name)

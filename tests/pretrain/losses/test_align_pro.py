@@ -214,3 +214,47 @@ def test_two_gloo_ranks_match_the_global_reference(strategy, tmp_path):
     torch.testing.assert_close(sum(r["s"] for r in res), WORLD * ref[2], rtol=10 * rtol, atol=atol)
     # six terms, one equal-rows check (a collective and a host sync) for the step, not one per term
     assert [r["row_checks"] for r in res] == [1, 1]
+
+
+def test_sigmoid_kind_is_each_term_s_pairwise_sigmoid_loss_with_its_bias():
+    """loss.kind=sigmoid: every term is kernels' SigLIP loss (float64 oracle) with that term's bias."""
+    from kernels.sigmoid_reference import sigmoid_loss_reference
+    from pretrain.losses.align_pro import TERMS
+
+    cfg = replace(CFG, kind="sigmoid")
+    emb = _emb(3)
+    s = torch.tensor([4.0], dtype=torch.float64)
+    bias = torch.linspace(-3.0, 1.0, len(TERMS), dtype=torch.float64, requires_grad=True)
+    got = AlignProLoss(cfg).compute(emb, PRESENT, s, term_bias=bias)
+    p = PRESENT
+    pairs = {
+        "loss_seq_struct": ("sequence", "structure", p["sequence"] & p["structure"], cfg.alpha),
+        "loss_seq_text": ("sequence", "text", p["sequence"] & p["text"], cfg.beta),
+        "loss_struct_text": ("structure", "text", p["structure"] & p["text"], cfg.gamma),
+        "loss_intra_seq": ("sequence", "sequence_view2", p["sequence"], cfg.intra_seq),
+        "loss_intra_struct": ("structure", "structure_view2", p["structure"], cfg.intra_struct),
+        "loss_intra_text": ("text", "text_view2", p["text"], cfg.intra_text),
+    }
+    total = 0.0
+    for name, (a, b, valid, w) in pairs.items():
+        i = TERMS.index(name)
+        targets = torch.where(valid, torch.arange(N), torch.full((N,), -1))
+        want = sigmoid_loss_reference(emb[a], emb[b], s, bias[i : i + 1], targets, key_valid=valid)
+        torch.testing.assert_close(got[name], want, rtol=1e-9, atol=1e-12, msg=name)
+        total = total + w * want
+    torch.testing.assert_close(got["loss"], total, rtol=1e-9, atol=1e-12)
+    (grad,) = torch.autograd.grad(got["loss"], bias)
+    assert bool((grad != 0).all())  # every term's bias is trained
+
+
+def test_sigmoid_kind_needs_the_model_biases_and_refuses_false_negatives():
+    with pytest.raises(KeyError, match="term_bias"):
+        AlignProLoss(replace(CFG, kind="sigmoid")).compute(_emb(), PRESENT, torch.tensor([4.0], dtype=torch.float64))
+    with pytest.raises(ConfigError, match="loss.kind"):
+        load_config(overrides=["loss.kind=softmax"])
+    with pytest.raises(ConfigError, match="loss.false_negatives needs loss.kind=infonce"):
+        load_config(overrides=["loss.kind=sigmoid", "loss.false_negatives=text"])
+    with pytest.raises(ConfigError, match="protclip"):
+        load_config(overrides=["loss.kind=sigmoid", "loss.objective=protclip"])
+    plain, sig = load_config(), load_config(overrides=["loss.kind=sigmoid"])
+    assert plain.fingerprint() != sig.fingerprint()  # the sigmoid model has more parameters: no resume across
