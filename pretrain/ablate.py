@@ -32,6 +32,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pretrain.cli_types import positive_int
 from pretrain.config import ConfigError, load_config
 from pretrain.readme_section import replace_section
 
@@ -173,17 +174,6 @@ def write_readme(section: str, readme: Path) -> None:
     replace_section(readme, section, README_BEGIN, README_END, "### Ablations (measured)")
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (argparse names the option and exits 2 otherwise)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
 def _check_outputs(args) -> None:
     """Everything the command reads or writes besides the recipes, checked before any variant trains.
 
@@ -213,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipes", nargs="+", required=True, help="variant recipes (their file stems name the rows)")
     p.add_argument("--run-root", required=True, type=Path, help="one run directory per variant goes here")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--ranks", type=_positive_int, default=1, help="DeepSpeed ranks per variant (--num_gpus)")
+    p.add_argument("--ranks", type=positive_int, default=1, help="DeepSpeed ranks per variant (--num_gpus)")
     p.add_argument("--config", default="zero3.json", help="DeepSpeed JSON (bare names resolve against configs/)")
     p.add_argument("--readme", type=Path, default=None, help="also write the table into this README")
     args = p.parse_args(argv)

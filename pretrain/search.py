@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pretrain.cli_types import positive_int
+
 BLOCK_ROWS = 65_536
 
 
@@ -256,17 +258,6 @@ def search_protein(protein_id: str, index_dir: Path, source: str, text_index_dir
     }
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (argparse names the option and exits 2 otherwise)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m pretrain.search", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -282,7 +273,7 @@ def main(argv=None) -> int:
     )
     p.add_argument("--source", choices=("sequence", "structure"), default="sequence", help="protein query embedding")
     p.add_argument("--text-index", help="text embeddings searched by --protein-id (default: --index)")
-    p.add_argument("-k", type=_positive_int, default=10, help="results per query (>= 1)")
+    p.add_argument("-k", type=positive_int, default=10, help="results per query (>= 1)")
     p.add_argument("--backend", choices=("auto", "exact", "faiss"), default="auto")
     args = p.parse_args(argv)
     index_dir = Path(args.index)

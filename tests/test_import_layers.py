@@ -40,6 +40,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "pretrain.hf_export",
             "pretrain.model_card",
             "pretrain.api",
+            "pretrain.cli_types",
         ),
     ),
     ("run", ("pretrain.run", "launch")),

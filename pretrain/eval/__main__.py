@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from pretrain.cli_types import positive_int
 from pretrain.engine.export import check_device, load_exported
 from pretrain.eval.embed import (
     Annotations,
@@ -219,17 +220,6 @@ def strip_curves(obj):
     if isinstance(obj, list):
         return [strip_curves(v) for v in obj]
     return obj
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (argparse names the option and exits 2 otherwise)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
 
 
 def main(argv=None) -> int:

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import torch
 
 from data_shards.text_rules import canonical_text
+from pretrain.cli_types import positive_int
 from pretrain.engine.export import check_device, load_exported
 from pretrain.eval.embed import count_samples, iter_embedded_batches, resolve_device
 from pretrain.models.trimodal import MODALITIES
@@ -95,17 +96,6 @@ def export_embeddings(
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     return meta
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (argparse names the option and exits 2 otherwise)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
 
 
 def main(argv=None) -> int:
