@@ -41,6 +41,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "pretrain.model_card",
             "pretrain.api",
             "pretrain.cli_types",
+            "pretrain.benchmark",
         ),
     ),
     ("run", ("pretrain.run", "launch")),
