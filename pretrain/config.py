@@ -86,8 +86,13 @@ class Config:
         config.yaml lacks them) keeps a run resumable.
         """
         payload = {k: dataclasses.asdict(getattr(self, k)) for k in keys}
-        if "model" in keys and self.loss.kind != "infonce":  # SigLIP adds parameters (the term biases)
-            payload["loss.kind"] = self.loss.kind
+        if "model" in keys:  # loss settings that add parameters or buffers to the model's state dict
+            if self.loss.kind != "infonce":  # SigLIP's term biases
+                payload["loss.kind"] = self.loss.kind
+            if self.loss.temperature != "shared":  # the per-pair / per-term scales
+                payload["loss.temperature"] = self.loss.temperature
+            if self.loss.objective == "protclip" and self.loss.protclip.pda_assign != "vq":  # the Gumbel step
+                payload["loss.protclip.pda_assign"] = self.loss.protclip.pda_assign
         for path in NOT_FINGERPRINTED:
             node = payload
             for key in path[:-1]:

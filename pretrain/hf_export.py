@@ -252,7 +252,7 @@ def _logit_scales(model: TriModalModel, cfg: Config) -> dict:
         "max_logit_scale": cfg.model.max_logit_scale,
     }
     others = {
-        k: float(v.float().reshape(-1)[0])
+        k: (v.float().tolist() if v.numel() > 1 else float(v.float().reshape(-1)[0]))
         for k, v in model.state_dict().items()
         if k.endswith("log_logit_scale") and k != "log_logit_scale"
     }

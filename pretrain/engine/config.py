@@ -14,6 +14,28 @@ from pretrain.models.trimodal import MODALITIES
 
 
 @dataclass
+class EncoderLRMult:
+    """Per-encoder multipliers of ``optim.encoder_lr`` (ProtST / ProtCLIP set a ratio per encoder)."""
+
+    sequence: float = 1.0  # multiplier of the ESM-2 encoder's learning rate
+    structure: float = 1.0  # ... the GVP-GNN's
+    text: float = 1.0  # ... the BERT text encoder's (0: lr 0, it stays put but, unlike frozen_encoders, runs backward)
+
+    def validate(self, where: str = "optim.encoder_lr_mult") -> None:
+        """Each multiplier a finite number >= 0; raises ConfigError naming the field."""
+        for name in MODALITIES:
+            m = getattr(self, name)
+            if not (math.isfinite(m) and m >= 0):
+                raise ConfigError(f"{where}.{name}={m}: must be a finite number >= 0")
+
+    def of(self, encoder: str) -> float:
+        """The multiplier of ``encoder`` ("sequence", "structure" or "text")."""
+        if encoder not in MODALITIES:
+            raise ValueError(f"unknown encoder {encoder!r}; expected one of {list(MODALITIES)}")
+        return float(getattr(self, encoder))
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-3  # peak learning rate of the projection heads and logit scale
     encoder_lr: float = 3e-4  # peak learning rate of the encoders in stage 2
@@ -23,6 +45,9 @@ class OptimConfig:
     warmup_steps: int = 10  # linear warm-up from 0, then cosine decay to min_lr_ratio x peak
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0  # global gradient norm clip (DeepSpeed gradient_clipping)
+    # Per-encoder multipliers of encoder_lr (e.g. {sequence: 1.0, structure: 1.0, text: 0.1}), applied after the
+    # schedule; a frozen encoder (stage 1, train.frozen_encoders) still gets 0. Unknown names are errors.
+    encoder_lr_mult: EncoderLRMult = field(default_factory=EncoderLRMult)
 
     def validate(self) -> None:
         """Checks of the section's values; raises ConfigError naming the field."""
@@ -41,6 +66,7 @@ class OptimConfig:
             raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio}: expected a value in [0, 1]")
         if not (math.isfinite(o.grad_clip) and o.grad_clip >= 0):
             raise ConfigError(f"optim.grad_clip={o.grad_clip}: must be >= 0 (0 turns clipping off)")
+        o.encoder_lr_mult.validate("optim.encoder_lr_mult")
 
 
 @dataclass

@@ -52,8 +52,10 @@ def apply_freezing(model: torch.nn.Module, frozen: set[str]) -> None:
 def set_group_lrs(optimizer, cfg: Config, step: int, frozen: set[str]) -> float:
     """Set every parameter group's lr and weight decay for ``step``; returns the heads' lr.
 
-    Encoder groups (``encoder_<name>[_no_decay]``) follow ``optim.encoder_lr`` and get 0 while
-    ``<name>`` is in ``frozen``; every other group follows ``optim.lr``.
+    Encoder groups (``encoder_<name>[_no_decay]``) follow ``optim.encoder_lr`` times
+    ``optim.encoder_lr_mult.<name>`` and get 0 while ``<name>`` is in ``frozen``; every other group
+    follows ``optim.lr``. The multiplier scales the learning rate only: AdamW's decoupled decay is
+    ``lr · weight_decay``, so it follows the encoder's own learning rate.
     """
     base = lr_factor(step, cfg)
     o = cfg.optim
@@ -63,7 +65,7 @@ def set_group_lrs(optimizer, cfg: Config, step: int, frozen: set[str]) -> float:
         if name.startswith("encoder"):  # encoder_<sequence|structure|text>[_no_decay]
             encoder = name.removeprefix("encoder_").removesuffix(NO_DECAY)
             factor = 0.0 if encoder in frozen else 1.0
-            g["lr"] = o.encoder_lr * base * factor
+            g["lr"] = o.encoder_lr * base * factor * o.encoder_lr_mult.of(encoder)
             g["weight_decay"] = decay * factor
         else:
             g["lr"] = o.lr * base

@@ -17,6 +17,16 @@ every member's positive is the representative): per-row targets and a per-column
 fused kernel, no B × B mask. ``L(seq, struct)`` and the intra sequence / structure terms keep every
 other protein as a negative: two proteins that share a description are still different molecules,
 and telling their sequences and structures apart is what those terms teach.
+
+Temperatures (``loss.temperature``): ``"shared"`` uses the model's one learned logit scale for every
+term (the state dict is the plain model's). ``"per_pair"`` learns one scale per cross-modal pair
+(the three pairs are weighed for their different alignment strengths, so each may want its own
+sharpness) while the intra-modal terms keep the shared scale: they are auxiliaries of the same
+embedding space, and one scale for them keeps the new parameters to the three the pairs need.
+``"per_term"`` learns one scale per term (six). The extra scales are :class:`TermLogitScale`
+(``model.term_temperature``, ``out["term_logit_scale"]``), with the shared scale's init and clamp;
+each computed term's temperature 1 / s is returned as a detached metric ``temp_<term>`` (e.g.
+``temp_seq_struct``), and with ``kind: sigmoid`` each term's bias as ``bias_<term>``.
 """
 
 from __future__ import annotations
@@ -29,7 +39,7 @@ from kernels import check_equal_rows, gathered_sigmoid_loss, gathered_symmetric_
 from pretrain.errors import ConfigError
 from pretrain.losses.config import LossConfig
 from pretrain.losses.objective import Objective
-from pretrain.models.term_bias import TermBias
+from pretrain.models.term_bias import TermBias, TermLogitScale
 
 # (metric name, first embedding, second embedding, presence key a, presence key b, weight attribute)
 _PAIR_TERMS = (
@@ -43,6 +53,11 @@ _INTRA_TERMS = (
     ("loss_intra_text", "text", "intra_text"),
 )
 TERMS = tuple(t[0] for t in _PAIR_TERMS + _INTRA_TERMS)  # every term, in the order of the sigmoid biases
+# The extra learned scales of each loss.temperature mode other than "shared", named by short term name
+# (the order of TermLogitScale's vector); a term without one of its own uses the model's shared scale.
+_PAIR_SCALES = tuple(t[0].removeprefix("loss_") for t in _PAIR_TERMS)
+_TERM_SCALES = tuple(t.removeprefix("loss_") for t in TERMS)
+SCALE_NAMES = {"per_pair": _PAIR_SCALES, "per_term": _TERM_SCALES}
 # Terms whose keys include texts: the ones where identical texts are false negatives.
 _GROUPED_TERMS = frozenset({"loss_seq_text", "loss_struct_text", "loss_intra_text"})
 
@@ -66,13 +81,48 @@ class AlignProLoss(Objective):
     def __call__(self, out: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
         """:meth:`compute` on the model's output (its ``logit_scale``) and the batch's ``present`` /
         ``text_group`` (the :class:`~pretrain.losses.objective.Objective` call)."""
-        return self.compute(out, batch["present"], out["logit_scale"], batch.get("text_group"), out.get("term_bias"))
+        return self.compute(
+            out,
+            batch["present"],
+            out["logit_scale"],
+            batch.get("text_group"),
+            out.get("term_bias"),
+            out.get("term_logit_scale"),
+        )
 
     def build_heads(self, model) -> dict:
-        """With ``loss.kind: sigmoid``, SigLIP's learned bias per term (``model.siglip``); else nothing."""
-        if self.cfg.kind != "sigmoid":
-            return {}
-        return {"siglip": TermBias(TERMS, self.cfg.sigmoid_init_bias)}
+        """The objective's parameters beyond the plain model: with ``loss.kind: sigmoid`` SigLIP's learned
+        bias per term (``model.siglip``); with ``loss.temperature`` other than ``shared`` the extra
+        learned scales (``model.term_temperature``, init and clamp from ``model.cfg``). None by default,
+        so the default state dict is the plain model's."""
+        heads: dict = {}
+        if self.cfg.kind == "sigmoid":
+            heads["siglip"] = TermBias(TERMS, self.cfg.sigmoid_init_bias)
+        if self.cfg.temperature != "shared":
+            names = SCALE_NAMES[self.cfg.temperature]
+            heads["term_temperature"] = TermLogitScale(names, model.cfg.init_temperature, model.cfg.max_logit_scale)
+        return heads
+
+    def term_scale(self, name: str, logit_scale: Tensor, term_logit_scale: Tensor | None) -> Tensor:
+        """The logit scale term ``name`` uses under ``loss.temperature``, shape [1].
+
+        Args:
+            name: a term of :data:`TERMS` (``loss_seq_struct`` ...).
+            logit_scale: the model's shared scale, [1].
+            term_logit_scale: the model's ``term_logit_scale`` (:class:`TermLogitScale`), (N,) with N
+                the names of :data:`SCALE_NAMES` of the mode; None with ``temperature: shared``.
+        """
+        mode = self.cfg.temperature
+        short = name.removeprefix("loss_")
+        if mode == "shared" or short not in SCALE_NAMES[mode]:
+            return logit_scale.reshape(1)
+        if term_logit_scale is None:
+            raise KeyError(
+                f"loss.temperature={mode} needs the model's 'term_logit_scale' output "
+                "(built by AlignProLoss.build_heads)"
+            )
+        i = SCALE_NAMES[mode].index(short)
+        return term_logit_scale[i : i + 1]
 
     def needs_views(self) -> dict[str, bool]:
         """Which modalities need a second stochastic view (intra-modal weight > 0)."""
@@ -85,6 +135,7 @@ class AlignProLoss(Objective):
         logit_scale: Tensor,
         groups: Tensor | None = None,
         term_bias: Tensor | None = None,
+        term_logit_scale: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Compute the loss on this rank's embeddings.
 
@@ -99,10 +150,14 @@ class AlignProLoss(Objective):
             term_bias: (len(TERMS),) learned biases (the model's ``term_bias``), required with
                 ``cfg.kind == "sigmoid"``: each term is then SigLIP's pairwise sigmoid loss
                 (:func:`kernels.gathered_sigmoid_loss`) with its own bias.
+            term_logit_scale: (N,) learned scales (the model's ``term_logit_scale``), required with
+                ``cfg.temperature`` other than ``"shared"`` (:meth:`term_scale` maps terms onto them).
 
         Returns:
             ``loss`` (the weighted total, this rank's share) and every named term (detached
-            terms are still tensors; zero-weight terms are omitted).
+            terms are still tensors; zero-weight terms are omitted); with ``temperature`` other than
+            ``shared`` the detached metric ``temp_<term>`` (1 / s) of every computed term, with
+            ``kind: sigmoid`` its ``bias_<term>``.
         """
         grouped = self.cfg.false_negatives != "none"
         if grouped and groups is None:
@@ -117,21 +172,26 @@ class AlignProLoss(Objective):
             raise KeyError("loss.kind=sigmoid needs the model's 'term_bias' output (built by AlignProLoss.build_heads)")
         out: dict[str, Tensor] = {}
         total = emb["sequence"].new_zeros(())
-        for name, a, b, attr in _PAIR_TERMS:
-            w = getattr(self.cfg, attr)
+        jobs = [(name, a, b, present[a] & present[b], getattr(self.cfg, attr)) for name, a, b, attr in _PAIR_TERMS]
+        jobs += [
+            (name, mod, f"{mod}_view2", present[mod], getattr(self.cfg, attr))
+            for name, mod, attr in _INTRA_TERMS
+            if f"{mod}_view2" in emb
+        ]
+        metrics: dict[str, Tensor] = {}
+        for name, a, b, valid, w in jobs:
             if w <= 0:
                 continue
-            term = self._term(name, emb[a], emb[b], logit_scale, present[a] & present[b], groups, term_bias)
+            scale = self.term_scale(name, logit_scale, term_logit_scale)
+            term = self._term(name, emb[a], emb[b], scale, valid, groups, term_bias)
             out[name] = term
             total = total + w * term
-        for name, mod, attr in _INTRA_TERMS:
-            w = getattr(self.cfg, attr)
-            key = f"{mod}_view2"
-            if w <= 0 or key not in emb:
-                continue
-            term = self._term(name, emb[mod], emb[key], logit_scale, present[mod], groups, term_bias)
-            out[name] = term
-            total = total + w * term
+            short = name.removeprefix("loss_")
+            if self.cfg.temperature != "shared":
+                metrics[f"temp_{short}"] = 1.0 / scale.detach().reshape(())
+            if self.cfg.kind == "sigmoid":
+                metrics[f"bias_{short}"] = term_bias[TERMS.index(name)].detach()
+        out.update(metrics)
         out["loss"] = total
         return out
 
@@ -146,7 +206,8 @@ class AlignProLoss(Objective):
         term_bias: Tensor | None,
     ) -> Tensor:
         """One term over every rank's rows: symmetric InfoNCE (grouped when ``name`` contrasts texts), or
-        with ``kind: sigmoid`` the pairwise sigmoid loss with the term's bias (symmetric by construction)."""
+        with ``kind: sigmoid`` the pairwise sigmoid loss with the term's bias (symmetric by construction).
+        ``logit_scale`` [1] is this term's own scale (:meth:`term_scale`)."""
         if self.cfg.kind == "sigmoid":
             i = TERMS.index(name)
             return gathered_sigmoid_loss(

@@ -17,6 +17,7 @@ from pretrain.losses.protclip import ProtCLIPLossConfig
 BACKENDS = ("auto", "torch", "triton")  # kernels.infonce backends
 STRATEGIES = ("allgather", "ring")  # how negatives cross ranks (kernels.gathered_symmetric_infonce)
 KINDS = ("infonce", "sigmoid")  # loss.kind
+TEMPERATURES = ("shared", "per_pair", "per_term")  # loss.temperature
 
 
 @dataclass
@@ -38,6 +39,10 @@ class LossConfig:
     # sigmoid, kernels.gathered_sigmoid_loss, with a learned bias per term; model.init_temperature sets s)
     kind: str = "infonce"
     sigmoid_init_bias: float = -10.0  # initial value of every term's learned bias with kind sigmoid (SigLIP)
+    # Align-Pro's learned temperatures: "shared" (the model's one logit scale for every term), "per_pair"
+    # (one scale per cross-modal pair; the intra-modal terms keep the shared scale) or "per_term" (one per
+    # term). Every scale starts at model.init_temperature and is clamped at model.max_logit_scale.
+    temperature: str = "shared"
 
     def validate(self) -> None:
         """Checks shared by every objective; raises ConfigError naming the field.
@@ -59,6 +64,8 @@ class LossConfig:
                 raise ConfigError(f"loss.{name}={w}: weights must be finite numbers >= 0")
         if self.kind not in KINDS:
             raise ConfigError(f"loss.kind={self.kind!r}: expected 'infonce' or 'sigmoid'")
+        if self.temperature not in TEMPERATURES:
+            raise ConfigError(f"loss.temperature={self.temperature!r}: expected 'shared', 'per_pair' or 'per_term'")
         if self.kind == "sigmoid" and self.false_negatives != "none":
             raise ConfigError("loss.false_negatives needs loss.kind=infonce (the sigmoid loss has no grouped form yet)")
         self.protclip.validate("loss.protclip")

@@ -12,7 +12,11 @@ code adds ``0.3 · MLM`` and ``0.7 · BSR`` to the contrastive loss). Terms:
 - ``loss_bsr``: cross-entropy of :class:`~pretrain.models.protclip_modules.BSRDecoder` at the
   masked spans, for proteins that have a text.
 - ``loss_pda``: segment-level InfoNCE inside each protein (:func:`segment_infonce`) plus the
-  prototype VQ loss; ``loss_pda_nce`` and ``loss_pda_vq`` are logged too.
+  prototype VQ loss; ``loss_pda_nce`` and ``loss_pda_vq`` are logged too. With ``pda_assign:
+  gumbel`` (the public code's Gumbel-softmax assignment) ``loss_pda`` is the InfoNCE alone and the
+  prototype loss is logged as ``loss_pda_proto`` (detached), with the temperature ``pda_gumbel_tau``.
+  ``pda_text: per_segment`` encodes each text segment on its own for PDA (the public code) instead
+  of pooling the jointly encoded text by segment.
 
 Token-level terms are means over this rank's labelled positions; with DeepSpeed's gradient
 averaging they become the mean of per-rank means (ranks with unequal label counts are weighted
@@ -32,7 +36,7 @@ from kernels import gathered_symmetric_infonce, grouped_symmetric_infonce
 from pretrain.errors import ConfigError
 from pretrain.losses.false_negatives import GROUP_MODES
 from pretrain.losses.objective import LossSection, Objective
-from pretrain.models.protclip_modules import IGNORE_INDEX, ProtCLIPHeads
+from pretrain.models.protclip_modules import IGNORE_INDEX, PDA_ASSIGN, PDA_TEXT, ProtCLIPHeads
 
 
 @dataclass
@@ -59,6 +63,16 @@ class ProtCLIPLossConfig:
     pda_commitment: float = 0.25  # VQ-VAE commitment weight (beta)
     pda_init_temperature: float = 0.1  # initial temperature of the segment InfoNCE (learned scale)
     shuffle_segments: bool = True  # random order of the text segments after the name (training)
+    # PDA prototype assignment: "vq" (pda_quantize + the VQ loss, weighted by pda_vq, in the total) or "gumbel"
+    # (ProtCLIP's public code: Gumbel-softmax mix of prototypes; its prototype loss mean |q - z| is logged as
+    # loss_pda_proto and left out of the total)
+    pda_assign: str = "vq"
+    pda_gumbel_temperature: float = 0.9  # Gumbel-softmax temperature at step 0 (public code: 0.9)
+    pda_gumbel_min_temperature: float = 0.9  # floor of the schedule tau = max(min, tau0 * exp(-decay * t))
+    pda_gumbel_decay: float = 0.0  # per training forward; 0: constant tau (the public code never lowers it)
+    # PDA text segments: "joint" (the text encoded once, segments pooled by their token ids) or "per_segment"
+    # (each segment encoded as its own text, ProtCLIP's public code; one more text-encoder pass)
+    pda_text: str = "joint"
     false_negatives: str = "none"  # GC deduplication by group: "none", "text" (same text) or "go" (same GO set)
 
     def validate(self, where: str = "loss.protclip") -> None:
@@ -101,6 +115,21 @@ class ProtCLIPLossConfig:
             raise ConfigError(f"{where}.pda_quantize={self.pda_quantize!r}: expected 'soft' or 'ste'")
         if self.false_negatives not in ("none", *GROUP_MODES):
             raise ConfigError(f"{where}.false_negatives={self.false_negatives!r}: expected 'none', 'text' or 'go'")
+        if self.pda_assign not in PDA_ASSIGN:
+            raise ConfigError(f"{where}.pda_assign={self.pda_assign!r}: expected 'vq' or 'gumbel'")
+        if self.pda_text not in PDA_TEXT:
+            raise ConfigError(f"{where}.pda_text={self.pda_text!r}: expected 'joint' or 'per_segment'")
+        for name in ("pda_gumbel_temperature", "pda_gumbel_min_temperature"):
+            t = getattr(self, name)
+            if not (math.isfinite(t) and t > 0):
+                raise ConfigError(f"{where}.{name}={t}: must be a finite number > 0")
+        if self.pda_gumbel_min_temperature > self.pda_gumbel_temperature:
+            raise ConfigError(
+                f"{where}.pda_gumbel_min_temperature={self.pda_gumbel_min_temperature} > "
+                f"{where}.pda_gumbel_temperature={self.pda_gumbel_temperature}: the schedule only lowers tau"
+            )
+        if not (math.isfinite(self.pda_gumbel_decay) and self.pda_gumbel_decay >= 0):
+            raise ConfigError(f"{where}.pda_gumbel_decay={self.pda_gumbel_decay}: must be a finite number >= 0")
 
 
 def validate_protclip_config(cfg: ProtCLIPLossConfig) -> None:
@@ -199,6 +228,11 @@ class ProtCLIPLoss(Objective):
             raise ConfigError(
                 "loss.false_negatives is the align_pro objective's switch; use loss.protclip.false_negatives"
             )
+        if cfg.temperature != "shared":
+            raise ConfigError(
+                f"loss.temperature={cfg.temperature!r}: the protclip objective has one global contrast (GC); "
+                "per-pair / per-term temperatures are the align_pro objective's"
+            )
         try:
             validate_protclip_config(cfg.protclip)
         except ValueError as e:
@@ -225,7 +259,8 @@ class ProtCLIPLoss(Objective):
         Returns:
             ``loss`` (weighted total, this rank's share) and ``loss_gc``, ``loss_mlm``,
             ``loss_bsr``, ``loss_pda``, ``loss_pda_nce``, ``loss_pda_vq`` for the terms with a
-            weight > 0.
+            weight > 0 (with ``pda_assign: gumbel``: ``loss_pda_proto`` and ``pda_gumbel_tau``,
+            detached, instead of ``loss_pda_vq``).
         """
         cfg = self.cfg
         seq_ok, text_ok = present["sequence"], present["text"]
@@ -272,10 +307,14 @@ class ProtCLIPLoss(Objective):
             nce = segment_infonce(
                 out["pda_text"], out["pda_protein"], usable, out["pda_logit_scale"], cfg.pda_symmetric
             )
-            vq = out["pda_vq_loss"]
             terms["loss_pda_nce"] = nce
-            terms["loss_pda_vq"] = vq
-            terms["loss_pda"] = nce + cfg.pda_vq * vq
+            if cfg.pda_assign == "gumbel":  # the public code logs its prototype loss but leaves it out
+                terms["loss_pda_proto"] = out["pda_vq_loss"].detach()
+                terms["pda_gumbel_tau"] = out["pda_gumbel_tau"].detach().reshape(())
+                terms["loss_pda"] = nce
+            else:
+                terms["loss_pda_vq"] = out["pda_vq_loss"]
+                terms["loss_pda"] = nce + cfg.pda_vq * out["pda_vq_loss"]
             total = total + cfg.pda * terms["loss_pda"]
         terms["loss"] = total
         return terms

@@ -29,6 +29,8 @@ IGNORE_INDEX = -100  # label of positions without a prediction target (torch cro
 # Property segments of a function text, in slot order: segment id k always means SEGMENTS[k].
 SEGMENTS = ("name", "function", "location", "similarity", "go_f", "go_p", "go_c", "ec")
 NUM_SEGMENTS = len(SEGMENTS)
+PDA_ASSIGN = ("vq", "gumbel")  # loss.protclip.pda_assign
+PDA_TEXT = ("joint", "per_segment")  # loss.protclip.pda_text
 
 
 def _safe_key_mask(valid: Tensor) -> Tensor:
@@ -128,7 +130,17 @@ class PDAHead(nn.Module):
        estimator (value of the prototype, gradient of ``z``). The VQ-VAE loss
        ``|sg(z) - q|² + commitment · |z - sg(q)|²`` (mean over present segments) trains the bank
        and keeps segment vectors near it. The public code uses a Gumbel-softmax mix and leaves its
-       prototype loss out of the total; here it is part of ``loss_pda``.
+       prototype loss out of the total; ``assign="gumbel"`` does the same (below). With ``"vq"``
+       (default) the VQ loss is part of ``loss_pda``.
+
+       ``assign="gumbel"`` (ProtCLIP's public code): the assignment is a Gumbel-softmax sample over the
+       logits ``cos(z, E) / assign_temperature`` at temperature ``tau`` (training; without the noise in
+       eval mode, so evaluation is deterministic), ``q = w · E``, differentiable in both. The prototype
+       loss is the public code's mean absolute difference ``mean |q - z|`` over present segments,
+       returned for logging only (the objective leaves it out of the total). ``tau`` follows
+       ``max(gumbel_min_temperature, gumbel_temperature · exp(-gumbel_decay · t))`` with ``t`` the
+       training forwards so far (a buffer saved with the model, so a resumed run continues the
+       schedule); the public code starts at 0.9 and never lowers it (``gumbel_decay = 0``).
     3. Pooling: residue states are projected and normalised; each segment's attention over residues
        is ``softmax_r(cos(q_s, r) / pool_temperature)`` with padding (and BOS/EOS) masked, and the
        pooled protein segment vector is the attention-weighted mean of residue vectors.
@@ -143,17 +155,21 @@ class PDAHead(nn.Module):
         proj_dim: width of segment vectors and prototypes.
         num_prototypes: size of the memory bank.
         num_segments: property slots S (``NUM_SEGMENTS``).
-        quantize: ``"soft"`` or ``"ste"``.
-        assign_temperature: softmax temperature of the soft assignment.
+        quantize: ``"soft"`` or ``"ste"`` (``assign="vq"``).
+        assign: ``"vq"`` (quantise + VQ loss) or ``"gumbel"`` (Gumbel-softmax, prototype loss logged only).
+        assign_temperature: softmax temperature of the soft assignment (the logits' divisor with gumbel).
+        gumbel_temperature, gumbel_min_temperature, gumbel_decay: the Gumbel-softmax temperature schedule.
         pool_temperature: softmax temperature of residue pooling.
         commitment: weight of the commitment term of the VQ loss.
         init_temperature, max_logit_scale: the learned InfoNCE scale.
 
     Shapes:
         residue_states (B, Lp, Dp), residue_mask (B, Lp) bool, text_states (B, Lt, Dt),
-        segment_ids (B, Lt) long in [-1, S) (-1: special / padding token)
+        segment_ids (B, Lt) long in [-1, S) (-1: special / padding token); or, instead of the last
+        two, ``segment_means`` (B, S, Dt) with ``segment_present`` (B, S) (per-segment text encoding)
         -> dict: ``text`` (B, S, P), ``protein`` (B, S, P), ``present`` (B, S) bool,
-        ``vq_loss`` [], ``codes`` (B, S) long (nearest prototype), ``logit_scale`` [1].
+        ``vq_loss`` [] (the prototype loss with gumbel), ``codes`` (B, S) long (nearest prototype),
+        ``logit_scale`` [1]; with gumbel also ``gumbel_tau`` [1] (the temperature used).
     """
 
     def __init__(
@@ -165,17 +181,29 @@ class PDAHead(nn.Module):
         num_segments: int = 8,
         *,
         quantize: str = "soft",
+        assign: str = "vq",
         assign_temperature: float = 0.1,
         pool_temperature: float = 0.1,
         commitment: float = 0.25,
         init_temperature: float = 0.1,
         max_logit_scale: float = 100.0,
+        gumbel_temperature: float = 0.9,
+        gumbel_min_temperature: float = 0.9,
+        gumbel_decay: float = 0.0,
     ):
         super().__init__()
         if quantize not in ("soft", "ste"):
             raise ValueError(f"PDA quantize must be 'soft' or 'ste', got {quantize!r}")
+        if assign not in PDA_ASSIGN:
+            raise ValueError(f"PDA assign must be 'vq' or 'gumbel', got {assign!r}")
         self.num_segments = num_segments
         self.quantize = quantize
+        self.assign = assign
+        self.gumbel_temperature = gumbel_temperature
+        self.gumbel_min_temperature = gumbel_min_temperature
+        self.gumbel_decay = gumbel_decay
+        if assign == "gumbel":  # training forwards so far (the schedule's t); only then: vq state dicts unchanged
+            self.register_buffer("gumbel_step", torch.zeros(1, dtype=torch.long))
         self.assign_temperature = assign_temperature
         self.pool_temperature = pool_temperature
         self.commitment = commitment
@@ -197,6 +225,35 @@ class PDAHead(nn.Module):
         counts = member.sum(1)  # (B, S)
         means = member.transpose(1, 2) @ text_states / counts.clamp(min=1.0).unsqueeze(-1)  # (B, S, Dt)
         return F.normalize(self.text_proj(means), dim=-1), counts > 0
+
+    def gumbel_tau(self) -> float:
+        """The Gumbel-softmax temperature at the current training forward (``assign="gumbel"``)."""
+        t = int(self.gumbel_step.reshape(-1)[0])
+        return max(self.gumbel_min_temperature, self.gumbel_temperature * math.exp(-self.gumbel_decay * t))
+
+    def gumbel_assign(self, z: Tensor, present: Tensor) -> tuple[Tensor, Tensor, Tensor, float]:
+        """Gumbel-softmax prototype mix, the public code's prototype loss (mean |q - z|), argmax codes, tau.
+
+        Noise is drawn from torch's global generator in training mode; eval mode uses the noise-free
+        softmax at the same temperature. A training forward with gradients advances the schedule.
+
+        Shapes:
+            z (B, S, P) unit-norm, present (B, S) -> z_q (B, S, P), proto_loss [], codes (B, S), tau
+        """
+        bank = F.normalize(self.prototypes, dim=-1)  # (K, P)
+        logits = z @ bank.T / self.assign_temperature  # (B, S, K)
+        tau = self.gumbel_tau()
+        if self.training:
+            weights = F.gumbel_softmax(logits, tau=tau, hard=False, dim=-1)
+            if torch.is_grad_enabled():  # not the no-grad checks (finite-loss probe, validation)
+                self.gumbel_step += 1
+        else:
+            weights = torch.softmax(logits / tau, dim=-1)
+        z_q = weights @ bank  # (B, S, P)
+        weight = present.to(z.dtype)
+        per_segment = (z_q - z).abs().mean(-1)  # (B, S)
+        proto_loss = (per_segment * weight).sum() / weight.sum().clamp(min=1.0)
+        return z_q, proto_loss, weights.argmax(-1), tau
 
     def quantise(self, z: Tensor, present: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Prototype-quantised segment vectors, the VQ loss over present segments, nearest codes.
@@ -221,10 +278,25 @@ class PDAHead(nn.Module):
         return z_q, vq_loss, codes
 
     def forward(
-        self, residue_states: Tensor, residue_mask: Tensor, text_states: Tensor, segment_ids: Tensor
+        self,
+        residue_states: Tensor,
+        residue_mask: Tensor,
+        text_states: Tensor | None = None,
+        segment_ids: Tensor | None = None,
+        *,
+        segment_means: Tensor | None = None,
+        segment_present: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        z, present = self.segment_vectors(text_states, segment_ids)
-        z_q, vq_loss, codes = self.quantise(z, present)
+        if segment_means is not None:  # per-segment text encoding: the means come precomputed
+            z, present = F.normalize(self.text_proj(segment_means), dim=-1), segment_present.bool()
+        else:
+            z, present = self.segment_vectors(text_states, segment_ids)
+        extra: dict[str, Tensor] = {}
+        if self.assign == "gumbel":
+            z_q, vq_loss, codes, tau = self.gumbel_assign(z, present)
+            extra["gumbel_tau"] = torch.full((1,), tau, device=z.device)
+        else:
+            z_q, vq_loss, codes = self.quantise(z, present)
         anchors = F.normalize(z_q, dim=-1)  # (B, S, P)
         residues = F.normalize(self.protein_proj(residue_states), dim=-1)  # (B, Lp, P)
         keep = _safe_key_mask(residue_mask.bool())  # (B, Lp)
@@ -240,6 +312,7 @@ class PDAHead(nn.Module):
             "vq_loss": vq_loss,
             "codes": codes,
             "logit_scale": scale,
+            **extra,
         }
 
 
@@ -275,10 +348,14 @@ class ProtCLIPHeads(nn.Module):
                 cfg.pda_prototypes,
                 num_segments,
                 quantize=cfg.pda_quantize,
+                assign=cfg.pda_assign,
                 assign_temperature=cfg.pda_assign_temperature,
                 pool_temperature=cfg.pda_pool_temperature,
                 commitment=cfg.pda_commitment,
                 init_temperature=cfg.pda_init_temperature,
+                gumbel_temperature=cfg.pda_gumbel_temperature,
+                gumbel_min_temperature=cfg.pda_gumbel_min_temperature,
+                gumbel_decay=cfg.pda_gumbel_decay,
             )
             if cfg.pda > 0
             else None
@@ -312,7 +389,8 @@ def protclip_forward(model: nn.Module, heads: ProtCLIPHeads, batch: dict) -> dic
 
     Passes: the sequence encoder on the clean tokens (GC embedding; residue states for PDA), on the
     MLM-masked tokens (ESM-2's own LM head gives the MLM logits) and on the span-masked tokens (BSR
-    queries); the text encoder once on the segmented text (GC embedding, BSR keys, PDA segments).
+    queries); the text encoder once on the segmented text (GC embedding, BSR keys, PDA segments) and,
+    with ``pda_text: per_segment``, once more over every segment as its own text (PDA segments).
     A pass whose loss weight is 0 is skipped.
 
     Args:
@@ -347,6 +425,75 @@ def protclip_forward(model: nn.Module, heads: ProtCLIPHeads, batch: dict) -> dic
         span_states = seq_enc.residue_representations(extra["bsr_tokens"])
         out["bsr_logits"] = heads.bsr(span_states, text_states, text_attn)
     if heads.pda is not None:
-        pda = heads.pda(residues, residue_mask, text_states, extra["segment_ids"])
+        if cfg.pda_text == "per_segment":
+            means, seg_present = encode_segments_separately(
+                text_enc, batch["text_ids"], text_attn, extra["segment_ids"], heads.pda.num_segments
+            )
+            pda = heads.pda(residues, residue_mask, segment_means=means, segment_present=seg_present)
+        else:
+            pda = heads.pda(residues, residue_mask, text_states, extra["segment_ids"])
         out.update({f"pda_{k}": v for k, v in pda.items()})
     return out
+
+
+def segment_token_rows(
+    text_ids: Tensor, text_attn: Tensor, segment_ids: Tensor, num_segments: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One text row per present segment: ``[CLS] <the segment's tokens> [SEP]``, padded with 0.
+
+    [CLS] is each text's first token and [SEP] its last attended one (``tokenize_segments`` writes
+    ``[CLS] seg_a seg_b ... [SEP]``); the segment's tokens keep their order.
+
+    Shapes:
+        text_ids, text_attn, segment_ids (B, Lt); -> ids (R, W) long, attn (R, W) long,
+        pairs (R, 2) long ((protein, slot) of each row), counts (R,) tokens of each segment;
+        R = present segments, W = 2 + the longest segment.
+    """
+    slots = torch.arange(num_segments, device=segment_ids.device)
+    present = (segment_ids.unsqueeze(-1) == slots).any(1)  # (B, S)
+    pairs = present.nonzero()  # (R, 2)
+    rows, slot = pairs[:, 0], pairs[:, 1]
+    member = segment_ids[rows] == slot.unsqueeze(1)  # (R, Lt)
+    counts = member.sum(1)  # (R,)
+    width = int(counts.max()) + 2 if len(pairs) else 2
+    # positions of each segment's tokens first, in their order (stable sort of "not a member")
+    order = torch.argsort((~member).to(torch.int8), dim=1, stable=True)[:, : width - 2]  # (R, W-2)
+    body = text_ids[rows].gather(1, order)
+    pos = torch.arange(width, device=text_ids.device)
+    inside = pos[: width - 2].unsqueeze(0) < counts.unsqueeze(1)  # (R, W-2) the segment's own tokens
+    ids = torch.zeros((len(pairs), width), dtype=text_ids.dtype, device=text_ids.device)
+    ids[:, 1:-1] = torch.where(inside, body, torch.zeros_like(body))
+    ids[:, 0] = text_ids[rows, 0]
+    last = text_attn.long().sum(1).clamp(min=1) - 1  # (B,) the [SEP] of each text
+    ids.scatter_(1, (counts + 1).unsqueeze(1), text_ids[rows, last[rows]].unsqueeze(1))
+    attn = (pos.unsqueeze(0) < (counts + 2).unsqueeze(1)).to(text_attn.dtype)
+    return ids, attn, pairs, counts
+
+
+def encode_segments_separately(
+    text_encoder: nn.Module, text_ids: Tensor, text_attn: Tensor, segment_ids: Tensor, num_segments: int
+) -> tuple[Tensor, Tensor]:
+    """PDA's segment means with each segment encoded on its own (ProtCLIP's public code).
+
+    Every present segment becomes its own ``[CLS] segment [SEP]`` text (:func:`segment_token_rows`);
+    one text-encoder pass over all of them gives token states, and each segment's mean runs over its
+    own tokens ([CLS] / [SEP] excluded, as in the joint encoding). Unlike the public code (which
+    encodes the segments under ``torch.no_grad``), the gradient reaches the text encoder, as in the
+    joint encoding.
+
+    Shapes:
+        text_ids, text_attn, segment_ids (B, Lt) -> means (B, S, H), present (B, S) bool
+    """
+    ids, attn, pairs, counts = segment_token_rows(text_ids, text_attn, segment_ids, num_segments)
+    b = text_ids.shape[0]
+    present = torch.zeros((b, num_segments), dtype=torch.bool, device=text_ids.device)
+    present[pairs[:, 0], pairs[:, 1]] = True
+    if len(pairs) == 0:  # no text in the batch: nothing to encode (every segment absent)
+        return torch.zeros((b, num_segments, text_encoder.output_dim), device=text_ids.device), present
+    states = text_encoder.token_representations(ids, attn)  # (R, W, H)
+    pos = torch.arange(ids.shape[1], device=ids.device)
+    body = ((pos >= 1) & (pos <= counts.unsqueeze(1))).to(states.dtype).unsqueeze(-1)  # (R, W, 1)
+    seg_means = (states * body).sum(1) / counts.clamp(min=1).to(states.dtype).unsqueeze(-1)  # (R, H)
+    means = states.new_zeros((b, num_segments, states.shape[-1]))
+    means = means.index_put((pairs[:, 0], pairs[:, 1]), seg_means)
+    return means, present

@@ -26,7 +26,7 @@ from pretrain.models.text_encoder import TextEncoder, TextEncoderConfig
 MODALITIES = ("sequence", "structure", "text")
 # Outputs of the forward that are parameters shared by the batch, not rows: the two-pass step does not
 # split them into chunks and back-propagates them once (pretrain.engine.two_pass).
-SHARED_OUTPUTS = ("logit_scale", "term_bias")
+SHARED_OUTPUTS = ("logit_scale", "term_bias", "term_logit_scale")
 NO_DECAY = "_no_decay"  # suffix of the parameter groups AdamW does not decay (see parameter_groups)
 
 

@@ -15,7 +15,30 @@ CHANGES = {
     "seq_text": {("loss", "alpha"): 0.0, ("loss", "gamma"): 0.0, ("loss", "intra_struct"): 0.0},
     "no_augment": {("data", "text_augment"): False},
     "no_intra": {("loss", "intra_seq"): 0.0, ("loss", "intra_struct"): 0.0, ("loss", "intra_text"): 0.0},
+    "per_pair_temperature": {("loss", "temperature"): "per_pair"},
+    "per_term_temperature": {("loss", "temperature"): "per_term"},
+    "text_lr_0p1": {("optim", "encoder_lr_mult", "text"): 0.1},
 }
+# ProtCLIP switches: variant -> changed fields, on the ProtCLIP bases (demo_protclip.yaml is demo.yaml with the
+# protclip objective and demo-sized heads; protclip_650M.yaml the real-size recipe)
+PROTCLIP_BASES = {
+    "demo_protclip": ABLATIONS / "demo_protclip.yaml",
+    "protclip_650M": CONFIGS_DIR / "recipes" / "protclip_650M.yaml",
+}
+PROTCLIP_CHANGES = {
+    "pda_gumbel": {("loss", "protclip", "pda_assign"): "gumbel"},
+    "pda_per_segment": {("loss", "protclip", "pda_text"): "per_segment"},
+}
+
+
+def _apply(want: dict, changes: dict) -> dict:
+    for path, value in changes.items():
+        node = want
+        for key in path[:-1]:
+            node = node[key]
+        assert node[path[-1]] != value, path  # the base really differs
+        node[path[-1]] = value
+    return want
 
 
 def _write(path: Path, text: str) -> Path:
@@ -52,12 +75,26 @@ def test_overlay_errors_name_the_file(tmp_path):
 def test_ablation_recipe_changes_only_its_fields(base, variant):
     got = load_config(ABLATIONS / f"{base}_{variant}.yaml").to_dict()
     want = load_config(CONFIGS_DIR / "recipes" / f"{base}.yaml").to_dict()
-    for (section, key), value in CHANGES[variant].items():
-        assert want[section][key] != value, (section, key)  # the base really has the term on
-        want[section][key] = value
+    assert got == _apply(want, CHANGES[variant])
+
+
+@pytest.mark.parametrize("base", sorted(PROTCLIP_BASES))
+@pytest.mark.parametrize("variant", sorted(PROTCLIP_CHANGES))
+def test_protclip_ablation_recipe_changes_only_its_switch(base, variant):
+    got = load_config(ABLATIONS / f"{base}_{variant}.yaml").to_dict()
+    assert got == _apply(load_config(PROTCLIP_BASES[base]).to_dict(), PROTCLIP_CHANGES[variant])
+
+
+def test_demo_protclip_is_demo_with_the_protclip_objective():
+    got = load_config(ABLATIONS / "demo_protclip.yaml").to_dict()
+    want = load_config(CONFIGS_DIR / "recipes" / "demo.yaml").to_dict()
+    want["loss"]["objective"] = "protclip"
+    want["loss"]["protclip"].update(bsr_hidden=64, bsr_heads=4, pda_proj_dim=64, pda_prototypes=64)
     assert got == want
 
 
 def test_every_ablation_file_is_covered():
     names = {p.stem for p in ABLATIONS.glob("*.yaml")}
-    assert names == {f"{b}_{v}" for b in ("demo", "align_pro_650M") for v in CHANGES}
+    want = {f"{b}_{v}" for b in ("demo", "align_pro_650M") for v in CHANGES}
+    want |= {f"{b}_{v}" for b in PROTCLIP_BASES for v in PROTCLIP_CHANGES} | {"demo_protclip"}
+    assert names == want

@@ -45,24 +45,40 @@ def _emb(seed: int = 0) -> dict[str, torch.Tensor]:
     return out
 
 
-def _reference(emb, present, s, cfg: LossConfig, groups) -> torch.Tensor:
-    """The Align-Pro total on one process: text terms deduplicated by the explicit-mask oracle."""
+def _reference(emb, present, s, cfg: LossConfig, groups, scales=None) -> torch.Tensor:
+    """The Align-Pro total on one process: text terms deduplicated by the explicit-mask oracle.
+
+    ``scales`` (6,): one logit scale per term in TERMS order (loss.temperature=per_term); None: ``s`` for all.
+    """
     grouped = cfg.false_negatives != "none"
 
-    def term(a, b, valid, text):
+    def term(i, a, b, valid, text):
+        si = s if scales is None else scales[i : i + 1]
         if grouped and text:
-            return grouped_symmetric_infonce_reference(a, b, s, groups, valid)
-        return symmetric_infonce(a, b, s, valid=valid, backend="torch")
+            return grouped_symmetric_infonce_reference(a, b, si, groups, valid)
+        return symmetric_infonce(a, b, si, valid=valid, backend="torch")
 
     p = present
     return (
-        cfg.alpha * term(emb["sequence"], emb["structure"], p["sequence"] & p["structure"], False)
-        + cfg.beta * term(emb["sequence"], emb["text"], p["sequence"] & p["text"], True)
-        + cfg.gamma * term(emb["structure"], emb["text"], p["structure"] & p["text"], True)
-        + cfg.intra_seq * term(emb["sequence"], emb["sequence_view2"], p["sequence"], False)
-        + cfg.intra_struct * term(emb["structure"], emb["structure_view2"], p["structure"], False)
-        + cfg.intra_text * term(emb["text"], emb["text_view2"], p["text"], True)
+        cfg.alpha * term(0, emb["sequence"], emb["structure"], p["sequence"] & p["structure"], False)
+        + cfg.beta * term(1, emb["sequence"], emb["text"], p["sequence"] & p["text"], True)
+        + cfg.gamma * term(2, emb["structure"], emb["text"], p["structure"] & p["text"], True)
+        + cfg.intra_seq * term(3, emb["sequence"], emb["sequence_view2"], p["sequence"], False)
+        + cfg.intra_struct * term(4, emb["structure"], emb["structure_view2"], p["structure"], False)
+        + cfg.intra_text * term(5, emb["text"], emb["text_view2"], p["text"], True)
     )
+
+
+PER_TERM_SCALES = torch.tensor([3.0, 5.0, 7.0, 2.0, 4.0, 6.0], dtype=torch.float64)  # loss.temperature=per_term
+
+
+def _per_term_loss_and_grads(fn, emb):
+    """Like :func:`_loss_and_grads` with one scale per term (``fn(leaves, scales)``)."""
+    leaves = {k: v.clone().requires_grad_() for k, v in emb.items()}
+    scales = PER_TERM_SCALES.clone().requires_grad_()
+    loss = fn(leaves, scales)
+    (loss * 1.7).backward()
+    return loss.detach(), {k: v.grad for k, v in leaves.items()}, scales.grad
 
 
 def _loss_and_grads(fn, emb):
@@ -187,6 +203,14 @@ def _worker(rank: int, init_file: str, out_dir: str, strategy: str = "allgather"
             lambda e, s: AlignProLoss(cfg).compute(e, present, s, GROUPS[local])["loss"], emb
         )
         result = {"loss": loss, "grads": grads, "s": s_grad, "row_checks": row_checks[0]}
+        per_term = replace(cfg, temperature="per_term")
+        shared = torch.tensor([4.0], dtype=torch.float64)
+        result["per_term"] = _per_term_loss_and_grads(
+            lambda e, sc: AlignProLoss(per_term).compute(e, present, shared, GROUPS[local], term_logit_scale=sc)[
+                "loss"
+            ],
+            emb,
+        )
         torch.save(result, os.path.join(out_dir, f"r{rank}.pt"))
     except BaseException:
         Path(out_dir, f"r{rank}.err").write_text(traceback.format_exc())
@@ -214,6 +238,15 @@ def test_two_gloo_ranks_match_the_global_reference(strategy, tmp_path):
     torch.testing.assert_close(sum(r["s"] for r in res), WORLD * ref[2], rtol=10 * rtol, atol=atol)
     # six terms, one equal-rows check (a collective and a host sync) for the step, not one per term
     assert [r["row_checks"] for r in res] == [1, 1]
+    # loss.temperature=per_term: each term's own scale, its gradient summed over ranks
+    per_term = replace(cfg, temperature="per_term")
+    ref = _per_term_loss_and_grads(lambda e, sc: _reference(e, PRESENT, None, per_term, GROUPS, sc), _emb())
+    torch.testing.assert_close(sum(r["per_term"][0] for r in res) / WORLD, ref[0], rtol=rtol, atol=atol)
+    for rank, r in enumerate(res):
+        local = slice(rank * rows, (rank + 1) * rows)
+        for k, g in r["per_term"][1].items():
+            torch.testing.assert_close(g, WORLD * ref[1][k][local], rtol=10 * rtol, atol=atol, msg=k)
+    torch.testing.assert_close(sum(r["per_term"][2] for r in res), WORLD * ref[2], rtol=10 * rtol, atol=atol)
 
 
 def test_sigmoid_kind_is_each_term_s_pairwise_sigmoid_loss_with_its_bias():
