@@ -4,9 +4,11 @@
         + sum_m w_m * L(m view 1, m view 2)
 
 Each term is a symmetric temperature-scaled InfoNCE whose negatives are every rank's
-rows (``kernels.gathered_symmetric_infonce``). A protein missing either modality of a
-pair is left out of that term, as a query and as a negative, instead of being dropped
-from the batch.
+rows. By default (``loss.fuse_terms``) every InfoNCE term of a step runs in one
+``kernels.trimodal_infonce`` call that gathers each embedding once (one backward all-reduce) instead
+of once per term; ``fuse_terms: false`` calls ``kernels.gathered_symmetric_infonce`` per term. A
+protein missing either modality of a pair is left out of that term, as a query and as a negative,
+instead of being dropped from the batch.
 
 False negatives (``loss.false_negatives``: ``"text"`` or ``"go"``): different proteins with
 identical canonical function text (or the identical GO-id set) are one class in the terms that
@@ -35,7 +37,14 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from kernels import check_equal_rows, gathered_sigmoid_loss, gathered_symmetric_infonce, grouped_symmetric_infonce
+from kernels import (
+    Term,
+    check_equal_rows,
+    gathered_sigmoid_loss,
+    gathered_symmetric_infonce,
+    grouped_symmetric_infonce,
+    trimodal_infonce,
+)
 from pretrain.errors import ConfigError
 from pretrain.losses.config import LossConfig
 from pretrain.losses.objective import Objective
@@ -178,12 +187,13 @@ class AlignProLoss(Objective):
             for name, mod, attr in _INTRA_TERMS
             if f"{mod}_view2" in emb
         ]
+        jobs = [job for job in jobs if job[4] > 0]
+        scales = {name: self.term_scale(name, logit_scale, term_logit_scale) for name, *_ in jobs}
+        fused = self._fused_terms(jobs, emb, present, scales, groups) if self.fused else {}
         metrics: dict[str, Tensor] = {}
         for name, a, b, valid, w in jobs:
-            if w <= 0:
-                continue
-            scale = self.term_scale(name, logit_scale, term_logit_scale)
-            term = self._term(name, emb[a], emb[b], scale, valid, groups, term_bias)
+            scale = scales[name]
+            term = fused[name] if fused else self._term(name, emb[a], emb[b], scale, valid, groups, term_bias)
             out[name] = term
             total = total + w * term
             short = name.removeprefix("loss_")
@@ -194,6 +204,40 @@ class AlignProLoss(Objective):
         out.update(metrics)
         out["loss"] = total
         return out
+
+    @property
+    def fused(self) -> bool:
+        """Whether :meth:`compute` runs every InfoNCE term in one :func:`kernels.trimodal_infonce` call
+        (``loss.fuse_terms`` with ``kind: infonce``; the sigmoid loss stays per term)."""
+        return self.cfg.fuse_terms and self.cfg.kind == "infonce"
+
+    def _fused_terms(
+        self,
+        jobs: list[tuple],
+        emb: dict[str, Tensor],
+        present: dict[str, Tensor],
+        scales: dict[str, Tensor],
+        groups: Tensor | None,
+    ) -> dict[str, Tensor]:
+        """Every term of ``jobs`` (name, a, b, valid, weight) from one gather of each embedding key:
+        this rank's share per term, equal to the per-term :meth:`_term` calls."""
+        if not jobs:
+            return {}
+        grouped = self.cfg.false_negatives != "none"
+        terms = [
+            Term(name, a, b, grouped=grouped and name in _GROUPED_TERMS, present=None if b in present else (a,))
+            for name, a, b, _, _ in jobs
+        ]
+        return trimodal_infonce(
+            emb,
+            terms,
+            [scales[t.name] for t in terms],
+            present=present,
+            groups=groups.to(emb["sequence"].device) if grouped else None,
+            backend=self.cfg.backend,
+            strategy=self.cfg.strategy,
+            check_rows=False,  # checked once in compute
+        )
 
     def _term(
         self,

@@ -38,6 +38,9 @@ class LossConfig:
     # Align-Pro's contrastive form: "infonce" (softmax over the negatives) or "sigmoid" (SigLIP's pairwise
     # sigmoid, kernels.gathered_sigmoid_loss, with a learned bias per term; model.init_temperature sets s)
     kind: str = "infonce"
+    # With kind infonce: every term in one kernels.trimodal_infonce call, each modality gathered once per step
+    # (false: one gathered call per term, as before; the two agree to rounding)
+    fuse_terms: bool = True
     sigmoid_init_bias: float = -10.0  # initial value of every term's learned bias with kind sigmoid (SigLIP)
     # Align-Pro's learned temperatures: "shared" (the model's one logit scale for every term), "per_pair"
     # (one scale per cross-modal pair; the intra-modal terms keep the shared scale) or "per_term" (one per

@@ -105,9 +105,12 @@ def test_terms_and_total_on_a_hand_checkable_pair():
     torch.testing.assert_close(terms["loss"], 2.0 * want)
 
 
+@pytest.mark.parametrize("fuse", [True, False])
 @pytest.mark.parametrize("mode", ["none", "text"])
-def test_matches_the_term_by_term_reference(mode):
-    cfg = replace(CFG, false_negatives=mode)
+def test_matches_the_term_by_term_reference(mode, fuse):
+    """Fused (kernels.trimodal_infonce, one gather per key) and per-term paths both equal the reference."""
+    cfg = replace(CFG, false_negatives=mode, fuse_terms=fuse)
+    assert AlignProLoss(cfg).fused is fuse
     emb = _emb()
     got = _loss_and_grads(lambda e, s: AlignProLoss(cfg).compute(e, PRESENT, s, GROUPS)["loss"], emb)
     ref = _loss_and_grads(lambda e, s: _reference(e, PRESENT, s, cfg, GROUPS), emb)
@@ -170,9 +173,9 @@ def test_collate_adds_group_ids_only_when_switched_on(tmp_path):
 # ----------------------------------------------------------------------------- 2 gloo ranks
 
 
-def _two_rank_cfg(strategy: str) -> LossConfig:
+def _two_rank_cfg(strategy: str, fuse: bool = True) -> LossConfig:
     """Either strategy with the text false-negative groups (the text terms grouped, the others plain)."""
-    return replace(CFG, strategy=strategy, false_negatives="text")
+    return replace(CFG, strategy=strategy, false_negatives="text", fuse_terms=fuse)
 
 
 def _count_row_checks() -> list[int]:
@@ -187,7 +190,7 @@ def _count_row_checks() -> list[int]:
     return count
 
 
-def _worker(rank: int, init_file: str, out_dir: str, strategy: str = "allgather") -> None:
+def _worker(rank: int, init_file: str, out_dir: str, strategy: str = "allgather", fuse: bool = True) -> None:
     torch.set_num_threads(1)
     try:
         dist.init_process_group(
@@ -197,7 +200,7 @@ def _worker(rank: int, init_file: str, out_dir: str, strategy: str = "allgather"
         local = slice(rank * rows, (rank + 1) * rows)
         emb = {k: v[local] for k, v in _emb().items()}
         present = {k: v[local] for k, v in PRESENT.items()}
-        cfg = _two_rank_cfg(strategy)
+        cfg = _two_rank_cfg(strategy, fuse)
         row_checks = _count_row_checks()
         loss, grads, s_grad = _loss_and_grads(
             lambda e, s: AlignProLoss(cfg).compute(e, present, s, GROUPS[local])["loss"], emb
@@ -220,13 +223,14 @@ def _worker(rank: int, init_file: str, out_dir: str, strategy: str = "allgather"
             dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("strategy", ["allgather", "ring"])
-def test_two_gloo_ranks_match_the_global_reference(strategy, tmp_path):
-    """Presence masks on every term; the ring (kernels.ring) computes its blocks in fp32, hence its tolerance."""
+@pytest.mark.parametrize(("strategy", "fuse"), [("allgather", True), ("ring", True), ("allgather", False)])
+def test_two_gloo_ranks_match_the_global_reference(strategy, fuse, tmp_path):
+    """Presence masks on every term; the ring (kernels.ring) computes its blocks in fp32, hence its tolerance.
+    ``fuse``: all terms in one kernels.trimodal_infonce call, else one gathered call per term."""
     res = run_ranks(
-        _worker, lambda r: (r, str(tmp_path / "rdv"), str(tmp_path), strategy), WORLD, tmp_path, TIMEOUT_S, "r"
+        _worker, lambda r: (r, str(tmp_path / "rdv"), str(tmp_path), strategy, fuse), WORLD, tmp_path, TIMEOUT_S, "r"
     )
-    cfg = _two_rank_cfg(strategy)
+    cfg = _two_rank_cfg(strategy, fuse)
     ref = _loss_and_grads(lambda e, s: _reference(e, PRESENT, s, cfg, GROUPS), _emb())
     rtol, atol = (1e-10, 1e-12) if strategy == "allgather" else (1e-5, 1e-6)
     torch.testing.assert_close(sum(r["loss"] for r in res) / WORLD, ref[0], rtol=rtol, atol=atol)
