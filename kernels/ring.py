@@ -52,7 +52,8 @@ import torch.distributed as dist
 from kernels.gather import world_and_rank
 from kernels.infonce_reference import refuse_double_backward
 
-__all__ = ["ring_symmetric_infonce"]
+# Ring, block_ops and wait_all are also the fused tri-modal ring's (kernels.trimodal_blocks)
+__all__ = ["Ring", "block_ops", "ring_symmetric_infonce", "wait_all"]
 
 _FEATURE_TAG, _GRAD_TAG, _MASK_TAG = 11, 12, 13
 _TORCH_CHUNK_ELEMS = 1 << 24  # rows per torch chunk = this / n: a (chunk, n) fp32 tile is <= 64 MiB
@@ -108,7 +109,8 @@ def _triton_ops():
     return _BlockOps(lse, backward)
 
 
-def _block_ops(backend, device):
+def block_ops(backend, device):
+    """The block LSE / backward pair of ``backend`` ("auto" picks Triton on CUDA) for blocks on ``device``."""
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "torch"
     if backend == "torch":
@@ -118,7 +120,7 @@ def _block_ops(backend, device):
     raise ValueError(f"backend must be 'auto', 'torch' or 'triton'; got {backend!r}")
 
 
-class _Ring:
+class Ring:
     """Rank bookkeeping and the two kinds of messages; a world of one never communicates."""
 
     def __init__(self, group):
@@ -155,7 +157,8 @@ class _Ring:
         return buf, dist.irecv(buf, group=self.group, tag=_GRAD_TAG, group_src=self.prev)
 
 
-def _wait(works):
+def wait_all(works):
+    """Waits for every pending send / receive of ``works`` (None: nothing pending)."""
     for work in works or ():
         work.wait()
 
@@ -210,7 +213,7 @@ def ring_forward(a, b, scale, ring, ops, valid=None, targets=None, key_valid=Non
         masks.append(key_mask)
         lse_a = torch.logaddexp(lse_a, ops.lse(a, b_src, scale, key_mask))
         lse_b = torch.logaddexp(lse_b, ops.lse(b, a_src, scale, key_mask))
-        _wait(works)
+        wait_all(works)
         block, mask = incoming, incoming_mask
     if targets is None:
         pos_a = pos_b = (af * bf).sum(dim=1)
@@ -267,11 +270,11 @@ def ring_backward(grad, a, b, scale, lse_a, lse_b, row_weight, masks, ring, ops,
             acc_work.wait()
             acc += acc_in
         if ring.world > 1:
-            _wait([pending_send] if pending_send is not None else None)
+            wait_all([pending_send] if pending_send is not None else None)
             pending_send, sent = ring.send_grads(acc), acc
         else:
             own = acc
-        _wait(works)
+        wait_all(works)
         block = incoming
     if ring.world > 1:
         own, work = ring.recv_grads(acc)
@@ -348,7 +351,7 @@ def ring_symmetric_infonce(a, b, logit_scale, *, group=None, backend="auto", val
         raise TypeError(f"a and b must share a dtype; got {a.dtype} and {b.dtype}")
     if valid is not None and (valid.shape != a.shape[:1] or valid.dtype != torch.bool):
         raise ValueError(f"valid must be a bool tensor of shape ({a.shape[0]},)")
-    ring = _Ring(group)
+    ring = Ring(group)
     if targets is not None:
         if targets.shape != a.shape[:1] or targets.dtype != torch.int64:
             raise ValueError(f"targets must be an int64 tensor of shape ({a.shape[0]},)")
@@ -358,5 +361,5 @@ def ring_symmetric_infonce(a, b, logit_scale, *, group=None, backend="auto", val
             raise ValueError(f"key_valid must be a bool tensor of shape ({ring.world * a.shape[0]},)")
     elif key_valid is not None:
         raise ValueError("key_valid masks the keys of retargeted rows: pass targets with it")
-    ops = _block_ops(backend, a.device)
+    ops = block_ops(backend, a.device)
     return RingInfoNCEFunction.apply(a.contiguous(), b.contiguous(), logit_scale, valid, ring, ops, targets, key_valid)

@@ -16,7 +16,7 @@ Blocks: with ``"allgather"`` there is one block, every key's gathered rows (one 
 the stacked (b, K, d) local rows: a single collective for all keys), and :class:`GatheredTrimodalFunction`
 returns their gradient as one (W·b, K, d) tensor to the gather (whose backward is one all-reduce).
 With ``"ring"`` the block is this rank's rows of *every* key,
-stacked (K, b, d) and passed rank to rank once per step for all terms (``kernels.ring``'s ``_Ring``);
+stacked (K, b, d) and passed rank to rank once per step for all terms (``kernels.ring``'s ``Ring``);
 the backward sends it round again with one fp32 accumulator of the same shape (:class:`RingTrimodalFunction`).
 Message order per link as in ``kernels.ring``: features(0), grads(0), features(1), …
 
@@ -140,7 +140,7 @@ class _TritonGroupOps:
     """One direction at a time on ``kernels.ring``'s Triton block kernels (one scale per launch)."""
 
     def __init__(self):
-        self.ops = ring_module._block_ops("triton", torch.device("cuda"))
+        self.ops = ring_module.block_ops("triton", torch.device("cuda"))
 
     def lse(self, q, keys, scales, masks):
         return [self.ops.lse(q, k, s, m) for k, s, m in zip(keys, scales, masks)]
@@ -286,7 +286,7 @@ class RingTrimodalFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, plan, ops, group, scales, *xs):
-        ring = ring_module._Ring(group)
+        ring = ring_module.Ring(group)
         ct = compute_dtype(xs[0].dtype)
         s = scales.detach().to(ct)
         b = plan.rows
@@ -296,7 +296,7 @@ class RingTrimodalFunction(torch.autograd.Function):
             for step in range(ring.world):
                 incoming, works = ring.shift_features(block) if step < ring.world - 1 else ((None, None), None)
                 _block_forward(plan, xs, block, ring.source(step) * b, b, s, ops, lse, pos)
-                ring_module._wait(works)
+                ring_module.wait_all(works)
                 block = incoming[0]
             losses, weights = _finish(plan, s, lse, pos, scales.shape[0])
         ctx.save_for_backward(scales, *xs, *lse, *weights)
@@ -331,11 +331,11 @@ class RingTrimodalFunction(torch.autograd.Function):
                     acc_work.wait()
                     acc += acc_in
                 if ring.world > 1:
-                    ring_module._wait([pending_send] if pending_send is not None else None)
+                    ring_module.wait_all([pending_send] if pending_send is not None else None)
                     pending_send, sent = ring.send_grads(acc), acc
                 else:
                     own = acc
-                ring_module._wait(works)
+                ring_module.wait_all(works)
                 block = incoming[0]
             if ring.world > 1:
                 own, work = ring.recv_grads(acc)
