@@ -1,7 +1,10 @@
 """``python -m pretrain.export --run-dir RUN [--format hf]``: consolidate a run's checkpoint into ``RUN/export``.
 
-The command only; the export itself is :mod:`pretrain.engine.export`. ``--format hf`` also writes
-the Hugging Face directories and model card beside it (:mod:`pretrain.hf_export`, ``RUN/export_hf``).
+The command only; the export itself is :mod:`pretrain.engine.export`. It reads the sharded ZeRO files
+itself (:mod:`pretrain.engine.zero_consolidate`): DeepSpeed need not be installed. When the run pinned a
+best checkpoint (``eval.select_metric``), it is written as ``RUN/export/best`` too. ``--format hf`` also
+writes the Hugging Face directories and model card of the last export beside it
+(:mod:`pretrain.hf_export`, ``RUN/export_hf``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ def main(argv=None) -> int:
     )
     p.add_argument("--run-dir", required=True)
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the latest complete one)")
-    p.add_argument("--out", default=None, help="output directory (default: RUN/export)")
+    p.add_argument(
+        "--out", default=None, help="output directory (default: RUN/export, with the pinned best in RUN/export/best)"
+    )
     p.add_argument(
         "--format",
         choices=("safetensors", "hf"),
@@ -44,6 +49,8 @@ def main(argv=None) -> int:
         load_run_config(run_dir)  # ConfigError naming RUN/config.yaml: the export carries it
         out = export_checkpoint(run_dir, args.tag, args.out)
         print(f"exported {out}")
+        if args.out is None and (out / "best" / "config.yaml").is_file():
+            print(f"exported {out / 'best'} (the best checkpoint by validation)")
         if args.format == "hf":
             from pretrain.hf_export import export_hf
 

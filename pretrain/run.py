@@ -48,6 +48,11 @@ def prepare(recipe: str | None, overrides: list[str], ds_config: str, run_dir: s
         check_plan(cfg, world_size)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e)) from None
+    if cfg.eval.select_metric is not None and not cfg.train.validate_every:
+        raise ConfigError(
+            f"eval.select_metric={cfg.eval.select_metric!r} selects by validation, but train.validate_every=0 "
+            "(no validation): set train.validate_every (a multiple of train.checkpoint_every pins every validated step)"
+        )
     if cfg.train.eval_at_end and not _shard_set_exists(cfg.data.eval_shards):
         raise ConfigError(f"data.eval_shards: directory not found: {cfg.data.eval_shards}")
     previous = load_run_config(run_dir)[0] if (run_dir / "config.yaml").is_file() else None

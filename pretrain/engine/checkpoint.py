@@ -9,6 +9,9 @@ Layout (``RUN/checkpoints``)::
     <tag>_universal/       DeepSpeed universal form of <tag>, made on the first resume on another
                            number of ranks (:mod:`pretrain.engine.checkpoint_universal`)
 
+With ``eval.select_metric`` set, the checkpoint that scored best on validation is pinned in
+``RUN/best_checkpoint.json`` and retention never removes it (:mod:`pretrain.engine.best_checkpoint`).
+
 A checkpoint without ``COMPLETE`` is never loaded; ``latest`` moves only after ``COMPLETE``
 exists, so a kill at any moment leaves the previous checkpoint usable. A write that fails on
 any rank (disk full, I/O error) is caught on that rank, agreed on by all ranks, the partial
@@ -34,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from data_shards.storage import write_text
-from pretrain.engine import checkpoint_store
+from pretrain.engine import best_checkpoint, checkpoint_store
 from pretrain.engine.checkpoint_safety import verify_safe, weights_only_loads
 from pretrain.engine.checkpoint_store import retired_tags
 from pretrain.engine.checkpoint_tags import (
@@ -199,18 +202,38 @@ def save(
         except WRITE_ERRORS as e:
             errors.append(f"{ckpt_dir / tag}: publishing failed: {e}")
     _fail_together(ckpt_dir, tag, errors, rank)
+    pinned = [None]
     if rank == 0:
+        pinned = [_pin_best(ckpt_dir, engine, step, tag)]
         for old in retired_tags(complete_steps(ckpt_dir), step, keep):
+            if old == pinned[0]:
+                continue  # the best checkpoint by eval.select_metric outlives retention
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
             shutil.rmtree(ckpt_dir / f"{old}{UNIVERSAL_SUFFIX}", ignore_errors=True)  # its elastic-resume form
     _barrier()
     if remote:
         world = dist.get_world_size() if dist.is_initialized() else 1
+        if dist.is_initialized():
+            dist.broadcast_object_list(pinned, src=0)  # rank 0 prunes the remote copy
         try:
-            checkpoint_store.publish(ckpt_dir, remote, tag, {"step": step, "world_size": world}, keep, ckpt_dir.parent)
+            checkpoint_store.publish(
+                ckpt_dir, remote, tag, {"step": step, "world_size": world}, keep, ckpt_dir.parent, pinned=pinned[0]
+            )
         except RuntimeError as e:  # raised on every rank together; the remote `latest` did not move
             raise CheckpointWriteError(f"checkpoint {tag} is complete locally but not published: {e}") from None
     return tag
+
+
+def _pin_best(ckpt_dir: Path, engine, step: int, tag: str) -> str | None:
+    """Rank 0: pin ``tag`` as the best checkpoint when the last validation scored its weights best
+    (:func:`best_checkpoint.promote`); returns the pinned tag retention keeps. A failure to write
+    ``RUN/best_checkpoint.json`` is logged, not raised (the checkpoint itself is complete)."""
+    try:
+        best = best_checkpoint.promote(ckpt_dir.parent, engine, step, tag)
+    except OSError as e:
+        log.error("could not record the best checkpoint in %s: %s", ckpt_dir.parent / best_checkpoint.FILE, e)
+        return best_checkpoint.pinned_tag(ckpt_dir.parent, step)
+    return best["tag"] if best is not None else None
 
 
 def _fail_together(ckpt_dir: Path, tag: str, errors: list[str], rank: int) -> None:

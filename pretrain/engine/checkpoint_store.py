@@ -6,7 +6,8 @@ DeepSpeed writes every checkpoint to the local staging directory ``RUN/checkpoin
     <remote>/checkpoints/<tag>/...      every rank's files, uploaded by one process per node
     <remote>/checkpoints/<tag>/COMPLETE written by rank 0 once every node's upload finished
     <remote>/checkpoints/latest         written by rank 0 after COMPLETE: the publish point
-    <remote>/config.yaml, metrics.jsonl the run record, uploaded with each checkpoint
+    <remote>/config.yaml, metrics.jsonl, best_checkpoint.json
+                                        the run record, uploaded with each checkpoint
     <remote>/export/                    the consolidated model (config.yaml uploaded last)
 
 Object stores have no rename, so atomicity comes from order: a tag is never named by ``latest``
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
-RUN_RECORD = ("config.yaml", "metrics.jsonl")
+RUN_RECORD = ("config.yaml", "metrics.jsonl", "best_checkpoint.json")
 
 
 def _rank() -> int:
@@ -110,10 +111,13 @@ def remote_latest(remote: str) -> tuple[str, dict] | None:
     return tag, json.loads(storage.read_text(storage.join(root, tag, COMPLETE)))
 
 
-def publish(ckpt_dir: Path, remote: str, tag: str, complete: dict, keep: int, run_dir: Path) -> None:
+def publish(
+    ckpt_dir: Path, remote: str, tag: str, complete: dict, keep: int, run_dir: Path, pinned: str | None = None
+) -> None:
     """Collective: upload local checkpoint ``tag`` to ``remote``, then mark it complete and latest.
 
-    Call on every rank after every rank's files are in its local ``ckpt_dir/tag``.
+    Call on every rank after every rank's files are in its local ``ckpt_dir/tag``. ``pinned``: a tag
+    retention keeps whatever its age (the best checkpoint by validation).
     """
     root = storage.join(remote, "checkpoints")
     error = None
@@ -139,18 +143,18 @@ def publish(ckpt_dir: Path, remote: str, tag: str, complete: dict, keep: int, ru
     _everyone_ok(error, f"publishing checkpoint {tag} to {root}")
     if _rank() == 0:
         try:
-            _prune(remote, keep, complete["step"])
+            _prune(remote, keep, complete["step"], pinned)
         except (OSError, ValueError) as e:  # old tags left behind cost space, not correctness
             log.warning("could not delete old checkpoints under %s: %s", root, e)
     log.info("checkpoint %s published to %s", tag, root)
 
 
-def _prune(remote: str, keep: int, step: int) -> None:
+def _prune(remote: str, keep: int, step: int, pinned: str | None = None) -> None:
     """Delete the complete tags retention retires (:func:`retired_tags`: all but the one at
-    ``step`` and the ``keep - 1`` before it) and incomplete ones older than ``step``."""
+    ``step`` and the ``keep - 1`` before it, and ``pinned``) and incomplete ones older than ``step``."""
     root = storage.join(remote, "checkpoints")
     complete = remote_complete_tags(remote)
-    doomed = retired_tags(complete, step, keep)
+    doomed = [tag for tag in retired_tags(complete, step, keep) if tag != pinned]
     known = {tag for _, tag in complete}
     for name in storage.listdir(root):
         if name not in known and name != LATEST and name.startswith("step") and name[4:].isdigit():
@@ -165,7 +169,8 @@ def fetch(ckpt_dir: Path, remote: str, run_dir: Path) -> str | None:
 
     Rank 0 decides the tag (so every node loads the same one); each node's leader downloads it
     unless a complete local copy is there, and points the local ``latest`` at it. Also restores
-    ``metrics.jsonl`` when this machine has none (a fresh node resuming a run). None: nothing to
+    ``metrics.jsonl`` and ``best_checkpoint.json`` when this machine has none (a fresh node resuming
+    a run; the pinned best checkpoint itself stays remote). None: nothing to
     resume from.
     """
     choice: list = [None]
@@ -185,9 +190,10 @@ def fetch(ckpt_dir: Path, remote: str, run_dir: Path) -> str | None:
     if _node_leader():
         try:
             _download_tag(ckpt_dir, remote, tag)
-            metrics = run_dir / "metrics.jsonl"
-            if _rank() == 0 and not metrics.is_file() and storage.exists(storage.join(remote, "metrics.jsonl")):
-                storage.write_bytes(metrics, storage.read_bytes(storage.join(remote, "metrics.jsonl")))
+            for name in ("metrics.jsonl", "best_checkpoint.json"):
+                local = run_dir / name
+                if _rank() == 0 and not local.is_file() and storage.exists(storage.join(remote, name)):
+                    storage.write_bytes(local, storage.read_bytes(storage.join(remote, name)))
         except (OSError, ValueError) as e:
             error = e
     _everyone_ok(error, f"downloading checkpoint {tag} from {remote}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import struct
@@ -30,6 +31,8 @@ from pretrain.config import Config, load_run_config, save_config
 from pretrain.engine.builder import build_model
 from pretrain.models.trimodal import TriModalModel
 
+log = logging.getLogger(__name__)
+
 MODEL_FILE = "model.safetensors"
 TEXT_DIR = "text"  # the text encoder's tokenizer files and config.json, never its weights
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
@@ -41,6 +44,8 @@ def export_engine(engine, cfg: Config, out_dir: Path, step: int | None = None) -
 
     Collective: call on every rank. Returns the directory on rank 0, None elsewhere. ``step`` (the
     training step the weights are from) is recorded in the safetensors metadata (:func:`export_step`).
+    ``out_dir`` is ``RUN/export``: a best checkpoint the run pinned is written to ``out_dir/best`` too
+    (:func:`export_best`, from its checkpoint files on rank 0 while the other ranks go on).
     """
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
@@ -74,6 +79,10 @@ def export_engine(engine, cfg: Config, out_dir: Path, step: int | None = None) -
     if rank != 0:
         return None
     out = write_export(state, cfg, out_dir, step=step)
+    try:
+        export_best(Path(out_dir).parent, out, last_state=state, last_step=step)  # RUN/export -> RUN
+    except (OSError, ValueError) as e:  # the last export is written; the run is not failed for the best's
+        log.error("the best checkpoint was not exported to %s: %s", out / "best", e)
     if cfg.train.remote_dir:
         from pretrain.engine.checkpoint_store import publish_export
 
@@ -81,11 +90,14 @@ def export_engine(engine, cfg: Config, out_dir: Path, step: int | None = None) -
     return out
 
 
-def write_export(state: dict[str, torch.Tensor], cfg: Config, out_dir: Path, step: int | None = None) -> Path:
+def write_export(
+    state: dict[str, torch.Tensor], cfg: Config, out_dir: Path, step: int | None = None, extra: dict | None = None
+) -> Path:
     """Write ``state`` (as fp32 copies) and ``cfg`` to ``out_dir`` atomically (temp dir, then rename).
 
     Copies also untie shared tensors (ESM-2's lm_head shares the token embedding), which
-    safetensors refuses to store twice; loading re-ties them through the module.
+    safetensors refuses to store twice; loading re-ties them through the module. ``extra``: more
+    string metadata for the safetensors header.
     """
     state = {k: v.detach().to("cpu", torch.float32).clone().contiguous() for k, v in state.items()}
     out_dir = Path(out_dir)
@@ -94,6 +106,7 @@ def write_export(state: dict[str, torch.Tensor], cfg: Config, out_dir: Path, ste
     metadata = {"format": "pt", "producer": "align-pro"}
     if step is not None:
         metadata["step"] = str(int(step))
+    metadata.update(extra or {})
     save_file(state, str(tmp / MODEL_FILE), metadata=metadata)
     _copy_text_files(cfg, tmp / TEXT_DIR)
     save_config(cfg, tmp / "config.yaml")
@@ -260,14 +273,19 @@ def load_exported(export_dir: Path | str, device: str = "cpu") -> tuple[TriModal
 
 
 def export_checkpoint(run_dir: Path, tag: str | None = None, out_dir: Path | None = None) -> Path:
-    """Consolidate a (ZeRO-sharded) checkpoint of ``run_dir`` into an export, without a process group.
+    """Consolidate a (ZeRO-sharded) checkpoint of ``run_dir`` into an export, without DeepSpeed.
 
-    The checkpoint's files are verified loadable without arbitrary unpickling first
-    (:func:`pretrain.engine.checkpoint_safety.verify_safe`), and DeepSpeed reads them with weights-only loads.
+    The sharded fp32 partitions are read and zipped back together by
+    :func:`pretrain.engine.zero_consolidate.consolidate_zero_checkpoint` (``weights_only`` loads,
+    DeepSpeed need not be installed). When the run pinned a best checkpoint
+    (:mod:`pretrain.engine.best_checkpoint`) and ``out_dir`` is the default, it is exported too, as
+    ``RUN/export/best/`` (:func:`export_best`).
+
+    Raises:
+        FileNotFoundError: no complete checkpoint (or not ``tag``) in ``RUN/checkpoints``.
+        ZeroCheckpointError: a checkpoint file is missing, refused (it needs unpickling) or not
+            understood; the message names it.
     """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from pretrain.engine.checkpoint_safety import verify_safe, weights_only_loads
     from pretrain.engine.checkpoint_tags import COMPLETE, complete_record, latest_tag
 
     run_dir = Path(run_dir)
@@ -275,9 +293,65 @@ def export_checkpoint(run_dir: Path, tag: str | None = None, out_dir: Path | Non
     tag = tag or latest_tag(ckpt_dir)
     if tag is None or not (ckpt_dir / tag).is_dir():
         raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir}")
-    verify_safe(ckpt_dir / tag)
     cfg, _ = load_run_config(run_dir)
-    with weights_only_loads():
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    state = consolidate_checkpoint(ckpt_dir / tag)
     step = int(complete_record(ckpt_dir / tag)["step"]) if (ckpt_dir / tag / COMPLETE).is_file() else None
-    return write_export(state, cfg, Path(out_dir) if out_dir else run_dir / "export", step=step)
+    out = write_export(state, cfg, Path(out_dir) if out_dir else run_dir / "export", step=step)
+    if out_dir is None:
+        export_best(run_dir, out, last_state=state, last_step=step)
+    return out
+
+
+def consolidate_checkpoint(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """The fp32 state dict of checkpoint ``tag_dir``: ZeRO 1-3 partitions zipped together, or the
+    whole module of a ZeRO-0 (plain data parallel) fp32 checkpoint. No DeepSpeed needed.
+
+    Raises:
+        ZeroCheckpointError: see :func:`consolidate_zero_checkpoint`; also a ZeRO-0 checkpoint whose
+            module is not fp32 (its masters live in DeepSpeed's optimizer state: not supported here).
+    """
+    from pretrain.engine.zero_consolidate import ZeroCheckpointError, consolidate_zero_checkpoint, load_checkpoint_file
+
+    tag_dir = Path(tag_dir)
+    if any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
+        return consolidate_zero_checkpoint(tag_dir)
+    path = tag_dir / "mp_rank_00_model_states.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{tag_dir}: neither ZeRO optimizer partitions nor {path.name}: not a checkpoint")
+    module = load_checkpoint_file(path).get("module")
+    if not isinstance(module, dict) or not module:
+        raise ZeroCheckpointError(f"{path}: no module state")
+    if any(v.is_floating_point() and v.dtype != torch.float32 for v in module.values()):
+        raise ZeroCheckpointError(
+            f"{path}: a ZeRO-0 checkpoint of a bf16/fp16 run holds rounded weights; export it from the engine"
+        )
+    return dict(module)
+
+
+def export_best(run_dir: Path, export_dir: Path, last_state: dict | None = None, last_step: int | None = None):
+    """Write the run's pinned best checkpoint (RUN/best_checkpoint.json) as ``export_dir/best``.
+
+    Rank 0 only; reads the checkpoint's files (no process group, no DeepSpeed). When the best is
+    the step just exported (``last_step``), ``last_state`` is written again instead. The step and the
+    score are in the safetensors metadata (``step``, ``select_metric``, ``select_score``) and in
+    ``best/best.json``. Returns the directory, or None when no best is pinned or its checkpoint is gone
+    (logged).
+    """
+    from pretrain.engine import best_checkpoint
+
+    record = best_checkpoint.read(run_dir)
+    if record is None:
+        return None
+    ckpt = Path(run_dir) / "checkpoints" / record["tag"]
+    if last_state is not None and last_step == record["step"]:
+        state = last_state
+    elif (ckpt / "COMPLETE").is_file():
+        state = consolidate_checkpoint(ckpt)
+    else:
+        log.warning("best checkpoint %s (step %d) is gone; no export/best written", ckpt, record["step"])
+        return None
+    cfg, _ = load_run_config(run_dir)
+    extra = {"select_metric": record["metric"], "select_score": repr(float(record["score"]))}
+    out = write_export(state, cfg, Path(export_dir) / best_checkpoint.EXPORT_SUBDIR, step=record["step"], extra=extra)
+    best_checkpoint.write_json(out / "best.json", record)
+    return out

@@ -1,8 +1,14 @@
-"""Retrieval validation during pretraining: a few hundred held-out proteins, every N steps.
+"""Validation during pretraining: a few hundred held-out proteins, every N steps.
 
-The collated validation batches are built once per (shard set, size, model config) and kept in
-memory, so a call costs only the forward passes. Under ZeRO-3 call it on every rank (the forward
-passes gather partitioned parameters collectively); each rank computes the same numbers.
+Cross-modal retrieval always; with ``eval.validation_zeroshot`` also zero-shot Fmax (ProtST-style
+text prompts per EC class / GO term, :mod:`pretrain.eval.zeroshot`) on the proteins' own labels.
+With ``eval.select_metric`` the validator notes the chosen score on the engine, and the checkpoint
+of those weights is pinned when it is the best (:mod:`pretrain.engine.best_checkpoint`).
+
+The collated validation batches (and their labels) are built once per (shard set, size, model
+config) and kept in memory, so a call costs only the forward passes. Under ZeRO-3 call it on every
+rank (the forward passes gather partitioned parameters collectively); each rank computes the same
+numbers.
 """
 
 from __future__ import annotations
@@ -20,8 +26,14 @@ from data_shards.storage import is_url
 from pretrain.config import Config
 from pretrain.data.collate import batch_to_device
 from pretrain.data.stream import iter_eval_batches
+from pretrain.engine import best_checkpoint
+from pretrain.eval.embed import embed_texts, read_annotations
+from pretrain.eval.function import FunctionSettings, evaluate_function
 from pretrain.eval.retrieval import retrieval_metrics
 from pretrain.models.trimodal import MODALITIES
+
+# eval.validation_zeroshot task -> (evaluate_function task, its result key)
+_ZEROSHOT = {"ec": ("ec", "EC"), "go_mf": ("go", "GO-MF"), "go_bp": ("go", "GO-BP"), "go_cc": ("go", "GO-CC")}
 
 _CACHE: OrderedDict = OrderedDict()
 _CACHE_SIZE = 2
@@ -38,6 +50,48 @@ def _batches(cfg: Config, shard_dir: str | Path, max_samples: int, batch_size: i
             _CACHE.popitem(last=False)
     _CACHE.move_to_end(key)
     return _CACHE[key]
+
+
+@functools.lru_cache(maxsize=2)
+def _annotations(where: str, max_samples: int):
+    """The labels of the first ``max_samples`` proteins, row-aligned with :func:`_batches` (an
+    unreadable sample keeps its row in both)."""
+    return read_annotations(where, max_samples)
+
+
+@functools.lru_cache(maxsize=4)
+def _ec_names(path: str) -> dict[str, str]:
+    from pretrain.eval.zeroshot import load_ec_names
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"eval.ec_names: {path} does not exist")
+    return load_ec_names(path)
+
+
+def _zeroshot_metrics(model, cfg: Config, arrays: dict, where: str, max_samples: int, prefix: str) -> dict:
+    """Zero-shot Fmax of ``eval.validation_zeroshot`` on the validation proteins' own labels."""
+    ann = _annotations(where, max_samples)
+    if len(ann) != len(arrays["present_sequence"]):
+        raise RuntimeError(f"{where}: {len(ann)} annotated proteins for {len(arrays['present_sequence'])} embedded")
+    module = getattr(model, "module", model)  # the DeepSpeed engine's model (ZeRO-3 hooks gather on forward)
+    names = _ec_names(cfg.eval.ec_names) if cfg.eval.ec_names else None
+    test = {"annotations": ann, **arrays}
+    tasks = {_ZEROSHOT[t][0] for t in cfg.eval.validation_zeroshot}
+    scores = evaluate_function(
+        None,
+        test,
+        tasks,
+        FunctionSettings(methods=frozenset({"zeroshot"})),
+        embed_text=lambda texts: embed_texts(module, cfg, texts, cfg.eval.batch_size),
+        ec_names=names,
+    )
+    out: dict[str, float] = {}
+    for task in cfg.eval.validation_zeroshot:
+        methods = scores[_ZEROSHOT[task][1]].get("methods", {})  # absent: no validation protein has a label
+        for modality, suffix in (("sequence", ""), ("structure", "/structure")):
+            value = methods.get(f"zeroshot/{modality}", {}).get("fmax")
+            out[f"{prefix}zeroshot_fmax_{task}{suffix}"] = float("nan") if value is None else float(value)
+    return out
 
 
 @torch.no_grad()
@@ -63,7 +117,9 @@ def validate_model(
 
     Returns:
         Flat scalars for metrics.jsonl: ``val/num_proteins``, ``val/mean_R@k`` (mean over the six
-        directions), ``val/<direction>/R@k``, ``val/<direction>/median_rank`` and ``val/time_s``.
+        directions), ``val/<direction>/R@k``, ``val/<direction>/median_rank``, ``val/time_s``, and
+        for each task of ``eval.validation_zeroshot`` ``val/zeroshot_fmax_<task>`` (sequence
+        embeddings) and ``val/zeroshot_fmax_<task>/structure`` (NaN when no protein has a label).
     """
     t0 = time.perf_counter()
     was_training = model.training
@@ -71,6 +127,7 @@ def validate_model(
     device = next(model.parameters()).device
     chunks: dict[str, list] = {m: [] for m in MODALITIES}
     present: dict[str, list] = {m: [] for m in MODALITIES}
+    zeroshot: dict[str, float] = {}
     try:
         for batch in _batches(cfg, shard_dir, max_samples, batch_size or cfg.eval.batch_size):
             emb = model(batch_to_device(batch, device))  # the training forward: works on engine and module
@@ -78,10 +135,13 @@ def validate_model(
                 mask = batch["present"][m]
                 chunks[m].append((emb[m].float().cpu() * mask[:, None]).numpy())
                 present[m].append(mask.numpy().astype(bool))
+        arrays = {m: np.concatenate(chunks[m]) for m in MODALITIES}
+        arrays.update({f"present_{m}": np.concatenate(present[m]) for m in MODALITIES})
+        if cfg.eval.validation_zeroshot:
+            where = str(shard_dir) if is_url(shard_dir) else str(Path(shard_dir).resolve())
+            zeroshot = _zeroshot_metrics(model, cfg, arrays, where, max_samples, prefix)
     finally:
         model.train(was_training)
-    arrays = {m: np.concatenate(chunks[m]) for m in MODALITIES}
-    arrays.update({f"present_{m}": np.concatenate(present[m]) for m in MODALITIES})
     metrics = retrieval_metrics(arrays, cfg.eval.ks, curve_max_k=1)
     out: dict[str, float] = {f"{prefix}num_proteins": int(len(arrays["present_sequence"]))}
     dirs = {name: d for name, d in metrics["directions"].items() if d.get("n")}
@@ -92,13 +152,28 @@ def validate_model(
         for k in cfg.eval.ks:
             out[f"{prefix}{name}/R@{k}"] = d[f"R@{k}"]
         out[f"{prefix}{name}/median_rank"] = d["median_rank"]
+    out.update(zeroshot)
     out[f"{prefix}time_s"] = time.perf_counter() - t0
     return out
 
 
 def validator_for(cfg: Config) -> Callable[[torch.nn.Module], dict[str, float]]:
     """The trainer's validation (``train.validate_every``): :func:`validate_model` on the first
-    ``eval.validation_samples`` proteins of ``data.eval_shards``."""
-    return functools.partial(
+    ``eval.validation_samples`` proteins of ``data.eval_shards``. With ``eval.select_metric`` set it
+    also notes that score on the engine, for the checkpoint saved next to pin when it is the best
+    (:func:`pretrain.engine.best_checkpoint.note_validation`)."""
+    validate = functools.partial(
         validate_model, cfg=cfg, shard_dir=cfg.data.eval_shards, max_samples=cfg.eval.validation_samples
     )
+    metric = cfg.eval.select_metric
+    if metric is None:
+        return validate
+
+    def validate_and_note(model: torch.nn.Module) -> dict[str, float]:
+        out = validate(model)
+        if metric not in out:
+            raise KeyError(f"eval.select_metric={metric!r}: validation reported only {sorted(out)}")
+        best_checkpoint.note_validation(model, metric, cfg.eval.select_mode, out[metric])
+        return out
+
+    return validate_and_note

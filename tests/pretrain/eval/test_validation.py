@@ -46,3 +46,38 @@ def test_validate_model_reads_held_out_shards_from_s3(tiny_export, tiny_corpus, 
         k: v for k, v in local.items() if k != "val/time_s"
     }
     assert any(key[0] == url for key in validation._CACHE)
+
+
+def test_validation_zero_shot_fmax_equals_the_evaluation_commands(tiny_export, tiny_corpus, tmp_path):
+    """``eval.validation_zeroshot``: the same zero-shot Fmax as ``python -m pretrain.eval --tasks zeroshot``
+    on the same proteins (prompts from the proteins' own GO names and EC classes)."""
+    from pretrain.eval.__main__ import evaluate_export
+
+    model, cfg = load_exported(tiny_export)
+    model.eval()
+    cfg.eval.validation_zeroshot = ["ec", "go_mf"]
+    out = validate_model(model, cfg, tiny_corpus / "heldout", max_samples=32, batch_size=16)
+    ref = evaluate_export(
+        tiny_export, str(tiny_corpus / "heldout"), 32, tasks="zeroshot", train_shards=str(tmp_path / "none")
+    )["function"]
+    for task, name in (("ec", "EC"), ("go_mf", "GO-MF")):
+        for modality, suffix in (("sequence", ""), ("structure", "/structure")):
+            want = ref[name]["methods"][f"zeroshot/{modality}"]["fmax"]
+            assert out[f"val/zeroshot_fmax_{task}{suffix}"] == pytest.approx(want, abs=1e-6), (task, modality)
+    assert 0.0 < out["val/zeroshot_fmax_ec"] <= 1.0
+    assert "val/zeroshot_fmax_go_bp" not in out
+
+
+def test_validator_notes_the_selection_metric_on_the_model(tiny_export, tiny_corpus):
+    from pretrain.eval.validation import validator_for
+
+    model, cfg = load_exported(tiny_export)
+    cfg.data.eval_shards = str(tiny_corpus / "heldout")
+    cfg.eval.validation_samples = 16
+    cfg.eval.select_metric, cfg.eval.select_mode = "val/mean_R@5", "max"
+    out = validator_for(cfg)(model)
+    note = model._align_pro_validation
+    assert (note["metric"], note["mode"], note["score"]) == ("val/mean_R@5", "max", out["val/mean_R@5"])
+    cfg.eval.select_metric = "val/absent"
+    with pytest.raises(KeyError, match="eval.select_metric='val/absent'"):
+        validator_for(cfg)(model)
