@@ -24,6 +24,19 @@ class DataConfig:
     text_rewrite_prob: float = 0.5  # with text_augment: chance of a stored LLM rewrite (text.rewrites) when present
     text_definition_prob: float = 0.3  # with text_augment: chance per GO term with a stored definition of using it
     property_sampling: bool = False  # ProtCLIP property-driven sampling from the shards' sample_props
+    # with property_sampling: "per_epoch" redraws the kept samples every epoch; "once" draws them one time from
+    # train.seed and keeps that set for every epoch (ProtCLIP's ProtAnno-D); the checkpoint records its digest
+    property_sampling_mode: str = "per_epoch"
+    # Length-aware batching (pretrain/data/batching.py): "window" sorts each run of length_window batches of a
+    # rank's shuffled stream by sequence length, cuts it into batches and shuffles those; "none" keeps the order
+    length_grouping: str = "none"
+    length_window: int = 64  # with length_grouping=window: batches per sorted window
+    length_cache: str = "~/.cache/align-pro/lengths"  # per-shard sequence-length index (built once per shard)
+    # Hard-negative batches (pretrain/data/hard_negatives.py): an exported embeddings file (<modality>.npy of
+    # pretrain.eval.export_embeddings over data.train_shards, rows in manifest order), or null for random batches
+    hard_negatives: str | None = None
+    hard_negative_ratio: float = 0.5  # share of each batch that is one protein and its nearest neighbours
+    hard_negative_k: int = 64  # neighbours kept per protein when a batch's hard group is composed
     seq_mask_prob: float = 0.15  # token masking of the second sequence view (intra-modal loss)
     coord_noise: float = 0.5  # Gaussian noise (angstrom) on the second structure view
     residue_drop_prob: float = 0.1  # residues dropped from the second structure view
@@ -46,6 +59,26 @@ class DataConfig:
         for name in ("readers_per_rank", "prefetch_batches"):
             if getattr(d, name) < 1:
                 raise ConfigError(f"data.{name}={getattr(d, name)}: must be >= 1")
+        if d.property_sampling_mode not in ("per_epoch", "once"):
+            raise ConfigError(
+                f"data.property_sampling_mode={d.property_sampling_mode!r}: expected 'per_epoch' or 'once'"
+            )
+        if d.length_grouping not in ("none", "window"):
+            raise ConfigError(f"data.length_grouping={d.length_grouping!r}: expected 'none' or 'window'")
+        for name in ("length_window", "hard_negative_k"):
+            if getattr(d, name) < 1:
+                raise ConfigError(f"data.{name}={getattr(d, name)}: must be >= 1")
+        if not d.length_cache.strip():
+            raise ConfigError("data.length_cache: expected a directory for the sequence-length index")
+        if d.hard_negatives is not None and not d.hard_negatives.strip():
+            raise ConfigError("data.hard_negatives: expected an embeddings .npy file or null")
+        if not 0.0 <= d.hard_negative_ratio <= 1.0:
+            raise ConfigError(f"data.hard_negative_ratio={d.hard_negative_ratio}: expected a value in [0, 1]")
+        if d.hard_negatives is not None and d.length_grouping != "none":
+            raise ConfigError(
+                "data.hard_negatives and data.length_grouping=window both compose batches: choose one "
+                "(set data.length_grouping=none or data.hard_negatives=null)"
+            )
         if d.reader_resource is not None and not d.reader_resource.strip():
             raise ConfigError("data.reader_resource: expected a Ray resource name or null")
         # 0 is meaningful: the bad-sample ratio is then taken from the first sample on.

@@ -7,6 +7,10 @@ order, so the stream is identical to the in-process one. A reader that dies is r
 and its batch resubmitted: batches are pure functions of their cursor, so nothing is lost
 or duplicated. Every wait has a hard timeout. On a cluster, ``data.reader_resource`` pins the
 readers to the nodes that advertise that custom resource (CPU-only reader nodes).
+
+Batch composition (property sampling, length grouping, hard negatives) is decided by the rank's
+:class:`~pretrain.data.stream.EpochPlan` before a batch is submitted: readers only receive sample
+refs, so both loaders deliver the same batches.
 """
 
 from __future__ import annotations

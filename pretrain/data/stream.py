@@ -10,10 +10,13 @@ Order rule (the same on every launch, whatever the actors do):
   rank's share spills over into its neighbour's shards, so that shards of unequal size (the
   last shard of a set is usually smaller) or fewer shards than ranks never leave samples out
   of an epoch. The fewer than ``world`` samples beyond the last share wait for the next epoch;
-* with ``data.property_sampling`` the kept samples are drawn (seed (seed, e))
+* with ``data.property_sampling`` the kept samples are drawn (seed (seed, e); with
+  ``data.property_sampling_mode: once`` one draw in manifest order, seed (seed), serves every epoch)
   before the shares are cut, so the shares stay equal;
 * the rank's share is permuted with seed (seed, e, r), and batch i of the epoch is the slice
-  [i*B, (i+1)*B) of that permutation;
+  [i*B, (i+1)*B) of that permutation (with ``data.length_grouping`` or ``data.hard_negatives`` the
+  rows a segment's batches take are first rearranged by :mod:`pretrain.data.batching` or
+  :mod:`pretrain.data.hard_negatives`, a pure function of the same inputs);
 * every rank runs ``(N // world) // B`` batches per epoch, so all ranks step together (the
   fewer than B samples left in each share wait for the next epoch's shuffle);
 * the randomness of batch i (crops, augmentations, second views) comes from seed
@@ -51,16 +54,18 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from data_shards.manifest import Manifest, load_manifest
 from data_shards.reader import BadSampleError, BadShardError, ShardReader
-from data_shards.sampling import keep_probability
 from pretrain.config import Config, ConfigError
+from pretrain.data.batching import LengthGrouping
 from pretrain.data.collate import BatchBuilder
+from pretrain.data.hard_negatives import HardNegatives
+from pretrain.data.sampling_plan import changed_settings, draw_once, keep_probabilities, kept_digest, plan_settings
 
 log = logging.getLogger(__name__)
 
@@ -93,20 +98,33 @@ class Cursor:
 class _Segment:
     """One segment of an epoch at one world size (see the module docstring)."""
 
-    per_rank: list[np.ndarray]  # rank r's rows in the order its batches take them, each (N_r, 2)
+    shuffled: list[np.ndarray]  # rank r's rows in shuffled order, each (N_r, 2)
     batches: int  # batches every rank runs in this segment
     tail: np.ndarray  # (T, 2) rows of the segment that no rank's row list holds (remainder leftovers)
+    arrange: Callable[[np.ndarray], np.ndarray] | None = None  # rows -> the order batches take them
+    _arranged: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def rows(self, rank: int) -> np.ndarray:
+        """Rank ``rank``'s rows in the order its batches take them (arranged on first use), (N_r, 2)."""
+        if self.arrange is None:
+            return self.shuffled[rank]
+        if rank not in self._arranged:
+            self._arranged[rank] = self.arrange(self.shuffled[rank])
+        return self._arranged[rank]
 
     def unconsumed(self, consumed: int, batch_size: int) -> np.ndarray:
         """Rows no batch delivered after ``consumed`` batches on every rank, (R, 2)."""
         b = min(consumed, self.batches) * batch_size
-        return np.concatenate([p[b:] for p in self.per_rank] + [self.tail])
+        # an arranger keeps the rows beyond the batches in place: the leftovers need no arranging
+        rows = self.shuffled if consumed >= self.batches else [self.rows(r) for r in range(len(self.shuffled))]
+        return np.concatenate([p[b:] for p in rows] + [self.tail])
 
 
 # Each random stream's seed is [seed, purpose, ...] with one fixed length per purpose. numpy's
 # SeedSequence pads its entropy with zeros, so keys that differ only by trailing zeros ([s, e] and
 # [s, e, 0]) would give one and the same stream: the purpose word keeps the streams apart.
-_SHARD_ORDER, _KEEP, _SHARE, _REMAP, _BATCH = 1, 2, 3, 4, 5
+_SHARD_ORDER, _KEEP, _SHARE, _REMAP, _BATCH, _KEEP_ONCE, _ARRANGE = 1, 2, 3, 4, 5, 6, 7
+KEPT_SET_KEY = "data.property_sampling kept set"  # digest of the once-drawn set in a checkpoint's data plan
 
 
 class EpochPlan:
@@ -120,11 +138,30 @@ class EpochPlan:
         batch_size: int,
         seed: int,
         property_sampling: bool = False,
+        property_sampling_mode: str = "per_epoch",
+        arranger: LengthGrouping | HardNegatives | None = None,
     ):
+        """``arranger`` rearranges each rank's rows of a segment into batches (length grouping or
+        hard negatives); None keeps the shuffled order."""
         self.manifest, self.world_size, self.rank = manifest, world_size, rank
-        self.batch_size, self.seed = batch_size, seed
-        self._keep_prob = [_keep_probabilities(s) for s in manifest.shards] if property_sampling else None
+        self.batch_size, self.seed, self.arranger = batch_size, seed, arranger
+        self._keep_prob = [keep_probabilities(s) for s in manifest.shards] if property_sampling else None
+        self._kept_once: list[np.ndarray] | None = None  # per shard (num_samples,) bool: the one draw
+        if property_sampling and property_sampling_mode == "once":
+            self._kept_once = draw_once(self._keep_prob, self._rng(_KEEP_ONCE))
+        elif property_sampling_mode not in ("per_epoch", "once"):
+            raise ConfigError(f"data.property_sampling_mode={property_sampling_mode!r}: expected 'per_epoch' or 'once'")
         self._cache: dict[tuple, _Segment] = {}
+
+    def digests(self) -> dict[str, str]:
+        """Identities of what the plan drew or read beyond the recipe: the once-drawn kept set, the
+        hard-negative embeddings. A checkpoint records them (:func:`plan_record`)."""
+        out = {}
+        if self._kept_once is not None:
+            out[KEPT_SET_KEY] = kept_digest(self._kept_once)
+        if isinstance(self.arranger, HardNegatives):
+            out[HardNegatives.DIGEST_KEY] = self.arranger.digest()
+        return out
 
     def _key(self, purpose: int, *parts: int) -> list[int]:
         return [self.seed, purpose, *parts]
@@ -151,7 +188,9 @@ class EpochPlan:
         refs = np.concatenate(
             [np.stack([np.full(shards[i].num_samples, i), np.arange(shards[i].num_samples)], axis=1) for i in dealt]
         )  # (N, 2)
-        if self._keep_prob is not None:  # ProtCLIP property-driven sampling, redrawn per epoch
+        if self._kept_once is not None:  # ProtCLIP property-driven sampling, drawn once (ProtAnno-D)
+            refs = refs[np.concatenate([self._kept_once[i] for i in dealt])]
+        elif self._keep_prob is not None:  # ProtCLIP property-driven sampling, redrawn per epoch
             p = np.concatenate([self._keep_prob[i] for i in dealt])
             refs = refs[self._rng(_KEEP, epoch).random(len(refs)) < p]
         n = len(refs) // world
@@ -187,6 +226,12 @@ class EpochPlan:
             dealt = pool[: nb * world * B].reshape(nb, world, B, 2)  # (batch, rank, row, 2)
             per_rank = [dealt[:, r].reshape(-1, 2) for r in range(world)]
             seg = _Segment(per_rank, nb, pool[nb * world * B :])
+        if self.arranger is not None:
+            # The key names no rank: a rank rebuilds the other ranks' rows of earlier segments (elastic
+            # resume) with its own plan, and ranks' batch i must come from one length quantile.
+            k, nb = len(resized), seg.batches
+            arranger = self.arranger
+            seg.arrange = lambda rows: arranger.arrange(rows, B, nb, lambda w: self._rng(_ARRANGE, epoch, k, w))
         if len(self._cache) > 16 or any(e != epoch for e, _, _ in self._cache):
             self._cache = {}  # keep one epoch: plans are cheap to rebuild
         self._cache[key] = seg
@@ -198,7 +243,7 @@ class EpochPlan:
 
     def batch_refs(self, epoch: int, index: int, resized: tuple[tuple[int, int], ...] = ()) -> list[SampleRef]:
         seg = self._segment(epoch, tuple(resized), self.world_size)
-        rows = seg.per_rank[self.rank][index * self.batch_size : (index + 1) * self.batch_size]
+        rows = seg.rows(self.rank)[index * self.batch_size : (index + 1) * self.batch_size]
         return [(str(self.manifest.shards[int(s)].path), int(i)) for s, i in rows]
 
     def rng_key(self, epoch: int, index: int, resized: tuple[tuple[int, int], ...] = ()) -> list[int]:
@@ -233,38 +278,20 @@ class EpochPlan:
         return Cursor(old.epoch, 0, (*old.resized, (saved_world, old.batch)))
 
 
-def _keep_probabilities(shard) -> np.ndarray:
-    """Per-sample keep probability of one shard (ProtCLIP: p = sqrt(o/4)/e^3 with drop rules).
-
-    Samples without recorded properties (e.g. the demo corpus) are always kept.
-    """
-    props = shard.sample_props or {}
-    n = shard.num_samples
-    existence = props.get("existence") or [None] * n
-    coverage = props.get("coverage") or [None] * n
-    reviewed = props.get("reviewed") or [False] * n
-    return np.array(
-        [
-            1.0 if o is None else keep_probability(e, o, reviewed=bool(rv))
-            for e, o, rv in zip(existence, coverage, reviewed)
-        ]
-    )
-
-
 def check_plan(cfg: Config, world_size: int) -> None:
     """Fail early (before any process group starts) on a missing shard set or impossible batch."""
     manifest = load_manifest(cfg.data.train_shards)  # a path or a URL (data_shards.storage)
     # One plan is enough: every rank gets an equal share of the epoch.
-    plan_for(cfg, manifest, world_size, 0).batches_per_epoch(0)
+    plan = plan_for(cfg, manifest, world_size, 0)
+    plan.batches_per_epoch(0)
+    if plan.arranger is not None:
+        plan.arranger.check()  # the lengths index (built and cached here once) or the embeddings file
 
 
-def plan_settings(cfg: Config) -> dict:
-    """The recipe values a saved cursor (epoch, batch number) is counted in; a resume needs the same."""
-    return {
-        "data.batch_size": cfg.data.batch_size,
-        "data.property_sampling": cfg.data.property_sampling,
-        "train.seed": cfg.train.seed,
-    }
+def plan_record(cfg: Config, plan: EpochPlan) -> dict:
+    """What a checkpoint records of its data plan: :func:`plan_settings`, the shard set's digest and
+    the plan's own draws (:meth:`EpochPlan.digests`); :func:`check_resumable_plan` reads it back."""
+    return {**plan_settings(cfg), SHARD_SET_KEY: shard_set_digest(plan.manifest), **plan.digests()}
 
 
 SHARD_SET_KEY = "data.train_shards content"  # key of :func:`shard_set_digest` in a checkpoint's data plan
@@ -302,8 +329,12 @@ def check_resumable_plan(saved: dict | None, cfg: Config, source: str, manifest:
             "would index unrelated samples. Point data.train_shards at the run's shards (a copy elsewhere is "
             "fine), or use a new --run-dir"
         )
-    now = plan_settings(cfg)
-    changed = [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in now.items() if saved.get(key) != value]
+    changed = changed_settings(saved, cfg)
+    if not changed and manifest is not None and (KEPT_SET_KEY in saved or HardNegatives.DIGEST_KEY in saved):
+        drawn = plan_for(cfg, manifest, 1, 0).digests()  # the draw and the embeddings this launch would use
+        changed = [
+            f"{key} {saved[key]} -> {drawn.get(key)}" for key in drawn if key in saved and saved[key] != drawn[key]
+        ]
     if changed:
         raise ConfigError(
             f"{source}: the run's data cursor counts batches of another sampling plan ({', '.join(changed)}); "
@@ -313,8 +344,21 @@ def check_resumable_plan(saved: dict | None, cfg: Config, source: str, manifest:
 
 def plan_for(cfg: Config, manifest: Manifest, world_size: int, rank: int) -> EpochPlan:
     """The :class:`EpochPlan` a recipe asks for."""
+    d = cfg.data
+    arranger = None
+    if d.length_grouping == "window":
+        arranger = LengthGrouping(manifest, d.length_window, d.length_cache)
+    elif d.hard_negatives is not None:
+        arranger = HardNegatives(manifest, d.hard_negatives, d.hard_negative_ratio, d.hard_negative_k)
     return EpochPlan(
-        manifest, world_size, rank, cfg.data.batch_size, cfg.train.seed, property_sampling=cfg.data.property_sampling
+        manifest,
+        world_size,
+        rank,
+        d.batch_size,
+        cfg.train.seed,
+        property_sampling=d.property_sampling,
+        property_sampling_mode=d.property_sampling_mode,
+        arranger=arranger,
     )
 
 

@@ -11,7 +11,7 @@ import torch
 from data_shards.manifest import load_manifest
 from pretrain.config import ConfigError, load_config
 from pretrain.data import stream
-from pretrain.data.stream import BatchStream, Cursor, EpochPlan, local_stream
+from pretrain.data.stream import BatchStream, Cursor, EpochPlan, local_stream, plan_for
 
 VIEWS = {"sequence": True, "structure": True, "text": True}
 
@@ -50,7 +50,9 @@ def _write_shards(root, num_samples, per_shard):
 
     with ShardWriter(root, samples_per_shard=per_shard) as w:
         for i in range(num_samples):
-            w.write(ProteinRecord(id=f"P{i:03d}", sequence="MKV" * 5, backbone=None, text=None, meta={"source": "test"}))
+            w.write(
+                ProteinRecord(id=f"P{i:03d}", sequence="MKV" * 5, backbone=None, text=None, meta={"source": "test"})
+            )
     return load_manifest(root)
 
 
@@ -90,8 +92,15 @@ def test_no_two_random_streams_of_a_plan_coincide(small_demo):
     keys += [plan._key(stream._KEEP, e) for e in range(3)]
     keys += [plan._key(stream._SHARE, e, r) for e in range(3) for r in range(3)]
     keys += [plan._key(stream._REMAP, e, k) for e in range(3) for k in range(1, 3)]
-    keys += [EpochPlan(plan.manifest, 3, r, 8, seed=0).rng_key(e, i, resized) for e in range(3) for i in range(3)
-             for r in range(3) for resized in ((), ((2, 1),), ((2, 1), (3, 1)))]
+    keys += [plan._key(stream._KEEP_ONCE)]
+    keys += [plan._key(stream._ARRANGE, e, k, w) for e in range(3) for k in range(3) for w in range(3)]
+    keys += [
+        EpochPlan(plan.manifest, 3, r, 8, seed=0).rng_key(e, i, resized)
+        for e in range(3)
+        for i in range(3)
+        for r in range(3)
+        for resized in ((), ((2, 1),), ((2, 1), (3, 1)))
+    ]
     states = {tuple(np.random.SeedSequence(k).generate_state(4)) for k in keys}
     assert len(states) == len(keys) == len({tuple(k) for k in keys})
 
@@ -130,13 +139,23 @@ def test_batch_layout(small_demo):
 
 
 @pytest.mark.slow
-def test_ray_stream_equals_local_stream(small_demo):
+def test_ray_stream_equals_local_stream(small_demo, tmp_path):
     ray = pytest.importorskip("ray")
     from pretrain.data.ray_stream import RayBatchStream
 
     cfg = _cfg(small_demo, "data.readers_per_rank=2", "data.prefetch_batches=3")
     plan = _plans(cfg, 2)[0]
     local = list(itertools.islice(local_stream(cfg, plan, Cursor(), VIEWS), 5))
+    # length-aware batching is part of the plan, which both loaders share
+    grouped_cfg = _cfg(
+        small_demo,
+        "data.readers_per_rank=2",
+        "data.length_grouping=window",
+        "data.length_window=4",
+        f"data.length_cache={tmp_path}",
+    )
+    grouped_plan = plan_for(grouped_cfg, load_manifest(grouped_cfg.data.train_shards), 2, 1)
+    grouped = list(itertools.islice(local_stream(grouped_cfg, grouped_plan, Cursor(0, 2), VIEWS), 3))
     ray.init(num_cpus=4, include_dashboard=False, object_store_memory=128 * 1024**2, _node_ip_address="127.0.0.1")
     try:
         stream = RayBatchStream(cfg, plan, Cursor(), VIEWS)
@@ -145,6 +164,9 @@ def test_ray_stream_equals_local_stream(small_demo):
         ray.kill(stream.pool.actors[0], no_restart=True)
         more = list(itertools.islice(stream, 2))
         stream.close()
+        grouped_stream = RayBatchStream(grouped_cfg, grouped_plan, Cursor(0, 2), VIEWS)
+        grouped_remote = list(itertools.islice(grouped_stream, 3))
+        grouped_stream.close()
     finally:
         ray.shutdown()
     for (a, _, ca), (b, _, cb) in zip(local, remote):
@@ -153,6 +175,10 @@ def test_ray_stream_equals_local_stream(small_demo):
     expected = list(itertools.islice(local_stream(cfg, plan, remote[-1][2], VIEWS), 2))
     for (a, _, _), (b, _, _) in zip(expected, more):
         _same_batch(a, b)
+    assert [b["ids"] for b, _, _ in grouped] != [b["ids"] for b, _, _ in local[2:5]]
+    for (a, _, ca), (b, _, cb) in zip(grouped, grouped_remote):
+        _same_batch(a, b)
+        assert ca == cb
 
 
 def test_property_sampling_drops_low_confidence_samples(tmp_path):
