@@ -6,12 +6,18 @@
                                 [--uniprot FILE ...] [--fasta FILE ...] [--go-obo FILE] [--sifts FILE ...]
                                 [--samples-per-shard N] [--workers N]
                                 [--split-heldout FRACTION --split-seed S [--split-clusters TSV]]
+                                [--resumable | --ray [auto|ADDRESS]] [--group-size N] [--append] [--progress]
     python -m data_shards rewrite --shards DIR --out DIR --backend {hf,openai} --model PATH_OR_NAME
                                   [--endpoint URL --api {chat,completions} --api-key-env VAR]
                                   [--cache FILE] [--variants N] [--temperature T] [--max-new-tokens N]
     python -m data_shards inspect data/demo/train [--samples 3] [--limit N]
     python -m data_shards fasta data/all --out all.fasta  # sequences, named by record id (for clustering)
     python -m data_shards validate data/demo/train     # exit 0 only when everything is sound
+
+``build --resumable`` / ``build --ray [auto|ADDRESS]`` run the grouped build
+(:mod:`data_shards.ray_build`): groups of inputs written as whole shards, on this machine or as Ray
+tasks, resumed by rerunning the same command, grown with ``--append``; with a URL ``--out`` the
+groups write there directly.
 
 ``--out`` of ``demo`` and ``build`` may be an object-storage URL (``s3://bucket/shards``): the
 shards are written to a local temporary directory and uploaded, every ``manifest.json`` last, so a
@@ -93,6 +99,12 @@ def _demo(build_demo_corpus, args, out: str) -> dict:
 def _cmd_build(args) -> tuple[dict, int]:
     from data_shards.build import BuildConfig, BuildInputError, build_shards
 
+    if args.ray is not None or args.resumable or args.append:  # writes to the URL itself, resumably
+        try:
+            summary, code = _build(BuildConfig, BuildInputError, build_shards, args, args.out)
+        except storage.StorageError as exc:
+            return {"ok": False, "error": str(exc)}, 2
+        return summary, code
     try:
         with _local_out(args.out) as out:
             summary, code = _build(BuildConfig, BuildInputError, build_shards, args, out)
@@ -133,7 +145,15 @@ def _build(BuildConfig, BuildInputError, build_shards, args, out: str) -> tuple[
         overwrite=args.overwrite,
     )
     try:
-        summary = build_shards(config)
+        if args.ray is not None or args.resumable or args.append:
+            from data_shards.ray_build import GroupedOptions, build_grouped
+
+            options = GroupedOptions(
+                group_size=args.group_size, ray=args.ray, append=args.append, progress=args.progress or None
+            )
+            summary = build_grouped(config, options)
+        else:
+            summary = build_shards(config)
     except BuildInputError as exc:
         return {"ok": False, "error": str(exc)}, 2
     return summary, 0 if summary["ok"] else 1
@@ -278,6 +298,24 @@ def _parser() -> argparse.ArgumentParser:
         help="do not write UniProt/FASTA entries that no structure used",
     )
     build.add_argument("--overwrite", action="store_true", help="replace existing shards")
+    build.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="auto|ADDRESS",
+        help="run the grouped build as Ray tasks (no value: a local Ray; auto: the running cluster)",
+    )
+    build.add_argument(
+        "--resumable",
+        action="store_true",
+        help="grouped build on this machine: a rerun of the same command finishes a killed build",
+    )
+    build.add_argument("--group-size", type=int, default=64, help="inputs per group (grouped build)")
+    build.add_argument(
+        "--append", action="store_true", help="add the inputs as a new revision of the finished build in OUT"
+    )
+    build.add_argument("--progress", action="store_true", help="progress bar on stderr (default: on a terminal)")
     build.set_defaults(run=_cmd_build)
 
     rewrite = sub.add_parser("rewrite", help="add language-model rewrites of the function text to shards")

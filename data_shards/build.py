@@ -6,7 +6,9 @@ Pipeline (streaming, bounded memory, deterministic):
    flat/XML/TSV, FASTA, GAF, DeepFRI, SIFTS, and chain tables (``pdb_chains.tsv``), whose rows say
    which chain of which structure file is a sample. Only annotations are held in memory.
 2. Structure files become work units in a fixed order: chain-table files in table order, then every
-   other file under ``--structures`` (sorted). A pool of ``--workers`` processes parses them with
+   other file under ``--structures`` (sorted); a ``*.tar`` archive (AlphaFold DB) gives its
+   structure members in archive order, read by offset without unpacking, and URLs are read from
+   object storage (:mod:`data_shards.archives`). A pool of ``--workers`` processes parses them with
    gemmi (:mod:`data_shards.readers.structures`); at most a few units per worker are in flight and
    results are consumed in unit order, so the output does not depend on the worker count.
 3. Each chain is joined to its accession (table → SIFTS → AlphaFold file name), the accession to
@@ -26,6 +28,9 @@ file whose parsing process died (see :func:`data_shards.parallel_parse.parsed_un
 :class:`BuildInputError` before anything is written: an input file or the OBO that does not exist
 or cannot be read at all (not a single entry readable: empty, another format, damaged from the
 start; a file that breaks later keeps what was read and counts one skip).
+
+The same build cut into groups of inputs, resumable, appendable and runnable as Ray tasks is
+:mod:`data_shards.ray_build` (``--resumable`` / ``--ray``): same records, order and split.
 
 ``--overwrite`` never destroys a good shard set: new shards become visible only when the build is
 complete (:class:`~data_shards.writer.ShardWriter`), and a build that raises or finds nothing
@@ -53,6 +58,29 @@ from data_shards.writer import ShardWriter
 # ----------------------------------------------------------------------------- split and writing
 
 
+def spool_writer(handle, record: ProteinRecord) -> None:
+    """Append one encoded record (length-prefixed members) to a binary spool ``handle``."""
+    members = encode_record(record)
+    handle.write(struct.pack("<I", len(members)))
+    for ext, data in sorted(members.items()):
+        name = ext.encode()
+        handle.write(struct.pack("<IQ", len(name), len(data)))
+        handle.write(name)
+        handle.write(data)
+
+
+def read_spool(handle, count: int) -> Iterator[ProteinRecord]:
+    """The ``count`` records of a spool written by :func:`spool_writer`, in order."""
+    for _ in range(count):
+        (num,) = struct.unpack("<I", handle.read(4))
+        members = {}
+        for _ in range(num):
+            name_len, data_len = struct.unpack("<IQ", handle.read(12))
+            name = handle.read(name_len).decode()  # read the name first, then its data
+            members[name] = handle.read(data_len)
+        yield decode_sample(members)
+
+
 class _Spool:
     """Encoded records in a temporary file (length-prefixed members), read back in order."""
 
@@ -62,26 +90,13 @@ class _Spool:
         self.count = 0
 
     def add(self, record: ProteinRecord) -> None:
-        members = encode_record(record)
-        self._handle.write(struct.pack("<I", len(members)))
-        for ext, data in sorted(members.items()):
-            name = ext.encode()
-            self._handle.write(struct.pack("<IQ", len(name), len(data)))
-            self._handle.write(name)
-            self._handle.write(data)
+        spool_writer(self._handle, record)
         self.count += 1
 
     def records(self) -> Iterator[ProteinRecord]:
         self._handle.close()
         with open(self.path, "rb") as handle:
-            for _ in range(self.count):
-                (num,) = struct.unpack("<I", handle.read(4))
-                members = {}
-                for _ in range(num):
-                    name_len, data_len = struct.unpack("<IQ", handle.read(12))
-                    name = handle.read(name_len).decode()  # read the name first, then its data
-                    members[name] = handle.read(data_len)
-                yield decode_sample(members)
+            yield from read_spool(handle, self.count)
 
     def close(self) -> None:
         if not self._handle.closed:
@@ -89,8 +104,8 @@ class _Spool:
         self.path.unlink(missing_ok=True)
 
 
-def _split_of(cluster_keys: list[list[str]], fraction: float, seed: int) -> list[str]:
-    """ "train"/"heldout" per record: records sharing any key form one cluster; clusters are split whole."""
+def cluster_roots(cluster_keys: list[list[str]]) -> list[str]:
+    """The cluster of each record, named by its smallest key: records sharing any key form one cluster."""
     parent: dict[str, str] = {}
 
     def find(key: str) -> str:
@@ -108,12 +123,18 @@ def _split_of(cluster_keys: list[list[str]], fraction: float, seed: int) -> list
                 low, high = sorted((first, root))  # the smallest key names the cluster
                 parent[high] = low
                 first = low
-    out = []
-    for keys in cluster_keys:
-        digest = hashlib.sha256(f"{seed}:{find(keys[0])}".encode()).digest()
-        value = int.from_bytes(digest[:8], "big") / 2**64
-        out.append("heldout" if value < fraction else "train")
-    return out
+    return [find(keys[0]) for keys in cluster_keys]
+
+
+def side_of(root: str, fraction: float, seed: int) -> str:
+    """ "heldout" for a seeded-hash ``fraction`` of clusters, else "train"."""
+    digest = hashlib.sha256(f"{seed}:{root}".encode()).digest()
+    return "heldout" if int.from_bytes(digest[:8], "big") / 2**64 < fraction else "train"
+
+
+def _split_of(cluster_keys: list[list[str]], fraction: float, seed: int) -> list[str]:
+    """ "train"/"heldout" per record: records sharing any key form one cluster; clusters are split whole."""
+    return [side_of(root, fraction, seed) for root in cluster_roots(cluster_keys)]
 
 
 def _coverage() -> dict:
@@ -193,7 +214,8 @@ def build_shards(config: BuildConfig) -> dict:
         inputs["go_obo"] = [Path(config.go_obo).name]
     index = AnnotationIndex()
     tables = load_annotations(config, index, skip, skip_term, inputs)
-    units, no_structure = structure_units(config, tables, skip)
+    archive_stats: dict = {}
+    units, no_structure = structure_units(config, tables, skip, archive_stats)
     inputs["structure_files"] = [str(len(units))]
     maker = RecordMaker(index, ontology, skip, skip_term)
 
@@ -273,6 +295,7 @@ def build_shards(config: BuildConfig) -> dict:
         "table_sequence_mismatches": maker.table_mismatches,
         "skipped_samples": skip.total,
         "skipped_terms": skip_term.total,
+        **archive_stats,
     }
     for name, writer in writers.items():
         writer.extra.update(

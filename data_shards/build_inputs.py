@@ -8,7 +8,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_shards import storage
 from data_shards.annotations import AnnotationIndex
+from data_shards.archives import ArchiveUnit, RemoteUnit, is_archive, list_members
 from data_shards.readers.fasta import iter_fasta
 from data_shards.readers.gaf import iter_gaf
 from data_shards.readers.structures import looks_like_structure_file
@@ -99,25 +101,63 @@ class Tally:
         return sum(entry["count"] for entry in self.reasons.values())
 
 
+_FETCHED: dict[str, Path] = {}  # URL -> local copy for this process
+
+
 def need_file(path: str, what: str) -> Path:
+    """The local file ``path``; a URL (``s3://...``) is copied once into a temporary folder of this
+    process (removed at exit) under its own name, since the readers of annotation, sequence and
+    ontology files read local files. BuildInputError names a missing file or object."""
+    if storage.is_url(path):
+        return _fetch(str(path), what)
     resolved = Path(path)
     if not resolved.is_file():
         raise BuildInputError(f"{path}: {what} not found")
     return resolved
 
 
-def _expand_structures(specs: list[str]) -> tuple[list[tuple[Path, str]], list[Path]]:
-    """[(file, display path)] in a stable order, and the folders they were found under."""
-    files: list[tuple[Path, str]] = []
+def _fetch(url: str, what: str) -> Path:
+    if url in _FETCHED and _FETCHED[url].is_file():
+        return _FETCHED[url]
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="align-pro-input-"))
+    atexit.register(shutil.rmtree, folder, True)
+    local = folder / (url.rstrip("/").rsplit("/", 1)[-1] or "input")
+    try:
+        with storage.open_read(url) as source, open(local, "wb") as target:
+            shutil.copyfileobj(source, target, 8 << 20)  # streamed: never the whole file in memory
+    except (OSError, storage.StorageError) as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise BuildInputError(f"{url}: {what} not readable ({exc})") from None
+    _FETCHED[url] = local
+    return local
+
+
+def _expand_structures(specs: list[str]) -> tuple[list[tuple[Path | str, str]], list[Path]]:
+    """[(file or URL, display path)] in a stable order, and the folders they were found under."""
+    files: list[tuple[Path | str, str]] = []
+    urls: list[str] = []
     roots: list[Path] = []
     seen: set[Path] = set()
     for spec in specs:
+        if storage.is_url(spec):  # read where it is (data_shards.archives): no folder root to add
+            if spec not in urls:
+                urls.append(spec)
+                files.append((spec, spec.rstrip("/").rsplit("/", 1)[-1]))
+            continue
         path = Path(spec)
         if path.is_dir():
             roots.append(path.resolve())
-            found = sorted(p for p in path.rglob("*") if p.is_file() and looks_like_structure_file(p))
+            found = sorted(
+                p for p in path.rglob("*") if p.is_file() and (looks_like_structure_file(p) or is_archive(p))
+            )
             if not found:
-                raise BuildInputError(f"{spec}: no structure file (.pdb/.ent/.cif, gzipped or not) in this folder")
+                raise BuildInputError(
+                    f"{spec}: no structure file (.pdb/.ent/.cif, gzipped or not) or .tar archive in this folder"
+                )
             pairs = [(p, p.relative_to(path).as_posix()) for p in found]
         elif path.is_file():
             roots.append(path.resolve().parent)
@@ -227,10 +267,15 @@ def _read_entries(path: Path, label: str, read, add, skip: Tally) -> None:
 
 
 def structure_units(
-    config: BuildConfig, tables: list[Path], skip: Tally
+    config: BuildConfig, tables: list[Path], skip: Tally, stats: dict | None = None, expand_archives: bool = True
 ) -> tuple[list[StructureUnit], list[tuple[ChainRow, str]]]:
     """Structure files to parse (chain-table files first, in table order) and the table rows
-    without a structure file [(row, table name)] (records of sequence and text only)."""
+    without a structure file [(row, table name)] (records of sequence and text only).
+
+    ``*.tar`` archives (in a folder, named, or as URLs) give one unit per structure member, in
+    archive order (:func:`data_shards.archives.list_members`, which counts into ``stats``), or
+    with ``expand_archives=False`` one :class:`~data_shards.archives.ArchiveUnit` each, listed later
+    by whoever reads it; a URL of a single structure file is read from object storage when parsed."""
     files, roots = _expand_structures(config.structures)
     roots += [Path(r).resolve() for r in config.data_roots]
     by_path: dict[Path, StructureUnit] = {}
@@ -264,7 +309,19 @@ def structure_units(
                 unit = by_path[row.path] = StructureUnit(row.path, row.structure_file, [])
             unit.rows.append(row)
     units = list(by_path.values())
-    units += [StructureUnit(path, display, None) for path, display in files if path not in by_path]
+    stats = {} if stats is None else stats
+    for path, display in files:
+        if path in by_path:
+            continue
+        if is_archive(path) and not looks_like_structure_file(path):
+            if expand_archives:
+                units += list_members(path, display, skip, stats)
+            else:
+                units.append(ArchiveUnit(Path(display), display, None, str(path)))
+        elif isinstance(path, str):  # a URL of one structure file
+            units.append(RemoteUnit(Path(display), path, None, path))
+        else:
+            units.append(StructureUnit(path, display, None))
     return units, no_structure
 
 

@@ -1,4 +1,5 @@
-"""Parsing structure files in worker processes for the shard build, in order, surviving dead workers.
+"""Parsing structure files in worker processes for the shard build, in order, surviving dead workers,
+and running the grouped build's tasks here or on Ray (:class:`GroupRunner`, with a progress bar).
 
 A worker process that dies (the OOM killer's SIGKILL, a crash in the C++ parser) costs the file it
 was reading, never the build and never a hang: see :func:`parsed_units`.
@@ -8,10 +9,12 @@ from __future__ import annotations
 
 import collections
 import multiprocessing
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
+from data_shards.archives import located, parse_located
 from data_shards.readers.structures import StructureError, StructureFile, read_structure
 from data_shards.records import StructureUnit
 
@@ -19,19 +22,30 @@ UNREADABLE = "unreadable structure file"
 WORKER_DIED = "worker process died while reading the structure file (e.g. out of memory)"
 
 
-def parse_unit(job: tuple[str, str, tuple[str, ...] | None]) -> tuple[StructureFile | None, str | None]:
-    """Worker: parse one structure file; never raises."""
-    path, plddt, chains = job
+def parse_unit(job: tuple) -> tuple[StructureFile | None, str | None]:
+    """Worker: parse one structure file; never raises.
+
+    ``job`` is (path, plddt, chains[, member]): ``member`` locates an archive member or a remote
+    file (:func:`data_shards.archives.located`), read without unpacking to disk.
+    """
+    path, plddt, chains = job[:3]
+    member = job[3] if len(job) > 3 else None
+    wanted = set(chains) if chains is not None else None
     try:
-        return read_structure(path, plddt=plddt, chains=set(chains) if chains is not None else None), None
+        if member is not None:
+            return parse_located(member, plddt, wanted), None
+        return read_structure(path, plddt=plddt, chains=wanted), None
     except StructureError as exc:
         return None, str(exc)
     except Exception as exc:  # a parser bug must cost one file, not the build
         return None, f"{path}: unexpected parser error ({type(exc).__name__}: {exc})"
 
 
-def _job(unit: StructureUnit, plddt: str) -> tuple[str, str, tuple[str, ...] | None]:
+def _job(unit: StructureUnit, plddt: str) -> tuple:
     chains = tuple(sorted({row.chain for row in unit.rows})) if unit.rows is not None else None
+    member = located(unit)
+    if member is not None:
+        return unit.display, plddt, chains, member
     return str(unit.path), plddt, chains
 
 
@@ -119,3 +133,93 @@ def _parse_into(parse, job: tuple, send) -> None:
     """Child of :func:`_parse_alone`: parse and send the result back."""
     send.send(parse(job))
     send.close()
+
+
+# ----------------------------------------------------------------------------- groups of the grouped build
+
+
+class GroupRunner:
+    """Runs ``fn(ctx, *job)`` for group jobs in this process or as Ray tasks (one CPU each).
+
+    Args:
+        ctx: the context every job gets (put once into the Ray object store).
+        ray_address: None runs here; "local" (or "") starts a local Ray unless one is running in
+            this process, "auto" joins the running cluster, else a cluster address.
+        stall_timeout_s: on Ray, cancel and raise RuntimeError when no task ends for this long
+            (tasks waiting for CPUs the cluster does not have); None waits.
+
+    A task that raises stops the build (its completion record is missing, so a rerun redoes it);
+    a worker that dies is retried twice by Ray.
+    """
+
+    def __init__(self, ctx, ray_address: str | None = None, stall_timeout_s: float | None = None):
+        self.ctx, self.stall_timeout_s = ctx, stall_timeout_s
+        self.ray = None
+        if ray_address is not None:
+            import ray
+
+            if not ray.is_initialized():
+                address = None if ray_address in ("", "local") else ray_address
+                ray.init(address=address, include_dashboard=False, log_to_driver=False)
+            self.ray = ray
+            self.ctx_ref = ray.put(ctx)
+            self.remote: dict = {}
+            self.window = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+    def map(self, fn, jobs: list[tuple], bar) -> list:
+        """``fn(ctx, *job)`` for every job, results in job order; ``bar.update(weight)`` as each ends."""
+        if self.ray is None:
+            out = []
+            for job in jobs:
+                out.append(fn(self.ctx, *job))
+                _tick(bar, out[-1])
+            return out
+        ray = self.ray
+        if fn not in self.remote:
+            self.remote[fn] = ray.remote(num_cpus=1, max_retries=2)(fn)
+        remote = self.remote[fn]
+        results: dict[int, object] = {}
+        pending: dict = {}
+        todo = list(enumerate(jobs))
+        while todo or pending:
+            while todo and len(pending) < self.window:
+                i, job = todo.pop(0)
+                pending[remote.remote(self.ctx_ref, *job)] = i
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.stall_timeout_s)
+            if not ready:
+                for ref in pending:
+                    ray.cancel(ref, force=True)
+                raise RuntimeError(
+                    f"no Ray task ended in {self.stall_timeout_s} s ({len(pending)} waiting; "
+                    f"cluster resources {ray.cluster_resources()})"
+                )
+            for ref in ready:
+                results[pending.pop(ref)] = value = ray.get(ref)
+                _tick(bar, value)
+        return [results[i] for i in range(len(jobs))]
+
+
+def _tick(bar, result: dict) -> None:
+    """Advance a :func:`progress_bar` by one finished group (its inputs, records and skips)."""
+    if bar is None:
+        return
+    if "records" in result:  # phase A: records made; phase B: samples written
+        bar.records += len(result["records"])
+    else:
+        bar.records += sum(s["num_samples"] for part in result.get("splits", {}).values() for s in part["shards"])
+    bar.skips += sum(e["count"] for e in result.get("skipped", {}).values())
+    bar.update(result.get("inputs", 1))
+    bar.set_postfix(records=bar.records, skipped=bar.skips, refresh=False)
+
+
+def progress_bar(show: bool | None, total: int, desc: str, unit: str):
+    """A tqdm bar on stderr with rate, ETA and running record / skip counts, or None when not shown
+    (``show`` None: only on a terminal)."""
+    show = show if show is not None else sys.stderr.isatty()
+    if not show:
+        return None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
+    bar.records = bar.skips = 0
+    return bar
