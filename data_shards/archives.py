@@ -5,10 +5,10 @@ An archive is listed once by its tar headers (:func:`list_members`: a seekable h
 data, on object storage by range reads), then each member is read on its own by offset
 (:func:`read_member`): memory holds one member at a time, whatever the size of the archive.
 
-The structure parser (:func:`data_shards.readers.structures.read_structure`) reads a named file, and
-its format and AlphaFold detection use the name: a member is therefore handed to it as a file of the
-member's name in a private folder of the memory file system (``/dev/shm`` when there is one), which
-is removed at once; messages name ``archive.tar:member`` instead of that folder.
+A member's bytes are parsed in memory by
+:func:`data_shards.readers.structures.read_structure_bytes` under the member's file name (which tells
+AlphaFold models, as a path does); nothing is written to disk, and messages name
+``archive.tar:member``. Single files on object storage (:class:`RemoteUnit`) are read the same way.
 
 A damaged archive never stops a build: a member whose bytes are short or do not parse is skipped
 with the reason counted, and an archive whose headers break keeps the members listed before the
@@ -17,15 +17,17 @@ break (one counted skip for the rest).
 
 from __future__ import annotations
 
-import os
-import shutil
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from data_shards import storage
-from data_shards.readers.structures import StructureError, StructureFile, looks_like_structure_file, read_structure
+from data_shards.readers.structures import (
+    StructureError,
+    StructureFile,
+    looks_like_structure_file,
+    read_structure_bytes,
+)
 from data_shards.records import StructureUnit, stem_of
 
 ARCHIVE_SUFFIXES = (".tar",)
@@ -141,40 +143,6 @@ def read_member(archive: str, offset: int, size: int, where: str) -> bytes:
     return data
 
 
-def _scratch_dir() -> str:
-    shm = "/dev/shm"
-    base = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
-    return tempfile.mkdtemp(prefix="align-pro-member-", dir=base)
-
-
-def read_structure_bytes(
-    data: bytes, name: str, where: str, plddt: str = "auto", chains: set[str] | None = None
-) -> StructureFile:
-    """Parse one structure file given as bytes (gzipped or not) under its file ``name``.
-
-    Args:
-        data: the file's bytes.
-        name: its base name (``AF-P12345-F1-model_v4.pdb.gz``): the parser tells AlphaFold models by it.
-        where: what messages and ``StructureFile.path`` call it (``archive.tar:member``).
-        plddt, chains: as for :func:`~data_shards.readers.structures.read_structure`.
-
-    Raises:
-        StructureError: naming ``where``.
-    """
-    folder = _scratch_dir()
-    path = os.path.join(folder, os.path.basename(name) or "member")
-    try:
-        with open(path, "wb") as handle:
-            handle.write(data)
-        parsed = read_structure(path, plddt=plddt, chains=chains)
-    except StructureError as exc:
-        raise StructureError(str(exc).replace(path, where)) from None
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    parsed.path = where
-    return parsed
-
-
 def parse_located(member: tuple, plddt: str, chains: set[str] | None) -> StructureFile:
     """Parse a structure given by ``member``: ("tar", archive, offset, size, name, where) or
     ("url", url, name, where). Raises StructureError naming the member."""
@@ -187,7 +155,7 @@ def parse_located(member: tuple, plddt: str, chains: set[str] | None) -> Structu
             data = storage.read_bytes(url)
         except (OSError, storage.StorageError) as exc:
             raise StructureError(f"{where}: unreadable ({exc})") from None
-    return read_structure_bytes(data, name, where, plddt=plddt, chains=chains)
+    return read_structure_bytes(data, name, plddt=plddt, chains=chains, where=where)
 
 
 def located(unit: StructureUnit) -> tuple | None:

@@ -1,5 +1,8 @@
 """Protein structures (PDB / mmCIF, plain or gzipped) → per-chain sequence and backbone, with gemmi.
 
+:func:`read_structure` reads a file; :func:`read_structure_bytes` reads the same file's bytes held in
+memory (an archive member, an object on object storage) under its file name, with the same result.
+
 What is read:
 
 * the format comes from the content, not the name: gzip by its magic bytes, mmCIF by its
@@ -125,10 +128,19 @@ def looks_like_structure_file(path: str | Path) -> bool:
     return name.endswith(STRUCTURE_SUFFIXES) or (gzipped and "." not in name)
 
 
-def _read_bytes(path: Path) -> bytes:
+def _read_file(path: Path) -> bytes:
+    """The first ``MAX_STRUCTURE_BYTES + 1`` bytes of the file (enough to tell it is too large)."""
     try:
         with open(path, "rb") as handle:
-            data = handle.read(MAX_STRUCTURE_BYTES + 1)
+            return handle.read(MAX_STRUCTURE_BYTES + 1)
+    except OSError as exc:
+        raise StructureError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
+
+
+def _contents(data: bytes, where: str | Path) -> bytes:
+    """The coordinate text's bytes: ``data`` gunzipped when it starts with gzip's magic bytes;
+    StructureError naming ``where`` when it is truncated, too large or empty."""
+    try:
         if data[:2] == b"\x1f\x8b":
             # a gzip file may hold several members (bgzip, pigz -i, cat a.gz b.gz): read them all
             out, rest = bytearray(), data
@@ -137,20 +149,20 @@ def _read_bytes(path: Path) -> bytes:
                 out += inflater.decompress(rest, MAX_STRUCTURE_BYTES + 1 - len(out))
                 if not inflater.eof:
                     if len(out) <= MAX_STRUCTURE_BYTES:
-                        raise StructureError(f"{path}: truncated gzip stream")
+                        raise StructureError(f"{where}: truncated gzip stream")
                     break
                 rest = inflater.unused_data
                 if rest[:2] != b"\x1f\x8b":
                     if rest.strip(b"\x00"):
-                        raise StructureError(f"{path}: trailing garbage after the gzip stream")
+                        raise StructureError(f"{where}: trailing garbage after the gzip stream")
                     break
             data = bytes(out)
     except (OSError, zlib.error, EOFError, gzip.BadGzipFile) as exc:
-        raise StructureError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
+        raise StructureError(f"{where}: unreadable ({type(exc).__name__}: {exc})") from None
     if len(data) > MAX_STRUCTURE_BYTES:
-        raise StructureError(f"{path}: more than {MAX_STRUCTURE_BYTES} bytes of coordinates")
+        raise StructureError(f"{where}: more than {MAX_STRUCTURE_BYTES} bytes of coordinates")
     if not data.strip():
-        raise StructureError(f"{path}: empty file")
+        raise StructureError(f"{where}: empty file")
     return data
 
 
@@ -171,7 +183,7 @@ def _blank_charge_columns(text: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _parse(path: Path, text: str) -> tuple[gemmi.Structure, str, list[str]]:
+def _parse(where: str | Path, text: str) -> tuple[gemmi.Structure, str, list[str]]:
     repaired: list[str] = []
     try:
         if _is_mmcif(text):
@@ -186,7 +198,7 @@ def _parse(path: Path, text: str) -> tuple[gemmi.Structure, str, list[str]]:
             repaired.append(f"blanked charge columns 79-80 ({exc})")
             return gemmi.read_pdb_string(_blank_charge_columns(text), split_chain_on_ter=True), "pdb", repaired
     except (RuntimeError, ValueError, IndexError) as exc:
-        raise StructureError(f"{path}: cannot parse ({exc})") from None
+        raise StructureError(f"{where}: cannot parse ({exc})") from None
 
 
 _TABULATED: dict[str, tuple[str, str] | None | bool] = {}  # residue name -> letter/kind (cached)
@@ -329,13 +341,43 @@ def read_structure(path: str | Path, plddt: str = "auto", chains: set[str] | Non
         StructureError: unreadable, truncated, empty or unparsable file, or no model in it.
     """
     path = Path(path)
-    data = _read_bytes(path)
+    return _read(_contents(_read_file(path), path), path, path, plddt, chains)
+
+
+def read_structure_bytes(
+    data: bytes, name: str, plddt: str = "auto", chains: set[str] | None = None, where: str | None = None
+) -> StructureFile:
+    """Read a structure file held in memory (an archive member, an object) exactly as
+    :func:`read_structure` reads the file ``name`` with these bytes; nothing is written to disk.
+
+    Args:
+        data: the file's bytes, plain or gzipped (told by the content, as for a path).
+        name: the file's name (``AF-P12345-F1-model_v4.pdb.gz``, a folder part is ignored): it tells
+            AlphaFold models, as the path does for :func:`read_structure`.
+        plddt, chains: as for :func:`read_structure`.
+        where: what messages and ``StructureFile.path`` call the file (``archive.tar:member``);
+            default ``name``.
+
+    Returns:
+        The same :class:`StructureFile` as :func:`read_structure` on a file of these bytes named
+        ``name``, with ``path`` set to ``where``.
+
+    Raises:
+        StructureError: naming ``where``, for the same files as :func:`read_structure`.
+    """
+    where = name if where is None else where
+    return _read(_contents(data[: MAX_STRUCTURE_BYTES + 1], where), Path(name), where, plddt, chains)
+
+
+def _read(data: bytes, path: Path, where: str | Path, plddt: str, chains: set[str] | None) -> StructureFile:
+    """The :class:`StructureFile` of the (decompressed) bytes of the file ``path``; ``where`` names
+    it in messages and in ``StructureFile.path``."""
     text = data.decode("utf-8", errors="replace")
-    structure, fmt, repaired = _parse(path, text)
+    structure, fmt, repaired = _parse(where, text)
     # gemmi returns one empty model for text without any ATOM/HETATM record (an HTML error page,
     # a header-only file): that is not a structure
     if len(structure) == 0 or not any(len(residue) for chain in structure[0] for residue in chain):
-        raise StructureError(f"{path}: no model with atoms (not a PDB/mmCIF coordinate file?)")
+        raise StructureError(f"{where}: no model with atoms (not a PDB/mmCIF coordinate file?)")
     # before altlocs are removed (which keeps the first of two residues with one number) and
     # before the parts of one chain id are merged
     ambiguous = {**_repeated_residues(structure[0]), **_ambiguous_chains(structure[0], fmt)}
@@ -348,7 +390,7 @@ def read_structure(path: str | Path, plddt: str = "auto", chains: set[str] | Non
         pdb_id = _pdb_header_id(text)
     predicted = _is_predicted(path, title)
     with_plddt = plddt == "always" or (plddt == "auto" and predicted)
-    out = StructureFile(str(path), fmt, pdb_id, title, predicted, repaired=repaired)
+    out = StructureFile(str(where), fmt, pdb_id, title, predicted, repaired=repaired)
     model = structure[0]
     for chain in model:
         if chains is not None and chain.name not in chains:

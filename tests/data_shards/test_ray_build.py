@@ -1,5 +1,6 @@
-"""The grouped build (data_shards/ray_build.py): equal to the single-pass build, resumable after a
-kill, the same on Ray, appendable, and reading/writing object storage."""
+"""The grouped build (data_shards/ray_build.py, with its tasks in build_groups.py and its bookkeeping
+in build_resume.py): equal to the single-pass build, resumable after a kill, the same on Ray,
+appendable, and reading/writing object storage."""
 
 import hashlib
 import os

@@ -8,7 +8,12 @@ import gemmi
 import numpy as np
 import pytest
 
-from data_shards.readers.structures import StructureError, looks_like_structure_file, read_structure
+from data_shards.readers.structures import (
+    StructureError,
+    looks_like_structure_file,
+    read_structure,
+    read_structure_bytes,
+)
 from data_shards.schema import Backbone, validate_backbone
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
@@ -354,3 +359,87 @@ def test_no_real_structure_file_is_taken_for_reused_chain_ids():
         if parsed.ambiguous:
             flagged[path.name] = parsed.ambiguous
     assert len(files) > 1400 and flagged == {}
+
+
+# ----------------------------------------------------------------------------- bytes in memory
+
+
+def _plain(value):
+    """A structure file (dataclasses, lists, dicts, arrays) as comparable plain values; arrays by
+    dtype, shape and bytes, so equal means bit-identical."""
+    if isinstance(value, np.ndarray):
+        return ("array", value.dtype.str, value.shape, value.tobytes())
+    if hasattr(value, "__dataclass_fields__"):
+        return (type(value).__name__, {k: _plain(getattr(value, k)) for k in value.__dataclass_fields__})
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _same_as_the_file(path: Path, **options) -> None:
+    from_file = read_structure(path, **options)
+    from_bytes = read_structure_bytes(path.read_bytes(), path.name, where=str(path), **options)
+    assert _plain(from_bytes) == _plain(from_file) and from_file.chains
+
+
+@needs_data
+@pytest.mark.parametrize(
+    "path",
+    [
+        STRUCTURES / "db5.5" / "1ACB_r_b.pdb.gz",  # .pdb.gz with junk charge columns (repaired)
+        STRUCTURES / "biopython" / "1A8O.cif.gz",  # .cif.gz with MSE
+        STRUCTURES / "foldseek" / "d3g46a_.gz",  # gzipped PDB without an extension
+        sorted((SHARED / "alphafold").glob("AF-*.pdb.gz"))[0] if (SHARED / "alphafold").is_dir() else None,
+    ],
+    ids=["pdb.gz", "cif.gz", "no-extension", "alphafold"],
+)
+def test_bytes_read_exactly_as_the_file(path, tmp_path):
+    if path is None:
+        pytest.skip("no AlphaFold models in the shared data")
+    _same_as_the_file(path)
+    _same_as_the_file(path, plddt="always")
+    plain = tmp_path / path.name.removesuffix(".gz")  # the same file unzipped: .pdb, .cif
+    plain.write_bytes(gzip.decompress(path.read_bytes()))
+    _same_as_the_file(plain)
+    chain = read_structure(path).chains[0].chain
+    _same_as_the_file(plain, chains={chain}, plddt="never")
+    if path.name.startswith("AF-"):
+        parsed = read_structure_bytes(path.read_bytes(), path.name, where="proteome.tar:" + path.name)
+        assert parsed.predicted and parsed.chains[0].backbone.plddt is not None
+        assert parsed.path == "proteome.tar:" + path.name
+
+
+def test_bytes_of_a_small_generated_pdb(tmp_path):
+    text = _backbone_pdb({"A": 12, "B": 7}).encode()
+    for name, data in (("gen.pdb", text), ("gen.pdb.gz", gzip.compress(text)), ("AF-Q1-F1-model_v4.pdb", text)):
+        path = tmp_path / name
+        path.write_bytes(data)
+        _same_as_the_file(path)
+        _same_as_the_file(path, chains={"B"})
+    # the name, not the folder, tells an AlphaFold model (this text has no ALPHAFOLD title)
+    assert read_structure_bytes(text, "models/AF-Q1-F1-model_v4.pdb").predicted
+    parsed = read_structure_bytes(text, "gen.pdb")
+    assert not parsed.predicted and parsed.path == "gen.pdb" and parsed.chains[0].backbone.plddt is None
+    assert [(c.chain, len(c.sequence)) for c in parsed.chains] == [("A", 12), ("B", 7)]
+
+
+def test_bad_bytes_raise_the_same_error_naming_where(tmp_path):
+    truncated = gzip.compress(_backbone_pdb({"A": 40}).encode())[:120]
+    cases = {
+        "empty.pdb": b"",
+        "garbage.cif": b"data_x\nloop_\n_atom_site.id\n'unterminated\n",
+        "cut.pdb.gz": truncated,
+        "junk.pdb.gz": gzip.compress(b"ATOM") + b"junk",
+        "page.pdb": b"<html>not found</html>\n",
+    }
+    for name, data in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(StructureError) as from_file:
+            read_structure(path)
+        with pytest.raises(StructureError) as from_bytes:
+            read_structure_bytes(data, name, where=f"a.tar:{name}")
+        assert str(from_bytes.value) == str(from_file.value).replace(str(path), f"a.tar:{name}")
+        assert str(from_bytes.value).startswith(f"a.tar:{name}: ")
