@@ -105,13 +105,23 @@ class GVP(nn.Module):
         if self.wh is not None:
             vh = self.wh(v.transpose(-1, -2))  # (N, 3, H) linear across channels only
             s = self.ws(torch.cat([s, _norm_no_nan(vh, dim=-2)], dim=-1))  # (N, So)
+        else:
+            vh = None
+            s = self.ws(s)
+        return self.finish(s, vh)
+
+    def finish(self, s: Tensor, vh: Tensor | None) -> ScalarVector:
+        """Output vectors, gates and activations from the scalar pre-activation and hidden vectors.
+
+        Shapes:
+            s (N, So) = ``ws`` of [scalars, |vh|]; vh (N, 3, H) or None without input vectors
+            -> s (N, So), v (N, Vo, 3)
+        """
+        if self.vo:
             if self.wv is not None:
                 v = self.wv(vh).transpose(-1, -2)  # (N, Vo, 3)
-        else:
-            s = self.ws(s)
-        if self.vo and self.wv is None:
-            v = s.new_zeros(s.shape[0], self.vo, 3)
-        if self.vo:
+            else:
+                v = s.new_zeros(s.shape[0], self.vo, 3)
             if self.wsv is not None:
                 gate = self.wsv(self.vector_act(s) if self.vector_act else s)  # (N, Vo)
                 v = v * torch.sigmoid(gate).unsqueeze(-1)
@@ -170,6 +180,15 @@ def _split(x: Tensor, vector_channels: int) -> ScalarVector:
 class GVPConv(nn.Module):
     """Graph convolution whose messages are a 3-GVP stack of (s_j, edge, s_i) and (v_j, edge, v_i).
 
+    Most of the work is per edge (E = kN), so two linear maps are moved to the nodes: the first
+    message GVP's linear maps act on the concatenation [node j, edge, node i] and split into a
+    node-level part (computed once per node, then gathered per edge) and an edge-level part; the
+    last message GVP is affine in its scalars, so its ``ws`` is applied after the mean over incoming
+    edges (:meth:`_mean_of_last`). With the recipes' sizes this removes about half of the per-edge
+    multiply-adds. The result equals the per-edge formula, the mean over incoming edges of
+    ``message_gvps(([s_j, edge_s, s_i], [v_j, edge_v, v_i]))``, within fp32 rounding (same
+    parameters, so checkpoints are unchanged; tests/pretrain/models/test_structure_encoder.py checks it).
+
     Args:
         node_dims: node (scalar, vector) channels, same in and out.
         edge_dims: edge (scalar, vector) channels.
@@ -198,28 +217,74 @@ class GVPConv(nn.Module):
         )
 
     def forward(self, x: ScalarVector, edge_index: Tensor, edge_attr: ScalarVector) -> ScalarVector:
+        src, dst = edge_index  # messages flow from node j = src to node i = dst
+        s, vh = self._first_linear(x, src, dst, edge_attr)  # (E, S), (E, 3, H) or None
+        first, middle = self.message_gvps[0], self.message_gvps[1]
+        return self._mean_of_last(middle(first.finish(s, vh)), dst, x[0].shape[0])
+
+    def _mean_of_last(self, x: ScalarVector, dst: Tensor, num_nodes: int) -> ScalarVector:
+        """Mean over each node's incoming edges of the last message GVP's outputs.
+
+        That GVP has no activations, so its scalar output is affine in [s, |vh|]: the mean is taken
+        of those inputs and ``ws`` applied per node, not per edge. The vector gates need the per-edge
+        scalars only through ``wsv``, so they use the composed map ``wsv . ws`` (Vo rows, not So).
+
+        Shapes:
+            x (s (E, S), v (E, V, 3)), dst (E,) -> (s (N, S), v (N, Vo, 3)); zeros for nodes without edges
+        """
+        gvp = self.message_gvps[2]
+        s, v = x
+        if gvp.wh is not None:
+            vh = gvp.wh(v.transpose(-1, -2))  # (E, 3, H)
+            inputs = torch.cat([s, _norm_no_nan(vh, dim=-2)], dim=-1)  # (E, S + H)
+        else:
+            inputs = s
+        if gvp.wv is not None:
+            v = gvp.wv(vh).transpose(-1, -2)  # (E, Vo, 3)
+            if gvp.wsv is not None:
+                gate_w = gvp.wsv.weight @ gvp.ws.weight  # (Vo, S + H)
+                gate_b = gvp.wsv.weight @ gvp.ws.bias + gvp.wsv.bias  # (Vo,)
+                v = v * torch.sigmoid(F.linear(inputs, gate_w, gate_b)).unsqueeze(-1)
+            mean = self.aggregate(_merge(inputs, v), dst, dim_size=num_nodes)  # (N, S + H + 3Vo)
+            mean_inputs, out_v = _split(mean, gvp.vo)
+        else:  # no vector output (or no vector input: a gate on zero vectors leaves zeros)
+            mean_inputs = self.aggregate(inputs, dst, dim_size=num_nodes)  # (N, S + H)
+            out_v = inputs.new_zeros(num_nodes, gvp.vo, 3)
+        has_edges = torch.bincount(dst, minlength=num_nodes) > 0  # (N,)
+        return gvp.ws(mean_inputs) * has_edges.unsqueeze(-1).to(mean_inputs.dtype), out_v
+
+    def _first_linear(
+        self, x: ScalarVector, src: Tensor, dst: Tensor, edge_attr: ScalarVector
+    ) -> tuple[Tensor, Tensor | None]:
+        """The first message GVP's ``ws`` / ``wh`` outputs per edge, split into node and edge parts.
+
+        Shapes:
+            x (s (N, S), v (N, V, 3)), src / dst (E,), edge_attr (s (E, Se), v (E, Ve, 3))
+            -> s (E, So) pre-activation, vh (E, 3, H) (None when the GVP has no vector input)
+        """
+        (ns, nv), (es, ev) = self.node_dims, self.edge_dims
+        gvp = self.message_gvps[0]
         s, v = x
         edge_s, edge_v = edge_attr
-        src, dst = edge_index  # messages flow from node j = src to node i = dst
-        merged = _merge(s, v)  # (N, S + 3V)
-        messages = self.message(
-            merged.index_select(0, dst),
-            merged.index_select(0, src),
-            edge_s,
-            edge_v.reshape(edge_v.shape[0], 3 * edge_v.shape[1]),
-        )  # (E, S + 3V)
-        out = self.aggregate(messages, dst, dim_size=s.shape[0])  # (N, S + 3V)
-        return _split(out, self.node_dims[1])
-
-    def message(self, x_i: Tensor, x_j: Tensor, edge_s: Tensor, edge_v: Tensor) -> Tensor:
-        """(E, S + 3V) x 2, (E, Se), (E, 3Ve) -> (E, S + 3V): one message per edge j -> i."""
-        nv = self.node_dims[1]
-        s_i, v_i = _split(x_i, nv)
-        s_j, v_j = _split(x_j, nv)
-        edge_v = edge_v.reshape(edge_v.shape[0], self.edge_dims[1], 3)  # (E, Ve, 3)
-        s = torch.cat([s_j, edge_s, s_i], dim=-1)  # (E, 2S + Se)
-        v = torch.cat([v_j, edge_v, v_i], dim=-2)  # (E, 2V + Ve, 3)
-        return _merge(*self.message_gvps((s, v)))
+        ws = gvp.ws.weight  # (So, 2S + Se [+ H]) over [s_j, edge_s, s_i, |vh|]
+        node_w = torch.cat([ws[:, :ns], ws[:, ns + es : 2 * ns + es]])  # (2 So, S): j rows, then i rows
+        node_s = F.linear(s, node_w)  # (N, 2 So)
+        so = gvp.so
+        if gvp.wh is None:
+            parts = node_s[:, :so].index_select(0, src) + node_s[:, so:].index_select(0, dst)  # (E, So)
+            return parts + F.linear(edge_s, ws[:, ns : ns + es], gvp.ws.bias), None
+        wh = gvp.wh.weight  # (H, 2V + Ve) over [v_j, edge_v, v_i]
+        h = wh.shape[0]
+        node_wh = torch.cat([wh[:, :nv], wh[:, nv + ev :]])  # (2H, V)
+        node_v = F.linear(v.transpose(-1, -2), node_wh)  # (N, 3, 2H)
+        node_j = torch.cat([node_s[:, :so], node_v[..., :h].reshape(-1, 3 * h)], dim=-1)  # (N, So + 3H)
+        node_i = torch.cat([node_s[:, so:], node_v[..., h:].reshape(-1, 3 * h)], dim=-1)  # (N, So + 3H)
+        # split, not two slices: a slice's backward fills a zero (E, So + 3H) tensor per slice.
+        parts_s, parts_v = (node_j.index_select(0, src) + node_i.index_select(0, dst)).split([so, 3 * h], dim=-1)
+        vh = parts_v.reshape(-1, 3, h) + F.linear(edge_v.transpose(-1, -2), wh[:, nv : nv + ev])  # (E, 3, H)
+        edge_w = torch.cat([ws[:, ns : ns + es], ws[:, 2 * ns + es :]], dim=-1)  # (So, Se + H)
+        s = parts_s + F.linear(torch.cat([edge_s, _norm_no_nan(vh, dim=-2)], dim=-1), edge_w, gvp.ws.bias)
+        return s, vh  # (E, So), (E, 3, H)
 
 
 class GVPConvLayer(nn.Module):
