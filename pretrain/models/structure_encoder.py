@@ -218,9 +218,33 @@ class GVPConv(nn.Module):
 
     def forward(self, x: ScalarVector, edge_index: Tensor, edge_attr: ScalarVector) -> ScalarVector:
         src, dst = edge_index  # messages flow from node j = src to node i = dst
+        if self._partitioned():
+            return self._per_edge(x, src, dst, edge_attr)
         s, vh = self._first_linear(x, src, dst, edge_attr)  # (E, S), (E, 3, H) or None
         first, middle = self.message_gvps[0], self.message_gvps[1]
         return self._mean_of_last(middle(first.finish(s, vh)), dst, x[0].shape[0])
+
+    def _partitioned(self) -> bool:
+        """Whether ZeRO-3 partitions this layer's parameters (DeepSpeed marks them with ``ds_id``).
+
+        The split path reads the message GVPs' weights outside those modules' own forward, which
+        ZeRO-3 neither gathers for nor traces (its prefetcher fails with "tracing error"); under
+        ZeRO-3 the layer therefore runs the per-edge formula, module calls only.
+        """
+        return hasattr(self.message_gvps[0].ws.weight, "ds_id")
+
+    def _per_edge(self, x: ScalarVector, src: Tensor, dst: Tensor, edge_attr: ScalarVector) -> ScalarVector:
+        """The mean over incoming edges of ``message_gvps(([s_j, edge_s, s_i], [v_j, edge_v, v_i]))``,
+        one message per edge (the formula the split path equals within fp32 rounding).
+
+        Shapes:
+            as :meth:`forward`: (s (N, S), v (N, V, 3)) -> (s (N, S), v (N, V, 3)).
+        """
+        (s, v), (edge_s, edge_v) = x, edge_attr
+        s_msg = torch.cat([s.index_select(0, src), edge_s, s.index_select(0, dst)], dim=-1)  # (E, 2S + Se)
+        v_msg = torch.cat([v.index_select(0, src), edge_v, v.index_select(0, dst)], dim=-2)  # (E, 2V + Ve, 3)
+        messages = _merge(*self.message_gvps((s_msg, v_msg)))  # (E, S + 3V)
+        return _split(self.aggregate(messages, dst, dim_size=s.shape[0]), self.node_dims[1])
 
     def _mean_of_last(self, x: ScalarVector, dst: Tensor, num_nodes: int) -> ScalarVector:
         """Mean over each node's incoming edges of the last message GVP's outputs.

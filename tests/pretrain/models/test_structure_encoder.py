@@ -158,7 +158,8 @@ def test_conv_equals_per_edge_formula(node_dims, edge_dims, vector_gate):
         torch.randn(num_edges, edge_dims[1], 3, generator=gen),
     ]
     results = []
-    for fn in (conv, lambda *a: _reference_conv(conv, *a)):
+    per_edge = lambda x, ei, ea: conv._per_edge(x, ei[0], ei[1], ea)  # noqa: E731  (the ZeRO-3 path)
+    for fn in (conv, lambda *a: _reference_conv(conv, *a), per_edge):
         leaves = [t.clone().requires_grad_() for t in inputs]
         conv.zero_grad(set_to_none=True)
         out_s, out_v = fn((leaves[0], leaves[1]), edge_index, (leaves[2], leaves[3]))
@@ -170,13 +171,14 @@ def test_conv_equals_per_edge_formula(node_dims, edge_dims, vector_gate):
         grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves]
         grads += [p.grad if p.grad is not None else torch.zeros_like(p) for p in conv.parameters()]
         results.append((out_s.detach(), out_v.detach(), grads))
-    (s1, v1, g1), (s2, v2, g2) = results
+    (s1, v1, g1), (s2, v2, g2), (s3, v3, g3) = results
     assert s1.abs().sum() > 0 and (node_dims[1] == 0 or v1.abs().sum() > 0)
     assert s1[-2:].abs().sum() == 0  # nodes without incoming edges get zeros
-    torch.testing.assert_close(s1, s2, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(v1, v2, atol=1e-5, rtol=1e-5)
-    for a, b in zip(g1, g2):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    for s_, v_, g_ in ((s1, v1, g1), (s3, v3, g3)):  # the split path and the per-edge (ZeRO-3) path
+        torch.testing.assert_close(s_, s2, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(v_, v2, atol=1e-5, rtol=1e-5)
+        for a, b in zip(g_, g2):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_encoder_matches_saved_outputs_of_the_unsplit_implementation():
