@@ -46,7 +46,8 @@ def _load_triton(paired: bool = False, gathered: bool = False):
 
 
 @functools.cache
-def _triton_available() -> bool:
+def triton_available() -> bool:
+    """Whether the InfoNCE Triton ops import here (Triton installed); cached."""
     try:
         _load_triton()
     except ImportError:
@@ -68,7 +69,7 @@ def resolve_backend(
 
 
 def _resolve_backend(backend: str, q: torch.Tensor) -> str:
-    return resolve_backend(backend, q, _triton_available)
+    return resolve_backend(backend, q, triton_available)
 
 
 def infonce(

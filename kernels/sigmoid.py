@@ -30,7 +30,8 @@ def _load_triton():
 
 
 @functools.cache
-def _triton_available() -> bool:
+def triton_available() -> bool:
+    """Whether the sigmoid Triton op import here (Triton installed); cached."""
     try:
         _load_triton()
     except ImportError:
@@ -39,7 +40,7 @@ def _triton_available() -> bool:
 
 
 def _resolve_backend(backend: str, a: torch.Tensor) -> str:
-    return resolve_backend(backend, a, _triton_available, dtypes=(torch.float32, torch.float16, torch.bfloat16))
+    return resolve_backend(backend, a, triton_available, dtypes=(torch.float32, torch.float16, torch.bfloat16))
 
 
 def _as_tensor(x, like: torch.Tensor) -> torch.Tensor:

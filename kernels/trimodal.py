@@ -81,7 +81,8 @@ class Term:
 
 
 @functools.cache
-def _triton_available() -> bool:
+def triton_available() -> bool:
+    """Whether the tri-modal Triton op import here (Triton installed); cached."""
     try:
         import kernels.trimodal_triton  # noqa: F401
     except ImportError:
@@ -225,7 +226,7 @@ def rank_trimodal_infonce(
     xs_all = [emb_all[k] for k in keys]
     device, ct = xs_all[0].device, compute_dtype(xs_all[0].dtype)
     scales = _scale_vector(logit_scales, len(terms), xs_all[0])
-    backend = resolve_backend(backend, xs_all[0], _triton_available)
+    backend = resolve_backend(backend, xs_all[0], triton_available)
     plan = _plan(keys, terms, present_all or {}, groups_all, rows, world, rank, ct, device)
     gathered = torch.stack(xs_all, dim=1)  # (W·b, K, d)
     local = slice(rank * rows, (rank + 1) * rows)
@@ -279,7 +280,7 @@ def trimodal_infonce(
     world, rank = world_and_rank(group)
     if check_rows:
         check_equal_rows(rows, device, group)
-    backend = resolve_backend(backend, xs[0], _triton_available)
+    backend = resolve_backend(backend, xs[0], triton_available)
     groups = groups if any(t.grouped for t in terms) else None  # ids only matter to grouped terms
     masks_all, groups_all = _gather_masks(terms, present, groups, group, device)
     plan = _plan(keys, terms, masks_all, groups_all, rows, world, rank, ct, device)

@@ -23,15 +23,14 @@ import torch.distributed as dist
 
 from data_shards.manifest import load_manifest
 from pretrain.config import Config
+from pretrain.data.batching import padding_fraction
 from pretrain.data.collate import batch_to_device
 from pretrain.data.stream import (
-    SHARD_SET_KEY,
     Cursor,
     check_resumable_plan,
     local_stream,
     plan_for,
-    plan_settings,
-    shard_set_digest,
+    plan_record,
 )
 from pretrain.engine import checkpoint, checkpoint_store, checkpoint_universal
 from pretrain.engine.builder import build_model
@@ -47,6 +46,8 @@ from pretrain.engine.schedule import (
     seed_everything,
     set_group_lrs,
 )
+from pretrain.engine.step_guards import bad_ratio_stop_reason, nonfinite_stop_reason
+from pretrain.engine.step_timing import StepTimer, TimedObjective
 from pretrain.engine.two_pass import two_pass_step, weights_give_finite_loss
 from pretrain.errors import RunStopped
 from pretrain.losses.objective import detach_terms
@@ -102,6 +103,7 @@ class Trainer:
         self.preempted = False
         self.objective = build_objective(cfg.loss)  # pretrain.losses.objective: one call for every objective
         self.validator = validator
+        self.timer = StepTimer(self.device)  # time split per step (pretrain.engine.step_timing); FLOPs in setup
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -123,6 +125,7 @@ class Trainer:
             checkpoint_store.fetch(self.ckpt_dir, self.cfg.train.remote_dir, self.run_dir)
         ds_config = checkpoint_universal.engine_config(self.ds_config, self.ckpt_dir, self.world_size)
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=ds_config)
+        self.timer = StepTimer.for_model(model, self.device, self.cfg.train.precision)
         self.model = model
         resumed = checkpoint.load(self.engine, self.ckpt_dir)
         if resumed is not None:
@@ -199,26 +202,32 @@ class Trainer:
     # ------------------------------------------------------------------ steps
     def train_step(self, batch: dict) -> dict[str, float]:
         """Forward, loss, backward and optimizer step on one rank's batch; returns logged terms."""
-        batch = batch_to_device(batch, self.device)
+        timer = self.timer  # each phase's time (pretrain/engine/step_timing.py)
+        with timer.phase("data"):
+            batch = batch_to_device(batch, self.device)
         autocast_dtype = resolve_precision(self.cfg.train.precision, self.device)
         if self.cfg.train.grad_cache_chunk > 0:  # GradCache two-pass step (pretrain/engine/two_pass.py)
             terms, logit_scale = two_pass_step(
-                self.engine,
+                timer.timed("forward", self.engine),
                 batch,
-                self.objective,
+                TimedObjective(self.objective, timer),
                 self.cfg.train.grad_cache_chunk,
                 autocast_dtype=autocast_dtype,
-                backward=self.engine.backward,
+                backward=timer.timed("backward", self.engine.backward),
                 set_boundary=self.engine.set_gradient_accumulation_boundary,
             )
         else:
-            with forward_autocast(autocast_dtype, self.device):
-                emb = self.engine(batch)
-            emb = embeddings_to_fp32(emb)  # the loss accumulates in fp32 whatever the forward dtype
-            terms = self.objective(emb, batch)
-            self.engine.backward(terms["loss"])
+            with timer.phase("forward"), forward_autocast(autocast_dtype, self.device):
+                emb = embeddings_to_fp32(self.engine(batch))  # the loss accumulates in fp32 whatever the forward dtype
+            with timer.phase("loss"):
+                terms = self.objective(emb, batch)
+            with timer.phase("backward"):
+                self.engine.backward(terms["loss"])
             logit_scale = emb["logit_scale"]
-        applied = self._optimizer_step()
+        if (backend := timer.note_loss_backend(self.cfg.loss, logit_scale)) is not None:  # fp32, the loss's device
+            self._print(f"loss backend: {backend} (loss.backend={self.cfg.loss.backend}, {logit_scale.device})")
+        with timer.phase("optimizer"):
+            applied = self._optimizer_step()
         values = detach_terms(terms)
         values["logit_scale"] = float(logit_scale.detach().reshape(-1)[0])
         values["nonfinite"] = float(not applied or not math.isfinite(values["loss"]))
@@ -272,7 +281,7 @@ class Trainer:
         last: dict = {}
         t_log, steps_since_log = time.perf_counter(), 0
         t_start, start_step = time.perf_counter(), self.step
-        for batch, bad, cursor in self.stream:
+        for batch, bad, cursor in self.timer.iterate(self.stream):
             if self.stage == 1 and self.step >= t_cfg.stage1_steps:
                 self.stage = 2
                 self._apply_stage()
@@ -281,6 +290,8 @@ class Trainer:
             lr = self._set_lr()
             self._record_bad_samples(bad)
             values = self.train_step(batch)
+            values["padding_fraction"] = padding_fraction(batch)
+            self.timer.end_step(batch, self._frozen())
             self.step += 1
             steps_since_log += 1
             self.cursor = cursor
@@ -292,9 +303,12 @@ class Trainer:
             )
             self.bad_samples += bad_total
             # Checked on every rank alike (the counts are global); the step is logged before stopping.
-            stop_reason = self._count_nonfinite(bool(nonfinite)) or self._bad_ratio_exceeded()
+            stop_reason = self._count_nonfinite(bool(nonfinite)) or bad_ratio_stop_reason(
+                self.bad_samples, self.samples_seen, self.cfg.data
+            )
             if stop_reason or self.step % t_cfg.log_every == 0 or self.step == t_cfg.max_steps:
-                values = self._mean_over_ranks(values)
+                timing, unaveraged = self.timer.summary()  # numbers; None on CPU and the loss backend once
+                values = self._mean_over_ranks({**values, **timing})
                 elapsed = time.perf_counter() - t_log
                 rate = steps_since_log * global_batch / max(elapsed, 1e-9)
                 last = {
@@ -307,6 +321,7 @@ class Trainer:
                     "samples_seen": self.samples_seen,
                     "bad_samples": self.bad_samples,
                     "nonfinite_steps": self.nonfinite_steps,
+                    **unaveraged,
                 }
                 self._log_metrics(last)
                 done = self.step - start_step
@@ -373,23 +388,8 @@ class Trainer:
             update_best(self.run_dir / "best.json", self.step, score)
         self._print(f"step {self.step}: validation mean R@10 {score:.3f}")
 
-    def _bad_ratio_exceeded(self) -> str | None:
-        """Why the run must stop when more than ``data.max_bad_sample_ratio`` of the samples were
-        bad, else None. Until ``data.bad_ratio_min_samples`` samples were seen the ratio is taken
-        of that many (one bad sample in the first batch must not stop a run)."""
-        d = self.cfg.data
-        ratio = self.bad_samples / max(1, self.samples_seen, d.bad_ratio_min_samples)
-        if ratio > d.max_bad_sample_ratio and self.bad_samples > 0:
-            return (
-                f"{self.bad_samples} of {self.samples_seen} samples were unreadable, above "
-                f"data.max_bad_sample_ratio={d.max_bad_sample_ratio}; check the shards in "
-                f"{d.train_shards} (python -m data_shards validate) and RUN/bad_samples/"
-            )
-        return None
-
     def _count_nonfinite(self, nonfinite: bool) -> str | None:
-        """Count a skipped update; returns why the run must stop after ``train.max_nonfinite_steps``
-        of them in a row, else None.
+        """Count a skipped update; why the run must stop (:func:`nonfinite_stop_reason`), else None.
 
         A skipped step still consumes its batch and its step number (the data cursor moves on),
         so a resumed run replays exactly the same steps.
@@ -408,12 +408,7 @@ class Trainer:
         )
         if self._nonfinite_run < limit:
             return None
-        where = self._last_good()
-        return (
-            f"{self._nonfinite_run} consecutive steps (up to step {self.step}) had a non-finite loss or "
-            f"gradients (train.max_nonfinite_steps={limit}); stopping without saving: {where}. "
-            "Lower optim.lr / optim.encoder_lr or check the data, then relaunch to resume from it."
-        )
+        return nonfinite_stop_reason(self._nonfinite_run, self.step, limit, self._last_good())
 
     def _record_bad_samples(self, bad: list[dict]) -> None:
         """Log each skipped sample (a whole unreadable shard once) and list it in
@@ -433,7 +428,7 @@ class Trainer:
             "nonfinite_steps": self.nonfinite_steps,
             "config_fingerprint": self.cfg.fingerprint(),
             "world_size": self.world_size,
-            "data_plan": {**plan_settings(self.cfg), SHARD_SET_KEY: shard_set_digest(self._plan.manifest)},
+            "data_plan": plan_record(self.cfg, self._plan),
         }
 
     def save(self, must_succeed: bool = False) -> None:
