@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from pretrain.benchmark.context import BenchmarkContext
-from pretrain.benchmark.data import BenchmarkDataError, read_proteins
+from pretrain.benchmark.data import BenchmarkDataError, Proteins, read_proteins
 from pretrain.benchmark.embedding import load_base, load_trained
 from pretrain.benchmark.mmseqs import MMseqsError
 from pretrain.benchmark.registry import TASKS
@@ -49,9 +49,14 @@ def run_benchmark(
         for i, t in enumerate(suite.tasks)
     ]
     proteins = read_proteins(suite.proteins)
+    table_rows = len(proteins.ids)
+    for spec, cfg in zip(suite.tasks, configs):
+        if TASKS[spec.type].extra is not None:
+            add_rows(proteins, TASKS[spec.type].extra(suite, cfg, proteins, spec.name))
     wanted: set[str] = set()
     for spec, cfg in zip(suite.tasks, configs):
         wanted |= TASKS[spec.type].needs(suite, cfg, proteins, spec.name)
+    added = len(proteins.ids) - table_rows
     index = proteins.index()
     rows = np.asarray(sorted(index[p] for p in wanted), dtype=np.int64)
     text_column = suite.text_column if any(TASKS[t.type].uses_text for t in suite.tasks) else None
@@ -60,7 +65,12 @@ def run_benchmark(
         "suite": suite.name,
         "suite_file": str(suite.path),
         "export": str(export),
-        "proteins": {"table": str(suite.proteins), "rows": len(proteins.ids), "embedded": len(rows)},
+        "proteins": {
+            "table": str(suite.proteins),
+            "rows": len(proteins.ids) - added,
+            "added_by_tasks": added,
+            "embedded": len(rows),
+        },
         "bootstrap": vars(suite.bootstrap),
         "models": {},
         "timings_s": {},
@@ -74,7 +84,7 @@ def run_benchmark(
         embeddings = embedder.embed(proteins, rows, text_column, batch_size=suite.batch_size)
         result["timings_s"][f"{row}/embed"] = round(time.perf_counter() - t0, 2)
         result["proteins"][f"{row}_structure_failures"] = len(embeddings.failures)
-        ctx = BenchmarkContext(suite, embeddings, out / row, row)
+        ctx = BenchmarkContext(suite, embeddings, out / row, row, sequence_model=embedder.sequence_model)
         result["models"][row] = {}
         for spec, cfg in zip(suite.tasks, configs):
             t0 = time.perf_counter()
@@ -84,6 +94,20 @@ def run_benchmark(
             log.info("%s / %s: %d figures", row, spec.name, len(task_out["rows"]))
     result["files"] = {k: str(v) for k, v in write_results(result, out).items()}
     return result
+
+
+def add_rows(proteins: Proteins, rows) -> None:
+    """Append a task's extra proteins ``(id, sequence, (file, chain) | None)`` (ids already present are kept)."""
+    have = set(proteins.ids)
+    for pid, sequence, structure in rows:
+        if pid in have:
+            continue
+        have.add(pid)
+        proteins.ids.append(pid)
+        proteins.sequences.append(sequence)
+        proteins.structures.append(structure)
+        for column in proteins.columns.values():
+            column.append("")
 
 
 def main(argv=None) -> int:

@@ -21,12 +21,15 @@ class BenchmarkContext:
         embeddings: row i is ``embeddings.proteins.ids[i]``.
         out_dir: this model's output folder (``DIR/<row>``); a task writes under ``out_dir/<task slug>``.
         row: "trained" (the export) or "base" (its encoders before alignment).
+        sequence_model: the row's model holding its ESM-2 (for tasks that run its LM head, e.g.
+            mutation effect); None when the tasks have no model (hand-made embeddings).
     """
 
     suite: Suite
     embeddings: Embeddings
     out_dir: Path
     row: str
+    sequence_model: object | None = None
 
     @property
     def bootstrap_kwargs(self) -> dict:

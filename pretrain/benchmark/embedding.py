@@ -67,6 +67,11 @@ class Embedder:
         self._seq, self._struct, self._text = sequence, structure, text
 
     @property
+    def sequence_model(self) -> EmbeddingModel:
+        """The model that embeds sequences (its ESM-2 also scores mutations: the ``mutation`` task)."""
+        return self._seq
+
+    @property
     def shared_space(self) -> bool:
         return self.kind == "trained"
 

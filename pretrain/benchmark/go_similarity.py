@@ -24,49 +24,27 @@ Spearman uses average ranks for ties; its 95 % interval is a bootstrap over pair
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 from data_shards.readers.gaf import iter_gaf
-from data_shards.readers.obo import Ontology
-from pretrain.benchmark.bootstrap import DEFAULT_RESAMPLES, bootstrap
+from data_shards.readers.obo import Ontology, load_obo
+from pretrain.benchmark.bootstrap import DEFAULT_LEVEL, DEFAULT_RESAMPLES, Interval, bootstrap
+from pretrain.benchmark.context import BenchmarkContext, metric_row
+from pretrain.benchmark.data import BenchmarkDataError, Proteins
+from pretrain.benchmark.embedding import FEATURES
+from pretrain.benchmark.stats import average_ranks, spearman  # noqa: F401  (average_ranks: re-exported)
+from pretrain.benchmark.suite import Suite, check_file
+from pretrain.errors import ConfigError
 
 ASPECTS = {"MF": "F", "BP": "P", "CC": "C"}  # task name -> ontology aspect letter
 MEASURES = ("lin", "resnik")
-
-
-def average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks of ``values``, ties sharing the mean of their ranks (scipy's ``rankdata``).
-
-    Shapes:
-        (N,) -> (N,) float64.
-    """
-    values = np.asarray(values, dtype=np.float64)
-    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    last = np.cumsum(counts)  # rank of the last member of each group of equal values
-    return (last - 0.5 * (counts - 1))[inverse].astype(np.float64)
-
-
-def spearman(x: np.ndarray, y: np.ndarray) -> float | None:
-    """Spearman's rho: Pearson correlation of average ranks; None with < 2 items or a constant side.
-
-    Shapes:
-        x (N,), y (N,).
-    """
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    if x.shape != y.shape or x.ndim != 1:
-        raise ValueError(f"spearman needs two 1-D arrays of one length, got {x.shape} and {y.shape}")
-    if len(x) < 2:
-        return None
-    rx, ry = average_ranks(x), average_ranks(y)
-    rx -= rx.mean()
-    ry -= ry.mean()
-    denom = math.sqrt(float((rx * rx).sum()) * float((ry * ry).sum()))
-    if denom == 0.0:
-        return None
-    return float((rx * ry).sum() / denom)
+_GO_ID = re.compile(r"GO:\d{7}")
 
 
 def gaf_term_sets(paths: Iterable[str | Path], evidence: Iterable[str] | None = None) -> dict[str, set[str]]:
@@ -213,7 +191,9 @@ def go_similarity_benchmark(
     *,
     measure: str = "lin",
     resamples: int = DEFAULT_RESAMPLES,
+    level: float = DEFAULT_LEVEL,
     seed: int = 0,
+    similarities: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> dict:
     """Spearman between embedding cosine and BMA GO similarity, per aspect, with bootstrap intervals.
 
@@ -223,33 +203,184 @@ def go_similarity_benchmark(
         protein_terms: protein id -> annotated GO ids (not necessarily propagated).
         ontology, ic: the GO and the IC table (:func:`information_content`).
         measure: ``"lin"`` or ``"resnik"``.
-        resamples, seed: bootstrap over the pairs scored in each aspect.
+        resamples, level, seed: bootstrap over the pairs scored in each aspect.
+        similarities: :func:`pair_similarities` of these pairs under ``measure``, when already computed.
 
     Returns:
         ``{"measure", "n_pairs", "aspects": {"MF": {"spearman": Interval dict, "n_pairs",
         "mean_similarity"}, ...}}``; an aspect with fewer than 3 scorable pairs (both proteins with
         a term of the aspect that has an IC) reports ``spearman`` None.
     """
-    sim = TermSimilarity(ontology, ic, measure)
+    if similarities is None:
+        similarities = pair_similarities(pairs, protein_terms, ontology, ic, measure)
     cos = _cosines(lookup, pairs)
     out: dict = {"measure": measure, "n_pairs": len(pairs), "aspects": {}}
+    for name, (rows, y) in similarities.items():
+        x = cos[rows]
+        entry: dict = {"n_pairs": len(rows), "mean_similarity": float(y.mean()) if len(y) else None}
+        if len(rows) >= 3:
+            entry["spearman"] = bootstrap(
+                lambda idx, x=x, y=y: spearman(x[idx], y[idx]), len(rows), resamples=resamples, level=level, seed=seed
+            ).to_dict()
+        else:
+            entry["spearman"] = None
+        out["aspects"][name] = entry
+    return out
+
+
+def pair_similarities(
+    pairs: Sequence[tuple[str, str]],
+    protein_terms: Mapping[str, Iterable[str]],
+    ontology: Ontology,
+    ic: Mapping[str, float],
+    measure: str = "lin",
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per aspect name ("MF", "BP", "CC"): (indices into ``pairs`` that are scorable, their BMA similarity).
+
+    Shapes:
+        each entry: (S,) int64 pair indices, (S,) float64 similarities.
+    """
+    sim = TermSimilarity(ontology, ic, measure)
+    out = {}
     for name, aspect in ASPECTS.items():
-        terms = {}
-        for pid in {i for p in pairs for i in p}:
-            terms[pid] = aspect_terms(ontology, protein_terms.get(pid, ()), aspect, ic)
+        terms = {
+            pid: aspect_terms(ontology, protein_terms.get(pid, ()), aspect, ic) for pid in {i for p in pairs for i in p}
+        }
         rows, sims = [], []
         for k, (a, b) in enumerate(pairs):
             s = best_match_average(terms[a], terms[b], sim)
             if s is not None:
                 rows.append(k)
                 sims.append(s)
-        x, y = cos[rows], np.asarray(sims)
-        entry: dict = {"n_pairs": len(rows), "mean_similarity": float(y.mean()) if len(y) else None}
-        if len(rows) >= 3:
-            entry["spearman"] = bootstrap(
-                lambda idx, x=x, y=y: spearman(x[idx], y[idx]), len(rows), resamples=resamples, seed=seed
-            ).to_dict()
-        else:
-            entry["spearman"] = None
-        out["aspects"][name] = entry
+        out[name] = (np.asarray(rows, np.int64), np.asarray(sims, np.float64))
     return out
+
+
+# --- the suite task (``type: go_similarity`` in pretrain.benchmark.registry) ----------------------------
+
+
+@dataclass
+class GoSimilarityTaskConfig:
+    """Suite keys of a ``go_similarity`` task.
+
+    Each protein's GO terms are the GO ids in the proteins table's ``term_columns``; the IC is counted
+    over the GAF files' proteins (``gaf: []``: over the proteins table's own annotated proteins).
+    Up to ``n_pairs`` pairs of annotated proteins are drawn (seeded) and embedded.
+    """
+
+    obo: str = ""  # the GO (go-basic.obo, plain or gzipped)
+    gaf: list[str] = field(default_factory=list)  # annotation corpus for the information content
+    evidence: list[str] | None = None  # keep only these GAF evidence codes (default: all)
+    term_columns: list[str] = field(default_factory=lambda: ["go_mf", "go_bp", "go_cc"])
+    measures: list[str] = field(default_factory=lambda: ["lin"])  # lin and / or resnik
+    n_pairs: int = 2000  # pairs drawn (fewer when fewer exist)
+    features: list[str] = field(default_factory=lambda: ["sequence", "structure"])
+    seed: int = 0  # seeds the pair draw
+
+    def validate(self, where: str) -> None:
+        if not self.obo:
+            raise ConfigError(f"{where}.obo: the GO OBO file is required")
+        bad = sorted(set(self.measures) - set(MEASURES))
+        if not self.measures or bad:
+            raise ConfigError(f"{where}.measures: {self.measures}; expected some of {list(MEASURES)}")
+        bad = sorted(set(self.features) - set(FEATURES))
+        if not self.features or bad:
+            raise ConfigError(f"{where}.features: {self.features}; expected some of {list(FEATURES)}")
+        if not self.term_columns:
+            raise ConfigError(f"{where}.term_columns: name at least one column of GO ids")
+        if self.n_pairs < 3:
+            raise ConfigError(f"{where}.n_pairs must be >= 3, got {self.n_pairs}")
+
+
+def table_terms(proteins: Proteins, columns: Sequence[str], where: str) -> dict[str, set[str]]:
+    """Protein id -> GO ids found in its ``columns`` cells (proteins without any are left out)."""
+    missing = [c for c in columns if c not in proteins.columns]
+    if missing:
+        raise ConfigError(f"{where}: proteins table {proteins.source} has no column(s) {missing}")
+    out = {}
+    for i, pid in enumerate(proteins.ids):
+        terms = {t for c in columns for t in _GO_ID.findall(proteins.columns[c][i])}
+        if terms:
+            out[pid] = terms
+    return out
+
+
+@lru_cache(maxsize=4)
+def _ontology_and_ic(obo: Path, gaf: tuple[Path, ...], evidence: tuple[str, ...] | None, table: tuple):
+    """(ontology, IC) read once per process for a task's files (trained and base rows share them)."""
+    ontology = load_obo(obo)
+    corpus = gaf_term_sets(gaf, evidence) if gaf else dict(table)
+    return ontology, information_content(ontology, corpus)
+
+
+def _task_pairs(suite: Suite, cfg: GoSimilarityTaskConfig, proteins: Proteins, name: str):
+    terms = table_terms(proteins, cfg.term_columns, f"{suite.path}: {name}.term_columns")
+    ids = sorted(terms)
+    most = len(ids) * (len(ids) - 1) // 2
+    if most < 3:
+        raise BenchmarkDataError(f"{suite.path}: {name}: {len(ids)} protein(s) of {proteins.source} have GO terms")
+    return terms, sample_pairs(ids, min(cfg.n_pairs, most), seed=cfg.seed)
+
+
+def needs(suite: Suite, cfg: GoSimilarityTaskConfig, proteins: Proteins, name: str = "go_similarity") -> set[str]:
+    """The members of the drawn pairs; checks the OBO and GAF files exist."""
+    check_file(suite, cfg.obo, f"{name}.obo")
+    for i, g in enumerate(cfg.gaf):
+        check_file(suite, g, f"{name}.gaf[{i}]")
+    _, pairs = _task_pairs(suite, cfg, proteins, name)
+    return {i for p in pairs for i in p}
+
+
+def run(ctx: BenchmarkContext, name: str, cfg: GoSimilarityTaskConfig) -> dict:
+    """Spearman of cosine with BMA Lin / Resnik similarity, per aspect, measure and feature."""
+    suite, emb = ctx.suite, ctx.embeddings
+    obo = check_file(suite, cfg.obo, f"{name}.obo")
+    gaf = tuple(check_file(suite, g, f"{name}.gaf[{i}]") for i, g in enumerate(cfg.gaf))
+    terms, pairs = _task_pairs(suite, cfg, emb.proteins, name)
+    frozen = tuple(sorted((k, frozenset(v)) for k, v in terms.items())) if not gaf else ()
+    try:
+        ontology, ic = _ontology_and_ic(obo, gaf, tuple(cfg.evidence) if cfg.evidence else None, frozen)
+    except ValueError as e:
+        raise BenchmarkDataError(f"{suite.path}: {name}: {e}") from None
+    index = emb.proteins.index()
+    rows: list[dict] = []
+    info: dict = {"annotated_proteins": len(terms), "n_pairs": len(pairs), "ic_terms": len(ic)}
+    info["ic_corpus"] = [str(g) for g in gaf] or f"proteins table {emb.proteins.source}"
+    for measure in cfg.measures:
+        sims = _similarities(ctx, name, measure, pairs, terms, ontology, ic)
+        for feat in cfg.features:
+            x, present = emb.feature(feat)
+            keep = np.array([present[index[a]] and present[index[b]] for a, b in pairs], bool)  # (P,)
+            lookup = {pid: x[index[pid]] for p in pairs for pid in p if present[index[pid]]}
+            kept = [p for p, k in zip(pairs, keep) if k]
+            remap = np.cumsum(keep) - 1  # pair index -> index among the kept pairs
+            sub = {a: (remap[r[keep[r]]], s[keep[r]]) for a, (r, s) in sims.items()}
+            res = go_similarity_benchmark(
+                lookup, kept, terms, ontology, ic, measure=measure, similarities=sub, **ctx.bootstrap_kwargs
+            )
+            for aspect, entry in res["aspects"].items():
+                info.setdefault(aspect, {})[f"{measure}/{feat}"] = {
+                    "n_pairs": entry["n_pairs"],
+                    "mean_similarity": entry["mean_similarity"],
+                }
+                if entry["spearman"] is not None:
+                    rows.append(
+                        metric_row(
+                            f"cosine/{feat}", "all", f"spearman_{measure}", Interval(**entry["spearman"]),
+                            entry["n_pairs"], aspect=aspect,
+                        )
+                    )  # fmt: skip
+    return {"rows": rows, "info": info}
+
+
+_SIMILARITIES: dict[tuple, dict] = {}
+
+
+def _similarities(ctx, name, measure, pairs, terms, ontology, ic) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """:func:`pair_similarities`, once per suite task and measure (the trained and base rows share them)."""
+    key = (str(ctx.suite.path), name, measure, tuple(pairs), id(ic))
+    if key not in _SIMILARITIES:
+        if len(_SIMILARITIES) >= 8:
+            _SIMILARITIES.clear()  # a few tasks' worth at most
+        _SIMILARITIES[key] = pair_similarities(pairs, terms, ontology, ic, measure)
+    return _SIMILARITIES[key]

@@ -31,8 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pretrain.benchmark.bootstrap import DEFAULT_RESAMPLES, bootstrap
-from pretrain.benchmark.go_similarity import spearman
+from pretrain.benchmark.bootstrap import DEFAULT_LEVEL, DEFAULT_RESAMPLES, Interval, bootstrap
+from pretrain.benchmark.context import BenchmarkContext, metric_row
+from pretrain.benchmark.data import BenchmarkDataError, Proteins
+from pretrain.benchmark.stats import spearman
+from pretrain.benchmark.suite import Suite, check_file
+from pretrain.errors import ConfigError
 from pretrain.models.sequence_encoder import SequenceEncoder
 
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
@@ -229,6 +233,7 @@ def mutation_benchmark(
     first_position: int = 1,
     batch_size: int = 8,
     resamples: int = DEFAULT_RESAMPLES,
+    level: float = DEFAULT_LEVEL,
     seed: int = 0,
 ) -> dict:
     """Spearman of masked-marginal scores with ``DMS_score`` on one ProteinGym-format file.
@@ -240,7 +245,7 @@ def mutation_benchmark(
         dms_csv: the CSV (:func:`read_dms_csv`).
         first_position: number of the wild type's first residue in ``mutant``.
         batch_size: masked sequences per forward pass.
-        resamples, seed: the bootstrap over variants.
+        resamples, level, seed: the bootstrap over variants.
 
     Returns:
         ``{"spearman": Interval dict, "n_variants", "n_multi_mutants", "n_positions",
@@ -251,7 +256,9 @@ def mutation_benchmark(
     if len(variants) < 3:
         raise ValueError(f"{dms_csv}: {len(variants)} variant(s); Spearman needs at least 3")
     scores = masked_marginal_scores(model, wild_type, variants, batch_size)
-    interval = bootstrap(lambda i: spearman(scores[i], dms[i]), len(variants), resamples=resamples, seed=seed)
+    interval = bootstrap(
+        lambda i: spearman(scores[i], dms[i]), len(variants), resamples=resamples, level=level, seed=seed
+    )
     return {
         "spearman": interval.to_dict(),
         "n_variants": len(variants),
@@ -259,3 +266,70 @@ def mutation_benchmark(
         "n_positions": len({s.position for v in variants for s in v}),
         "scoring": "masked marginals",
     }
+
+
+# --- the suite task (``type: mutation`` in pretrain.benchmark.registry) ---------------------------------
+
+
+@dataclass
+class MutationTaskConfig:
+    """Suite keys of a ``mutation`` task: one ProteinGym-format CSV and its wild type.
+
+    The wild type is given as a sequence (``wild_type``) or as the id of a proteins-table row
+    (``wild_type_id``). The trained row scores with the export's ESM-2 (its LM head as aligned), the
+    base row with the ESM-2 as loaded before alignment. No embedding is needed.
+    """
+
+    dms: str = ""  # the CSV (mutant, DMS_score[, mutated_sequence])
+    wild_type: str | None = None
+    wild_type_id: str | None = None
+    first_position: int = 1  # number of the wild type's first residue in the mutant column
+    batch_size: int = 8  # masked copies per forward pass
+
+    def validate(self, where: str) -> None:
+        if not self.dms:
+            raise ConfigError(f"{where}.dms: the ProteinGym-format CSV is required")
+        if (self.wild_type is None) == (self.wild_type_id is None):
+            raise ConfigError(f"{where}: give exactly one of wild_type (a sequence) and wild_type_id (a protein id)")
+        if self.batch_size < 1:
+            raise ConfigError(f"{where}.batch_size must be >= 1, got {self.batch_size}")
+
+
+def _wild_type(suite: Suite, cfg: MutationTaskConfig, proteins: Proteins, name: str) -> str:
+    if cfg.wild_type_id is None:
+        try:
+            return _clean_sequence(cfg.wild_type or "")
+        except ValueError as e:
+            raise ConfigError(f"{suite.path}: {name}.wild_type: {e}") from None
+    index = proteins.index()
+    if cfg.wild_type_id not in index:
+        raise ConfigError(f"{suite.path}: {name}.wild_type_id: {cfg.wild_type_id!r} is not in {proteins.source}")
+    return proteins.sequences[index[cfg.wild_type_id]]
+
+
+def needs(suite: Suite, cfg: MutationTaskConfig, proteins: Proteins, name: str = "mutation") -> set[str]:
+    """Nothing to embed (the LM head scores the variants); checks the CSV and the wild type."""
+    check_file(suite, cfg.dms, f"{name}.dms")
+    _wild_type(suite, cfg, proteins, name)
+    return set()
+
+
+def run(ctx: BenchmarkContext, name: str, cfg: MutationTaskConfig) -> dict:
+    """Spearman of masked-marginal scores with DMS_score (``ctx.sequence_model``'s ESM-2)."""
+    path = check_file(ctx.suite, cfg.dms, f"{name}.dms")
+    wild_type = _wild_type(ctx.suite, cfg, ctx.embeddings.proteins, name)
+    if ctx.sequence_model is None:
+        return {"rows": [], "info": {"skipped": "no sequence model in the benchmark context"}}
+    try:
+        res = mutation_benchmark(
+            ctx.sequence_model,
+            wild_type,
+            path,
+            first_position=cfg.first_position,
+            batch_size=cfg.batch_size,
+            **ctx.bootstrap_kwargs,
+        )
+    except ValueError as e:
+        raise BenchmarkDataError(f"{ctx.suite.path}: {name}: {e}") from None
+    row = metric_row("masked_marginals/esm2", "all", "spearman", Interval(**res.pop("spearman")), res["n_variants"])
+    return {"rows": [row], "info": {"dms": str(path), "wild_type_length": len(wild_type), **res}}

@@ -30,14 +30,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from data_shards.readers.tables import iter_chain_table
-from pretrain.benchmark.bootstrap import DEFAULT_RESAMPLES, bootstrap
-from pretrain.benchmark.go_similarity import average_ranks
+from pretrain.benchmark.bootstrap import DEFAULT_LEVEL, DEFAULT_RESAMPLES, Interval, bootstrap
+from pretrain.benchmark.context import BenchmarkContext, metric_row, slug
+from pretrain.benchmark.data import BenchmarkDataError, Proteins
+from pretrain.benchmark.embedding import FEATURES
+from pretrain.benchmark.stats import average_ranks
+from pretrain.benchmark.suite import Suite, check_file
+from pretrain.errors import ConfigError
 
 SOURCES = ("db5.5", "dips_test")
 _DB5 = re.compile(r"^(?P<pdb>[0-9A-Za-z]{4})_(?P<side>[rl])_(?P<state>[bu])\.pdb(\.gz)?$")
@@ -223,6 +228,7 @@ def ppi_benchmark(
     *,
     sequences: Mapping[str, str] | None = None,
     resamples: int = DEFAULT_RESAMPLES,
+    level: float = DEFAULT_LEVEL,
     seed: int = 0,
 ) -> dict:
     """AUROC of embedding cosine for telling interacting pairs from shuffled ones.
@@ -231,7 +237,7 @@ def ppi_benchmark(
         lookup: chain id -> embedding (E,) (any norm).
         pairs: :func:`interaction_pairs` output (both classes needed).
         sequences: chain id -> sequence, to count identical-sequence pairs per class (optional).
-        resamples, seed: the bootstrap over pairs.
+        resamples, level, seed: the bootstrap over pairs.
 
     Returns:
         ``{"score": "cosine", "auroc": Interval dict, "n_pairs", "n_positive", "n_negative",
@@ -242,7 +248,9 @@ def ppi_benchmark(
     if labels.sum() == 0 or labels.sum() == len(labels):
         raise ValueError(f"AUROC needs positive and negative pairs, got {int(labels.sum())} of {len(labels)} positive")
     cos = pair_cosines(lookup, pairs)
-    interval = bootstrap(lambda idx: auroc(cos[idx], labels[idx]), len(pairs), resamples=resamples, seed=seed)
+    interval = bootstrap(
+        lambda idx: auroc(cos[idx], labels[idx]), len(pairs), resamples=resamples, level=level, seed=seed
+    )
     out = {
         "score": "cosine",
         "auroc": interval.to_dict(),
@@ -257,3 +265,132 @@ def ppi_benchmark(
         out["identical_sequence_positive"] = int((same & (labels == 1)).sum())
         out["identical_sequence_negative"] = int((same & (labels == 0)).sum())
     return out
+
+
+# --- the suite task (``type: ppi`` in pretrain.benchmark.registry) -------------------------------------
+
+SUBSETS = (("all", False), ("no homodimers", True))  # (subset name, drop identical-sequence pairs)
+
+
+@dataclass
+class PpiTaskConfig:
+    """Suite keys of a ``ppi`` task.
+
+    A chain is embedded as a row of the suite's proteins table when that row names the same structure
+    file and chain; a chain no row names (e.g. two complexes' files sharing a PDB code and chain id)
+    is added to the table under its own id ``<structure_file>:<chain>``.
+    """
+
+    chains: str | None = None  # chain table (pdb_chains.tsv layout) naming the complexes' files; None: proteins
+    sources: list[str] = field(default_factory=lambda: list(SOURCES))  # structure folders of the complexes
+    pairing: str = "cross"  # "cross" (receptor x ligand chains) or "all" (every two chains of an entry)
+    features: list[str] = field(default_factory=lambda: ["structure", "sequence"])  # embeddings to score by
+    seed: int = 0  # seeds the negative pairs
+
+    def validate(self, where: str) -> None:
+        bad = sorted(set(self.sources) - set(SOURCES))
+        if not self.sources or bad:
+            raise ConfigError(f"{where}.sources: {self.sources}; expected a non-empty subset of {list(SOURCES)}")
+        if self.pairing not in ("cross", "all"):
+            raise ConfigError(f"{where}.pairing: {self.pairing!r}; expected cross or all")
+        bad = sorted(set(self.features) - set(FEATURES))
+        if not self.features or bad:
+            raise ConfigError(f"{where}.features: {self.features}; expected some of {list(FEATURES)}")
+
+
+def _task_chains(suite: Suite, cfg: PpiTaskConfig, name: str) -> tuple[Path, list[ComplexChain]]:
+    path = check_file(suite, cfg.chains, f"{name}.chains") if cfg.chains else suite.proteins
+    try:
+        chains = complex_chains(path, cfg.sources)
+    except ValueError as e:
+        raise BenchmarkDataError(f"{suite.path}: {name}: {e}") from None
+    if not chains:
+        raise BenchmarkDataError(f"{suite.path}: {name}: {path} names no chain of a {list(cfg.sources)} complex file")
+    return path, chains
+
+
+def table_ids(chains: Sequence[ComplexChain], proteins: Proteins) -> dict[str, str]:
+    """Chain id -> the proteins-table id of the row naming the same (structure file, chain); else the chain id."""
+    by_file: dict[tuple[Path, str], str] = {}
+    for pid, structure in zip(proteins.ids, proteins.structures):
+        if structure is not None and structure[1] is not None:
+            by_file.setdefault((Path(structure[0]).resolve(), structure[1]), pid)
+    return {c.id: (by_file.get((c.path.resolve(), c.chain), c.id) if c.path is not None else c.id) for c in chains}
+
+
+def extra(suite: Suite, cfg: PpiTaskConfig, proteins: Proteins, name: str = "ppi") -> list[tuple]:
+    """Rows to add to the proteins table: (id, sequence, (file, chain) or None) of chains no row names."""
+    _, chains = _task_chains(suite, cfg, name)
+    ids = table_ids(chains, proteins)
+    have = set(proteins.ids)
+    out, seen = [], set()
+    for c in chains:
+        if ids[c.id] == c.id and c.id not in have and c.id not in seen:
+            seen.add(c.id)
+            out.append((c.id, c.sequence, (c.path, c.chain) if c.path is not None else None))
+    return out
+
+
+def needs(suite: Suite, cfg: PpiTaskConfig, proteins: Proteins, name: str = "ppi") -> set[str]:
+    """The proteins-table ids of every complex chain (after :func:`extra` rows were added)."""
+    _, chains = _task_chains(suite, cfg, name)
+    table = set(proteins.ids)
+    return {i for i in table_ids(chains, proteins).values() if i in table}
+
+
+def _write_pairs(path: Path, pairs: Sequence[Pair], cos: dict[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    feats = list(cos)
+    lines = ["\t".join(["chain_a", "chain_b", "label", *(f"cosine_{f}" for f in feats)])]
+    for k, p in enumerate(pairs):
+        lines.append("\t".join([p.a, p.b, str(p.label), *(f"{cos[f][k]:.6f}" for f in feats)]))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def run(ctx: BenchmarkContext, name: str, cfg: PpiTaskConfig) -> dict:
+    """AUROC of cosine per feature, on all pairs and with homodimers (identical-sequence pairs) dropped.
+
+    Pairs with a chain that lacks the feature (a structure that could not be read) are left out of
+    that feature's figure (counted in ``info``).
+    """
+    table, chains = _task_chains(ctx.suite, cfg, name)
+    emb = ctx.embeddings
+    ids = table_ids(chains, emb.proteins)
+    index = emb.proteins.index()
+    sequences = {c.id: c.sequence for c in chains}
+    rows: list[dict] = []
+    info: dict = {"chains_table": str(table), "n_chains": len(chains), "n_entries": len({c.entry for c in chains})}
+    for subset, drop in SUBSETS:
+        try:
+            pairs = interaction_pairs(chains, pairing=cfg.pairing, drop_identical=drop, seed=cfg.seed)
+        except ValueError as e:
+            info[subset] = {"skipped": str(e)}
+            continue
+        sub: dict = {"n_pairs": len(pairs), "n_positive": sum(p.label for p in pairs)}
+        if not drop:
+            same = [sequences[p.a] == sequences[p.b] for p in pairs if p.label == 1]
+            sub["identical_sequence_positive"] = int(sum(same))
+        cos = {}
+        for feat in cfg.features:
+            x, present = emb.feature(feat)
+            lookup = {c.id: x[index[ids[c.id]]] for c in chains if present[index[ids[c.id]]]}
+            usable = [p for p in pairs if p.a in lookup and p.b in lookup]
+            n_pos = sum(p.label for p in usable)
+            entry = {"pairs_without_embedding": len(pairs) - len(usable)}
+            if 0 < n_pos < len(usable):
+                res = ppi_benchmark(lookup, usable, **ctx.bootstrap_kwargs)
+                rows.append(
+                    metric_row(
+                        f"cosine/{feat}", subset, "auroc", Interval(**res["auroc"]), res["n_pairs"],
+                        n_positive=res["n_positive"], n_negative=res["n_negative"],
+                    )
+                )  # fmt: skip
+                entry.update(
+                    mean_cosine_positive=res["mean_cosine_positive"], mean_cosine_negative=res["mean_cosine_negative"]
+                )
+            if len(usable) == len(pairs):
+                cos[feat] = pair_cosines(lookup, pairs)
+            sub[feat] = entry
+        _write_pairs(ctx.out_dir / slug(name) / f"pairs_{slug(subset)}.tsv", pairs, cos)
+        info[subset] = sub
+    return {"rows": rows, "info": info}

@@ -51,7 +51,8 @@ def markdown(result: dict) -> str:
 
 def plot(result: dict, path: Path) -> Path | None:
     """Horizontal bars with interval whiskers (base row in orange), one panel per (task, metric) of the
-    "all" subset (per level for classification); median ranks are left out (not on a 0-1 scale)."""
+    "all" subset (per level for classification, per subset for PPI); median ranks are left out (not on a
+    0-1 scale); the axis extends below 0 for negative correlations."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,13 +62,13 @@ def plot(result: dict, path: Path) -> Path | None:
     for model_row, tasks in result["models"].items():
         for task, out in tasks.items():
             for r in out["rows"]:
-                if r["subset"] not in ("all",) and out["type"] != "classification":
+                if r["subset"] not in ("all",) and out["type"] not in ("classification", "ppi"):
                     continue
                 if r["value"] is None or r["metric"] == "median_rank":
                     continue
                 aspect = r.get("aspect", "")
                 title = f"{task} {aspect if aspect and aspect not in task else ''} {r['metric']}".replace("  ", " ")
-                if out["type"] == "classification":
+                if out["type"] in ("classification", "ppi"):
                     title += f" ({r['subset']})"
                 panels.setdefault((title, r["metric"]), []).append((f"{r['method']} [{model_row}]", r))
     if not panels:
@@ -91,7 +92,7 @@ def plot(result: dict, path: Path) -> Path | None:
         ax.barh(y, vals, xerr=[vals - low, high - vals], color=colors, ecolor="black", capsize=3)
         ax.set_yticks(y, labels, fontsize=7)
         ax.invert_yaxis()
-        ax.set_xlim(0, 1)
+        ax.set_xlim(min(0.0, float(np.min(low)) - 0.05), 1)  # correlations (Spearman) may be negative
         ax.set_title(title, fontsize=9)
     for ax in axes.ravel()[n:]:
         ax.axis("off")
