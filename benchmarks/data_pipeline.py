@@ -24,9 +24,7 @@ the peak resident memory of a Ray worker, and projects wall times from the per-c
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -35,17 +33,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 SHARED = REPO.parent / "shared" / "data"
 
-
-def cpu_name() -> str:
-    """CPU model from /proc/cpuinfo and the number of usable cores."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        model = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or "unknown CPU"
-    return f"{model} ({len(os.sched_getaffinity(0))} cores)"
+from _common import cpu_name, markdown_section, publish  # noqa: E402
 
 
 def build_stage(out: Path, workers: int) -> tuple[str, int, float]:
@@ -332,29 +323,22 @@ def main() -> None:
     parser.add_argument("--read-samples", type=int, default=512, help="samples read in stage 2")
     parser.add_argument("--no-append", action="store_true", help="print the table, leave BENCHMARKS.md alone")
     args = parser.parse_args()
+    target = None if args.no_append else REPO / "BENCHMARKS.md"  # where the section is appended
     if args.ray:
         rows, projection = ray_main(args)
-        table = "\n".join(
-            [
-                f"## Shard build on Ray ({datetime.date.today().isoformat()})",
-                "",
-                f"Device: **{cpu_name()}**; command: `python benchmarks/data_pipeline.py --ray --ray-workers "
-                f"{args.ray_workers} --sprot-entries {args.sprot_entries} --af-models {args.af_models} "
-                f"--group-size {args.group_size}{' --two-node' if args.two_node else ''}"
-                f"{' --only ' + args.only if args.only else ''}`. Time from plan to "
-                "manifest, workers already started; peak memory is the largest resident set of a Ray worker.",
-                "",
-                "| input | cluster | samples | seconds | samples/s | worker peak MiB |",
-                "| --- | --- | ---: | ---: | ---: | ---: |",
-                *rows,
-                *projection,
-                "",
-            ]
-        )
-        print(table)
-        if not args.no_append:
-            with open(REPO / "BENCHMARKS.md", "a") as handle:
-                handle.write("\n" + table)
+        intro = [
+            f"Device: **{cpu_name()}**; command: `python benchmarks/data_pipeline.py --ray --ray-workers "
+            f"{args.ray_workers} --sprot-entries {args.sprot_entries} --af-models {args.af_models} "
+            f"--group-size {args.group_size}{' --two-node' if args.two_node else ''}"
+            f"{' --only ' + args.only if args.only else ''}`. Time from plan to "
+            "manifest, workers already started; peak memory is the largest resident set of a Ray worker."
+        ]
+        table = [
+            "| input | cluster | samples | seconds | samples/s | worker peak MiB |",
+            "| --- | --- | ---: | ---: | ---: | ---: |",
+            *rows,
+        ]
+        publish(markdown_section("Shard build on Ray", intro, table, projection), target)
         return
     import torch
 
@@ -376,25 +360,14 @@ def main() -> None:
             f"| {samples} | {seconds:.1f} | {samples / seconds:.1f} |"
         )
         print(rows[-1], flush=True)
-    table = "\n".join(
-        [
-            f"## Data pipeline throughput ({datetime.date.today().isoformat()})",
-            "",
-            f"Device: **{cpu_name()}**; command: `python benchmarks/data_pipeline.py --workers {args.workers} "
-            f"--read-samples {args.read_samples}`. Build time includes loading the GO OBO (~2 s) and the "
-            "spawn of the worker pool; reading uses the shards of the last build, in shuffled order, "
-            f"bad samples skipped: {bad}.",
-            "",
-            "| stage | parallelism | samples | seconds | samples/s |",
-            "| --- | --- | ---: | ---: | ---: |",
-            *rows,
-            "",
-        ]
-    )
-    print(table)
-    if not args.no_append:
-        with open(REPO / "BENCHMARKS.md", "a") as handle:
-            handle.write("\n" + table)
+    intro = [
+        f"Device: **{cpu_name()}**; command: `python benchmarks/data_pipeline.py --workers {args.workers} "
+        f"--read-samples {args.read_samples}`. Build time includes loading the GO OBO (~2 s) and the "
+        "spawn of the worker pool; reading uses the shards of the last build, in shuffled order, "
+        f"bad samples skipped: {bad}."
+    ]
+    table = ["| stage | parallelism | samples | seconds | samples/s |", "| --- | --- | ---: | ---: | ---: |", *rows]
+    publish(markdown_section("Data pipeline throughput", intro, table), target)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ pooled output. Time: wall seconds of forward + backward after one warm-up, media
 ``--repeats``. Memory: on CUDA the peak of ``torch.cuda.max_memory_allocated`` over one forward +
 backward above what was allocated before it; on CPU (no allocator statistics) the bytes autograd
 saves for the backward in one forward (saved-tensor hooks, distinct storages, parameters excluded:
-``benchmarks/esm_attention.py``), the part of the peak that grows with L.
+``benchmarks/_common.py``), the part of the peak that grows with L.
 
     python benchmarks/encoders.py --lengths 128 512 1022 --layers 2 --repeats 5 --out BENCHMARKS.md
 """
@@ -27,12 +27,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import json
 import math
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -42,7 +38,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from esm_attention import _cpu_name, saved_activation_bytes  # noqa: E402
+import _common  # noqa: E402
 
 ENCODERS = ("sequence-reference", "sequence-fused", "text", "structure")
 BERT_POSITIONS = 512
@@ -122,12 +118,7 @@ def measure(name: str, args: argparse.Namespace, length: int, device: torch.devi
         if cuda:
             torch.cuda.synchronize()
 
-    step()  # warm-up
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
+    timing = _common.time_runs(step, args.repeats)
     if cuda:
         enc.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
@@ -136,18 +127,14 @@ def measure(name: str, args: argparse.Namespace, length: int, device: torch.devi
         step()
         memory, kind = torch.cuda.max_memory_allocated() - base, "peak"
     else:
-        params = {p.untyped_storage().data_ptr() for p in enc.parameters()}
-        memory, kind = saved_activation_bytes(run, params), "saved"
+        memory, kind = _common.saved_activation_bytes(run, _common.parameter_storages(enc)), "saved"
     enc.zero_grad(set_to_none=True)
     return {
         "encoder": name,
         "length": length,
         "batch": args.batch,
         "layers": layers,
-        "median_s": statistics.median(times),
-        "min_s": min(times),
-        "max_s": max(times),
-        "times_s": times,
+        **timing,
         "memory_bytes": memory,
         "memory_kind": kind,
     }
@@ -157,14 +144,13 @@ def section(rows: list[dict], machine: str, command: str, args: argparse.Namespa
     """The BENCHMARKS.md section: one row per encoder and length."""
     kind = rows[0]["memory_kind"] if rows else "saved"
     mem = "peak MiB above the weights" if kind == "peak" else "saved for backward MiB"
-    lines = [
-        f"## Encoders: forward + backward per length ({datetime.date.today().isoformat()})",
-        "",
+    intro = [
         f"Device: **{machine}**; torch {torch.__version__}, {torch.get_num_threads()} threads; command: `{command}`.",
         f"Batch {args.batch}; ESM-2 `{args.seq_preset}` and BERT `{args.text_preset}` widths with {args.layers} "
         "layers, GVP-GNN at the recipes' size; random weights, training mode. Time: median of "
         f"{args.repeats} repeats after a warm-up (min–max in brackets). Memory: {mem}.",
-        "",
+    ]
+    table = [
         f"| encoder | L | layers | seconds | {mem} | vs sequence-reference (time, memory) |",
         "| --- | ---: | ---: | ---: | ---: | --- |",
     ]
@@ -174,11 +160,11 @@ def section(rows: list[dict], machine: str, command: str, args: argparse.Namespa
         vs = ""
         if r["encoder"] == "sequence-fused" and base:
             vs = f"{r['median_s'] / base['median_s']:.2f}×, {r['memory_bytes'] / max(base['memory_bytes'], 1):.2f}×"
-        lines.append(
+        table.append(
             f"| {r['encoder']} | {r['length']} | {r['layers']} "
             f"| {r['median_s']:.3f} ({r['min_s']:.3f}–{r['max_s']:.3f}) | {r['memory_bytes'] / 2**20:.1f} | {vs} |"
         )
-    return "\n".join(lines) + "\n"
+    return _common.markdown_section("Encoders: forward + backward per length", intro, table)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,15 +201,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{row['memory_bytes'] / 2**20:.1f} MiB {row['memory_kind']}",
                 flush=True,
             )
-    machine = args.machine or (torch.cuda.get_device_name(0) if device.type == "cuda" else _cpu_name())
-    command = "python benchmarks/encoders.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    machine = _common.machine_name(device, args.machine)
+    command = _common.command_line("benchmarks/encoders.py", argv)
     text = section(rows, machine, command, args)
-    print(text)
-    if args.out:
-        with open(args.out, "a") as fh:
-            fh.write("\n" + text)
-    if args.json:
-        args.json.write_text(json.dumps({"machine": machine, "torch": torch.__version__, "rows": rows}, indent=2))
+    _common.publish(text, args.out, args.json, {"machine": machine, "torch": torch.__version__, "rows": rows})
     return 0
 
 

@@ -18,41 +18,18 @@ reference`` then on ``fused`` (same weights, ``SequenceEncoder.set_attention``).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from pretrain.models.sequence_encoder import SequenceEncoder, SequenceEncoderConfig
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common  # noqa: E402
+
+from pretrain.models.sequence_encoder import SequenceEncoder, SequenceEncoderConfig  # noqa: E402
 
 MODES = ("reference", "fused")
-
-
-def saved_activation_bytes(run, exclude: set[int]) -> int:
-    """Bytes of distinct storages autograd saves while ``run()`` builds its graph.
-
-    Args:
-        run: builds the forward graph (its result is kept alive until the count is taken).
-        exclude: storage data pointers not to count (the model's parameters).
-    """
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in exclude:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = run()
-    del out
-    return sum(storages.values())
 
 
 def _tokens(enc: SequenceEncoder, batch: int, length: int, device: torch.device) -> torch.Tensor:
@@ -69,7 +46,7 @@ def measure(preset: str, layers: int | None, batch: int, length: int, repeats: i
     enc = SequenceEncoder(cfg).to(device).train()
     tokens = _tokens(enc, batch, length, device)
     grad = torch.randn(batch, length + 2, len(enc.alphabet), generator=torch.Generator().manual_seed(1)).to(device)
-    params = {p.untyped_storage().data_ptr() for p in enc.parameters()}
+    params = _common.parameter_storages(enc)
     row = {"preset": preset, "layers": enc.esm.num_layers, "batch": batch, "length": length, "tokens": length + 2}
 
     def step():
@@ -81,31 +58,12 @@ def measure(preset: str, layers: int | None, batch: int, length: int, repeats: i
 
     for mode in MODES:
         enc.set_attention(mode)
-        step()  # warm-up
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
         row[mode] = {
-            "median_s": statistics.median(times),
-            "min_s": min(times),
-            "max_s": max(times),
-            "times_s": times,
-            "saved_bytes": saved_activation_bytes(lambda: enc.mlm_forward(tokens)[1], params),
+            **_common.time_runs(step, repeats),
+            "saved_bytes": _common.saved_activation_bytes(lambda: enc.mlm_forward(tokens)[1], params),
         }
     enc.zero_grad(set_to_none=True)
     return row
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return platform.processor() or "CPU"
 
 
 def _mib(n: float) -> str:
@@ -118,29 +76,27 @@ def _secs(m: dict) -> str:
 
 def section(rows: list[dict], machine: str, command: str, repeats: int, threads: int) -> str:
     """The BENCHMARKS.md section for ``rows``."""
-    date = datetime.date.today().isoformat()
     r0 = rows[0]
-    lines = [
-        f"## ESM-2 attention: fair-esm reference vs fused SDPA ({date})",
-        "",
+    intro = [
         f"Device: **{machine}**; torch {torch.__version__}, {threads} threads; command: `{command}`.",
         f"`{r0['preset']}` architecture with {r0['layers']} layers, random weights, fp32, training mode; "
         "tokens = BOS + L residues + EOS. Time: forward + backward of `mlm_forward` (median over "
         f"{repeats} repeats after one warm-up, min–max in brackets). Saved: bytes autograd keeps for the "
         "backward after one forward (saved-tensor hooks, distinct storages, parameters excluded).",
-        "",
+    ]
+    table = [
         "| L | batch | reference s | fused s | time fused/ref | reference saved MiB | fused saved MiB "
         "| memory fused/ref |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         ref, fused = r["reference"], r["fused"]
-        lines.append(
+        table.append(
             f"| {r['length']} | {r['batch']} | {_secs(ref)} | {_secs(fused)} "
             f"| {fused['median_s'] / ref['median_s']:.2f}× | {_mib(ref['saved_bytes'])} "
             f"| {_mib(fused['saved_bytes'])} | {fused['saved_bytes'] / ref['saved_bytes']:.2f}× |"
         )
-    return "\n".join(lines) + "\n"
+    return _common.markdown_section("ESM-2 attention: fair-esm reference vs fused SDPA", intro, table)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,15 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             f"fused {_secs(fused)} s {_mib(fused['saved_bytes'])} MiB",
             flush=True,
         )
-    machine = args.machine or (torch.cuda.get_device_name(0) if device.type == "cuda" else _cpu_name())
-    command = "python benchmarks/esm_attention.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    machine = _common.machine_name(device, args.machine)
+    command = _common.command_line("benchmarks/esm_attention.py", argv)
     text = section(rows, machine, command, args.repeats, torch.get_num_threads())
-    print(text)
-    if args.out:
-        with open(args.out, "a") as fh:
-            fh.write("\n" + text)
-    if args.json:
-        args.json.write_text(json.dumps({"machine": machine, "torch": torch.__version__, "rows": rows}, indent=2))
+    _common.publish(text, args.out, args.json, {"machine": machine, "torch": torch.__version__, "rows": rows})
     return 0
 
 

@@ -37,6 +37,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import parameter_storages, saved_activation_bytes  # noqa: E402
 
 DATA = Path("/work/shared/data/structures")
 PHASES = ("featurise", "knn", "forward", "message_passing", "backward", "step", "step_cpu")
@@ -193,22 +196,10 @@ def saved_megabytes(encoder, proteins, cfg) -> float:
     """MB of distinct storages autograd saves for the backward in one forward (parameters excluded).
 
     The activation memory of a step, the part that grows with the batch's edges
-    (the method of ``benchmarks/esm_attention.py``).
+    (``saved_activation_bytes`` of ``benchmarks/_common.py``).
     """
     graph = _featurise(proteins, cfg)
-    params = {p.untyped_storage().data_ptr() for p in encoder.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = encoder(graph)
-    del out
-    return sum(storages.values()) / 2**20
+    return saved_activation_bytes(lambda: encoder(graph), parameter_storages(encoder)) / 2**20
 
 
 def _fmt(values: list[float]) -> str:

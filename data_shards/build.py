@@ -46,11 +46,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from data_shards.annotations import AnnotationIndex
-from data_shards.build_inputs import BuildConfig, BuildInputError, Tally, load_annotations, need_file, structure_units
-from data_shards.clusters import ClusterTableError, load_clusters
+from data_shards.build_inputs import (
+    BuildConfig,
+    BuildInputError,
+    Tally,
+    check_build_config,
+    load_ontology_and_index,
+    structure_units,
+)
 from data_shards.parallel_parse import parsed_units
-from data_shards.readers.obo import load_obo
 from data_shards.records import BuiltRecord, RecordMaker
 from data_shards.schema import ProteinRecord, decode_sample, encode_record
 from data_shards.writer import ShardWriter
@@ -137,6 +141,16 @@ def _split_of(cluster_keys: list[list[str]], fraction: float, seed: int) -> list
     return [side_of(root, fraction, seed) for root in cluster_roots(cluster_keys)]
 
 
+def split_fields(config: BuildConfig, clusters: dict | None) -> dict:
+    """The manifest's record of how records were split: {"split_heldout", "split_seed", "split_key"}."""
+    return {
+        "split_heldout": config.split_heldout,
+        "split_seed": config.split_seed if config.split_heldout is not None else None,
+        "split_key": "clusters of shared UniProt accession or identical sequence (union-find)"
+        + (f" joined by the sequence clusters of {Path(config.split_clusters).name}" if clusters else ""),
+    }
+
+
 def _coverage() -> dict:
     return {
         "samples": 0,
@@ -191,29 +205,10 @@ def build_shards(config: BuildConfig) -> dict:
         BuildInputError: an input named in ``config`` is missing or unreadable as a whole.
     """
     start = time.perf_counter()
-    if config.split_heldout is not None and not 0.0 <= config.split_heldout < 1.0:
-        raise BuildInputError(f"split_heldout must be in [0, 1), got {config.split_heldout}")
-    clusters = None
-    if config.split_clusters is not None:
-        if config.split_heldout is None:
-            raise BuildInputError("split_clusters needs split_heldout (a cluster table only steers the split)")
-        try:
-            clusters = load_clusters(need_file(config.split_clusters, "cluster table"))
-        except ClusterTableError as exc:
-            raise BuildInputError(str(exc)) from None
-    if config.plddt not in ("auto", "always", "never"):
-        raise BuildInputError(f"plddt must be auto, always or never, got {config.plddt!r}")
+    clusters = check_build_config(config)
     skip, skip_term = Tally(), Tally()
     inputs: dict[str, list[str]] = {}
-    ontology = None
-    if config.go_obo:
-        try:
-            ontology = load_obo(need_file(config.go_obo, "GO ontology"))
-        except ValueError as exc:
-            raise BuildInputError(str(exc)) from None
-        inputs["go_obo"] = [Path(config.go_obo).name]
-    index = AnnotationIndex()
-    tables = load_annotations(config, index, skip, skip_term, inputs)
+    ontology, index, tables = load_ontology_and_index(config, skip, skip_term, inputs)
     archive_stats: dict = {}
     units, no_structure = structure_units(config, tables, skip, archive_stats)
     inputs["structure_files"] = [str(len(units))]
@@ -235,10 +230,7 @@ def build_shards(config: BuildConfig) -> dict:
     extra = {
         "generator": "data_shards.build",
         "inputs": inputs,
-        "split_heldout": config.split_heldout,
-        "split_seed": config.split_seed if config.split_heldout is not None else None,
-        "split_key": "clusters of shared UniProt accession or identical sequence (union-find)"
-        + (f" joined by the sequence clusters of {Path(config.split_clusters).name}" if clusters else ""),
+        **split_fields(config, clusters),
     }
     try:
         writers = {

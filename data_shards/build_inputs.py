@@ -11,8 +11,10 @@ from pathlib import Path
 from data_shards import storage
 from data_shards.annotations import AnnotationIndex
 from data_shards.archives import ArchiveUnit, RemoteUnit, is_archive, list_members
+from data_shards.clusters import ClusterTableError, load_clusters
 from data_shards.readers.fasta import iter_fasta
 from data_shards.readers.gaf import iter_gaf
+from data_shards.readers.obo import load_obo
 from data_shards.readers.structures import looks_like_structure_file
 from data_shards.readers.tables import ChainRow, detect_table_format, iter_chain_table, iter_deepfri, iter_uniprot_tsv
 from data_shards.readers.uniprot import iter_uniprot
@@ -176,6 +178,38 @@ def _expand_structures(specs: list[str]) -> tuple[list[tuple[Path | str, str]], 
                 seen.add(key)
                 files.append((key, display))
     return files, roots
+
+
+def check_build_config(config: BuildConfig) -> dict[str, str] | None:
+    """Validate the split and pLDDT settings of ``config``; the cluster table ({record id:
+    representative}) when ``split_clusters`` names one, else None. BuildInputError names the field."""
+    if config.split_heldout is not None and not 0.0 <= config.split_heldout < 1.0:
+        raise BuildInputError(f"split_heldout must be in [0, 1), got {config.split_heldout}")
+    if config.split_clusters is not None and config.split_heldout is None:
+        raise BuildInputError("split_clusters needs split_heldout (a cluster table only steers the split)")
+    if config.plddt not in ("auto", "always", "never"):
+        raise BuildInputError(f"plddt must be auto, always or never, got {config.plddt!r}")
+    if config.split_clusters is None:
+        return None
+    try:
+        return load_clusters(need_file(config.split_clusters, "cluster table"))
+    except ClusterTableError as exc:
+        raise BuildInputError(str(exc)) from None
+
+
+def load_ontology_and_index(config: BuildConfig, skip: Tally, skip_term: Tally, inputs: dict):
+    """The GO ontology (None without ``go_obo``), the :class:`AnnotationIndex` of every annotation and
+    sequence file, and the chain tables; records each input file's name in ``inputs`` ({kind: [names]})."""
+    ontology = None
+    if config.go_obo:
+        try:
+            ontology = load_obo(need_file(config.go_obo, "GO ontology"))
+        except ValueError as exc:
+            raise BuildInputError(str(exc)) from None
+        inputs["go_obo"] = [Path(config.go_obo).name]
+    index = AnnotationIndex()
+    tables = load_annotations(config, index, skip, skip_term, inputs)
+    return ontology, index, tables
 
 
 def load_annotations(

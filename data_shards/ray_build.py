@@ -51,11 +51,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_shards import storage
-from data_shards.annotations import AnnotationIndex
 from data_shards.archives import ArchiveUnit
-from data_shards.build import _coverage
+from data_shards.build import _coverage, split_fields
 from data_shards.build_groups import GroupContext, group_records, group_shards, list_archive
-from data_shards.build_inputs import MAX_EXAMPLES, BuildConfig, BuildInputError, Tally, load_annotations, need_file
+from data_shards.build_inputs import (
+    MAX_EXAMPLES,
+    BuildConfig,
+    BuildInputError,
+    Tally,
+    check_build_config,
+    load_ontology_and_index,
+)
 from data_shards.build_inputs import structure_units as list_structure_units
 from data_shards.build_resume import (
     STATE_DIR,
@@ -68,10 +74,8 @@ from data_shards.build_resume import (
     state_file,
     write_json,
 )
-from data_shards.clusters import ClusterTableError, load_clusters
 from data_shards.manifest import MANIFEST_NAME, load_manifest, write_manifest
 from data_shards.parallel_parse import GroupRunner, progress_bar
-from data_shards.readers.obo import load_obo
 
 __all__ = ["STATE_DIR", "GroupedOptions", "build_grouped", "group_records", "group_shards", "summary_text"]
 
@@ -116,7 +120,7 @@ def build_grouped(config: BuildConfig, options: GroupedOptions | None = None) ->
     out = str(config.out)
     state = str(storage.join(out, STATE_DIR))
     skip, skip_term, inputs, archive_stats = Tally(), Tally(), {}, {}
-    ontology, index, tables = _load_ontology_and_index(config, skip, skip_term, inputs)
+    ontology, index, tables = load_ontology_and_index(config, skip, skip_term, inputs)
     units, no_structure = list_structure_units(config, tables, skip, archive_stats, expand_archives=False)
     split_names = ["train", "heldout"] if config.split_heldout is not None else [None]
     ctx = GroupContext(
@@ -182,10 +186,7 @@ def build_grouped(config: BuildConfig, options: GroupedOptions | None = None) ->
     extra = {
         "generator": "data_shards.ray_build",
         "inputs": inputs,
-        "split_heldout": config.split_heldout,
-        "split_seed": config.split_seed if config.split_heldout is not None else None,
-        "split_key": "clusters of shared UniProt accession or identical sequence (union-find)"
-        + (f" joined by the sequence clusters of {Path(config.split_clusters).name}" if clusters else ""),
+        **split_fields(config, clusters),
         "build": {"group_size": options.group_size, "revisions": revisions},
         "skipped": skip.to_json(),
         "skipped_terms": skip_term.to_json(),
@@ -274,31 +275,7 @@ def _check(config: BuildConfig, options: GroupedOptions):
     """Validate the options; the cluster table ({record id: representative}) or None."""
     if options.group_size < 1:
         raise BuildInputError(f"group_size must be >= 1, got {options.group_size}")
-    if config.split_heldout is not None and not 0.0 <= config.split_heldout < 1.0:
-        raise BuildInputError(f"split_heldout must be in [0, 1), got {config.split_heldout}")
-    if config.split_clusters is not None and config.split_heldout is None:
-        raise BuildInputError("split_clusters needs split_heldout (a cluster table only steers the split)")
-    if config.plddt not in ("auto", "always", "never"):
-        raise BuildInputError(f"plddt must be auto, always or never, got {config.plddt!r}")
-    if config.split_clusters is None:
-        return None
-    try:
-        return load_clusters(need_file(config.split_clusters, "cluster table"))
-    except ClusterTableError as exc:
-        raise BuildInputError(str(exc)) from None
-
-
-def _load_ontology_and_index(config: BuildConfig, skip: Tally, skip_term: Tally, inputs: dict):
-    ontology = None
-    if config.go_obo:
-        try:
-            ontology = load_obo(need_file(config.go_obo, "GO ontology"))
-        except ValueError as exc:
-            raise BuildInputError(str(exc)) from None
-        inputs["go_obo"] = [Path(config.go_obo).name]
-    index = AnnotationIndex()
-    tables = load_annotations(config, index, skip, skip_term, inputs)
-    return ontology, index, tables
+    return check_build_config(config)
 
 
 def _merge_tally(tally: Tally, reasons: dict) -> None:

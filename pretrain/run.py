@@ -7,6 +7,7 @@ thin wrappers around :func:`prepare` and :func:`train_and_evaluate`.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,6 +149,24 @@ def make_trainer(plan: RunPlan):
     return Trainer(plan.cfg, plan.deepspeed_config, plan.run_dir, validator=validator)
 
 
+def run_trainer(plan: RunPlan, before_train: Callable | None = None):
+    """Build the trainer of ``plan`` (:func:`make_trainer`), set it up and train it (collective), closing
+    it however training ends; ``before_train(trainer)`` runs between setup and training (a test's probe).
+
+    Returns:
+        The closed trainer (its ``step`` and ``preempted`` tell how the run ended).
+    """
+    trainer = make_trainer(plan)
+    try:
+        trainer.setup()
+        if before_train is not None:
+            before_train(trainer)
+        trainer.train()
+    finally:
+        trainer.close()
+    return trainer
+
+
 def train_and_evaluate(plan: RunPlan, rank: int) -> bool:
     """Train on this rank (collective), then evaluate the export on rank 0.
 
@@ -155,12 +174,7 @@ def train_and_evaluate(plan: RunPlan, rank: int) -> bool:
     """
     import torch.distributed as dist
 
-    trainer = make_trainer(plan)
-    try:
-        trainer.setup()
-        trainer.train()
-    finally:
-        trainer.close()
+    trainer = run_trainer(plan)
     if dist.is_initialized():
         dist.barrier()
     if trainer.preempted:

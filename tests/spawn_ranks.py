@@ -8,9 +8,11 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 
 def join_group(rank: int, world: int, port: int) -> None:
@@ -19,6 +21,26 @@ def join_group(rank: int, world: int, port: int) -> None:
         RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def gloo_rank(
+    rank: int, world: int, init_file: str, out_dir: str, results: Callable[[], dict], timeout_s: float = 30, stem="rank"
+) -> None:
+    """Be ``rank`` of a ``world``-rank gloo group (file rendezvous at ``init_file``, one torch thread):
+    save ``results()`` to ``out_dir/<stem><rank>.pt`` (what :func:`run_ranks` collects), or the
+    traceback to ``out_dir/<stem><rank>.err`` when it raises; the group is left in either case."""
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(
+            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s)
+        )
+        torch.save(results(), os.path.join(out_dir, f"{stem}{rank}.pt"))
+    except BaseException:
+        Path(out_dir, f"{stem}{rank}.err").write_text(traceback.format_exc())
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def trainer_overrides(shards: str | Path) -> list[str]:

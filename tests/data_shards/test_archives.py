@@ -3,8 +3,6 @@ unpacked file, with messages naming ``archive.tar:member`` and no scratch file w
 
 import builtins
 import gzip
-import io
-import tarfile
 import tempfile
 from pathlib import Path
 
@@ -12,6 +10,7 @@ import pytest
 
 from data_shards.archives import list_members, located, parse_located
 from data_shards.readers.structures import StructureError, read_structure
+from tests.data_shards.test_reader import write_tar
 from tests.data_shards.test_readers_structures import _backbone_pdb, _plain
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
@@ -25,15 +24,6 @@ class Tally:
 
     def __call__(self, reason, example):
         self.seen.append((reason, example))
-
-
-def _tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def forbid_writes(monkeypatch) -> None:
@@ -57,7 +47,9 @@ def test_members_parse_from_memory_as_the_unpacked_files(tmp_path):
     files = {"models/1abc.pdb.gz": gzip.compress(text), "AF-Q9-F1-model_v4.pdb": text}
     models = sorted((SHARED / "alphafold").glob("AF-*.pdb.gz"))[:1] if (SHARED / "alphafold").is_dir() else []
     files.update({m.name: m.read_bytes() for m in models})
-    archive = _tar(tmp_path / "p.tar", [*files.items(), ("x.json", b"{}"), ("cut.pdb.gz", gzip.compress(text)[:50])])
+    archive = write_tar(
+        tmp_path / "p.tar", [*files.items(), ("x.json", b"{}"), ("cut.pdb.gz", gzip.compress(text)[:50])]
+    )
     for name, data in files.items():
         (tmp_path / Path(name).name).write_bytes(data)
     tally, stats = Tally(), {}

@@ -21,6 +21,7 @@ from data_shards.reader import iter_records
 from data_shards.schema import encode_record
 from data_shards.validate import validate_dir
 from tests.data_shards.test_build import crafted, pdb_text  # noqa: F401 - the fixture
+from tests.data_shards.test_reader import write_tar
 from tests.s3_server import s3  # noqa: F401 - the fixture
 
 REPO = Path(__file__).resolve().parents[2]
@@ -135,18 +136,6 @@ needs_uniprot = pytest.mark.skipif(
 )
 
 
-def make_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    import io
-    import tarfile
-
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
-
-
 def af_models(count: int, start: int = 0) -> list[Path]:
     return sorted((SHARED / "alphafold").glob("AF-*.pdb.gz"))[start : start + count]
 
@@ -165,7 +154,7 @@ def essence(root) -> list[tuple]:
 def test_alphafold_tar_streams_and_a_bad_member_is_skipped_and_counted(tmp_path):
     models = af_models(4)
     good = models[1].read_bytes()
-    archive = make_tar(
+    archive = write_tar(
         tmp_path / "proteome.tar",
         [(f"models/{m.name}", m.read_bytes()) for m in models]
         + [
@@ -228,8 +217,8 @@ def test_swissprot_flat_and_xml_single_streams(tmp_path):
 
 @needs_af
 def test_append_adds_a_revision_without_rewriting_shards(tmp_path):
-    first = make_tar(tmp_path / "a.tar", [(m.name, m.read_bytes()) for m in af_models(3)])
-    second = make_tar(tmp_path / "b.tar", [(m.name, m.read_bytes()) for m in af_models(3, 2)])  # one model again
+    first = write_tar(tmp_path / "a.tar", [(m.name, m.read_bytes()) for m in af_models(3)])
+    second = write_tar(tmp_path / "b.tar", [(m.name, m.read_bytes()) for m in af_models(3, 2)])  # one model again
     out = tmp_path / "out"
     build_grouped(BuildConfig(out=out, structures=[str(first)], split_heldout=0.3), GroupedOptions(group_size=2))
     before = output_bytes(out)
@@ -259,7 +248,7 @@ def test_ray_build_equals_the_local_build_and_reads_and_writes_s3(crafted, extra
     ray = pytest.importorskip("ray")
     config = dict(structures=[str(extra_structures)])
     build_grouped(config_of(crafted, crafted["root"] / "here", **config), GroupedOptions(group_size=3))
-    archive = make_tar(crafted["root"] / "p.tar", [(m.name, m.read_bytes()) for m in af_models(5)])
+    archive = write_tar(crafted["root"] / "p.tar", [(m.name, m.read_bytes()) for m in af_models(5)])
     s3.client().upload_file(str(archive), s3.bucket, "in/p.tar")
     build_grouped(BuildConfig(out=crafted["root"] / "af", structures=[str(archive)]), GroupedOptions(group_size=2))
     # the local S3 API's credentials are in this process's environment: Ray's workers inherit them

@@ -10,11 +10,6 @@ on the global batch.
 
 from __future__ import annotations
 
-import os
-import traceback
-from datetime import timedelta
-from pathlib import Path
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -24,7 +19,7 @@ from kernels.distributed import gathered_symmetric_infonce
 from kernels.functional import symmetric_infonce
 from kernels.gather import gather_with_grad
 from kernels.infonce_reference import infonce_eager
-from tests.spawn_ranks import run_ranks
+from tests.spawn_ranks import gloo_rank, run_ranks
 
 WORLD = 2
 GLOBAL_BATCH, DIM, FEATURES = 12, 8, 5
@@ -95,22 +90,7 @@ def _rank_results(rank: int) -> dict:
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"file://{init_file}",
-            rank=rank,
-            world_size=WORLD,
-            timeout=timedelta(seconds=15),
-        )
-        torch.save(_rank_results(rank), os.path.join(out_dir, f"rank{rank}.pt"))
-    except BaseException:
-        Path(out_dir, f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    gloo_rank(rank, WORLD, init_file, out_dir, lambda: _rank_results(rank), timeout_s=15)
 
 
 @pytest.fixture(scope="module")

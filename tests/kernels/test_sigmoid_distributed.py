@@ -7,11 +7,6 @@ results, and the assertions run in the parent against ``sigmoid_loss_reference``
 
 from __future__ import annotations
 
-import os
-import traceback
-from datetime import timedelta
-from pathlib import Path
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -19,7 +14,7 @@ import torch.nn.functional as F
 
 from kernels import gathered_sigmoid_loss, sigmoid_loss
 from kernels.sigmoid_reference import sigmoid_loss_reference
-from tests.spawn_ranks import run_ranks
+from tests.spawn_ranks import gloo_rank, run_ranks
 
 WORLD = 2
 GLOBAL_BATCH, DIM, FEATURES = 12, 8, 5
@@ -104,18 +99,7 @@ def _rank_results(rank: int) -> dict:
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group(
-            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=30)
-        )
-        torch.save(_rank_results(rank), os.path.join(out_dir, f"rank{rank}.pt"))
-    except BaseException:
-        Path(out_dir, f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    gloo_rank(rank, WORLD, init_file, out_dir, lambda: _rank_results(rank))
 
 
 @pytest.fixture(scope="module")

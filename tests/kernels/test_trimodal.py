@@ -8,11 +8,6 @@ single-process global-batch gradients, and the collectives are counted.
 
 from __future__ import annotations
 
-import os
-import traceback
-from datetime import timedelta
-from pathlib import Path
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -21,7 +16,7 @@ import torch.nn.functional as F
 from kernels import check_equal_rows, gathered_symmetric_infonce, grouped_symmetric_infonce, trimodal_blocks
 from kernels.grouped import NO_GROUP
 from kernels.trimodal import Term, rank_trimodal_infonce, trimodal_infonce
-from tests.spawn_ranks import run_ranks
+from tests.spawn_ranks import gloo_rank, run_ranks
 
 B, DIM, WORLD, TIMEOUT_S = 7, 12, 2, 150.0
 KEYS = ("sequence", "structure", "text", "sequence_view2", "structure_view2", "text_view2")
@@ -291,18 +286,7 @@ def _rank_results(rank: int, with_triton: bool) -> dict:
 
 
 def _worker(rank: int, init_file: str, out_dir: str, with_triton: bool) -> None:
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group(
-            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=30)
-        )
-        torch.save(_rank_results(rank, with_triton), os.path.join(out_dir, f"rank{rank}.pt"))
-    except BaseException:
-        Path(out_dir, f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    gloo_rank(rank, WORLD, init_file, out_dir, lambda: _rank_results(rank, with_triton))
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import torch
 from pretrain.engine import best_checkpoint
 from pretrain.run import close_process_group
 from tests.conftest import free_port
+from tests.pretrain.engine.trainer_ranks import train_rank
 from tests.spawn_ranks import join_group, run_ranks, trainer_overrides
 
 TIMEOUT_S = 240.0
@@ -147,26 +148,8 @@ def test_promote_modes_abandoned_timelines_and_damaged_files(tmp_path):
 
 
 def _trainer_worker(port: int, out: str, shards: str, run_dir: str, overrides: list) -> None:
-    join_group(0, 1, port)
-    try:
-        from pretrain.run import init_process_group, make_trainer, prepare, write_run_config
-
-        # ZeRO-3: the zero-shot prompts go through the text encoder outside the engine's forward
-        plan = prepare(None, [*trainer_overrides(shards), *overrides], "zero3.json", run_dir, 1)
-        write_run_config(plan)
-        init_process_group()
-        trainer = make_trainer(plan)
-        try:
-            trainer.setup()
-            trainer.train()
-        finally:
-            trainer.close()
-        torch.save({"step": trainer.step}, Path(out) / "rank0.pt")
-    except Exception:  # noqa: BLE001 - reported to the parent
-        (Path(out) / "rank0.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        close_process_group()
+    # ZeRO-3: the zero-shot prompts go through the text encoder outside the engine's forward
+    train_rank(0, 1, port, out, shards, run_dir, "zero3.json", overrides, write_config=True)
 
 
 SELECT = [

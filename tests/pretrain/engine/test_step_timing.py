@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-import traceback
 from pathlib import Path
 
 import pytest
@@ -13,9 +12,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pretrain.config import load_config
 from pretrain.engine.step_timing import PHASES, EncoderFlops, StepTimer, device_peak_flops
-from pretrain.run import close_process_group
 from tests.conftest import TINY_OVERRIDES, free_port
-from tests.spawn_ranks import join_group, run_ranks, trainer_overrides
+from tests.pretrain.engine.trainer_ranks import train_rank
+from tests.spawn_ranks import run_ranks
 
 CPU = torch.device("cpu")
 
@@ -142,16 +141,9 @@ def test_encoder_flops_match_torch_flop_counter(small_demo):
 
 
 def _worker(rank: int, port: int, out: str, shards: str, run_dir: str) -> None:
-    join_group(rank, 1, port)
-    try:
-        from pretrain.run import init_process_group, make_trainer, prepare
+    walls = []
 
-        over = [*trainer_overrides(shards), "train.stage1_steps=1", "train.max_steps=4", "train.log_every=2"]
-        plan = prepare(None, [*over, "train.checkpoint_every=1000"], "zero2.json", run_dir, 1)
-        init_process_group()
-        trainer = make_trainer(plan)
-        trainer.setup()
-        walls = []
+    def probe(trainer):
         real_step = trainer.train_step
 
         def train_step(batch):  # the wall time of train_step alone: data wait is outside it
@@ -161,16 +153,10 @@ def _worker(rank: int, port: int, out: str, shards: str, run_dir: str) -> None:
             return values
 
         trainer.train_step = train_step
-        try:
-            trainer.train()
-        finally:
-            trainer.close()
-        torch.save({"walls": walls}, Path(out) / f"rank{rank}.pt")
-    except Exception:  # noqa: BLE001 - reported to the parent
-        (Path(out) / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        close_process_group()
+        return lambda trainer: {"walls": walls}
+
+    over = ["train.stage1_steps=1", "train.max_steps=4", "train.log_every=2", "train.checkpoint_every=1000"]
+    train_rank(rank, 1, port, out, shards, run_dir, "zero2.json", over, probe)
 
 
 @pytest.mark.slow

@@ -12,15 +12,13 @@ move of one of them on the first stage-2 step must equal that group's learning r
 from __future__ import annotations
 
 import json
-import traceback
-from pathlib import Path
 
 import pytest
 import torch
 
-from pretrain.run import close_process_group
 from tests.conftest import free_port
-from tests.spawn_ranks import join_group, run_ranks, trainer_overrides
+from tests.pretrain.engine.trainer_ranks import train_rank
+from tests.spawn_ranks import run_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -29,27 +27,14 @@ GROUP = "encoder_sequence_no_decay"
 
 
 def _worker(rank: int, port: int, out: str, shards: str, run_dir: str, ds_json: str) -> None:
-    join_group(rank, 1, port)
-    try:
+    moves = []
+
+    def probe(trainer):
         import deepspeed
 
-        from pretrain.run import init_process_group, make_trainer, prepare
-
-        over = [
-            *trainer_overrides(shards),
-            "optim.warmup_steps=2",
-            f"train.stage1_steps={STAGE1}",
-            f"train.max_steps={STAGE1 + 1}",
-            "train.checkpoint_every=1000",
-        ]
-        plan = prepare(None, over, ds_json, run_dir, 1)
-        init_process_group()
-        trainer = make_trainer(plan)
-        trainer.setup()
         # Its parameters by their full shapes: ZeRO-3 leaves empty 1-D placeholders in the module.
         encoder = trainer.model.sequence_encoder.parameters()
         params = [p for p in encoder if len(getattr(p, "ds_shape", p.shape)) < 2]
-        moves = []
         real_step = trainer._optimizer_step
 
         def optimizer_step():
@@ -63,16 +48,15 @@ def _worker(rank: int, port: int, out: str, shards: str, run_dir: str, ds_json: 
             return applied
 
         trainer._optimizer_step = optimizer_step
-        try:
-            trainer.train()
-        finally:
-            trainer.close()
-        torch.save({"moves": moves}, Path(out) / f"rank{rank}.pt")
-    except Exception:  # noqa: BLE001 - reported to the parent
-        (Path(out) / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        close_process_group()
+        return lambda trainer: {"moves": moves}
+
+    over = [
+        "optim.warmup_steps=2",
+        f"train.stage1_steps={STAGE1}",
+        f"train.max_steps={STAGE1 + 1}",
+        "train.checkpoint_every=1000",
+    ]
+    train_rank(rank, 1, port, out, shards, run_dir, ds_json, over, probe)
 
 
 @pytest.mark.parametrize("zero", [0, 2, 3])
@@ -94,17 +78,9 @@ def test_first_stage2_encoder_update_is_the_scheduled_learning_rate(tmp_path, sm
 
 
 def _frozen_worker(rank: int, port: int, out: str, shards: str, run_dir: str) -> None:
-    join_group(rank, 1, port)
-    try:
+    def probe(trainer):
         import deepspeed
 
-        from pretrain.run import init_process_group, make_trainer, prepare
-
-        over = [*trainer_overrides(shards), "train.stage1_steps=1", "train.max_steps=3", "train.checkpoint_every=1000"]
-        plan = prepare(None, [*over, "train.frozen_encoders=[text]"], "zero3.json", run_dir, 1)
-        init_process_group()
-        trainer = make_trainer(plan)
-        trainer.setup()
         encoders = {"sequence": trainer.model.sequence_encoder, "text": trainer.model.text_encoder}
 
         def snapshot() -> dict[str, list[torch.Tensor]]:
@@ -113,18 +89,15 @@ def _frozen_worker(rank: int, port: int, out: str, shards: str, run_dir: str) ->
                 return {name: [p.detach().clone() for p in enc.parameters()] for name, enc in encoders.items()}
 
         before = snapshot()
-        try:
-            trainer.train()
-        finally:
-            trainer.close()
-        after = snapshot()
-        moved = {name: max(float((a - b).abs().max()) for a, b in zip(after[name], before[name])) for name in encoders}
-        torch.save({"moved": moved, "step": trainer.step}, Path(out) / f"rank{rank}.pt")
-    except Exception:  # noqa: BLE001 - reported to the parent
-        (Path(out) / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        close_process_group()
+
+        def finish(trainer) -> dict:
+            after = snapshot()
+            return {"moved": {n: max(float((a - b).abs().max()) for a, b in zip(after[n], before[n])) for n in after}}
+
+        return finish
+
+    over = ["train.stage1_steps=1", "train.max_steps=3", "train.checkpoint_every=1000", "train.frozen_encoders=[text]"]
+    train_rank(rank, 1, port, out, shards, run_dir, "zero3.json", over, probe)
 
 
 def test_frozen_encoders_stay_frozen_in_stage_2(tmp_path, small_demo):

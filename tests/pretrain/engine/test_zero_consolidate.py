@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import traceback
 from pathlib import Path
 
 import pytest
@@ -22,9 +21,9 @@ from pretrain.engine.zero_consolidate import (
     ZeroCheckpointError,
     consolidate_zero_checkpoint,
 )
-from pretrain.run import close_process_group
 from tests.conftest import free_port
-from tests.spawn_ranks import join_group, run_ranks, trainer_overrides
+from tests.pretrain.engine.trainer_ranks import train_rank
+from tests.spawn_ranks import run_ranks
 
 WORLD = 2
 TIMEOUT_S = 300.0
@@ -32,27 +31,8 @@ REPO = Path(__file__).resolve().parents[3]
 
 
 def _worker(rank: int, port: int, out: str, shards: str, run_dir: str, ds_json: str) -> None:
-    join_group(rank, WORLD, port)
-    try:
-        from pretrain.run import init_process_group, make_trainer, prepare, write_run_config
-
-        over = [*trainer_overrides(shards), "train.max_steps=2", "train.stage1_steps=1", "train.checkpoint_every=1"]
-        plan = prepare(None, over, ds_json, run_dir, WORLD)
-        if rank == 0:
-            write_run_config(plan)
-        init_process_group()
-        trainer = make_trainer(plan)
-        try:
-            trainer.setup()
-            trainer.train()
-        finally:
-            trainer.close()
-        torch.save({"step": trainer.step}, Path(out) / f"rank{rank}.pt")
-    except Exception:  # noqa: BLE001 - reported to the parent
-        (Path(out) / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        close_process_group()
+    over = ["train.max_steps=2", "train.stage1_steps=1", "train.checkpoint_every=1"]
+    train_rank(rank, WORLD, port, out, shards, run_dir, ds_json, over, write_config=True)
 
 
 def _trained_run(tmp_path_factory, shards: Path, stage: int) -> Path:
