@@ -124,7 +124,28 @@ def _weights(recipe: str, overrides: list[str]) -> tuple[str, int]:
         f"{lo.alpha:g}/{lo.beta:g}/{lo.gamma:g}; {lo.intra_seq:g}/{lo.intra_struct:g}/{lo.intra_text:g}; "
         f"{'yes' if cfg.data.text_augment else 'no'}"
     )
-    return text, cfg.train.max_steps
+    return text + "".join(f"; {s}" for s in _switches(cfg)), cfg.train.max_steps
+
+
+def _switches(cfg) -> list[str]:
+    """The objective switches a recipe sets away from their defaults, so overlays that differ only
+    there (temperatures, learning-rate ratios, ProtCLIP's PDA) are told apart in the table."""
+    lo, out = cfg.loss, []
+    if lo.objective != "align_pro":
+        out.append(f"objective {lo.objective}")
+        if lo.protclip.pda_assign != "vq":
+            out.append(f"PDA {lo.protclip.pda_assign}")
+        if lo.protclip.pda_text != "joint":
+            out.append(f"PDA text {lo.protclip.pda_text}")
+    if lo.kind != "infonce":
+        out.append(f"loss {lo.kind}")
+    if lo.temperature != "shared":
+        out.append(f"temperature {lo.temperature}")
+    mult = cfg.optim.encoder_lr_mult
+    ratios = {m: getattr(mult, m) for m in ("sequence", "structure", "text") if getattr(mult, m) != 1.0}
+    if ratios:
+        out.append("lr × " + ", ".join(f"{m} {v:g}" for m, v in ratios.items()))
+    return out
 
 
 def train_variant(recipe: str, run_dir: Path, overrides: list[str], ranks: int, ds_config: str) -> float | None:
@@ -461,9 +482,15 @@ def main(argv: list[str] | None = None) -> int:
     caption = (
         f"Measured by `python -m pretrain.ablate` on a {machine_description()}, {args.ranks} rank(s) per "
         f"run, seeds {seeds[0]}..{seeds[-1]} per variant, overrides: "
-        f"{', '.join(f'`{o}`' for o in args.overrides) or 'none'}. Cells are mean ± s.d. over the seeds; `*` "
-        f"marks a difference from `{reference}` significant at p < {args.alpha:g} (two-sided paired t-test over "
-        f"seed-matched runs, {len(seeds) - 1} d.f.); unmarked differences are not significant. R@10 is "
+        f"{', '.join(f'`{o}`' for o in args.overrides) or 'none'}. "
+        + (
+            f"Cells are mean ± s.d. over the seeds; `*` marks a difference from `{reference}` significant at "
+            f"p < {args.alpha:g} (two-sided paired t-test over seed-matched runs, {len(seeds) - 1} d.f.); "
+            "unmarked differences are not significant. "
+            if len(seeds) > 1
+            else "One seed: no spread and no significance test (a paired test needs two seeds or more). "
+        )
+        + "R@10 is "
         f"exact-pair retrieval on the held-out proteins (mean of both directions per pair); Fmax and fold "
         f"accuracy are `{args.method}` probes trained on the training shards"
         + (

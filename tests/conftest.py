@@ -26,6 +26,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 # start`` clusters), and two Ray instances on one node have broken each other; or they share a
 # session-cached ``reference_run`` (the cache is per worker) with a module that does.
 RAY_GROUP_MODULES = {
+    "tests/data_shards/test_ray_build.py",
     "tests/launch/test_bad_data.py",
     "tests/launch/test_object_storage.py",
     "tests/launch/test_pretrain.py",

@@ -121,6 +121,13 @@ def test_bad_arguments_are_clear_errors(tmp_path, capsys):
         "0/1/0; 0.1/0/0.1; yes",
         150,
     )
+    # overlays that differ only in an objective switch are told apart in the table
+    ablations = CONFIGS_DIR / "recipes" / "ablations"
+    assert ablate._weights(str(ablations / "demo_per_term_temperature.yaml"), [])[0].endswith("; temperature per_term")
+    assert ablate._weights(str(ablations / "demo_text_lr_0p1.yaml"), [])[0].endswith("; lr × text 0.1")
+    assert ablate._weights(str(ablations / "demo_protclip_pda_gumbel.yaml"), [])[0].endswith(
+        "; objective protclip; PDA gumbel"
+    )
 
 
 @pytest.mark.slow

@@ -54,8 +54,8 @@ def _tree(tmp_path: Path, launch_args: tuple[str, ...] = ("deepspeed.launcher.la
         )
     else:  # the rank's parent is no DeepSpeed launch process
         runner = subprocess.Popen([sys.executable, "-c", LAUNCH, RANK, str(marker)], cwd=REPO, start_new_session=True)
-    deadline = time.time() + 60
-    while not marker.with_suffix(".ready").exists():
+    deadline, ready = time.time() + 60, marker.with_suffix(".ready")
+    while not (ready.exists() and ready.read_text()):  # created before written: wait for the content too
         assert time.time() < deadline, "the rank did not start"
         time.sleep(0.1)
     return runner, marker
