@@ -65,21 +65,6 @@ class _GroupMaker(RecordMaker):
         return record_id
 
 
-def _standalone(maker: RecordMaker, key: str):
-    """The record of one UniProt/FASTA entry (as :meth:`RecordMaker.standalone` makes it)."""
-    info = maker.index.proteins[key]
-    source = "uniprot" if any(s.startswith("uniprot") for s in info.sources) else "fasta"
-    return maker.make(
-        record_id=key,
-        sequence=info.sequence,
-        backbone=None,
-        accession=key,
-        row=None,
-        extras=None,
-        base_meta={"source": source},
-    )
-
-
 def list_archive(ctx: GroupContext, unit: ArchiveUnit) -> dict:
     """Task: the structure members of one archive (its headers only), with the skips and counts of listing."""
     skip, stats = Tally(), {}
@@ -116,7 +101,7 @@ def group_records(ctx: GroupContext, gid: int, kind: str, items: list, fingerpri
                     yield built
         else:
             for key in items:
-                built = _standalone(maker, key)
+                built = maker.standalone_record(key)
                 if built is not None:
                     yield built
 

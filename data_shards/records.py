@@ -319,15 +319,20 @@ class RecordMaker:
             info = self.index.proteins[key]
             if info.accession in self.used_accessions:
                 continue
-            source = "uniprot" if any(s.startswith("uniprot") for s in info.sources) else "fasta"
-            built = self.make(
-                record_id=key,
-                sequence=info.sequence,
-                backbone=None,
-                accession=key,
-                row=None,
-                extras=None,
-                base_meta={"source": source},
-            )
+            built = self.standalone_record(key)
             if built is not None:
                 yield built
+
+    def standalone_record(self, key: str) -> BuiltRecord | None:
+        """The sequence-only record of the UniProt / FASTA entry ``key`` (None when it is skipped)."""
+        info = self.index.proteins[key]
+        source = "uniprot" if any(s.startswith("uniprot") for s in info.sources) else "fasta"
+        return self.make(
+            record_id=key,
+            sequence=info.sequence,
+            backbone=None,
+            accession=key,
+            row=None,
+            extras=None,
+            base_meta={"source": source},
+        )
