@@ -46,6 +46,7 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 # joining a cluster by address must be in token mode too or it is refused.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
+from pretrain.cli_types import non_negative_int, positive_int  # noqa: E402
 from pretrain.config import ConfigError  # noqa: E402
 from pretrain.engine.run_lock import RunDirBusy  # noqa: E402
 from pretrain.run import claim_run_dir, prepare, write_run_config  # noqa: E402
@@ -69,11 +70,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--recipe", default=None, help="recipe YAML (default: configs/recipes/demo.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--run-dir", default="runs/ray_demo")
-    p.add_argument("--num-workers", type=int, default=2, help="training ranks (Ray Train workers)")
+    p.add_argument("--num-workers", type=positive_int, default=2, help="training ranks (Ray Train workers)")
     p.add_argument("--address", default=None, help="an existing cluster (auto or HOST:PORT); default: a local Ray")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
-    p.add_argument("--max-failures", type=int, default=3, help="worker-group restarts before giving up")
-    p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray (default: 2 x cores, >= 4)")
+    p.add_argument("--max-failures", type=non_negative_int, default=3, help="worker-group restarts before giving up")
+    p.add_argument(
+        "--num-cpus", type=positive_int, default=None, help="logical CPUs of a local Ray (default: 2 x cores, >= 4)"
+    )
     p.add_argument(
         "--placement-strategy",
         default="PACK",
