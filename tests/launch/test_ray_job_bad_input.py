@@ -1,6 +1,6 @@
-"""launch/ray_job.py given bad input: one line naming the file, field or option, exit 2, no Ray.
+"""The Ray Train driver (launch.ray_job) given bad input: one line naming the file, field or option, exit 2.
 
-The Ray Train driver validates the same recipe, overrides, DeepSpeed JSON and run directory as
+It validates the same recipe, overrides, DeepSpeed JSON and run directory as
 launch/pretrain.py (the same cases as tests/launch/test_launcher_bad_input.py) before it starts
 Ray, plus its own options. ``_run`` (which starts Ray) is replaced by a guard that fails the test,
 so a case that slipped through validation cannot start a cluster on the CI machine.
