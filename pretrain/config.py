@@ -108,84 +108,114 @@ NOT_FINGERPRINTED = (("model", "sequence", "attention"),)  # fused or reference 
 # --------------------------------------------------------------------------- building
 
 
-def _check_type(value: Any, tp: Any, where: str) -> Any:
-    """Validate (and lightly coerce int -> float) ``value`` against annotation ``tp``."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _check_type(value, arg, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        (item,) = typing.get_args(tp) or (Any,)
-        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list of {len(typing.get_args(tp))}, got {value!r}")
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
-        return tuple(_check_type(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if tp is Any:
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        # No float field of any section means anything by nan or +-inf (a timeout, a clamp, a weight):
-        # refused here once for all of them, so a field added later is covered without its own check.
-        try:
-            number = float(value)
-        except OverflowError:  # an integer literal beyond the float range
-            number = math.inf
-        if not math.isfinite(number):
-            raise ConfigError(f"{where}={number}: must be a finite number")
-        return number
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)
-    raise ConfigError(f"{where}: unsupported annotation {tp!r}")
+class TypedReader:
+    """Builds a typed dataclass from a YAML mapping: unknown keys refused, every value checked against its
+    field's annotation (ConfigError naming the field), int -> float the only coercion.
 
+    Annotations read: ``int``, ``float`` (nan / +-inf refused while :attr:`finite_floats`), ``bool``,
+    ``str``, ``X | None`` and other unions (the first member that accepts the value), ``list[X]``,
+    ``tuple[X, ...]`` / ``tuple[X, Y]``, ``dict[...]`` (a mapping, values unchecked), ``Any`` and nested
+    dataclasses (built by :meth:`build`); any other annotation is a ConfigError. This class reads the
+    recipes; ``pretrain.benchmark.suite`` subclasses it for its own wording (:meth:`unknown_keys`,
+    :attr:`true_false`) and to validate each object as it is built (:meth:`make`).
+    """
 
-def _build(cls: type, data: Any, where: str) -> Any:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'recipe'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
+    finite_floats = True  # refuse nan / +-inf in every float field
+    true_false = "true/false"  # how a bool field's error names the two values
+
+    def unknown_keys(self, where: str, unknown: list[str], known: list[str]) -> str:
+        """The error message for keys of ``where``'s mapping that ``known`` (the fields) lacks."""
         prefix = f"{where}." if where else ""
-        raise ConfigError(
-            f"unknown config key '{prefix}{unknown[0]}' (valid keys of '{where or 'recipe'}': {sorted(names)})"
-        )
-    kwargs = {}
-    for name, value in data.items():
-        kwargs[name] = _check_type(value, hints[name], f"{where}.{name}" if where else name)
-    return cls(**kwargs)
+        return f"unknown config key '{prefix}{unknown[0]}' (valid keys of '{where or 'recipe'}': {known})"
+
+    def make(self, cls: type, kwargs: dict[str, Any], where: str) -> Any:
+        """The dataclass from its checked field values."""
+        return cls(**kwargs)
+
+    def check(self, value: Any, tp: Any, where: str) -> Any:
+        """Validate (and lightly coerce int -> float) ``value`` against annotation ``tp``."""
+        origin = typing.get_origin(tp)
+        if origin in (typing.Union, types.UnionType):
+            args = typing.get_args(tp)
+            if value is None and type(None) in args:
+                return None
+            errors = []
+            for arg in args:
+                if arg is type(None):
+                    continue
+                try:
+                    return self.check(value, arg, where)
+                except ConfigError as e:
+                    errors.append(str(e))
+            raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+        if origin is list:
+            if not isinstance(value, list):
+                raise ConfigError(f"{where}: expected a list, got {value!r}")
+            (item,) = typing.get_args(tp) or (Any,)
+            return [self.check(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        if origin is tuple:
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{where}: expected a list of {len(typing.get_args(tp))}, got {value!r}")
+            args = typing.get_args(tp)
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(self.check(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
+            return tuple(self.check(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        if origin is dict:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            return value
+        if tp is Any:
+            return value
+        if tp is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{where}: expected a number, got {value!r}")
+            if not self.finite_floats:
+                return float(value)
+            # No float field of any section means anything by nan or +-inf (a timeout, a clamp, a weight):
+            # refused here once for all of them, so a field added later is covered without its own check.
+            try:
+                number = float(value)
+            except OverflowError:  # an integer literal beyond the float range
+                number = math.inf
+            if not math.isfinite(number):
+                raise ConfigError(f"{where}={number}: must be a finite number")
+            return number
+        if tp is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            return value
+        if tp is bool:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}: expected {self.true_false}, got {value!r}")
+            return value
+        if tp is str:
+            if not isinstance(value, str):
+                raise ConfigError(f"{where}: expected a string, got {value!r}")
+            return value
+        if dataclasses.is_dataclass(tp):
+            return self.build(tp, value, where)
+        raise ConfigError(f"{where}: unsupported annotation {tp!r}")
+
+    def build(self, cls: type, data: Any, where: str) -> Any:
+        """Dataclass ``cls`` from mapping ``data`` (``None``: all defaults); ``where`` names it in errors."""
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where or 'recipe'}: expected a mapping, got {data!r}")
+        hints = typing.get_type_hints(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ConfigError(self.unknown_keys(where, unknown, sorted(names)))
+        kwargs = {
+            name: self.check(value, hints[name], f"{where}.{name}" if where else name) for name, value in data.items()
+        }
+        return self.make(cls, kwargs, where)
+
+
+_RECIPES = TypedReader()
 
 
 def _merge(base: dict, key_path: str, value: Any) -> None:
@@ -271,7 +301,7 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | None = 
         key, value = parse_override(item)
         _merge(raw, key, value)
     try:
-        cfg = _build(Config, raw, "")
+        cfg = _RECIPES.build(Config, raw, "")
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     validate(cfg)
@@ -280,7 +310,7 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | None = 
 
 def config_from_dict(data: dict) -> Config:
     """Rebuild a :class:`Config` from :meth:`Config.to_dict` output (e.g. a run's config.yaml)."""
-    cfg = _build(Config, data, "")
+    cfg = _RECIPES.build(Config, data, "")
     validate(cfg)
     return cfg
 

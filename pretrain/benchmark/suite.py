@@ -18,14 +18,12 @@ names the suite file and the key. Task options are validated by the task's own c
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from pretrain.config import TypedReader
 from pretrain.errors import ConfigError
 
 
@@ -70,69 +68,32 @@ class Suite:
 _SUITE_KEYS = {"name", "data_root", "proteins", "text_column", "bootstrap", "base", "batch_size", "tasks"}
 
 
-def _check_type(value, annotation, where: str):
-    """Coerce / check a YAML value against a dataclass field annotation (basic types only)."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        others = [a for a in args if a is not type(None)]
-        errors = []
-        for a in others:
-            try:
-                return _check_type(value, a, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0])
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else value
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(annotation):
-        return from_dict(annotation, value, where)
-    return value
+class _SuiteReader(TypedReader):
+    """:class:`pretrain.config.TypedReader` with the suite's wording; each object (a task's config, its
+    nested sections) runs its own ``validate(where)`` as it is built, and nan / inf pass the type check."""
+
+    finite_floats = False
+    true_false = "true or false"
+
+    def unknown_keys(self, where: str, unknown: list[str], known: list[str]) -> str:
+        return f"{where}: unknown key(s) {unknown}; known: {known}"
+
+    def make(self, cls: type, kwargs: dict, where: str):
+        try:
+            obj = cls(**kwargs)
+        except TypeError as e:  # a required field missing
+            raise ConfigError(f"{where}: {e}") from None
+        if hasattr(obj, "validate"):
+            obj.validate(where)
+        return obj
+
+
+_READER = _SuiteReader()
 
 
 def from_dict(cls, data, where: str):
     """Build dataclass ``cls`` from a mapping; unknown keys and wrong types raise ConfigError naming ``where``."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(fields)}")
-    kwargs = {k: _check_type(v, hints[k], f"{where}.{k}") for k, v in data.items()}
-    try:
-        obj = cls(**kwargs)
-    except TypeError as e:
-        raise ConfigError(f"{where}: {e}") from None
-    if hasattr(obj, "validate"):
-        obj.validate(where)
-    return obj
+    return _READER.build(cls, data, where)
 
 
 def load_suite(path: str | Path, known_types: set[str] | None = None, data_root: str | Path | None = None) -> Suite:
@@ -168,12 +129,12 @@ def load_suite(path: str | Path, known_types: set[str] | None = None, data_root:
         path=path,
         data_root=root,
         proteins=Path(),
-        text_column=_check_type(raw.get("text_column"), str | None, f"{path}: text_column"),
+        text_column=_READER.check(raw.get("text_column"), str | None, f"{path}: text_column"),
         bootstrap=from_dict(BootstrapConfig, raw.get("bootstrap"), f"{path}: bootstrap"),
-        base=_check_type(raw.get("base", False), bool, f"{path}: base"),
-        batch_size=_check_type(raw.get("batch_size", 16), int, f"{path}: batch_size"),
+        base=_READER.check(raw.get("base", False), bool, f"{path}: base"),
+        batch_size=_READER.check(raw.get("batch_size", 16), int, f"{path}: batch_size"),
     )
-    suite.proteins = suite.resolve(_check_type(raw["proteins"], str, f"{path}: proteins"))
+    suite.proteins = suite.resolve(_READER.check(raw["proteins"], str, f"{path}: proteins"))
     if not suite.proteins.is_file():
         raise ConfigError(f"{path}: proteins file {suite.proteins} not found")
     tasks = raw["tasks"]
