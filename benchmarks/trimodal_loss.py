@@ -38,17 +38,10 @@ sys.path.insert(0, str(REPO))
 
 from kernels import infonce, rank_symmetric_infonce  # noqa: E402
 from kernels.grouped import representatives  # noqa: E402
-from kernels.trimodal import Term, rank_trimodal_infonce  # noqa: E402
+from kernels.trimodal import ALIGN_PRO_TERMS, Term, rank_trimodal_infonce  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-TERMS = (
-    Term("loss_seq_struct", "sequence", "structure"),
-    Term("loss_seq_text", "sequence", "text", grouped=True),
-    Term("loss_struct_text", "structure", "text", grouped=True),
-    Term("loss_intra_seq", "sequence", "sequence_view2", present=("sequence",)),
-    Term("loss_intra_struct", "structure", "structure_view2", present=("structure",)),
-    Term("loss_intra_text", "text", "text_view2", grouped=True, present=("text",)),
-)
+TERMS = ALIGN_PRO_TERMS
 WEIGHTS = (1.0, 1.0, 1.0, 0.1, 0.1, 0.1)
 KEYS = tuple(dict.fromkeys(k for t in TERMS for k in (t.a_key, t.b_key)))
 

@@ -54,7 +54,7 @@ from kernels.gather import STRATEGIES, check_equal_rows, gather_no_grad, gather_
 from kernels.grouped import representatives
 from kernels.trimodal_blocks import GatheredTrimodalFunction, Plan, RingTrimodalFunction, compute_dtype, group_ops
 
-__all__ = ["Term", "rank_trimodal_infonce", "trimodal_infonce"]
+__all__ = ["ALIGN_PRO_TERMS", "Term", "rank_trimodal_infonce", "trimodal_infonce"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,18 @@ class Term:
 
     def presence_keys(self) -> tuple[str, ...]:
         return tuple(self.present) if self.present is not None else (self.a_key, self.b_key)
+
+
+# align_pro's six terms (three cross-modal pairs, three intra-modal view pairs), false negatives
+# deduplicated on the three that contrast texts: the term list of the kernel tests and the benchmark.
+ALIGN_PRO_TERMS = (
+    Term("loss_seq_struct", "sequence", "structure"),
+    Term("loss_seq_text", "sequence", "text", grouped=True),
+    Term("loss_struct_text", "structure", "text", grouped=True),
+    Term("loss_intra_seq", "sequence", "sequence_view2", present=("sequence",)),
+    Term("loss_intra_struct", "structure", "structure_view2", present=("structure",)),
+    Term("loss_intra_text", "text", "text_view2", grouped=True, present=("text",)),
+)
 
 
 @functools.cache

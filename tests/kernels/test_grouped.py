@@ -6,14 +6,8 @@ N x N reference, in value and gradients, on one process and on 2 gloo ranks.
 
 from __future__ import annotations
 
-import os
-import traceback
-from datetime import timedelta
-from pathlib import Path
-
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from kernels import symmetric_infonce
@@ -23,7 +17,7 @@ from kernels.grouped import (
     grouped_symmetric_infonce_reference,
     representatives,
 )
-from tests.spawn_ranks import run_ranks
+from tests.spawn_ranks import gloo_rank, run_ranks
 
 N, DIM, WORLD, TIMEOUT_S = 12, 6, 2, 120.0  # a hang guard: spawned ranks start slowly on a busy 2-core host
 # groups: 100 x3 (rows 1, 4, 9), 200 x2 (rows 2, 10; row 2 invalid -> 10 represents), 300 x2 across
@@ -117,27 +111,21 @@ def _keys() -> torch.Tensor:
 # ----------------------------------------------------------------------------- 2 gloo ranks
 
 
+def _rank_results(rank: int, strategy: str) -> dict[str, torch.Tensor]:
+    """This rank's loss and gradients on its half of the rows (inside the gloo group)."""
+    data = _data()
+    rows = N // WORLD
+    local = slice(rank * rows, (rank + 1) * rows)
+    a, b, s = (t.clone().requires_grad_() for t in (data["a"][local], data["b"][local], data["s"]))
+    loss = grouped_symmetric_infonce(
+        a, b, s, GROUPS[local], valid_local=VALID[local], backend="torch", strategy=strategy
+    )
+    (loss * 1.7).backward()
+    return {"loss": loss.detach(), "a": a.grad, "b": b.grad, "s": s.grad}
+
+
 def _worker(rank: int, init_file: str, out_dir: str, strategy: str = "allgather") -> None:
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group(
-            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=20)
-        )
-        data = _data()
-        rows = N // WORLD
-        local = slice(rank * rows, (rank + 1) * rows)
-        a, b, s = (t.clone().requires_grad_() for t in (data["a"][local], data["b"][local], data["s"]))
-        loss = grouped_symmetric_infonce(
-            a, b, s, GROUPS[local], valid_local=VALID[local], backend="torch", strategy=strategy
-        )
-        (loss * 1.7).backward()
-        torch.save({"loss": loss.detach(), "a": a.grad, "b": b.grad, "s": s.grad}, os.path.join(out_dir, f"r{rank}.pt"))
-    except BaseException:
-        Path(out_dir, f"r{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    gloo_rank(rank, WORLD, init_file, out_dir, lambda: _rank_results(rank, strategy), timeout_s=20, stem="r")
 
 
 # The all-gather runs the torch backend in the inputs' float64; the ring's block products are fp32.

@@ -15,19 +15,12 @@ import torch.nn.functional as F
 
 from kernels import check_equal_rows, gathered_symmetric_infonce, grouped_symmetric_infonce, trimodal_blocks
 from kernels.grouped import NO_GROUP
-from kernels.trimodal import Term, rank_trimodal_infonce, trimodal_infonce
+from kernels.trimodal import ALIGN_PRO_TERMS, Term, rank_trimodal_infonce, trimodal_infonce
 from tests.spawn_ranks import gloo_rank, run_ranks
 
 B, DIM, WORLD, TIMEOUT_S = 7, 12, 2, 150.0
 KEYS = ("sequence", "structure", "text", "sequence_view2", "structure_view2", "text_view2")
-TERMS = (  # align_pro's six, false negatives on the terms that contrast texts
-    Term("loss_seq_struct", "sequence", "structure"),
-    Term("loss_seq_text", "sequence", "text", grouped=True),
-    Term("loss_struct_text", "structure", "text", grouped=True),
-    Term("loss_intra_seq", "sequence", "sequence_view2", present=("sequence",)),
-    Term("loss_intra_struct", "structure", "structure_view2", present=("structure",)),
-    Term("loss_intra_text", "text", "text_view2", grouped=True, present=("text",)),
-)
+TERMS = ALIGN_PRO_TERMS  # align_pro's six, false negatives on the terms that contrast texts
 WEIGHTS = (0.9, 1.3, 0.4, 0.7, 1.1, 0.25)  # the upstream gradient of each term (≠ 1, distinct)
 
 
@@ -93,6 +86,20 @@ def _assert_same(got, ref, rtol=1e-10):
         atol = rtol * max(value.abs().max().item(), 1e-12)
         torch.testing.assert_close(got[1][key].double(), value, rtol=rtol, atol=atol, msg=f"d {key}")
     torch.testing.assert_close(got[2].double(), ref[2], rtol=rtol, atol=rtol * ref[2].abs().max().item())
+
+
+def test_align_pro_terms_are_the_terms_align_pro_fuses():
+    """kernels.trimodal.ALIGN_PRO_TERMS (used here and by benchmarks/trimodal_loss.py) names align_pro's
+    terms in its order, grouped where its false negatives apply, each with the presence it uses."""
+    from pretrain.losses import align_pro
+
+    assert tuple(t.name for t in TERMS) == align_pro.TERMS
+    assert {t.name for t in TERMS if t.grouped} == align_pro._GROUPED_TERMS
+    for name, a, b, _ in align_pro._PAIR_TERMS:
+        assert TERMS[align_pro.TERMS.index(name)].presence_keys() == (a, b)
+    for name, mod, _ in align_pro._INTRA_TERMS:
+        term = TERMS[align_pro.TERMS.index(name)]
+        assert (term.a_key, term.b_key, term.presence_keys()) == (mod, f"{mod}_view2", (mod,))
 
 
 @pytest.mark.parametrize("strategy", ["allgather", "ring"])
