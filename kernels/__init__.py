@@ -9,7 +9,8 @@ Public API:
 - :func:`rank_symmetric_infonce`: that share given the gathered keys (backend dispatch; fused on Triton).
 - :func:`check_equal_rows`: the equal-local-batch check that loss runs (once per step is enough).
 - :func:`grouped_symmetric_infonce`: the gathered loss with same-group rows deduplicated (false negatives).
-- :func:`sigmoid_loss`: the SigLIP pairwise sigmoid loss with a learned bias (backend dispatch).
+- :func:`sigmoid_loss`: the SigLIP pairwise sigmoid loss with a learned bias; optional false-negative groups
+  (same-group pairs excluded) (backend dispatch).
 - :func:`gathered_sigmoid_loss`: this rank's share of the sigmoid loss over all ranks' rows.
 - :func:`trimodal_infonce` (with :class:`Term`): every requested InfoNCE term of a step, each embedding
   gathered once (the fused tri-modal step).
@@ -37,7 +38,8 @@ included), and nothing outside torch, Triton and the standard library.
 - ``sigmoid_reference.py``: SigLIP sigmoid loss in pure torch, chunked over keys, and a float64 oracle.
 - ``sigmoid_triton.py``: op, the fused sigmoid loss in Triton (its kernels, launchers, autograd, wrapper).
 - ``sigmoid.py``: ``sigmoid_loss``, backend dispatch of the sigmoid loss (Triton lazily, like ``functional.py``).
-- ``sigmoid_ring.py``: ring strategy of the sigmoid loss, key blocks passed rank to rank (O(b·d) memory).
+- ``sigmoid_ring.py``: ring strategy of the sigmoid loss on ``kernels.ring.Ring``, key blocks passed rank to rank
+  (O(b·d) memory).
 - ``sigmoid_distributed.py``: ``gathered_sigmoid_loss``, choosing the all-gather (here) or the ring.
 
 Outside themselves, the Triton files (``triton_launch.py`` to ``gathered_infonce_triton.py``,

@@ -56,6 +56,8 @@ def sigmoid_loss(
     targets: torch.Tensor | None = None,
     *,
     key_valid: torch.Tensor | None = None,
+    groups: torch.Tensor | None = None,
+    key_groups: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """SigLIP pairwise sigmoid loss of queries ``a`` against keys ``b`` (Zhai et al. 2023).
@@ -74,10 +76,15 @@ def sigmoid_loss(
             (needs ``m <= n``).
         key_valid: optional mask of usable key columns; masked keys are neither positives nor
             negatives, and rows whose positive is masked are ignored.
+        groups: optional false-negative group id of each row (``kernels.grouped.NO_GROUP``: none): a
+            key of the row's group other than its own positive is excluded for that row, neither a
+            positive nor a negative (``kernels/sigmoid_reference.py`` says why).
+        key_groups: group id of each key; default ``groups`` (needs ``m == n``).
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see module docstring).
 
     Shapes:
-        a ``(m, d)``, b ``(n, d)``, targets ``(m,)`` int64 in ``[-1, n)``, key_valid ``(n,)`` bool.
+        a ``(m, d)``, b ``(n, d)``, targets ``(m,)`` int64 in ``[-1, n)``, key_valid ``(n,)`` bool,
+        groups ``(m,)`` and key_groups ``(n,)`` int64.
 
     Returns:
         Scalar loss, differentiable w.r.t. ``a``, ``b``, ``logit_scale`` and ``bias``; 0 (with zero
@@ -85,6 +92,7 @@ def sigmoid_loss(
     """
     backend = _resolve_backend(backend, a)
     logit_scale, bias = _as_tensor(logit_scale, a), _as_tensor(bias, a)
+    kwargs = {"key_valid": key_valid, "groups": groups, "key_groups": key_groups}
     if backend == "torch":
-        return sigmoid_loss_torch(a, b, logit_scale, bias, targets, key_valid=key_valid)
-    return _load_triton()(a, b, logit_scale, bias, targets, key_valid=key_valid)
+        return sigmoid_loss_torch(a, b, logit_scale, bias, targets, **kwargs)
+    return _load_triton()(a, b, logit_scale, bias, targets, **kwargs)

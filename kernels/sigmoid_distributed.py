@@ -26,6 +26,10 @@ data-parallel averaging then yields the single-process parameter gradient; ``log
 Masking (``valid_local``): an invalid pair is neither a query nor a key anywhere (the masks are
 gathered, which also gives ``N`` without another collective or a host sync).
 
+False negatives (``groups_local``): every rank's group ids are gathered (no gradient); a query's row
+group is its own id, each key column's the gathered one, and a same-group pair other than the query's
+own positive is excluded (``kernels.sigmoid_reference``). ``N`` (valid rows) is unchanged by grouping.
+
 All ranks must hold the same number of rows (:func:`check_equal_rows`, on by default).
 """
 
@@ -33,9 +37,9 @@ from __future__ import annotations
 
 import torch
 
-from kernels.gather import check_equal_rows, check_paired_args, gather_no_grad, gather_with_grad, world_and_rank
+from kernels.gather import check_equal_rows, check_paired_args, gather_with_grad, world_and_rank
 from kernels.sigmoid import sigmoid_loss
-from kernels.sigmoid_ring import ring_sigmoid_loss
+from kernels.sigmoid_ring import gather_pair_info, ring_sigmoid_loss
 
 __all__ = ["gathered_sigmoid_loss", "rank_sigmoid_loss"]
 
@@ -49,6 +53,8 @@ def rank_sigmoid_loss(
     offset: int,
     world: int,
     key_valid: torch.Tensor | None = None,
+    groups: torch.Tensor | None = None,
+    key_groups: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """One rank's share ``L_r = (W · N_r / N) · sigmoid_loss(a, b_all, s, t, offset + arange(m))``.
@@ -58,21 +64,25 @@ def rank_sigmoid_loss(
             with ``a[i]``). logit_scale, bias: ``s`` and ``t``, shape ``[]`` or ``[1]``.
         offset: this rank's first global row. world: number of ranks.
         key_valid: optional gathered mask of usable pairs; a masked pair is neither a query nor a key.
+        groups, key_groups: optional false-negative group ids of this rank's rows and of every rank's
+            rows (gathered); same-group pairs other than a row's positive are excluded.
         backend: as for :func:`kernels.sigmoid_loss`.
 
     Shapes:
-        a ``(m, d)``; b_all ``(world · m, d)``; key_valid ``(world · m,)`` bool.
+        a ``(m, d)``; b_all ``(world · m, d)``; key_valid ``(world · m,)`` bool; groups ``(m,)`` and
+        key_groups ``(world · m,)`` int64.
 
     Returns:
         Scalar ``L_r``; ``mean_r L_r`` is the single-process loss over the global batch.
     """
     m = a.shape[0]
     targets = offset + torch.arange(m, device=a.device)  # (m,) global column of each positive
+    grouping = {"groups": groups, "key_groups": key_groups}
     if key_valid is None:
-        return sigmoid_loss(a, b_all, logit_scale, bias, targets, backend=backend)
+        return sigmoid_loss(a, b_all, logit_scale, bias, targets, backend=backend, **grouping)
     live = key_valid[offset : offset + m]  # (m,) this rank's usable pairs
     targets = torch.where(live, targets, -1)
-    loss = sigmoid_loss(a, b_all, logit_scale, bias, targets, key_valid=key_valid, backend=backend)
+    loss = sigmoid_loss(a, b_all, logit_scale, bias, targets, key_valid=key_valid, backend=backend, **grouping)
     # The local mean is over N_r rows; rescale so that mean_r L_r is the mean over all N valid rows.
     n_local = live.sum().to(loss.dtype)
     n_global = key_valid.sum().clamp(min=1).to(loss.dtype)
@@ -89,6 +99,7 @@ def gathered_sigmoid_loss(
     strategy: str = "allgather",
     backend: str = "auto",
     valid_local: torch.Tensor | None = None,
+    groups_local: torch.Tensor | None = None,
     check_rows: bool = True,
 ) -> torch.Tensor:
     """This rank's share ``L_r`` of the SigLIP loss over the global (all-rank) batch.
@@ -109,10 +120,14 @@ def gathered_sigmoid_loss(
         backend: as for :func:`kernels.sigmoid_loss` (the ring computes with torch whatever it is).
         valid_local: optional mask of usable local pairs; invalid pairs are neither queries nor keys
             on any rank.
+        groups_local: optional false-negative group ids of the local pairs
+            (``pretrain.losses.false_negatives.group_ids``; ``kernels.grouped.NO_GROUP``: none); a pair
+            of rows of one group (any ranks) is neither positive nor negative, except each row's own.
         check_rows: run :func:`check_equal_rows` first (one tiny collective and a host sync).
 
     Shapes:
-        a_local ``(b, d)``, b_local ``(b, d)``, valid_local ``(b,)`` bool; ``b`` equal on all ranks.
+        a_local ``(b, d)``, b_local ``(b, d)``, valid_local ``(b,)`` bool, groups_local ``(b,)`` int64;
+        ``b`` equal on all ranks.
 
     Returns:
         Scalar ``L_r``. Log ``mean_r L_r`` (an all-reduce AVG of the detached value) as the loss.
@@ -125,10 +140,26 @@ def gathered_sigmoid_loss(
     rows = a_local.shape[0]
     if world > 1 and check_rows:
         check_equal_rows(rows, a_local.device, group)
+    if groups_local is not None:
+        if groups_local.shape != (rows,) or groups_local.dtype not in (torch.int64, torch.int32):
+            got = f"{groups_local.dtype} {tuple(groups_local.shape)}"
+            raise ValueError(f"groups_local must be an integer tensor of shape ({rows},); got {got}")
+        groups_local = groups_local.to(device=a_local.device, dtype=torch.int64)
     if world > 1 and strategy == "ring":
-        return ring_sigmoid_loss(a_local, b_local, logit_scale, bias, group=group, valid=valid_local)
+        return ring_sigmoid_loss(
+            a_local, b_local, logit_scale, bias, group=group, valid=valid_local, groups=groups_local
+        )
     b_all = gather_with_grad(b_local, group)  # (W·b, d); b_local itself on one rank
-    key_valid = None if valid_local is None else gather_no_grad(valid_local.to(torch.uint8), group).bool()
+    key_valid, key_groups = gather_pair_info(valid_local, groups_local, group)  # (W·b,) each, or None
     return rank_sigmoid_loss(
-        a_local, b_all, logit_scale, bias, offset=rank * rows, world=world, key_valid=key_valid, backend=backend
+        a_local,
+        b_all,
+        logit_scale,
+        bias,
+        offset=rank * rows,
+        world=world,
+        key_valid=key_valid,
+        groups=groups_local,
+        key_groups=key_groups,
+        backend=backend,
     )

@@ -22,6 +22,17 @@ positive nor a negative; an invalid row's own key still acts as a negative for o
 zero gradients. With paired rows (``targets = arange``, ``m = n``, one mask for rows and keys) the loss is
 symmetric in ``a`` and ``b`` by construction.
 
+False negatives (``groups`` per row, ``key_groups`` per key column; ``kernels.grouped.NO_GROUP``: in no
+group): a pair ``(i, j)`` with ``groups[i] == key_groups[j] != NO_GROUP`` and ``j != targets[i]`` is
+**excluded**: neither a positive nor a negative, it adds nothing to the loss or to any gradient (as a
+masked key does, but for that row only). Row i keeps its own positive and every other group's keys as
+negatives; ``|R|`` is unchanged. This is what ``kernels.grouped`` guarantees for InfoNCE (no two rows
+of one group face each other as negatives), and it needs no deduplication here: SigLIP's pairs are
+independent binary terms, with no softmax denominator in which a class of k duplicates would weigh k
+times, so each member keeps its own paired key as positive instead of a representative's. The other
+reading, same-group pairs as positives (``z = +1``), would assert that two proteins with one
+description should embed alike in every term; exclusion only stops pushing them apart.
+
 Memory: key columns are processed ``chunk_size`` at a time, so at most one ``m × chunk`` block of
 logits exists; backward saves only the inputs and recomputes the chunk logits. Nothing ``m × n``.
 
@@ -36,6 +47,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.grouped import NO_GROUP
 from kernels.infonce_reference import refuse_double_backward
 
 __all__ = ["SigmoidLossTorchFunction", "sigmoid_loss_reference", "sigmoid_loss_torch"]
@@ -76,7 +88,17 @@ def _chunk_signed_logits(a, bc, s, t, targets, start):
     return u, dots, rows, cols
 
 
-def _sigmoid_forward(a, b, s, t, targets, key_valid, weight, chunk_size) -> torch.Tensor:
+def _chunk_excluded(groups, key_groups, start, end, rows, cols):
+    """``(m, c)`` bool over key columns ``[start, end)``: same-group pairs other than each row's
+    positive (None: ungrouped)."""
+    if groups is None:
+        return None
+    same = (groups[:, None] == key_groups[None, start:end]) & (groups != NO_GROUP)[:, None]
+    same[rows, cols] = False  # a row's own positive stays a positive
+    return same
+
+
+def _sigmoid_forward(a, b, s, t, targets, key_valid, weight, chunk_size, groups=None, key_groups=None) -> torch.Tensor:
     """Chunked forward; returns the scalar loss in the compute dtype."""
     ct = _compute_dtype(a.dtype)
     af = a.to(ct)
@@ -84,15 +106,20 @@ def _sigmoid_forward(a, b, s, t, targets, key_valid, weight, chunk_size) -> torc
     row_sum = torch.zeros(a.shape[0], dtype=ct, device=a.device)  # (m,) Σ_j -log σ(z x) so far
     for start in range(0, b.shape[0], chunk_size):
         bc = b[start : start + chunk_size].to(ct)
-        u, _, _, _ = _chunk_signed_logits(af, bc, s, t, targets, start)
+        u, _, rows, cols = _chunk_signed_logits(af, bc, s, t, targets, start)
         nll = F.logsigmoid(u).neg_()  # (m, c)
         if key_valid is not None:
             nll.masked_fill_(~key_valid[start : start + chunk_size], 0.0)
+        excluded = _chunk_excluded(groups, key_groups, start, start + chunk_size, rows, cols)
+        if excluded is not None:
+            nll.masked_fill_(excluded, 0.0)
         row_sum += nll.sum(1)
     return (row_sum * weight).sum()
 
 
-def _sigmoid_backward(grad_output, a, b, s, t, targets, key_valid, weight, chunk_size, needs):
+def _sigmoid_backward(
+    grad_output, a, b, s, t, targets, key_valid, weight, chunk_size, needs, groups=None, key_groups=None
+):
     """Chunked backward: recomputes each chunk's logits. Returns ``(da, db, ds, dt)`` in the dtypes and
     shapes of the inputs (``None`` where ``needs`` is False)."""
     need_a, need_b, need_s, need_t = needs
@@ -114,6 +141,9 @@ def _sigmoid_backward(grad_output, a, b, s, t, targets, key_valid, weight, chunk
         d.mul_(w[:, None])
         if key_valid is not None:
             d.masked_fill_(~key_valid[start:end], 0.0)
+        excluded = _chunk_excluded(groups, key_groups, start, end, rows, cols)
+        if excluded is not None:
+            d.masked_fill_(excluded, 0.0)
         if need_s:
             ds += (d * dots).sum()
         dt += d.sum()
@@ -134,25 +164,43 @@ class SigmoidLossTorchFunction(torch.autograd.Function):
     """Autograd wrapper around the chunked forward / backward; holds no logic of its own."""
 
     @staticmethod
-    def forward(ctx, a, b, logit_scale, bias, targets, key_valid, chunk_size):
+    def forward(ctx, a, b, logit_scale, bias, targets, key_valid, chunk_size, groups=None, key_groups=None):
         # autocast would silently run the fp32 matmuls in half precision: opt out explicitly.
         with torch.autocast(a.device.type, enabled=False):
             _, weight, _ = _row_weights(targets, key_valid, _compute_dtype(a.dtype))
-            loss = _sigmoid_forward(a, b, logit_scale, bias, targets, key_valid, weight, chunk_size)
-        ctx.save_for_backward(a, b, logit_scale, bias, targets, key_valid, weight)
+            loss = _sigmoid_forward(a, b, logit_scale, bias, targets, key_valid, weight, chunk_size, groups, key_groups)
+        ctx.save_for_backward(a, b, logit_scale, bias, targets, key_valid, weight, groups, key_groups)
         ctx.chunk_size = chunk_size
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
         refuse_double_backward("sigmoid_loss (torch)")
-        a, b, logit_scale, bias, targets, key_valid, weight = ctx.saved_tensors
+        a, b, logit_scale, bias, targets, key_valid, weight, groups, key_groups = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:4])
         with torch.autocast(a.device.type, enabled=False):
             grads = _sigmoid_backward(
-                grad_output, a, b, logit_scale, bias, targets, key_valid, weight, ctx.chunk_size, needs
-            )
-        return (*grads, None, None, None)
+                grad_output, a, b, logit_scale, bias, targets, key_valid, weight, ctx.chunk_size, needs,
+                groups, key_groups,
+            )  # fmt: skip
+        return (*grads, None, None, None, None, None)
+
+
+def check_groups(groups, key_groups, m: int, n: int, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Validates the false-negative group ids; returns ``(groups, key_groups)`` as int64 (both None when
+    ungrouped). ``key_groups`` defaults to ``groups`` when ``m == n`` (paired rows)."""
+    if groups is None:
+        if key_groups is not None:
+            raise ValueError("key_groups needs groups (the row group ids)")
+        return None, None
+    if key_groups is None:
+        if m != n:
+            raise ValueError(f"groups alone needs m == n (paired rows); got m={m}, n={n}: pass key_groups")
+        key_groups = groups
+    for name, g, size in (("groups", groups, m), ("key_groups", key_groups, n)):
+        if g.shape != (size,) or g.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"{name} must be an integer tensor of shape ({size},); got {g.dtype} {tuple(g.shape)}")
+    return groups.to(device=device, dtype=torch.int64), key_groups.to(device=device, dtype=torch.int64)
 
 
 def _check_args(a, b, logit_scale, bias, targets, key_valid) -> torch.Tensor:
@@ -186,6 +234,8 @@ def sigmoid_loss_torch(
     targets: torch.Tensor | None = None,
     *,
     key_valid: torch.Tensor | None = None,
+    groups: torch.Tensor | None = None,
+    key_groups: torch.Tensor | None = None,
     chunk_size: int = 4096,
 ) -> torch.Tensor:
     """SigLIP sigmoid loss of rows of ``a`` against all rows of ``b``, chunked over key columns.
@@ -199,10 +249,15 @@ def sigmoid_loss_torch(
             (needs ``m <= n``). Values must lie in ``[-1, n)`` (not checked: that would sync).
         key_valid: optional mask of usable key columns (neither positives nor negatives when False);
             a row whose positive is masked is ignored.
-        chunk_size: key columns per block; peak extra memory is about ``3 · m × chunk_size`` values.
+        groups: optional false-negative group id of each row (``NO_GROUP``: none); a key of the row's
+            group other than its positive is excluded for that row (module docstring).
+        key_groups: group id of each key column; default ``groups`` (needs ``m == n``).
+        chunk_size: key columns per block; peak extra memory is about ``3 · m × chunk_size`` values
+            (and an ``m × chunk_size`` bool mask with ``groups``).
 
     Shapes:
-        a ``(m, d)``, b ``(n, d)``, targets ``(m,)`` int64, key_valid ``(n,)`` bool.
+        a ``(m, d)``, b ``(n, d)``, targets ``(m,)`` int64, key_valid ``(n,)`` bool, groups ``(m,)``
+        and key_groups ``(n,)`` int64.
 
     Returns:
         Scalar loss (module docstring: sum over valid pairs / number of valid rows), fp32 (fp64 for
@@ -211,7 +266,8 @@ def sigmoid_loss_torch(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
     targets = _check_args(a, b, logit_scale, bias, targets, key_valid)
-    return SigmoidLossTorchFunction.apply(a, b, logit_scale, bias, targets, key_valid, chunk_size)
+    groups, key_groups = check_groups(groups, key_groups, a.shape[0], b.shape[0], a.device)
+    return SigmoidLossTorchFunction.apply(a, b, logit_scale, bias, targets, key_valid, chunk_size, groups, key_groups)
 
 
 def sigmoid_loss_reference(
@@ -222,6 +278,8 @@ def sigmoid_loss_reference(
     targets: torch.Tensor | None = None,
     *,
     key_valid: torch.Tensor | None = None,
+    groups: torch.Tensor | None = None,
+    key_groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Materialised float64 SigLIP loss (test oracle only: allocates ``m × n``).
 
@@ -229,12 +287,13 @@ def sigmoid_loss_reference(
     and autograd differentiates it, so gradients w.r.t. the caller's tensors come back in their dtypes.
 
     Shapes:
-        a ``(m, d)``, b ``(n, d)``, targets ``(m,)``, key_valid ``(n,)``.
+        a ``(m, d)``, b ``(n, d)``, targets ``(m,)``, key_valid ``(n,)``, groups ``(m,)``, key_groups ``(n,)``.
 
     Returns:
         Scalar float64 loss; 0 when no row is valid.
     """
     targets = _check_args(a, b, logit_scale, bias, targets, key_valid)
+    groups, key_groups = check_groups(groups, key_groups, a.shape[0], b.shape[0], a.device)
     m, n = a.shape[0], b.shape[0]
     x = logit_scale.double().reshape(()) * (a.double() @ b.double().T) + bias.double().reshape(())  # (m, n)
     z = -torch.ones(m, n, dtype=torch.float64, device=a.device)
@@ -246,5 +305,8 @@ def sigmoid_loss_reference(
         pair_valid &= key_valid[None, :]
         valid = valid & (key_valid[targets.clamp(min=0)] if n else torch.zeros_like(valid))
         pair_valid &= valid[:, None]
+    if groups is not None:  # same-group pairs other than the row's own positive: excluded
+        same = (groups[:, None] == key_groups[None, :]) & (groups[:, None] != NO_GROUP)  # (m, n)
+        pair_valid &= ~(same & (z < 0))
     nll = torch.where(pair_valid, -F.logsigmoid(z * x), 0.0)
     return nll.sum() / valid.sum().clamp(min=1)

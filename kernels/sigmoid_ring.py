@@ -20,61 +20,55 @@ parameters, averaged by data parallelism).
 
 Masking (``valid``): an invalid pair is neither a query nor a key anywhere. The (b,) masks are gathered
 once up front (W·b bytes; also gives N without a host sync); each block is masked by its owner's slice.
-Messages are sent and waited one hop at a time (no compute/communication overlap yet).
+False negatives (``groups``): the group ids are gathered with the masks, in the same one collective
+(no gradient); each block's key columns take its owner's slice, and same-group pairs other than a
+row's positive are excluded (``kernels.sigmoid_reference``).
+
+Messages: :class:`kernels.ring.Ring` (the InfoNCE ring's), block features and gradient accumulators
+under their own tags. The next block is already in flight while this one is computed on (forward
+and backward); in the backward its accumulator follows once this step's contribution is added.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
-from kernels.gather import gather_no_grad, world_and_rank
+from kernels.gather import gather_no_grad
 from kernels.infonce_reference import refuse_double_backward
+from kernels.ring import Ring, wait_all
 from kernels.sigmoid_reference import _compute_dtype, _sigmoid_backward, _sigmoid_forward
 
-__all__ = ["ring_sigmoid_loss"]
+__all__ = ["gather_pair_info", "ring_sigmoid_loss"]
 
-_FEATURE_TAG, _GRAD_TAG = 21, 22
 _CHUNK = 4096  # key columns per chunk within a block
 
 
-class _Ring:
-    """Rank bookkeeping and one hop of the ring: send to rank + 1, receive from rank − 1."""
-
-    def __init__(self, group):
-        self.group = group
-        self.world, self.rank = world_and_rank(group)
-        self.next = dist.get_global_rank(group, (self.rank + 1) % self.world) if group else (self.rank + 1) % self.world
-        self.prev = dist.get_global_rank(group, (self.rank - 1) % self.world) if group else (self.rank - 1) % self.world
-
-    def source(self, step: int) -> int:
-        """Group rank of the owner of the block held at ``step``."""
-        return (self.rank - step) % self.world
-
-    def shift(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
-        """Sends each tensor to the next rank and returns the previous rank's (same shapes, dtypes)."""
-        incoming = [torch.empty_like(x) for x in tensors]
-        ops = []
-        for tag, (out, into) in enumerate(zip(tensors, incoming)):
-            ops.append(dist.P2POp(dist.isend, out.contiguous(), self.next, self.group, _FEATURE_TAG + 2 * tag))
-            ops.append(dist.P2POp(dist.irecv, into, self.prev, self.group, _FEATURE_TAG + 2 * tag))
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
-        return incoming
+def gather_pair_info(valid, groups, group) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Every rank's pair mask and group ids in ONE no-grad collective: ``(key_valid (W·b,) bool or
+    None, key_groups (W·b,) int64 or None)``; ``valid`` (b,) bool / ``groups`` (b,) int64 or None."""
+    if valid is None and groups is None:
+        return None, None
+    if groups is None:
+        return gather_no_grad(valid.to(torch.uint8), group).bool(), None
+    cols = [groups.to(torch.int64)] + ([] if valid is None else [valid.to(torch.int64)])
+    gathered = gather_no_grad(torch.stack(cols, dim=1), group)  # (W·b, 1 or 2)
+    return (None if valid is None else gathered[:, 1].bool()), gathered[:, 0].contiguous()
 
 
-def _block_args(ring: _Ring, step: int, rows: int, targets: torch.Tensor, key_valid):
-    """This step's block-local targets (out of range: no positive in the block) and key mask."""
+def _block_args(ring: Ring, step: int, rows: int, targets: torch.Tensor, key_valid, key_groups):
+    """This step's block-local targets (out of range: no positive in the block), key mask, key groups."""
     src = ring.source(step)
-    kv = None if key_valid is None else key_valid[src * rows : (src + 1) * rows]
-    return targets - src * rows, kv
+    owned = slice(src * rows, (src + 1) * rows)
+    kv = None if key_valid is None else key_valid[owned]
+    kg = None if key_groups is None else key_groups[owned]
+    return targets - src * rows, kv, kg
 
 
 class RingSigmoidLossFunction(torch.autograd.Function):
     """Ring forward / backward of one rank's share; the blocks and accumulators travel in here."""
 
     @staticmethod
-    def forward(ctx, a, b, logit_scale, bias, key_valid, weight, ring):
+    def forward(ctx, a, b, logit_scale, bias, key_valid, weight, ring, groups=None, key_groups=None):
         rows = a.shape[0]
         ct = _compute_dtype(a.dtype)
         targets = ring.rank * rows + torch.arange(rows, device=a.device)  # (b,) global positive keys
@@ -82,18 +76,20 @@ class RingSigmoidLossFunction(torch.autograd.Function):
             af, block = a.to(ct), b
             loss = torch.zeros((), dtype=ct, device=a.device)
             for step in range(ring.world):
-                t_blk, kv = _block_args(ring, step, rows, targets, key_valid)
-                loss = loss + _sigmoid_forward(af, block, logit_scale, bias, t_blk, kv, weight, _CHUNK)
-                if step < ring.world - 1:
-                    (block,) = ring.shift(block)
-        ctx.save_for_backward(a, b, logit_scale, bias, key_valid, weight, targets)
+                # the next block travels while this one is reduced
+                (incoming, _), works = ring.shift_features(block) if step < ring.world - 1 else ((None, None), None)
+                t_blk, kv, kg = _block_args(ring, step, rows, targets, key_valid, key_groups)
+                loss = loss + _sigmoid_forward(af, block, logit_scale, bias, t_blk, kv, weight, _CHUNK, groups, kg)
+                wait_all(works)
+                block = incoming
+        ctx.save_for_backward(a, b, logit_scale, bias, key_valid, weight, targets, groups, key_groups)
         ctx.ring = ring
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
         refuse_double_backward("ring sigmoid_loss")
-        a, b, logit_scale, bias, key_valid, weight, targets = ctx.saved_tensors
+        a, b, logit_scale, bias, key_valid, weight, targets, groups, key_groups = ctx.saved_tensors
         ring, rows = ctx.ring, a.shape[0]
         ct = _compute_dtype(a.dtype)
         needs = (True, True, ctx.needs_input_grad[2], ctx.needs_input_grad[3])
@@ -105,24 +101,28 @@ class RingSigmoidLossFunction(torch.autograd.Function):
             dt = torch.zeros(bias.shape, dtype=ct, device=a.device)
             block = b
             for step in range(ring.world):
-                t_blk, kv = _block_args(ring, step, rows, targets, key_valid)
+                (incoming, _), works = ring.shift_features(block) if step < ring.world - 1 else ((None, None), None)
+                t_blk, kv, kg = _block_args(ring, step, rows, targets, key_valid, key_groups)
                 s_c, t_c = logit_scale.to(ct), bias.to(ct)  # fp32 grads of s, t: summed over blocks
                 g_a, g_b, g_s, g_t = _sigmoid_backward(
-                    grad_output, af, block.to(ct), s_c, t_c, t_blk, kv, weight, _CHUNK, needs
+                    grad_output, af, block.to(ct), s_c, t_c, t_blk, kv, weight, _CHUNK, needs, groups, kg
                 )
                 da += g_a
                 acc += g_b
                 ds = ds + g_s if g_s is not None else ds
                 dt = dt + g_t if g_t is not None else dt
-                if step < ring.world - 1:
-                    block, acc = ring.shift(block, acc)
-                else:
-                    (acc,) = ring.shift(acc)  # the last hop brings each accumulator home
+                # the accumulator follows its block (the last hop brings each one home)
+                acc_in, recv = ring.recv_grads(acc)
+                sent = ring.send_grads(acc)
+                wait_all([*(works or ()), recv, sent])
+                block, acc = incoming, acc_in
         return (
             da.to(a.dtype),
             acc.to(b.dtype),
             ds.to(logit_scale.dtype) if needs[2] else None,
             dt.to(bias.dtype) if needs[3] else None,
+            None,
+            None,
             None,
             None,
             None,
@@ -137,6 +137,7 @@ def ring_sigmoid_loss(
     *,
     group=None,
     valid: torch.Tensor | None = None,
+    groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """This rank's share ``L_r`` of the SigLIP loss over the global batch, keys passed around a ring.
 
@@ -148,19 +149,22 @@ def ring_sigmoid_loss(
         a, b: this rank's paired rows (queries, keys). logit_scale, bias: ``s`` and ``t`` (tensors of
             shape ``[]`` or ``[1]``). group: process group (default: the world).
         valid: optional mask of usable local pairs.
+        groups: optional false-negative group ids of the local pairs (gathered here, no gradient).
 
     Shapes:
-        a, b ``(b, d)``; valid ``(b,)`` bool.
+        a, b ``(b, d)``; valid ``(b,)`` bool; groups ``(b,)`` int64.
 
     Returns:
         Scalar ``L_r`` in fp32 (fp64 for fp64 inputs).
     """
-    ring = _Ring(group)
+    ring = Ring(group)
     ct = _compute_dtype(a.dtype)
+    key_valid, key_groups = gather_pair_info(valid, groups, group)  # (W·b,) each, or None
     if valid is None:
-        key_valid = None
         weight = torch.full((a.shape[0],), 1.0 / max(a.shape[0], 1), dtype=ct, device=a.device)  # W / (W·b)
     else:
-        key_valid = gather_no_grad(valid.to(torch.uint8), group).bool()  # (W·b,)
         weight = valid.to(ct) * (ring.world / key_valid.sum().clamp(min=1).to(ct))
-    return RingSigmoidLossFunction.apply(a, b, logit_scale, bias, key_valid, weight, ring)
+    groups = None if groups is None else groups.to(torch.int64)
+    return RingSigmoidLossFunction.apply(
+        a, b.contiguous(), logit_scale, bias, key_valid, weight, ring, groups, key_groups
+    )

@@ -123,6 +123,18 @@ def _embed_structure_records(
     return _gather(batches, chunks, len(records), dim)
 
 
+def _temperatures(model, cfg: Config, shared_scale: float) -> dict[str, float]:
+    """``1 / s`` of every learned scale the model's loss used (see :class:`EmbeddingModel`)."""
+    per_term = getattr(model, "term_temperature", None)  # TermLogitScale, added by the objective
+    if per_term is None:
+        return {"shared": 1.0 / shared_scale}
+    scales = per_term()["term_logit_scale"].reshape(-1).tolist()
+    out = {name: 1.0 / s for name, s in zip(per_term.names, scales)}
+    if cfg.loss.temperature != "per_term":  # per_pair: the intra-modal terms keep the shared scale
+        out["shared"] = 1.0 / shared_scale
+    return out
+
+
 class EmbeddingModel:
     """A trained tri-modal model with embedding methods; build it with :func:`load_model`.
 
@@ -131,7 +143,13 @@ class EmbeddingModel:
         cfg: the run's recipe.
         device: where the model runs.
         embed_dim: E, the width of the shared space.
-        logit_scale: the learned softmax multiplier (clamped), as the contrastive loss used it.
+        logit_scale: the model's shared learned softmax multiplier (clamped). Under
+            ``loss.temperature: per_term`` no term used it (it stays at its initial value): read
+            :attr:`temperatures` for what the loss used.
+        temperatures: the learned temperature ``1 / s`` of each scale the loss used, by name: the
+            per-term ones when the model has them (``per_pair``: ``seq_struct``, ``seq_text``,
+            ``struct_text`` and ``shared``, which the intra-modal terms keep; ``per_term``: one per term,
+            ``seq_struct`` ... ``intra_text``), else ``{"shared": 1 / logit_scale}``.
     """
 
     def __init__(self, model, cfg: Config):
@@ -141,6 +159,7 @@ class EmbeddingModel:
         self.embed_dim = cfg.model.embed_dim
         with torch.no_grad():
             self.logit_scale = float(model.logit_scale().reshape(-1)[0])
+            self.temperatures = _temperatures(model, cfg, self.logit_scale)
         self._tokenizer = build_tokenizer(cfg.model.text)
         self._builder: BatchBuilder | None = None
 

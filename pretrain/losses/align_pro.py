@@ -16,7 +16,11 @@ contrast *texts*, i.e. ``L(seq, text)``, ``L(struct, text)`` and the intra-modal
 they are never each other's negatives. The terms use
 :func:`kernels.grouped_symmetric_infonce` (one representative key per group,
 every member's positive is the representative): per-row targets and a per-column key mask on the
-fused kernel, no B × B mask. ``L(seq, struct)`` and the intra sequence / structure terms keep every
+fused kernel, no B × B mask. With ``kind: sigmoid`` the same terms pass the group ids to
+:func:`kernels.gathered_sigmoid_loss`: a pair of one group (other than a row's own positive) is
+neither a positive nor a negative; every protein keeps its own text as its positive (the kernels'
+docstring, ``kernels/sigmoid_reference.py``, says why this differs from the InfoNCE form).
+``L(seq, struct)`` and the intra sequence / structure terms keep every
 other protein as a negative: two proteins that share a description are still different molecules,
 and telling their sequences and structures apart is what those terms teach.
 
@@ -249,9 +253,10 @@ class AlignProLoss(Objective):
         groups: Tensor | None,
         term_bias: Tensor | None,
     ) -> Tensor:
-        """One term over every rank's rows: symmetric InfoNCE (grouped when ``name`` contrasts texts), or
-        with ``kind: sigmoid`` the pairwise sigmoid loss with the term's bias (symmetric by construction).
-        ``logit_scale`` [1] is this term's own scale (:meth:`term_scale`)."""
+        """One term over every rank's rows: symmetric InfoNCE, or with ``kind: sigmoid`` the pairwise
+        sigmoid loss with the term's bias (symmetric by construction); either grouped (false negatives)
+        when ``name`` contrasts texts. ``logit_scale`` [1] is this term's own scale (:meth:`term_scale`)."""
+        grouped = self.cfg.false_negatives != "none" and name in _GROUPED_TERMS
         if self.cfg.kind == "sigmoid":
             i = TERMS.index(name)
             return gathered_sigmoid_loss(
@@ -260,11 +265,12 @@ class AlignProLoss(Objective):
                 logit_scale.reshape(1),
                 term_bias[i : i + 1],
                 valid_local=valid,
+                groups_local=groups.to(a.device) if grouped else None,
                 backend=self.cfg.backend,
                 strategy=self.cfg.strategy,
                 check_rows=False,
             )
-        if self.cfg.false_negatives != "none" and name in _GROUPED_TERMS:
+        if grouped:
             return grouped_symmetric_infonce(
                 a,
                 b,

@@ -69,6 +69,4 @@ class LossConfig:
             raise ConfigError(f"loss.kind={self.kind!r}: expected 'infonce' or 'sigmoid'")
         if self.temperature not in TEMPERATURES:
             raise ConfigError(f"loss.temperature={self.temperature!r}: expected 'shared', 'per_pair' or 'per_term'")
-        if self.kind == "sigmoid" and self.false_negatives != "none":
-            raise ConfigError("loss.false_negatives needs loss.kind=infonce (the sigmoid loss has no grouped form yet)")
         self.protclip.validate("loss.protclip")

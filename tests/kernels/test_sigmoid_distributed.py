@@ -1,5 +1,6 @@
 """kernels.sigmoid_distributed on 2 gloo ranks: the gathered SigLIP loss (all-gather and ring) equals the
-single-process loss over the global batch, and so do the gradients (local ones ×W, averaged ones ×1).
+single-process loss over the global batch, and so do the gradients (local ones ×W, averaged ones ×1);
+with false-negative group ids too (same-group pairs across ranks excluded).
 
 Workers are spawned once per module (float64, so comparisons are exact up to round-off), save their
 results, and the assertions run in the parent against ``sigmoid_loss_reference`` on the global batch.
@@ -20,6 +21,7 @@ WORLD = 2
 GLOBAL_BATCH, DIM, FEATURES = 12, 8, 5
 TIMEOUT_S = 120.0  # a hang guard: spawned ranks start slowly on a busy 2-core host
 STRATEGIES = ("allgather", "ring")
+CASE_KINDS = ((False, False), (True, False), (False, True), (True, True))  # (masked, grouped)
 
 
 def _global_batch() -> dict[str, torch.Tensor]:
@@ -33,6 +35,8 @@ def _global_batch() -> dict[str, torch.Tensor]:
         "bias": torch.tensor([-2.0], dtype=torch.float64),
         # rank 0 loses 2 pairs, rank 1 loses 1: unequal local counts exercise the N_r / N weighting
         "valid": torch.tensor([1, 0, 1, 1, 0, 1, 1, 1, 1, 1, 0, 1], dtype=torch.bool),
+        # false-negative groups across the two ranks (rows 0-5 | 6-11); -1: no group
+        "groups": torch.tensor([5, -1, 5, 7, 7, -1, 5, 3, 7, -1, 9, 9]),
     }
 
 
@@ -60,23 +64,26 @@ def _rank_results(rank: int) -> dict:
     local = slice(rank * rows, (rank + 1) * rows)
     out = {}
     for strategy in STRATEGIES:
-
-        def gathered(a, b, s, t, v, strategy=strategy):
-            return gathered_sigmoid_loss(a, b, s, t, valid_local=v, strategy=strategy, backend="torch")
-
-        for masked in (False, True):
+        for masked, grouped in CASE_KINDS:
             valid = data["valid"][local] if masked else None
+            groups = data["groups"][local] if grouped else None
+
+            def loss_fn(a, b, s, t, v, groups=groups, strategy=strategy):
+                return gathered_sigmoid_loss(
+                    a, b, s, t, valid_local=v, groups_local=groups, strategy=strategy, backend="torch"
+                )
+
             leaves = (data["a"][local], data["b"][local], data["scale"], data["bias"])
             a, b, s, t = (x.clone().requires_grad_() for x in leaves)
-            loss = gathered(a, b, s, t, valid)
+            loss = loss_fn(a, b, s, t, valid)
             loss.backward()
             params = _tiny_model()
-            _model_loss(params, data["x_a"][local], data["x_b"][local], gathered, valid).backward()
+            _model_loss(params, data["x_a"][local], data["x_b"][local], loss_fn, valid).backward()
             grads = {}
             for name, p in params.items():
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)  # DeepSpeed-style data-parallel averaging
                 grads[name] = p.grad / WORLD
-            out[strategy, masked] = {
+            out[strategy, masked, grouped] = {
                 "loss": loss.detach(),
                 "a": a.grad,
                 "b": b.grad,
@@ -108,14 +115,15 @@ def rank_results(tmp_path_factory) -> list[dict]:
     return run_ranks(_worker, lambda r: (r, str(tmp / "rendezvous"), str(tmp)), WORLD, tmp, TIMEOUT_S, "rank")
 
 
-def _single_process(masked: bool) -> dict:
+def _single_process(masked: bool, grouped: bool) -> dict:
     """The reference: one process, global batch, float64 materialised loss."""
     data = _global_batch()
     valid = data["valid"] if masked else torch.ones(GLOBAL_BATCH, dtype=torch.bool)
+    groups = data["groups"] if grouped else None
 
     def loss_fn(a, b, s, t, _valid):
         targets = torch.where(valid, torch.arange(GLOBAL_BATCH), -1)
-        return sigmoid_loss_reference(a, b, s, t, targets, key_valid=valid)
+        return sigmoid_loss_reference(a, b, s, t, targets, key_valid=valid, groups=groups)
 
     a, b, s, t = (x.clone().requires_grad_() for x in (data["a"], data["b"], data["scale"], data["bias"]))
     loss = loss_fn(a, b, s, t, None)
@@ -133,28 +141,33 @@ def _single_process(masked: bool) -> dict:
 
 
 CASES = pytest.mark.parametrize(
-    "strategy,masked", [(s, m) for s in STRATEGIES for m in (False, True)], ids=lambda x: str(x)
+    "strategy,masked,grouped",
+    [(s, m, g) for s in STRATEGIES for m, g in CASE_KINDS],
+    ids=lambda x: {False: "-", True: "+"}.get(x, x) if isinstance(x, bool) else str(x),
 )
 
 
 @CASES
-def test_mean_rank_loss_equals_global_loss(rank_results, strategy, masked):
-    ref = _single_process(masked)
-    mean_loss = sum(r[strategy, masked]["loss"] for r in rank_results) / WORLD
+def test_mean_rank_loss_equals_global_loss(rank_results, strategy, masked, grouped):
+    ref = _single_process(masked, grouped)
+    mean_loss = sum(r[strategy, masked, grouped]["loss"] for r in rank_results) / WORLD
     torch.testing.assert_close(mean_loss, ref["loss"], rtol=1e-10, atol=1e-12)
+    if grouped:  # the groups matter in this batch: the ungrouped loss differs
+        assert abs(mean_loss - _single_process(masked, False)["loss"]) > 1e-3
 
 
 @CASES
-def test_local_grads_are_world_size_times_global(rank_results, strategy, masked):
-    ref = _single_process(masked)
+def test_local_grads_are_world_size_times_global(rank_results, strategy, masked, grouped):
+    ref = _single_process(masked, grouped)
     rows = GLOBAL_BATCH // WORLD
     for rank, res in enumerate(rank_results):
         local = slice(rank * rows, (rank + 1) * rows)
         for name in ("a", "b"):
-            torch.testing.assert_close(res[strategy, masked][name], WORLD * ref[name][local], rtol=1e-9, atol=1e-12)
+            got = res[strategy, masked, grouped][name]
+            torch.testing.assert_close(got, WORLD * ref[name][local], rtol=1e-9, atol=1e-12)
     # logit_scale and bias are replicated, not gathered: rank grads sum to W x the global grad
     for name in ("s", "t"):
-        got = sum(r[strategy, masked][name] for r in rank_results)
+        got = sum(r[strategy, masked, grouped][name] for r in rank_results)
         torch.testing.assert_close(got, WORLD * ref[name], rtol=1e-9, atol=1e-12)
     if masked:
         invalid = ~_global_batch()["valid"]
@@ -162,10 +175,10 @@ def test_local_grads_are_world_size_times_global(rank_results, strategy, masked)
 
 
 @CASES
-def test_averaged_replicated_param_grads_equal_single_process(rank_results, strategy, masked):
-    ref = _single_process(masked)["params"]
+def test_averaged_replicated_param_grads_equal_single_process(rank_results, strategy, masked, grouped):
+    ref = _single_process(masked, grouped)["params"]
     for res in rank_results:
-        for name, grad in res[strategy, masked]["params"].items():
+        for name, grad in res[strategy, masked, grouped]["params"].items():
             torch.testing.assert_close(grad, ref[name], rtol=1e-9, atol=1e-12)
 
 
@@ -188,10 +201,13 @@ def test_single_process_fallbacks():
     a, b, s, t, valid = data["a"], data["b"], data["scale"], data["bias"], data["valid"]
     for strategy in STRATEGIES:
         for v in (None, valid):
-            got = gathered_sigmoid_loss(a, b, s, t, valid_local=v, strategy=strategy)
-            targets = None if v is None else torch.where(v, torch.arange(GLOBAL_BATCH), -1)
-            torch.testing.assert_close(got, sigmoid_loss(a, b, s, t, targets, key_valid=v))
+            for groups in (None, data["groups"]):
+                got = gathered_sigmoid_loss(a, b, s, t, valid_local=v, groups_local=groups, strategy=strategy)
+                targets = None if v is None else torch.where(v, torch.arange(GLOBAL_BATCH), -1)
+                torch.testing.assert_close(got, sigmoid_loss(a, b, s, t, targets, key_valid=v, groups=groups))
     with pytest.raises(ValueError, match="strategy"):
         gathered_sigmoid_loss(a, b, s, t, strategy="tree")
     with pytest.raises(ValueError, match="valid_local"):
         gathered_sigmoid_loss(a, b, s, t, valid_local=valid[:3])
+    with pytest.raises(ValueError, match="groups_local"):
+        gathered_sigmoid_loss(a, b, s, t, groups_local=data["groups"][:3])

@@ -68,6 +68,7 @@ def test_load_model_accepts_export_and_run_directories(run_dir, tmp_path):
     np.testing.assert_array_equal(a.embed_sequences(seqs), b.embed_sequences([s.upper() for s in seqs]))
     assert a.embed_texts([]).shape == (0, a.embed_dim)
     assert a.logit_scale == pytest.approx(float(a.model.logit_scale().detach()))
+    assert a.temperatures == {"shared": pytest.approx(1.0 / a.logit_scale)}  # loss.temperature: shared
     with pytest.raises(ValueError, match="empty"):
         a.embed_sequences(["MKT", " "])
     with pytest.raises(FileNotFoundError):
@@ -146,3 +147,28 @@ def test_load_structure_encoder_refuses_other_folders(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ValueError, match="not an align-pro GVP-GNN"):
         load_structure_encoder(tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["per_term", "per_pair"])
+def test_reports_the_temperatures_the_loss_used(corpus, tmp_path, mode):
+    """Under loss.temperature per_term / per_pair the terms' own learned scales are reported (the shared
+    scale, which per_term never trains, only where some term used it)."""
+    from pretrain.config import load_config
+    from pretrain.engine.builder import build_model
+    from pretrain.engine.export import write_export
+    from pretrain.losses.align_pro import SCALE_NAMES
+    from tests.pretrain.eval.tiny import TINY_MODEL
+
+    cfg = load_config(None, [*TINY_MODEL, f"loss.temperature={mode}", f"data.train_shards={corpus / 'train'}"])
+    torch.manual_seed(5)
+    model = build_model(cfg, load_pretrained=False)
+    names = SCALE_NAMES[mode]
+    trained = torch.linspace(0.02, 0.09, len(names), dtype=torch.float64)  # each term's learned temperature
+    with torch.no_grad():
+        model.term_temperature.log_logit_scale.copy_(torch.log(1.0 / trained))
+    api = load_model(write_export(model.state_dict(), cfg, tmp_path / "export"))
+    want = dict(zip(names, trained.tolist()))
+    if mode == "per_pair":  # the intra-modal terms keep the shared scale
+        want["shared"] = cfg.model.init_temperature
+    assert api.temperatures == pytest.approx(want, rel=1e-6)
+    assert api.logit_scale == pytest.approx(1.0 / cfg.model.init_temperature, rel=1e-6)  # the shared one, untrained

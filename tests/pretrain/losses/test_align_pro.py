@@ -253,16 +253,19 @@ def test_two_gloo_ranks_match_the_global_reference(strategy, fuse, tmp_path):
     torch.testing.assert_close(sum(r["per_term"][2] for r in res), WORLD * ref[2], rtol=10 * rtol, atol=atol)
 
 
-def test_sigmoid_kind_is_each_term_s_pairwise_sigmoid_loss_with_its_bias():
-    """loss.kind=sigmoid: every term is kernels' SigLIP loss (float64 oracle) with that term's bias."""
+@pytest.mark.parametrize("mode", ["none", "text"])
+def test_sigmoid_kind_is_each_term_s_pairwise_sigmoid_loss_with_its_bias(mode):
+    """loss.kind=sigmoid: every term is kernels' SigLIP loss (float64 oracle) with that term's bias;
+    with loss.false_negatives the terms that contrast texts exclude same-group pairs (the oracle's
+    ``groups``), the others are unchanged."""
     from kernels.sigmoid_reference import sigmoid_loss_reference
     from pretrain.losses.align_pro import TERMS
 
-    cfg = replace(CFG, kind="sigmoid")
+    cfg = replace(CFG, kind="sigmoid", false_negatives=mode)
     emb = _emb(3)
     s = torch.tensor([4.0], dtype=torch.float64)
     bias = torch.linspace(-3.0, 1.0, len(TERMS), dtype=torch.float64, requires_grad=True)
-    got = AlignProLoss(cfg).compute(emb, PRESENT, s, term_bias=bias)
+    got = AlignProLoss(cfg).compute(emb, PRESENT, s, GROUPS if mode != "none" else None, term_bias=bias)
     p = PRESENT
     pairs = {
         "loss_seq_struct": ("sequence", "structure", p["sequence"] & p["structure"], cfg.alpha),
@@ -276,21 +279,27 @@ def test_sigmoid_kind_is_each_term_s_pairwise_sigmoid_loss_with_its_bias():
     for name, (a, b, valid, w) in pairs.items():
         i = TERMS.index(name)
         targets = torch.where(valid, torch.arange(N), torch.full((N,), -1))
-        want = sigmoid_loss_reference(emb[a], emb[b], s, bias[i : i + 1], targets, key_valid=valid)
+        text = "text" in (a, b)
+        groups = GROUPS if mode != "none" and text else None
+        want = sigmoid_loss_reference(emb[a], emb[b], s, bias[i : i + 1], targets, key_valid=valid, groups=groups)
         torch.testing.assert_close(got[name], want, rtol=1e-9, atol=1e-12, msg=name)
+        plain = sigmoid_loss_reference(emb[a], emb[b], s, bias[i : i + 1], targets, key_valid=valid)
+        assert (abs(float(want.detach() - plain.detach())) > 1e-6) == (groups is not None), name  # groups matter
         total = total + w * want
     torch.testing.assert_close(got["loss"], total, rtol=1e-9, atol=1e-12)
     (grad,) = torch.autograd.grad(got["loss"], bias)
     assert bool((grad != 0).all())  # every term's bias is trained
 
 
-def test_sigmoid_kind_needs_the_model_biases_and_refuses_false_negatives():
+def test_sigmoid_kind_needs_the_model_biases_and_takes_false_negatives():
     with pytest.raises(KeyError, match="term_bias"):
         AlignProLoss(replace(CFG, kind="sigmoid")).compute(_emb(), PRESENT, torch.tensor([4.0], dtype=torch.float64))
     with pytest.raises(ConfigError, match="loss.kind"):
         load_config(overrides=["loss.kind=softmax"])
-    with pytest.raises(ConfigError, match="loss.false_negatives needs loss.kind=infonce"):
-        load_config(overrides=["loss.kind=sigmoid", "loss.false_negatives=text"])
+    assert load_config(overrides=["loss.kind=sigmoid", "loss.false_negatives=go"]).loss.false_negatives == "go"
+    sigmoid = AlignProLoss(replace(CFG, kind="sigmoid", false_negatives="text"))
+    with pytest.raises(KeyError, match="text_group"):
+        sigmoid.compute(_emb(), PRESENT, torch.tensor([4.0], dtype=torch.float64), term_bias=torch.zeros(6))
     with pytest.raises(ConfigError, match="protclip"):
         load_config(overrides=["loss.kind=sigmoid", "loss.objective=protclip"])
     plain, sig = load_config(), load_config(overrides=["loss.kind=sigmoid"])
