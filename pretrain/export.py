@@ -1,10 +1,13 @@
-"""``python -m pretrain.export --run-dir RUN [--format hf]``: consolidate a run's checkpoint into ``RUN/export``.
+"""``python -m pretrain.export --run-dir RUN [--format hf [--which last|best|both]]``: consolidate a run's
+checkpoint into ``RUN/export``.
 
 The command only; the export itself is :mod:`pretrain.engine.export`. It reads the sharded ZeRO files
 itself (:mod:`pretrain.engine.zero_consolidate`): DeepSpeed need not be installed. When the run pinned a
-best checkpoint (``eval.select_metric``), it is written as ``RUN/export/best`` too. ``--format hf`` also
-writes the Hugging Face directories and model card of the last export beside it
-(:mod:`pretrain.hf_export`, ``RUN/export_hf``).
+best checkpoint (``RUN/best_checkpoint.json``: by ``eval.select_metric``, default ``val/mean_R@10``), it
+is written as ``RUN/export/best`` too. ``--format hf`` also writes the Hugging Face directories and
+model card of the exports beside them (:mod:`pretrain.hf_export`): the last in ``RUN/export_hf``, the
+best in ``RUN/export_best_hf`` (its card names its step, metric and score); ``--which`` picks one
+(default: both when there is a best).
 """
 
 from __future__ import annotations
@@ -33,6 +36,13 @@ def main(argv=None) -> int:
         help="hf: also write transformers EsmModel / BertModel directories, the structure encoder and a "
         "model card to RUN/export_hf (python -m pretrain.hf_export)",
     )
+    p.add_argument(
+        "--which",
+        choices=("last", "best", "both"),
+        default=None,
+        help="with --format hf: convert the last export (RUN/export_hf), the best by validation "
+        "(RUN/export/best -> RUN/export_best_hf) or both (default: both when the run has a best)",
+    )
     args = p.parse_args(argv)
     run_dir = Path(args.run_dir)
     try:
@@ -46,15 +56,21 @@ def main(argv=None) -> int:
             raise FileNotFoundError(f"--tag {args.tag}: no checkpoint {run_dir / 'checkpoints' / args.tag}")
         if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
             raise NotADirectoryError(f"--out {args.out} exists and is not a directory")
+        if args.which is not None and args.format != "hf":
+            raise ValueError("--which applies to --format hf")
+        if args.which not in (None, "last") and args.out is not None:
+            raise ValueError(f"--which {args.which}: the best is exported to RUN/export/best only (leave out --out)")
         load_run_config(run_dir)  # ConfigError naming RUN/config.yaml: the export carries it
         out = export_checkpoint(run_dir, args.tag, args.out)
         print(f"exported {out}")
         if args.out is None and (out / "best" / "config.yaml").is_file():
             print(f"exported {out / 'best'} (the best checkpoint by validation)")
         if args.format == "hf":
-            from pretrain.hf_export import export_hf
+            from pretrain.hf_export import export_hf, run_exports
 
-            print(f"exported {export_hf(out, run_dir=run_dir)}")
+            jobs = [("last", out)] if args.out is not None else run_exports(run_dir, args.which)
+            for _, export_dir in jobs:
+                print(f"exported {export_hf(export_dir, run_dir=run_dir)}")
     except (OSError, RuntimeError, ValueError) as e:
         print(f"align-pro export: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

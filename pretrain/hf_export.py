@@ -1,4 +1,5 @@
-"""``python -m pretrain.hf_export --run-dir RUN | --export DIR [--out DIR]``: the trained model for other tools.
+"""``python -m pretrain.hf_export --run-dir RUN [--which last|best|both] | --export DIR [--out DIR]``: the
+trained model for other tools.
 
 Reads an export (``model.safetensors`` + ``config.yaml``, see :mod:`pretrain.engine.export`; a ZeRO-3
 run is consolidated there already, so no DeepSpeed is needed here) and writes::
@@ -14,8 +15,11 @@ run is consolidated there already, so no DeepSpeed is needed here) and writes::
 
 The default ``OUT`` is the export's sibling ``<export>_hf`` (``RUN/export_hf``), not a folder inside
 the export: :func:`pretrain.engine.export.write_export` replaces the export directory as a whole, and
-``train.remote_dir`` uploads all of it. The directory is written to a temporary sibling and renamed
-into place, like the export.
+``train.remote_dir`` uploads all of it. The best checkpoint by validation, exported as
+``RUN/export/best`` (:mod:`pretrain.engine.best_checkpoint`), goes to ``RUN/export_best_hf``; its model
+card and ``align_pro.json`` name its step, selection metric and score (from ``best/best.json``).
+With ``--run-dir`` both are converted when the run has a best (``--which`` picks one). The directory
+is written to a temporary sibling and renamed into place, like the export.
 
 The ESM-2 weights are renamed from fair-esm's ``ESM2`` to transformers' ESM layout with the mapping of
 transformers' own converter (``models/esm/convert_esm.py``): q/k/v/out projections, the two pre-layer
@@ -41,6 +45,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from pretrain.config import Config
+from pretrain.engine import best_checkpoint
 from pretrain.engine.export import MODEL_FILE, export_step, load_exported
 from pretrain.models.text_encoder import build_tokenizer
 from pretrain.models.trimodal import TriModalModel
@@ -51,6 +56,7 @@ HEAD_WEIGHTS = "projection_head.safetensors"
 HEAD_CONFIG = "projection_head.json"
 STRUCTURE_FORMAT = "align-pro-gvp"
 _ST_META = {"format": "pt", "producer": "align-pro hf_export"}
+WHICH = ("last", "best", "both")  # which exports of a run directory --run-dir converts
 
 # fair-esm TransformerLayer submodule -> transformers EsmLayer submodule (weights and biases alike).
 _ESM_LAYER_NAMES = {
@@ -80,9 +86,17 @@ _ESM_INV_FREQ = re.compile(r"^layers\.(\d+)\.self_attn\.rot_emb\.inv_freq$")
 
 
 def default_out_dir(export_dir: Path | str) -> Path:
-    """``<export>_hf`` beside the export (``RUN/export`` -> ``RUN/export_hf``)."""
+    """``<export>_hf`` beside the export (``RUN/export`` -> ``RUN/export_hf``); a best export inside an
+    export (``RUN/export/best``, beside ``RUN/export/config.yaml``) -> ``RUN/export_best_hf``."""
     export_dir = Path(export_dir)
+    if _is_best_of_an_export(export_dir):
+        parent = export_dir.parent
+        return parent.with_name(f"{parent.name}_{export_dir.name}_hf")
     return export_dir.with_name(f"{export_dir.name}_hf")
+
+
+def _is_best_of_an_export(export_dir: Path) -> bool:
+    return export_dir.name == best_checkpoint.EXPORT_SUBDIR and (export_dir.parent / "config.yaml").is_file()
 
 
 def esm2_to_hf(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], bool]:
@@ -262,9 +276,21 @@ def _logit_scales(model: TriModalModel, cfg: Config) -> dict:
 
 
 def _run_dir_of(export_dir: Path) -> Path | None:
-    """The run directory an export sits in (``RUN/export`` beside ``RUN/config.yaml``), else None."""
-    parent = export_dir.resolve().parent
+    """The run directory an export sits in (``RUN/export`` or ``RUN/export/best``, beside
+    ``RUN/config.yaml``), else None."""
+    export_dir = export_dir.resolve()
+    if _is_best_of_an_export(export_dir):
+        export_dir = export_dir.parent
+    parent = export_dir.parent
     return parent if export_dir.name == "export" and (parent / "config.yaml").is_file() else None
+
+
+def _selection(export_dir: Path | str) -> dict | None:
+    """The record a best export was written from (its ``best.json``: metric, mode, step, tag, score),
+    or None for an export that is not a selected best."""
+    from data_shards import storage
+
+    return best_checkpoint.read_record(storage.join(export_dir, best_checkpoint.RECORD_IN_EXPORT))
 
 
 def export_hf(export_dir: Path | str, out_dir: Path | str | None = None, *, run_dir: Path | str | None = None) -> Path:
@@ -292,6 +318,7 @@ def export_hf(export_dir: Path | str, out_dir: Path | str | None = None, *, run_
         raise ValueError(f"{export_dir} is a URL: give out_dir (--out)")
     export_path = None if is_url else Path(export_dir)
     model, cfg = load_exported(export_dir)
+    selection = _selection(export_dir)
     if run_dir is None and export_path is not None:
         run_dir = _run_dir_of(export_path)
     out = Path(out_dir) if out_dir is not None else default_out_dir(export_path)
@@ -314,6 +341,8 @@ def export_hf(export_dir: Path | str, out_dir: Path | str | None = None, *, run_
             "modalities": parts,
             **_logit_scales(model, cfg),
         }
+        if selection is not None:  # the best checkpoint by validation (RUN/export/best/best.json)
+            info["selection"] = selection
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
         from pretrain.model_card import model_card
 
@@ -336,6 +365,37 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
+def run_exports(run_dir: Path | str, which: str | None = None) -> list[tuple[str, Path]]:
+    """The exports of a run directory to convert: ``("last", RUN/export)`` and/or ``("best", RUN/export/best)``.
+
+    ``which``: ``last``, ``best`` or ``both``; None: both when the run has a best export, else the last.
+
+    Raises:
+        FileNotFoundError: an export asked for is not there (the message says how it is written).
+        ValueError: ``which`` is not one of :data:`WHICH`.
+    """
+    run_dir = Path(run_dir)
+    if which is not None and which not in WHICH:
+        raise ValueError(f"--which {which!r}: expected one of {WHICH}")
+    last, best = run_dir / "export", run_dir / "export" / best_checkpoint.EXPORT_SUBDIR
+    has_best = (best / "config.yaml").is_file()
+    which = which or ("both" if has_best else "last")
+    if which in ("last", "both") and not (last / "config.yaml").is_file():
+        hint = (
+            " (it has checkpoints: python -m pretrain.export --run-dir RUN first)"
+            if (run_dir / "checkpoints").is_dir()
+            else ""
+        )
+        raise FileNotFoundError(f"no export in {run_dir}{hint}")
+    if which in ("best", "both") and not has_best:
+        raise FileNotFoundError(
+            f"no best export {best} (written from the checkpoint RUN/{best_checkpoint.FILE} pins, by the "
+            "trainer's export or python -m pretrain.export --run-dir RUN; a run pins one only when it validates: "
+            "train.validate_every, at steps that get a checkpoint)"
+        )
+    return [(name, path) for name, path in (("last", last), ("best", best)) if which in (name, "both")]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m pretrain.hf_export",
@@ -343,26 +403,36 @@ def main(argv=None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run-dir", help="run directory: its export/ is converted, its eval.json feeds the card")
+    src.add_argument(
+        "--run-dir", help="run directory: its export/ (and export/best) is converted, its eval.json feeds the card"
+    )
     src.add_argument("--export", help="export directory or URL (model.safetensors + config.yaml)")
+    p.add_argument(
+        "--which",
+        choices=WHICH,
+        default=None,
+        help="with --run-dir: the last export (RUN/export -> RUN/export_hf), the best by validation "
+        "(RUN/export/best -> RUN/export_best_hf) or both (default: both when the run has a best; "
+        "with --out: last)",
+    )
     p.add_argument("--out", default=None, help="output directory (default: <export>_hf beside the export)")
     args = p.parse_args(argv)
-    run_dir = Path(args.run_dir) if args.run_dir else None
-    export_dir = run_dir / "export" if run_dir is not None else args.export
-    if run_dir is not None and not (run_dir / "export" / "config.yaml").is_file():
-        hint = (
-            " (it has checkpoints: python -m pretrain.export --run-dir RUN first)"
-            if (run_dir / "checkpoints").is_dir()
-            else ""
-        )
-        print(f"align-pro hf_export: error: no export in {run_dir}{hint}", file=sys.stderr)
-        return 2
     try:
-        out = export_hf(export_dir, args.out, run_dir=run_dir)
+        if args.export is not None:
+            if args.which is not None:
+                raise ValueError("--which applies to --run-dir (--export names the one export to convert)")
+            jobs = [(None, args.export)]
+        else:
+            if args.out is not None and args.which == "both":
+                raise ValueError("--out names one directory: --which last or --which best")
+            # --out without --which: the last export, as before there were best exports
+            jobs = run_exports(args.run_dir, args.which or ("last" if args.out is not None else None))
+        for _, export_dir in jobs:
+            out = export_hf(export_dir, args.out, run_dir=args.run_dir)
+            print(f"wrote {out}")
     except (OSError, ValueError) as e:  # ConfigError and ExportError are ValueErrors
         print(f"align-pro hf_export: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {out}")
     return 0
 
 

@@ -4,7 +4,10 @@ Every figure is copied from a file and says which: the recipe (``config.yaml`` o
 export step (its safetensors metadata), ranks and ZeRO stage (``RUN/config.yaml``'s DeepSpeed section,
 the latest checkpoint's ``COMPLETE`` record), the last logged loss and validation (``RUN/metrics.jsonl``),
 the training data (the shard manifest, when it can be read from here) and the evaluation
-(``RUN/eval.json``). What no file records is written as "not recorded", never estimated.
+(``RUN/eval.json``). The card of the best checkpoint by validation (``RUN/export/best``) names its
+step, selection metric and score (``best/best.json``, copied into ``align_pro.json`` as ``selection``)
+and reports no ``RUN/eval.json`` figures: that file evaluates the last export, other weights. What no
+file records is written as "not recorded", never estimated.
 """
 
 from __future__ import annotations
@@ -79,9 +82,21 @@ def _recipe(cfg: Config, info: dict) -> list[str]:
     ]
 
 
+def _selected(sel: dict) -> str:
+    """One sentence naming the selected checkpoint's step, metric and score."""
+    better = "higher" if sel["mode"] == "max" else "lower"
+    return (
+        f"the best checkpoint by validation: step {sel['step']} (checkpoint `{sel['tag']}`), "
+        f"`{sel['metric']}` = {_fmt(float(sel['score']))} ({better} is better)"
+    )
+
+
 def _training(info: dict, run_dir: Path | None) -> list[str]:
     step = info.get("export_step")
+    sel = info.get("selection")
     lines = [f"- Weights from training step: {step if step is not None else _NOT_RECORDED} (export metadata)."]
+    if sel is not None:
+        lines.append(f"- Selected as {_selected(sel)} (the export's `best.json`).")
     if run_dir is None:
         lines.append(
             "- Run directory: not available when the card was written; ranks, losses and hardware not reported."
@@ -111,9 +126,17 @@ def _training(info: dict, run_dir: Path | None) -> list[str]:
     val_rows = [r for r in rows if any(k.startswith("val/") for k in r)]
     if val_rows:
         last = val_rows[-1]
-        figures = ", ".join(f"{k} {_fmt(v)}" for k, v in last.items() if k.startswith("val/") and isinstance(v, float))
-        lines.append(f"- Last validation (RUN/metrics.jsonl, step {last.get('step')}): {figures}.")
+        lines.append(f"- Last validation (RUN/metrics.jsonl, step {last.get('step')}): {_val_figures(last)}.")
+    at_best = [r for r in val_rows if sel is not None and r.get("step") == sel["step"]]
+    if at_best and at_best[-1] is not val_rows[-1]:
+        lines.append(
+            f"- Validation of these weights (RUN/metrics.jsonl, step {sel['step']}): {_val_figures(at_best[-1])}."
+        )
     return lines
+
+
+def _val_figures(row: dict) -> str:
+    return ", ".join(f"{k} {_fmt(v)}" for k, v in row.items() if k.startswith("val/") and isinstance(v, float))
 
 
 def _checkpoint_world_size(run_dir: Path) -> int | None:
@@ -186,11 +209,21 @@ def _data(cfg: Config) -> tuple[list[str], list[str]]:
     return lines, licences
 
 
-def _evaluation(run_dir: Path | None, export_dir: str) -> list[str]:
+def _evaluation(run_dir: Path | None, export_dir: str, selection: dict | None = None) -> list[str]:
     path = run_dir / "eval.json" if run_dir is not None else None
     ev = _read_json(path) if path is not None and path.is_file() else None
     if ev is None:
         return ["No evaluation file (RUN/eval.json) was found for this export: no figures are reported."]
+    if selection is not None:
+        from pretrain.engine.export import export_step
+
+        last = export_step(run_dir / "export")
+        return [
+            f"`RUN/eval.json` evaluates the run's last export (`RUN/export`, step "
+            f"{last if last is not None else _NOT_RECORDED}), not these weights (step {selection['step']}): its "
+            "figures are not reported here. Evaluate this export with "
+            "`python -m pretrain.eval --model RUN/export/best`."
+        ]
     lines = [f"From `RUN/eval.json`: {ev.get('num_proteins')} proteins of `{ev.get('shards')}`."]
     weights = Path(export_dir) / "model.safetensors"
     try:
@@ -283,6 +316,12 @@ def model_card(cfg: Config, info: dict, run_dir: Path | None) -> str:
     """
     data_lines, licences = _data(cfg)
     seq, text = info["modalities"]["sequence"], info["modalities"]["text"]
+    sel = info.get("selection")
+    chosen = (
+        ["", f"These are the weights of {_selected(sel)}; the run's last weights are exported separately.", ""]
+        if sel is not None
+        else [""]
+    )
     out = [
         _front_matter("other" if licences else "unknown"),
         "# align-pro tri-modal protein embeddings",
@@ -291,7 +330,7 @@ def model_card(cfg: Config, info: dict, run_dir: Path | None) -> str:
         "**sequence** (ESM-2), **structure** (GVP-GNN on the N/CA/C/O backbone) and **function text** (BERT) "
         f"into one {info['embed_dim']}-dimensional space of unit vectors: a cosine between any two of them "
         "scores how well they match.",
-        "",
+        *chosen,
         "## Files",
         "",
         "| path | what | load with |",
@@ -302,7 +341,9 @@ def model_card(cfg: Config, info: dict, run_dir: Path | None) -> str:
         "| `structure/` | GVP-GNN weights and config (no transformers class exists) | "
         "`pretrain.api.load_structure_encoder` |",
         "| `*/projection_head.safetensors`, `.json` | the 2-layer head into the shared space | the code below |",
-        "| `align_pro.json` | export step, embedding width, logit scale, pooling per modality | json |",
+        "| `align_pro.json` | export step, embedding width, logit scale, pooling per modality"
+        + (", the selection (metric, mode, step, score)" if sel is not None else "")
+        + " | json |",
         "",
         "## Use",
         "",
@@ -316,7 +357,11 @@ def model_card(cfg: Config, info: dict, run_dir: Path | None) -> str:
         "",
         "```python",
         "from pretrain.api import load_model",
-        'model = load_model("RUN/export")  # or the run directory',
+        (
+            'model = load_model("RUN/export/best")  # these weights'
+            if sel is not None
+            else 'model = load_model("RUN/export")  # or the run directory'
+        ),
         'z = model.embed_sequences(["MKTAYIAKQR"]) @ model.embed_texts(["ATP binding"]).T',
         "```",
         "",
@@ -349,7 +394,7 @@ def model_card(cfg: Config, info: dict, run_dir: Path | None) -> str:
         "",
         "## Evaluation",
         "",
-        *_evaluation(run_dir, info["source_export"]),
+        *_evaluation(run_dir, info["source_export"], sel),
         "",
         "## Intended use and limits",
         "",

@@ -1,12 +1,14 @@
 """Model selection: the checkpoint that scored best on validation is pinned against retention.
 
-With ``eval.select_metric`` set (a key of the validation metrics, e.g. ``val/mean_R@10`` or
-``val/zeroshot_fmax_ec``; ``eval.select_mode`` max or min), every validation notes its score on
-the engine it scored (:func:`note_validation`, called by :func:`pretrain.eval.validation.validator_for`
-on every rank). When :func:`pretrain.engine.checkpoint.save` then completes a checkpoint of *those
-very weights* (no optimizer step in between: DeepSpeed's step and sample counters unchanged), rank 0
-compares the score with the pinned one (:func:`promote`) and, when it is better, pins the new
-checkpoint in ``RUN/best_checkpoint.json`` (written atomically)::
+Every validation notes its selection score on the engine it scored (:func:`note_metrics`, called by
+the trainer on every rank; :func:`pretrain.eval.validation.validator_for` notes the same). The
+metric is ``eval.select_metric`` (a key of the validation metrics, e.g. ``val/mean_R@10`` or
+``val/zeroshot_fmax_ec``; ``eval.select_mode`` max or min), by default ``val/mean_R@10`` (the last
+``eval.ks`` when 10 is not one of them), higher is better (:func:`selection`). When
+:func:`pretrain.engine.checkpoint.save` then completes a checkpoint of *those very weights* (no
+optimizer step in between: DeepSpeed's step and sample counters unchanged), rank 0 compares the
+score with the pinned one (:func:`promote`) and, when it is better, pins the new checkpoint in
+``RUN/best_checkpoint.json`` (written atomically), the run's one record of its best::
 
     {"metric": "val/zeroshot_fmax_ec", "mode": "max", "step": 300, "tag": "step00000300", "score": 0.41}
 
@@ -14,7 +16,12 @@ Retention (``train.keep_checkpoints``) never deletes the pinned tag (:func:`pinn
 or under ``train.remote_dir``; the export writes it as ``RUN/export/best/`` beside the last
 (:func:`pretrain.engine.export.export_best`). A resumed run reads the file back, so its later
 validations must beat the same best. A validation whose step gets no checkpoint (``validate_every``
-not a multiple of ``checkpoint_every``, a failed write) is never pinned. Needs no DeepSpeed import.
+not a multiple of ``checkpoint_every``, a failed write) is never pinned.
+
+Runs written before this file existed kept ``RUN/best.json`` (``step``, ``score``, ``metric``: the
+best mean R@10 of any validated step, checkpointed or not). :func:`read` still reads it when there is
+no ``best_checkpoint.json`` (as a max-mode record of the tag ``step<N>``), so such a run resumes
+against its old best and exports it when that checkpoint still exists. Needs no DeepSpeed import.
 """
 
 from __future__ import annotations
@@ -24,12 +31,15 @@ import logging
 import math
 from pathlib import Path
 
-from data_shards.storage import write_text
+from data_shards import storage
 
 log = logging.getLogger(__name__)
 
 FILE = "best_checkpoint.json"
+LEGACY_FILE = "best.json"  # RUN/best.json of runs before best_checkpoint.json (read, never written)
 EXPORT_SUBDIR = "best"  # RUN/export/best
+RECORD_IN_EXPORT = "best.json"  # RUN/export/best/best.json: the record the best export was written from
+DEFAULT_METRIC = "val/mean_R@10"
 MODES = ("max", "min")
 _NOTE = "_align_pro_validation"  # attribute on the engine: the last validation's score and counters
 
@@ -47,6 +57,34 @@ def note_validation(engine, metric: str, mode: str, score: float) -> None:
     setattr(engine, _NOTE, {"counters": _counters(engine), "metric": metric, "mode": mode, "score": float(score)})
 
 
+def selection(eval_cfg) -> tuple[str, str]:
+    """(metric, mode) that selects the best checkpoint of a run with this ``eval`` section.
+
+    ``eval.select_metric`` / ``eval.select_mode`` when a metric is set; otherwise ``val/mean_R@10``
+    (``val/mean_R@<k>`` of the last ``eval.ks`` when 10 is not a cut-off), max.
+    """
+    if eval_cfg.select_metric is not None:
+        return eval_cfg.select_metric, eval_cfg.select_mode
+    k = 10 if 10 in eval_cfg.ks else eval_cfg.ks[-1]
+    return f"val/mean_R@{k}", "max"
+
+
+def note_metrics(engine, eval_cfg, metrics: dict[str, float]) -> tuple[str, float]:
+    """Note on ``engine`` the selection score (:func:`selection`) among a validation's ``metrics``.
+
+    Every rank (only rank 0's note is read, by :func:`promote`). Returns (metric, score).
+
+    Raises:
+        KeyError: the validation did not report the selection metric (names what it reported).
+    """
+    metric, mode = selection(eval_cfg)
+    if metric not in metrics:
+        raise KeyError(f"model selection by {metric!r}: validation reported only {sorted(metrics)}")
+    score = float(metrics[metric])
+    note_validation(engine, metric, mode, score)
+    return metric, score
+
+
 def better(score: float, best: float | None, mode: str) -> bool:
     """Whether ``score`` beats ``best`` under ``mode``; a non-finite score never does."""
     if not math.isfinite(score):
@@ -56,32 +94,73 @@ def better(score: float, best: float | None, mode: str) -> bool:
     return score > best if mode == "max" else score < best
 
 
-def read(run_dir: Path) -> dict | None:
-    """The pinned best of ``run_dir`` (``metric``, ``mode``, ``step``, ``tag``, ``score``), or None.
+def _valid(record) -> bool:
+    """Whether ``record`` has every field, of its type, and a tag naming a directory of RUN/checkpoints."""
+    if not isinstance(record, dict):
+        return False
+    tag = record.get("tag")
+    return (
+        type(record.get("step")) is int
+        and isinstance(tag, str)
+        and bool(tag)
+        and tag == Path(tag).name
+        and not tag.startswith(".")
+        and isinstance(record.get("score"), (int, float))
+        and not isinstance(record.get("score"), bool)
+        and record.get("mode") in MODES
+        and isinstance(record.get("metric"), str)
+    )
 
-    A file that does not parse, or lacks a field, counts as absent (logged): the next validation
-    pins afresh.
-    """
-    path = Path(run_dir) / FILE
-    if not path.is_file():
+
+def read_record(path: Path | str) -> dict | None:
+    """The best-checkpoint record in the JSON file ``path`` (a path or URL: ``metric``, ``mode``,
+    ``step``, ``tag``, ``score``); None when the file is absent, or does not parse or lacks a field
+    (logged)."""
+    if not storage.exists(path):
         return None
     try:
-        record = json.loads(path.read_text())
-        ok = isinstance(record, dict) and type(record.get("step")) is int and isinstance(record.get("tag"), str)
-        ok = ok and isinstance(record.get("score"), (int, float)) and record.get("mode") in MODES
-        tag = record.get("tag", "") if isinstance(record, dict) else ""
-        ok = ok and isinstance(record.get("metric"), str) and tag == Path(tag).name and not tag.startswith(".")
-    except (ValueError, UnicodeDecodeError):
-        ok = False
-    if not ok:
-        log.warning("%s is damaged; no best checkpoint is pinned until the next validation", path)
+        record = json.loads(storage.read_text(path))
+    except (OSError, ValueError, UnicodeDecodeError):
+        record = None
+    if not _valid(record):
+        log.warning("%s is damaged (expected metric, mode, step, tag and score); ignored", path)
         return None
     return record
 
 
+def _read_legacy(path: Path) -> dict | None:
+    """``RUN/best.json`` of an older run (``step``, ``score``, ``metric``) as a record, or None."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        old = None
+    step, score = (old.get("step"), old.get("score")) if isinstance(old, dict) else (None, None)
+    if type(step) is not int or step < 0 or not isinstance(score, (int, float)) or isinstance(score, bool):
+        log.warning("%s (the best record of older runs) is damaged; no best checkpoint is pinned", path)
+        return None
+    metric = old.get("metric") if isinstance(old.get("metric"), str) else DEFAULT_METRIC
+    log.info("%s: no %s, reading the older %s (step %d)", path.parent, FILE, path.name, step)
+    return {"metric": metric, "mode": "max", "step": step, "tag": f"step{step:08d}", "score": float(score)}
+
+
+def read(run_dir: Path) -> dict | None:
+    """The pinned best of ``run_dir`` (``metric``, ``mode``, ``step``, ``tag``, ``score``), or None.
+
+    A ``best_checkpoint.json`` that does not parse, or lacks a field, counts as absent (logged): the
+    next validation pins afresh. Without one, an older run's ``RUN/best.json`` is read (see the
+    module docstring).
+    """
+    run_dir = Path(run_dir)
+    if (run_dir / FILE).is_file():
+        return read_record(run_dir / FILE)
+    if (run_dir / LEGACY_FILE).is_file():
+        return _read_legacy(run_dir / LEGACY_FILE)
+    return None
+
+
 def write_json(path: Path, record: dict) -> None:
     """``record`` as JSON at ``path``, atomically (temporary file, fsync, rename)."""
-    write_text(path, json.dumps(record, indent=1) + "\n")
+    storage.write_text(path, json.dumps(record, indent=1) + "\n")
 
 
 def promote(run_dir: Path, engine, step: int, tag: str) -> dict | None:
@@ -99,6 +178,7 @@ def promote(run_dir: Path, engine, step: int, tag: str) -> dict | None:
             "%s pins step %d, after the resumed step %d (an abandoned timeline): dropped", FILE, best["step"], step
         )
         (run_dir / FILE).unlink(missing_ok=True)
+        (run_dir / LEGACY_FILE).unlink(missing_ok=True)  # else read() would fall back to it
         best = None
     note = getattr(engine, _NOTE, None)
     if note is None or note["counters"] is None or note["counters"] != _counters(engine):

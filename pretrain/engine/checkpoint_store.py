@@ -13,8 +13,10 @@ DeepSpeed writes every checkpoint to the local staging directory ``RUN/checkpoin
 Object stores have no rename, so atomicity comes from order: a tag is never named by ``latest``
 before its ``COMPLETE`` exists, and a tag without ``COMPLETE`` is never picked up. Resuming,
 rank 0 picks the remote tag (``latest`` if complete, else the newest complete one) and every
-node downloads it into its local staging directory before DeepSpeed loads it. An upload that
-fails on any rank fails the save on every rank (no rank is left waiting in a barrier).
+node downloads it into its local staging directory before DeepSpeed loads it; rank 0 also fetches
+the best checkpoint ``best_checkpoint.json`` pins when this machine has no whole copy of it (the
+export writes it as ``RUN/export/best``). An upload that fails on any rank fails the save on every
+rank (no rank is left waiting in a barrier).
 
 "One process per node" is the rank whose ``LOCAL_RANK`` is 0 (set by the DeepSpeed launcher,
 torchrun and Ray Train): it sees every file its node's ranks wrote.
@@ -32,11 +34,12 @@ import torch
 import torch.distributed as dist
 
 from data_shards import storage
+from pretrain.engine import best_checkpoint
+from pretrain.engine.checkpoint_tags import COMPLETE, checkpoint_problem, complete_record
 from pretrain.engine.collectives import all_reduce_numbers
 
 log = logging.getLogger(__name__)
 
-COMPLETE = "COMPLETE"
 LATEST = "latest"
 RUN_RECORD = ("config.yaml", "metrics.jsonl", "best_checkpoint.json")
 
@@ -170,8 +173,8 @@ def fetch(ckpt_dir: Path, remote: str, run_dir: Path) -> str | None:
     Rank 0 decides the tag (so every node loads the same one); each node's leader downloads it
     unless a complete local copy is there, and points the local ``latest`` at it. Also restores
     ``metrics.jsonl`` and ``best_checkpoint.json`` when this machine has none (a fresh node resuming
-    a run; the pinned best checkpoint itself stays remote). None: nothing to
-    resume from.
+    a run) and, on rank 0, the checkpoint that record pins when it is not here whole
+    (:func:`fetch_pinned`: a failure there is logged, the resume goes on). None: nothing to resume from.
     """
     choice: list = [None]
     error = None
@@ -190,17 +193,79 @@ def fetch(ckpt_dir: Path, remote: str, run_dir: Path) -> str | None:
     if _node_leader():
         try:
             _download_tag(ckpt_dir, remote, tag)
-            for name in ("metrics.jsonl", "best_checkpoint.json"):
+            storage.write_text(ckpt_dir / LATEST, tag)
+            for name in ("metrics.jsonl", best_checkpoint.FILE):
                 local = run_dir / name
                 if _rank() == 0 and not local.is_file() and storage.exists(storage.join(remote, name)):
                     storage.write_bytes(local, storage.read_bytes(storage.join(remote, name)))
         except (OSError, ValueError) as e:
             error = e
     _everyone_ok(error, f"downloading checkpoint {tag} from {remote}")
+    if _rank() == 0:
+        fetch_pinned(ckpt_dir, remote, run_dir, tag)
     return tag
 
 
+def fetch_pinned(ckpt_dir: Path, remote: str, run_dir: Path, resume_tag: str) -> str | None:
+    """Rank 0: bring the best checkpoint ``RUN/best_checkpoint.json`` pins into ``ckpt_dir`` when no
+    whole copy is here, and verify it as a resume verifies its checkpoint (its ``COMPLETE`` record,
+    every rank's file and the recorded sizes, every ``.pt`` loadable with ``weights_only``).
+
+    Nothing is fetched when no best is pinned, the best is the checkpoint resumed from
+    (``resume_tag``, already here) or of a later step (an abandoned timeline the next save drops).
+    A best that is not under ``remote``, cannot be downloaded or fails the checks is logged and left
+    out (a copy that fails is deleted): training resumes all the same, and the export then skips
+    ``export/best`` with a warning. Returns the tag fetched, or None.
+    """
+    from pretrain.engine.checkpoint_safety import verify_safe
+
+    record = best_checkpoint.read(run_dir)
+    if record is None or record["tag"] == resume_tag:
+        return None
+    tag, local = record["tag"], Path(ckpt_dir) / record["tag"]
+    if _tag_problem(local, record["step"]) is None:
+        return None  # a whole local copy
+    try:
+        if record["step"] > _step_of((Path(ckpt_dir) / resume_tag / COMPLETE).read_text()):
+            return None
+        source = storage.join(remote, "checkpoints", tag)
+        if not storage.exists(storage.join(source, COMPLETE)):
+            log.error(
+                "%s pins checkpoint %s (step %d, %s %.4g), which is not complete under %s: export/best will be "
+                "missing unless a later validation pins another",
+                best_checkpoint.FILE, tag, record["step"], record["metric"], record["score"], source,
+            )  # fmt: skip
+            return None
+        shutil.rmtree(local, ignore_errors=True)  # a partial or damaged copy: fetched afresh
+        _download_tag(ckpt_dir, remote, tag)
+        problem = _tag_problem(local, record["step"])
+        if problem is not None:
+            raise RuntimeError(problem)
+        verify_safe(local)
+    except (OSError, ValueError, RuntimeError) as e:
+        shutil.rmtree(local, ignore_errors=True)
+        log.error("the best checkpoint %s was not fetched from %s: %s", tag, remote, e)
+        return None
+    log.info("fetched the best checkpoint %s (step %d, %s %.4g) from %s", tag, record["step"],
+             record["metric"], record["score"], remote)  # fmt: skip
+    return tag
+
+
+def _tag_problem(tag_dir: Path, step: int) -> str | None:
+    """Why checkpoint ``tag_dir`` is not a whole checkpoint of ``step`` (the checks of
+    :func:`pretrain.engine.checkpoint_tags.checkpoint_problem`, plus the step), or None."""
+    problem = checkpoint_problem(tag_dir)
+    if problem is not None:
+        return problem
+    recorded = complete_record(tag_dir)["step"]
+    if recorded != step:
+        return f"{tag_dir / COMPLETE} records step {recorded}, not the pinned step {step}"
+    return None
+
+
 def _download_tag(ckpt_dir: Path, remote: str, tag: str) -> None:
+    """Download checkpoint ``tag`` into ``ckpt_dir/tag`` (through a staging directory, renamed into
+    place) unless a complete local copy is there."""
     local, source = ckpt_dir / tag, storage.join(remote, "checkpoints", tag)
     if not (local / COMPLETE).is_file():
         staging = ckpt_dir / f".fetch-{tag}-{os.getpid()}"
@@ -215,7 +280,6 @@ def _download_tag(ckpt_dir: Path, remote: str, tag: str) -> None:
             shutil.rmtree(staging, ignore_errors=True)
             if not (local / COMPLETE).is_file():
                 raise
-    storage.write_text(ckpt_dir / LATEST, tag)
 
 
 def publish_export(export_dir: Path, remote: str) -> str:

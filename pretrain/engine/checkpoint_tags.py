@@ -14,9 +14,9 @@ import json
 import logging
 from pathlib import Path
 
-from pretrain.engine.checkpoint_store import COMPLETE
-
 log = logging.getLogger(__name__)
+
+COMPLETE = "COMPLETE"  # the marker file, written last (locally and under train.remote_dir)
 
 __all__ = [
     "COMPLETE",

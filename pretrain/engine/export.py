@@ -329,7 +329,8 @@ def consolidate_checkpoint(tag_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def export_best(run_dir: Path, export_dir: Path, last_state: dict | None = None, last_step: int | None = None):
-    """Write the run's pinned best checkpoint (RUN/best_checkpoint.json) as ``export_dir/best``.
+    """Write the run's pinned best checkpoint (RUN/best_checkpoint.json, or an older run's RUN/best.json:
+    :func:`pretrain.engine.best_checkpoint.read`) as ``export_dir/best``.
 
     Rank 0 only; reads the checkpoint's files (no process group, no DeepSpeed). When the best is
     the step just exported (``last_step``), ``last_state`` is written again instead. The step and the
@@ -353,5 +354,5 @@ def export_best(run_dir: Path, export_dir: Path, last_state: dict | None = None,
     cfg, _ = load_run_config(run_dir)
     extra = {"select_metric": record["metric"], "select_score": repr(float(record["score"]))}
     out = write_export(state, cfg, Path(export_dir) / best_checkpoint.EXPORT_SUBDIR, step=record["step"], extra=extra)
-    best_checkpoint.write_json(out / "best.json", record)
+    best_checkpoint.write_json(out / best_checkpoint.RECORD_IN_EXPORT, record)
     return out

@@ -1,5 +1,6 @@
-"""Small files of a run directory the trainer keeps: ``best.json``, bad-sample lists, JSONL truncation on
-resume, test aids."""
+"""Small files of a run directory the trainer keeps: bad-sample lists, JSONL truncation on resume, test
+aids. The run's best checkpoint is recorded in ``RUN/best_checkpoint.json`` by
+:mod:`pretrain.engine.best_checkpoint`, which also reads the ``RUN/best.json`` of older runs."""
 
 from __future__ import annotations
 
@@ -36,7 +37,10 @@ def maybe_inject_fault(step: int, rank: int, run_dir: Path) -> None:
 
 
 def update_best(path: Path, step: int, score: float, metric: str = "val/mean_R@10") -> bool:
-    """Record ``score`` at ``step`` in ``path`` (``RUN/best.json``) when it beats the stored score.
+    """DEPRECATED, no longer called by the trainer: record ``score`` at ``step`` in ``path`` (the
+    ``RUN/best.json`` of older runs) when it beats the stored score. The run's best is
+    ``RUN/best_checkpoint.json`` (:mod:`pretrain.engine.best_checkpoint`); delete this function once
+    ``pretrain/engine/trainer.py`` no longer imports it.
 
     Written atomically; a file that does not parse (cut by a kill before writes were atomic) counts
     as absent rather than stopping every later validation. Returns whether it was written.

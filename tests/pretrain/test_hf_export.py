@@ -237,3 +237,23 @@ def test_command_errors_are_one_line(tmp_path, capsys):
 def test_unknown_esm_weight_is_refused():
     with pytest.raises(ValueError, match="no transformers counterpart"):
         esm2_to_hf({"embed_tokens.weight": torch.zeros(33, 4), "layers.0.adapter.weight": torch.zeros(4, 4)})
+
+
+def test_which_export_of_a_run_is_converted(tmp_path, capsys):
+    from pretrain.hf_export import run_exports
+
+    run = tmp_path / "run"
+    (run / "export").mkdir(parents=True)
+    (run / "export" / "config.yaml").write_text("{}\n")
+    assert run_exports(run) == [("last", run / "export")]  # no best: the last only
+    assert main(["--run-dir", str(run), "--which", "best"]) == 2
+    assert "no best export" in capsys.readouterr().err
+    (run / "export" / "best").mkdir()
+    (run / "export" / "best" / "config.yaml").write_text("{}\n")
+    assert run_exports(run) == [("last", run / "export"), ("best", run / "export" / "best")]
+    assert run_exports(run, "best") == [("best", run / "export" / "best")]
+    assert default_out_dir(run / "export" / "best") == run / "export_best_hf"
+    assert main(["--run-dir", str(run), "--which", "both", "--out", str(tmp_path / "o")]) == 2
+    assert "--out names one directory" in capsys.readouterr().err
+    assert main(["--export", str(run / "export"), "--which", "best"]) == 2
+    assert "--which applies to --run-dir" in capsys.readouterr().err

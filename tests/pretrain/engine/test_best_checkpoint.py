@@ -184,6 +184,7 @@ def test_trainer_pins_the_best_zero_shot_checkpoint_and_exports_it(tmp_path, sma
     assert math.isclose(record["score"], val[want_step], rel_tol=1e-9)
     kept = {"step00000004", record["tag"]}
     assert set(_tags(run / "checkpoints")) == kept  # keep_checkpoints=1, plus the pinned best
+    assert not (run / best_checkpoint.LEGACY_FILE).exists()  # one record of the best
 
     best_dir = run / "export" / "best"
     assert export_step(best_dir) == want_step and export_step(run / "export") == 4
@@ -230,3 +231,52 @@ def test_remote_retention_keeps_the_pinned_tag(tmp_path):
     assert _tags(remote / "checkpoints") == ["step00000001", "step00000003"]
     checkpoint_store._prune(str(remote), keep=1, step=3)
     assert _tags(remote / "checkpoints") == ["step00000003"]
+
+
+def test_selection_defaults_to_mean_r10_higher_is_better():
+    from pretrain.eval.config import EvalConfig
+
+    assert best_checkpoint.selection(EvalConfig()) == ("val/mean_R@10", "max")
+    assert best_checkpoint.selection(EvalConfig(ks=[1, 5])) == ("val/mean_R@5", "max")  # 10 is no cut-off
+    chosen = EvalConfig(select_metric="val/zeroshot_fmax_ec", select_mode="min")
+    assert best_checkpoint.selection(chosen) == ("val/zeroshot_fmax_ec", "min")
+
+
+def test_a_run_without_select_metric_pins_its_best_mean_r10(tmp_path):
+    """What the trainer's validation does on every rank: the default metric is noted and pinned."""
+    from pretrain.eval.config import EvalConfig
+
+    engine, cfg = _Engine(), EvalConfig()
+    val = {"val/mean_R@10": 0.25, "val/mean_R@1": 0.5, "val/time_s": 3.0}
+    assert best_checkpoint.note_metrics(engine, cfg, val) == ("val/mean_R@10", 0.25)
+    record = best_checkpoint.promote(tmp_path, engine, 3, "step00000003")
+    assert record == {"metric": "val/mean_R@10", "mode": "max", "step": 3, "tag": "step00000003", "score": 0.25}
+    assert best_checkpoint.read(tmp_path) == record
+    with pytest.raises(KeyError, match=r"val/mean_R@10.*val/mean_R@1"):
+        best_checkpoint.note_metrics(engine, cfg, {"val/mean_R@1": 0.5})
+
+
+def test_an_older_runs_best_json_is_read_beaten_and_dropped(tmp_path, caplog):
+    """Runs written before best_checkpoint.json kept RUN/best.json: a resume reads it back."""
+    legacy = tmp_path / best_checkpoint.LEGACY_FILE
+    legacy.write_text(json.dumps({"step": 4, "score": 0.3, "metric": "val/mean_R@10"}))
+    old = {"metric": "val/mean_R@10", "mode": "max", "step": 4, "tag": "step00000004", "score": 0.3}
+    assert best_checkpoint.read(tmp_path) == old
+    assert best_checkpoint.pinned_tag(tmp_path, 6) == "step00000004"  # retention keeps its checkpoint
+    engine = _Engine()
+    best_checkpoint.note_validation(engine, "val/mean_R@10", "max", 0.25)
+    assert best_checkpoint.promote(tmp_path, engine, 6, "step00000006") == old  # must beat the old best
+    assert not (tmp_path / best_checkpoint.FILE).exists()
+    best_checkpoint.note_validation(engine, "val/mean_R@10", "max", 0.35)
+    assert best_checkpoint.promote(tmp_path, engine, 8, "step00000008")["tag"] == "step00000008"
+    assert best_checkpoint.read(tmp_path)["score"] == 0.35  # best_checkpoint.json wins over best.json
+    # A legacy best of a step after the resumed one (an abandoned timeline) is dropped for good.
+    (tmp_path / best_checkpoint.FILE).unlink()
+    legacy.write_text(json.dumps({"step": 9, "score": 0.9}))
+    assert best_checkpoint.read(tmp_path)["metric"] == "val/mean_R@10"  # older files named no metric
+    assert best_checkpoint.promote(tmp_path, _Engine(), 7, "step00000007") is None
+    assert best_checkpoint.read(tmp_path) is None and not legacy.exists()
+    legacy.write_text('{"step": 4, "sco')  # cut by a kill before its writes were atomic
+    with caplog.at_level("WARNING"):
+        assert best_checkpoint.read(tmp_path) is None
+    assert "best.json" in caplog.text and "damaged" in caplog.text

@@ -135,3 +135,91 @@ def test_republishing_an_export_never_pairs_the_old_config_with_new_weights(tmp_
     assert seen == [("model.safetensors", False), ("config.yaml", False)]
     assert storage.read_bytes(storage.join(target, "model.safetensors")) == b"weights v2"
     assert storage.read_text(storage.join(target, "config.yaml")) == "version: 2\n"
+
+
+def _torch_checkpoint(run_dir, step: int) -> str:
+    """A staged checkpoint of one rank whose files torch reads back (a resume verifies them)."""
+    import torch
+
+    from pretrain.engine.checkpoint_tags import file_sizes
+
+    tag = f"step{step:08d}"
+    d = run_dir / "checkpoints" / tag
+    d.mkdir(parents=True)
+    torch.save({"module": {"w": torch.full((4,), float(step))}}, d / "mp_rank_00_model_states.pt")
+    torch.save({"cursor": {"epoch": 0, "batch": step}}, d / "rank_0.pt")
+    (d / "COMPLETE").write_text(json.dumps({"step": step, "world_size": 1, "files": file_sizes(d)}))
+    return tag
+
+
+def _publish_pinning(run, remote, best_step: int, steps=(2, 4, 6), keep: int = 1) -> None:
+    """Publish checkpoints at ``steps`` (retention ``keep``) while RUN/best_checkpoint.json pins ``best_step``."""
+    from pretrain.engine import best_checkpoint
+
+    best = f"step{best_step:08d}"
+    for step in steps:
+        tag = _torch_checkpoint(run, step)
+        if step == best_step:
+            record = {"metric": "val/zeroshot_fmax_ec", "mode": "max", "step": step, "tag": tag, "score": 0.5}
+            best_checkpoint.write_json(run / best_checkpoint.FILE, record)
+        pinned = best if step >= best_step else None
+        checkpoint_store.publish(run / "checkpoints", remote, tag, {"step": step, "world_size": 1}, keep, run, pinned)
+
+
+def test_a_fresh_machine_fetches_the_pinned_best_checkpoint_too(tmp_path, remote):
+    """Resuming on a new node brings the best checkpoint beside the latest, so the export can write
+    export/best; it is verified like the checkpoint resumed from."""
+    from pretrain.engine import best_checkpoint
+    from pretrain.engine.checkpoint_tags import checkpoint_problem
+
+    run = tmp_path / "run"
+    _publish_pinning(run, remote, best_step=2)
+    assert [t for _, t in checkpoint_store.remote_complete_tags(remote)] == ["step00000002", "step00000006"]
+    fresh = tmp_path / "fresh_node"
+    assert checkpoint_store.fetch(fresh / "checkpoints", remote, fresh) == "step00000006"
+    assert best_checkpoint.read(fresh) == best_checkpoint.read(run)
+    got, want = fresh / "checkpoints" / "step00000002", run / "checkpoints" / "step00000002"
+    assert checkpoint_problem(got) is None
+    assert sorted(p.name for p in got.iterdir()) == sorted(p.name for p in want.iterdir())
+    assert all((got / p.name).read_bytes() == p.read_bytes() for p in want.iterdir() if p.name != "COMPLETE")
+    assert latest_tag(fresh / "checkpoints") == "step00000006"  # the resume still loads the newest
+    assert not list((fresh / "checkpoints").glob(".fetch-*"))
+
+
+def test_a_damaged_or_missing_remote_best_is_left_out_and_the_resume_goes_on(tmp_path, remote, caplog):
+    run = tmp_path / "run"
+    _publish_pinning(run, remote, best_step=2)
+    # a file of the pinned checkpoint replaced by something torch cannot load safely
+    storage.write_bytes(storage.join(remote, "checkpoints", "step00000002", "rank_0.pt"), b"\x80\x04not torch")
+    fresh = tmp_path / "fresh"
+    with caplog.at_level("ERROR"):
+        assert checkpoint_store.fetch(fresh / "checkpoints", remote, fresh) == "step00000006"
+    assert not (fresh / "checkpoints" / "step00000002").exists()  # the bad copy is not kept
+    assert "step00000002" in caplog.text and "rank_0.pt" in caplog.text
+    # a rank's file lost (a partial copy of the bucket)
+    storage.remove_file(storage.join(remote, "checkpoints", "step00000002", "rank_0.pt"))
+    caplog.clear()
+    with caplog.at_level("ERROR"):
+        assert checkpoint_store.fetch(fresh / "checkpoints", remote, fresh) == "step00000006"
+    assert "rank_0.pt is missing" in caplog.text and not (fresh / "checkpoints" / "step00000002").exists()
+    # the pinned tag is gone from the remote altogether
+    storage.remove_tree(storage.join(remote, "checkpoints", "step00000002"))
+    caplog.clear()
+    other = tmp_path / "other"
+    with caplog.at_level("ERROR"):
+        assert checkpoint_store.fetch(other / "checkpoints", remote, other) == "step00000006"
+    assert "step00000002" in caplog.text and "not complete under" in caplog.text
+    assert sorted(p.name for p in (other / "checkpoints").iterdir()) == ["latest", "step00000006"]
+
+
+def test_no_best_is_fetched_for_a_later_abandoned_step(tmp_path, remote):
+    from pretrain.engine import best_checkpoint
+
+    run = tmp_path / "run"
+    _publish_pinning(run, remote, best_step=4, steps=(2, 4), keep=2)
+    # the remote latest moved back to step 2 (a resume abandoned step 4): its best is not ours
+    storage.write_text(storage.join(remote, "checkpoints", "latest"), "step00000002")
+    fresh = tmp_path / "fresh"
+    assert checkpoint_store.fetch(fresh / "checkpoints", remote, fresh) == "step00000002"
+    assert best_checkpoint.read(fresh)["step"] == 4
+    assert not (fresh / "checkpoints" / "step00000004").exists()
