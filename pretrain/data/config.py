@@ -33,8 +33,11 @@ class DataConfig:
     length_window: int = 64  # with length_grouping=window: batches per sorted window
     length_cache: str = "~/.cache/align-pro/lengths"  # per-shard sequence-length index (built once per shard)
     # Hard-negative batches (pretrain/data/hard_negatives.py): an exported embeddings file (<modality>.npy of
-    # pretrain.eval.export_embeddings over data.train_shards, rows in manifest order), or null for random batches
+    # pretrain.eval.export_embeddings over data.train_shards, rows in manifest order); "previous_epoch" for the
+    # run's own embeddings of the train shards at the end of the previous epoch (epoch 0: random batches,
+    # pretrain/engine/epoch_embeddings.py); or null for random batches
     hard_negatives: str | None = None
+    hard_negative_modality: str = "sequence"  # with hard_negatives=previous_epoch: the embeddings searched
     hard_negative_ratio: float = 0.5  # share of each batch that is one protein and its nearest neighbours
     hard_negative_k: int = 64  # neighbours kept per protein when a batch's hard group is composed
     seq_mask_prob: float = 0.15  # token masking of the second sequence view (intra-modal loss)
@@ -71,7 +74,11 @@ class DataConfig:
         if not d.length_cache.strip():
             raise ConfigError("data.length_cache: expected a directory for the sequence-length index")
         if d.hard_negatives is not None and not d.hard_negatives.strip():
-            raise ConfigError("data.hard_negatives: expected an embeddings .npy file or null")
+            raise ConfigError("data.hard_negatives: expected an embeddings .npy file, 'previous_epoch' or null")
+        if d.hard_negative_modality not in ("sequence", "structure", "text"):
+            raise ConfigError(
+                f"data.hard_negative_modality={d.hard_negative_modality!r}: expected 'sequence', 'structure' or 'text'"
+            )
         if not 0.0 <= d.hard_negative_ratio <= 1.0:
             raise ConfigError(f"data.hard_negative_ratio={d.hard_negative_ratio}: expected a value in [0, 1]")
         if d.hard_negatives is not None and d.length_grouping != "none":

@@ -31,11 +31,19 @@ The embeddings file is what ``pretrain.eval.export_embeddings`` writes for one m
 memory-mapped without pickle, and its content digest is recorded in the checkpoint so that a resume
 with other embeddings is refused. False-negative masking (``loss.false_negatives``) still applies to
 the composed batches: it works on the batch, whoever composed it.
+
+``data.hard_negatives: previous_epoch`` (:class:`PreviousEpochHardNegatives`) takes the embeddings
+from the run itself: at the end of epoch e the trainer embeds the train shards' proteins in
+``data.hard_negative_modality`` with the current weights and writes ``RUN/hard_negatives/epoch<e>.npy``
+(:mod:`pretrain.engine.epoch_embeddings`); epoch e + 1's batches are composed from that file exactly
+as from an export. Epoch 0 has no previous pass: its batches are the plain shuffled plan. A stream
+does not prefetch across an epoch boundary in this mode (the next epoch's batches wait for the file).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,6 +53,9 @@ import torch
 from data_shards.manifest import Manifest
 from pretrain.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
+PREVIOUS_EPOCH = "previous_epoch"  # data.hard_negatives value: the run's own embeddings of the previous epoch
 _BLOCK = 256  # query rows at once: a (block, n) float32 similarity block, (block, k + 16, E) float64 candidates
 
 
@@ -127,6 +138,15 @@ def nearest_neighbours(emb: np.ndarray, k: int, backend: str = "auto") -> np.nda
     return out
 
 
+def file_digest(path: str | Path) -> str:
+    """Content identity of a file: sha256 of its bytes, 16 hex digits."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
 class HardNegatives:
     """Composes a rank's batches from neighbour groups and random rows (module docstring)."""
 
@@ -178,11 +198,7 @@ class HardNegatives:
         """Content identity of the embeddings file (sha256 of its bytes, 16 hex digits)."""
         if self._digest is None:
             self.embeddings()  # a bad file fails here with its message
-            h = hashlib.sha256()
-            with open(self.path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 24), b""):
-                    h.update(chunk)
-            self._digest = h.hexdigest()[:16]
+            self._digest = file_digest(self.path)
         return self._digest
 
     def group_size(self, batch_size: int) -> int:
@@ -244,3 +260,98 @@ def _compose(knn: np.ndarray, B: int, h: int, batches: int) -> np.ndarray:
         order[pos : pos + B] = group
         pos += B
     return order
+
+
+def epoch_file(directory: str | Path, epoch: int) -> Path:
+    """The embeddings the run wrote at the end of ``epoch``: ``<directory>/epoch<epoch>.npy``."""
+    return Path(directory) / f"epoch{epoch}.npy"
+
+
+class PreviousEpochHardNegatives:
+    """``data.hard_negatives: previous_epoch``: epoch e >= 1 composes its batches like
+    :class:`HardNegatives` from ``epoch_file(directory, e - 1)``; epoch 0 keeps the shuffled order.
+
+    ``directory`` is ``RUN/hard_negatives`` (None in a plan built before any run directory exists,
+    e.g. the launcher's early checks: such a plan can only serve epoch 0).
+    """
+
+    RECORD_KEY = "data.hard_negatives previous epoch"  # key of :meth:`record` in a checkpoint's data plan
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        directory: str | Path | None,
+        ratio: float,
+        k: int,
+        modality: str,
+        backend: str = "auto",
+    ):
+        HardNegatives(manifest, "", ratio, k)  # the same checks of ratio and k
+        self.manifest, self.ratio, self.k, self.modality, self.backend = manifest, ratio, k, modality, backend
+        self.directory = None if directory is None else Path(directory)
+        self._current: tuple[tuple, HardNegatives] | None = None  # (epoch, file stat) -> its arranger
+        self._said_epoch0 = False
+
+    def source(self, epoch: int) -> Path | None:
+        """The file epoch ``epoch``'s batches are composed from; None for epoch 0."""
+        if epoch == 0:
+            return None
+        if self.directory is None:
+            raise ConfigError(
+                f"data.hard_negatives={PREVIOUS_EPOCH}: epoch {epoch} needs the run's embeddings of epoch "
+                f"{epoch - 1}, but this plan has no run directory"
+            )
+        return epoch_file(self.directory, epoch - 1)
+
+    def for_epoch(self, epoch: int) -> HardNegatives | None:
+        """The :class:`HardNegatives` of epoch ``epoch`` (None for epoch 0); a rewritten file gets a new one.
+
+        Raises:
+            ConfigError: the file is missing (named in the message) or bad (:meth:`HardNegatives.embeddings`).
+        """
+        path = self.source(epoch)
+        if path is None:
+            return None
+        if not path.is_file():
+            raise ConfigError(
+                f"data.hard_negatives={PREVIOUS_EPOCH}: {path} not found: epoch {epoch}'s batches are composed "
+                f"from the {self.modality} embeddings the trainer writes there at the end of epoch {epoch - 1}"
+            )
+        st = path.stat()
+        key = (epoch, st.st_mtime_ns, st.st_size, st.st_ino)
+        if self._current is None or self._current[0] != key:
+            self._current = (key, HardNegatives(self.manifest, path, self.ratio, self.k, self.backend))
+        return self._current[1]
+
+    def arrange_epoch(
+        self,
+        epoch: int,
+        rows: np.ndarray,
+        batch_size: int,
+        batches: int,
+        rng: Callable[[int], np.random.Generator] | None = None,
+    ) -> np.ndarray:
+        """:meth:`HardNegatives.arrange` with the embeddings of epoch ``epoch - 1``; epoch 0: ``rows`` as they are.
+
+        rows: (n, 2) the rank's rows in shuffled order -> (n, 2) rearranged.
+        """
+        arranger = self.for_epoch(epoch)
+        if arranger is None:
+            if not self._said_epoch0:
+                log.info("data.hard_negatives=%s: epoch 0 has no previous pass; its batches are random", PREVIOUS_EPOCH)
+                self._said_epoch0 = True
+            return rows
+        return arranger.arrange(rows, batch_size, batches, rng)
+
+    def record(self, epoch: int) -> dict | None:
+        """What a checkpoint taken in epoch ``epoch`` records: ``{"file": name, "digest": 16 hex or None}``
+        of the file the epoch's batches come from (digest None: not written yet, the run stopped at
+        the end of the previous epoch); None for epoch 0."""
+        path = self.source(epoch) if epoch > 0 else None
+        if path is None:
+            return None
+        digest = self.for_epoch(epoch).digest() if path.is_file() else None
+        return {"file": path.name, "digest": digest}
+
+    def check(self) -> None:
+        """Nothing to read before the run: the files are written by the run itself."""

@@ -17,6 +17,7 @@ import numpy as np
 from data_shards.manifest import ShardInfo
 from data_shards.sampling import keep_probability
 from pretrain.config import Config
+from pretrain.data.hard_negatives import PREVIOUS_EPOCH
 
 
 def keep_probabilities(shard: ShardInfo) -> np.ndarray:
@@ -56,13 +57,16 @@ def plan_settings(cfg: Config) -> dict:
     """
     d = cfg.data
     grouping = d.length_grouping != "none"
+    previous_epoch = d.hard_negatives == PREVIOUS_EPOCH
     return {
         "data.batch_size": d.batch_size,
         "data.property_sampling": d.property_sampling,
         "data.property_sampling_mode": d.property_sampling_mode if d.property_sampling else None,
         "data.length_grouping": d.length_grouping,
         "data.length_window": d.length_window if grouping else None,
-        "data.hard_negatives": d.hard_negatives is not None,
+        # an export: True (its content digest is recorded beside); the run's previous epoch: "previous_epoch"
+        "data.hard_negatives": PREVIOUS_EPOCH if previous_epoch else d.hard_negatives is not None,
+        "data.hard_negative_modality": d.hard_negative_modality if previous_epoch else None,
         "data.hard_negative_ratio": d.hard_negative_ratio if d.hard_negatives is not None else None,
         "data.hard_negative_k": d.hard_negative_k if d.hard_negatives is not None else None,
         "train.seed": cfg.train.seed,
@@ -77,6 +81,7 @@ ADDED_SETTINGS = {
     "data.hard_negatives": False,
     "data.hard_negative_ratio": None,
     "data.hard_negative_k": None,
+    "data.hard_negative_modality": None,
 }
 
 

@@ -16,7 +16,9 @@ Order rule (the same on every launch, whatever the actors do):
 * the rank's share is permuted with seed (seed, e, r), and batch i of the epoch is the slice
   [i*B, (i+1)*B) of that permutation (with ``data.length_grouping`` or ``data.hard_negatives`` the
   rows a segment's batches take are first rearranged by :mod:`pretrain.data.batching` or
-  :mod:`pretrain.data.hard_negatives`, a pure function of the same inputs);
+  :mod:`pretrain.data.hard_negatives`, a pure function of the same inputs and, with
+  ``data.hard_negatives: previous_epoch``, of the embeddings file the run wrote at the end of the
+  previous epoch: a stream then does not prefetch across an epoch boundary);
 * every rank runs ``(N // world) // B`` batches per epoch, so all ranks step together (the
   fewer than B samples left in each share wait for the next epoch's shuffle);
 * the randomness of batch i (crops, augmentations, second views) comes from seed
@@ -64,7 +66,7 @@ from data_shards.reader import BadSampleError, BadShardError, ShardReader
 from pretrain.config import Config, ConfigError
 from pretrain.data.batching import LengthGrouping
 from pretrain.data.collate import BatchBuilder
-from pretrain.data.hard_negatives import HardNegatives
+from pretrain.data.hard_negatives import PREVIOUS_EPOCH, HardNegatives, PreviousEpochHardNegatives
 from pretrain.data.sampling_plan import changed_settings, draw_once, keep_probabilities, kept_digest, plan_settings
 
 log = logging.getLogger(__name__)
@@ -139,10 +141,10 @@ class EpochPlan:
         seed: int,
         property_sampling: bool = False,
         property_sampling_mode: str = "per_epoch",
-        arranger: LengthGrouping | HardNegatives | None = None,
+        arranger: LengthGrouping | HardNegatives | PreviousEpochHardNegatives | None = None,
     ):
         """``arranger`` rearranges each rank's rows of a segment into batches (length grouping or
-        hard negatives); None keeps the shuffled order."""
+        hard negatives, from an export or from the run's previous epoch); None keeps the shuffled order."""
         self.manifest, self.world_size, self.rank = manifest, world_size, rank
         self.batch_size, self.seed, self.arranger = batch_size, seed, arranger
         self._keep_prob = [keep_probabilities(s) for s in manifest.shards] if property_sampling else None
@@ -153,15 +155,25 @@ class EpochPlan:
             raise ConfigError(f"data.property_sampling_mode={property_sampling_mode!r}: expected 'per_epoch' or 'once'")
         self._cache: dict[tuple, _Segment] = {}
 
-    def digests(self) -> dict[str, str]:
+    def digests(self, epoch: int | None = None) -> dict:
         """Identities of what the plan drew or read beyond the recipe: the once-drawn kept set, the
-        hard-negative embeddings. A checkpoint records them (:func:`plan_record`)."""
+        hard-negative embeddings; with ``epoch`` and ``data.hard_negatives=previous_epoch`` also the
+        file that epoch's batches come from (:meth:`PreviousEpochHardNegatives.record`). A checkpoint
+        records them (:func:`plan_record`)."""
         out = {}
         if self._kept_once is not None:
             out[KEPT_SET_KEY] = kept_digest(self._kept_once)
         if isinstance(self.arranger, HardNegatives):
             out[HardNegatives.DIGEST_KEY] = self.arranger.digest()
+        if isinstance(self.arranger, PreviousEpochHardNegatives) and epoch is not None:
+            out[PreviousEpochHardNegatives.RECORD_KEY] = self.arranger.record(epoch)
         return out
+
+    @property
+    def waits_at_epoch_end(self) -> bool:
+        """Whether an epoch's batches need what the run writes at the end of the epoch before
+        (``data.hard_negatives=previous_epoch``): a stream then does not prefetch across the boundary."""
+        return isinstance(self.arranger, PreviousEpochHardNegatives)
 
     def _key(self, purpose: int, *parts: int) -> list[int]:
         return [self.seed, purpose, *parts]
@@ -231,7 +243,11 @@ class EpochPlan:
             # resume) with its own plan, and ranks' batch i must come from one length quantile.
             k, nb = len(resized), seg.batches
             arranger = self.arranger
-            seg.arrange = lambda rows: arranger.arrange(rows, B, nb, lambda w: self._rng(_ARRANGE, epoch, k, w))
+            rng = lambda w: self._rng(_ARRANGE, epoch, k, w)  # noqa: E731
+            if isinstance(arranger, PreviousEpochHardNegatives):  # the epoch's file is looked up on first use
+                seg.arrange = lambda rows: arranger.arrange_epoch(epoch, rows, B, nb, rng)
+            else:
+                seg.arrange = lambda rows: arranger.arrange(rows, B, nb, rng)
         if len(self._cache) > 16 or any(e != epoch for e, _, _ in self._cache):
             self._cache = {}  # keep one epoch: plans are cheap to rebuild
         self._cache[key] = seg
@@ -288,10 +304,12 @@ def check_plan(cfg: Config, world_size: int) -> None:
         plan.arranger.check()  # the lengths index (built and cached here once) or the embeddings file
 
 
-def plan_record(cfg: Config, plan: EpochPlan) -> dict:
+def plan_record(cfg: Config, plan: EpochPlan, epoch: int | None = None) -> dict:
     """What a checkpoint records of its data plan: :func:`plan_settings`, the shard set's digest and
-    the plan's own draws (:meth:`EpochPlan.digests`); :func:`check_resumable_plan` reads it back."""
-    return {**plan_settings(cfg), SHARD_SET_KEY: shard_set_digest(plan.manifest), **plan.digests()}
+    the plan's own draws (:meth:`EpochPlan.digests`; ``epoch``: the cursor's, for the file of
+    ``data.hard_negatives=previous_epoch``); :func:`check_resumable_plan` reads it back (the trainer
+    checks the epoch file: :mod:`pretrain.engine.epoch_embeddings`)."""
+    return {**plan_settings(cfg), SHARD_SET_KEY: shard_set_digest(plan.manifest), **plan.digests(epoch)}
 
 
 SHARD_SET_KEY = "data.train_shards content"  # key of :func:`shard_set_digest` in a checkpoint's data plan
@@ -342,12 +360,20 @@ def check_resumable_plan(saved: dict | None, cfg: Config, source: str, manifest:
         )
 
 
-def plan_for(cfg: Config, manifest: Manifest, world_size: int, rank: int) -> EpochPlan:
-    """The :class:`EpochPlan` a recipe asks for."""
+def plan_for(
+    cfg: Config, manifest: Manifest, world_size: int, rank: int, run_dir: str | Path | None = None
+) -> EpochPlan:
+    """The :class:`EpochPlan` a recipe asks for; ``run_dir`` holds the embeddings files of
+    ``data.hard_negatives=previous_epoch`` (``RUN/hard_negatives``; without it the plan serves epoch 0 only)."""
     d = cfg.data
     arranger = None
     if d.length_grouping == "window":
         arranger = LengthGrouping(manifest, d.length_window, d.length_cache)
+    elif d.hard_negatives == PREVIOUS_EPOCH:
+        directory = None if run_dir is None else Path(run_dir) / "hard_negatives"
+        arranger = PreviousEpochHardNegatives(
+            manifest, directory, d.hard_negative_ratio, d.hard_negative_k, d.hard_negative_modality
+        )
     elif d.hard_negatives is not None:
         arranger = HardNegatives(manifest, d.hard_negatives, d.hard_negative_ratio, d.hard_negative_k)
     return EpochPlan(
@@ -401,6 +427,13 @@ class BatchSource:
         batch = self.builder.build(records, np.random.default_rng(rng_key), self.train)
         return batch, bad
 
+    def close(self) -> None:
+        """Close the shard readers opened so far."""
+        for reader in self._readers.values():
+            if reader is not None:
+                reader.close()
+        self._readers = {}
+
 
 Submit = Callable[[int, list[SampleRef], list[int]], Callable[[], tuple[dict, list[dict]]]]
 
@@ -430,6 +463,8 @@ class BatchStream:
             c = self._next
             if c.batch >= self.plan.batches_per_epoch(c.epoch, c.resized):
                 c = Cursor(c.epoch + 1, 0)  # cursor saved at an epoch's end, or an empty remainder segment
+            if self._inflight and c.batch == 0 and not c.resized and self.plan.waits_at_epoch_end:
+                return  # the next epoch's batches need the file the run writes when this epoch's are consumed
             refs = self.plan.batch_refs(c.epoch, c.batch, c.resized)
             wait = self.submit(self._slot, refs, self.plan.rng_key(c.epoch, c.batch, c.resized))
             self._inflight.append((c, wait))

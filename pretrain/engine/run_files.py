@@ -36,25 +36,6 @@ def maybe_inject_fault(step: int, rank: int, run_dir: Path) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def update_best(path: Path, step: int, score: float, metric: str = "val/mean_R@10") -> bool:
-    """DEPRECATED, no longer called by the trainer: record ``score`` at ``step`` in ``path`` (the
-    ``RUN/best.json`` of older runs) when it beats the stored score. The run's best is
-    ``RUN/best_checkpoint.json`` (:mod:`pretrain.engine.best_checkpoint`); delete this function once
-    ``pretrain/engine/trainer.py`` no longer imports it.
-
-    Written atomically; a file that does not parse (cut by a kill before writes were atomic) counts
-    as absent rather than stopping every later validation. Returns whether it was written.
-    """
-    try:
-        best = json.loads(path.read_text()) if path.is_file() else None
-    except json.JSONDecodeError:
-        best = None
-    if best is not None and score <= best.get("score", float("-inf")):
-        return False
-    write_text(path, json.dumps({"step": step, "score": score, "metric": metric}))
-    return True
-
-
 def truncate_jsonl(path: Path, step: int) -> None:
     """Keep the lines of ``path`` whose ``step`` is at most ``step`` (atomic rewrite)."""
     if not path.is_file():

@@ -32,13 +32,14 @@ from pretrain.data.stream import (
     plan_for,
     plan_record,
 )
-from pretrain.engine import checkpoint, checkpoint_store, checkpoint_universal
+from pretrain.engine import best_checkpoint, checkpoint, checkpoint_store, checkpoint_universal
 from pretrain.engine.builder import build_model
 from pretrain.engine.collectives import all_reduce_numbers
+from pretrain.engine.epoch_embeddings import EpochEmbeddings
 from pretrain.engine.export import export_engine
 from pretrain.engine.logging_backends import MetricsLogger
 from pretrain.engine.precision import embeddings_to_fp32, forward_autocast, resolve_precision
-from pretrain.engine.run_files import RECORD_ENV, append_bad_samples, maybe_inject_fault, truncate_jsonl, update_best
+from pretrain.engine.run_files import RECORD_ENV, append_bad_samples, maybe_inject_fault, truncate_jsonl
 from pretrain.engine.schedule import (
     apply_freezing,
     frozen_encoders,
@@ -73,8 +74,9 @@ class Trainer:
         run_dir: the run directory (checkpoints, metrics, export).
         validator: ``model -> metrics`` run every ``train.validate_every`` steps on every rank (the
             forward gathers ZeRO-3 partitions), e.g. :func:`pretrain.eval.validation.validator_for`;
-            it must report ``val/mean_R@10`` (or ``val/mean_R@<last eval.ks>``), the score kept in
-            RUN/best.json. Given by the run layer: the engine does not import evaluation.
+            it must report ``val/mean_R@10`` (or ``val/mean_R@<last eval.ks>``), the default selection
+            metric (:func:`pretrain.engine.best_checkpoint.selection`) pinned in RUN/best_checkpoint.json.
+            Given by the run layer: the engine does not import evaluation.
         """
         if cfg.train.validate_every and validator is None:
             raise ValueError("train.validate_every > 0 needs a validator (pretrain.eval.validation.validator_for)")
@@ -127,6 +129,7 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=ds_config)
         self.timer = StepTimer.for_model(model, self.device, self.cfg.train.precision)
         self.model = model
+        self.epoch_embeddings = EpochEmbeddings(self.cfg, self.run_dir, self._plan, self.device)
         resumed = checkpoint.load(self.engine, self.ckpt_dir)
         if resumed is not None:
             client, rank_state = resumed
@@ -136,6 +139,7 @@ class Trainer:
             where = f"{self.ckpt_dir} (step {self.step})"
             check_resumable_plan(client.get("data_plan"), self.cfg, where, manifest=self._plan.manifest)
             self.cursor = self._resume_cursor(client, rank_state)
+            self.epoch_embeddings.resume(self.engine, client.get("data_plan"), self.cursor, where)
             checkpoint.set_rng_state(rank_state["rng"])
             self._truncate_metrics(self.step)
             old = int(client.get("world_size", self.world_size))
@@ -173,7 +177,7 @@ class Trainer:
     def _plan(self):
         """This rank's data plan over the train manifest (read once: it may live on S3)."""
         manifest = load_manifest(self.cfg.data.train_shards)  # a path or a URL (Path() would fold s3:// to s3:/)
-        return plan_for(self.cfg, manifest, self.world_size, self.rank)
+        return plan_for(self.cfg, manifest, self.world_size, self.rank, run_dir=self.run_dir)
 
     def _open_stream(self) -> None:
         plan = self._plan
@@ -333,6 +337,8 @@ class Trainer:
                 t_log, steps_since_log = time.perf_counter(), 0
             if stop_reason:
                 raise RunStopped(stop_reason)
+            # data.hard_negatives=previous_epoch: the ended epoch's embeddings (collective; before the save)
+            self.epoch_embeddings.after_step(self.engine, cursor, skip=bool(stop_votes) or self.step >= t_cfg.max_steps)
             if t_cfg.validate_every and (self.step % t_cfg.validate_every == 0 or self.step == t_cfg.max_steps):
                 self._validate()
             final = self.step == t_cfg.max_steps
@@ -379,13 +385,12 @@ class Trainer:
 
     def _validate(self) -> None:
         """The validator's retrieval metrics (every rank: the forward gathers ZeRO-3 partitions);
-        the best mean R@10 is remembered in RUN/best.json."""
+        the selection score is noted for the next checkpoint to pin in RUN/best_checkpoint.json."""
         with torch.no_grad():
             val = self.validator(self.engine)
         self.logger.log({"step": self.step, **val})
         score = val.get("val/mean_R@10", val.get(f"val/mean_R@{self.cfg.eval.ks[-1]}", 0.0))
-        if self.rank == 0:  # only rank 0 reads or writes it (a peer could read it half-written)
-            update_best(self.run_dir / "best.json", self.step, score)
+        best_checkpoint.note_metrics(self.engine, self.cfg.eval, val)  # eval.select_metric or R@10
         self._print(f"step {self.step}: validation mean R@10 {score:.3f}")
 
     def _count_nonfinite(self, nonfinite: bool) -> str | None:
@@ -428,7 +433,7 @@ class Trainer:
             "nonfinite_steps": self.nonfinite_steps,
             "config_fingerprint": self.cfg.fingerprint(),
             "world_size": self.world_size,
-            "data_plan": plan_record(self.cfg, self._plan),
+            "data_plan": plan_record(self.cfg, self._plan, epoch=self.cursor.epoch),
         }
 
     def save(self, must_succeed: bool = False) -> None:

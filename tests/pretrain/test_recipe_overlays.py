@@ -29,6 +29,8 @@ PROTCLIP_CHANGES = {
     "pda_gumbel": {("loss", "protclip", "pda_assign"): "gumbel"},
     "pda_per_segment": {("loss", "protclip", "pda_text"): "per_segment"},
 }
+# demo-only variants: name -> the fields it changes relative to demo.yaml
+DEMO_CHANGES = {"hard_negatives_previous_epoch": {("data", "hard_negatives"): "previous_epoch"}}
 
 
 def _apply(want: dict, changes: dict) -> dict:
@@ -85,6 +87,13 @@ def test_protclip_ablation_recipe_changes_only_its_switch(base, variant):
     assert got == _apply(load_config(PROTCLIP_BASES[base]).to_dict(), PROTCLIP_CHANGES[variant])
 
 
+@pytest.mark.parametrize("variant", sorted(DEMO_CHANGES))
+def test_demo_only_ablation_recipe_changes_only_its_fields(variant):
+    got = load_config(ABLATIONS / f"demo_{variant}.yaml").to_dict()
+    want = load_config(CONFIGS_DIR / "recipes" / "demo.yaml").to_dict()
+    assert got == _apply(want, DEMO_CHANGES[variant])
+
+
 def test_demo_protclip_is_demo_with_the_protclip_objective():
     got = load_config(ABLATIONS / "demo_protclip.yaml").to_dict()
     want = load_config(CONFIGS_DIR / "recipes" / "demo.yaml").to_dict()
@@ -97,4 +106,5 @@ def test_every_ablation_file_is_covered():
     names = {p.stem for p in ABLATIONS.glob("*.yaml")}
     want = {f"{b}_{v}" for b in ("demo", "align_pro_650M") for v in CHANGES}
     want |= {f"{b}_{v}" for b in PROTCLIP_BASES for v in PROTCLIP_CHANGES} | {"demo_protclip"}
+    want |= {f"demo_{v}" for v in DEMO_CHANGES}
     assert names == want

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import itertools
+import shutil
 
 import numpy as np
 import pytest
 
 from pretrain.config import ConfigError, load_config
-from pretrain.data.hard_negatives import HardNegatives, _compose, nearest_neighbours
+from pretrain.data.hard_negatives import (
+    HardNegatives,
+    PreviousEpochHardNegatives,
+    _compose,
+    epoch_file,
+    nearest_neighbours,
+)
 from pretrain.data.stream import (
+    BatchStream,
     Cursor,
     EpochPlan,
     check_plan,
@@ -182,3 +190,66 @@ def test_hard_negatives_and_length_grouping_exclude_each_other(clustered):
         _cfg(root, "data.length_grouping=window")
     with pytest.raises(ConfigError, match="data.hard_negative_ratio"):
         _cfg(root, "data.hard_negative_ratio=1.5")
+
+
+# ---------------------------------------------------------------- data.hard_negatives: previous_epoch
+
+
+def _previous(root, *extra):
+    return _cfg(root, "data.hard_negatives=previous_epoch", *extra)
+
+
+def test_previous_epoch_plan_is_plain_in_epoch_0_then_the_export_plan_of_the_runs_file(clustered, tmp_path):
+    root, manifest = clustered
+    cfg, export = _previous(root), _cfg(root)
+    for world, rank in ((1, 0), (2, 1)):
+        plan = plan_for(cfg, manifest, world, rank, run_dir=tmp_path)
+        assert _refs(plan, 0) == _refs(EpochPlan(manifest, world, rank, B, 0), 0)  # no previous pass: random
+        assert plan_record(cfg, plan, epoch=0)[PreviousEpochHardNegatives.RECORD_KEY] is None
+        with pytest.raises(ConfigError, match="hard_negatives/epoch0.npy not found"):
+            plan.batch_refs(1, 0)
+        (tmp_path / "hard_negatives").mkdir(exist_ok=True)
+        shutil.copy(root / "sequence.npy", epoch_file(tmp_path / "hard_negatives", 0))
+        exported = plan_for(export, manifest, world, rank)
+        assert _refs(plan, 1) == _refs(exported, 1) != _refs(EpochPlan(manifest, world, rank, B, 0), 1)
+        assert plan_record(cfg, plan, epoch=1)[PreviousEpochHardNegatives.RECORD_KEY] == {
+            "file": "epoch0.npy",
+            "digest": exported.digests()[HardNegatives.DIGEST_KEY],
+        }
+        epoch_file(tmp_path / "hard_negatives", 0).unlink()
+    with pytest.raises(ConfigError, match="no run directory"):
+        plan_for(cfg, manifest, 1, 0).batch_refs(1, 0)
+    check_plan(cfg, 2)  # nothing to read before the run
+
+
+def test_previous_epoch_settings_are_part_of_the_plan(clustered):
+    root, manifest = clustered
+    saved = plan_record(_cfg(root), plan_for(_cfg(root), manifest, 1, 0))
+    with pytest.raises(ConfigError, match="data.hard_negatives True -> 'previous_epoch'"):
+        check_resumable_plan(saved, _previous(root), "ckpt", manifest)
+    saved = plan_record(_previous(root), plan_for(_previous(root), manifest, 1, 0))
+    with pytest.raises(ConfigError, match="data.hard_negative_modality 'sequence' -> 'text'"):
+        check_resumable_plan(saved, _previous(root, "data.hard_negative_modality=text"), "ckpt", manifest)
+    with pytest.raises(ConfigError, match="data.hard_negative_modality='msa'"):
+        _previous(root, "data.hard_negative_modality=msa")
+
+
+def test_stream_waits_at_the_epoch_end_for_the_runs_file(clustered, tmp_path):
+    """A prefetching stream (the Ray loader keeps data.prefetch_batches in flight) submits no batch of
+    epoch 1 before epoch 0's last batch is handed out: the file does not exist before."""
+    root, manifest = clustered
+    plan = plan_for(_previous(root), manifest, 1, 0, run_dir=tmp_path)
+    submitted = []
+
+    def submit(slot, refs, key):
+        submitted.append(refs)
+        return lambda: ({"refs": refs}, [])
+
+    stream = iter(BatchStream(plan, Cursor(), submit, prefetch=4))
+    n = plan.batches_per_epoch(0)
+    first = [next(stream)[0]["refs"] for _ in range(n)]
+    assert first == _refs(plan, 0) and len(submitted) == n  # nothing of epoch 1 in flight
+    (tmp_path / "hard_negatives").mkdir()
+    shutil.copy(root / "sequence.npy", epoch_file(tmp_path / "hard_negatives", 0))  # what the trainer writes here
+    second = [next(stream)[0]["refs"] for _ in range(plan.batches_per_epoch(1))]
+    assert second == _refs(plan_for(_cfg(root), manifest, 1, 0), 1)

@@ -2,7 +2,7 @@
 
 import json
 
-from pretrain.engine.run_files import truncate_jsonl, update_best
+from pretrain.engine.run_files import truncate_jsonl
 
 
 def test_truncation_on_resume_drops_later_rows_and_a_line_cut_by_a_crash(tmp_path):
@@ -12,13 +12,3 @@ def test_truncation_on_resume_drops_later_rows_and_a_line_cut_by_a_crash(tmp_pat
     truncate_jsonl(path, 3)
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3]
     truncate_jsonl(tmp_path / "absent.jsonl", 3)  # nothing to do
-
-
-def test_best_json_keeps_the_best_score_and_survives_a_file_cut_by_a_kill(tmp_path):
-    path = tmp_path / "best.json"
-    assert update_best(path, 50, 0.10)
-    assert not update_best(path, 100, 0.09)
-    assert update_best(path, 150, 0.12)
-    assert json.loads(path.read_text()) == {"step": 150, "score": 0.12, "metric": "val/mean_R@10"}
-    path.write_text("")  # emptied by a kill in the middle of a non-atomic write
-    assert update_best(path, 200, 0.05) and json.loads(path.read_text())["step"] == 200
