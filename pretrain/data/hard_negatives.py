@@ -56,6 +56,7 @@ from pretrain.errors import ConfigError
 log = logging.getLogger(__name__)
 
 PREVIOUS_EPOCH = "previous_epoch"  # data.hard_negatives value: the run's own embeddings of the previous epoch
+EPOCH_DIR = "hard_negatives"  # RUN/<EPOCH_DIR>/epoch<e>.npy: those embeddings (also under train.remote_dir)
 _BLOCK = 256  # query rows at once: a (block, n) float32 similarity block, (block, k + 16, E) float64 candidates
 
 

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from data_shards import storage
+from pretrain.data.hard_negatives import EPOCH_DIR
 from pretrain.engine import best_checkpoint
 from pretrain.engine.checkpoint_tags import COMPLETE, checkpoint_problem, complete_record
 from pretrain.engine.collectives import all_reduce_numbers
@@ -134,6 +135,7 @@ def publish(
                 for name in RUN_RECORD:
                     if (run_dir / name).is_file():
                         storage.upload_file(run_dir / name, storage.join(remote, name))
+                sync_epoch_files_up(run_dir, remote)
         except (OSError, ValueError) as e:
             error = e
     _everyone_ok(error, f"uploading checkpoint {tag} to {root}")
@@ -150,6 +152,62 @@ def publish(
         except (OSError, ValueError) as e:  # old tags left behind cost space, not correctness
             log.warning("could not delete old checkpoints under %s: %s", root, e)
     log.info("checkpoint %s published to %s", tag, root)
+
+
+def _stamp(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_size} {st.st_mtime_ns}"
+
+
+def sync_epoch_files_up(run_dir: Path, remote: str) -> list[str]:
+    """Make ``remote/hard_negatives/`` hold what ``RUN/hard_negatives/`` holds (``data.hard_negatives:
+    previous_epoch``; the files a checkpoint's batches come from), before that checkpoint is published.
+
+    A file is uploaded when its remote ``<name>.stamp`` (size and mtime of the local copy uploaded)
+    differs from the local one, so a file rewritten under the same name goes up again; remote files no
+    longer kept locally are deleted. Returns the names uploaded.
+    """
+    local = Path(run_dir) / EPOCH_DIR
+    if not local.is_dir():
+        return []
+    root = storage.join(remote, EPOCH_DIR)
+    kept = sorted(p.name for p in local.glob("epoch*.npy") if p.is_file())
+    remote_names = set(storage.listdir(root))
+    uploaded = []
+    for name in kept:
+        stamp = _stamp(local / name)
+        marker = storage.join(root, f"{name}.stamp")
+        if name in remote_names and f"{name}.stamp" in remote_names and storage.read_text(marker) == stamp:
+            continue
+        storage.upload_file(local / name, storage.join(root, name))
+        storage.write_text(marker, stamp)  # after the file: a stamp never vouches for a partial upload
+        uploaded.append(name)
+    for name in sorted(remote_names):
+        if name.removesuffix(".stamp") not in kept:
+            storage.remove_file(storage.join(root, name))
+    return uploaded
+
+
+def fetch_epoch_files(run_dir: Path, remote: str) -> list[str]:
+    """Node leader: download the ``remote/hard_negatives/`` files this machine lacks into
+    ``RUN/hard_negatives/`` (a fresh machine resuming inside an epoch needs the file its batches came
+    from; the resume then checks its digest against the checkpoint's record). Returns the names fetched."""
+    root = storage.join(remote, EPOCH_DIR)
+    names = [n for n in storage.listdir(root) if n.startswith("epoch") and n.endswith(".npy")]
+    local = Path(run_dir) / EPOCH_DIR
+    fetched = []
+    for name in names:
+        if (local / name).is_file():
+            continue
+        local.mkdir(parents=True, exist_ok=True)
+        tmp = local / f".{name}.{os.getpid()}.fetch"
+        with storage.open_read(storage.join(root, name)) as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 24)  # streamed: the file can be GBs (N x E float32)
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(tmp, local / name)
+        fetched.append(name)
+    return fetched
 
 
 def _prune(remote: str, keep: int, step: int, pinned: str | None = None) -> None:
@@ -194,6 +252,7 @@ def fetch(ckpt_dir: Path, remote: str, run_dir: Path) -> str | None:
         try:
             _download_tag(ckpt_dir, remote, tag)
             storage.write_text(ckpt_dir / LATEST, tag)
+            fetch_epoch_files(run_dir, remote)
             for name in ("metrics.jsonl", best_checkpoint.FILE):
                 local = run_dir / name
                 if _rank() == 0 and not local.is_file() and storage.exists(storage.join(remote, name)):

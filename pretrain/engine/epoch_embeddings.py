@@ -39,7 +39,13 @@ import torch.distributed as dist
 
 from pretrain.config import Config, ConfigError
 from pretrain.data.collate import batch_to_device
-from pretrain.data.hard_negatives import PREVIOUS_EPOCH, PreviousEpochHardNegatives, epoch_file, file_digest
+from pretrain.data.hard_negatives import (
+    EPOCH_DIR,
+    PREVIOUS_EPOCH,
+    PreviousEpochHardNegatives,
+    epoch_file,
+    file_digest,
+)
 from pretrain.data.stream import BatchSource, Cursor, EpochPlan
 from pretrain.engine.collectives import all_reduce_numbers
 from pretrain.engine.precision import forward_autocast, resolve_precision
@@ -132,7 +138,7 @@ class EpochEmbeddings:
     def __init__(self, cfg: Config, run_dir: Path, plan: EpochPlan, device: torch.device):
         self.cfg, self.plan, self.device = cfg, plan, device
         self.enabled = cfg.data.hard_negatives == PREVIOUS_EPOCH
-        self.directory = Path(run_dir) / "hard_negatives"
+        self.directory = Path(run_dir) / EPOCH_DIR
         self.modality = cfg.data.hard_negative_modality
 
     def after_step(self, model: torch.nn.Module, cursor: Cursor, skip: bool = False) -> Path | None:

@@ -223,3 +223,36 @@ def test_no_best_is_fetched_for_a_later_abandoned_step(tmp_path, remote):
     assert checkpoint_store.fetch(fresh / "checkpoints", remote, fresh) == "step00000002"
     assert best_checkpoint.read(fresh)["step"] == 4
     assert not (fresh / "checkpoints" / "step00000004").exists()
+
+
+def test_previous_epoch_files_travel_with_the_checkpoints(tmp_path, remote):
+    """data.hard_negatives=previous_epoch: RUN/hard_negatives/epoch<e>.npy is under the remote before the
+    checkpoint that needs it is published, a file rewritten under its name goes up again, one dropped
+    locally is dropped remotely, and a fresh machine gets them with the checkpoint."""
+    import os
+
+    run = tmp_path / "run"
+    epochs = run / "hard_negatives"
+    epochs.mkdir(parents=True)
+    (epochs / "epoch0.npy").write_bytes(b"zero" * 10)
+    tag = _local_checkpoint(run, 2)
+    checkpoint_store.publish(run / "checkpoints", remote, tag, {"step": 2, "world_size": 2}, 3, run)
+    root = storage.join(remote, "hard_negatives")
+    assert storage.read_bytes(storage.join(root, "epoch0.npy")) == b"zero" * 10
+
+    (epochs / "epoch0.npy").write_bytes(b"ZERO" * 10)  # recomputed under the same name and size
+    os.utime(epochs / "epoch0.npy", ns=(1, 1))
+    (epochs / "epoch1.npy").write_bytes(b"one" * 10)
+    assert checkpoint_store.sync_epoch_files_up(run, remote) == ["epoch0.npy", "epoch1.npy"]
+    assert checkpoint_store.sync_epoch_files_up(run, remote) == []  # nothing changed since
+    assert storage.read_bytes(storage.join(root, "epoch0.npy")) == b"ZERO" * 10
+
+    (epochs / "epoch0.npy").unlink()  # the trainer keeps the last two epochs' files
+    tag = _local_checkpoint(run, 4)
+    checkpoint_store.publish(run / "checkpoints", remote, tag, {"step": 4, "world_size": 2}, 3, run)
+    assert [n for n in storage.listdir(root) if n.endswith(".npy")] == ["epoch1.npy"]
+
+    fresh = tmp_path / "fresh_node"
+    assert checkpoint_store.fetch(fresh / "checkpoints", remote, fresh) == "step00000004"
+    assert sorted(p.name for p in (fresh / "hard_negatives").iterdir()) == ["epoch1.npy"]
+    assert (fresh / "hard_negatives" / "epoch1.npy").read_bytes() == b"one" * 10
