@@ -15,7 +15,8 @@ Encoders (random weights, training mode, fp32 on CPU; ``--dtype bf16`` autocast 
 
 Each point: ``--batch`` proteins of length L; the backward of a fixed random functional of the
 pooled output. Time: wall seconds of forward + backward after one warm-up, median, min and max over
-``--repeats``. Memory: on CUDA the peak of ``torch.cuda.max_memory_allocated`` over one forward +
+``--repeats``, and the process CPU time of the same calls (steadier on a shared machine; with
+several threads it adds them up). Memory: on CUDA the peak of ``torch.cuda.max_memory_allocated`` over one forward +
 backward above what was allocated before it; on CPU (no allocator statistics) the bytes autograd
 saves for the backward in one forward (saved-tensor hooks, distinct storages, parameters excluded:
 ``benchmarks/_common.py``), the part of the peak that grows with L.
@@ -28,7 +29,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -118,7 +121,15 @@ def measure(name: str, args: argparse.Namespace, length: int, device: torch.devi
         if cuda:
             torch.cuda.synchronize()
 
-    timing = _common.time_runs(step, args.repeats)
+    cpu_times: list[float] = []
+
+    def timed_step() -> None:  # process CPU time too: steadier than wall time on a shared machine
+        start = time.process_time()
+        step()
+        cpu_times.append(time.process_time() - start)
+
+    timing = _common.time_runs(timed_step, args.repeats)
+    cpu = cpu_times[1:]  # the first call is time_runs' warm-up
     if cuda:
         enc.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
@@ -135,6 +146,9 @@ def measure(name: str, args: argparse.Namespace, length: int, device: torch.devi
         "batch": args.batch,
         "layers": layers,
         **timing,
+        "cpu_median_s": statistics.median(cpu),
+        "cpu_min_s": min(cpu),
+        "cpu_max_s": max(cpu),
         "memory_bytes": memory,
         "memory_kind": kind,
     }
@@ -148,11 +162,12 @@ def section(rows: list[dict], machine: str, command: str, args: argparse.Namespa
         f"Device: **{machine}**; torch {torch.__version__}, {torch.get_num_threads()} threads; command: `{command}`.",
         f"Batch {args.batch}; ESM-2 `{args.seq_preset}` and BERT `{args.text_preset}` widths with {args.layers} "
         "layers, GVP-GNN at the recipes' size; random weights, training mode. Time: median of "
-        f"{args.repeats} repeats after a warm-up (min–max in brackets). Memory: {mem}.",
+        f"{args.repeats} repeats after a warm-up (min–max in brackets); CPU seconds: the process's CPU time "
+        f"of the same calls (all threads). Memory: {mem}.",
     ]
     table = [
-        f"| encoder | L | layers | seconds | {mem} | vs sequence-reference (time, memory) |",
-        "| --- | ---: | ---: | ---: | ---: | --- |",
+        f"| encoder | L | layers | seconds | CPU seconds | {mem} | vs sequence-reference (time, memory) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     ref = {r["length"]: r for r in rows if r["encoder"] == "sequence-reference"}
     for r in rows:
@@ -162,7 +177,9 @@ def section(rows: list[dict], machine: str, command: str, args: argparse.Namespa
             vs = f"{r['median_s'] / base['median_s']:.2f}×, {r['memory_bytes'] / max(base['memory_bytes'], 1):.2f}×"
         table.append(
             f"| {r['encoder']} | {r['length']} | {r['layers']} "
-            f"| {r['median_s']:.3f} ({r['min_s']:.3f}–{r['max_s']:.3f}) | {r['memory_bytes'] / 2**20:.1f} | {vs} |"
+            f"| {r['median_s']:.3f} ({r['min_s']:.3f}–{r['max_s']:.3f}) "
+            f"| {r['cpu_median_s']:.3f} ({r['cpu_min_s']:.3f}–{r['cpu_max_s']:.3f}) "
+            f"| {r['memory_bytes'] / 2**20:.1f} | {vs} |"
         )
     return _common.markdown_section("Encoders: forward + backward per length", intro, table)
 
@@ -198,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(
                 f"{name} L={length}: {row['median_s']:.3f} s ({row['min_s']:.3f}-{row['max_s']:.3f}), "
+                f"CPU {row['cpu_median_s']:.3f} s ({row['cpu_min_s']:.3f}-{row['cpu_max_s']:.3f}), "
                 f"{row['memory_bytes'] / 2**20:.1f} MiB {row['memory_kind']}",
                 flush=True,
             )

@@ -14,12 +14,16 @@ variance) on top of 2 bytes of 16-bit weights and 2 of 16-bit gradients::
     stage 3  (2 + 2 + K) Ψ / N_d
 
 Activations: the bytes each encoder pass keeps for its backward, per layer (16-bit, no
-recomputation; s tokens, b micro-batch, h width, a heads; derivations in
-``benchmarks/activation_memory.py``): fair-esm ESM-2 ``s·b·h·(48 + 6·a·s/h)``, transformers BERT with
-SDPA attention ``34·s·b·h``. Both were checked on an H100 against ``memory_allocated`` around one
-bf16 forward of the real models (within 0.2-0.7 % for ESM-2 650M / 3B / 15B, 1.5-3 % for BERT-base;
-BENCHMARKS.md); Korthikanti et al. 2022's generic ``s·b·h·(34 + 5·a·s/h)`` undercounts fair-esm's
-layer by a quarter. A layer counts once per encoder pass a training step makes: Align-Pro runs the
+recomputation; s tokens, b micro-batch, h width, a heads). ESM-2 with fused attention
+(``model.sequence.attention: fused``, the default): ``s·b·(48·h + 4·a + 8) + 4·s·h/a``, measured with
+saved-tensor hooks on CPU in bf16 and fp32 and fitted (``benchmarks/esm_fused_memory.py``; exact at
+every measured point; the GPU flash kernels' saved tensors were not measured). ESM-2 with fair-esm's
+reference attention (``model.sequence.attention: reference``): ``s·b·h·(48 + 6·a·s/h)``, and
+transformers BERT with SDPA attention ``34·s·b·h`` (derivations in ``benchmarks/activation_memory.py``):
+both checked on an H100 against ``memory_allocated`` around one bf16 forward of the real models
+(within 0.2-0.7 % for ESM-2 650M / 3B / 15B, 1.5-3 % for BERT-base; BENCHMARKS.md); Korthikanti et
+al. 2022's generic ``s·b·h·(34 + 5·a·s/h)`` undercounts fair-esm's reference layer by a quarter.
+A layer counts once per encoder pass a training step makes: Align-Pro runs the
 sequence and text encoders a second time for the intra-modal views when their weights are > 0;
 ProtCLIP runs ESM-2 up to three times (clean, MLM-masked, span-masked tokens). The "checkpointed"
 columns assume per-layer activation checkpointing: the 2·s·b·h bytes of every layer input, plus the
@@ -52,6 +56,7 @@ if str(REPO) not in sys.path:
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from activation_memory import bert_layer_bytes, esm2_layer_bytes  # noqa: E402
+from esm_fused_memory import esm2_fused_layer_bytes  # noqa: E402
 
 from pretrain.config import Config, load_config  # noqa: E402
 from pretrain.models.sequence_encoder import resolve_preset  # noqa: E402
@@ -111,14 +116,15 @@ def model_state_bytes(params: float, stage: int, gpus: int, k: int = ADAM_K) -> 
     raise ValueError(f"stage={stage}: ZeRO stages are 0, 1, 2, 3")
 
 
-LAYER_BYTES = {"esm2": esm2_layer_bytes, "bert": bert_layer_bytes}  # per-layer activation bytes by family
+# per-layer activation bytes (16-bit) by family: ESM-2 with fused (SDPA) or fair-esm's reference attention, BERT
+LAYER_BYTES = {"esm2-fused": esm2_fused_layer_bytes, "esm2": esm2_layer_bytes, "bert": bert_layer_bytes}
 
 
 @dataclass(frozen=True)
 class Transformer:
     """The activation-relevant shape of one encoder pass."""
 
-    name: str  # a LAYER_BYTES family: "esm2" or "bert"
+    name: str  # a LAYER_BYTES family: "esm2-fused", "esm2" (reference attention) or "bert"
     layers: int
     hidden: int
     heads: int
@@ -197,8 +203,9 @@ def encoder_passes(cfg: Config) -> list[Transformer]:
     layers, width, heads = resolve_preset(s.preset)
     layers, width, heads = s.num_layers or layers, s.embed_dim or width, s.attention_heads or heads
     text = dict(TEXT_PRESETS[m.text.preset])
+    esm2 = "esm2-fused" if s.attention == "fused" else "esm2"  # model.sequence.attention picks the formula
     return [
-        Transformer("esm2", layers, width, heads, m.sequence.max_length + 2, seq_passes),  # + BOS, EOS
+        Transformer(esm2, layers, width, heads, m.sequence.max_length + 2, seq_passes),  # + BOS, EOS
         Transformer(
             "bert",
             m.text.num_layers or text["num_hidden_layers"],
@@ -286,9 +293,11 @@ def readme_section(rows: list[Row]) -> str:
         f"{README_BEGIN}\n"
         f"Computed by `python benchmarks/memory.py` (no training run was measured). Parameters: the real "
         f"architectures built on the `meta` device. Model states: ZeRO paper formulas, mixed-precision "
-        f"Adam (K = 12), 16-bit weights and gradients. Activations: per-layer formulas for fair-esm "
-        f"ESM-2 and BERT (SDPA) that match one measured bf16 forward on an H100 within 0.2-3 % "
-        f"(BENCHMARKS.md), per encoder pass a step makes, without and with per-layer activation "
+        f"Adam (K = 12), 16-bit weights and gradients. Activations: per-layer formulas, per encoder pass "
+        f"a step makes: ESM-2 with fused attention (`esm2-fused`, the recipes' `model.sequence.attention`) "
+        f"measured on CPU in bf16 and fp32 with saved-tensor hooks (the GPU flash kernels' saved tensors "
+        f"not measured); fair-esm's reference attention (`esm2`) and BERT (SDPA) as checked against one "
+        f"bf16 forward on an H100 within 0.2-3 % (BENCHMARKS.md); without and with per-layer activation "
         f"checkpointing (the last column: the encoders the recipe's `train.activation_checkpointing` "
         f"names). Not counted: GVP-GNN activations, heads and loss, communication buckets, "
         f'ZeRO-3 live parameters, CUDA context and NCCL buffers, fragmentation; "fits" means at '

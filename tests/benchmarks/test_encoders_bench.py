@@ -54,4 +54,5 @@ def test_main_measures_each_encoder_and_writes_the_table(tmp_path):
     got = {(r["encoder"], r["length"]) for r in rows}
     assert got == {("text", 16), ("sequence-fused", 16), ("sequence-fused", 520)}  # BERT holds 512 positions
     assert all(r["memory_bytes"] > 0 and r["median_s"] > 0 for r in rows)
+    assert all(0 < r["cpu_min_s"] <= r["cpu_median_s"] <= r["cpu_max_s"] for r in rows)  # process CPU time too
     assert "| sequence-fused | 520 | 1 |" in out.read_text()

@@ -114,3 +114,41 @@ def test_write_readme_replaces_between_markers(tmp_path):
     text = readme.read_text()
     assert text.count(mem.README_BEGIN) == 1 and "new" in text and "old" not in text
     assert re.search(r"### Memory per GPU \(computed\)", text) and text.startswith("# title\n\ntext\n")
+
+
+def test_fused_esm2_formula_matches_a_fresh_measurement():
+    """The fitted fused-attention formula against one ESM-2 layer measured now with saved-tensor hooks
+    (CPU, bf16 and fp32, real 8M width, no L x L term: the reference path keeps far more at the same point)."""
+    import esm_fused_memory  # on sys.path through memory.py
+
+    s, b, h, a = 130, 2, 320, 20
+    bf16 = esm_fused_memory.layer_saved_bytes(s, b, h, a, "bf16")
+    fp32 = esm_fused_memory.layer_saved_bytes(s, b, h, a, "fp32")
+    assert mem.esm2_fused_layer_bytes(s, b, h, a) == pytest.approx(bf16, rel=0.01)
+    assert mem.esm2_fused_layer_bytes(s, b, h, a, element_bytes=4) == pytest.approx(fp32, rel=0.01)
+    reference = esm_fused_memory.layer_saved_bytes(s, b, h, a, "bf16", mode="reference")
+    assert reference - bf16 > 0.9 * 6 * a * s * s * b  # fp32 probabilities and their bf16 copy, gone when fused
+
+
+def test_fit_recovers_the_coefficients_of_its_features():
+    import esm_fused_memory
+
+    pts = list(esm_fused_memory.FIT_POINTS)
+    kept = [esm_fused_memory.esm2_fused_layer_bytes(*p) for p in pts]
+    assert esm_fused_memory.fit(pts, kept) == pytest.approx([48, 4, 8, 4], rel=1e-6)
+    quadratic = esm_fused_memory.fit(pts, [k + 3 * p[3] * p[0] ** 2 * p[1] for k, p in zip(kept, pts)], True)
+    assert quadratic[-1] == pytest.approx(3, rel=1e-6)  # an a·s²·b term would show
+
+
+def test_the_recipes_attention_picks_the_esm2_formula():
+    recipe = CONFIGS_DIR / "recipes" / "align_pro_650M.yaml"
+    base = ["model.sequence.weights=null", "model.text.pretrained_dir=null"]
+    fused = mem.encoder_passes(mem.load_config(recipe, base))
+    reference = mem.encoder_passes(mem.load_config(recipe, [*base, "model.sequence.attention=reference"]))
+    assert (fused[0].name, reference[0].name) == ("esm2-fused", "esm2")  # fused is the default
+    b = 16
+    assert mem.activation_bytes(fused[:1], b) == fused[0].passes * fused[0].layers * mem.esm2_fused_layer_bytes(
+        fused[0].tokens, b, fused[0].hidden, fused[0].heads
+    )
+    ratio = mem.activation_bytes(fused[:1], b) / mem.activation_bytes(reference[:1], b)
+    assert ratio == pytest.approx(48 / (48 + 6 * 20 * 452 / 1280), rel=0.01)  # the a·s²·b term gone: 0.53x
