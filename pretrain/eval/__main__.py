@@ -17,6 +17,9 @@ counts held-out proteins whose id is also in the training shards (a warning says
 and baseline scores are not predictions). Tasks whose labels are missing from
 the shards report ``skipped``. With ``--run-dir`` the full result goes to ``RUN/eval.json`` and
 the probes to ``RUN/probes/<task>/`` (``labels.json`` + ``<features>.safetensors``).
+``--per-protein FILE.npz`` also writes every held-out protein's outcome (the rank of its true
+partner per retrieval direction, each method's propagated GO / EC scores with the labels, fold
+correctness; :func:`save_per_protein`), from which every figure can be recomputed on any subset.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pretrain.cli_types import positive_int
@@ -43,7 +47,7 @@ from pretrain.eval.embed import (
 )
 from pretrain.eval.function import FunctionSettings, evaluate_function
 from pretrain.eval.probes import ProbeConfig
-from pretrain.eval.retrieval import retrieval_metrics, text_groups
+from pretrain.eval.retrieval import direction_ranks, retrieval_metrics, text_groups
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +91,17 @@ def evaluate_export(
     batch_size: int | None = None,
     progress: bool = False,
     device: str = "auto",
+    per_protein: bool = False,
 ) -> dict:
     """Load an export and evaluate ``tasks`` on ``shards`` (default: the recipe's eval shards).
 
     Returns the result dict (see the module docstring); ``retrieval`` keeps the keys
-    ``directions`` and ``summary`` that the trainer and ``pretrain.summary`` read.
+    ``directions`` and ``summary`` that the trainer and ``pretrain.summary`` read. With
+    ``per_protein`` the result also holds ``"per_protein"``: numpy arrays (not JSON; pop it
+    before writing, or :func:`save_per_protein`) with the outcome of every held-out protein,
+    ``{"ids": (N,) str, "retrieval": {direction: (N,) int64 rank of the true partner, -1
+    where absent}, "function": {...}, "fold": {...}}`` (see
+    :func:`pretrain.eval.function.evaluate_function`); every other entry is unchanged.
     """
     tasks = parse_tasks(tasks)
     label_tasks = tasks & set(LABEL_TASKS)
@@ -118,9 +128,12 @@ def evaluate_export(
     timing["embed_eval_s"] = time.perf_counter() - t0
     ann = emb["annotations"]
     result: dict = {"shards": str(shard_dir), "num_proteins": len(emb["ids"]), "tasks": sorted(tasks)}
+    outcomes: dict = {"ids": np.array([str(i) for i in emb["ids"]], dtype=str)}
     if "retrieval" in tasks:
         t0 = time.perf_counter()
         result["retrieval"] = retrieval_metrics(emb, cfg.eval.ks, groups=text_groups(ann.texts))
+        if per_protein:
+            outcomes["retrieval"] = direction_ranks(emb)
         timing["retrieval_s"] = time.perf_counter() - t0
 
     if label_tasks:
@@ -151,10 +164,22 @@ def evaluate_export(
         )
         embed_text = (lambda texts: embed_texts(model, cfg, texts, bs)) if "zeroshot" in methods else None
         t0 = time.perf_counter()
+        function_outcomes = {} if per_protein else None
         scores = evaluate_function(
-            train, emb, label_tasks, settings, ontology=ontology, embed_text=embed_text, ec_names=names
+            train,
+            emb,
+            label_tasks,
+            settings,
+            ontology=ontology,
+            embed_text=embed_text,
+            ec_names=names,
+            per_protein=function_outcomes,
         )
         timing["function_s"] = time.perf_counter() - t0
+        if function_outcomes:
+            if "fold" in function_outcomes:
+                outcomes["fold"] = function_outcomes.pop("fold")
+            outcomes["function"] = function_outcomes
         if "fold" in scores:
             result["fold"] = scores.pop("fold")
         if scores:
@@ -170,7 +195,29 @@ def evaluate_export(
             "baseline_metric": baseline_metric,
         }
     result["timing"] = {k: round(v, 2) for k, v in timing.items()}
+    if per_protein:
+        result["per_protein"] = outcomes
     return result
+
+
+def flatten_per_protein(outcomes: dict, prefix: str = "") -> dict[str, np.ndarray]:
+    """``result["per_protein"]`` as flat ``"a/b/c"`` keys (``"function/EC/methods/probe/concat"``)."""
+    flat = {}
+    for key, value in outcomes.items():
+        if isinstance(value, dict):
+            flat.update(flatten_per_protein(value, f"{prefix}{key}/"))
+        else:
+            flat[prefix + key] = np.asarray(value)
+    return flat
+
+
+def save_per_protein(path: Path | str, outcomes: dict) -> Path:
+    """Write ``result["per_protein"]`` to a compressed ``.npz`` (flat keys; loads with ``allow_pickle=False``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as fh:  # a file object: numpy would otherwise append ".npz" to other names
+        np.savez_compressed(fh, **flatten_per_protein(outcomes))
+    return path
 
 
 def _read_obo(path: str):
@@ -204,8 +251,9 @@ def evaluate_run(run_dir: Path, shards: str | None = None, **kwargs) -> dict:
     run_dir = Path(run_dir)
     kwargs.setdefault("probes_dir", run_dir / "probes")
     result = evaluate_export(run_dir / "export", shards, **kwargs)
+    outcomes = result.pop("per_protein", None)  # numpy arrays: not JSON
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
-    return result
+    return result if outcomes is None else {**result, "per_protein": outcomes}
 
 
 def _one_line(error: BaseException) -> str:
@@ -243,6 +291,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=positive_int, default=None, help="embedding batch (default: eval.batch_size)")
     p.add_argument("--probes-dir", help="save probes here (default with --run-dir: RUN/probes)")
     p.add_argument("--out", help="also write the full JSON (with curves) to this file")
+    p.add_argument(
+        "--per-protein", metavar="FILE.npz", help="also write every held-out protein's outcome (ranks, scores) here"
+    )
     p.add_argument("--curves", action="store_true", help="print the recall@k / precision-recall curves too")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     p.add_argument("--device", default="auto", help="torch device for the encoders (auto: cuda if available)")
@@ -261,14 +312,16 @@ def main(argv=None) -> int:
         batch_size=args.batch_size,
         progress=not args.no_progress,
         device=args.device,
+        per_protein=bool(args.per_protein),
     )
     if args.probes_dir:
         kwargs["probes_dir"] = Path(args.probes_dir)
     try:
         parse_tasks(args.tasks)
         check_device(resolve_device(args.device))
-        if args.out and Path(args.out).is_dir():
-            raise IsADirectoryError(f"--out {args.out} is a directory; expected a file name")
+        for option, path in (("--out", args.out), ("--per-protein", args.per_protein)):
+            if path and Path(path).is_dir():
+                raise IsADirectoryError(f"{option} {path} is a directory; expected a file name")
         if args.run_dir:
             if not Path(args.run_dir).is_dir():
                 raise FileNotFoundError(f"run directory {args.run_dir} does not exist")
@@ -277,6 +330,8 @@ def main(argv=None) -> int:
             result = evaluate_run(Path(args.run_dir), args.shards, **kwargs)
         else:
             result = evaluate_export(args.model, args.shards, **kwargs)  # a path or a URL
+        if args.per_protein:
+            save_per_protein(args.per_protein, result.pop("per_protein"))
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(result, indent=2))

@@ -64,8 +64,12 @@ def features(emb: dict, name: str) -> tuple[np.ndarray, np.ndarray]:
     return emb[name], emb[f"present_{name}"]
 
 
-def _score(scores: np.ndarray, truth: np.ndarray, space: LabelSpace, anc: dict) -> dict:
+def _score(
+    scores: np.ndarray, truth: np.ndarray, space: LabelSpace, anc: dict, kept: dict | None = None, method: str = ""
+) -> dict:
     s = propagate_scores(scores, space.labels, anc)
+    if kept is not None:  # per-protein outcomes: the propagated scores Fmax reads
+        kept["methods"][method] = s
     return {**fmax(s, truth), "aupr": micro_aupr(s, truth)}
 
 
@@ -81,6 +85,7 @@ def _multilabel_task(
     settings: FunctionSettings,
     embed_text: TextEmbedder | None,
     extra: dict,
+    outcomes: dict | None = None,
 ) -> dict:
     space = LabelSpace(set().union(*train_sets, *test_sets), names)
     y_tr, y_te = space.matrix(train_sets), space.matrix(test_sets)
@@ -89,6 +94,8 @@ def _multilabel_task(
         return {"skipped": "no held-out protein has a label", **extra}
     truth = y_te[rows]
     anc = ancestors(space.labels)
+    if outcomes is not None:
+        outcomes.update(rows=rows.astype(np.int64), truth=truth.astype(bool), methods={})
     labelled = y_tr.any(1)
     trained = np.flatnonzero(y_tr[labelled].any(0))  # probe outputs: labels seen in training
     out = {
@@ -121,7 +128,10 @@ def _multilabel_task(
                 sub = np.zeros((int(avail.sum()), len(space)), np.float32)
                 sub[:, trained] = predict(probe, x_te[rows][avail])
                 scores[avail] = sub
-            methods[f"probe/{feat}"] = {**_score(scores, truth, space, anc), "n_with_input": int(avail.sum())}
+            methods[f"probe/{feat}"] = {
+                **_score(scores, truth, space, anc, outcomes, f"probe/{feat}"),
+                "n_with_input": int(avail.sum()),
+            }
             if settings.probes_dir is not None:
                 save_probe(Path(settings.probes_dir) / slug, feat, probe, n_train=int(fit.sum()))
     if "zeroshot" in settings.methods and embed_text is not None:
@@ -132,9 +142,12 @@ def _multilabel_task(
             scores = np.zeros(truth.shape, np.float32)
             if avail.any():
                 scores[avail] = zero_shot_scores(x_te[rows][avail], prompts)
-            methods[f"zeroshot/{m}"] = {**_score(scores, truth, space, anc), "n_with_input": int(avail.sum())}
+            methods[f"zeroshot/{m}"] = {
+                **_score(scores, truth, space, anc, outcomes, f"zeroshot/{m}"),
+                "n_with_input": int(avail.sum()),
+            }
     if "baseline" in settings.methods:
-        methods["baseline/kmer"] = _baseline_multilabel(train, test, rows, y_tr, truth, space, anc, settings)
+        methods["baseline/kmer"] = _baseline_multilabel(train, test, rows, y_tr, truth, space, anc, settings, outcomes)
     return out
 
 
@@ -143,7 +156,7 @@ def _sequences(emb: dict, rows: np.ndarray) -> list[str | None]:
     return [seqs[i] for i in rows]
 
 
-def _baseline_multilabel(train, test, rows, y_tr, truth, space, anc, settings) -> dict:
+def _baseline_multilabel(train, test, rows, y_tr, truth, space, anc, settings, outcomes=None) -> dict:
     seq_tr = train["annotations"].sequences
     db = np.flatnonzero(y_tr.any(1) & np.array([bool(s) for s in seq_tr], dtype=bool))
     queries = _sequences(test, rows)
@@ -154,10 +167,19 @@ def _baseline_multilabel(train, test, rows, y_tr, truth, space, anc, settings) -
             [q for q in queries if q], [seq_tr[i] for i in db], metric=settings.baseline_metric
         )
         scores[avail] = transfer_scores(idx, sim, y_tr[db])
-    return {**_score(scores, truth, space, anc), "n_with_input": int(avail.sum()), "metric": settings.baseline_metric}
+    return {
+        **_score(scores, truth, space, anc, outcomes, "baseline/kmer"),
+        "n_with_input": int(avail.sum()),
+        "metric": settings.baseline_metric,
+    }
 
 
-def _fold_task(train: dict, test: dict, settings: FunctionSettings) -> dict:
+def _correct(pred: list, truth: list) -> np.ndarray:
+    """(n,) bool: the per-protein outcomes that :func:`accuracy` averages."""
+    return np.array([p == t for p, t in zip(pred, truth)], dtype=bool)
+
+
+def _fold_task(train: dict, test: dict, settings: FunctionSettings, outcomes: dict | None = None) -> dict:
     key = settings.fold_key
     cls_tr = class_labels(train["annotations"].meta, key)
     cls_te = class_labels(test["annotations"].meta, key)
@@ -177,7 +199,9 @@ def _fold_task(train: dict, test: dict, settings: FunctionSettings) -> dict:
         "majority_accuracy": accuracy([majority] * len(truth), truth),
         "methods": {},
     }
-    rows_a = np.array(rows)
+    rows_a = np.array(rows, dtype=np.int64)
+    if outcomes is not None:
+        outcomes.update(rows=rows_a, methods={})
     if "probe" in settings.methods:
         if settings.probes_dir is not None:
             d = Path(settings.probes_dir) / "fold"
@@ -201,6 +225,8 @@ def _fold_task(train: dict, test: dict, settings: FunctionSettings) -> dict:
                 for slot, j in zip(np.flatnonzero(avail), best):
                     pred[slot] = classes[j]
             out["methods"][f"probe/{feat}"] = {"accuracy": accuracy(pred, truth), "n_with_input": int(avail.sum())}
+            if outcomes is not None:
+                outcomes["methods"][f"probe/{feat}"] = _correct(pred, truth)
             if settings.probes_dir is not None:
                 save_probe(Path(settings.probes_dir) / "fold", feat, probe, n_train=int(fit.sum()))
     if "baseline" in settings.methods:
@@ -220,6 +246,8 @@ def _fold_task(train: dict, test: dict, settings: FunctionSettings) -> dict:
             "n_with_input": len(live),
             "metric": settings.baseline_metric,
         }
+        if outcomes is not None:
+            outcomes["methods"]["baseline/kmer"] = _correct(pred, truth)
     return out
 
 
@@ -232,6 +260,7 @@ def evaluate_function(
     ontology=None,
     embed_text: TextEmbedder | None = None,
     ec_names: dict[str, str] | None = None,
+    per_protein: dict | None = None,
 ) -> dict:
     """Run the label tasks in ``tasks`` (subset of {"go", "ec", "fold"}).
 
@@ -242,6 +271,12 @@ def evaluate_function(
         ontology: GO ontology for propagation (None: GO labels are used as annotated).
         embed_text: text encoder for zero-shot prompts (None: no zero-shot).
         ec_names: EC label -> name for zero-shot prompts.
+        per_protein: when a dict is given, it is filled with the per-protein outcomes behind every
+            figure (the returned result is unchanged): ``{task: {"rows": (n,) int64 held-out
+            row indices scored, "truth": (n, L) bool, "methods": {method: (n, L) float32
+            propagated scores}}}`` for GO / EC, whose Fmax these give back exactly, and
+            ``{"fold": {"rows": (n,), "methods": {method: (n,) bool correct}}}``. A skipped
+            task has no entry.
 
     Returns:
         ``{"GO-MF": {...}, "GO-BP": ..., "GO-CC": ..., "EC": ..., "fold": ...}`` for the tasks run.
@@ -283,6 +318,7 @@ def evaluate_function(
                 settings,
                 embed_text,
                 extra,
+                _slot(per_protein, name),
             )
     if "ec" in tasks:
         names = ec_names or {}
@@ -298,7 +334,16 @@ def evaluate_function(
             settings,
             embed_text,
             {"propagated": True},
+            _slot(per_protein, "EC"),
         )
     if "fold" in tasks:
-        out["fold"] = _fold_task(train, test, settings)
+        out["fold"] = _fold_task(train, test, settings, _slot(per_protein, "fold"))
+    if per_protein is not None:  # a skipped task leaves an empty slot
+        for task in [t for t, v in per_protein.items() if not v]:
+            del per_protein[task]
     return out
+
+
+def _slot(per_protein: dict | None, task: str) -> dict | None:
+    """The dict a task fills with its per-protein outcomes (None: not asked for)."""
+    return None if per_protein is None else per_protein.setdefault(task, {})

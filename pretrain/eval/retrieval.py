@@ -100,6 +100,32 @@ def _recall_curve(ranks: np.ndarray, max_k: int) -> list[float]:
     return (np.cumsum(counts) / len(ranks)).tolist()
 
 
+def _directions(emb: dict):
+    """(name, query modality, candidate modality, (N,) bool: proteins with both) per available direction."""
+    for a, b in itertools.permutations(("sequence", "structure", "text"), 2):
+        if f"present_{a}" in emb and f"present_{b}" in emb:
+            yield f"{MODALITY_SHORT[a]}->{MODALITY_SHORT[b]}", a, b, emb[f"present_{a}"] & emb[f"present_{b}"]
+
+
+def direction_ranks(emb: dict, block: int = 1024) -> dict[str, np.ndarray]:
+    """Per-protein exact-pair rank of the true partner in every direction (per-protein outcomes).
+
+    The same ranks :func:`retrieval_metrics` counts (0-based, ties against the positive, among
+    the proteins that have both modalities): R@k of a direction is ``mean(r[r >= 0] < k)``.
+
+    Shapes:
+        emb as for :func:`retrieval_metrics` (N rows) -> {"seq->text": (N,) int64, ...}, -1 where
+        a protein lacks one of the direction's modalities.
+    """
+    out = {}
+    for name, a, b, both in _directions(emb):
+        ranks = np.full(len(both), -1, dtype=np.int64)
+        if both.any():
+            ranks[both] = positive_ranks(emb[a][both], emb[b][both], block)
+        out[name] = ranks
+    return out
+
+
 def retrieval_metrics(
     emb: dict, ks: list[int], groups: np.ndarray | None = None, curve_max_k: int = CURVE_MAX_K
 ) -> dict:
@@ -119,11 +145,7 @@ def retrieval_metrics(
         ``{"directions": {"seq->text": {...}, ...}, "summary": {...}}``.
     """
     directions: dict[str, dict] = {}
-    for a, b in itertools.permutations(("sequence", "structure", "text"), 2):
-        name = f"{MODALITY_SHORT[a]}->{MODALITY_SHORT[b]}"
-        if f"present_{a}" not in emb or f"present_{b}" not in emb:
-            continue
-        both = emb[f"present_{a}"] & emb[f"present_{b}"]
+    for name, a, b, both in _directions(emb):
         n = int(both.sum())
         if n == 0:
             directions[name] = {"n": 0}
