@@ -21,10 +21,9 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
-# Under ``make test`` (``pytest -n 2``) the tests of these modules run one after another, as one
-# unit, on one xdist worker: they start Ray (the launcher's Ray readers, launch/ray_job.py, ``ray
-# start`` clusters), and two Ray instances on one node have broken each other; or they share a
-# session-cached ``reference_run`` (the cache is per worker) with a module that does.
+# Under ``make test`` (``pytest -n 2``) the tests of these modules (but RAY_FREE_TESTS, below) run
+# one after another, as one unit, on one xdist worker: they start Ray (the launcher's Ray readers,
+# launch/ray_job.py, ``ray start`` clusters), and two Ray instances on one node have broken each other.
 RAY_GROUP_MODULES = {
     "tests/data_shards/test_ray_build.py",
     "tests/launch/test_bad_data.py",
@@ -49,11 +48,49 @@ REFERENCE_GROUP_MODULES = {
 }
 
 
+# Tests of RAY_GROUP_MODULES that start no Ray: their launches pass ``data.loader=local`` (or stop in
+# the configuration check, before any process group), or they run in-process without Ray. The serial
+# Ray unit is the suite's longest path under ``-n 2``, so these spread like unit tests instead. Those
+# that use a reference run may launch it once more on the other worker (the cache is per worker): one
+# launch, against minutes off the Ray unit. Listed by test (parameters apart), so that a test added
+# to one of these modules lands in the Ray unit until it is listed here.
+RAY_FREE_TESTS = {
+    "tests/launch/test_bad_data.py::test_too_many_bad_samples_stop_the_run_with_a_clear_message",
+    "tests/launch/test_object_storage.py::test_s3_shards_train_and_a_checkpoint_round_trips_through_s3",
+    "tests/launch/test_object_storage.py::test_wrong_credentials_stop_the_launch_with_one_clear_error",
+    "tests/launch/test_pretrain.py::test_stage1_keeps_encoders_bit_identical",
+    "tests/launch/test_pretrain.py::test_bad_configuration_fails_before_any_process_group",
+    "tests/launch/test_pretrain.py::test_config_errors_are_printed_once_per_node",
+    "tests/launch/test_resume.py::test_sigkill_then_relaunch_gives_the_uninterrupted_losses",
+    "tests/launch/test_resume.py::test_a_run_killed_after_its_final_checkpoint_exports_on_relaunch",
+    "tests/launch/test_resume.py::test_a_resume_under_another_batch_size_is_refused",
+    "tests/launch/test_resume.py::test_a_resume_on_another_shard_set_is_refused_and_a_moved_copy_resumes",
+    "tests/launch/test_resume.py::test_sigterm_saves_a_checkpoint_and_exits_zero",
+    *(
+        f"tests/pretrain/data/test_stream.py::{name}"
+        for name in (
+            "test_ranks_partition_each_epoch_without_repeats",
+            "test_too_large_a_batch_is_a_config_error",
+            "test_unequal_shards_leave_only_a_remainder_out_of_each_epoch",
+            "test_balanced_shards_keep_the_shard_level_split",
+            "test_no_two_random_streams_of_a_plan_coincide",
+            "test_resume_from_cursor_replays_exactly_the_same_batches",
+            "test_batch_layout",
+            "test_property_sampling_drops_low_confidence_samples",
+            "test_elastic_resume_delivers_each_sample_of_the_epoch_at_most_once",
+            "test_elastic_remainder_keeps_the_seen_batches_and_a_new_rng_key",
+            "test_elastic_resume_rejects_cursors_that_disagree",
+            "test_elastic_resume_with_property_sampling_stays_inside_the_epochs_draw",
+        )
+    ),
+}
+
+
 def work_unit(nodeid: str) -> str:
     """The xdist work unit of a test: ``"ray"`` or ``"reference"`` for the serial groups, else the
     test itself."""
     module = nodeid.split("::", 1)[0]
-    if module in RAY_GROUP_MODULES:
+    if module in RAY_GROUP_MODULES and nodeid.split("[", 1)[0] not in RAY_FREE_TESTS:
         return "ray"
     return "reference" if module in REFERENCE_GROUP_MODULES else nodeid
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import re
 
-from tests.conftest import RAY_GROUP_MODULES, REFERENCE_GROUP_MODULES, REPO, work_unit
+from tests.conftest import RAY_FREE_TESTS, RAY_GROUP_MODULES, REFERENCE_GROUP_MODULES, REPO, work_unit
 
 # A module that does any of these starts Ray directly, through launch/ray_job.py, a `ray start`
 # cluster or the launcher's Ray readers (``data.loader=ray``).
@@ -48,3 +49,21 @@ def test_groups_are_listed_files_and_disjoint():
     assert work_unit("tests/launch/test_ray_job.py::test_x") == "ray"
     assert work_unit("tests/launch/test_multinode.py::test_x") == "reference"
     assert work_unit("tests/kernels/test_ring.py::test_x[a]") == "tests/kernels/test_ring.py::test_x[a]"
+
+
+def test_tests_let_out_of_the_ray_unit_start_no_ray():
+    """Every RAY_FREE_TESTS entry exists, is in a Ray-group module, and its own source neither starts Ray
+    nor launches without ``data.loader=local`` (the module's helpers are checked by the module test above
+    only for modules outside the Ray group, so the test body is checked here)."""
+    modules = _test_modules()
+    for entry in sorted(RAY_FREE_TESTS):
+        module, name = entry.split("::", 1)
+        assert module in RAY_GROUP_MODULES, entry
+        tree = ast.parse(modules[module])
+        found = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name]
+        assert found, f"{entry}: no such test"
+        source = ast.get_source_segment(modules[module], found[0])
+        assert not STARTS_RAY.search(source.replace("data.loader=local", "")), entry
+        if LAUNCHES.search(source):
+            assert "data.loader=local" in source or "data.loader=local" in modules[module], entry
+    assert work_unit(f"{sorted(RAY_FREE_TESTS)[0]}[p]") == f"{sorted(RAY_FREE_TESTS)[0]}[p]"

@@ -24,6 +24,9 @@ from tests.conftest import run_launcher
 pytestmark = pytest.mark.slow
 
 BATCHES_PER_EPOCH = 24  # 8 shards x 48 samples over 2 ranks, 8 per batch
+# The epoch of test_corrupt_shards_are_skipped_counted_and_listed in 8 batches of 24 per rank: the
+# same samples as 24 of 8, a third of the steps (each step costs fixed collective and logging time).
+EPOCH_IN_BIG_BATCHES = (24, 8)  # data.batch_size, steps
 BAD_KEYS = {
     "DEMO_TR_000242": "coords must be a float32 array",
     "DEMO_TR_000247": "differs from backbone length",
@@ -85,8 +88,10 @@ def _rows(run_dir: Path) -> list[dict]:
 
 def test_corrupt_shards_are_skipped_counted_and_listed(tmp_path, corrupt_demo):
     run = tmp_path / "run"
+    batch, steps = EPOCH_IN_BIG_BATCHES
     over = [
-        f"train.max_steps={BATCHES_PER_EPOCH}",
+        f"data.batch_size={batch}",
+        f"train.max_steps={steps}",
         "train.checkpoint_every=100",
         "train.eval_at_end=false",
         "train.stage1_steps=2",
@@ -95,7 +100,7 @@ def test_corrupt_shards_are_skipped_counted_and_listed(tmp_path, corrupt_demo):
     p = run_launcher(run, corrupt_demo, over)
     assert p.returncode == 0, p.stderr[-4000:]
     last = [r for r in _rows(run) if "loss" in r][-1]
-    assert last["step"] == BATCHES_PER_EPOCH and last["samples_seen"] == 384
+    assert last["step"] == steps and last["samples_seen"] == 384
     assert last["bad_samples"] == 48 + len(BAD_KEYS)  # the truncated shard's 48 + the 4 bad ones
     listed = [
         json.loads(x) for f in sorted((run / "bad_samples").glob("rank_*.jsonl")) for x in f.read_text().splitlines()

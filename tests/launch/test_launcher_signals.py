@@ -17,6 +17,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from pretrain.engine.checkpoint_safety import verify_safe
+from pretrain.engine.checkpoint_tags import checkpoint_problem
 from pretrain.engine.run_lock import LOCK_NAME
 from tests.conftest import REPO, cpu_env, free_port, launcher_cmd, run_launcher
 
@@ -97,6 +99,15 @@ def test_a_signal_to_the_launcher_saves_a_checkpoint_and_leaves_no_process(tmp_p
     assert (run / "checkpoints" / tag / "COMPLETE").is_file()
     assert not (run / LOCK_NAME).exists(), "the stopped run kept the run directory locked"
     assert ranks and not _alive([r.pid for r in ranks])
+    # Whole as a resume checks it first (marker, every rank's file, every file at its written size),
+    # and loadable without unpickling anything.
+    assert checkpoint_problem(run / "checkpoints" / tag) is None
+    verify_safe(run / "checkpoints" / tag)
+    if (sig, target) != (signal.SIGTERM, "launcher"):
+        # The stop writes its checkpoint through the same path whatever the signal, so one relaunch
+        # (a launch costs tens of seconds on 2 cores) shows that a stop's checkpoint resumes; so does
+        # test_resume.py's test_sigterm_saves_a_checkpoint_and_exits_zero.
+        return
 
     again = run_launcher(run, small_demo, [f"train.max_steps={step + 2}", *COMMON])
     assert again.returncode == 0, again.stderr[-3000:]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, TINY_OVERRIDES, cpu_env, run_launcher
+from tests.conftest import REPO, TINY_OVERRIDES, cpu_env, launcher_cmd, run_launcher
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +49,9 @@ def test_two_rank_zero3_ray_smoke_resume_and_eval(tmp_path, small_demo):
     assert [r["stage"] for r in rows] == [1, 1, 2, 2]
     val = _metrics(run, "val/mean_R@10")
     assert [r["step"] for r in val] == [2, 4]
-    assert json.loads((run / "best.json").read_text())["step"] in (2, 4)
+    best = json.loads((run / "best_checkpoint.json").read_text())  # validation's default selection
+    assert best["step"] in (2, 4) and (best["metric"], best["mode"]) == ("val/mean_R@10", "max")
+    assert not (run / "best.json").exists() and (run / "export" / "best" / "config.yaml").is_file()
     assert (run / "tensorboard").is_dir()
     assert (run / "checkpoints" / "latest").read_text() == "step00000004"
     assert (run / "export" / "model.safetensors").is_file()
@@ -57,9 +59,13 @@ def test_two_rank_zero3_ray_smoke_resume_and_eval(tmp_path, small_demo):
     assert len(ev["retrieval"]["directions"]) == 6
     assert "step 4/4" in p.stdout
 
-    # The same command again reports the finished run instead of retraining.
-    again = run_launcher(run, small_demo, over)
-    assert again.returncode == 0 and "already finished at step 4" in again.stdout
+    # The same command again reports the finished run instead of retraining. That answer comes before
+    # any process group or Ray, so the launcher script runs it alone, without the DeepSpeed launcher
+    # and its two ranks (a launch costs tens of seconds on 2 cores). The 2-rank form of the check:
+    # test_resume.py's test_a_run_killed_after_its_final_checkpoint_exports_on_relaunch.
+    alone = [sys.executable, *launcher_cmd([], run, small_demo, over)[1:]]
+    again = subprocess.run(alone, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "already finished at step 4" in again.stdout, again.stderr[-3000:]
 
     # A longer run in the same directory resumes from step 4.
     longer = run_launcher(run, small_demo, ["train.max_steps=6", *over[1:]])
