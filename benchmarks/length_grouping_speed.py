@@ -49,10 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 import padding  # noqa: E402
 
-from data_shards.manifest import load_manifest  # noqa: E402
-from pretrain.config import load_config  # noqa: E402
 from pretrain.data.batching import SEQ_PAD_INDEX, padding_fraction  # noqa: E402
-from pretrain.data.stream import Cursor, local_stream, plan_for  # noqa: E402
+from pretrain.data.stream import Cursor, local_stream  # noqa: E402
 
 QUICK = {"batch": 4, "window": 2, "windows": 1, "max_length": 1022, "layers": 1, "repeats": 1, "demo_samples": 48}
 QUICK_MODEL = {"embed_dim": 64, "attention_heads": 4}  # --quick only: a tiny ESM-2 (real sizes are too slow)
@@ -80,17 +78,7 @@ def plan_batches(shards: Path, cache: Path, args: argparse.Namespace, setting: l
         {"tokens": [(B, Ls) int64], "ids": [sorted sample ids of the timed batches], "padding": timed
         batches' pad share, "epoch_padding": mean pad share of every batch of the epoch, "batches": per epoch}
     """
-    cfg = load_config(
-        overrides=[
-            f"data.train_shards={shards}",
-            f"data.batch_size={args.batch}",
-            f"model.sequence.max_length={args.max_length}",
-            f"data.length_cache={cache}",
-            "data.text_augment=false",
-            *setting,
-        ]
-    )
-    plan = plan_for(cfg, load_manifest(str(shards)), 1, 0)
+    cfg, plan = padding.one_rank_plan(shards, cache, args.batch, args.max_length, setting)
     n_epoch = plan.batches_per_epoch(0)
     n = args.windows * args.window
     if n > n_epoch:

@@ -49,8 +49,8 @@ def write_shards(seqs: list[str], out: Path) -> None:
             w.write(ProteinRecord(id=f"C{i}", sequence=s, backbone=None, text=None, meta={"source": "pdb"}))
 
 
-def one_epoch(shards: Path, cache: Path, batch: int, max_len: int, setting: list[str]) -> dict:
-    """Padding, token positions and collation seconds of one epoch of one rank under ``setting``."""
+def one_rank_plan(shards: Path, cache: Path, batch: int, max_len: int, setting: list[str]):
+    """(config, plan) of one rank over ``shards`` at ``batch`` with the recipe overrides ``setting``."""
     cfg = load_config(
         overrides=[
             f"data.train_shards={shards}",
@@ -61,7 +61,12 @@ def one_epoch(shards: Path, cache: Path, batch: int, max_len: int, setting: list
             *setting,
         ]
     )
-    plan = plan_for(cfg, load_manifest(str(shards)), 1, 0)
+    return cfg, plan_for(cfg, load_manifest(str(shards)), 1, 0)
+
+
+def one_epoch(shards: Path, cache: Path, batch: int, max_len: int, setting: list[str]) -> dict:
+    """Padding, token positions and collation seconds of one epoch of one rank under ``setting``."""
+    cfg, plan = one_rank_plan(shards, cache, batch, max_len, setting)
     n = plan.batches_per_epoch(0)
     start, fractions, positions = time.perf_counter(), [], 0
     for b, _, _ in itertools.islice(local_stream(cfg, plan, Cursor(), {}), n):
