@@ -76,8 +76,9 @@ def recipe_description(recipe: str, overrides: list[str]) -> tuple[str, int]:
 
 
 def _switches(cfg) -> list[str]:
-    """The objective switches a recipe sets away from their defaults, so overlays that differ only
-    there (temperatures, learning-rate ratios, ProtCLIP's PDA) are told apart in the table."""
+    """The objective and batch-composition switches a recipe sets away from their defaults, so overlays
+    that differ only there (temperatures, learning-rate ratios, ProtCLIP's PDA, hard negatives, length
+    grouping, false negatives, the property sample) are told apart in the table."""
     lo, out = cfg.loss, []
     if lo.objective != "align_pro":
         out.append(f"objective {lo.objective}")
@@ -93,6 +94,16 @@ def _switches(cfg) -> list[str]:
     ratios = {m: getattr(mult, m) for m in ("sequence", "structure", "text") if getattr(mult, m) != 1.0}
     if ratios:
         out.append("lr × " + ", ".join(f"{m} {v:g}" for m, v in ratios.items()))
+    if lo.false_negatives != "none":
+        out.append(f"false negatives {lo.false_negatives}")
+    d = cfg.data
+    if d.hard_negatives is not None:
+        source = "previous epoch" if d.hard_negatives == "previous_epoch" else "export"
+        out.append(f"hard negatives {source} × {d.hard_negative_ratio:g}")
+    if d.length_grouping != "none":
+        out.append(f"length grouping {d.length_grouping}")
+    if d.property_sampling and d.property_sampling_mode != "per_epoch":
+        out.append(f"property sample {d.property_sampling_mode}")
     return out
 
 

@@ -42,6 +42,9 @@ def test_bad_arguments_are_clear_errors(tmp_path, capsys):
     assert recipe_description(str(ablations / "demo_protclip_pda_gumbel.yaml"), [])[0].endswith(
         "; objective protclip; PDA gumbel"
     )
+    assert recipe_description(str(ablations / "demo_hard_negatives_previous_epoch.yaml"), [])[0].endswith(
+        "; hard negatives previous epoch × 0.5"
+    )
 
 
 @pytest.mark.slow
