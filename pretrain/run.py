@@ -33,7 +33,8 @@ def prepare(recipe: str | None, overrides: list[str], ds_config: str, run_dir: s
             directory holding a different model, or a resume under another data sampling plan.
     """
     from data_shards.storage import join
-    from pretrain.data.stream import check_plan, check_resumable_plan, plan_settings
+    from pretrain.data.plan_checks import check_plan, check_resumable_plan
+    from pretrain.data.sampling_plan import plan_settings
     from pretrain.engine.checkpoint import finished_step
     from pretrain.engine.ds_config import load_deepspeed_config, resolve_deepspeed_config
     from pretrain.engine.export import export_step

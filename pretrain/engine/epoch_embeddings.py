@@ -19,7 +19,7 @@ the epochs from the cursor's on (written by a run that got further than its last
 deleted before anything reads them.
 
 Resume (:meth:`EpochEmbeddings.resume`): the checkpoint records which file its epoch's batches come
-from and its digest (:func:`pretrain.data.stream.plan_record`). Inside an epoch the file must be there
+from and its digest (:func:`pretrain.data.plan_checks.plan_record`). Inside an epoch the file must be there
 with that digest, else the resume is refused naming it (its weights are not those of the epoch end,
 so it cannot be recomputed). At an epoch's first batch (the checkpoint's weights are those of the
 previous epoch's end) a missing or different file is recomputed. The pass costs about one forward
@@ -182,7 +182,7 @@ class EpochEmbeddings:
         """Check (or recompute) the file the resumed epoch's batches come from (collective).
 
         Args:
-            saved_plan: the checkpoint's data plan record (:func:`pretrain.data.stream.plan_record`).
+            saved_plan: the checkpoint's data plan record (:func:`pretrain.data.plan_checks.plan_record`).
             cursor: this rank's resumed cursor (the same epoch on every rank).
             where: the checkpoint, for messages.
 

@@ -25,13 +25,8 @@ from data_shards.manifest import load_manifest
 from pretrain.config import Config
 from pretrain.data.batching import padding_fraction
 from pretrain.data.collate import batch_to_device
-from pretrain.data.stream import (
-    Cursor,
-    check_resumable_plan,
-    local_stream,
-    plan_for,
-    plan_record,
-)
+from pretrain.data.plan_checks import check_resumable_plan, plan_record
+from pretrain.data.stream import Cursor, local_stream, plan_for
 from pretrain.engine import best_checkpoint, checkpoint, checkpoint_store, checkpoint_universal
 from pretrain.engine.builder import build_model
 from pretrain.engine.collectives import all_reduce_numbers

@@ -11,17 +11,9 @@ import torch
 from data_shards.manifest import load_manifest
 from pretrain.config import ConfigError, load_config
 from pretrain.data.batching import LengthGrouping, padding_fraction, sample_lengths
-from pretrain.data.stream import (
-    KEPT_SET_KEY,
-    BatchStream,
-    Cursor,
-    EpochPlan,
-    check_resumable_plan,
-    local_stream,
-    plan_for,
-    plan_record,
-    plan_settings,
-)
+from pretrain.data.plan_checks import check_resumable_plan, plan_record
+from pretrain.data.sampling_plan import plan_settings
+from pretrain.data.stream import KEPT_SET_KEY, BatchStream, Cursor, EpochPlan, local_stream, plan_for
 
 VIEWS = {"sequence": True, "structure": False, "text": False}
 B = 8

@@ -16,16 +16,8 @@ from pretrain.data.hard_negatives import (
     epoch_file,
     nearest_neighbours,
 )
-from pretrain.data.stream import (
-    BatchStream,
-    Cursor,
-    EpochPlan,
-    check_plan,
-    check_resumable_plan,
-    local_stream,
-    plan_for,
-    plan_record,
-)
+from pretrain.data.plan_checks import check_plan, check_resumable_plan, plan_record
+from pretrain.data.stream import BatchStream, Cursor, EpochPlan, local_stream, plan_for
 from tests.pretrain.data.test_batching import _index, _refs, _stream, _write
 
 B, CLUSTERS = 8, 8
