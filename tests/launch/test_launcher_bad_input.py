@@ -99,15 +99,22 @@ def _launch_in_process(monkeypatch, capsys, args: list[str], shards: Path, overr
     return code, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line_and_exit_2(tmp_path, small_demo, case, monkeypatch, capsys):
+def case_arguments(tmp_path: Path, case: tuple) -> tuple[list[str], list[str], str]:
+    """(launcher args with a --run-dir, overrides, the text the error line must contain) of a CASES entry,
+    its file placeholders filled with files written under ``tmp_path`` (also used for the Ray driver's sweep)."""
     _, args, overrides, needle = case
     names = {"tmp": tmp_path, **_files(tmp_path)}
     fill = [a.format(**names) for a in args]
     if "--run-dir" not in fill:
         fill += ["--run-dir", str(tmp_path / "run")]
+    return fill, [o.format(**names) for o in overrides], needle
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, small_demo, case, monkeypatch, capsys):
+    fill, overrides, needle = case_arguments(tmp_path, case)
     monkeypatch.chdir(tmp_path)
-    code, err = _launch_in_process(monkeypatch, capsys, fill, small_demo, [o.format(**names) for o in overrides])
+    code, err = _launch_in_process(monkeypatch, capsys, fill, small_demo, overrides)
     assert code == 2, err[-3000:]
     lines = [line for line in err.splitlines() if line.startswith("align-pro: error")]
     assert len(lines) == 1 and needle in lines[0], err[-3000:]

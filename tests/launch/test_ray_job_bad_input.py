@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TINY_OVERRIDES
-from tests.launch.test_launcher_bad_input import CASES, COMMON, _files
+from tests.launch.test_launcher_bad_input import CASES, COMMON, case_arguments
 
 OPTION_CASES = [
     # (id, driver args, text argparse's message must contain)
@@ -46,13 +46,9 @@ def driver(monkeypatch):
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, small_demo, case, driver, monkeypatch, capsys):
-    _, args, overrides, needle = case
-    names = {"tmp": tmp_path, **_files(tmp_path)}
-    fill = [a.format(**names) for a in args]
-    if "--run-dir" not in fill:
-        fill += ["--run-dir", str(tmp_path / "run")]
+    fill, overrides, needle = case_arguments(tmp_path, case)
     monkeypatch.chdir(tmp_path)
-    code = driver.main(_argv(fill, small_demo, [o.format(**names) for o in overrides]))
+    code = driver.main(_argv(fill, small_demo, overrides))
     err = capsys.readouterr().err
     assert code == 2, err[-3000:]
     lines = [line for line in err.splitlines() if line.startswith("align-pro: error")]
