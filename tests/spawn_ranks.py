@@ -43,6 +43,23 @@ def gloo_rank(
             dist.destroy_process_group()
 
 
+def launched_rank(rank: int, world: int, port: int, out_dir: str, results: Callable[[], dict], stem="rank") -> None:
+    """Be ``rank`` of ``world`` as a launched rank is (:func:`join_group`'s environment; ``results`` starts
+    the group with :func:`pretrain.run.init_process_group` when it needs one): save ``results()`` to
+    ``out_dir/<stem><rank>.pt`` (what :func:`run_ranks` collects), or the traceback to
+    ``out_dir/<stem><rank>.err`` when it raises; the group is closed in either case."""
+    from pretrain.run import close_process_group
+
+    join_group(rank, world, port)
+    try:
+        torch.save(results(), os.path.join(out_dir, f"{stem}{rank}.pt"))
+    except BaseException:
+        Path(out_dir, f"{stem}{rank}.err").write_text(traceback.format_exc())
+        raise
+    finally:
+        close_process_group()
+
+
 def trainer_overrides(shards: str | Path) -> list[str]:
     """Recipe overrides for a Trainer built inside a spawned worker on a demo corpus at ``shards``."""
     from tests.conftest import TINY_OVERRIDES

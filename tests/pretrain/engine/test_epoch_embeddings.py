@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tests.conftest import free_port
-from tests.spawn_ranks import join_group, run_ranks, trainer_overrides
+from tests.spawn_ranks import launched_rank, run_ranks, trainer_overrides
 
 pytestmark = pytest.mark.slow  # seven short trainings on one spawned rank, a 2-rank ZeRO-3 pass
 
@@ -95,49 +95,43 @@ def _direct_embedding_probe(direct: dict):
 
 
 def _worker(rank: int, port: int, out: str, shards: str, tmp: str) -> None:
+    launched_rank(rank, 1, port, out, lambda: _resume_runs(shards, Path(tmp)))
+
+
+def _resume_runs(shards: str, tmp_dir: Path) -> dict:
     import os
 
     from pretrain.config import ConfigError
     from pretrain.engine.run_files import RECORD_ENV
-    from pretrain.run import close_process_group, init_process_group
+    from pretrain.run import init_process_group
 
-    join_group(rank, 1, port)
     os.environ[RECORD_ENV] = "1"
-    tmp_dir = Path(tmp)
     ds_json = tmp_dir / "zero0.json"
     ds_json.write_text(json.dumps(ZERO0))
     result: dict = {}
-    try:
-        init_process_group()
-        direct: dict = {}
-        _train(tmp_dir / "a", shards, str(ds_json), _direct_embedding_probe(direct))
-        result["direct"] = direct
-        # preempted inside epoch 1 (step 6: cursor (1, 2)), then resumed
-        assert _train(tmp_dir / "b", shards, str(ds_json), _sigterm_after(PER_EPOCH + 2)).preempted
-        for name in ("changed", "missing"):
-            shutil.copytree(tmp_dir / "b", tmp_dir / name)
-        _train(tmp_dir / "b", shards, str(ds_json))
-        # preempted at epoch 0's very end (step 4: no time for the file, none written), then resumed
-        assert _train(tmp_dir / "e", shards, str(ds_json), _sigterm_after(PER_EPOCH)).preempted
-        result["e_files_at_stop"] = sorted(p.name for p in (tmp_dir / "e").glob("hard_negatives/*.npy"))
-        _train(tmp_dir / "e", shards, str(ds_json))
-        emb = np.load(tmp_dir / "changed" / "hard_negatives" / "epoch0.npy")
-        np.save(tmp_dir / "changed" / "hard_negatives" / "epoch0.npy", emb[::-1].copy(), allow_pickle=False)
-        (tmp_dir / "missing" / "hard_negatives" / "epoch0.npy").unlink()
-        for name in ("changed", "missing"):
-            try:
-                _train(tmp_dir / name, shards, str(ds_json))
-                result[name] = "resumed"
-            except ConfigError as e:
-                result[name] = str(e)
-        torch.save(result, Path(out) / f"rank{rank}.pt")
-    except Exception:  # noqa: BLE001 - reported to the parent
-        import traceback
-
-        (Path(out) / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        close_process_group()
+    init_process_group()
+    direct: dict = {}
+    _train(tmp_dir / "a", shards, str(ds_json), _direct_embedding_probe(direct))
+    result["direct"] = direct
+    # preempted inside epoch 1 (step 6: cursor (1, 2)), then resumed
+    assert _train(tmp_dir / "b", shards, str(ds_json), _sigterm_after(PER_EPOCH + 2)).preempted
+    for name in ("changed", "missing"):
+        shutil.copytree(tmp_dir / "b", tmp_dir / name)
+    _train(tmp_dir / "b", shards, str(ds_json))
+    # preempted at epoch 0's very end (step 4: no time for the file, none written), then resumed
+    assert _train(tmp_dir / "e", shards, str(ds_json), _sigterm_after(PER_EPOCH)).preempted
+    result["e_files_at_stop"] = sorted(p.name for p in (tmp_dir / "e").glob("hard_negatives/*.npy"))
+    _train(tmp_dir / "e", shards, str(ds_json))
+    emb = np.load(tmp_dir / "changed" / "hard_negatives" / "epoch0.npy")
+    np.save(tmp_dir / "changed" / "hard_negatives" / "epoch0.npy", emb[::-1].copy(), allow_pickle=False)
+    (tmp_dir / "missing" / "hard_negatives" / "epoch0.npy").unlink()
+    for name in ("changed", "missing"):
+        try:
+            _train(tmp_dir / name, shards, str(ds_json))
+            result[name] = "resumed"
+        except ConfigError as e:
+            result[name] = str(e)
+    return result
 
 
 def _consumed(run: Path) -> list[tuple]:
@@ -220,43 +214,35 @@ def test_a_resume_inside_an_epoch_without_its_file_is_refused_naming_it(runs, na
 
 
 def _zero3_worker(rank: int, port: int, out: str, shards: str, run_dir: str) -> None:
-    join_group(rank, 2, port)
+    launched_rank(rank, 2, port, out, lambda: _zero3_write(rank, shards, run_dir))
+
+
+def _zero3_write(rank: int, shards: str, run_dir: str) -> dict:
+    import deepspeed
+
+    from data_shards.manifest import load_manifest
+    from pretrain.config import load_config
+    from pretrain.data.stream import plan_for
+    from pretrain.engine.builder import build_model
+    from pretrain.engine.ds_config import load_deepspeed_config, resolve_deepspeed_config
+    from pretrain.engine.epoch_embeddings import EpochEmbeddings
+    from pretrain.eval.embed import embed_shards
+    from pretrain.run import init_process_group
+
     torch.set_num_threads(1)
-    try:
-        import deepspeed
-
-        from data_shards.manifest import load_manifest
-        from pretrain.config import load_config
-        from pretrain.data.stream import plan_for
-        from pretrain.engine.builder import build_model
-        from pretrain.engine.ds_config import load_deepspeed_config, resolve_deepspeed_config
-        from pretrain.engine.epoch_embeddings import EpochEmbeddings
-        from pretrain.eval.embed import embed_shards
-        from pretrain.run import init_process_group
-
-        init_process_group()
-        cfg = load_config(overrides=[*trainer_overrides(shards), *OVERRIDES, "data.hard_negative_modality=structure"])
-        torch.manual_seed(0)
-        model = build_model(cfg)  # the same weights on both ranks
-        want = embed_shards(model, cfg, cfg.data.train_shards, 5, modalities=("structure",))["structure"]
-        model.train()
-        ds = resolve_deepspeed_config(load_deepspeed_config("zero3.json"), cfg, 2, use_cuda=False)
-        groups = [{"params": ps, "name": name} for name, ps in model.parameter_groups().items()]
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds)
-        plan = plan_for(cfg, load_manifest(cfg.data.train_shards), 2, rank, run_dir=run_dir)
-        path = EpochEmbeddings(cfg, Path(run_dir), plan, torch.device("cpu")).write(engine, 0)
-        written = np.load(path, allow_pickle=False)  # rank 1 reads what rank 0 wrote, after the barrier
-        result = {"written": torch.from_numpy(written), "want": torch.from_numpy(want), "training": engine.training}
-        torch.save(result, Path(out) / f"rank{rank}.pt")
-    except Exception:  # noqa: BLE001 - reported to the parent
-        import traceback
-
-        (Path(out) / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        from pretrain.run import close_process_group
-
-        close_process_group()
+    init_process_group()
+    cfg = load_config(overrides=[*trainer_overrides(shards), *OVERRIDES, "data.hard_negative_modality=structure"])
+    torch.manual_seed(0)
+    model = build_model(cfg)  # the same weights on both ranks
+    want = embed_shards(model, cfg, cfg.data.train_shards, 5, modalities=("structure",))["structure"]
+    model.train()
+    ds = resolve_deepspeed_config(load_deepspeed_config("zero3.json"), cfg, 2, use_cuda=False)
+    groups = [{"params": ps, "name": name} for name, ps in model.parameter_groups().items()]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds)
+    plan = plan_for(cfg, load_manifest(cfg.data.train_shards), 2, rank, run_dir=run_dir)
+    path = EpochEmbeddings(cfg, Path(run_dir), plan, torch.device("cpu")).write(engine, 0)
+    written = np.load(path, allow_pickle=False)  # rank 1 reads what rank 0 wrote, after the barrier
+    return {"written": torch.from_numpy(written), "want": torch.from_numpy(want), "training": engine.training}
 
 
 def test_two_zero3_ranks_write_the_manifest_embedding(tmp_path, tiny_demo):

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import traceback
 from collections.abc import Callable
-from pathlib import Path
 
-import torch
-
-from pretrain.run import close_process_group
-from tests.spawn_ranks import join_group, trainer_overrides
+from tests.spawn_ranks import launched_rank, trainer_overrides
 
 
 def train_rank(
@@ -37,8 +32,8 @@ def train_rank(
             called after the trainer is closed, whose entries join the saved result.
         write_config: rank 0 writes RUN/config.yaml first (what export and consolidation read).
     """
-    join_group(rank, world, port)
-    try:
+
+    def results() -> dict:
         from pretrain.run import init_process_group, prepare, run_trainer, write_run_config
 
         plan = prepare(None, [*trainer_overrides(shards), *overrides], ds_json, run_dir, world)
@@ -48,9 +43,6 @@ def train_rank(
         finish: list[Callable] = []
         trainer = run_trainer(plan, None if probe is None else lambda t: finish.append(probe(t)))
         extra = finish[0](trainer) if finish else {}
-        torch.save({"step": trainer.step, **extra}, Path(out) / f"rank{rank}.pt")
-    except Exception:  # noqa: BLE001 - reported to the parent
-        (Path(out) / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        close_process_group()
+        return {"step": trainer.step, **extra}
+
+    launched_rank(rank, world, port, out, results)
