@@ -50,7 +50,7 @@ from pretrain.engine.checkpoint_tags import (
     latest_tag,
 )
 from pretrain.engine.checkpoint_universal import UNIVERSAL_SUFFIX, convert_tag, remove_orphan_conversions
-from pretrain.engine.collectives import all_reduce_numbers
+from pretrain.engine.collectives import all_reduce_numbers, barrier
 from pretrain.errors import ConfigError, RunStopped
 
 log = logging.getLogger(__name__)
@@ -63,11 +63,6 @@ WRITE_ERRORS = (OSError, RuntimeError)
 
 class CheckpointWriteError(RunStopped):
     """A checkpoint could not be written on some rank; the previous one is intact."""
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def _any_rank(flag: bool) -> bool:
@@ -210,7 +205,7 @@ def save(
                 continue  # the best checkpoint by eval.select_metric outlives retention
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
             shutil.rmtree(ckpt_dir / f"{old}{UNIVERSAL_SUFFIX}", ignore_errors=True)  # its elastic-resume form
-    _barrier()
+    barrier()
     if remote:
         world = dist.get_world_size() if dist.is_initialized() else 1
         if dist.is_initialized():
@@ -242,12 +237,12 @@ def _fail_together(ckpt_dir: Path, tag: str, errors: list[str], rank: int) -> No
         return
     for e in errors:
         log.error("checkpoint write failed on rank %d: %s", rank, e)
-    _barrier()  # nobody is still writing into the directory
+    barrier()  # nobody is still writing into the directory
     if rank == 0:
         shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
         for tmp in ckpt_dir.glob(".latest.tmp*"):
             tmp.unlink(missing_ok=True)
-    _barrier()
+    barrier()
     previous = latest_tag(ckpt_dir)
     keeps = f"{ckpt_dir / 'latest'} still names {previous}" if previous else "no earlier checkpoint exists"
     detail = "; ".join(errors) if errors else "another rank failed to write its files"

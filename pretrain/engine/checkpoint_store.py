@@ -37,25 +37,12 @@ from data_shards import storage
 from pretrain.data.hard_negatives import EPOCH_DIR
 from pretrain.engine import best_checkpoint
 from pretrain.engine.checkpoint_tags import COMPLETE, checkpoint_problem, complete_record
-from pretrain.engine.collectives import all_reduce_numbers
+from pretrain.engine.collectives import all_reduce_numbers, node_leader, rank_and_world
 
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
 RUN_RECORD = ("config.yaml", "metrics.jsonl", "best_checkpoint.json")
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def _node_leader() -> bool:
-    return int(os.environ.get("LOCAL_RANK", _rank())) == 0
 
 
 def _everyone_ok(error: BaseException | None, what: str) -> None:
@@ -125,13 +112,13 @@ def publish(
     """
     root = storage.join(remote, "checkpoints")
     error = None
-    if _node_leader():
+    if node_leader():
         try:
             local = ckpt_dir / tag
             names = sorted(p.name for p in local.iterdir() if p.is_file() and p.name != COMPLETE)
             for name in names:
                 storage.upload_file(local / name, storage.join(root, tag, name))
-            if _rank() == 0:
+            if rank_and_world()[0] == 0:
                 for name in RUN_RECORD:
                     if (run_dir / name).is_file():
                         storage.upload_file(run_dir / name, storage.join(remote, name))
@@ -139,14 +126,14 @@ def publish(
         except (OSError, ValueError) as e:
             error = e
     _everyone_ok(error, f"uploading checkpoint {tag} to {root}")
-    if _rank() == 0:
+    if rank_and_world()[0] == 0:
         try:
             storage.write_text(storage.join(root, tag, COMPLETE), json.dumps(complete))
             storage.write_text(storage.join(root, LATEST), tag)  # the publish point: written last
         except (OSError, ValueError) as e:
             error = e
     _everyone_ok(error, f"publishing checkpoint {tag} to {root}")
-    if _rank() == 0:
+    if rank_and_world()[0] == 0:
         try:
             _prune(remote, keep, complete["step"], pinned)
         except (OSError, ValueError) as e:  # old tags left behind cost space, not correctness
@@ -236,7 +223,7 @@ def fetch(ckpt_dir: Path, remote: str, run_dir: Path) -> str | None:
     """
     choice: list = [None]
     error = None
-    if _rank() == 0:
+    if rank_and_world()[0] == 0:
         try:
             found = remote_latest(remote)
             choice = [found[0] if found else None]
@@ -248,19 +235,19 @@ def fetch(ckpt_dir: Path, remote: str, run_dir: Path) -> str | None:
     tag = choice[0]
     if tag is None:
         return None
-    if _node_leader():
+    if node_leader():
         try:
             _download_tag(ckpt_dir, remote, tag)
             storage.write_text(ckpt_dir / LATEST, tag)
             fetch_epoch_files(run_dir, remote)
             for name in ("metrics.jsonl", best_checkpoint.FILE):
                 local = run_dir / name
-                if _rank() == 0 and not local.is_file() and storage.exists(storage.join(remote, name)):
+                if rank_and_world()[0] == 0 and not local.is_file() and storage.exists(storage.join(remote, name)):
                     storage.write_bytes(local, storage.read_bytes(storage.join(remote, name)))
         except (OSError, ValueError) as e:
             error = e
     _everyone_ok(error, f"downloading checkpoint {tag} from {remote}")
-    if _rank() == 0:
+    if rank_and_world()[0] == 0:
         fetch_pinned(ckpt_dir, remote, run_dir, tag)
     return tag
 

@@ -35,7 +35,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from pretrain.config import Config, ConfigError
 from pretrain.data.collate import batch_to_device
@@ -47,36 +46,10 @@ from pretrain.data.hard_negatives import (
     file_digest,
 )
 from pretrain.data.stream import BatchSource, Cursor, EpochPlan
-from pretrain.engine.collectives import all_reduce_numbers
+from pretrain.engine.collectives import all_gather_rows, all_reduce_numbers, barrier, node_leader, rank_and_world
 from pretrain.engine.precision import forward_autocast, resolve_precision
 
 log = logging.getLogger(__name__)
-
-
-def _group() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def _node_leader() -> bool:
-    return int(os.environ.get("LOCAL_RANK", _group()[0])) == 0
-
-
-def _all_gather(t: torch.Tensor) -> torch.Tensor:
-    """(b, E) on every rank -> (world, b, E), rank order; on the device the group's backend needs."""
-    world = _group()[1]
-    if world == 1:
-        return t[None]
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    parts = [torch.empty_like(t, device=dev) for _ in range(world)]
-    dist.all_gather(parts, t.to(dev).contiguous())
-    return torch.stack(parts).cpu()
 
 
 @torch.no_grad()
@@ -96,7 +69,7 @@ def embed_manifest(
         (N, E) float32, the same on every rank; rows of proteins without the modality (or unreadable)
         are zeros.
     """
-    rank, world = _group()
+    rank, world = rank_and_world()
     shards = plan.manifest.shards
     refs = [(str(s.path), i) for s in shards for i in range(s.num_samples)]
     n = len(refs)
@@ -118,7 +91,7 @@ def embed_manifest(
             e = emb.float() * mask[:, None]
             padded = torch.zeros(batch_size, e.shape[1], dtype=torch.float32, device=e.device)
             padded[: len(e)] = e
-            gathered = _all_gather(padded)  # (world, batch_size, E)
+            gathered = all_gather_rows(padded)  # (world, batch_size, E)
             if out is None:
                 out = np.zeros((n, e.shape[1]), dtype=np.float32)
             for r in range(world):
@@ -158,8 +131,8 @@ class EpochEmbeddings:
         bs = self.cfg.eval.batch_size
         emb = embed_manifest(model, self.cfg, self.plan, self.modality, self.device, bs)  # (N, E)
         path = epoch_file(self.directory, epoch)
-        rank, _ = _group()
-        if _node_leader():
+        rank, _ = rank_and_world()
+        if node_leader():
             self.directory.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{rank}.tmp")
             with open(tmp, "wb") as f:
@@ -168,7 +141,7 @@ class EpochEmbeddings:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
             self._delete(lambda k: k < epoch - 1)
-        _barrier()
+        barrier()
         log.info("epoch %d: %s embeddings of %d proteins written to %s", epoch, self.modality, len(emb), path)
         return path
 
@@ -193,9 +166,9 @@ class EpochEmbeddings:
         if not self.enabled:
             return
         e = cursor.epoch
-        if _node_leader() and self.directory.is_dir():
+        if node_leader() and self.directory.is_dir():
             self._delete(lambda k: k >= e)  # written past this checkpoint: rewritten before use
-        _barrier()
+        barrier()
         if e == 0:
             return
         path = epoch_file(self.directory, e - 1)
