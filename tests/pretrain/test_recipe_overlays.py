@@ -18,6 +18,7 @@ CHANGES = {
     "per_pair_temperature": {("loss", "temperature"): "per_pair"},
     "per_term_temperature": {("loss", "temperature"): "per_term"},
     "text_lr_0p1": {("optim", "encoder_lr_mult", "text"): 0.1},
+    "sigmoid": {("loss", "kind"): "sigmoid"},
 }
 # ProtCLIP switches: variant -> changed fields, on the ProtCLIP bases (demo_protclip.yaml is demo.yaml with the
 # protclip objective and demo-sized heads; protclip_650M.yaml the real-size recipe)
