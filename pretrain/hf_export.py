@@ -258,7 +258,8 @@ def _write_structure(model: TriModalModel, cfg: Config, out: Path) -> dict:
 
 
 def _logit_scales(model: TriModalModel, cfg: Config) -> dict:
-    """The contrastive temperature as trained (raw log value) and as used (clamped, exponentiated)."""
+    """The contrastive temperature as trained (raw log value) and as used (clamped, exponentiated); with
+    per-term scales (``loss.temperature``) or SigLIP biases (``loss.kind: sigmoid``) those too, by name."""
     raw = float(model.log_logit_scale.detach().float().reshape(-1)[0])
     out = {
         "log_logit_scale": raw,
@@ -272,6 +273,13 @@ def _logit_scales(model: TriModalModel, cfg: Config) -> dict:
     }
     if others:  # objective heads (ProtCLIP's PDA) keep scales of their own; their modules are not exported
         out["other_log_logit_scales"] = others
+    term_scales = getattr(model, "term_temperature", None)  # loss.temperature per_pair / per_term
+    if term_scales is not None:
+        used = term_scales()["term_logit_scale"].detach().float().reshape(-1).tolist()
+        out["term_logit_scales"] = dict(zip(term_scales.names, used))  # as used: clamped, exponentiated
+    siglip = getattr(model, "siglip", None)  # loss.kind sigmoid: SigLIP's learned bias per term
+    if siglip is not None:
+        out["term_biases"] = dict(zip(siglip.terms, siglip.bias.detach().float().reshape(-1).tolist()))
     return out
 
 

@@ -82,6 +82,26 @@ def _recipe(cfg: Config, info: dict) -> list[str]:
     ]
 
 
+def _scales_sentence(cfg: Config, info: dict) -> str:
+    """What the loss's learned scales (and SigLIP biases) ended at, as ``align_pro.json`` records them."""
+    terms = info.get("term_logit_scales")
+    if not terms:
+        text = f"The learned logit scale is {info['logit_scale']:.4g} (`align_pro.json`)."
+    else:
+        named = ", ".join(f"{name} {scale:.4g}" for name, scale in terms.items())
+        per_term = cfg.loss.temperature == "per_term"
+        text = f"The loss learned one logit scale per {'term' if per_term else 'pair'}: {named}"
+        if per_term:  # the shared scale stays at its init: no term reads it
+            shared = info["logit_scale"]
+            text += f" (`align_pro.json` `term_logit_scales`; the shared `logit_scale` {shared:.4g} was not used)."
+        else:
+            text += f"; the intra-modal terms used the shared scale {info['logit_scale']:.4g} (`align_pro.json`)."
+    if info.get("term_biases"):
+        biases = ", ".join(f"{name.removeprefix('loss_')} {b:.4g}" for name, b in info["term_biases"].items())
+        text += f" Loss: SigLIP's pairwise sigmoid with a learned bias per term ({biases})."
+    return text
+
+
 def _selected(sel: dict) -> str:
     """One sentence naming the selected checkpoint's step, metric and score."""
     better = "higher" if sel["mode"] == "max" else "lower"
@@ -365,7 +385,7 @@ def model_card(cfg: Config, info: dict, run_dir: Path | None) -> str:
         'z = model.embed_sequences(["MKTAYIAKQR"]) @ model.embed_texts(["ATP binding"]).T',
         "```",
         "",
-        f"The learned logit scale is {info['logit_scale']:.4g} (`align_pro.json`); the pooler of "
+        f"{_scales_sentence(cfg, info)} The pooler of "
         "`AutoModel` is not part of the trained model (transformers initialises it at random) and must not be used.",
         "",
         "## Training recipe",

@@ -228,7 +228,8 @@ class Trainer:
         with timer.phase("optimizer"):
             applied = self._optimizer_step()
         values = detach_terms(terms)
-        values["logit_scale"] = float(logit_scale.detach().reshape(-1)[0])
+        if self.cfg.loss.temperature != "per_term":  # per_term: no term reads the shared scale (it stays at init);
+            values["logit_scale"] = float(logit_scale.detach().reshape(-1)[0])  # temp_<term> are the ones used
         values["nonfinite"] = float(not applied or not math.isfinite(values["loss"]))
         return values
 

@@ -257,3 +257,32 @@ def test_which_export_of_a_run_is_converted(tmp_path, capsys):
     assert "--out names one directory" in capsys.readouterr().err
     assert main(["--export", str(run / "export"), "--which", "best"]) == 2
     assert "--which applies to --run-dir" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("temperature", ["per_pair", "per_term"])
+def test_card_names_the_scales_and_biases_the_loss_learned(corpus, tmp_path, temperature):
+    """Per-term scales and SigLIP biases are recorded by name and the card says which scale was used."""
+    from pretrain.engine.builder import build_model
+
+    overrides = [f"data.train_shards={corpus / 'train'}", f"data.eval_shards={corpus / 'heldout'}"]
+    cfg = load_config(None, [*overrides, f"loss.temperature={temperature}", "loss.kind=sigmoid"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    _perturb(model, 2)  # every scale and bias off its init, each a different value
+    export = write_export(model.state_dict(), cfg, tmp_path / "run" / "export", step=7)
+    hf = export_hf(export, tmp_path / "hf")
+    info = json.loads((hf / INFO_FILE).read_text())
+    scales = model.term_temperature()["term_logit_scale"].detach().tolist()
+    assert info["term_logit_scales"] == pytest.approx(dict(zip(model.term_temperature.names, scales)), rel=1e-6)
+    assert info["term_biases"] == pytest.approx(dict(zip(model.siglip.terms, model.siglip.bias.tolist())), rel=1e-6)
+    card = (hf / "README.md").read_text()
+    named = ", ".join(f"{n} {s:.4g}" for n, s in info["term_logit_scales"].items())
+    assert named in card
+    shared = f"{info['logit_scale']:.4g}"
+    if temperature == "per_term":
+        assert "intra_text" in info["term_logit_scales"] and f"the shared `logit_scale` {shared} was not used" in card
+    else:
+        assert "intra_text" not in info["term_logit_scales"]
+        assert f"intra-modal terms used the shared scale {shared}" in card
+    assert "The learned logit scale is" not in card
+    assert f"seq_struct {info['term_biases']['loss_seq_struct']:.4g}" in card

@@ -39,6 +39,7 @@ def test_bad_arguments_are_clear_errors(tmp_path, capsys):
         "; temperature per_term"
     )
     assert recipe_description(str(ablations / "demo_text_lr_0p1.yaml"), [])[0].endswith("; lr × text 0.1")
+    assert recipe_description(str(ablations / "demo_sigmoid.yaml"), [])[0].endswith("; loss sigmoid")
     assert recipe_description(str(ablations / "demo_protclip_pda_gumbel.yaml"), [])[0].endswith(
         "; objective protclip; PDA gumbel"
     )

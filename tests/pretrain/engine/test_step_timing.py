@@ -156,13 +156,15 @@ def _worker(rank: int, port: int, out: str, shards: str, run_dir: str) -> None:
         return lambda trainer: {"walls": walls}
 
     over = ["train.stage1_steps=1", "train.max_steps=4", "train.log_every=2", "train.checkpoint_every=1000"]
+    over.append("loss.temperature=per_term")  # also: what a per-term run logs of its scales
     train_rank(rank, 1, port, out, shards, run_dir, "zero2.json", over, probe)
 
 
 @pytest.mark.slow
 def test_metrics_lines_carry_the_time_split_and_the_loss_backend(tmp_path, small_demo):
     """A real DeepSpeed run on CPU: each logged line has the five phases, non-negative, summing to no
-    more than the step's wall time (itself covering train_step), and the first names the torch loss."""
+    more than the step's wall time (itself covering train_step), and the first names the torch loss.
+    The run learns one temperature per term: each line logs them and not the shared scale no term used."""
     args = (0, free_port(), str(tmp_path), str(small_demo), str(tmp_path / "run"))
     (result,) = run_ranks(_worker, lambda r: args, 1, tmp_path, 300.0, "rank")
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -178,3 +180,6 @@ def test_metrics_lines_carry_the_time_split_and_the_loss_backend(tmp_path, small
         assert row["encoder_tflops"] > 0 and row["mfu_encoders"] is None and row["peak_mem_gb"] is None
         assert 0.0 <= row["padding_fraction"] < 1.0  # pretrain.data.batching.padding_fraction, per step
     assert rows[0]["loss_backend"] == "torch" and "loss_backend" not in rows[1]
+    for row in rows:
+        assert "logit_scale" not in row  # stays at its init under per_term: logging it would mislead
+        assert all(row[f"temp_{t}"] > 0 for t in ("seq_struct", "seq_text", "struct_text", "intra_seq", "intra_text"))
