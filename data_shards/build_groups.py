@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from data_shards import storage
@@ -45,6 +45,9 @@ class GroupContext:
         prefix: shard name prefix.
         samples_per_shard: at most this many samples per shard.
         split_names: ``["train", "heldout"]``, or ``[None]`` for one unsplit set.
+        isolate: parse structure files in child processes even with ``workers`` 1, so that a file
+            that kills its parsing process is skipped, not the task (the re-run of a Ray task
+            whose worker died: :class:`~data_shards.parallel_parse.GroupRunner`).
     """
 
     index: AnnotationIndex
@@ -56,6 +59,11 @@ class GroupContext:
     prefix: str
     samples_per_shard: int
     split_names: list
+    isolate: bool = False
+
+    def isolating(self) -> GroupContext:
+        """This context with ``isolate`` set (a shallow copy: the index is shared)."""
+        return replace(self, isolate=True)
 
 
 class _GroupMaker(RecordMaker):
@@ -92,7 +100,7 @@ def group_records(ctx: GroupContext, gid: int, kind: str, items: list, fingerpri
 
     def stream():
         if kind == "structures":
-            for unit, parsed, error, reason in parsed_units(items, ctx.workers, ctx.plddt):
+            for unit, parsed, error, reason in parsed_units(items, ctx.workers, ctx.plddt, ctx.isolate):
                 yield from maker.from_structure(unit, parsed, error, reason)
         elif kind == "rows":
             for row, table in items:

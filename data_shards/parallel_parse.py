@@ -2,12 +2,15 @@
 and running the grouped build's tasks here or on Ray (:class:`GroupRunner`, with a progress bar).
 
 A worker process that dies (the OOM killer's SIGKILL, a crash in the C++ parser) costs the file it
-was reading, never the build and never a hang: see :func:`parsed_units`.
+was reading, never the build and never a hang: see :func:`parsed_units`. On Ray, a group task
+whose worker process dies is run once more with each file parsed in a child process
+(:meth:`GroupRunner.map`), so that there too only the file that kills its process is skipped.
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 import multiprocessing
 import sys
 from collections.abc import Iterator
@@ -20,6 +23,8 @@ from data_shards.records import StructureUnit
 
 UNREADABLE = "unreadable structure file"
 WORKER_DIED = "worker process died while reading the structure file (e.g. out of memory)"
+
+log = logging.getLogger(__name__)
 
 
 def parse_unit(job: tuple) -> tuple[StructureFile | None, str | None]:
@@ -53,8 +58,11 @@ def _job(unit: StructureUnit, plddt: str) -> tuple:
 Parsed = tuple[StructureUnit, StructureFile | None, str | None, str]
 
 
-def parsed_units(units: list[StructureUnit], workers: int, plddt: str) -> Iterator[Parsed]:
+def parsed_units(units: list[StructureUnit], workers: int, plddt: str, isolate: bool = False) -> Iterator[Parsed]:
     """Parse ``units`` in order; a bounded window of jobs is in flight across ``workers`` processes.
+
+    ``workers`` <= 1 parses in this process, unless ``isolate``: then one child process parses them
+    (so that a file that kills its process costs that file, not this process).
 
     A worker process that dies (the OOM killer's SIGKILL, a crash in the C++ parser) breaks a
     ``ProcessPoolExecutor`` at once, failing every job in flight, instead of hanging as a
@@ -62,13 +70,13 @@ def parsed_units(units: list[StructureUnit], workers: int, plddt: str) -> Iterat
     fresh process, so that only the file that kills its process is skipped (reason
     :data:`WORKER_DIED`); a new pool takes the rest. Results keep the unit order either way.
     """
-    if workers <= 1:
+    if workers <= 1 and not isolate:
         for unit in units:
             yield (unit, *parse_unit(_job(unit, plddt)), UNREADABLE)
         return
     todo = collections.deque(units)
     while todo:
-        in_flight = yield from _pool_pass(todo, workers, plddt)
+        in_flight = yield from _pool_pass(todo, max(1, workers), plddt)
         for unit, future in in_flight:  # the pool broke: find the file that kills its process
             done = future is not None and future.done() and not future.cancelled() and future.exception() is None
             if done:
@@ -138,18 +146,30 @@ def _parse_into(parse, job: tuple, send) -> None:
 # ----------------------------------------------------------------------------- groups of the grouped build
 
 
+# Ray's exceptions (``ray.exceptions``) for a task whose worker process died: killed by a signal
+# (the kernel's OOM killer's SIGKILL, a segfault in a C++ parser) or by Ray's memory monitor.
+WORKER_DEATHS = ("WorkerCrashedError", "OutOfMemoryError")
+ISOLATED_RETRIES = 2  # Ray's retries of a task whose worker died (other causes: node loss, memory pressure)
+
+
 class GroupRunner:
     """Runs ``fn(ctx, *job)`` for group jobs in this process or as Ray tasks (one CPU each).
 
     Args:
-        ctx: the context every job gets (put once into the Ray object store).
+        ctx: the context every job gets (put once into the Ray object store). When it has an
+            ``isolating()`` method (:class:`data_shards.build_groups.GroupContext`), that gives the
+            context of a re-run whose structure files are each parsed in a child process.
         ray_address: None runs here; "local" (or "") starts a local Ray unless one is running in
             this process, "auto" joins the running cluster, else a cluster address.
         stall_timeout_s: on Ray, cancel and raise RuntimeError when no task ends for this long
             (tasks waiting for CPUs the cluster does not have); None waits.
 
-    A task that raises stops the build (its completion record is missing, so a rerun redoes it);
-    a worker that dies is retried twice by Ray.
+    A task that raises stops the build (its completion record is missing, so a rerun redoes it).
+    A task whose Ray worker process dies (:data:`WORKER_DEATHS`: SIGKILL by the OOM killer, a crash
+    in the C++ parser, Ray's memory monitor) is run once more on ``ctx.isolating()``, which Ray
+    retries :data:`ISOLATED_RETRIES` times: a file that kills its parsing process then costs that
+    file (:data:`WORKER_DIED`), not the build. A task that dies there too stops the build. Without
+    ``isolating()``, Ray retries a dead worker's task :data:`ISOLATED_RETRIES` times.
     """
 
     def __init__(self, ctx, ray_address: str | None = None, stall_timeout_s: float | None = None):
@@ -175,11 +195,17 @@ class GroupRunner:
                 _tick(bar, out[-1])
             return out
         ray = self.ray
-        if fn not in self.remote:
-            self.remote[fn] = ray.remote(num_cpus=1, max_retries=2)(fn)
+        can_isolate = callable(getattr(self.ctx, "isolating", None))
+        if fn not in self.remote:  # with the isolating re-run, the first death goes straight to it
+            retries = 0 if can_isolate else ISOLATED_RETRIES
+            self.remote[fn] = ray.remote(num_cpus=1, max_retries=retries)(fn)
+        if _run_isolated not in self.remote:
+            self.remote[_run_isolated] = ray.remote(num_cpus=1, max_retries=ISOLATED_RETRIES)(_run_isolated)
         remote = self.remote[fn]
+        deaths = tuple(getattr(ray.exceptions, name) for name in WORKER_DEATHS)
         results: dict[int, object] = {}
         pending: dict = {}
+        isolated: set[int] = set()
         todo = list(enumerate(jobs))
         while todo or pending:
             while todo and len(pending) < self.window:
@@ -194,9 +220,38 @@ class GroupRunner:
                     f"cluster resources {ray.cluster_resources()})"
                 )
             for ref in ready:
-                results[pending.pop(ref)] = value = ray.get(ref)
+                i = pending.pop(ref)
+                try:
+                    results[i] = value = ray.get(ref)
+                except deaths as exc:
+                    if not can_isolate:
+                        raise
+                    what, why = _task_name(fn, jobs[i]), f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+                    if i in isolated:
+                        log.error("%s: its Ray worker died again, each file parsed in a child process (%s)", what, why)
+                        raise
+                    log.warning(
+                        "%s: its Ray worker died (%s); running it again with each file parsed in a child "
+                        "process, so that a file that kills its process is skipped",
+                        what,
+                        why,
+                    )
+                    isolated.add(i)
+                    pending[self.remote[_run_isolated].remote(fn, self.ctx_ref, *jobs[i])] = i
+                    continue
                 _tick(bar, value)
         return [results[i] for i in range(len(jobs))]
+
+
+def _run_isolated(fn, ctx, *job):
+    """Ray task: ``fn(ctx.isolating(), *job)``, the re-run of a task whose worker died."""
+    return fn(ctx.isolating(), *job)
+
+
+def _task_name(fn, job: tuple) -> str:
+    """How a log names a task: its function and first argument (the group id of a group task)."""
+    first = repr(job[0]) if job else ""
+    return f"Ray task {getattr(fn, '__name__', fn)}({first}{', ...' if len(job) > 1 else ''})"
 
 
 def _tick(bar, result: dict) -> None:

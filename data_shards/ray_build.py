@@ -35,9 +35,10 @@ Resume and append (``--append``, a new revision of a finished build): see
 
 Limits: the fingerprint covers input names and options, not file contents (do not edit inputs
 between a kill and the rerun); the driver holds every record's id and split keys (about 200 bytes
-a record: fine for Swiss-Prot, tens of GB for all of AlphaFold DB); on Ray a parser crash that
-kills the worker process is retried twice, then stops the build (the single-machine build's
-``--workers`` pool skips such a file instead).
+a record: fine for Swiss-Prot, tens of GB for all of AlphaFold DB). On Ray a group task whose
+worker process dies is run once more with each file parsed in a child process, so a file that kills
+its parser is skipped and counted (as the ``--workers`` pool does); a task that dies there too stops
+the build.
 """
 
 from __future__ import annotations

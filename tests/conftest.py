@@ -26,6 +26,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 # launch/ray_job.py, ``ray start`` clusters), and two Ray instances on one node have broken each other.
 RAY_GROUP_MODULES = {
     "tests/data_shards/test_ray_build.py",
+    "tests/data_shards/test_ray_build_crash.py",
     "tests/launch/test_bad_data.py",
     "tests/launch/test_object_storage.py",
     "tests/launch/test_pretrain.py",
