@@ -175,7 +175,10 @@ def _with_export_text(cfg: Config, export_dir: Path) -> Config:
 
 
 def _download_export(url: str, tmp: Path) -> Path:
-    """Fetch an exported model to ``tmp``; ``text/`` goes to a directory that outlives ``tmp``."""
+    """Fetch an exported model to ``tmp``; ``text/`` goes to a directory that outlives ``tmp`` (the
+    loaded config points its tokenizer there) and is removed when the process exits."""
+    import atexit
+    import shutil
     import tempfile
 
     from data_shards import storage
@@ -185,6 +188,7 @@ def _download_export(url: str, tmp: Path) -> Path:
     remote_text = storage.join(url, TEXT_DIR)
     if storage.exists(remote_text):  # remotely: any object under the prefix
         kept = Path(tempfile.mkdtemp(prefix="align-pro-export-text-"))
+        atexit.register(shutil.rmtree, kept, True)  # one per remote load: never left behind in /tmp
         storage.download_dir(remote_text, kept)
         os.symlink(kept, tmp / TEXT_DIR)
     return tmp

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -97,6 +100,16 @@ def test_export_from_object_storage_brings_its_tokenizer(tmp_path, s3):  # noqa:
     loaded, loaded_cfg = load_exported(url)
     assert (Path(loaded_cfg.model.text.pretrained_dir) / "config.json").is_file()  # outlives the download
     torch.testing.assert_close(_embed_texts(loaded, loaded_cfg), want, rtol=0, atol=0)
+    # another process loads it too: its tokenizer directory is gone once that process exits
+    code = (
+        "import sys; from pretrain.engine.export import load_exported; "
+        "print(load_exported(sys.argv[1])[1].model.text.pretrained_dir)"
+    )
+    env = {**os.environ, **s3.env(), "PYTHONPATH": str(Path(__file__).resolve().parents[3])}
+    done = subprocess.run([sys.executable, "-c", code, url], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    text_dir = Path(done.stdout.strip().splitlines()[-1])
+    assert text_dir.name.startswith("align-pro-export-text-") and not text_dir.exists()
 
 
 def _bf16_export_worker(rank: int, port: int, out: str, zero: int) -> None:
