@@ -158,6 +158,24 @@ def read(run_dir: Path) -> dict | None:
     return None
 
 
+def published_record(run_dir: Path) -> bytes | None:
+    """What ``train.remote_dir`` keeps as its ``best_checkpoint.json`` for ``run_dir`` (the remote
+    holds no ``best.json``), or None when the run has no best record.
+
+    ``RUN/best_checkpoint.json`` as it is; else an older run's ``RUN/best.json`` as :func:`read`
+    understands it (the max-mode record of tag ``step<N>``), converted for the upload only: the
+    local file is left alone, so a fresh machine that fetches the run record resumes against the
+    same best as this one.
+    """
+    run_dir = Path(run_dir)
+    if (run_dir / FILE).is_file():
+        return (run_dir / FILE).read_bytes()
+    if (run_dir / LEGACY_FILE).is_file():
+        record = _read_legacy(run_dir / LEGACY_FILE)
+        return None if record is None else (json.dumps(record, indent=1) + "\n").encode()
+    return None
+
+
 def write_json(path: Path, record: dict) -> None:
     """``record`` as JSON at ``path``, atomically (temporary file, fsync, rename)."""
     storage.write_text(path, json.dumps(record, indent=1) + "\n")

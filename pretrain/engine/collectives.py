@@ -4,12 +4,17 @@ NCCL reduces CUDA tensors only and gloo CPU tensors only; the loop's bookkeeping
 counts, SIGTERM votes, write failures, logged means) goes through :func:`all_reduce_numbers`, which
 puts the numbers on the device the default group's backend needs, as :func:`all_gather_rows` does for
 rows every rank needs. :func:`rank_and_world`, :func:`barrier` and :func:`node_leader` answer for one
-process (rank 0 of 1) when no group is initialised.
+process (rank 0 of 1) when no group is initialised. :func:`everyone_ok` turns one rank's failure into
+an error on every rank; :func:`while_others_wait` runs one rank's long work (a checkpoint transfer)
+while the others poll it in small collectives instead of timing out in one; :func:`gather_objects`
+collects a picklable value from every rank.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -62,3 +67,65 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(t, device=dev) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, t.to(dev).contiguous())
     return torch.stack(parts).cpu()
+
+
+WAIT_POLL_S = 5.0  # ranks waiting for another's work meet in a small collective this often
+
+
+def everyone_ok(error: BaseException | None, what: str) -> None:
+    """Collective: raise on every rank when any rank failed ``what`` (its own error where it has one)."""
+    failed = all_reduce_numbers([int(error is not None)], dtype=torch.long)[0]
+    if error is not None:
+        raise RuntimeError(f"{what} failed: {error}") from error
+    if failed:
+        raise RuntimeError(f"{what} failed on another rank (see its log)")
+
+
+def while_others_wait(work: Callable[[], object] | None, what: str) -> object:
+    """Collective: run ``work`` on this rank (None: nothing to do here) while every rank meets in a
+    small collective every ``WAIT_POLL_S`` seconds until no rank is still working; then, when ``work``
+    raised on any rank, raise on every rank (:func:`everyone_ok`). Returns what ``work`` returned.
+
+    An upload or download (a large checkpoint, a slow link) can outlast the process group's timeout
+    (``deepspeed.init_distributed``'s default, 10 minutes or ``DEEPSPEED_TIMEOUT``; Ray Train's
+    ``TorchConfig.timeout_s``, 30 minutes): ranks left blocked in one collective that long fail, NCCL's
+    watchdog aborts them. ``work`` runs on a thread so this rank can take part in the polls meanwhile.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        error = result = None
+        if work is not None:
+            try:
+                result = work()
+            except Exception as e:  # noqa: BLE001 - re-raised below, as on several ranks
+                error = e
+        everyone_ok(error, what)
+        return result
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["result"] = work()
+        except Exception as e:  # noqa: BLE001 - agreed on by every rank below, never left hanging
+            box["error"] = e
+
+    thread = None
+    if work is not None:
+        thread = threading.Thread(target=run, name="checkpoint-transfer", daemon=True)
+        thread.start()
+    while True:
+        if thread is not None:
+            thread.join(WAIT_POLL_S)
+        running = thread is not None and thread.is_alive()
+        if not all_reduce_numbers([int(running)], op="max", dtype=torch.long)[0]:
+            break
+    everyone_ok(box.get("error"), what)
+    return box.get("result")
+
+
+def gather_objects(obj) -> list:
+    """Collective: ``obj`` of every rank, in rank order (``[obj]`` without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

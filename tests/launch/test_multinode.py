@@ -81,4 +81,6 @@ def test_two_nodes_match_one_node_with_two_ranks(tmp_path, small_demo, reference
     assert (tmp_path / "node1" / "checkpoints" / tag / "rank_1.pt").is_file()
     published = shared / "checkpoints" / tag
     assert {"rank_0.pt", "rank_1.pt", "COMPLETE"} <= {p.name for p in published.iterdir()}
+    record = json.loads((published / "COMPLETE").read_text())  # both nodes' files, each at its size
+    assert record["files"] == {p.name: p.stat().st_size for p in published.iterdir() if p.name != "COMPLETE"}
     assert (shared / "checkpoints" / "latest").read_text() == tag

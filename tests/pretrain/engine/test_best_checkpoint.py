@@ -280,3 +280,19 @@ def test_an_older_runs_best_json_is_read_beaten_and_dropped(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         assert best_checkpoint.read(tmp_path) is None
     assert "best.json" in caplog.text and "damaged" in caplog.text
+
+
+def test_the_remote_keeps_an_older_runs_best_as_best_checkpoint_json(tmp_path):
+    """train.remote_dir keeps no best.json: an older run's record goes up converted, as read() sees it."""
+    assert best_checkpoint.published_record(tmp_path) is None  # nothing to publish
+    legacy = tmp_path / best_checkpoint.LEGACY_FILE
+    legacy.write_text(json.dumps({"step": 4, "score": 0.3}))
+    old = {"metric": "val/mean_R@10", "mode": "max", "step": 4, "tag": "step00000004", "score": 0.3}
+    assert json.loads(best_checkpoint.published_record(tmp_path)) == best_checkpoint.read(tmp_path) == old
+    assert not (tmp_path / best_checkpoint.FILE).exists()  # converted for the upload only
+    new = {"metric": "val/mean_R@10", "mode": "max", "step": 6, "tag": "step00000006", "score": 0.4}
+    best_checkpoint.write_json(tmp_path / best_checkpoint.FILE, new)
+    assert json.loads(best_checkpoint.published_record(tmp_path)) == new  # the run's own record wins
+    (tmp_path / best_checkpoint.FILE).unlink()
+    legacy.write_text('{"step": 4, "sco')
+    assert best_checkpoint.published_record(tmp_path) is None  # damaged: nothing pinned, nothing published

@@ -48,7 +48,8 @@ def test_publish_writes_complete_then_latest_after_every_file(tmp_path, remote, 
     assert names[-2:] == [[tag, "COMPLETE"], ["checkpoints", "latest"]]  # the publish point comes last
     staged = [p.name for p in (run / "checkpoints" / tag).iterdir() if p.name != "COMPLETE"]
     assert sorted(n[-1] for n in names[:-2]) == sorted([*staged, "metrics.jsonl"])
-    assert checkpoint_store.remote_latest(remote) == (tag, {"step": 2, "world_size": 2})
+    sizes = {p.name: p.stat().st_size for p in (run / "checkpoints" / tag).iterdir() if p.name != "COMPLETE"}
+    assert checkpoint_store.remote_latest(remote) == (tag, {"step": 2, "world_size": 2, "files": sizes})
     assert finished_step(tmp_path / "elsewhere", remote=remote) == 2
 
 
@@ -78,7 +79,10 @@ def test_fetch_restores_a_run_on_a_fresh_machine_and_prunes_old_tags(tmp_path, r
     got = fresh / "checkpoints" / "step00000006"
     want = run / "checkpoints" / "step00000006"
     assert sorted(p.name for p in got.iterdir()) == sorted(p.name for p in want.iterdir())
-    assert all((got / p.name).read_bytes() == p.read_bytes() for p in want.iterdir())
+    assert all((got / p.name).read_bytes() == p.read_bytes() for p in want.iterdir() if p.name != "COMPLETE")
+    assert json.loads((got / "COMPLETE").read_text())["files"] == {  # the remote record: every file's size
+        p.name: p.stat().st_size for p in want.iterdir() if p.name != "COMPLETE"
+    }
     assert (fresh / "metrics.jsonl").read_text() == (run / "metrics.jsonl").read_text()
     assert not list((fresh / "checkpoints").glob(".fetch-*"))
     assert checkpoint_store.fetch(tmp_path / "empty" / "checkpoints", storage.join(remote, "none"), tmp_path) is None
@@ -256,3 +260,178 @@ def test_previous_epoch_files_travel_with_the_checkpoints(tmp_path, remote):
     assert checkpoint_store.fetch(fresh / "checkpoints", remote, fresh) == "step00000004"
     assert sorted(p.name for p in (fresh / "hard_negatives").iterdir()) == ["epoch1.npy"]
     assert (fresh / "hard_negatives" / "epoch1.npy").read_bytes() == b"one" * 10
+
+
+# ------------------------------------------------ the remote COMPLETE lists every file's size
+
+
+def _torn(remote: str, tag: str, name: str, damage: str) -> None:
+    """Damage the remote copy of one file of ``tag``: cut to half its size, or removed."""
+    path = storage.join(remote, "checkpoints", tag, name)
+    if damage == "removed":
+        storage.remove_file(path)
+    else:
+        data = storage.read_bytes(path)
+        storage.write_bytes(path, data[: len(data) // 2])
+
+
+MODEL_STATES = "zero_pp_rank_1_mp_rank_00_model_states.pt"  # not a rank_<r>.pt: only the sizes list it
+
+
+@pytest.mark.parametrize("damage", ["truncated", "removed"])
+def test_a_fetched_tag_that_lost_part_of_a_file_is_refused_and_the_previous_one_taken(tmp_path, remote, damage, caplog):
+    run = tmp_path / "run"
+    for step in (2, 4):
+        tag = _local_checkpoint(run, step)
+        checkpoint_store.publish(run / "checkpoints", remote, tag, {"step": step, "world_size": 2}, 2, run)
+    _torn(remote, "step00000004", MODEL_STATES, damage)
+    fresh = tmp_path / "fresh"
+    with caplog.at_level("ERROR"):
+        assert checkpoint_store.fetch(fresh / "checkpoints", remote, fresh) == "step00000002"
+    assert "step00000004" in caplog.text and "refused" in caplog.text and MODEL_STATES in caplog.text
+    assert not (fresh / "checkpoints" / "step00000004").exists()  # the bad copy is not kept
+    assert latest_tag(fresh / "checkpoints") == "step00000002"  # what checkpoint.load resumes from
+    got, want = fresh / "checkpoints" / "step00000002", run / "checkpoints" / "step00000002"
+    assert all((got / p.name).read_bytes() == p.read_bytes() for p in want.iterdir() if p.name != "COMPLETE")
+    assert not list((fresh / "checkpoints").glob(".fetch-*"))
+    # every tag damaged: the resume stops with the files named rather than training from scratch
+    _torn(remote, "step00000002", "rank_0.pt", damage)
+    other = tmp_path / "other"
+    with pytest.raises(checkpoint_store.RemoteCheckpointsUnusable, match=r"step00000004.*step00000002.*rank_0\.pt"):
+        checkpoint_store.fetch(other / "checkpoints", remote, other)
+
+
+def test_an_old_remote_marker_without_sizes_still_fetches(tmp_path, remote):
+    """Checkpoints published before the sizes were recorded carry only step and world_size."""
+    run = tmp_path / "run"
+    tag = _local_checkpoint(run, 2)
+    checkpoint_store.publish(run / "checkpoints", remote, tag, {"step": 2, "world_size": 2}, 2, run)
+    storage.write_text(storage.join(remote, "checkpoints", tag, "COMPLETE"), json.dumps({"step": 2, "world_size": 2}))
+    fresh = tmp_path / "fresh"
+    assert checkpoint_store.fetch(fresh / "checkpoints", remote, fresh) == tag
+    assert latest_tag(fresh / "checkpoints") == tag
+    assert json.loads((fresh / "checkpoints" / tag / "COMPLETE").read_text()) == {"step": 2, "world_size": 2}
+
+
+def test_a_pinned_best_of_another_size_than_recorded_is_left_out(tmp_path, remote, caplog):
+    """A file replaced by a loadable torch file of another size passes every check but the size."""
+    import torch
+
+    run = tmp_path / "run"
+    _publish_pinning(run, remote, best_step=2)
+    replaced = tmp_path / "replaced.pt"
+    torch.save({"module": {"w": torch.zeros(64)}}, replaced)
+    storage.upload_file(replaced, storage.join(remote, "checkpoints", "step00000002", "mp_rank_00_model_states.pt"))
+    fresh = tmp_path / "fresh"
+    with caplog.at_level("ERROR"):
+        assert checkpoint_store.fetch(fresh / "checkpoints", remote, fresh) == "step00000006"
+    assert "mp_rank_00_model_states.pt has" in caplog.text and "were written" in caplog.text
+    assert not (fresh / "checkpoints" / "step00000002").exists()
+
+
+def test_the_remote_record_joins_every_nodes_files():
+    parts = [{"rank_0.pt": 10, "a.pt": 5, "zero_to_fp32.py": 7}, None, {"rank_1.pt": 10, "zero_to_fp32.py": 8}, None]
+    record = checkpoint_store.remote_record({"step": 3, "world_size": 2}, parts, "remote/step3")
+    assert record == {
+        "step": 3,
+        "world_size": 2,
+        "files": {"a.pt": 5, "rank_0.pt": 10, "rank_1.pt": 10, "zero_to_fp32.py": None},  # two sizes: unknown
+    }
+    with pytest.raises(ValueError, match=r"no node uploaded rank_2\.pt, rank_3\.pt to remote/step3"):
+        checkpoint_store.remote_record({"step": 3, "world_size": 4}, parts, "remote/step3")
+
+
+def _node_worker(rank: int, init_file: str, out: str, remote: str) -> None:
+    """One node of a two-node run without a shared file system: its own staging, its own rank's files."""
+    from tests.spawn_ranks import gloo_rank
+
+    def results() -> dict:
+        import os
+
+        os.environ["LOCAL_RANK"] = "0"  # every rank leads its node
+        run = Path(out) / f"node{rank}"
+        d = run / "checkpoints" / "step00000002"
+        d.mkdir(parents=True)
+        (d / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt").write_bytes(bytes([rank]) * (100 + rank))
+        (d / f"rank_{rank}.pt").write_bytes(bytes([rank]) * (10 + rank))
+        if rank == 0:  # what checkpoint.save's rank 0 writes: it sees only its own node's files
+            (d / "COMPLETE").write_text(json.dumps({"step": 2, "world_size": 2}))
+        checkpoint_store.publish(run / "checkpoints", remote, "step00000002", {"step": 2, "world_size": 2}, 2, run)
+        return {}
+
+    gloo_rank(rank, 2, init_file, out, results, stem="node")
+
+
+def test_a_multi_node_publish_records_every_nodes_files(tmp_path):
+    from tests.spawn_ranks import run_ranks
+
+    remote = str(tmp_path / "shared")
+    run_ranks(_node_worker, lambda r: (r, str(tmp_path / "init"), str(tmp_path), remote), 2, tmp_path, 120, "node")
+    record = json.loads(storage.read_text(storage.join(remote, "checkpoints", "step00000002", "COMPLETE")))
+    assert record["files"] == {
+        "rank_0.pt": 10,
+        "rank_1.pt": 11,
+        "zero_pp_rank_0_mp_rank_00_model_states.pt": 100,
+        "zero_pp_rank_1_mp_rank_00_model_states.pt": 101,
+    }
+    # node 0 resuming where it wrote its part: its own copy lacks node 1's files, so it is fetched whole
+    node0 = tmp_path / "node0"
+    assert checkpoint_store.fetch(node0 / "checkpoints", remote, node0) == "step00000002"
+    assert sorted(p.name for p in (node0 / "checkpoints" / "step00000002").iterdir()) == ["COMPLETE", *record["files"]]
+
+
+def test_an_older_runs_best_json_survives_a_fresh_machine_resume(tmp_path, remote):
+    """A run from before best_checkpoint.json (RUN/best.json only) publishes its best as the record the
+    remote keeps, so a fresh machine resumes against it and fetches the checkpoint it pins."""
+    from pretrain.engine import best_checkpoint
+    from pretrain.engine.checkpoint_tags import checkpoint_problem
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / best_checkpoint.LEGACY_FILE).write_text(json.dumps({"step": 2, "score": 0.3, "metric": "val/mean_R@10"}))
+    for step in (2, 4, 6):
+        tag = _torch_checkpoint(run, step)
+        pinned = best_checkpoint.pinned_tag(run, step)  # what checkpoint.save passes
+        checkpoint_store.publish(run / "checkpoints", remote, tag, {"step": step, "world_size": 1}, 1, run, pinned)
+    assert not (run / best_checkpoint.FILE).exists()  # the local file is left as it was
+    fresh = tmp_path / "fresh"
+    assert checkpoint_store.fetch(fresh / "checkpoints", remote, fresh) == "step00000006"
+    old = {"metric": "val/mean_R@10", "mode": "max", "step": 2, "tag": "step00000002", "score": 0.3}
+    assert best_checkpoint.read(fresh) == best_checkpoint.read(run) == old
+    assert checkpoint_problem(fresh / "checkpoints" / "step00000002") is None  # export/best can be written
+
+
+def _waiting_worker(rank: int, init_file: str, out: str) -> None:
+    """Rank 0 transfers for twice the group's timeout while rank 1 has nothing to do; then rank 1 fails."""
+    import time
+
+    from pretrain.engine import collectives
+    from tests.spawn_ranks import gloo_rank
+
+    def results() -> dict:
+        collectives.WAIT_POLL_S = 0.2
+        slow = (lambda: (time.sleep(3.0), "fetched")[1]) if rank == 0 else None
+        got = collectives.while_others_wait(slow, "fetching the best checkpoint")
+
+        def fail():
+            raise OSError("disk gone")
+
+        try:
+            collectives.while_others_wait(fail if rank == 1 else None, "downloading step00000002")
+            message = None
+        except RuntimeError as e:
+            message = str(e)
+        return {"got": got, "message": message}
+
+    gloo_rank(rank, 2, init_file, out, results, timeout_s=1.5, stem="wait")
+
+
+def test_ranks_waiting_for_a_long_transfer_outlast_the_group_timeout(tmp_path):
+    """A download longer than the process group's timeout (here 1.5 s) does not time the other ranks out:
+    they meet in small collectives meanwhile. A transfer that fails on one rank fails on every rank."""
+    from tests.spawn_ranks import run_ranks
+
+    r0, r1 = run_ranks(_waiting_worker, lambda r: (r, str(tmp_path / "init"), str(tmp_path)), 2, tmp_path, 120, "wait")
+    assert r0["got"] == "fetched" and r1["got"] is None
+    assert r1["message"] == "downloading step00000002 failed: disk gone"
+    assert r0["message"] == "downloading step00000002 failed on another rank (see its log)"
