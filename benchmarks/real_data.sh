@@ -2,7 +2,10 @@
 # Train the demo-size model on shards built from ../shared/data, evaluate it on the held-out proteins
 # and run the benchmark suite configs/benchmarks/shared_data.yaml on its export (with the base-encoder
 # row), plus EC on the run's own split (test = the annotated chains of the held-out shards, which
-# pretraining never saw; the suite's other EC splits may hold chains the model was trained on):
+# pretraining never saw; the suite's other EC splits may hold chains the model was trained on), and
+# GO-MF/BP/CC in the same protocol on a GO file built from the chains' own GO terms (propagated with
+# the OBO; vocabulary: terms of >= 5 chains; pretrain.benchmark.go_annotations) into OUT/<split>/,
+# scored on the MMseqs2 cluster split (as the EC cluster task) and on the run's own split:
 # the figures of README "Trained on real data".
 #
 # Splits (SPLITS, default "cluster accession": both, each trained and reported under OUT/<split>/):
@@ -10,7 +13,8 @@
 #              protein's cluster: MMseqs2 easy-cluster of all chains, whole clusters to one side;
 #   accession  the shard builder's own split: proteins sharing a UniProt accession or an identical
 #              sequence stay together (close homologues may straddle it).
-# CPU: per split about 10 min of training + 5 of eval + a few of benchmark on 2 cores.
+# CPU: per split about 10 min of training + 5 of eval + a few of benchmark on 2 cores, plus about
+# 8 CPU-minutes for the two GO tasks (trained + base rows; the bootstrap over GO-BP's 2.5k terms dominates).
 # Usage: bash benchmarks/real_data.sh [OUT_DIR]   (default runs/real);  SPLITS=cluster bash ... for one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,9 +52,14 @@ for SPLIT in $SPLITS; do
   $PY -m pretrain.eval --run-dir "$D/run" --tasks all --go-obo "$DATA/annotations/go-basic_2021-12-15.obo.gz" \
       --ec-names "$DATA/annotations/ec_descriptions.tsv" --no-progress > /dev/null
   bench_start=$(date +%s)
-  # the suite of configs/benchmarks/shared_data.yaml plus EC on this run's own split: test = the annotated
-  # chains of the held-out shards (never seen in pretraining), train = those of the training shards
-  $PY - "$D" "$DATA" <<'PYEOF'
+  # DeepFRI-format GO file from the chains' GO terms (DeepFRI's own nrPDB-GO file is not bundled)
+  $PY -m pretrain.benchmark.go_annotations --chains "$DATA/annotations/pdb_chains.tsv" \
+      --obo "$DATA/annotations/go-basic_2021-12-15.obo.gz" --out "$D/nrPDB-GO_pdb_chains_annot.tsv" --min-chains 5
+  # the suite of configs/benchmarks/shared_data.yaml plus EC and GO on this run's own split: test = the
+  # annotated chains of the held-out shards (never seen in pretraining), train = those of the training
+  # shards; and GO on the MMseqs2 cluster split of the suite's EC cluster task
+  $PY - "$D" "$DATA" "$D/nrPDB-GO_pdb_chains_annot.tsv" <<'PYEOF'
+import copy
 import sys
 from pathlib import Path
 
@@ -58,7 +67,7 @@ import yaml
 
 from pretrain.eval.embed import read_annotations
 
-d, data = Path(sys.argv[1]), Path(sys.argv[2]).resolve()
+d, data, go_file = Path(sys.argv[1]), Path(sys.argv[2]).resolve(), str(Path(sys.argv[3]).resolve())
 for split, name in (("train", "train"), ("heldout", "test")):
     meta = read_annotations(d / "shards" / split).meta
     chains = sorted({f"{m['pdb_id'].upper()}-{m['chain']}" for m in meta if m.get("pdb_id") and m.get("chain")})
@@ -71,6 +80,11 @@ own = {"name": "EC (pretraining held-out split)", "type": "function", "annotatio
        "split": {"method": "lists", "train": str((d / "train_chains.txt").resolve()),
                  "test": str((d / "test_chains.txt").resolve())},
        "features": ["sequence", "structure"], "baselines": ["mmseqs", "kmer"]}
+ec_cluster = next(t for t in suite["tasks"] if t["type"] == "function" and t["split"]["method"] == "cluster")
+go = [{**copy.deepcopy(own), "name": "GO (pretraining held-out split)", "annotations": go_file},
+      {**copy.deepcopy(ec_cluster), "name": "GO (MMseqs2 clusters <30%)", "annotations": go_file}]
+last_function = max(i for i, t in enumerate(suite["tasks"]) if t["type"] == "function")
+suite["tasks"][last_function + 1 : last_function + 1] = go  # after the EC tasks
 suite["tasks"].insert(0, own)
 (d / "benchmark_suite.yaml").write_text(yaml.safe_dump(suite, sort_keys=False))
 PYEOF
