@@ -46,7 +46,13 @@ import torch.distributed as dist
 from data_shards import storage
 from pretrain.data.hard_negatives import EPOCH_DIR
 from pretrain.engine import best_checkpoint
-from pretrain.engine.checkpoint_tags import COMPLETE, checkpoint_problem, complete_record
+from pretrain.engine.checkpoint_tags import (
+    COMPLETE,
+    DamagedMarkerError,
+    checkpoint_problem,
+    complete_record,
+    parse_complete,
+)
 from pretrain.engine.collectives import (
     all_reduce_numbers,
     everyone_ok,
@@ -68,8 +74,14 @@ class RemoteCheckpointsUnusable(ConfigError):
     the download (a file lost or truncated there): the launchers exit 2 with the message."""
 
 
-def _step_of(complete: str) -> int:
-    return int(json.loads(complete)["step"])
+def _remote_marker(marker: str) -> dict | None:
+    """A remote ``COMPLETE`` record, or None (logged) when it is damaged: that tag is never resumed,
+    as a local checkpoint with a damaged marker is not (:func:`checkpoint_tags.complete_steps`)."""
+    try:
+        return parse_complete(storage.read_text(marker), marker)
+    except DamagedMarkerError as e:
+        log.warning("%s; that checkpoint is not used", e)
+        return None
 
 
 def retired_tags(complete: list[tuple[int, str]], step: int, keep: int) -> list[str]:
@@ -94,8 +106,8 @@ def remote_complete_tags(remote: str) -> list[tuple[int, str]]:
         if name == LATEST or name.startswith("."):
             continue
         marker = storage.join(root, name, COMPLETE)
-        if storage.exists(marker):
-            found.append((_step_of(storage.read_text(marker)), name))
+        if storage.exists(marker) and (record := _remote_marker(marker)) is not None:
+            found.append((record["step"], name))
     return sorted(found)
 
 
@@ -106,14 +118,14 @@ def remote_latest(remote: str) -> tuple[str, dict] | None:
     if storage.exists(latest):
         tag = storage.read_text(latest).strip()
         marker = storage.join(root, tag, COMPLETE)
-        if storage.exists(marker):
-            return tag, json.loads(storage.read_text(marker))
+        if storage.exists(marker) and (record := _remote_marker(marker)) is not None:
+            return tag, record
         log.warning("%s names incomplete checkpoint %r; falling back to the newest complete one", latest, tag)
     tags = remote_complete_tags(remote)
     if not tags:
         return None
     tag = tags[-1][1]
-    return tag, json.loads(storage.read_text(storage.join(root, tag, COMPLETE)))
+    return tag, _remote_marker(storage.join(root, tag, COMPLETE))
 
 
 def publish(
@@ -373,7 +385,7 @@ def fetch_pinned(ckpt_dir: Path, remote: str, run_dir: Path, resume_tag: str) ->
     if _tag_problem(local, record["step"]) is None:
         return None  # a whole local copy
     try:
-        if record["step"] > _step_of((Path(ckpt_dir) / resume_tag / COMPLETE).read_text()):
+        if record["step"] > complete_record(Path(ckpt_dir) / resume_tag)["step"]:
             return None
         source = storage.join(remote, "checkpoints", tag)
         if not storage.exists(storage.join(source, COMPLETE)):

@@ -42,11 +42,24 @@ def complete_record(tag_dir: Path) -> dict:
     """
     path = Path(tag_dir) / COMPLETE
     try:
-        record = json.loads(path.read_text())
+        text = path.read_text()
+    except UnicodeDecodeError as e:
+        raise DamagedMarkerError(f"{path} is damaged ({e})") from None
+    return parse_complete(text, str(path))
+
+
+def parse_complete(text: str, where: str) -> dict:
+    """A ``COMPLETE`` marker's text (local or fetched from ``train.remote_dir``) as its record.
+
+    Raises:
+        DamagedMarkerError: naming ``where``: not JSON, or no integer ``step`` / ``world_size``.
+    """
+    try:
+        record = json.loads(text)
         if not isinstance(record, dict) or any(type(record.get(k)) is not int for k in ("step", "world_size")):
             raise ValueError("expected integer step and world_size")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise DamagedMarkerError(f"{path} is damaged ({e})") from None
+    except ValueError as e:
+        raise DamagedMarkerError(f"{where} is damaged ({e})") from None
     return record
 
 

@@ -301,6 +301,22 @@ def test_a_fetched_tag_that_lost_part_of_a_file_is_refused_and_the_previous_one_
         checkpoint_store.fetch(other / "checkpoints", remote, other)
 
 
+@pytest.mark.parametrize("marker", ['{"world_size": 2}', '{"step": 4, "wor'])
+def test_a_damaged_remote_marker_is_skipped_and_the_previous_tag_taken(tmp_path, remote, marker, caplog):
+    """A remote COMPLETE without an integer step (or not JSON) made rank 0 raise (KeyError, uncaught)
+    while the other ranks waited; now that tag is logged and left out, as a local one is."""
+    run = tmp_path / "run"
+    for step in (2, 4):
+        tag = _local_checkpoint(run, step)
+        checkpoint_store.publish(run / "checkpoints", remote, tag, {"step": step, "world_size": 2}, 3, run)
+    storage.write_text(storage.join(remote, "checkpoints", "step00000004", "COMPLETE"), marker)
+    assert [t for _, t in checkpoint_store.remote_complete_tags(remote)] == ["step00000002"]
+    fresh = tmp_path / "fresh"
+    with caplog.at_level("WARNING"):
+        assert checkpoint_store.fetch(fresh / "checkpoints", remote, fresh) == "step00000002"
+    assert "step00000004/COMPLETE is damaged" in caplog.text and "not used" in caplog.text
+
+
 def test_an_old_remote_marker_without_sizes_still_fetches(tmp_path, remote):
     """Checkpoints published before the sizes were recorded carry only step and world_size."""
     run = tmp_path / "run"
