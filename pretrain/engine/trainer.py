@@ -140,6 +140,8 @@ class Trainer:
             old = int(client.get("world_size", self.world_size))
             resized = f", {old} -> {self.world_size} ranks" if old != self.world_size else ""
             self._print(f"resumed from step {self.step} (stage {self.stage}, epoch {self.cursor.epoch}{resized})")
+        else:  # starting over (e.g. an attempt killed before its first checkpoint): its lines are not this run's
+            self._truncate_metrics(0)
         self._apply_stage()
         self._open_stream()
         t = self.cfg.train

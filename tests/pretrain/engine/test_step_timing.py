@@ -164,9 +164,15 @@ def _worker(rank: int, port: int, out: str, shards: str, run_dir: str) -> None:
 def test_metrics_lines_carry_the_time_split_and_the_loss_backend(tmp_path, small_demo):
     """A real DeepSpeed run on CPU: each logged line has the five phases, non-negative, summing to no
     more than the step's wall time (itself covering train_step), and the first names the torch loss.
-    The run learns one temperature per term: each line logs them and not the shared scale no term used."""
+    The run learns one temperature per term: each line logs them and not the shared scale no term used.
+    The run directory holds lines of an attempt killed before its first checkpoint: they are dropped."""
     args = (0, free_port(), str(tmp_path), str(small_demo), str(tmp_path / "run"))
+    # lines an attempt killed before its first checkpoint left behind: the fresh start drops them
+    (tmp_path / "run" / "bad_samples").mkdir(parents=True)
+    (tmp_path / "run" / "metrics.jsonl").write_text(json.dumps({"step": 2, "loss": 99.0}) + "\n")
+    (tmp_path / "run" / "bad_samples" / "rank_0.jsonl").write_text(json.dumps({"step": 1, "key": "old"}) + "\n")
     (result,) = run_ranks(_worker, lambda r: args, 1, tmp_path, 300.0, "rank")
+    assert "old" not in (tmp_path / "run" / "bad_samples" / "rank_0.jsonl").read_text()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in rows] == [2, 4]
