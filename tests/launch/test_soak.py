@@ -1,7 +1,9 @@
 """Soak: the demo recipe (tiny overrides) under faults injected at random steps.
 
 One epoch is trained through the real launcher with Ray readers on a shard set holding a
-truncated shard and a bad sample. While it runs, a reader actor process is SIGKILLed at a random
+truncated shard and four bad samples, in 8 steps of 24 samples per rank (the samples of 24 steps
+of 8 in a third of the steps: each step and each checkpoint costs fixed time, and the faults only
+need a run that is still going). While it runs, a reader actor process is SIGKILLed at a random
 step, and a training rank is SIGKILLed at another random step (the launcher dies with it and is
 relaunched with the same command, as a cluster scheduler would). The run must reach the same
 final step with the same number of samples seen and the same bad-sample count as the fault-free
@@ -22,15 +24,17 @@ import psutil
 import pytest
 
 from tests.conftest import run_launcher
-from tests.launch.test_bad_data import BATCHES_PER_EPOCH, _edit, _rewrite_tar
+from tests.launch.test_bad_data import EPOCH_IN_BIG_BATCHES, _edit, _rewrite_tar
 
 pytestmark = pytest.mark.slow
 
 SEED = int(os.environ.get("ALIGN_PRO_SOAK_SEED", "0"))  # change it to soak other fault steps
+BATCH, STEPS = EPOCH_IN_BIG_BATCHES  # one epoch: 8 shards x 48 = 384 samples over 2 ranks
 OVERRIDES = [
-    f"train.max_steps={BATCHES_PER_EPOCH}",
-    "train.checkpoint_every=4",
-    "train.stage1_steps=4",
+    f"data.batch_size={BATCH}",
+    f"train.max_steps={STEPS}",
+    "train.checkpoint_every=2",
+    "train.stage1_steps=2",
     "train.eval_at_end=false",
     "data.max_bad_sample_ratio=0.2",
     "data.readers_per_rank=2",
@@ -73,8 +77,10 @@ def test_random_faults_lose_and_repeat_nothing(tmp_path, small_demo):
     tars[3].write_bytes(tars[3].read_bytes()[:1000])  # unreadable shard
     _rewrite_tar(tars[5], _edit)  # four bad samples
     rng = random.Random(SEED)
-    reader_kill_step = rng.randint(2, BATCHES_PER_EPOCH - 8)
-    rank_kill_step = rng.randint(reader_kill_step + 1, BATCHES_PER_EPOCH - 2)
+    reader_kill_step = rng.randint(1, STEPS - 4)
+    # at least 2 steps before the end (the run is still going when the kill lands); a kill before the
+    # first checkpoint starts the run over, dropping the dead attempt's metrics lines
+    rank_kill_step = rng.randint(reader_kill_step + 1, STEPS - 2)
     killed_rank = rng.randint(0, 1)
     run = tmp_path / "run"
     faults = []
@@ -106,7 +112,7 @@ def test_random_faults_lose_and_repeat_nothing(tmp_path, small_demo):
         assert len(faults) == 2 and launches == 1, err[-4000:]  # only the injected rank kill may fail a launch
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
     steps = [r["step"] for r in rows if "loss" in r]
-    assert steps == list(range(1, BATCHES_PER_EPOCH + 1))  # every step once, after the replay
+    assert steps == list(range(1, STEPS + 1))  # every step once, after the replay
     last = [r for r in rows if "loss" in r][-1]  # (validation lines carry val/* only)
     assert last["samples_seen"] == 384  # one epoch: 8 shards x 48
     assert last["bad_samples"] == 48 + 4  # the unreadable shard + the four bad samples, once each

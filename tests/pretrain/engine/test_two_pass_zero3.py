@@ -1,6 +1,9 @@
 """The two-pass step under 2-rank ZeRO-3 (gloo, CPU) gives the one-pass step's gradients and update.
 
-Each mode runs on freshly spawned ranks with the same seed, model and per-rank batches, dropout on.
+Both modes run on the same two spawned ranks, one after the other, each on a fresh model and engine
+built from the same seed, with the same per-rank batches, dropout on (one spawn instead of one per
+mode: a rank's start-up, imports and process group cost more than both steps on 2 cores; the first
+engine is destroyed before the second is built, and neither reads the other's tensors).
 The reference ("one_pass") embeds chunk by chunk with grad and calls ``engine.backward`` once, so
 its dropout masks are drawn in the same order as the two-pass step's; the two-pass step
 back-propagates twice per rank through ``engine.backward`` with the accumulation boundary on the
@@ -26,9 +29,10 @@ pytestmark = pytest.mark.slow
 WORLD, ROWS, CHUNK = 2, 4, 2
 TIMEOUT_S = 300.0
 OVERRIDES = ["model.head_dropout=0.1", f"data.batch_size={ROWS}", "train.activation_checkpointing=[sequence, text]"]
+MODES = ("one_pass", "two_pass")  # run in this order on the same ranks, each on a fresh engine
 
 
-def _worker(rank: int, mode: str, init_file: str, port: int, demo_root: str, out_dir: str) -> None:
+def _worker(rank: int, init_file: str, port: int, demo_root: str, out_dir: str) -> None:
     os.environ.update(
         DS_ACCELERATOR="cpu",
         RANK=str(rank),
@@ -57,58 +61,57 @@ def _worker(rank: int, mode: str, init_file: str, port: int, demo_root: str, out
         deepspeed.init_distributed(dist_backend="gloo")
         cfg = load_config(overrides=OVERRIDES)
         ds = resolve_deepspeed_config(load_deepspeed_config("zero3.json"), cfg, WORLD, use_cuda=False)
-        torch.manual_seed(0)
-        model = build_model(cfg).train()
-        groups = [{"params": ps, "name": name} for name, ps in model.parameter_groups().items()]
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds)
-        batch = demo_batch(cfg, Path(demo_root), ROWS, offset=ROWS * rank)
-        loss_fn = AlignProLoss(cfg.loss)
-        torch.manual_seed(100)  # the same dropout stream in both modes
-        if mode == "two_pass":
-            terms, _ = two_pass_step(
-                engine,
-                batch,
-                loss_fn,
-                CHUNK,
-                backward=engine.backward,
-                set_boundary=engine.set_gradient_accumulation_boundary,
-            )
-        else:
-            parts = [engine(slice_model_batch(batch, s, s + CHUNK)) for s in range(0, ROWS, CHUNK)]
-            emb = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k != "logit_scale"}
-            terms = loss_fn.compute(emb, batch["present"], parts[0]["logit_scale"])
-            engine.backward(terms["loss"])
-        grads = {n: safe_get_full_grad(p) for n, p in model.named_parameters()}
-        engine.step()
-        params = {n: safe_get_full_fp32_param(p) for n, p in model.named_parameters()}
-        torch.save(
-            {
+        results = {}
+        for mode in MODES:  # each from the same start: seed, model, engine, batch, loss
+            torch.manual_seed(0)
+            model = build_model(cfg).train()
+            groups = [{"params": ps, "name": name} for name, ps in model.parameter_groups().items()]
+            engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds)
+            batch = demo_batch(cfg, Path(demo_root), ROWS, offset=ROWS * rank)
+            loss_fn = AlignProLoss(cfg.loss)
+            torch.manual_seed(100)  # the same dropout stream in both modes
+            if mode == "two_pass":
+                terms, _ = two_pass_step(
+                    engine,
+                    batch,
+                    loss_fn,
+                    CHUNK,
+                    backward=engine.backward,
+                    set_boundary=engine.set_gradient_accumulation_boundary,
+                )
+            else:
+                parts = [engine(slice_model_batch(batch, s, s + CHUNK)) for s in range(0, ROWS, CHUNK)]
+                emb = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k != "logit_scale"}
+                terms = loss_fn.compute(emb, batch["present"], parts[0]["logit_scale"])
+                engine.backward(terms["loss"])
+            grads = {n: safe_get_full_grad(p) for n, p in model.named_parameters()}
+            engine.step()
+            params = {n: safe_get_full_fp32_param(p) for n, p in model.named_parameters()}
+            results[mode] = {
                 "loss": float(terms["loss"].detach()),
                 "grads": {n: g.clone() for n, g in grads.items() if g is not None},
                 "params": {n: p.clone() for n, p in params.items()},
-            },
-            os.path.join(out_dir, f"{mode}{rank}.pt"),
-        )
+            }
+            engine.destroy()  # the next mode's engine starts from nothing of this one
+            del engine, model
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     except BaseException:
-        Path(out_dir, f"{mode}{rank}.err").write_text(traceback.format_exc())
+        Path(out_dir, f"rank{rank}.err").write_text(traceback.format_exc())
         raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _run(mode: str, tmp_path: Path, demo_root: Path) -> list[dict]:
-    out = tmp_path / mode
+def _run(tmp_path: Path, demo_root: Path) -> dict[str, list[dict]]:
+    """Both modes on one 2-rank spawn: ``{mode: [rank 0's result, rank 1's]}``."""
+    out = tmp_path / "ranks"
     out.mkdir()
     port = free_port()
-    return run_ranks(
-        _worker,
-        lambda r: (r, mode, str(out / "rdv"), port, str(demo_root), str(out)),
-        WORLD,
-        out,
-        TIMEOUT_S,
-        mode,
+    ranks = run_ranks(
+        _worker, lambda r: (r, str(out / "rdv"), port, str(demo_root), str(out)), WORLD, out, TIMEOUT_S, "rank"
     )
+    return {mode: [r[mode] for r in ranks] for mode in MODES}
 
 
 def test_two_pass_matches_one_pass_under_zero3(tmp_path):
@@ -117,8 +120,8 @@ def test_two_pass_matches_one_pass_under_zero3(tmp_path):
 
     demo_root = tmp_path / "demo"
     build_demo_corpus(demo_root, num_train=96, num_heldout=48, samples_per_shard=48, seed=0)
-    ref = _run("one_pass", tmp_path, demo_root)
-    got = _run("two_pass", tmp_path, demo_root)
+    results = _run(tmp_path, demo_root)
+    ref, got = results["one_pass"], results["two_pass"]
     for r, g in zip(ref, got):
         assert g["loss"] == pytest.approx(r["loss"], rel=1e-6)
     # Gradients and parameters are the full (gathered) tensors: identical on both ranks.
