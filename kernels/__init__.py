@@ -10,7 +10,7 @@ Public API:
 - :func:`check_equal_rows`: the equal-local-batch check that loss runs (once per step is enough).
 - :func:`grouped_symmetric_infonce`: the gathered loss with same-group rows deduplicated (false negatives).
 - :func:`sigmoid_loss`: the SigLIP pairwise sigmoid loss with a learned bias; optional false-negative groups
-  (same-group pairs excluded) (backend dispatch).
+  (same-group pairs excluded, or positives with ``groups_as="positive"``) (backend dispatch).
 - :func:`gathered_sigmoid_loss`: this rank's share of the sigmoid loss over all ranks' rows.
 - :func:`trimodal_infonce` (with :class:`Term`): every requested InfoNCE term of a step, each embedding
   gathered once (the fused tri-modal step).

@@ -58,6 +58,7 @@ def sigmoid_loss(
     key_valid: torch.Tensor | None = None,
     groups: torch.Tensor | None = None,
     key_groups: torch.Tensor | None = None,
+    groups_as: str = "exclude",
     backend: str = "auto",
 ) -> torch.Tensor:
     """SigLIP pairwise sigmoid loss of queries ``a`` against keys ``b`` (Zhai et al. 2023).
@@ -80,6 +81,8 @@ def sigmoid_loss(
             key of the row's group other than its own positive is excluded for that row, neither a
             positive nor a negative (``kernels/sigmoid_reference.py`` says why).
         key_groups: group id of each key; default ``groups`` (needs ``m == n``).
+        groups_as: what those same-group pairs are: ``"exclude"`` (default, above) or ``"positive"``
+            (``z = +1``, a multi-positive sigmoid loss).
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see module docstring).
 
     Shapes:
@@ -92,7 +95,7 @@ def sigmoid_loss(
     """
     backend = _resolve_backend(backend, a)
     logit_scale, bias = _as_tensor(logit_scale, a), _as_tensor(bias, a)
-    kwargs = {"key_valid": key_valid, "groups": groups, "key_groups": key_groups}
+    kwargs = {"key_valid": key_valid, "groups": groups, "key_groups": key_groups, "groups_as": groups_as}
     if backend == "torch":
         return sigmoid_loss_torch(a, b, logit_scale, bias, targets, **kwargs)
     return _load_triton()(a, b, logit_scale, bias, targets, **kwargs)

@@ -28,7 +28,8 @@ gathered, which also gives ``N`` without another collective or a host sync).
 
 False negatives (``groups_local``): every rank's group ids are gathered (no gradient); a query's row
 group is its own id, each key column's the gathered one, and a same-group pair other than the query's
-own positive is excluded (``kernels.sigmoid_reference``). ``N`` (valid rows) is unchanged by grouping.
+own positive is excluded, or a positive with ``groups_as="positive"`` (``kernels.sigmoid_reference``).
+``N`` (valid rows) is unchanged by grouping.
 
 All ranks must hold the same number of rows (:func:`check_equal_rows`, on by default).
 """
@@ -39,6 +40,7 @@ import torch
 
 from kernels.gather import check_equal_rows, check_paired_args, gather_with_grad, world_and_rank
 from kernels.sigmoid import sigmoid_loss
+from kernels.sigmoid_reference import check_groups_as
 from kernels.sigmoid_ring import gather_pair_info, ring_sigmoid_loss
 
 __all__ = ["gathered_sigmoid_loss", "rank_sigmoid_loss"]
@@ -55,6 +57,7 @@ def rank_sigmoid_loss(
     key_valid: torch.Tensor | None = None,
     groups: torch.Tensor | None = None,
     key_groups: torch.Tensor | None = None,
+    groups_as: str = "exclude",
     backend: str = "auto",
 ) -> torch.Tensor:
     """One rank's share ``L_r = (W · N_r / N) · sigmoid_loss(a, b_all, s, t, offset + arange(m))``.
@@ -66,6 +69,7 @@ def rank_sigmoid_loss(
         key_valid: optional gathered mask of usable pairs; a masked pair is neither a query nor a key.
         groups, key_groups: optional false-negative group ids of this rank's rows and of every rank's
             rows (gathered); same-group pairs other than a row's positive are excluded.
+        groups_as: ``"exclude"`` (default) or ``"positive"``: those pairs are positives (``z = +1``).
         backend: as for :func:`kernels.sigmoid_loss`.
 
     Shapes:
@@ -77,7 +81,7 @@ def rank_sigmoid_loss(
     """
     m = a.shape[0]
     targets = offset + torch.arange(m, device=a.device)  # (m,) global column of each positive
-    grouping = {"groups": groups, "key_groups": key_groups}
+    grouping = {"groups": groups, "key_groups": key_groups, "groups_as": groups_as}
     if key_valid is None:
         return sigmoid_loss(a, b_all, logit_scale, bias, targets, backend=backend, **grouping)
     live = key_valid[offset : offset + m]  # (m,) this rank's usable pairs
@@ -100,6 +104,7 @@ def gathered_sigmoid_loss(
     backend: str = "auto",
     valid_local: torch.Tensor | None = None,
     groups_local: torch.Tensor | None = None,
+    groups_as: str = "exclude",
     check_rows: bool = True,
 ) -> torch.Tensor:
     """This rank's share ``L_r`` of the SigLIP loss over the global (all-rank) batch.
@@ -123,6 +128,8 @@ def gathered_sigmoid_loss(
         groups_local: optional false-negative group ids of the local pairs
             (``pretrain.losses.false_negatives.group_ids``; ``kernels.grouped.NO_GROUP``: none); a pair
             of rows of one group (any ranks) is neither positive nor negative, except each row's own.
+        groups_as: what such a pair is: ``"exclude"`` (default, above) or ``"positive"`` (``z = +1``,
+            a multi-positive sigmoid loss).
         check_rows: run :func:`check_equal_rows` first (one tiny collective and a host sync).
 
     Shapes:
@@ -133,6 +140,7 @@ def gathered_sigmoid_loss(
         Scalar ``L_r``. Log ``mean_r L_r`` (an all-reduce AVG of the detached value) as the loss.
     """
     check_paired_args(strategy, a_local, b_local, valid_local)
+    check_groups_as(groups_as)  # before any collective: a typo fails on every rank alike
     logit_scale, bias = (
         x if isinstance(x, torch.Tensor) else torch.tensor(float(x), device=a_local.device) for x in (logit_scale, bias)
     )
@@ -147,7 +155,14 @@ def gathered_sigmoid_loss(
         groups_local = groups_local.to(device=a_local.device, dtype=torch.int64)
     if world > 1 and strategy == "ring":
         return ring_sigmoid_loss(
-            a_local, b_local, logit_scale, bias, group=group, valid=valid_local, groups=groups_local
+            a_local,
+            b_local,
+            logit_scale,
+            bias,
+            group=group,
+            valid=valid_local,
+            groups=groups_local,
+            groups_as=groups_as,
         )
     b_all = gather_with_grad(b_local, group)  # (W·b, d); b_local itself on one rank
     key_valid, key_groups = gather_pair_info(valid_local, groups_local, group)  # (W·b,) each, or None
@@ -161,5 +176,6 @@ def gathered_sigmoid_loss(
         key_valid=key_valid,
         groups=groups_local,
         key_groups=key_groups,
+        groups_as=groups_as,
         backend=backend,
     )

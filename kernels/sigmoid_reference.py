@@ -23,15 +23,19 @@ zero gradients. With paired rows (``targets = arange``, ``m = n``, one mask for 
 symmetric in ``a`` and ``b`` by construction.
 
 False negatives (``groups`` per row, ``key_groups`` per key column; ``kernels.grouped.NO_GROUP``: in no
-group): a pair ``(i, j)`` with ``groups[i] == key_groups[j] != NO_GROUP`` and ``j != targets[i]`` is
-**excluded**: neither a positive nor a negative, it adds nothing to the loss or to any gradient (as a
+group): a pair ``(i, j)`` with ``groups[i] == key_groups[j] != NO_GROUP`` and ``j != targets[i]`` is,
+by default, **excluded**: neither a positive nor a negative, it adds nothing to the loss or to any gradient (as a
 masked key does, but for that row only). Row i keeps its own positive and every other group's keys as
 negatives; ``|R|`` is unchanged. This is what ``kernels.grouped`` guarantees for InfoNCE (no two rows
 of one group face each other as negatives), and it needs no deduplication here: SigLIP's pairs are
 independent binary terms, with no softmax denominator in which a class of k duplicates would weigh k
-times, so each member keeps its own paired key as positive instead of a representative's. The other
-reading, same-group pairs as positives (``z = +1``), would assert that two proteins with one
-description should embed alike in every term; exclusion only stops pushing them apart.
+times, so each member keeps its own paired key as positive instead of a representative's.
+
+The other reading is an option, ``groups_as="positive"``: every such pair is a **positive**
+(``z_ij = +1``, multi-positive sigmoid), possible because the pairs are independent terms with no
+softmax denominator. It asserts that two proteins with one description should embed alike in every
+term; the default, ``groups_as="exclude"``, only stops pushing them apart. Either way ``|R|`` and the
+normalisation are unchanged, and ``NO_GROUP`` never matches anything.
 
 Memory: key columns are processed ``chunk_size`` at a time, so at most one ``m × chunk`` block of
 logits exists; backward saves only the inputs and recomputes the chunk logits. Nothing ``m × n``.
@@ -50,7 +54,16 @@ import torch.nn.functional as F
 from kernels.grouped import NO_GROUP
 from kernels.infonce_reference import refuse_double_backward
 
-__all__ = ["SigmoidLossTorchFunction", "sigmoid_loss_reference", "sigmoid_loss_torch"]
+__all__ = ["GROUPS_AS", "SigmoidLossTorchFunction", "check_groups_as", "sigmoid_loss_reference", "sigmoid_loss_torch"]
+
+GROUPS_AS = ("exclude", "positive")  # what a same-group pair (not the row's own positive) is
+
+
+def check_groups_as(groups_as: str) -> bool:
+    """Validates ``groups_as`` (:data:`GROUPS_AS`); returns True for ``"positive"``."""
+    if groups_as not in GROUPS_AS:
+        raise ValueError(f"groups_as must be 'exclude' or 'positive'; got {groups_as!r}")
+    return groups_as == "positive"
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -88,9 +101,9 @@ def _chunk_signed_logits(a, bc, s, t, targets, start):
     return u, dots, rows, cols
 
 
-def _chunk_excluded(groups, key_groups, start, end, rows, cols):
+def _chunk_same_group(groups, key_groups, start, end, rows, cols):
     """``(m, c)`` bool over key columns ``[start, end)``: same-group pairs other than each row's
-    positive (None: ungrouped)."""
+    positive (None: ungrouped); excluded, or positives with ``groups_as="positive"``."""
     if groups is None:
         return None
     same = (groups[:, None] == key_groups[None, start:end]) & (groups != NO_GROUP)[:, None]
@@ -98,8 +111,11 @@ def _chunk_excluded(groups, key_groups, start, end, rows, cols):
     return same
 
 
-def _sigmoid_forward(a, b, s, t, targets, key_valid, weight, chunk_size, groups=None, key_groups=None) -> torch.Tensor:
-    """Chunked forward; returns the scalar loss in the compute dtype."""
+def _sigmoid_forward(
+    a, b, s, t, targets, key_valid, weight, chunk_size, groups=None, key_groups=None, groups_positive=False
+) -> torch.Tensor:
+    """Chunked forward; returns the scalar loss in the compute dtype. ``groups_positive``: same-group
+    pairs are positives (``z = +1``) instead of excluded."""
     ct = _compute_dtype(a.dtype)
     af = a.to(ct)
     s, t = s.to(ct).reshape(()), t.to(ct).reshape(())
@@ -107,21 +123,35 @@ def _sigmoid_forward(a, b, s, t, targets, key_valid, weight, chunk_size, groups=
     for start in range(0, b.shape[0], chunk_size):
         bc = b[start : start + chunk_size].to(ct)
         u, _, rows, cols = _chunk_signed_logits(af, bc, s, t, targets, start)
+        same = _chunk_same_group(groups, key_groups, start, start + chunk_size, rows, cols)
+        if same is not None and groups_positive:
+            u[same] = u[same].neg()  # z = +1 on same-group pairs too
         nll = F.logsigmoid(u).neg_()  # (m, c)
         if key_valid is not None:
             nll.masked_fill_(~key_valid[start : start + chunk_size], 0.0)
-        excluded = _chunk_excluded(groups, key_groups, start, start + chunk_size, rows, cols)
-        if excluded is not None:
-            nll.masked_fill_(excluded, 0.0)
+        if same is not None and not groups_positive:
+            nll.masked_fill_(same, 0.0)  # excluded
         row_sum += nll.sum(1)
     return (row_sum * weight).sum()
 
 
 def _sigmoid_backward(
-    grad_output, a, b, s, t, targets, key_valid, weight, chunk_size, needs, groups=None, key_groups=None
+    grad_output,
+    a,
+    b,
+    s,
+    t,
+    targets,
+    key_valid,
+    weight,
+    chunk_size,
+    needs,
+    groups=None,
+    key_groups=None,
+    groups_positive=False,
 ):
     """Chunked backward: recomputes each chunk's logits. Returns ``(da, db, ds, dt)`` in the dtypes and
-    shapes of the inputs (``None`` where ``needs`` is False)."""
+    shapes of the inputs (``None`` where ``needs`` is False). ``groups_positive`` as for the forward."""
     need_a, need_b, need_s, need_t = needs
     ct = _compute_dtype(a.dtype)
     af = a.to(ct)
@@ -135,15 +165,19 @@ def _sigmoid_backward(
         end = min(start + chunk_size, b.shape[0])
         bc = b[start:end].to(ct)
         u, dots, rows, cols = _chunk_signed_logits(af, bc, sc, tc, targets, start)
+        same = _chunk_same_group(groups, key_groups, start, end, rows, cols)
+        if same is not None and groups_positive:
+            u[same] = u[same].neg()  # z = +1 on same-group pairs too
         # d(-log σ(z x))/dx = z (σ(u) - 1): σ(-u) on negatives (z = -1), -σ(-u) on positives
         d = u.neg_().sigmoid_()  # (m, c), in place of u; no 1 - σ cancellation
         d[rows, cols] = d[rows, cols].neg()
+        if same is not None and groups_positive:
+            d[same] = d[same].neg()
         d.mul_(w[:, None])
         if key_valid is not None:
             d.masked_fill_(~key_valid[start:end], 0.0)
-        excluded = _chunk_excluded(groups, key_groups, start, end, rows, cols)
-        if excluded is not None:
-            d.masked_fill_(excluded, 0.0)
+        if same is not None and not groups_positive:
+            d.masked_fill_(same, 0.0)  # excluded
         if need_s:
             ds += (d * dots).sum()
         dt += d.sum()
@@ -164,13 +198,28 @@ class SigmoidLossTorchFunction(torch.autograd.Function):
     """Autograd wrapper around the chunked forward / backward; holds no logic of its own."""
 
     @staticmethod
-    def forward(ctx, a, b, logit_scale, bias, targets, key_valid, chunk_size, groups=None, key_groups=None):
+    def forward(
+        ctx,
+        a,
+        b,
+        logit_scale,
+        bias,
+        targets,
+        key_valid,
+        chunk_size,
+        groups=None,
+        key_groups=None,
+        groups_positive=False,
+    ):
         # autocast would silently run the fp32 matmuls in half precision: opt out explicitly.
         with torch.autocast(a.device.type, enabled=False):
             _, weight, _ = _row_weights(targets, key_valid, _compute_dtype(a.dtype))
-            loss = _sigmoid_forward(a, b, logit_scale, bias, targets, key_valid, weight, chunk_size, groups, key_groups)
+            loss = _sigmoid_forward(
+                a, b, logit_scale, bias, targets, key_valid, weight, chunk_size, groups, key_groups, groups_positive
+            )
         ctx.save_for_backward(a, b, logit_scale, bias, targets, key_valid, weight, groups, key_groups)
         ctx.chunk_size = chunk_size
+        ctx.groups_positive = groups_positive
         return loss
 
     @staticmethod
@@ -181,9 +230,9 @@ class SigmoidLossTorchFunction(torch.autograd.Function):
         with torch.autocast(a.device.type, enabled=False):
             grads = _sigmoid_backward(
                 grad_output, a, b, logit_scale, bias, targets, key_valid, weight, ctx.chunk_size, needs,
-                groups, key_groups,
+                groups, key_groups, ctx.groups_positive,
             )  # fmt: skip
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 def check_groups(groups, key_groups, m: int, n: int, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -236,6 +285,7 @@ def sigmoid_loss_torch(
     key_valid: torch.Tensor | None = None,
     groups: torch.Tensor | None = None,
     key_groups: torch.Tensor | None = None,
+    groups_as: str = "exclude",
     chunk_size: int = 4096,
 ) -> torch.Tensor:
     """SigLIP sigmoid loss of rows of ``a`` against all rows of ``b``, chunked over key columns.
@@ -252,6 +302,8 @@ def sigmoid_loss_torch(
         groups: optional false-negative group id of each row (``NO_GROUP``: none); a key of the row's
             group other than its positive is excluded for that row (module docstring).
         key_groups: group id of each key column; default ``groups`` (needs ``m == n``).
+        groups_as: what those same-group pairs are: ``"exclude"`` (default: no loss, no gradient) or
+            ``"positive"`` (``z = +1``: multi-positive sigmoid).
         chunk_size: key columns per block; peak extra memory is about ``3 · m × chunk_size`` values
             (and an ``m × chunk_size`` bool mask with ``groups``).
 
@@ -265,9 +317,12 @@ def sigmoid_loss_torch(
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
+    positive = check_groups_as(groups_as)
     targets = _check_args(a, b, logit_scale, bias, targets, key_valid)
     groups, key_groups = check_groups(groups, key_groups, a.shape[0], b.shape[0], a.device)
-    return SigmoidLossTorchFunction.apply(a, b, logit_scale, bias, targets, key_valid, chunk_size, groups, key_groups)
+    return SigmoidLossTorchFunction.apply(
+        a, b, logit_scale, bias, targets, key_valid, chunk_size, groups, key_groups, positive
+    )
 
 
 def sigmoid_loss_reference(
@@ -280,6 +335,7 @@ def sigmoid_loss_reference(
     key_valid: torch.Tensor | None = None,
     groups: torch.Tensor | None = None,
     key_groups: torch.Tensor | None = None,
+    groups_as: str = "exclude",
 ) -> torch.Tensor:
     """Materialised float64 SigLIP loss (test oracle only: allocates ``m × n``).
 
@@ -292,6 +348,7 @@ def sigmoid_loss_reference(
     Returns:
         Scalar float64 loss; 0 when no row is valid.
     """
+    positive = check_groups_as(groups_as)
     targets = _check_args(a, b, logit_scale, bias, targets, key_valid)
     groups, key_groups = check_groups(groups, key_groups, a.shape[0], b.shape[0], a.device)
     m, n = a.shape[0], b.shape[0]
@@ -305,8 +362,11 @@ def sigmoid_loss_reference(
         pair_valid &= key_valid[None, :]
         valid = valid & (key_valid[targets.clamp(min=0)] if n else torch.zeros_like(valid))
         pair_valid &= valid[:, None]
-    if groups is not None:  # same-group pairs other than the row's own positive: excluded
+    if groups is not None:  # same-group pairs other than the row's own positive: excluded or positives
         same = (groups[:, None] == key_groups[None, :]) & (groups[:, None] != NO_GROUP)  # (m, n)
-        pair_valid &= ~(same & (z < 0))
+        if positive:
+            z = torch.where(same, 1.0, z)
+        else:
+            pair_valid &= ~(same & (z < 0))
     nll = torch.where(pair_valid, -F.logsigmoid(z * x), 0.0)
     return nll.sum() / valid.sum().clamp(min=1)

@@ -22,7 +22,7 @@ Masking (``valid``): an invalid pair is neither a query nor a key anywhere. The 
 once up front (W·b bytes; also gives N without a host sync); each block is masked by its owner's slice.
 False negatives (``groups``): the group ids are gathered with the masks, in the same one collective
 (no gradient); each block's key columns take its owner's slice, and same-group pairs other than a
-row's positive are excluded (``kernels.sigmoid_reference``).
+row's positive are excluded, or positives with ``groups_as="positive"`` (``kernels.sigmoid_reference``).
 
 Messages: :class:`kernels.ring.Ring` (the InfoNCE ring's), block features and gradient accumulators
 under their own tags. The next block is already in flight while this one is computed on (forward
@@ -36,7 +36,7 @@ import torch
 from kernels.gather import gather_no_grad
 from kernels.infonce_reference import refuse_double_backward
 from kernels.ring import Ring, wait_all
-from kernels.sigmoid_reference import _compute_dtype, _sigmoid_backward, _sigmoid_forward
+from kernels.sigmoid_reference import _compute_dtype, _sigmoid_backward, _sigmoid_forward, check_groups_as
 
 __all__ = ["gather_pair_info", "ring_sigmoid_loss"]
 
@@ -68,7 +68,7 @@ class RingSigmoidLossFunction(torch.autograd.Function):
     """Ring forward / backward of one rank's share; the blocks and accumulators travel in here."""
 
     @staticmethod
-    def forward(ctx, a, b, logit_scale, bias, key_valid, weight, ring, groups=None, key_groups=None):
+    def forward(ctx, a, b, logit_scale, bias, key_valid, weight, ring, groups=None, key_groups=None, positive=False):
         rows = a.shape[0]
         ct = _compute_dtype(a.dtype)
         targets = ring.rank * rows + torch.arange(rows, device=a.device)  # (b,) global positive keys
@@ -79,11 +79,14 @@ class RingSigmoidLossFunction(torch.autograd.Function):
                 # the next block travels while this one is reduced
                 (incoming, _), works = ring.shift_features(block) if step < ring.world - 1 else ((None, None), None)
                 t_blk, kv, kg = _block_args(ring, step, rows, targets, key_valid, key_groups)
-                loss = loss + _sigmoid_forward(af, block, logit_scale, bias, t_blk, kv, weight, _CHUNK, groups, kg)
+                loss = loss + _sigmoid_forward(
+                    af, block, logit_scale, bias, t_blk, kv, weight, _CHUNK, groups, kg, positive
+                )
                 wait_all(works)
                 block = incoming
         ctx.save_for_backward(a, b, logit_scale, bias, key_valid, weight, targets, groups, key_groups)
         ctx.ring = ring
+        ctx.positive = positive
         return loss
 
     @staticmethod
@@ -105,7 +108,7 @@ class RingSigmoidLossFunction(torch.autograd.Function):
                 t_blk, kv, kg = _block_args(ring, step, rows, targets, key_valid, key_groups)
                 s_c, t_c = logit_scale.to(ct), bias.to(ct)  # fp32 grads of s, t: summed over blocks
                 g_a, g_b, g_s, g_t = _sigmoid_backward(
-                    grad_output, af, block.to(ct), s_c, t_c, t_blk, kv, weight, _CHUNK, needs, groups, kg
+                    grad_output, af, block.to(ct), s_c, t_c, t_blk, kv, weight, _CHUNK, needs, groups, kg, ctx.positive
                 )
                 da += g_a
                 acc += g_b
@@ -126,6 +129,7 @@ class RingSigmoidLossFunction(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -138,6 +142,7 @@ def ring_sigmoid_loss(
     group=None,
     valid: torch.Tensor | None = None,
     groups: torch.Tensor | None = None,
+    groups_as: str = "exclude",
 ) -> torch.Tensor:
     """This rank's share ``L_r`` of the SigLIP loss over the global batch, keys passed around a ring.
 
@@ -150,6 +155,7 @@ def ring_sigmoid_loss(
             shape ``[]`` or ``[1]``). group: process group (default: the world).
         valid: optional mask of usable local pairs.
         groups: optional false-negative group ids of the local pairs (gathered here, no gradient).
+        groups_as: same-group pairs are ``"exclude"``-d (default) or ``"positive"`` (``z = +1``).
 
     Shapes:
         a, b ``(b, d)``; valid ``(b,)`` bool; groups ``(b,)`` int64.
@@ -157,6 +163,7 @@ def ring_sigmoid_loss(
     Returns:
         Scalar ``L_r`` in fp32 (fp64 for fp64 inputs).
     """
+    positive = check_groups_as(groups_as)
     ring = Ring(group)
     ct = _compute_dtype(a.dtype)
     key_valid, key_groups = gather_pair_info(valid, groups, group)  # (W·b,) each, or None
@@ -166,5 +173,5 @@ def ring_sigmoid_loss(
         weight = valid.to(ct) * (ring.world / key_valid.sum().clamp(min=1).to(ct))
     groups = None if groups is None else groups.to(torch.int64)
     return RingSigmoidLossFunction.apply(
-        a, b.contiguous(), logit_scale, bias, key_valid, weight, ring, groups, key_groups
+        a, b.contiguous(), logit_scale, bias, key_valid, weight, ring, groups, key_groups, positive
     )

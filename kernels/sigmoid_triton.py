@@ -16,8 +16,9 @@ row tile i and gradient columns c; it sweeps the key tiles, rebuilds ``D = w z (
 key tile. Both recompute the tiles; only ``(m + n)·d`` gradients and ``(m,)`` partials are written.
 
 False negatives (``GROUPED``): each tile also loads the rows' and the keys' group ids and drops the
-same-group pairs that are not the row's positive from ``live`` (excluded: no loss, no gradient), the
-semantics of ``kernels.sigmoid_reference``; nothing larger than a tile is built.
+same-group pairs that are not the row's positive from ``live`` (excluded: no loss, no gradient), or
+with ``GROUPS_POSITIVE`` (``groups_as="positive"``) adds them to ``pos`` (``z = +1``), the semantics of
+``kernels.sigmoid_reference``; nothing larger than a tile is built.
 
 In the interpreter (CPU) operands are upcast to fp32 (its bf16 ``tl.dot`` is wrong) and one fixed config
 runs (``kernels.triton_launch.launch``); on CUDA the configs are autotuned.
@@ -29,7 +30,7 @@ import torch
 
 from kernels.infonce_reference import refuse_double_backward
 from kernels.infonce_tiles import _dot_tile, _live_columns, _load_chunk
-from kernels.sigmoid_reference import _check_args, _row_weights, check_groups
+from kernels.sigmoid_reference import _check_args, _row_weights, check_groups, check_groups_as
 from kernels.triton_launch import (
     BWD_CONFIGS,
     FWD_CONFIGS,
@@ -54,9 +55,9 @@ def _same_group(row_groups, key_groups, pos):
 @triton.jit
 def _sigmoid_fwd_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, tgt_ptr, kv_ptr, rg_ptr, kg_ptr, row_sum_ptr, m, n, d,
                         stride_am, stride_ad, stride_bn, stride_bd,
-                        HAS_KEY_VALID: tl.constexpr, GROUPED: tl.constexpr, UPCAST: tl.constexpr,
-                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_D: tl.constexpr):
+                        HAS_KEY_VALID: tl.constexpr, GROUPED: tl.constexpr, GROUPS_POSITIVE: tl.constexpr,
+                        UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < m
     s = tl.load(scale_ptr).to(tl.float32)
@@ -71,11 +72,15 @@ def _sigmoid_fwd_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, tgt_ptr, kv_ptr, rg_p
         x = s * _dot_tile(a_ptr, b_ptr, rows, cols, row_ok, col_ok, d, stride_am, stride_ad, stride_bn,
                           stride_bd, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D) + t  # (BM, BN)
         pos = cols[None, :] == tgt[:, None]
-        u = tl.where(pos, x, -x)  # z · x
-        nll = tl.maximum(-u, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(u)))  # -log σ(u), stable
         live = row_ok[:, None] & _live_columns(kv_ptr, cols, col_ok, HAS_KEY_VALID)[None, :]
         if GROUPED:
-            live = live & ~_same_group(rg, tl.load(kg_ptr + cols, mask=col_ok, other=-1), pos)
+            same = _same_group(rg, tl.load(kg_ptr + cols, mask=col_ok, other=-1), pos)
+            if GROUPS_POSITIVE:
+                pos = pos | same  # z = +1 on same-group pairs
+            else:
+                live = live & ~same  # excluded
+        u = tl.where(pos, x, -x)  # z · x
+        nll = tl.maximum(-u, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(u)))  # -log σ(u), stable
         acc += tl.sum(tl.where(live, nll, 0.0), axis=1)
     tl.store(row_sum_ptr + rows, acc, mask=row_ok)
 
@@ -84,8 +89,9 @@ def _sigmoid_fwd_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, tgt_ptr, kv_ptr, rg_p
 def _sigmoid_bwd_kernel(own_ptr, other_ptr, scale_ptr, bias_ptr, tgt_ptr, kv_ptr, rg_ptr, kg_ptr, w_ptr, grad_ptr,
                         ds_ptr, dt_ptr, n_own, n_other, d, stride_om, stride_od, stride_pm, stride_pd,
                         KEY_SIDE: tl.constexpr, HAS_KEY_VALID: tl.constexpr, GROUPED: tl.constexpr,
-                        UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_OUT: tl.constexpr):
+                        GROUPS_POSITIVE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_OUT: tl.constexpr):
     # Program (i, c): own rows tile i (queries, or keys when KEY_SIDE), gradient columns tile c.
     # grad[own] = s · Σ_other D · other, with D (own × other) = D_ij (rows side) or D_ji (keys side).
     own = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -120,13 +126,18 @@ def _sigmoid_bwd_kernel(own_ptr, other_ptr, scale_ptr, bias_ptr, tgt_ptr, kv_ptr
             wt = w_o[None, :]
             if GROUPED:  # (key, row) tile: transpose the roles of _same_group
                 rg_o = tl.load(rg_ptr + oth, mask=oth_ok, other=-1)
-                live = live & ~((own_g[:, None] == rg_o[None, :]) & (rg_o[None, :] != -1) & ~pos)
+                same = (own_g[:, None] == rg_o[None, :]) & (rg_o[None, :] != -1) & ~pos
         else:
             pos = oth[None, :] == tgt[:, None]
             live = own_ok[:, None] & _live_columns(kv_ptr, oth, oth_ok, HAS_KEY_VALID)[None, :]
             wt = w[:, None]
             if GROUPED:
-                live = live & ~_same_group(own_g, tl.load(kg_ptr + oth, mask=oth_ok, other=-1), pos)
+                same = _same_group(own_g, tl.load(kg_ptr + oth, mask=oth_ok, other=-1), pos)
+        if GROUPED:
+            if GROUPS_POSITIVE:
+                pos = pos | same  # z = +1 on same-group pairs
+            else:
+                live = live & ~same  # excluded
         u = tl.where(pos, x, -x)
         sig = tl.sigmoid(-u)  # D = z (σ(u) − 1) · w = −σ(−u) w on positives, +σ(−u) w on negatives
         dz = tl.where(live, tl.where(pos, -sig, sig) * wt, 0.0)
@@ -162,9 +173,12 @@ def _group_ptrs(groups, key_groups, targets):
     return groups.contiguous(), key_groups.contiguous()
 
 
-def sigmoid_forward(a, b, logit_scale, bias, targets, key_valid, weight, groups=None, key_groups=None):
+def sigmoid_forward(
+    a, b, logit_scale, bias, targets, key_valid, weight, groups=None, key_groups=None, groups_positive=False
+):
     """Weighted loss ``Σ_i weight_i Σ_j -log σ(z_ij x_ij)`` (0-dim fp32); ``targets`` int64 (m,);
-    ``groups`` (m,) / ``key_groups`` (n,) int64 or None (same-group pairs excluded)."""
+    ``groups`` (m,) / ``key_groups`` (n,) int64 or None (same-group pairs excluded, or positives with
+    ``groups_positive``)."""
     m, n, d = a.shape[0], b.shape[0], a.shape[1]
     if m == 0 or n == 0:
         return torch.zeros((), dtype=torch.float32, device=a.device)
@@ -173,7 +187,12 @@ def sigmoid_forward(a, b, logit_scale, bias, targets, key_valid, weight, groups=
     row_sum = torch.empty(m, dtype=torch.float32, device=a.device)
     strides = (a.stride(0), a.stride(1), b.stride(0), b.stride(1))
     args = (a, b, logit_scale, bias, targets, kv, rg, kg, row_sum, m, n, d, *strides)
-    meta = {"HAS_KEY_VALID": key_valid is not None, "GROUPED": groups is not None, "PRECISION": dot_precision(a)}
+    meta = {
+        "HAS_KEY_VALID": key_valid is not None,
+        "GROUPED": groups is not None,
+        "GROUPS_POSITIVE": groups is not None and groups_positive,
+        "PRECISION": dot_precision(a),
+    }
     launch(_sigmoid_fwd_kernel, lambda c: (triton.cdiv(m, c["BLOCK_M"]),), a, args, meta, FWD_CONFIGS)
     return (row_sum * weight).sum()
 
@@ -184,15 +203,33 @@ def _side(own, other, logit_scale, bias, targets, kv, groups, w, has_kv, key_sid
     ds = torch.empty(n_own if not key_side else 0, dtype=torch.float32, device=own.device)
     dt = torch.empty_like(ds)
     strides = (own.stride(0), own.stride(1), other.stride(0), other.stride(1))
-    rg, kg, grouped = groups
+    rg, kg, grouped, positive = groups
     args = (own, other, logit_scale, bias, targets, kv, rg, kg, w, grad, ds, dt, n_own, other.shape[0], d, *strides)
-    meta = {"KEY_SIDE": key_side, "HAS_KEY_VALID": has_kv, "GROUPED": grouped, "PRECISION": dot_precision(own)}
+    meta = {
+        "KEY_SIDE": key_side,
+        "HAS_KEY_VALID": has_kv,
+        "GROUPED": grouped,
+        "GROUPS_POSITIVE": grouped and positive,
+        "PRECISION": dot_precision(own),
+    }
     grid = lambda c: (triton.cdiv(n_own, c["BLOCK_M"]), triton.cdiv(d, c["BLOCK_OUT"]))  # noqa: E731
     launch(_sigmoid_bwd_kernel, grid, own, args, meta, BWD_CONFIGS, prune=prune_bwd)
     return grad, ds, dt
 
 
-def sigmoid_backward(grad_output, a, b, logit_scale, bias, targets, key_valid, weight, groups=None, key_groups=None):
+def sigmoid_backward(
+    grad_output,
+    a,
+    b,
+    logit_scale,
+    bias,
+    targets,
+    key_valid,
+    weight,
+    groups=None,
+    key_groups=None,
+    groups_positive=False,
+):
     """Gradients of ``grad_output · sigmoid_forward(...)``: (da, db, ds, dt) in the inputs' dtypes."""
     m, n = a.shape[0], b.shape[0]
     w = weight * grad_output.to(torch.float32)  # (m,)
@@ -202,7 +239,7 @@ def sigmoid_backward(grad_output, a, b, logit_scale, bias, targets, key_valid, w
         return da, db, zero.reshape(logit_scale.shape).to(logit_scale.dtype), zero.reshape(bias.shape).to(bias.dtype)
     _, _, kv = kernel_args(a, logit_scale, targets, key_valid)
     has_kv = key_valid is not None
-    grp = (*_group_ptrs(groups, key_groups, targets), groups is not None)
+    grp = (*_group_ptrs(groups, key_groups, targets), groups is not None, groups_positive)
     da, ds_rows, dt_rows = _side(a, b, logit_scale, bias, targets, kv, grp, w, has_kv, key_side=False)
     db, _, _ = _side(b, a, logit_scale, bias, targets, kv, grp, w, has_kv, key_side=True)
     return (
@@ -217,21 +254,26 @@ class SigmoidLossTritonFunction(torch.autograd.Function):
     """Autograd wrapper: forward / backward only call the launchers; saves the inputs and row weights."""
 
     @staticmethod
-    def forward(ctx, a, b, logit_scale, bias, targets, key_valid, groups=None, key_groups=None):
+    def forward(ctx, a, b, logit_scale, bias, targets, key_valid, groups=None, key_groups=None, groups_positive=False):
         _, weight, _ = _row_weights(targets, key_valid, torch.float32)
-        loss = sigmoid_forward(a, b, logit_scale, bias, targets, key_valid, weight, groups, key_groups)
+        loss = sigmoid_forward(a, b, logit_scale, bias, targets, key_valid, weight, groups, key_groups, groups_positive)
         ctx.save_for_backward(a, b, logit_scale, bias, targets, key_valid, weight, groups, key_groups)
+        ctx.groups_positive = groups_positive
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
         refuse_double_backward("sigmoid_loss (triton)")
         a, b, logit_scale, bias, targets, key_valid, weight, groups, key_groups = ctx.saved_tensors
-        grads = sigmoid_backward(grad_output, a, b, logit_scale, bias, targets, key_valid, weight, groups, key_groups)
-        return (*grads, None, None, None, None)
+        grads = sigmoid_backward(
+            grad_output, a, b, logit_scale, bias, targets, key_valid, weight, groups, key_groups, ctx.groups_positive
+        )
+        return (*grads, None, None, None, None, None)
 
 
-def sigmoid_loss_triton(a, b, logit_scale, bias, targets=None, *, key_valid=None, groups=None, key_groups=None):
+def sigmoid_loss_triton(
+    a, b, logit_scale, bias, targets=None, *, key_valid=None, groups=None, key_groups=None, groups_as="exclude"
+):
     """Fused SigLIP sigmoid loss (Triton), same arguments and semantics as
     :func:`kernels.sigmoid_reference.sigmoid_loss_torch` (no ``chunk_size``).
 
@@ -242,12 +284,14 @@ def sigmoid_loss_triton(a, b, logit_scale, bias, targets=None, *, key_valid=None
         key_valid: optional (n,) bool: masked keys are neither positives nor negatives.
         groups, key_groups: optional (m,) / (n,) int false-negative group ids (``key_groups`` defaults
             to ``groups`` when m == n): same-group pairs other than a row's positive are excluded.
+        groups_as: ``"exclude"`` (default) or ``"positive"``: those pairs are positives (``z = +1``).
 
     Returns:
         0-dim fp32 loss. Memory: O((m + n)·d); nothing m×n is allocated, forward or backward.
     """
+    positive = check_groups_as(groups_as)
     targets, _ = _prepared(a, b, logit_scale, bias, targets, key_valid)
     groups, key_groups = check_groups(groups, key_groups, a.shape[0], b.shape[0], a.device)
     return SigmoidLossTritonFunction.apply(
-        a.contiguous(), b.contiguous(), logit_scale, bias, targets, key_valid, groups, key_groups
+        a.contiguous(), b.contiguous(), logit_scale, bias, targets, key_valid, groups, key_groups, positive
     )

@@ -19,7 +19,9 @@ every member's positive is the representative): per-row targets and a per-column
 fused kernel, no B × B mask. With ``kind: sigmoid`` the same terms pass the group ids to
 :func:`kernels.gathered_sigmoid_loss`: a pair of one group (other than a row's own positive) is
 neither a positive nor a negative; every protein keeps its own text as its positive (the kernels'
-docstring, ``kernels/sigmoid_reference.py``, says why this differs from the InfoNCE form).
+docstring, ``kernels/sigmoid_reference.py``, says why this differs from the InfoNCE form). With
+``loss.sigmoid_groups: positive`` such a pair is a positive instead (``z = +1``, a multi-positive
+sigmoid loss: proteins of one group are pulled together, not only no longer pushed apart).
 ``L(seq, struct)`` and the intra sequence / structure terms keep every
 other protein as a negative: two proteins that share a description are still different molecules,
 and telling their sequences and structures apart is what those terms teach.
@@ -266,6 +268,7 @@ class AlignProLoss(Objective):
                 term_bias[i : i + 1],
                 valid_local=valid,
                 groups_local=groups.to(a.device) if grouped else None,
+                groups_as=self.cfg.sigmoid_groups,
                 backend=self.cfg.backend,
                 strategy=self.cfg.strategy,
                 check_rows=False,

@@ -18,6 +18,7 @@ BACKENDS = ("auto", "torch", "triton")  # kernels.infonce backends
 STRATEGIES = ("allgather", "ring")  # how negatives cross ranks (kernels.gathered_symmetric_infonce)
 KINDS = ("infonce", "sigmoid")  # loss.kind
 TEMPERATURES = ("shared", "per_pair", "per_term")  # loss.temperature
+SIGMOID_GROUPS = ("exclude", "positive")  # loss.sigmoid_groups (kernels' groups_as)
 
 
 @dataclass
@@ -42,6 +43,9 @@ class LossConfig:
     # (false: one gathered call per term, as before; the two agree to rounding)
     fuse_terms: bool = True
     sigmoid_init_bias: float = -10.0  # initial value of every term's learned bias with kind sigmoid (SigLIP)
+    # With kind sigmoid and false_negatives: a pair of one group (other than a row's own positive) is
+    # "exclude"d (no loss, no gradient) or a "positive" (z = +1: multi-positive sigmoid, pulled together)
+    sigmoid_groups: str = "exclude"
     # Align-Pro's learned temperatures: "shared" (the model's one logit scale for every term), "per_pair"
     # (one scale per cross-modal pair; the intra-modal terms keep the shared scale) or "per_term" (one per
     # term). Every scale starts at model.init_temperature and is clamped at model.max_logit_scale.
@@ -67,6 +71,8 @@ class LossConfig:
                 raise ConfigError(f"loss.{name}={w}: weights must be finite numbers >= 0")
         if self.kind not in KINDS:
             raise ConfigError(f"loss.kind={self.kind!r}: expected 'infonce' or 'sigmoid'")
+        if self.sigmoid_groups not in SIGMOID_GROUPS:
+            raise ConfigError(f"loss.sigmoid_groups={self.sigmoid_groups!r}: expected 'exclude' or 'positive'")
         if self.temperature not in TEMPERATURES:
             raise ConfigError(f"loss.temperature={self.temperature!r}: expected 'shared', 'per_pair' or 'per_term'")
         self.protclip.validate("loss.protclip")

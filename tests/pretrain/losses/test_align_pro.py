@@ -304,3 +304,41 @@ def test_sigmoid_kind_needs_the_model_biases_and_takes_false_negatives():
         load_config(overrides=["loss.kind=sigmoid", "loss.objective=protclip"])
     plain, sig = load_config(), load_config(overrides=["loss.kind=sigmoid"])
     assert plain.fingerprint() != sig.fingerprint()  # the sigmoid model has more parameters: no resume across
+
+
+def test_sigmoid_groups_positive_makes_same_group_text_pairs_positives():
+    """loss.sigmoid_groups=positive: the text terms' same-group pairs are positives (the oracle's
+    ``groups_as="positive"``), the other terms are untouched, and the total differs from the default."""
+    from kernels.sigmoid_reference import sigmoid_loss_reference
+    from pretrain.losses.align_pro import TERMS
+
+    emb = _emb(4)
+    s = torch.tensor([4.0], dtype=torch.float64)
+    bias = torch.linspace(-3.0, 1.0, len(TERMS), dtype=torch.float64)
+    cfg = replace(CFG, kind="sigmoid", false_negatives="text", sigmoid_groups="positive")
+    got = AlignProLoss(cfg).compute(emb, PRESENT, s, GROUPS, term_bias=bias)
+    excluded = AlignProLoss(replace(cfg, sigmoid_groups="exclude")).compute(emb, PRESENT, s, GROUPS, term_bias=bias)
+    p = PRESENT
+    for name, a, b, valid in (
+        ("loss_seq_struct", "sequence", "structure", p["sequence"] & p["structure"]),
+        ("loss_seq_text", "sequence", "text", p["sequence"] & p["text"]),
+        ("loss_intra_text", "text", "text_view2", p["text"]),
+    ):
+        i = TERMS.index(name)
+        targets = torch.where(valid, torch.arange(N), torch.full((N,), -1))
+        text = "text" in (a, b)
+        want = sigmoid_loss_reference(
+            emb[a], emb[b], s, bias[i : i + 1], targets, key_valid=valid, groups=GROUPS if text else None,
+            groups_as="positive",
+        )  # fmt: skip
+        torch.testing.assert_close(got[name], want, rtol=1e-9, atol=1e-12, msg=name)
+        assert (abs(float(got[name] - excluded[name])) > 1e-6) == text, name  # only the text terms change
+
+
+def test_sigmoid_groups_config_is_validated():
+    assert LossConfig().sigmoid_groups == "exclude"  # default: today's exclusion
+    assert load_config(overrides=["loss.sigmoid_groups=positive"]).loss.sigmoid_groups == "positive"
+    with pytest.raises(ConfigError, match="loss.sigmoid_groups='both'"):
+        load_config(overrides=["loss.sigmoid_groups=both"])
+    with pytest.raises(ConfigError, match="loss.sigmoid_groups"):
+        replace(CFG, sigmoid_groups="positives").validate()
