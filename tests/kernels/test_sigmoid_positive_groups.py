@@ -17,26 +17,10 @@ from kernels import gathered_sigmoid_loss, sigmoid_loss
 from kernels.grouped import NO_GROUP
 from kernels.sigmoid_reference import sigmoid_loss_reference, sigmoid_loss_torch
 from kernels.sigmoid_ring import ring_sigmoid_loss
+from tests.kernels.test_sigmoid_grouped import _inputs  # the same inputs as the excluding mode's tests
 from tests.spawn_ranks import gloo_rank, run_ranks
 
 GRAD_OUT = 0.37
-
-
-def _inputs(m, n, d=6, seed=0, n_groups=3):
-    """float64 unit embeddings, targets (some aligned), row / key group ids with NO_GROUP members."""
-    g = torch.Generator().manual_seed(seed)
-    a = F.normalize(torch.randn(m, d, generator=g, dtype=torch.float64), dim=1)
-    b = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
-    k = min(m, n) // 2
-    b[:k] = F.normalize(a[:k] + 0.3 * b[:k], dim=1)
-    targets = torch.randint(0, n, (m,), generator=g)
-    targets[:k] = torch.arange(k)
-    groups = torch.randint(NO_GROUP, n_groups, (m,), generator=g)
-    key_groups = torch.randint(NO_GROUP, n_groups, (n,), generator=g)
-    key_groups[targets[:k]] = groups[:k]
-    s = torch.tensor([4.0], dtype=torch.float64)
-    t = torch.tensor([-1.5], dtype=torch.float64)
-    return a, b, s, t, targets, groups, key_groups
 
 
 def _explicit_z_loss(a, b, s, t, targets=None, key_valid=None, groups=None, key_groups=None):
