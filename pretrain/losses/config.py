@@ -73,6 +73,11 @@ class LossConfig:
             raise ConfigError(f"loss.kind={self.kind!r}: expected 'infonce' or 'sigmoid'")
         if self.sigmoid_groups not in SIGMOID_GROUPS:
             raise ConfigError(f"loss.sigmoid_groups={self.sigmoid_groups!r}: expected 'exclude' or 'positive'")
+        if self.sigmoid_groups == "positive" and (self.kind != "sigmoid" or self.false_negatives == "none"):
+            raise ConfigError(  # it would be ignored: no sigmoid terms, or no groups to make positive
+                "loss.sigmoid_groups='positive' needs loss.kind=sigmoid and loss.false_negatives 'text' or 'go' "
+                f"(got kind={self.kind!r}, false_negatives={self.false_negatives!r})"
+            )
         if self.temperature not in TEMPERATURES:
             raise ConfigError(f"loss.temperature={self.temperature!r}: expected 'shared', 'per_pair' or 'per_term'")
         self.protclip.validate("loss.protclip")

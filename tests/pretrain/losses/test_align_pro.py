@@ -337,7 +337,11 @@ def test_sigmoid_groups_positive_makes_same_group_text_pairs_positives():
 
 def test_sigmoid_groups_config_is_validated():
     assert LossConfig().sigmoid_groups == "exclude"  # default: today's exclusion
-    assert load_config(overrides=["loss.sigmoid_groups=positive"]).loss.sigmoid_groups == "positive"
+    on = ["loss.kind=sigmoid", "loss.false_negatives=text", "loss.sigmoid_groups=positive"]
+    assert load_config(overrides=on).loss.sigmoid_groups == "positive"
+    for off in (on[1:], [on[0], on[2]]):  # it would be ignored without sigmoid terms or without groups
+        with pytest.raises(ConfigError, match="loss.sigmoid_groups='positive' needs loss.kind=sigmoid"):
+            load_config(overrides=off)
     with pytest.raises(ConfigError, match="loss.sigmoid_groups='both'"):
         load_config(overrides=["loss.sigmoid_groups=both"])
     with pytest.raises(ConfigError, match="loss.sigmoid_groups"):
