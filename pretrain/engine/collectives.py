@@ -91,15 +91,6 @@ def while_others_wait(work: Callable[[], object] | None, what: str) -> object:
     ``TorchConfig.timeout_s``, 30 minutes): ranks left blocked in one collective that long fail, NCCL's
     watchdog aborts them. ``work`` runs on a thread so this rank can take part in the polls meanwhile.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        error = result = None
-        if work is not None:
-            try:
-                result = work()
-            except Exception as e:  # noqa: BLE001 - re-raised below, as on several ranks
-                error = e
-        everyone_ok(error, what)
-        return result
     box: dict = {}
 
     def run() -> None:
@@ -108,6 +99,11 @@ def while_others_wait(work: Callable[[], object] | None, what: str) -> object:
         except Exception as e:  # noqa: BLE001 - agreed on by every rank below, never left hanging
             box["error"] = e
 
+    if rank_and_world()[1] == 1:  # nobody to poll: the work runs here
+        if work is not None:
+            run()
+        everyone_ok(box.get("error"), what)
+        return box.get("result")
     thread = None
     if work is not None:
         thread = threading.Thread(target=run, name="checkpoint-transfer", daemon=True)
@@ -124,7 +120,7 @@ def while_others_wait(work: Callable[[], object] | None, what: str) -> object:
 
 def gather_objects(obj) -> list:
     """Collective: ``obj`` of every rank, in rank order (``[obj]`` without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if rank_and_world()[1] == 1:
         return [obj]
     out: list = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
