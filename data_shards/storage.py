@@ -40,6 +40,7 @@ RETRIES = 4  # attempts of one operation on transient errors
 BACKOFF_S = 0.5  # first wait; doubles each attempt
 _SHELL_CANNOT_RUN = (126, 127)  # not executable, command not found
 READ_BLOCK = 8 << 20  # fsspec read-ahead block of a remote shard handle
+COPY_BLOCK = 8 << 20  # buffer of a streamed local file copy
 _SCHEME_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.\-]*)://")
 
 
@@ -241,21 +242,35 @@ def write_bytes(location: str | Path, data: bytes) -> None:
     if is_pipe(location):
         raise StorageError(str(location), "pipe: locations are read-only")
     if not is_url(location):
-        path = Path(_local(location))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        _write_local_atomically(Path(_local(location)), lambda f: f.write(data))
         return
     url = str(location)
     fs, path = _filesystem(url)
     _retry(url, "write", lambda: fs.pipe_file(path, data))
+
+
+def _write_local_atomically(path: Path, fill: Callable[[IO[bytes]], object]) -> None:
+    """``fill(handle)`` writes the content; a temp file beside ``path`` is fsynced and renamed over it,
+    so a reader (or a crash) never sees half a file. The temp name is unique per process and thread."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
+    try:
+        with open(tmp, "wb") as f:
+            fill(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _copy_local(src: str | Path, dst: Path) -> None:
+    """Stream one local file to another atomically, COPY_BLOCK bytes at a time (checkpoint shards and
+    exports are gigabytes: never the whole file in memory)."""
+    import shutil
+
+    with open(src, "rb") as source:
+        _write_local_atomically(dst, lambda f: shutil.copyfileobj(source, f, COPY_BLOCK))
 
 
 def write_text(location: str | Path, text: str) -> None:
@@ -263,9 +278,10 @@ def write_text(location: str | Path, text: str) -> None:
 
 
 def upload_file(local: str | Path, location: str | Path) -> None:
-    """Copy one local file to ``location`` (a URL or another local path, e.g. a shared file system)."""
+    """Copy one local file to ``location`` (a URL or another local path, e.g. a shared file system),
+    streamed: locally through a temp file renamed into place, remotely by fsspec's ``put_file``."""
     if not is_url(location):
-        write_bytes(location, Path(local).read_bytes())
+        _copy_local(local, Path(_local(location)))
         return
     url = str(location)
     fs, path = _filesystem(url)
@@ -289,6 +305,27 @@ def upload_dir(local: str | Path, location: str | Path, last: tuple[str, ...] = 
     return done
 
 
+def download_file(location: str | Path, local: str | Path) -> None:
+    """Copy one file from ``location`` (a URL or a local path) to the local path ``local``, streamed
+    and atomic: a partly fetched file never appears under ``local``'s name."""
+    local = Path(local)
+    if is_pipe(location):
+        write_bytes(local, _run_pipe(str(location)))
+        return
+    if not is_url(location):
+        _copy_local(_local(location), local)
+        return
+    url = str(location)
+    fs, path = _filesystem(url)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_name(f".{local.name}.tmp{os.getpid()}.{threading.get_ident()}")
+    try:
+        _retry(url, "download", lambda: fs.get_file(path, str(tmp)))
+        os.replace(tmp, local)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def download_dir(location: str | Path, local: str | Path) -> list[str]:
     """Copy every file directly under ``location`` into the local directory ``local`` (created)."""
     local = Path(local)
@@ -302,11 +339,11 @@ def download_dir(location: str | Path, local: str | Path) -> list[str]:
             if _retry(url, "stat", lambda path=path, fs=fs: fs.isdir(path)):
                 download_dir(src, local / name)
                 continue
-            _retry(url, "download", lambda path=path, fs=fs, name=name: fs.get_file(path, str(local / name)))
+            download_file(src, local / name)
         elif Path(src).is_dir():
             download_dir(src, local / name)
         else:
-            (local / name).write_bytes(Path(src).read_bytes())
+            download_file(src, local / name)
     return names
 
 

@@ -340,7 +340,7 @@ def fetch(ckpt_dir: Path, remote: str, run_dir: Path) -> str | None:
         for name in ("metrics.jsonl", best_checkpoint.FILE):
             local = run_dir / name
             if rank_and_world()[0] == 0 and not local.is_file() and storage.exists(storage.join(remote, name)):
-                storage.write_bytes(local, storage.read_bytes(storage.join(remote, name)))
+                storage.download_file(storage.join(remote, name), local)
 
     while_others_wait(run_record if node_leader() else None, f"downloading the run record of {tag} from {remote}")
     # The other ranks wait here, not in DeepSpeed's first collective, while rank 0 fetches the best.

@@ -184,7 +184,7 @@ def _download_export(url: str, tmp: Path) -> Path:
     from data_shards import storage
 
     for name in (MODEL_FILE, "config.yaml"):
-        storage.write_bytes(tmp / name, storage.read_bytes(storage.join(url, name)))
+        storage.download_file(storage.join(url, name), tmp / name)
     remote_text = storage.join(url, TEXT_DIR)
     if storage.exists(remote_text):  # remotely: any object under the prefix
         kept = Path(tempfile.mkdtemp(prefix="align-pro-export-text-"))

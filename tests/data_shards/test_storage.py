@@ -186,3 +186,49 @@ def test_remove_file_and_tree_on_s3_and_locally_tolerate_missing(s3, tmp_path): 
     storage.remove_tree(tmp_path / "d")
     storage.remove_tree(tmp_path / "d")
     assert not (tmp_path / "d").exists()
+
+
+def test_local_copies_stream_and_never_hold_the_whole_file(tmp_path):
+    """A shared-FS checkpoint upload or export fetch of a multi-GB file must not read it into memory."""
+    import os
+    import tracemalloc
+
+    src = tmp_path / "shard.pt"
+    size = 8 * storage.COPY_BLOCK  # 64 MiB
+    with open(src, "wb") as f:
+        for _ in range(8):
+            f.write(os.urandom(storage.COPY_BLOCK))
+    copies = ((storage.upload_file, tmp_path / "shared" / "up.pt"), (storage.download_file, tmp_path / "dl.pt"))
+    for copy, dst in copies:
+        tracemalloc.start()
+        try:
+            copy(src, dst)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 3 * storage.COPY_BLOCK < size, (copy.__name__, peak)
+        assert dst.stat().st_size == size and dst.read_bytes() == src.read_bytes()
+        assert [p.name for p in dst.parent.iterdir() if p.name.startswith(".")] == []  # no temp left
+
+
+def test_download_file_from_s3_is_whole_or_absent(s3, tmp_path, monkeypatch):  # noqa: F811
+    storage.write_bytes(s3.url("run", "export", "model.safetensors"), b"weights" * 1000)
+    storage.download_file(s3.url("run", "export", "model.safetensors"), tmp_path / "a" / "model.safetensors")
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == b"weights" * 1000
+    storage.download_dir(s3.url("run"), tmp_path / "tree")
+    assert (tmp_path / "tree" / "export" / "model.safetensors").read_bytes() == b"weights" * 1000
+
+    fs, _ = storage._filesystem(s3.url("run"))
+
+    def dies_half_way(path, local, **kwargs):  # a fetch cut off after writing half the bytes
+        with open(local, "wb") as f:
+            f.write(b"weig")
+        raise PermissionError("access denied")  # permanent: not retried
+
+    monkeypatch.setattr(fs, "get_file", dies_half_way)
+    with pytest.raises(storage.StorageError, match="model.safetensors"):
+        storage.download_file(s3.url("run", "export", "model.safetensors"), tmp_path / "b" / "model.safetensors")
+    assert list((tmp_path / "b").iterdir()) == []  # neither the half file nor its temp
+    with pytest.raises(FileNotFoundError):
+        storage.download_file(tmp_path / "nothing.pt", tmp_path / "c.pt")
+    assert not (tmp_path / "c.pt").exists()
