@@ -11,8 +11,9 @@ free text when the sources have it; otherwise ``function`` is built from the def
 protein's most specific MF/BP terms and ``location`` from the names of its most specific CC terms
 (both marked as derived in ``meta["text_derived"]``, and never counted as ProtCLIP properties).
 With an OBO every GO entry also carries its term ``definition`` (for definition paraphrases).
-GO ids are canonicalised with the OBO when one is given (alt ids → primary ids); unknown and
-obsolete ids are dropped term by term with a reason, the protein is kept. Terms are stored as
+GO ids are canonicalised with the OBO when one is given (alt ids → primary ids, an obsolete id with a
+single ``replaced_by`` → its replacement); unknown ids and other obsolete ids are dropped term by
+term with a reason, the protein is kept. Terms are stored as
 annotated (not propagated up the ontology; evaluation propagates with ``Ontology.propagate``).
 """
 
@@ -243,7 +244,7 @@ def canonical_terms(
 
     for go_id, aspect, evidence, name in terms:
         if ontology is not None:
-            primary = ontology.canonical(go_id)
+            primary = ontology.current(go_id)
             if primary is None:
                 drop("obsolete GO id" if go_id in ontology else "unknown GO id", go_id)
                 continue

@@ -4,7 +4,8 @@ Only ``[Term]`` stanzas are read (``[Typedef]`` and others are skipped). A term'
 ``is_a`` targets plus its ``relationship: part_of`` targets, the two relations that GO annotation
 propagation (CAFA) follows; ``regulates`` and friends are ignored. Obsolete terms are kept in
 ``terms`` (so their names and namespaces can be looked up) but :meth:`Ontology.canonical` maps them
-to None, so they never enter propagated label sets.
+to None, so they never enter propagated label sets; :meth:`Ontology.current` is the reading that
+follows an obsolete term's single ``replaced_by`` (what annotation builds use).
 
 This module's public API is fixed (the evaluation helper imports it)::
 
@@ -27,6 +28,7 @@ _NAMESPACE_ASPECT = {
     "cellular_component": "C",
 }
 _GO_ID_RE = re.compile(r"GO:\d{7}")
+_MAX_REPLACEMENTS = 8  # replaced_by hops followed before giving up (guards a cycle in a bad file)
 _DEF_RE = re.compile(r'^"((?:[^"\\]|\\.)*)"')
 
 
@@ -42,6 +44,7 @@ class GoTerm:
         parents: direct is_a and part_of targets.
         is_obsolete: True for obsolete terms.
         alt_ids: secondary ids that mean this term.
+        replaced_by: for an obsolete term, the term(s) its ``replaced_by`` tags name to use instead.
     """
 
     id: str
@@ -51,12 +54,14 @@ class GoTerm:
     parents: frozenset[str]
     is_obsolete: bool
     alt_ids: tuple[str, ...]
+    replaced_by: tuple[str, ...] = ()
 
 
 class Ontology:
     """A loaded ontology: ``terms`` maps primary ids to :class:`GoTerm`.
 
     Lookups accept primary ids and alt ids alike. Ancestor sets are computed lazily and cached.
+    :meth:`canonical` drops obsolete ids; :meth:`current` follows a single ``replaced_by`` instead.
     """
 
     def __init__(self, terms: dict[str, GoTerm], source: str = ""):
@@ -85,6 +90,19 @@ class Ontology:
         """The primary id for ``go_id`` (itself or an alt id); None if unknown or obsolete."""
         term = self._term(go_id.strip()) if isinstance(go_id, str) else None
         if term is None or term.is_obsolete:
+            return None
+        return term.id
+
+    def current(self, go_id: str) -> str | None:
+        """Like :meth:`canonical`, but an obsolete id with exactly one ``replaced_by`` is followed to
+        the current term GO says to use instead (annotations dated before the OBO keep their
+        meaning). None if unknown, or obsolete with no or several replacements (``consider`` only)."""
+        term = self._term(go_id.strip()) if isinstance(go_id, str) else None
+        for _ in range(_MAX_REPLACEMENTS):
+            if term is None or not term.is_obsolete:
+                break
+            term = self._term(term.replaced_by[0]) if len(term.replaced_by) == 1 else None
+        if term is None or term.is_obsolete:  # no replacement, or a chain too long (a cycle)
             return None
         return term.id
 
@@ -169,6 +187,7 @@ def _finish(stanza: dict, where: str, terms: dict[str, GoTerm]) -> None:
         parents=frozenset(stanza.get("parents", ())),
         is_obsolete=stanza.get("is_obsolete", False),
         alt_ids=tuple(stanza.get("alt_ids", ())),
+        replaced_by=tuple(stanza.get("replaced_by", ())),
     )
 
 
@@ -227,6 +246,8 @@ def load_obo(path: str | Path) -> Ontology:
                     parts = _strip_value(value).split()
                     if len(parts) == 2 and parts[0] == "part_of":
                         stanza.setdefault("parents", []).append(parts[1])
+                elif tag == "replaced_by":
+                    stanza.setdefault("replaced_by", []).append(_strip_value(value))
                 elif tag == "is_obsolete":
                     stanza["is_obsolete"] = value.lower().startswith("true")
             if stanza is not None:

@@ -16,8 +16,9 @@ What it does, following DeepFRI's ``preprocessing/create_nrPDB_GO_annot.py``:
   id or chain are skipped and a repeated id keeps its first row, exactly as the suite reads the table;
 * each annotated id is mapped to its primary id (alt ids through :mod:`data_shards.readers.obo`) and
   propagated up ``is_a`` and ``part_of``, keeping the ancestors in the term's own namespace. The OBO
-  decides the namespace (a term listed under the wrong column moves and is counted). Obsolete ids
-  (the reader does not follow ``replaced_by``) and ids the OBO does not know are dropped and counted;
+  decides the namespace (a term listed under the wrong column moves and is counted). An obsolete id
+  with a single ``replaced_by`` is read as its replacement (:meth:`Ontology.current`, counted); other
+  obsolete ids and ids the OBO does not know are dropped and counted;
 * the vocabulary of a namespace is every propagated term carried by at least ``min_chains`` chains
   (and at most ``max_chains`` when set), less the three namespace roots, sorted by id; names are the
   OBO's. DeepFRI kept terms with 50 to 5000 chains of its ~36k-chain nrPDB set; the 1.6k bundled
@@ -55,7 +56,8 @@ class GoAnnotationSummary:
     chains_listed: int = 0  # chains with a vocabulary term in some namespace (the file's rows)
     annotations: int = 0  # GO ids read from the table (chain x id)
     alt_ids: int = 0  # ... given as an alt id and mapped to the primary id
-    obsolete: int = 0  # ... obsolete in the OBO: dropped
+    replaced: int = 0  # ... obsolete with a single replaced_by: read as the replacement
+    obsolete: int = 0  # ... obsolete in the OBO without one: dropped
     unknown: int = 0  # ... not in the OBO: dropped
     moved: int = 0  # ... listed under another namespace's column than the OBO's
     vocabulary: dict[str, int] = field(default_factory=dict)  # task (GO-MF, ...) -> terms
@@ -108,11 +110,13 @@ def propagated_terms(proteins: Proteins, ontology: Ontology) -> tuple[ChainTerms
                 if go_id not in ontology:
                     summary.unknown += 1
                     continue
-                primary = ontology.canonical(go_id)
+                primary = ontology.current(go_id)
                 if primary is None:
                     summary.obsolete += 1
                     continue
-                summary.alt_ids += primary != go_id
+                replaced = ontology.canonical(go_id) is None
+                summary.replaced += replaced
+                summary.alt_ids += not replaced and primary != go_id
                 ns = ontology.terms[primary].namespace
                 if ns not in sets:  # a term without a GO namespace: nothing to file it under
                     summary.unknown += 1
@@ -215,8 +219,9 @@ def format_summary(summary: GoAnnotationSummary, out: str | Path, min_chains: in
             f"{summary.labelled[task]} chains labelled"
             for task in GO_NAMESPACES.values()
         ),
-        f"  GO ids read: {summary.annotations}; alt ids mapped: {summary.alt_ids}; obsolete dropped: "
-        f"{summary.obsolete}; unknown dropped: {summary.unknown}; moved to the OBO's namespace: {summary.moved}",
+        f"  GO ids read: {summary.annotations}; alt ids mapped: {summary.alt_ids}; obsolete replaced: "
+        f"{summary.replaced}; obsolete dropped: {summary.obsolete}; unknown dropped: {summary.unknown}; "
+        f"moved to the OBO's namespace: {summary.moved}",
     ]
     empty = [t for t, n in summary.vocabulary.items() if n == 0]
     if empty:

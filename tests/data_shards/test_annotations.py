@@ -22,6 +22,13 @@ id: GO:0000001
 name: an old term
 namespace: molecular_function
 is_obsolete: true
+
+[Term]
+id: GO:0000002
+name: an old kinase term
+namespace: molecular_function
+is_obsolete: true
+replaced_by: GO:0004672
 """
 
 
@@ -38,7 +45,8 @@ def test_terms_merge_by_primary_id_and_each_drop_is_counted_once_per_record(tmp_
         ("GO:0004672", "F", {"EXP"}, ""),
         ("GO:0000001", "F", {"IDA"}, ""),
         ("GO:9999999", "F", {"IDA"}, ""),
+        ("GO:0000002", "F", {"TAS"}, ""),  # obsolete, replaced_by the kinase term: merged into it
     ]
     out = canonical_terms(terms, ontology, lambda reason, where: skipped.append((reason, where)), "1ABC_A")
-    assert out == [("GO:0004672", "F", {"IEA", "EXP"}, "protein kinase activity")]
+    assert out == [("GO:0004672", "F", {"IEA", "EXP", "TAS"}, "protein kinase activity")]
     assert skipped == [("obsolete GO id", "1ABC_A:GO:0000001"), ("unknown GO id", "1ABC_A:GO:9999999")]

@@ -107,3 +107,78 @@ def test_real_go_basic():
                 seen.add(parent)
                 todo.extend(onto.terms[parent].parents)
         assert onto.ancestors(go_id) == seen
+
+
+REPLACED = """format-version: 1.2
+
+[Term]
+id: GO:0000010
+name: current
+namespace: molecular_function
+
+[Term]
+id: GO:0000011
+name: merged into current
+namespace: molecular_function
+is_obsolete: true
+replaced_by: GO:0000012
+
+[Term]
+id: GO:0000012
+name: merged again
+namespace: molecular_function
+is_obsolete: true
+replaced_by: GO:0000010 ! current
+
+[Term]
+id: GO:0000013
+name: split in two
+namespace: molecular_function
+is_obsolete: true
+replaced_by: GO:0000010
+replaced_by: GO:0000014
+
+[Term]
+id: GO:0000014
+name: loop a
+namespace: molecular_function
+is_obsolete: true
+replaced_by: GO:0000015
+
+[Term]
+id: GO:0000015
+name: loop b
+namespace: molecular_function
+is_obsolete: true
+replaced_by: GO:0000014
+
+[Term]
+id: GO:0000016
+name: consider only
+namespace: molecular_function
+is_obsolete: true
+consider: GO:0000010
+"""
+
+
+def test_current_follows_a_single_replaced_by_and_canonical_stays_strict(tmp_path):
+    path = tmp_path / "replaced.obo"
+    path.write_text(REPLACED)
+    onto = load_obo(path)
+    assert onto.terms["GO:0000011"].replaced_by == ("GO:0000012",)
+    assert onto.current("GO:0000011") == "GO:0000010"  # two hops: 11 -> 12 -> 10
+    assert onto.current("GO:0000010") == "GO:0000010" and onto.current(" GO:0000012 ") == "GO:0000010"
+    assert onto.current("GO:0000013") is None  # two replacements: ambiguous
+    assert onto.current("GO:0000014") is None  # a replacement cycle ends, unresolved
+    assert onto.current("GO:0000016") is None and onto.current("GO:7654321") is None
+    assert [onto.canonical(t) for t in ("GO:0000011", "GO:0000012", "GO:0000010")] == [None, None, "GO:0000010"]
+    assert onto.propagate(["GO:0000011"]) == set()  # propagation keeps the strict reading
+
+
+@pytest.mark.skipif(not GO_OBO.exists(), reason="shared data not present")
+def test_real_go_basic_replaced_by():
+    onto = load_obo(GO_OBO)
+    replaced = [t for t in onto.terms.values() if t.is_obsolete and t.replaced_by]
+    assert len(replaced) == 525  # replaced_by lines of go-basic 2021-12-15 (grep -c)
+    assert onto.current("GO:1902188") == "GO:0019076"  # obsolete positive regulation of viral release from host cell
+    assert onto.current("GO:0055114") is None  # oxidation-reduction process: obsolete, consider-only

@@ -14,8 +14,9 @@ from tests.pretrain.benchmark.helpers import make_context
 
 T = "\t"
 # Roots: GO:0003674 (MF), GO:0008150 (BP), GO:0005575 (CC). MF chain 3 -is_a-> 2 -is_a-> 1 -> root,
-# 92 is an alt id of 2, 4 is obsolete. BP 12 -is_a-> 11 -part_of-> 10 -> root; 13 is_a 10 and part_of
-# the CC term 20 (a cross-namespace edge that must not carry CC terms into BP). CC 21 -part_of-> 20.
+# 92 is an alt id of 2, 4 is obsolete, 5 is obsolete with replaced_by 1. BP 12 -is_a-> 11 -part_of-> 10
+# -> root; 13 is_a 10 and part_of the CC term 20 (a cross-namespace edge that must not carry CC terms
+# into BP). CC 21 -part_of-> 20.
 OBO = """format-version: 1.2
 ontology: go
 
@@ -60,6 +61,13 @@ namespace: molecular_function
 is_obsolete: true
 
 [Term]
+id: GO:0000005
+name: obsolete binding under its old id
+namespace: molecular_function
+is_obsolete: true
+replaced_by: GO:0000001
+
+[Term]
 id: GO:0000010
 name: process A
 namespace: biological_process
@@ -102,7 +110,8 @@ name: part of
 """
 
 # pdb_chains.tsv layout: ids <PDB upper>-<chain>; a row without chain is skipped; a repeated id keeps
-# its first row; 3DEF-C holds an obsolete id, an unknown id and a CC term under go_bp; 4GHI-D has no GO.
+# its first row; 3DEF-C holds an obsolete id, an unknown id and a CC term under go_bp; 4GHI-D has no GO;
+# 5JKL-E's MF term is given by an obsolete id whose replaced_by is binding (read as binding).
 CHAINS = (
     f"structure_file{T}chain{T}pdb_id{T}go_mf{T}go_bp{T}go_cc{T}sequence\n"
     f"{T}A{T}1abc{T}GO:0000003{T}GO:0000012{T}GO:0000021{T}MKVL\n"
@@ -111,7 +120,7 @@ CHAINS = (
     f"{T}D{T}4GHI{T}{T}{T}{T}MKTL\n"
     f"{T}{T}6NOC{T}GO:0000001{T}{T}{T}MKPL\n"
     f"{T}A{T}1ABC{T}GO:0000001{T}GO:0000010{T}GO:0000020{T}MKVL\n"
-    f"{T}E{T}5JKL{T}GO:0000001{T}GO:0000010{T}GO:0000020{T}MKWL\n"
+    f"{T}E{T}5JKL{T}GO:0000005{T}GO:0000010{T}GO:0000020{T}MKWL\n"
 )
 
 # min_chains 2: MF 1 (3 chains), 2 (2); 3 (1) cut. BP 10 (3); 11, 12, 13 (1 each) cut. CC 20 (3); 21 cut.
@@ -149,8 +158,9 @@ def test_file_by_hand_propagation_roots_min_chains_and_counts(inputs, tmp_path):
     assert out.read_text() == EXPECTED_MIN2
     assert (summary.chains, summary.skipped_rows, summary.chains_with_terms, summary.chains_listed) == (5, 1, 4, 4)
     # 11 ids read (the repeated 1ABC-A row is not); GO:0000092 mapped, GO:0000004 obsolete,
-    # GO:9999999 unknown, GO:0000020 moved from go_bp to CC
-    assert (summary.annotations, summary.alt_ids, summary.obsolete, summary.unknown, summary.moved) == (11, 1, 1, 1, 1)
+    # GO:0000005 replaced by GO:0000001, GO:9999999 unknown, GO:0000020 moved from go_bp to CC
+    counts = (summary.annotations, summary.alt_ids, summary.replaced, summary.obsolete, summary.unknown, summary.moved)
+    assert counts == (11, 1, 1, 1, 1, 1)
     assert summary.vocabulary == {"GO-MF": 2, "GO-BP": 1, "GO-CC": 1}
     assert summary.labelled == {"GO-MF": 3, "GO-BP": 3, "GO-CC": 3}
 
@@ -235,7 +245,8 @@ def test_cli_writes_the_file_and_prints_the_counts(inputs, tmp_path, capsys):
     assert out.read_text() == EXPECTED_MIN2
     printed = capsys.readouterr().out
     assert "4 chains listed (of 5 in the table" in printed and "GO-BP: 1 terms carried by >= 2 chains" in printed
-    assert "alt ids mapped: 1; obsolete dropped: 1; unknown dropped: 1; moved to the OBO's namespace: 1" in printed
+    counts = "alt ids mapped: 1; obsolete replaced: 1; obsolete dropped: 1; unknown dropped: 1; moved to the OBO's"
+    assert f"{counts} namespace: 1" in printed
 
 
 def test_bundled_chains_give_three_nonempty_aspects(tmp_path):
@@ -245,7 +256,7 @@ def test_bundled_chains_give_three_nonempty_aspects(tmp_path):
         pytest.skip("../shared/data is absent")
     summary = go_annotation_file(chains, obo, tmp_path / "go.tsv", min_chains=5)
     files = read_deepfri_annotations(tmp_path / "go.tsv")
-    assert summary.chains_listed > 500 and summary.unknown == 0
+    assert summary.chains_listed > 500 and summary.unknown == 0 and summary.replaced == 2  # GO:1902188 twice
     for task, lf in files.items():
         assert summary.vocabulary[task] == len(lf.vocabulary) > 0
         assert summary.labelled[task] == sum(1 for s in lf.labels.values() if s) > 0
