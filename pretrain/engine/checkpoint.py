@@ -50,7 +50,7 @@ from pretrain.engine.checkpoint_tags import (
     latest_tag,
 )
 from pretrain.engine.checkpoint_universal import UNIVERSAL_SUFFIX, convert_tag, remove_orphan_conversions
-from pretrain.engine.collectives import all_reduce_numbers, barrier
+from pretrain.engine.collectives import all_reduce_numbers, barrier, gather_objects, rank_and_world
 from pretrain.errors import ConfigError, RunStopped
 
 log = logging.getLogger(__name__)
@@ -258,17 +258,75 @@ class CheckpointsUnusable(ConfigError):
     state, starting over would silently discard it (the launchers exit 2 with the message)."""
 
 
-def _whole_checkpoint(ckpt_dir: Path) -> str | None:
-    """The newest complete checkpoint that is still whole on every rank (collective), starting at
-    ``latest``; a damaged one is logged and the previous one taken. None when there is none at all.
+class RunDirNotShared(ConfigError):
+    """Ranks of a multi-node run do not share ``RUN`` and no ``train.remote_dir`` is set: each node's
+    checkpoint files would stay on its own disk, rank 0's ``COMPLETE`` would list only its node's,
+    and the run could never resume (the launchers exit 2 with the message)."""
+
+
+SHARED_PROBE_TRIES = 5  # one-second looks for rank 0's probe file (NFS attribute caches lag a little)
+
+
+def require_shared_run_dir(run_dir: Path, remote: str | None) -> None:
+    """Collective, before training on several ranks: every rank must see the files rank 0 writes
+    under ``run_dir`` (one shared file system), unless ``remote`` (``train.remote_dir``) is where
+    checkpoints go. Rank 0 writes a probe file with a fresh name; every rank looks for it.
 
     Raises:
-        CheckpointsUnusable: complete checkpoints exist but none is whole.
+        RunDirNotShared: on every rank, naming the ranks (and hosts) that do not see it.
+    """
+    import socket
+    import time
+    import uuid
+
+    rank, world = rank_and_world()
+    if world == 1 or remote:
+        return
+    probe = Path(run_dir) / gather_objects(f".shared-probe-{uuid.uuid4().hex}" if rank == 0 else None)[0]
+    if rank == 0:
+        write_text(probe, "written by rank 0 at start: every rank of the run must see this file\n")
+    barrier()
+    seen = False
+    for attempt in range(SHARED_PROBE_TRIES):
+        seen = probe.is_file()
+        if seen:
+            break
+        time.sleep(1.0 if attempt + 1 < SHARED_PROBE_TRIES else 0.0)
+    views = gather_objects((seen, socket.gethostname()))
+    barrier()
+    if rank == 0:
+        probe.unlink(missing_ok=True)
+    blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(views) if not ok]
+    if blind:
+        raise RunDirNotShared(
+            f"{run_dir} is not one shared directory for every rank: {', '.join(blind)} cannot see the file rank 0 "
+            f"wrote there (on {views[0][1]}). Each node's checkpoint files would stay on its own disk and the run "
+            "could not resume: put the run directory on a shared file system, or set train.remote_dir (an "
+            "object-storage URL or a shared path) so that checkpoints are published there"
+        )
+
+
+def _whole_checkpoint(ckpt_dir: Path) -> str | None:
+    """The newest complete checkpoint that is still whole on every rank (collective), starting at
+    ``latest`` as rank 0 sees it; a damaged one is logged and the previous one taken. None when no
+    rank sees any checkpoint.
+
+    Raises:
+        CheckpointsUnusable: complete checkpoints exist but none is whole, or some ranks see
+            checkpoints and others none (a node's disk replaced under a run without a shared one).
     """
     newest = latest_tag(ckpt_dir)
-    if newest is None:
+    seeing = all_reduce_numbers([int(newest is not None)], dtype=torch.long)[0]
+    if seeing == 0:
         return None
-    candidates = [newest] + [t for t in reversed(complete_tags(ckpt_dir)) if t != newest]
+    world = rank_and_world()[1]
+    if seeing < world:
+        raise CheckpointsUnusable(
+            f"{world - seeing} of {world} ranks see no checkpoint in {ckpt_dir} while the others do; resume "
+            "needs every rank to read the same checkpoint directory (a shared file system, or train.remote_dir)"
+        )
+    # Rank 0's list for everyone: the loop below is collective, so every rank must try the same tags.
+    candidates = gather_objects([newest] + [t for t in reversed(complete_tags(ckpt_dir)) if t != newest])[0]
     problems = []
     for tag in candidates:
         problem = checkpoint_problem(ckpt_dir / tag)

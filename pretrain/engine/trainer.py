@@ -115,10 +115,12 @@ class Trainer:
         ]
         # Resuming on another number of ranks goes through a DeepSpeed universal checkpoint, which
         # the engine must be configured for when it is built (see checkpoint.load).
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # the collectives below run over NCCL before DeepSpeed's
+        # Several nodes must share RUN, or publish checkpoints to remote_dir: else none could resume.
+        checkpoint.require_shared_run_dir(self.run_dir, self.cfg.train.remote_dir)
         if self.cfg.train.remote_dir:
             # Fetched first (collective): a fresh machine has nothing local to read the world size from.
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)  # the fetch broadcasts over NCCL before DeepSpeed does
             checkpoint_store.fetch(self.ckpt_dir, self.cfg.train.remote_dir, self.run_dir)
         ds_config = checkpoint_universal.engine_config(self.ds_config, self.ckpt_dir, self.world_size)
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=ds_config)
