@@ -197,12 +197,16 @@ def remote_record(complete: dict, parts: list[dict | None], where: str) -> dict:
 def _upload_run_record(run_dir: Path, remote: str) -> None:
     """Rank 0: upload ``RUN_RECORD``. The best record goes up as ``best_checkpoint.json`` also for an
     older run that has only ``RUN/best.json`` (:func:`best_checkpoint.published_record`), so a fresh
-    machine resuming it keeps its best."""
+    machine resuming it keeps its best; a run with no best record (dropped by
+    :func:`best_checkpoint.promote` as an abandoned timeline's) deletes the remote one, so a fresh
+    machine does not bring that best back."""
     for name in RUN_RECORD:
         if name == best_checkpoint.FILE:
             data = best_checkpoint.published_record(run_dir)
             if data is not None:
                 storage.write_bytes(storage.join(remote, name), data)
+            else:
+                storage.remove_file(storage.join(remote, name))
         elif (run_dir / name).is_file():
             storage.upload_file(run_dir / name, storage.join(remote, name))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -227,6 +228,16 @@ def test_no_best_is_fetched_for_a_later_abandoned_step(tmp_path, remote):
     assert checkpoint_store.fetch(fresh / "checkpoints", remote, fresh) == "step00000002"
     assert best_checkpoint.read(fresh)["step"] == 4
     assert not (fresh / "checkpoints" / "step00000004").exists()
+    # the resumed run drops that best at its next save (promote) and publishes without it: the remote
+    # record goes too, so yet another fresh machine does not bring the abandoned best back
+    (run / best_checkpoint.FILE).unlink()
+    shutil.rmtree(run / "checkpoints" / "step00000004")
+    tag = _torch_checkpoint(run, 3)
+    checkpoint_store.publish(run / "checkpoints", remote, tag, {"step": 3, "world_size": 1}, 2, run)
+    assert not storage.exists(storage.join(remote, best_checkpoint.FILE))
+    again = tmp_path / "again"
+    assert checkpoint_store.fetch(again / "checkpoints", remote, again) == "step00000003"
+    assert best_checkpoint.read(again) is None
 
 
 def test_previous_epoch_files_travel_with_the_checkpoints(tmp_path, remote):
