@@ -39,12 +39,12 @@ import argparse
 import contextlib
 import json
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 
 from data_shards import storage
 from data_shards.manifest import MANIFEST_NAME, ManifestError
+from data_shards.scratch import owned_tempdir
 
 
 @contextlib.contextmanager
@@ -53,8 +53,8 @@ def _local_out(out: str) -> Iterator[str]:
     if not storage.is_url(out):
         yield out
         return
-    with tempfile.TemporaryDirectory(prefix="align-pro-build-") as tmp:
-        yield tmp
+    with owned_tempdir("align-pro-build-") as tmp:  # a killed build's copy is swept by the next one
+        yield str(tmp)
         storage.upload_dir(tmp, out, last=(MANIFEST_NAME,))
 
 

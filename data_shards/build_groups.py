@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from data_shards.build_inputs import Tally
 from data_shards.build_resume import state_file, write_json
 from data_shards.parallel_parse import parsed_units
 from data_shards.records import RecordMaker
+from data_shards.scratch import owned_dir, owned_tempdir
 from data_shards.writer import ShardWriter
 
 
@@ -114,8 +114,8 @@ def group_records(ctx: GroupContext, gid: int, kind: str, items: list, fingerpri
                     yield built
 
     records = []
-    with tempfile.TemporaryDirectory(prefix="align-pro-group-") as tmp:
-        spool = Path(tmp) / "spool"
+    with owned_tempdir("align-pro-group-") as tmp:  # swept by the next task on the host if this one is killed
+        spool = tmp / "spool"
         with open(spool, "wb") as handle:
             for built in stream():
                 spool_writer(handle, built.record)
@@ -154,7 +154,7 @@ def group_shards(ctx: GroupContext, gid: int, ids: list, splits: list, props: li
     """
     coverage = {name: _coverage() for name in ctx.split_names}
     local_out = not storage.is_url(ctx.out)
-    scratch = Path(tempfile.mkdtemp(prefix=f".g{gid:06d}-", dir=ctx.state if local_out else None))
+    scratch = owned_dir(f".g{gid:06d}-", ctx.state if local_out else None)
     try:
         writers = {
             name: ShardWriter(

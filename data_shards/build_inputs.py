@@ -19,6 +19,7 @@ from data_shards.readers.structures import looks_like_structure_file
 from data_shards.readers.tables import ChainRow, detect_table_format, iter_chain_table, iter_deepfri, iter_uniprot_tsv
 from data_shards.readers.uniprot import iter_uniprot
 from data_shards.records import StructureUnit
+from data_shards.scratch import owned_dir
 
 MAX_EXAMPLES = 5
 ANNOTATION_FORMATS = ("chains", "uniprot_tsv", "deepfri", "gaf", "sifts_uniprot", "sifts_enzyme")
@@ -123,9 +124,8 @@ def _fetch(url: str, what: str) -> Path:
         return _FETCHED[url]
     import atexit
     import shutil
-    import tempfile
 
-    folder = Path(tempfile.mkdtemp(prefix="align-pro-input-"))
+    folder = owned_dir("align-pro-input-")  # atexit removes it; after a kill, the next build on the host
     atexit.register(shutil.rmtree, folder, True)
     local = folder / (url.rstrip("/").rsplit("/", 1)[-1] or "input")
     try:

@@ -14,9 +14,10 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from data_shards.scratch import owned_tempdir
 
 _MEMO: dict[tuple, object] = {}  # results of earlier calls in this process (the base row repeats them)
 _MEMO_MAX = 32
@@ -120,8 +121,7 @@ def search(
     if key in _MEMO:
         return {q: list(h) for q, h in _MEMO[key].items()}
     binary = mmseqs_binary()
-    with tempfile.TemporaryDirectory(prefix="align-pro-mmseqs-") as tmp:
-        t = Path(tmp)
+    with owned_tempdir("align-pro-mmseqs-") as t:
         _write_fasta(t / "q.fasta", queries)
         _write_fasta(t / "db.fasta", database)
         args = [binary, "easy-search", str(t / "q.fasta"), str(t / "db.fasta"), str(t / "hits.m8"), str(t / "tmp")]
@@ -161,8 +161,7 @@ def cluster(
     if key in _MEMO:
         return dict(_MEMO[key])
     binary = mmseqs_binary()
-    with tempfile.TemporaryDirectory(prefix="align-pro-mmseqs-") as tmp:
-        t = Path(tmp)
+    with owned_tempdir("align-pro-mmseqs-") as t:
         _write_fasta(t / "in.fasta", sequences)
         args = [binary, "easy-cluster", str(t / "in.fasta"), str(t / "res"), str(t / "tmp")]
         args += ["--min-seq-id", str(min_identity), "-c", str(coverage), "--cov-mode", "0"]

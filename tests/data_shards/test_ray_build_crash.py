@@ -11,7 +11,7 @@ import logging
 
 import pytest
 
-from data_shards import ray_build
+from data_shards import scratch, ray_build
 from data_shards.build import BuildConfig
 from data_shards.manifest import load_manifest
 from data_shards.parallel_parse import WORKER_DIED
@@ -68,4 +68,6 @@ def test_a_file_that_kills_its_ray_worker_costs_the_file_not_the_build(tmp_path,
     assert summary["num_samples"] == 2 * len(others)
     assert tars(out) == tars(reference) and tars(out)
     (rerun,) = reruns  # only the killer's group ran again
+    # the killed worker's record spool (system temp) was removed when its group ran again on this host
+    assert scratch.sweep_dead("align-pro-group-") == []
     assert rerun.startswith("Ray task group_records_or_die(1, ...): its Ray worker died (WorkerCrashedError")

@@ -1,0 +1,62 @@
+"""Scratch directories of killed processes are swept by the next one (data_shards/scratch.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from data_shards import scratch
+
+CHILD = """
+import sys, time
+from data_shards.scratch import owned_dir
+path = owned_dir("align-pro-group-", sys.argv[1])
+(path / "spool").write_bytes(b"records" * 1000)
+print(path, flush=True)
+time.sleep(600)
+"""
+
+
+def _killed_owner(parent: Path) -> Path:
+    """A directory made by a process that was then SIGKILLed (nothing of it ran its cleanup)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(parent)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        path = Path(child.stdout.readline().strip())
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+    assert path.is_dir() and (path / "spool").is_file()
+    return path
+
+
+def test_a_killed_processes_directory_is_swept_and_live_ones_are_kept(tmp_path):
+    dead = _killed_owner(tmp_path)
+    live = scratch.owned_dir("align-pro-group-", tmp_path)  # this process: alive
+    other_host = tmp_path / f"align-pro-group-elsewhere-{dead.name.split('-')[-2]}-abc"
+    other_host.mkdir()  # the same dead pid on another host sharing the folder: not ours to judge
+    other_prefix = tmp_path / f"align-pro-input-{dead.name[len('align-pro-group-') :]}"
+    other_prefix.mkdir()  # another kind of scratch of the same dead process: swept by its own kind
+    with scratch.owned_tempdir("align-pro-group-", tmp_path) as fresh:
+        assert fresh.is_dir() and not dead.exists()
+        assert live.is_dir() and other_host.is_dir() and other_prefix.is_dir()
+    assert not fresh.exists()  # removed when the block exits
+    assert scratch.sweep_dead("align-pro-input-", tmp_path) == [other_prefix]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other_host.name])
+
+
+def test_names_carry_host_and_pid_and_prefixes_with_glob_characters_are_literal(tmp_path):
+    path = scratch.owned_dir(".g000003-", tmp_path)
+    host, pid, _ = path.name[len(".g000003-") :].split("-", 2)
+    assert host == scratch._host() and int(pid) == os.getpid() and "-" not in host
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)  # exited: no process with this pid (unless recycled within the test)
+    literal = tmp_path / f"[x]{host}-{dead_pid}-r"
+    lookalike = tmp_path / f"x{host}-{dead_pid}-r"  # what an unescaped glob "[x]..." would match
+    literal.mkdir()
+    lookalike.mkdir()
+    assert scratch.sweep_dead("[x]", tmp_path) == [literal] and lookalike.is_dir()
+    assert scratch.glob_escape("a[b]*?") == "a[[]b][*][?]"
