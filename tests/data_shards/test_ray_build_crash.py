@@ -11,7 +11,7 @@ import logging
 
 import pytest
 
-from data_shards import scratch, ray_build
+from data_shards import ray_build, scratch
 from data_shards.build import BuildConfig
 from data_shards.manifest import load_manifest
 from data_shards.parallel_parse import WORKER_DIED
