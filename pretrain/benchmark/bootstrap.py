@@ -80,3 +80,48 @@ def bootstrap(
         return Interval(float(value), None, None, level, 0)
     low, high = np.quantile(np.asarray(draws), [(1 - level) / 2, (1 + level) / 2])
     return Interval(float(value), float(low), float(high), level, len(draws))
+
+
+def bootstrap_counts(
+    statistic_many: Callable[[np.ndarray], np.ndarray],
+    n_items: int,
+    *,
+    resamples: int = DEFAULT_RESAMPLES,
+    level: float = DEFAULT_LEVEL,
+    seed: int = 0,
+    batch: int = 100,
+) -> Interval:
+    """:func:`bootstrap` for a statistic of per-item draw counts that scores many redraws in one call.
+
+    The redraws are the ones :func:`bootstrap` makes with the same ``seed`` (the same generator calls,
+    ``batch`` redraws at a time), so the interval is the same as the one-at-a-time path's.
+
+    Args:
+        statistic_many: ``W`` (r, n_items) float64 draw counts (row of ones: every item once) ->
+            (r,) values, NaN where undefined on that draw.
+        n_items, resamples, level, seed: as :func:`bootstrap`.
+        batch: redraws per call of ``statistic_many`` (bounds its memory).
+    """
+    if n_items <= 0:
+        raise ValueError(f"bootstrap needs at least one item, got n_items={n_items}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    if resamples < 0:
+        raise ValueError(f"resamples must be >= 0, got {resamples}")
+    value = float(statistic_many(np.ones((1, n_items)))[0])
+    if not np.isfinite(value):
+        return Interval(None, None, None, level, 0)
+    rng = np.random.default_rng(seed)
+    values = []
+    for start in range(0, resamples, batch):
+        r = min(batch, resamples - start)
+        idx = rng.integers(0, n_items, size=(r, n_items))  # the same stream as r calls of size n_items
+        flat = (idx + n_items * np.arange(r)[:, None]).ravel()
+        counts = np.bincount(flat, minlength=r * n_items).reshape(r, n_items).astype(np.float64)
+        values.append(np.asarray(statistic_many(counts), dtype=np.float64))
+    draws = np.concatenate(values) if values else np.zeros(0)
+    draws = draws[np.isfinite(draws)]
+    if not len(draws):
+        return Interval(value, None, None, level, 0)
+    low, high = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
+    return Interval(value, float(low), float(high), level, len(draws))

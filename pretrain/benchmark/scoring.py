@@ -13,8 +13,11 @@ from collections.abc import Callable
 
 import numpy as np
 
-from pretrain.benchmark.bootstrap import DEFAULT_LEVEL, DEFAULT_RESAMPLES, Interval, bootstrap
+from pretrain.benchmark.bootstrap import DEFAULT_LEVEL, DEFAULT_RESAMPLES, Interval, bootstrap, bootstrap_counts
 from pretrain.eval.metrics import _EPS, THRESHOLDS
+
+DENSE_FACTOR = 32  # AuprTerms.aupr_many counts per protein when distinct scores x proteins <= this x entries
+DENSE_BLOCK = 2_000_000  # (distinct score, protein) cells counted at a time by AuprTerms.aupr_many
 
 
 def _weights(idx: np.ndarray, n: int) -> np.ndarray:
@@ -85,6 +88,58 @@ class AuprTerms:
         self.last = np.r_[np.nonzero(np.diff(ss))[0], len(ss) - 1] if len(ss) else np.zeros(0, np.int64)
         self.n = n
 
+    def aupr_many(self, weights: np.ndarray) -> np.ndarray:
+        """AUPR of each row of ``weights`` (R, N) (NaN where a row has no weighted positive).
+
+        With few distinct scores (k-NN votes, best-hit identities) the positives and all predictions
+        at or above each distinct score are counted per protein once (:meth:`_count_blocks`), and every
+        redraw's curve is two matrix products of those counts with its weights: about 10-30x faster
+        than :meth:`aupr` per redraw on GO-BP-sized label spaces. With many distinct scores the redraws
+        go through :meth:`aupr`. Both count exactly (integer sums in float64), so the two agree to the
+        rounding of the final sum.
+        """
+        weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+        k, n = len(self.last), self.n
+        if k == 0 or k * n > DENSE_FACTOR * max(1, len(self.y)):
+            return np.array([np.nan if (v := self.aupr(w)) is None else v for w in weights])
+        total = weights @ np.bincount(self.protein[self.y], minlength=n).astype(np.float64)  # (R,)
+        out = np.zeros(len(weights))
+        prev_recall = np.zeros(len(weights))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            for every, pos in self._count_blocks():
+                predicted, tp = every @ weights.T, pos @ weights.T  # (groups, R)
+                precision = np.where(predicted > 0, tp / predicted, 0.0)
+                recall = tp / total
+                out += (np.diff(np.vstack([prev_recall, recall]), axis=0) * precision).sum(0)
+                prev_recall = recall[-1]
+        out[~(total > 0)] = np.nan
+        return out
+
+    def _count_blocks(self):
+        """Per distinct score (in decreasing order) and protein: entries at or above it, and positives
+        among them, as float64 blocks of at most DENSE_BLOCK cells; kept after the first call when
+        they fit DENSE_BLOCK (a bootstrap calls :meth:`aupr_many` once per batch of redraws)."""
+        if getattr(self, "_blocks", None) is not None:
+            yield from self._blocks
+            return
+        k, n = len(self.last), self.n
+        group = np.repeat(np.arange(k), np.diff(np.r_[-1, self.last]))  # distinct-score group of each entry
+        step = max(1, DENSE_BLOCK // max(1, n))
+        blocks, carry_all, carry_pos = [], np.zeros(n), np.zeros(n)
+        for g0 in range(0, k, step):
+            g1 = min(k, g0 + step)
+            lo, hi = (self.last[g0 - 1] + 1 if g0 else 0), self.last[g1 - 1] + 1
+            cell = (group[lo:hi] - g0) * n + self.protein[lo:hi]  # (group, protein) of each entry
+            size = (g1 - g0) * n
+            every = np.bincount(cell, minlength=size).reshape(g1 - g0, n).astype(np.float64).cumsum(0) + carry_all
+            pos = np.bincount(cell[self.y[lo:hi]], minlength=size).reshape(g1 - g0, n).astype(np.float64)
+            pos = pos.cumsum(0) + carry_pos
+            carry_all, carry_pos = every[-1], pos[-1]
+            blocks.append((every, pos))
+            yield every, pos
+        if k * n <= DENSE_BLOCK:
+            self._blocks = blocks
+
     def aupr(self, w: np.ndarray | None = None) -> float | None:
         """AUPR with protein weights ``w`` (N,); None when there is no weighted positive."""
         wp = np.ones(len(self.y)) if w is None else w[self.protein]
@@ -123,7 +178,7 @@ def multilabel_metrics(
     f, a = FmaxTerms(scores, truth), AuprTerms(scores, truth)
     return {
         "fmax": _interval(f.fmax, n, resamples, level, seed),
-        "aupr": _interval(a.aupr, n, resamples, level, seed),
+        "aupr": bootstrap_counts(a.aupr_many, n, resamples=resamples, level=level, seed=seed),  # the same draws
     }
 
 

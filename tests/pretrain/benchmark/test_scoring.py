@@ -68,3 +68,41 @@ def test_paired_draws_share_the_seed():
     a = multilabel_metrics(scores, truth, resamples=200, seed=3)
     b = multilabel_metrics(scores, truth, resamples=200, seed=3)
     assert a["fmax"] == b["fmax"] and a["fmax"].low < a["fmax"].value < a["fmax"].high
+
+
+@pytest.mark.parametrize("path", ["dense", "dense_blocks", "per_draw"])
+def test_aupr_of_many_redraws_equals_one_at_a_time(monkeypatch, path):
+    from pretrain.benchmark import scoring
+
+    if path == "dense_blocks":
+        monkeypatch.setattr(scoring, "DENSE_BLOCK", 45)  # a few distinct scores x 30 proteins per block
+    if path == "per_draw":
+        monkeypatch.setattr(scoring, "DENSE_FACTOR", 0)  # too many distinct scores: the loop
+    rng = np.random.default_rng(4)
+    scores, truth = _random_task(rng, n=30, labels=9)
+    scores = np.round(scores, 1)  # few distinct values, many ties: the dense path's case
+    a = AuprTerms(scores, truth)
+    weights = np.stack([np.bincount(rng.integers(0, 30, 30), minlength=30) for _ in range(7)]).astype(float)
+    weights[0] = 0.0
+    weights[0, 0] = 1.0  # a redraw of one protein
+    truth_free = AuprTerms(scores, np.zeros_like(truth))  # no positive at all: undefined everywhere
+    for _ in range(2):  # the second call reads the kept counts
+        got = a.aupr_many(weights)
+        want = [a.aupr(w) for w in weights]
+        assert got == pytest.approx(want, abs=1e-12)
+        assert got == pytest.approx([micro_aupr(scores[np.repeat(np.arange(30), w.astype(int))],
+                                                truth[np.repeat(np.arange(30), w.astype(int))]) for w in weights],
+                                    abs=1e-12)  # fmt: skip
+    assert np.isnan(truth_free.aupr_many(weights)).all()
+
+
+def test_counted_bootstrap_draws_what_the_one_at_a_time_bootstrap_draws():
+    from pretrain.benchmark.bootstrap import bootstrap, bootstrap_counts
+
+    x = np.random.default_rng(5).exponential(1.0, size=37)
+    one = bootstrap(lambda idx: float(x[idx].mean()), 37, resamples=250, seed=9)
+    many = bootstrap_counts(lambda w: w @ x / w.sum(1), 37, resamples=250, seed=9, batch=64)
+    assert many.value == pytest.approx(one.value, abs=1e-12) and many.resamples == one.resamples == 250
+    assert (many.low, many.high) == pytest.approx((one.low, one.high), abs=1e-12)
+    undefined = bootstrap_counts(lambda w: np.where(w[:, 0] > 1, np.nan, 1.0), 37, resamples=100, seed=9)
+    assert 0 < undefined.resamples < 100  # NaN draws are left out and counted out of the resamples
