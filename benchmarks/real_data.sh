@@ -13,8 +13,8 @@
 #              protein's cluster: MMseqs2 easy-cluster of all chains, whole clusters to one side;
 #   accession  the shard builder's own split: proteins sharing a UniProt accession or an identical
 #              sequence stay together (close homologues may straddle it).
-# CPU: per split about 10 min of training + 5 of eval + a few of benchmark on 2 cores, plus about
-# 8 CPU-minutes for the two GO tasks (trained + base rows; the bootstrap over GO-BP's 2.5k terms dominates).
+# CPU: about 13 min per split on 2 cores, the benchmark step (GO tasks included) about 3 of them; both
+# splits 25 min 20 s (measured 2026-12-06 on the 2-core AMD EPYC machine, README "Trained on real data").
 # Usage: bash benchmarks/real_data.sh [OUT_DIR]   (default runs/real);  SPLITS=cluster bash ... for one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
