@@ -61,12 +61,7 @@ def bootstrap(
         :class:`Interval` with the value on every item once and the (1-level)/2 and (1+level)/2
         percentiles of the resampled statistics.
     """
-    if n_items <= 0:
-        raise ValueError(f"bootstrap needs at least one item, got n_items={n_items}")
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must lie in (0, 1), got {level}")
-    if resamples < 0:
-        raise ValueError(f"resamples must be >= 0, got {resamples}")
+    _check(n_items, resamples, level)
     value = statistic(np.arange(n_items))
     if value is None:
         return Interval(None, None, None, level, 0)
@@ -76,10 +71,7 @@ def bootstrap(
         v = statistic(rng.integers(0, n_items, size=n_items))
         if v is not None and np.isfinite(v):
             draws.append(float(v))
-    if not draws:
-        return Interval(float(value), None, None, level, 0)
-    low, high = np.quantile(np.asarray(draws), [(1 - level) / 2, (1 + level) / 2])
-    return Interval(float(value), float(low), float(high), level, len(draws))
+    return _percentiles(float(value), np.asarray(draws, dtype=np.float64), level)
 
 
 def bootstrap_counts(
@@ -102,12 +94,7 @@ def bootstrap_counts(
         n_items, resamples, level, seed: as :func:`bootstrap`.
         batch: redraws per call of ``statistic_many`` (bounds its memory).
     """
-    if n_items <= 0:
-        raise ValueError(f"bootstrap needs at least one item, got n_items={n_items}")
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must lie in (0, 1), got {level}")
-    if resamples < 0:
-        raise ValueError(f"resamples must be >= 0, got {resamples}")
+    _check(n_items, resamples, level)
     value = float(statistic_many(np.ones((1, n_items)))[0])
     if not np.isfinite(value):
         return Interval(None, None, None, level, 0)
@@ -120,7 +107,20 @@ def bootstrap_counts(
         counts = np.bincount(flat, minlength=r * n_items).reshape(r, n_items).astype(np.float64)
         values.append(np.asarray(statistic_many(counts), dtype=np.float64))
     draws = np.concatenate(values) if values else np.zeros(0)
-    draws = draws[np.isfinite(draws)]
+    return _percentiles(value, draws[np.isfinite(draws)], level)
+
+
+def _check(n_items: int, resamples: int, level: float) -> None:
+    if n_items <= 0:
+        raise ValueError(f"bootstrap needs at least one item, got n_items={n_items}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    if resamples < 0:
+        raise ValueError(f"resamples must be >= 0, got {resamples}")
+
+
+def _percentiles(value: float, draws: np.ndarray, level: float) -> Interval:
+    """The interval of the finite resampled statistics ``draws`` (none: the value without one)."""
     if not len(draws):
         return Interval(value, None, None, level, 0)
     low, high = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
