@@ -129,8 +129,7 @@ def _fetch(url: str, what: str) -> Path:
     atexit.register(shutil.rmtree, folder, True)
     local = folder / (url.rstrip("/").rsplit("/", 1)[-1] or "input")
     try:
-        with storage.open_read(url) as source, open(local, "wb") as target:
-            shutil.copyfileobj(source, target, 8 << 20)  # streamed: never the whole file in memory
+        storage.download_file(url, local)  # streamed: never the whole file in memory
     except (OSError, storage.StorageError) as exc:
         shutil.rmtree(folder, ignore_errors=True)
         raise BuildInputError(f"{url}: {what} not readable ({exc})") from None

@@ -18,6 +18,7 @@ or of a live process is never touched; a recycled pid only delays the sweep.
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import os
 import re
@@ -52,7 +53,7 @@ def sweep_dead(prefix: str, parent: str | Path | None = None) -> list[Path]:
     root = Path(parent or tempfile.gettempdir())
     mine = f"{prefix}{_host()}-"
     removed = []
-    for path in root.glob(f"{glob_escape(mine)}*-*"):
+    for path in root.glob(f"{glob.escape(mine)}*-*"):
         pid = path.name[len(mine) :].split("-", 1)[0]
         if path.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
@@ -61,11 +62,6 @@ def sweep_dead(prefix: str, parent: str | Path | None = None) -> list[Path]:
         log.info("removed %d scratch director%s of dead processes: %s", len(removed),
                  "y" if len(removed) == 1 else "ies", ", ".join(str(p) for p in removed))  # fmt: skip
     return removed
-
-
-def glob_escape(text: str) -> str:
-    """``text`` with glob metacharacters escaped (host names are sanitised; prefixes may hold dots)."""
-    return re.sub(r"([*?\[])", r"[\1]", text)
 
 
 def owned_dir(prefix: str, parent: str | Path | None = None) -> Path:

@@ -253,7 +253,7 @@ def _write_local_atomically(path: Path, fill: Callable[[IO[bytes]], object]) -> 
     """``fill(handle)`` writes the content; a temp file beside ``path`` is fsynced and renamed over it,
     so a reader (or a crash) never sees half a file. The temp name is unique per process and thread."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
+    tmp = _temp_beside(path)
     try:
         with open(tmp, "wb") as f:
             fill(f)
@@ -262,6 +262,11 @@ def _write_local_atomically(path: Path, fill: Callable[[IO[bytes]], object]) -> 
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _temp_beside(path: Path) -> Path:
+    """A hidden temporary name next to ``path``, unique per process and thread (renamed over it)."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
 
 
 def _copy_local(src: str | Path, dst: Path) -> None:
@@ -318,7 +323,7 @@ def download_file(location: str | Path, local: str | Path) -> None:
     url = str(location)
     fs, path = _filesystem(url)
     local.parent.mkdir(parents=True, exist_ok=True)
-    tmp = local.with_name(f".{local.name}.tmp{os.getpid()}.{threading.get_ident()}")
+    tmp = _temp_beside(local)
     try:
         _retry(url, "download", lambda: fs.get_file(path, str(tmp)))
         os.replace(tmp, local)

@@ -59,4 +59,3 @@ def test_names_carry_host_and_pid_and_prefixes_with_glob_characters_are_literal(
     literal.mkdir()
     lookalike.mkdir()
     assert scratch.sweep_dead("[x]", tmp_path) == [literal] and lookalike.is_dir()
-    assert scratch.glob_escape("a[b]*?") == "a[[]b][*][?]"
