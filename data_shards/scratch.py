@@ -37,14 +37,19 @@ def _host() -> str:
 
 
 def _alive(pid: int) -> bool:
-    """Whether process ``pid`` exists on this host (another user's process counts as alive)."""
+    """Whether process ``pid`` runs on this host (another user's process counts as alive; a zombie,
+    exited but not yet reaped by its parent, does not: a SIGKILLed Ray worker stays one for a while)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # Linux: the state follows the parenthesised command name, which may itself hold ") "
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc (macOS) or the process just went: the next sweep decides
+    return state not in ("Z", "X")
 
 
 def sweep_dead(prefix: str, parent: str | Path | None = None) -> list[Path]:

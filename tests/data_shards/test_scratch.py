@@ -6,7 +6,10 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from data_shards import scratch
 
@@ -20,16 +23,20 @@ time.sleep(600)
 """
 
 
-def _killed_owner(parent: Path) -> Path:
-    """A directory made by a process that was then SIGKILLed (nothing of it ran its cleanup)."""
+def _start_owner(parent: Path) -> tuple[subprocess.Popen, Path]:
+    """A child process that made its scratch directory and now sleeps."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(parent)], stdout=subprocess.PIPE, text=True, env=env)
-    try:
-        path = Path(child.stdout.readline().strip())
-    finally:
-        child.send_signal(signal.SIGKILL)
-        child.wait(30)
+    path = Path(child.stdout.readline().strip())
     assert path.is_dir() and (path / "spool").is_file()
+    return child, path
+
+
+def _killed_owner(parent: Path) -> Path:
+    """A directory made by a process that was then SIGKILLed (nothing of it ran its cleanup)."""
+    child, path = _start_owner(parent)
+    child.send_signal(signal.SIGKILL)
+    child.wait(30)
     return path
 
 
@@ -59,3 +66,22 @@ def test_names_carry_host_and_pid_and_prefixes_with_glob_characters_are_literal(
     literal.mkdir()
     lookalike.mkdir()
     assert scratch.sweep_dead("[x]", tmp_path) == [literal] and lookalike.is_dir()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="zombie state is read from /proc (Linux)")
+def test_a_killed_owner_not_yet_reaped_counts_as_dead(tmp_path):
+    """A SIGKILLed Ray worker stays a zombie until the raylet reaps it; kill(pid, 0) still succeeds."""
+    child, path = _start_owner(tmp_path)
+    try:
+        child.send_signal(signal.SIGKILL)
+        stat = Path(f"/proc/{child.pid}/stat")
+        for _ in range(300):  # the kill lands within milliseconds; not reaped: no wait() yet
+            if stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+            time.sleep(0.01)
+        else:
+            pytest.fail(f"process {child.pid} did not become a zombie")
+        assert scratch.sweep_dead("align-pro-group-", tmp_path) == [path] and not path.exists()
+    finally:
+        child.kill()
+        child.wait(30)
