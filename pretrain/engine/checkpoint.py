@@ -292,10 +292,10 @@ def require_shared_run_dir(run_dir: Path, remote: str | None) -> None:
         if seen:
             break
         time.sleep(1.0 if attempt + 1 < SHARED_PROBE_TRIES else 0.0)
-    views = gather_objects((seen, socket.gethostname()))
-    barrier()
+    views = gather_objects((seen, socket.gethostname()))  # every rank has looked
     if rank == 0:
         probe.unlink(missing_ok=True)
+    barrier()  # no rank goes on while the probe is still there
     blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(views) if not ok]
     if blind:
         raise RunDirNotShared(
