@@ -91,7 +91,9 @@ def test_a_signal_to_the_launcher_saves_a_checkpoint_and_leaves_no_process(tmp_p
     text = log.read_text()
     assert "SIGTERM: checkpoint saved at step" in text, text[-3000:]
     if target == "launcher":
-        assert "align-pro: the deepspeed launcher" in text and "is gone; stopping" in text, text[-3000:]
+        # Who stops the ranks is a race: the rank's watch ("the deepspeed launcher ... is gone; stopping",
+        # polled every second; its own test is tests/pretrain/engine/test_launcher_watch.py) or DeepSpeed's
+        # launch.py noticing its parent's death first (seen in CI, 2026-12-06). Either way: saved, exit 0.
         assert text.count("exits successfully") == 2, text[-3000:]  # launch.py: both ranks exited 0
     tag = (run / "checkpoints" / "latest").read_text()
     step = int(tag.removeprefix("step"))
