@@ -114,25 +114,5 @@ def _train(plan, rank: int, local_rank: int) -> int:
     return 0
 
 
-def exit_after_orderly_end(code: int) -> None:
-    """Leave without the interpreter's teardown, once everything is written, closed and the process
-    group is destroyed.
-
-    The DeepSpeed engine outlives the run and holds its process groups (measured: it is still alive
-    after ``gc.collect()``, with no Python-visible referrer; C++-held hooks are the likely owner), so
-    the groups' C++ objects are only freed during interpreter shutdown. There, once in a while under
-    load, a rank aborts ("terminate called without an active exception", exit -6; gloo threads that
-    still need the GIL are PyTorch's own explanation) after a clean finish or a clean refusal, and the
-    launcher reports the run as crashed (exit 250; seen once in CI, on a refused resume). Nothing is
-    left for the teardown to do: checkpoints are fsynced and renamed, loggers and readers closed.
-    """
-    import logging
-
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 if __name__ == "__main__":
-    exit_after_orderly_end(main())  # an unexpected error propagates: traceback and the usual exit
+    sys.exit(main())
