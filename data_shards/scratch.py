@@ -45,11 +45,17 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    try:  # Linux: the state follows the parenthesised command name, which may itself hold ") "
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    try:
+        state = proc_state(pid)
     except (OSError, IndexError):
         return True  # no /proc (macOS) or the process just went: the next sweep decides
     return state not in ("Z", "X")
+
+
+def proc_state(pid: int) -> str:
+    """Linux's one-letter state of process ``pid`` from ``/proc/<pid>/stat`` (``Z``: zombie). The state
+    follows the parenthesised command name, which may itself hold ") "."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
 def sweep_dead(prefix: str, parent: str | Path | None = None) -> list[Path]:

@@ -74,9 +74,8 @@ def test_a_killed_owner_not_yet_reaped_counts_as_dead(tmp_path):
     child, path = _start_owner(tmp_path)
     try:
         child.send_signal(signal.SIGKILL)
-        stat = Path(f"/proc/{child.pid}/stat")
         for _ in range(300):  # the kill lands within milliseconds; not reaped: no wait() yet
-            if stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            if scratch.proc_state(child.pid) == "Z":
                 break
             time.sleep(0.01)
         else:
