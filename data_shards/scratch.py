@@ -36,9 +36,15 @@ def _host() -> str:
     return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
 
 
+PF_EXITING = 0x4  # Linux task flag (include/linux/sched.h): the task is inside do_exit
+
+
 def _alive(pid: int) -> bool:
-    """Whether process ``pid`` runs on this host (another user's process counts as alive; a zombie,
-    exited but not yet reaped by its parent, does not: a SIGKILLed Ray worker stays one for a while)."""
+    """Whether process ``pid`` runs on this host (another user's process counts as alive). A process
+    on its way out does not: one inside ``exit()`` (:data:`PF_EXITING` is set as exit starts; the
+    sockets close, which is when Ray reports a worker's death and re-runs its task, before the
+    process turns zombie) or a zombie, exited but not yet reaped by its parent (the raylet reaps its
+    workers a while later)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -46,16 +52,17 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     try:
-        state = proc_state(pid)
-    except (OSError, IndexError):
+        state, flags = proc_stat(pid)
+    except (OSError, IndexError, ValueError):
         return True  # no /proc (macOS) or the process just went: the next sweep decides
-    return state not in ("Z", "X")
+    return state not in ("Z", "X") and not flags & PF_EXITING
 
 
-def proc_state(pid: int) -> str:
-    """Linux's one-letter state of process ``pid`` from ``/proc/<pid>/stat`` (``Z``: zombie). The state
-    follows the parenthesised command name, which may itself hold ") "."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+def proc_stat(pid: int) -> tuple[str, int]:
+    """Linux's one-letter state (``Z``: zombie) and task flags (:data:`PF_EXITING`) of process ``pid``,
+    from ``/proc/<pid>/stat``. They follow the parenthesised command name, which may itself hold ") "."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return fields[0], int(fields[6])  # fields 3 and 9 of proc(5)
 
 
 def sweep_dead(prefix: str, parent: str | Path | None = None) -> list[Path]:
