@@ -9,6 +9,7 @@ reports that the run is finished).
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import sys
 from pathlib import Path
@@ -34,6 +35,9 @@ from pretrain.run import (  # noqa: E402
     train_and_evaluate,
     write_run_config,
 )
+
+# Whether this process started the process group (set by main): only then does it leave by os._exit.
+_STATE = {"process_group": False}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -86,11 +90,11 @@ def main(argv=None) -> int:
         if lock is not None:
             write_run_config(plan)
         init_process_group()
+        _STATE["process_group"] = True
         if agree_refused(refusal is not None):
             if refusal is not None:
                 print(f"align-pro: error: {refusal}", file=sys.stderr, flush=True)
-            close_process_group()
-            return 2
+            return _close(2)
         return _train(plan, rank, args.local_rank)
     finally:
         if lock is not None:
@@ -103,16 +107,51 @@ def _train(plan, rank: int, local_rank: int) -> int:
     except RunStopped as e:  # raised on every rank together
         if rank == 0:
             print(f"align-pro: stopped: {e}", file=sys.stderr, flush=True)
-        close_process_group()
-        return 3
+        return _close(3)
     except ConfigError as e:  # found in the checkpoint every rank reads (a resume the run cannot take)
         _report_config_error(e, rank, local_rank)
-        close_process_group()
-        return 2
+        return _close(2)
     # Only on these orderly exits: after an unexpected error, peers may still be inside a collective.
+    return _close(0)
+
+
+def _close(code: int) -> int:
+    """Destroy the process group at an orderly end reached by every rank, and return ``code``.
+
+    A non-zero end (a refusal, a stop) first waits at a barrier: the launcher kills the other ranks as
+    soon as one exits non-zero, so no rank may leave before the reporting rank has printed. A finished
+    run does not wait (rank 0 alone evaluates the export after training, which may outlast the group's
+    timeout); ranks that exit 0 are left alone by the launcher.
+    """
+    import torch.distributed as dist
+
+    if code != 0 and dist.is_available() and dist.is_initialized():
+        dist.barrier()
     close_process_group()
-    return 0
+    return code
+
+
+def leave(code: int) -> None:
+    """Exit with ``code`` after :func:`main` returned; after a process group, without the interpreter's
+    C++ teardown.
+
+    The DeepSpeed engine outlives the run and holds its process groups (measured: still alive after
+    ``gc.collect()``, with no Python-visible referrer), so their C++ objects are freed only at
+    interpreter shutdown. There, once in a while under load, a rank aborted after a clean end ("terminate
+    called without an active exception"; seen once in CI after a clean refusal) and the launcher
+    reported the run as crashed (exit 250). So once the group has been used and closed on every rank
+    together (:func:`_close`), the Python exit handlers run (logging, Ray, temporary folders)
+    and the process leaves with ``os._exit``. Before a group exists there is nothing to synchronise the
+    ranks' messages with and no gloo thread to abort: the ordinary exit keeps the reporting rank's
+    message from being cut short by a silent rank's faster exit.
+    """
+    if not _STATE["process_group"]:
+        sys.exit(code)
+    atexit._run_exitfuncs()  # what the interpreter would run first: logging.shutdown, ray.shutdown, ...
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())  # an unexpected error propagates: traceback and the usual exit
