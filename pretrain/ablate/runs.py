@@ -96,6 +96,8 @@ def _switches(cfg) -> list[str]:
         out.append("lr × " + ", ".join(f"{m} {v:g}" for m, v in ratios.items()))
     if lo.false_negatives != "none":
         out.append(f"false negatives {lo.false_negatives}")
+        if lo.kind == "sigmoid" and lo.sigmoid_groups != "exclude":
+            out.append(f"same-group pairs {lo.sigmoid_groups}")
     d = cfg.data
     if d.hard_negatives is not None:
         source = "previous epoch" if d.hard_negatives == "previous_epoch" else "export"

@@ -31,7 +31,15 @@ PROTCLIP_CHANGES = {
     "pda_per_segment": {("loss", "protclip", "pda_text"): "per_segment"},
 }
 # demo-only variants: name -> the fields it changes relative to demo.yaml
-DEMO_CHANGES = {"hard_negatives_previous_epoch": {("data", "hard_negatives"): "previous_epoch"}}
+DEMO_CHANGES = {
+    "hard_negatives_previous_epoch": {("data", "hard_negatives"): "previous_epoch"},
+    "sigmoid_fn_text": {("loss", "kind"): "sigmoid", ("loss", "false_negatives"): "text"},
+    "sigmoid_groups_positive": {
+        ("loss", "kind"): "sigmoid",
+        ("loss", "false_negatives"): "text",
+        ("loss", "sigmoid_groups"): "positive",
+    },
+}
 
 
 def _apply(want: dict, changes: dict) -> dict:

@@ -43,6 +43,12 @@ def test_bad_arguments_are_clear_errors(tmp_path, capsys):
     assert recipe_description(str(ablations / "demo_protclip_pda_gumbel.yaml"), [])[0].endswith(
         "; objective protclip; PDA gumbel"
     )
+    assert recipe_description(str(ablations / "demo_sigmoid_fn_text.yaml"), [])[0].endswith(
+        "; loss sigmoid; false negatives text"
+    )
+    assert recipe_description(str(ablations / "demo_sigmoid_groups_positive.yaml"), [])[0].endswith(
+        "; loss sigmoid; false negatives text; same-group pairs positive"
+    )
     assert recipe_description(str(ablations / "demo_hard_negatives_previous_epoch.yaml"), [])[0].endswith(
         "; hard negatives previous epoch × 0.5"
     )
