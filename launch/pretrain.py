@@ -115,18 +115,30 @@ def _train(plan, rank: int, local_rank: int) -> int:
     return _close(0)
 
 
-def _close(code: int) -> int:
+# How long a non-zero end waits for the other ranks (:func:`_close`) before it leaves without them.
+CLOSE_WAIT_S = 120.0
+
+
+def _close(code: int, wait_s: float = CLOSE_WAIT_S) -> int:
     """Destroy the process group at an orderly end reached by every rank, and return ``code``.
 
-    A non-zero end (a refusal, a stop) first waits at a barrier: the launcher kills the other ranks as
-    soon as one exits non-zero, so no rank may leave before the reporting rank has printed. A finished
-    run does not wait (rank 0 alone evaluates the export after training, which may outlast the group's
-    timeout); ranks that exit 0 are left alone by the launcher.
+    A non-zero end (a refusal, a stop) first waits at a barrier, at most ``wait_s`` seconds: the launcher
+    kills the other ranks as soon as one exits non-zero, so no rank may leave before the reporting rank
+    has printed. Should a rank not come (it did not share the error and is inside a training collective),
+    this one leaves without it after ``wait_s`` and the group is left to the exit, as after a crash. A
+    finished run does not wait (rank 0 alone evaluates the export after training, which may outlast the
+    group's timeout); ranks that exit 0 are left alone by the launcher.
     """
+    from datetime import timedelta
+
     import torch.distributed as dist
 
     if code != 0 and dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        try:
+            dist.barrier(async_op=True).wait(timeout=timedelta(seconds=wait_s))
+        except RuntimeError as e:  # gloo / NCCL report a timed-out wait as a RuntimeError (or a subclass)
+            print(f"align-pro: not every rank reached the end within {wait_s:g} s ({e}); leaving", file=sys.stderr)
+            return code
     close_process_group()
     return code
 

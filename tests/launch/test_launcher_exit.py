@@ -4,6 +4,7 @@ gloo's threads once aborted a cleanly refused rank); before any group, the ordin
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 
@@ -39,3 +40,41 @@ def test_leave_runs_exit_handlers_and_keeps_the_code(tmp_path, started, code):
     assert handler.read_text() == "ran"  # logging.shutdown, ray.shutdown, temporary folders: still done
     # after a process group the teardown is skipped; before one it is the ordinary exit
     assert teardown.exists() is not started
+
+
+def _end(code: int, rank: int, present: bool) -> dict:
+    """A rank's orderly end with ``code`` (:func:`launch.pretrain._close`, a 5 s wait; rank 1 comes 1 s
+    late), or, when not ``present``, a rank that never comes to it (busy elsewhere for 12 s)."""
+    import time
+
+    import torch.distributed as dist
+
+    from launch import pretrain as launcher
+
+    start = time.monotonic()
+    if not present:
+        time.sleep(12)
+        return {"absent": True}
+    time.sleep(rank)
+    got = launcher._close(code, wait_s=5)
+    return {"code": got, "seconds": time.monotonic() - start, "closed": not dist.is_initialized()}
+
+
+@pytest.mark.parametrize("peer", ["present", "absent"])
+def test_a_non_zero_end_waits_for_the_other_ranks_but_not_forever(tmp_path, peer):
+    """Rank 0 refuses (exit 2): it waits at the barrier until rank 1 is there too, so that no rank leaves
+    before the reporting one has printed; a rank that never comes costs the wait, not a hang."""
+    from tests.spawn_ranks import gloo_rank, run_ranks
+
+    def args(rank: int) -> tuple:
+        present = rank == 0 or peer == "present"
+        return (rank, 2, str(tmp_path / "init"), str(tmp_path), functools.partial(_end, 2, rank, present), 30, "end")
+
+    first, second = run_ranks(gloo_rank, args, 2, tmp_path, timeout_s=120, stem="end")
+    assert first["code"] == 2
+    if peer == "present":
+        assert first["closed"] and second["code"] == 2 and second["closed"]
+        assert 0.8 <= first["seconds"] < 5  # rank 0 waited for rank 1, which came 1 s late
+    else:
+        assert second == {"absent": True}
+        assert not first["closed"] and 5 <= first["seconds"] < 12  # left after the wait, the group to the exit
