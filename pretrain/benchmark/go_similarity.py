@@ -8,6 +8,11 @@ with their Gene Ontology semantic similarity, separately for each aspect (MF, BP
   propagating each protein's terms up ``is_a`` and ``part_of`` (:class:`data_shards.readers.obo.Ontology`);
   a protein counts once per term. An aspect's root has IC 0; a term no corpus protein reaches has
   no IC and is left out of the similarity;
+* **dated annotations** (GOA files and tables older than the OBO) are read as GO says to use them
+  today, as the shard builder reads them (:meth:`data_shards.readers.obo.Ontology.current`): an alt
+  id as its primary, an obsolete id with a single ``replaced_by`` as its replacement; an id with no
+  current term (unknown, or obsolete with no or several replacements) is dropped. The task reports
+  how many annotations each rule met (:func:`current_term_sets`);
 * **Resnik** (1995): sim(a, b) = IC of the most informative common ancestor (a term is its own
   ancestor); **Lin** (1998): 2 IC(MICA) / (IC(a) + IC(b)), 1 for a == b;
 * **best-match average** (BMA) over two proteins' annotated terms of one aspect:
@@ -68,7 +73,8 @@ def information_content(ontology: Ontology, corpus: Mapping[str, Iterable[str]])
 
     Args:
         ontology: the GO (is_a + part_of parents).
-        corpus: protein -> annotated GO ids (alt ids allowed; unknown / obsolete ids ignored).
+        corpus: protein -> annotated GO ids, read through :meth:`Ontology.current` (alt ids and
+            singly replaced obsolete ids count as the current term; ids with none are ignored).
 
     Returns:
         term -> -log p(term) >= 0, for terms with at least one (propagated) protein.
@@ -76,7 +82,7 @@ def information_content(ontology: Ontology, corpus: Mapping[str, Iterable[str]])
     counts: dict[str, int] = {}
     per_aspect: dict[str, int] = {}
     for terms in corpus.values():
-        closed = ontology.propagate(terms)
+        closed = ontology.propagate(c for t in terms if (c := ontology.current(t)) is not None)
         for aspect in {ontology.aspect(t) for t in closed} - {None}:
             per_aspect[aspect] = per_aspect.get(aspect, 0) + 1
         for t in closed:
@@ -136,13 +142,30 @@ def best_match_average(terms_a: Sequence[str], terms_b: Sequence[str], sim: Term
 
 
 def aspect_terms(ontology: Ontology, terms: Iterable[str], aspect: str, ic: Mapping[str, float]) -> list[str]:
-    """Canonical ids of ``terms`` in ``aspect`` ("F", "P", "C") that have an IC, sorted."""
+    """Current ids (:meth:`Ontology.current`) of ``terms`` in ``aspect`` ("F", "P", "C") that have an IC, sorted."""
     out = set()
     for t in terms:
-        c = ontology.canonical(t)
+        c = ontology.current(t)
         if c is not None and ontology.aspect(c) == aspect and c in ic:
             out.add(c)
     return sorted(out)
+
+
+def current_term_sets(ontology: Ontology, corpus: Mapping[str, Iterable[str]]) -> dict[str, int]:
+    """How the GO ids of ``corpus`` (protein -> ids) read against ``ontology``: counts of distinct
+    (protein, id) annotations: ``annotations`` in all, ``current`` (a current term's primary or alt
+    id), ``replaced`` (obsolete, read as its single ``replaced_by``), ``dropped`` (no current term)."""
+    out = {"annotations": 0, "current": 0, "replaced": 0, "dropped": 0}
+    for terms in corpus.values():
+        for t in set(terms):
+            out["annotations"] += 1
+            if ontology.canonical(t) is not None:
+                out["current"] += 1
+            elif ontology.current(t) is not None:
+                out["replaced"] += 1
+            else:
+                out["dropped"] += 1
+    return out
 
 
 def sample_pairs(ids: Sequence[str], n_pairs: int, seed: int = 0) -> list[tuple[str, str]]:
@@ -307,10 +330,11 @@ def table_terms(proteins: Proteins, columns: Sequence[str], where: str) -> dict[
 
 @lru_cache(maxsize=4)
 def _ontology_and_ic(obo: Path, gaf: tuple[Path, ...], evidence: tuple[str, ...] | None, table: tuple):
-    """(ontology, IC) read once per process for a task's files (trained and base rows share them)."""
+    """(ontology, IC, how the IC corpus's ids read: :func:`current_term_sets`), read once per process
+    for a task's files (trained and base rows share them)."""
     ontology = load_obo(obo)
     corpus = gaf_term_sets(gaf, evidence) if gaf else dict(table)
-    return ontology, information_content(ontology, corpus)
+    return ontology, information_content(ontology, corpus), current_term_sets(ontology, corpus)
 
 
 def _task_pairs(suite: Suite, cfg: GoSimilarityTaskConfig, proteins: Proteins, name: str):
@@ -339,13 +363,15 @@ def run(ctx: BenchmarkContext, name: str, cfg: GoSimilarityTaskConfig) -> dict:
     terms, pairs = _task_pairs(suite, cfg, emb.proteins, name)
     frozen = tuple(sorted((k, frozenset(v)) for k, v in terms.items())) if not gaf else ()
     try:
-        ontology, ic = _ontology_and_ic(obo, gaf, tuple(cfg.evidence) if cfg.evidence else None, frozen)
+        ontology, ic, corpus_ids = _ontology_and_ic(obo, gaf, tuple(cfg.evidence) if cfg.evidence else None, frozen)
     except ValueError as e:
         raise BenchmarkDataError(f"{suite.path}: {name}: {e}") from None
     index = emb.proteins.index()
     rows: list[dict] = []
     info: dict = {"annotated_proteins": len(terms), "n_pairs": len(pairs), "ic_terms": len(ic)}
     info["ic_corpus"] = [str(g) for g in gaf] or f"proteins table {emb.proteins.source}"
+    # dated ids read as today's terms (module docstring): in the IC corpus and in the proteins' own terms
+    info["go_ids"] = {"ic_corpus": corpus_ids, "proteins": current_term_sets(ontology, terms)}
     for measure in cfg.measures:
         sims = _similarities(ctx, name, measure, pairs, terms, ontology, ic)
         for feat in cfg.features:

@@ -47,8 +47,23 @@ relationship: part_of GO:0000002 ! A
 id: GO:0000006
 name: E
 namespace: biological_process
+
+[Term]
+id: GO:0000007
+name: obsolete C
+namespace: molecular_function
+is_obsolete: true
+replaced_by: GO:0000004
+
+[Term]
+id: GO:0000008
+name: obsolete with no replacement
+namespace: molecular_function
+is_obsolete: true
+consider: GO:0000003
 """
 ROOT, A, B, C, D, E = (f"GO:000000{i}" for i in range(1, 7))
+OLD_C, GONE = "GO:0000007", "GO:0000008"  # obsolete: replaced by C; obsolete with only a `consider`
 CORPUS = {"p1": {C}, "p2": {D}, "p3": {B}, "p4": {A}}  # propagated counts: root 4, A 3, B/C/D 1
 
 
@@ -63,6 +78,19 @@ def test_information_content_is_propagated_over_is_a_and_part_of(onto):
     ic = gs.information_content(onto, CORPUS)
     assert ic == pytest.approx({ROOT: 0.0, A: math.log(4 / 3), B: math.log(4), C: math.log(4), D: math.log(4)})
     assert E not in ic  # no protein reaches it: no IC
+
+
+def test_dated_annotations_are_read_as_the_terms_go_says_to_use_today(onto):
+    """GOA files older than the OBO: an obsolete id with one replaced_by counts as its replacement
+    (as the shard builder reads it), one with no replacement is dropped, and both are counted."""
+    dated = {"p1": {OLD_C}, "p2": {D}, "p3": {B, GONE}, "p4": {A}, "p5": {GONE}}
+    assert gs.information_content(onto, dated) == pytest.approx(gs.information_content(onto, CORPUS))
+    ic = gs.information_content(onto, CORPUS)
+    assert gs.aspect_terms(onto, [OLD_C, GONE, B], "F", ic) == [B, C]
+    assert gs.current_term_sets(onto, dated) == {"annotations": 6, "current": 3, "replaced": 1, "dropped": 2}
+    lin = gs.TermSimilarity(onto, ic, "lin")
+    sims = gs.pair_similarities([("p1", "p2")], dated, onto, ic)
+    assert sims["MF"][1] == pytest.approx([lin(C, D)])  # p1's obsolete id scored as C
 
 
 def test_lin_and_resnik_by_hand(onto):
