@@ -1,12 +1,12 @@
-"""What one training run computes, pinned: the per-step losses of a short demo run against recorded values.
+"""What training computes, pinned: the per-step losses of short demo runs against recorded values.
 
 Every other training test compares two runs of today's code (a resume against an uninterrupted
 run, two ranks against one, the two-pass step against the one-pass step), so a change that alters
 what every run computes passes them all: a different masking draw, batch order, loss term,
-learning-rate schedule or optimizer state. This run (one rank, ZeRO-3, the demo recipe at the
-tests' tiny sizes, the stage-1 -> stage-2 switch inside it) is compared with the losses recorded in
-``demo_trajectory.json``, within float rounding (the tolerance below; a reordered sum, SDPA against
-bmm + softmax, moves them by about 1e-6 over 30 steps).
+learning-rate schedule or optimizer state. Each run here (one rank, ZeRO-3, the tests' tiny sizes,
+the stage-1 -> stage-2 switch inside it; the demo recipe and ProtCLIP's demo overlay) is compared
+with the losses recorded in ``training_trajectories.json``, within float rounding (the tolerance
+below; a reordered sum, SDPA against bmm + softmax, moves them by about 1e-6 over 30 steps).
 
 A failure means training computes something else than when the file was recorded. When that is
 intended, record it again and say why in the commit::
@@ -22,19 +22,21 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import REPO, free_port
 from tests.pretrain.engine.trainer_ranks import train_rank
 from tests.spawn_ranks import run_ranks
 
 pytestmark = pytest.mark.slow
 
-RECORDED = Path(__file__).with_name("demo_trajectory.json")
-OVERRIDES = ["optim.warmup_steps=2", "train.stage1_steps=3", "train.max_steps=8", "train.checkpoint_every=1000"]
+RECORDED = Path(__file__).with_name("training_trajectories.json")
+STEPS = 8
+OVERRIDES = ["optim.warmup_steps=2", "train.stage1_steps=3", f"train.max_steps={STEPS}", "train.checkpoint_every=1000"]
+RECIPES = {"demo": None, "protclip": "configs/recipes/ablations/demo_protclip.yaml"}  # name -> recipe (None: demo)
 RTOL, ATOL = 1e-4, 1e-5  # float rounding, far below what a change of computation moves
 
 
-def _worker(rank: int, port: int, out: str, shards: str, run_dir: str) -> None:
-    train_rank(rank, 1, port, out, shards, run_dir, "zero3.json", OVERRIDES)
+def _worker(rank: int, port: int, out: str, shards: str, run_dir: str, recipe: str | None) -> None:
+    train_rank(rank, 1, port, out, shards, run_dir, "zero3.json", OVERRIDES, recipe=recipe)
 
 
 def _losses(run_dir: Path) -> dict[str, list[float]]:
@@ -46,16 +48,21 @@ def _losses(run_dir: Path) -> dict[str, list[float]]:
     return {k: [r[k] for r in rows] for k in keys}
 
 
-def test_a_short_demo_run_computes_the_recorded_losses(tmp_path, small_demo):
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_a_short_run_computes_the_recorded_losses(tmp_path, small_demo, name):
+    recipe = RECIPES[name] and str(REPO / RECIPES[name])
     run_dir = tmp_path / "run"
-    args = (0, free_port(), str(tmp_path), str(small_demo), str(run_dir))
+    args = (0, free_port(), str(tmp_path), str(small_demo), str(run_dir), recipe)
     run_ranks(_worker, lambda r: args, 1, tmp_path, 300.0, "rank")
     got = _losses(run_dir)
-    if os.environ.get("ALIGN_PRO_RECORD_TRAJECTORY") == "1":
-        RECORDED.write_text(json.dumps({"overrides": OVERRIDES, "losses": got}, indent=1) + "\n")
-    recorded = json.loads(RECORDED.read_text())
-    assert recorded["overrides"] == OVERRIDES, "the file was recorded with other overrides: record it again"
+    entry = {"recipe": RECIPES[name], "overrides": OVERRIDES, "losses": got}
+    if os.environ.get("ALIGN_PRO_RECORD_TRAJECTORY") == "1":  # xdist: record with -p no:xdist (one writer)
+        all_runs = json.loads(RECORDED.read_text()) if RECORDED.is_file() else {}
+        RECORDED.write_text(json.dumps({**all_runs, name: entry}, indent=1, sort_keys=True) + "\n")
+    recorded = json.loads(RECORDED.read_text())[name]
+    same_setup = recorded["recipe"] == entry["recipe"] and recorded["overrides"] == OVERRIDES
+    assert same_setup, "the file was recorded with another recipe or overrides: record it again"
     assert sorted(got) == sorted(recorded["losses"]), "the run logs other loss terms than were recorded"
     for key, want in recorded["losses"].items():
-        assert len(got[key]) == len(want) == 8
-        assert got[key] == pytest.approx(want, rel=RTOL, abs=ATOL), f"{key} differs from {RECORDED.name}"
+        assert len(got[key]) == len(want) == STEPS
+        assert got[key] == pytest.approx(want, rel=RTOL, abs=ATOL), f"{name}: {key} differs from {RECORDED.name}"

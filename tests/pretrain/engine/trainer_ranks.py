@@ -18,6 +18,7 @@ def train_rank(
     overrides: list[str],
     probe: Callable | None = None,
     write_config: bool = False,
+    recipe: str | None = None,
 ) -> None:
     """Train ``rank`` of ``world`` through :func:`pretrain.run.run_trainer` and save what it saw.
 
@@ -31,12 +32,13 @@ def train_rank(
         probe: ``probe(trainer)`` after setup, before training; returns ``finish(trainer) -> dict``,
             called after the trainer is closed, whose entries join the saved result.
         write_config: rank 0 writes RUN/config.yaml first (what export and consolidation read).
+        recipe: the recipe file (default: the demo recipe).
     """
 
     def results() -> dict:
         from pretrain.run import init_process_group, prepare, run_trainer, write_run_config
 
-        plan = prepare(None, [*trainer_overrides(shards), *overrides], ds_json, run_dir, world)
+        plan = prepare(recipe, [*trainer_overrides(shards), *overrides], ds_json, run_dir, world)
         if write_config and rank == 0:
             write_run_config(plan)
         init_process_group()
