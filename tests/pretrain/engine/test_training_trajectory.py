@@ -3,8 +3,9 @@
 Every other training test compares two runs of today's code (a resume against an uninterrupted
 run, two ranks against one, the two-pass step against the one-pass step), so a change that alters
 what every run computes passes them all: a different masking draw, batch order, loss term,
-learning-rate schedule or optimizer state. Each run here (one rank, ZeRO-3, the tests' tiny sizes,
-the stage-1 -> stage-2 switch inside it; the demo recipe and ProtCLIP's demo overlay) is compared
+learning-rate schedule, optimizer state or how batches are split across ranks. Each run here
+(ZeRO-3, the tests' tiny sizes, the stage-1 -> stage-2 switch inside it: the demo recipe on one and
+on two ranks, ProtCLIP's demo overlay on one) is compared
 with the losses recorded in ``training_trajectories.json``, within float rounding (the tolerance
 below; a reordered sum, SDPA against bmm + softmax, moves them by about 1e-6 over 30 steps).
 
@@ -31,12 +32,13 @@ pytestmark = pytest.mark.slow
 RECORDED = Path(__file__).with_name("training_trajectories.json")
 STEPS = 8
 OVERRIDES = ["optim.warmup_steps=2", "train.stage1_steps=3", f"train.max_steps={STEPS}", "train.checkpoint_every=1000"]
-RECIPES = {"demo": None, "protclip": "configs/recipes/ablations/demo_protclip.yaml"}  # name -> recipe (None: demo)
+PROTCLIP = "configs/recipes/ablations/demo_protclip.yaml"
+CASES = {"demo": (None, 1), "demo_2ranks": (None, 2), "protclip": (PROTCLIP, 1)}  # name -> (recipe or demo, ranks)
 RTOL, ATOL = 1e-4, 1e-5  # float rounding, far below what a change of computation moves
 
 
-def _worker(rank: int, port: int, out: str, shards: str, run_dir: str, recipe: str | None) -> None:
-    train_rank(rank, 1, port, out, shards, run_dir, "zero3.json", OVERRIDES, recipe=recipe)
+def _worker(rank: int, world: int, port: int, out: str, shards: str, run_dir: str, recipe: str | None) -> None:
+    train_rank(rank, world, port, out, shards, run_dir, "zero3.json", OVERRIDES, recipe=recipe)
 
 
 def _losses(run_dir: Path) -> dict[str, list[float]]:
@@ -48,19 +50,19 @@ def _losses(run_dir: Path) -> dict[str, list[float]]:
     return {k: [r[k] for r in rows] for k in keys}
 
 
-@pytest.mark.parametrize("name", sorted(RECIPES))
+@pytest.mark.parametrize("name", sorted(CASES))
 def test_a_short_run_computes_the_recorded_losses(tmp_path, small_demo, name):
-    recipe = RECIPES[name] and str(REPO / RECIPES[name])
-    run_dir = tmp_path / "run"
-    args = (0, free_port(), str(tmp_path), str(small_demo), str(run_dir), recipe)
-    run_ranks(_worker, lambda r: args, 1, tmp_path, 300.0, "rank")
-    got = _losses(run_dir)
-    entry = {"recipe": RECIPES[name], "overrides": OVERRIDES, "losses": got}
+    recipe, world = CASES[name]
+    run_dir, port = tmp_path / "run", free_port()
+    args = (world, port, str(tmp_path), str(small_demo), str(run_dir), recipe and str(REPO / recipe))
+    run_ranks(_worker, lambda r: (r, *args), world, tmp_path, 300.0, "rank")
+    got = _losses(run_dir)  # rank 0's log: the step's loss over every rank's batch
+    entry = {"recipe": recipe, "ranks": world, "overrides": OVERRIDES, "losses": got}
     if os.environ.get("ALIGN_PRO_RECORD_TRAJECTORY") == "1":  # xdist: record with -p no:xdist (one writer)
         all_runs = json.loads(RECORDED.read_text()) if RECORDED.is_file() else {}
         RECORDED.write_text(json.dumps({**all_runs, name: entry}, indent=1, sort_keys=True) + "\n")
     recorded = json.loads(RECORDED.read_text())[name]
-    same_setup = recorded["recipe"] == entry["recipe"] and recorded["overrides"] == OVERRIDES
+    same_setup = all(recorded.get(k) == entry[k] for k in ("recipe", "ranks", "overrides"))
     assert same_setup, "the file was recorded with another recipe or overrides: record it again"
     assert sorted(got) == sorted(recorded["losses"]), "the run logs other loss terms than were recorded"
     for key, want in recorded["losses"].items():
