@@ -12,7 +12,7 @@ with their Gene Ontology semantic similarity, separately for each aspect (MF, BP
   today, as the shard builder reads them (:meth:`data_shards.readers.obo.Ontology.current`): an alt
   id as its primary, an obsolete id with a single ``replaced_by`` as its replacement; an id with no
   current term (unknown, or obsolete with no or several replacements) is dropped. The task reports
-  how many annotations each rule met (:func:`current_term_sets`);
+  how many annotations each rule met (:func:`current_id_counts`);
 * **Resnik** (1995): sim(a, b) = IC of the most informative common ancestor (a term is its own
   ancestor); **Lin** (1998): 2 IC(MICA) / (IC(a) + IC(b)), 1 for a == b;
 * **best-match average** (BMA) over two proteins' annotated terms of one aspect:
@@ -151,7 +151,7 @@ def aspect_terms(ontology: Ontology, terms: Iterable[str], aspect: str, ic: Mapp
     return sorted(out)
 
 
-def current_term_sets(ontology: Ontology, corpus: Mapping[str, Iterable[str]]) -> dict[str, int]:
+def current_id_counts(ontology: Ontology, corpus: Mapping[str, Iterable[str]]) -> dict[str, int]:
     """How the GO ids of ``corpus`` (protein -> ids) read against ``ontology``: counts of distinct
     (protein, id) annotations: ``annotations`` in all, ``current`` (a current term's primary or alt
     id), ``replaced`` (obsolete, read as its single ``replaced_by``), ``dropped`` (no current term)."""
@@ -330,11 +330,11 @@ def table_terms(proteins: Proteins, columns: Sequence[str], where: str) -> dict[
 
 @lru_cache(maxsize=4)
 def _ontology_and_ic(obo: Path, gaf: tuple[Path, ...], evidence: tuple[str, ...] | None, table: tuple):
-    """(ontology, IC, how the IC corpus's ids read: :func:`current_term_sets`), read once per process
+    """(ontology, IC, how the IC corpus's ids read: :func:`current_id_counts`), read once per process
     for a task's files (trained and base rows share them)."""
     ontology = load_obo(obo)
     corpus = gaf_term_sets(gaf, evidence) if gaf else dict(table)
-    return ontology, information_content(ontology, corpus), current_term_sets(ontology, corpus)
+    return ontology, information_content(ontology, corpus), current_id_counts(ontology, corpus)
 
 
 def _task_pairs(suite: Suite, cfg: GoSimilarityTaskConfig, proteins: Proteins, name: str):
@@ -371,7 +371,7 @@ def run(ctx: BenchmarkContext, name: str, cfg: GoSimilarityTaskConfig) -> dict:
     info: dict = {"annotated_proteins": len(terms), "n_pairs": len(pairs), "ic_terms": len(ic)}
     info["ic_corpus"] = [str(g) for g in gaf] or f"proteins table {emb.proteins.source}"
     # dated ids read as today's terms (module docstring): in the IC corpus and in the proteins' own terms
-    info["go_ids"] = {"ic_corpus": corpus_ids, "proteins": current_term_sets(ontology, terms)}
+    info["go_ids"] = {"ic_corpus": corpus_ids, "proteins": current_id_counts(ontology, terms)}
     for measure in cfg.measures:
         sims = _similarities(ctx, name, measure, pairs, terms, ontology, ic)
         for feat in cfg.features:

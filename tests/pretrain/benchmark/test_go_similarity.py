@@ -87,7 +87,7 @@ def test_dated_annotations_are_read_as_the_terms_go_says_to_use_today(onto):
     assert gs.information_content(onto, dated) == pytest.approx(gs.information_content(onto, CORPUS))
     ic = gs.information_content(onto, CORPUS)
     assert gs.aspect_terms(onto, [OLD_C, GONE, B], "F", ic) == [B, C]
-    assert gs.current_term_sets(onto, dated) == {"annotations": 6, "current": 3, "replaced": 1, "dropped": 2}
+    assert gs.current_id_counts(onto, dated) == {"annotations": 6, "current": 3, "replaced": 1, "dropped": 2}
     lin = gs.TermSimilarity(onto, ic, "lin")
     sims = gs.pair_similarities([("p1", "p2")], dated, onto, ic)
     assert sims["MF"][1] == pytest.approx([lin(C, D)])  # p1's obsolete id scored as C
