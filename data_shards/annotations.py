@@ -246,7 +246,7 @@ def canonical_terms(
         if ontology is not None:
             primary = ontology.current(go_id)
             if primary is None:
-                drop("obsolete GO id" if go_id in ontology else "unknown GO id", go_id)
+                drop(f"{ontology.reading(go_id)} GO id", go_id)  # "obsolete" or "unknown"
                 continue
             aspect, name = ontology.aspect(primary) or "", ontology.name(primary)
         else:

@@ -28,6 +28,8 @@ _NAMESPACE_ASPECT = {
     "cellular_component": "C",
 }
 _GO_ID_RE = re.compile(r"GO:\d{7}")
+# How an id reads (:meth:`Ontology.reading`): the first three keep it, the last two drop it.
+READINGS = ("current", "alt_id", "replaced", "obsolete", "unknown")
 _MAX_REPLACEMENTS = 8  # replaced_by hops followed before giving up (guards a cycle in a bad file)
 _DEF_RE = re.compile(r'^"((?:[^"\\]|\\.)*)"')
 
@@ -105,6 +107,19 @@ class Ontology:
         if term is None or term.is_obsolete:  # no replacement, or a chain too long (a cycle)
             return None
         return term.id
+
+    def reading(self, go_id: str) -> str:
+        """Which rule :meth:`current` applies to ``go_id``: ``"current"`` (a current term's primary id),
+        ``"alt_id"`` (one of its alt ids), ``"replaced"`` (obsolete, followed to its replacement),
+        ``"obsolete"`` (obsolete with no single replacement: dropped) or ``"unknown"`` (not in the
+        ontology: dropped). What annotation readers count when they report how dated ids were read."""
+        go_id = go_id.strip() if isinstance(go_id, str) else go_id
+        term = self._term(go_id) if isinstance(go_id, str) else None
+        if term is None:
+            return "unknown"
+        if not term.is_obsolete:
+            return "current" if term.id == go_id else "alt_id"
+        return "replaced" if self.current(go_id) is not None else "obsolete"
 
     def ancestors(self, go_id: str) -> frozenset[str]:
         """Transitive is_a/part_of ancestors of ``go_id``, excluding itself (empty if unknown)."""

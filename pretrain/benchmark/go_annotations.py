@@ -107,16 +107,16 @@ def propagated_terms(proteins: Proteins, ontology: Ontology) -> tuple[ChainTerms
                 if not _GO_ID.fullmatch(go_id):
                     raise BenchmarkDataError(f"{src}: chain {pid}: {column} entry {go_id!r} is not a GO id")
                 summary.annotations += 1
-                if go_id not in ontology:
+                how = ontology.reading(go_id)
+                if how == "unknown":
                     summary.unknown += 1
                     continue
-                primary = ontology.current(go_id)
-                if primary is None:
+                if how == "obsolete":
                     summary.obsolete += 1
                     continue
-                replaced = ontology.canonical(go_id) is None
-                summary.replaced += replaced
-                summary.alt_ids += not replaced and primary != go_id
+                summary.replaced += how == "replaced"
+                summary.alt_ids += how == "alt_id"
+                primary = ontology.current(go_id)
                 ns = ontology.terms[primary].namespace
                 if ns not in sets:  # a term without a GO namespace: nothing to file it under
                     summary.unknown += 1

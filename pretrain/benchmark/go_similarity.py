@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from data_shards.readers.gaf import iter_gaf
-from data_shards.readers.obo import Ontology, load_obo
+from data_shards.readers.obo import READINGS, Ontology, load_obo
 from pretrain.benchmark.bootstrap import DEFAULT_LEVEL, DEFAULT_RESAMPLES, Interval, bootstrap
 from pretrain.benchmark.context import BenchmarkContext, metric_row
 from pretrain.benchmark.data import BenchmarkDataError, Proteins
@@ -153,18 +153,14 @@ def aspect_terms(ontology: Ontology, terms: Iterable[str], aspect: str, ic: Mapp
 
 def current_id_counts(ontology: Ontology, corpus: Mapping[str, Iterable[str]]) -> dict[str, int]:
     """How the GO ids of ``corpus`` (protein -> ids) read against ``ontology``: counts of distinct
-    (protein, id) annotations: ``annotations`` in all, ``current`` (a current term's primary or alt
-    id), ``replaced`` (obsolete, read as its single ``replaced_by``), ``dropped`` (no current term)."""
-    out = {"annotations": 0, "current": 0, "replaced": 0, "dropped": 0}
+    (protein, id) annotations, ``annotations`` in all and one count per
+    :meth:`Ontology.reading <data_shards.readers.obo.Ontology.reading>` (current, alt_id, replaced;
+    obsolete and unknown are dropped)."""
+    out = dict.fromkeys(("annotations", *READINGS), 0)
     for terms in corpus.values():
         for t in set(terms):
             out["annotations"] += 1
-            if ontology.canonical(t) is not None:
-                out["current"] += 1
-            elif ontology.current(t) is not None:
-                out["replaced"] += 1
-            else:
-                out["dropped"] += 1
+            out[ontology.reading(t)] += 1
     return out
 
 

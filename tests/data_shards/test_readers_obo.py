@@ -66,6 +66,7 @@ def test_tiny_ontology_api(tiny):
     assert tiny.canonical("GO:0000099") == "GO:0000002"  # alt id
     assert tiny.canonical("GO:0000004") is None  # obsolete
     assert tiny.canonical("GO:1234567") is None  # unknown
+    assert [tiny.reading(t) for t in ("GO:0000002", "GO:0000099")] == ["current", "alt_id"]
     # part_of is followed, regulates is not; self is excluded
     assert tiny.ancestors("GO:0000003") == frozenset({"GO:0000002", "GO:0000001"})
     assert tiny.ancestors("GO:0000001") == frozenset()
@@ -173,6 +174,14 @@ def test_current_follows_a_single_replaced_by_and_canonical_stays_strict(tmp_pat
     assert onto.current("GO:0000016") is None and onto.current("GO:7654321") is None
     assert [onto.canonical(t) for t in ("GO:0000011", "GO:0000012", "GO:0000010")] == [None, None, "GO:0000010"]
     assert onto.propagate(["GO:0000011"]) == set()  # propagation keeps the strict reading
+    readings = {t: onto.reading(t) for t in ("GO:0000010", " GO:0000011", "GO:0000013", "GO:0000014", "GO:7654321")}
+    assert readings == {
+        "GO:0000010": "current",
+        " GO:0000011": "replaced",  # stripped, as current() strips
+        "GO:0000013": "obsolete",  # two replacements
+        "GO:0000014": "obsolete",  # a cycle
+        "GO:7654321": "unknown",
+    }
 
 
 @pytest.mark.skipif(not GO_OBO.exists(), reason="shared data not present")

@@ -83,11 +83,12 @@ def test_information_content_is_propagated_over_is_a_and_part_of(onto):
 def test_dated_annotations_are_read_as_the_terms_go_says_to_use_today(onto):
     """GOA files older than the OBO: an obsolete id with one replaced_by counts as its replacement
     (as the shard builder reads it), one with no replacement is dropped, and both are counted."""
-    dated = {"p1": {OLD_C}, "p2": {D}, "p3": {B, GONE}, "p4": {A}, "p5": {GONE}}
+    dated = {"p1": {OLD_C}, "p2": {D}, "p3": {B, GONE}, "p4": {A}, "p5": {GONE, "GO:0000099"}}  # 99: unknown
     assert gs.information_content(onto, dated) == pytest.approx(gs.information_content(onto, CORPUS))
     ic = gs.information_content(onto, CORPUS)
     assert gs.aspect_terms(onto, [OLD_C, GONE, B], "F", ic) == [B, C]
-    assert gs.current_id_counts(onto, dated) == {"annotations": 6, "current": 3, "replaced": 1, "dropped": 2}
+    counts = gs.current_id_counts(onto, dated)
+    assert counts == {"annotations": 7, "current": 3, "alt_id": 0, "replaced": 1, "obsolete": 2, "unknown": 1}
     lin = gs.TermSimilarity(onto, ic, "lin")
     sims = gs.pair_similarities([("p1", "p2")], dated, onto, ic)
     assert sims["MF"][1] == pytest.approx([lin(C, D)])  # p1's obsolete id scored as C
